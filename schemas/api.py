@@ -1,0 +1,272 @@
+"""The Nexus API: requests from ``nexusctl`` on queue ``nexus.api`` and their replies.
+
+Every request is answered on its ``reply_to`` by exactly one reply whose
+``causation_id`` is the request's id: the typed result, or ``api.error.v1`` with a
+stable code and a one-line message.
+"""
+
+from __future__ import annotations
+
+import uuid
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import AwareDatetime, Field
+
+from schemas.base import BlockSize, Envelope, Model, Name, PositiveInt
+from schemas.progress import DiskState
+
+# Ids and names are both accepted where a resource is named.
+NameOrId = Name | uuid.UUID
+MAX_DISK_BYTES = 1 << 40
+
+
+class ErrorCode(StrEnum):
+    INVALID_REQUEST = "invalid_request"
+    NOT_FOUND = "not_found"
+    ALREADY_EXISTS = "already_exists"
+    CONFLICT = "conflict"
+    INSUFFICIENT_CAPACITY = "insufficient_capacity"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+# Requests.
+
+
+class DiskCreateRequest(Model):
+    project: Name
+    name: Name
+    size_bytes: int = Field(gt=0, le=MAX_DISK_BYTES)
+    block_size: BlockSize = 512
+
+
+class DiskCreate(Envelope):
+    IS_COMMAND = True
+    type: Literal["api.disk.create.v1"] = "api.disk.create.v1"
+    payload: DiskCreateRequest
+
+
+class ResourceRef(Model):
+    project: Name
+    resource: NameOrId
+
+
+class DiskGet(Envelope):
+    IS_COMMAND = True
+    type: Literal["api.disk.get.v1"] = "api.disk.get.v1"
+    payload: ResourceRef
+
+
+class DiskDelete(Envelope):
+    IS_COMMAND = True
+    type: Literal["api.disk.delete.v1"] = "api.disk.delete.v1"
+    payload: ResourceRef
+
+
+class ProjectFilter(Model):
+    project: Name | None = None
+
+
+class DiskList(Envelope):
+    IS_COMMAND = True
+    type: Literal["api.disk.list.v1"] = "api.disk.list.v1"
+    payload: ProjectFilter = ProjectFilter()
+
+
+class InstanceCreateRequest(Model):
+    project: Name
+    name: Name
+    ncpus: int = Field(gt=0, le=64)
+    memory_bytes: int = Field(gt=0, le=1 << 40)
+    disks: tuple[NameOrId, ...] = Field(default=(), max_length=8)
+
+
+class InstanceCreate(Envelope):
+    IS_COMMAND = True
+    type: Literal["api.instance.create.v1"] = "api.instance.create.v1"
+    payload: InstanceCreateRequest
+
+
+class InstanceAction(StrEnum):
+    START = "start"
+    STOP = "stop"
+    REBOOT = "reboot"
+    DELETE = "delete"
+
+
+class InstanceActionRequest(Model):
+    project: Name
+    resource: NameOrId
+    action: InstanceAction
+
+
+class InstanceAct(Envelope):
+    IS_COMMAND = True
+    type: Literal["api.instance.act.v1"] = "api.instance.act.v1"
+    payload: InstanceActionRequest
+
+
+class InstanceList(Envelope):
+    IS_COMMAND = True
+    type: Literal["api.instance.list.v1"] = "api.instance.list.v1"
+    payload: ProjectFilter = ProjectFilter()
+
+
+class SagaFilter(Model):
+    state: str | None = Field(default=None, max_length=40)
+    limit: int = Field(default=100, gt=0, le=10_000)
+
+
+class SagaList(Envelope):
+    IS_COMMAND = True
+    type: Literal["api.saga.list.v1"] = "api.saga.list.v1"
+    payload: SagaFilter = SagaFilter()
+
+
+class SagaRef(Model):
+    saga_id: uuid.UUID
+
+
+class SagaGet(Envelope):
+    IS_COMMAND = True
+    type: Literal["api.saga.get.v1"] = "api.saga.get.v1"
+    payload: SagaRef
+
+
+class DoctorRequest(Model):
+    timeout_seconds: float = Field(default=5.0, gt=0, le=120)
+
+
+class Doctor(Envelope):
+    IS_COMMAND = True
+    type: Literal["api.doctor.v1"] = "api.doctor.v1"
+    payload: DoctorRequest = DoctorRequest()
+
+
+# Views and replies.
+
+
+class DiskView(Model):
+    id: uuid.UUID
+    project: Name
+    name: Name
+    size_bytes: PositiveInt
+    block_size: BlockSize
+    state: DiskState
+    instance_id: uuid.UUID | None = None
+    saga_id: uuid.UUID | None = None
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
+
+
+class InstanceView(Model):
+    id: uuid.UUID
+    project: Name
+    name: Name
+    ncpus: PositiveInt
+    memory_bytes: PositiveInt
+    state: str
+    sled_id: uuid.UUID | None = None
+    sled_reachable: bool = True
+    disk_ids: tuple[uuid.UUID, ...] = ()
+    saga_id: uuid.UUID | None = None
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
+
+
+class SagaLogEntry(Model):
+    node: str | None
+    event: str
+    replica: str
+    at: AwareDatetime
+    detail: str | None = None
+
+
+class WaitView(Model):
+    wait_key: str
+    node: str
+    since: AwareDatetime
+    deadline: AwareDatetime
+
+
+class SagaView(Model):
+    id: uuid.UUID
+    name: str
+    version: int
+    state: str
+    lease_owner: str | None
+    error: str | None
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
+    log: tuple[SagaLogEntry, ...] = ()
+    waiting_for: tuple[WaitView, ...] = ()
+
+
+class Accepted(Model):
+    """A saga was started for the request; follow it by its id."""
+
+    saga_id: uuid.UUID
+    resource_id: uuid.UUID
+
+
+class DoctorFinding(Model):
+    kind: str = Field(max_length=60)
+    object_id: str = Field(max_length=100)
+    detail: str = Field(max_length=1000)
+
+
+class DoctorReport(Model):
+    checked_agents: int = Field(ge=0)
+    unreachable_agents: tuple[str, ...] = ()
+    findings: tuple[DoctorFinding, ...] = ()
+
+
+class ApiErrorBody(Model):
+    code: ErrorCode
+    message: str = Field(max_length=2000)
+
+
+class DiskReply(Envelope):
+    type: Literal["api.disk.v1"] = "api.disk.v1"
+    payload: DiskView
+
+
+class DiskListReply(Envelope):
+    type: Literal["api.disks.v1"] = "api.disks.v1"
+    payload: tuple[DiskView, ...]
+
+
+class InstanceReply(Envelope):
+    type: Literal["api.instance.v1"] = "api.instance.v1"
+    payload: InstanceView
+
+
+class InstanceListReply(Envelope):
+    type: Literal["api.instances.v1"] = "api.instances.v1"
+    payload: tuple[InstanceView, ...]
+
+
+class SagaReply(Envelope):
+    type: Literal["api.saga.v1"] = "api.saga.v1"
+    payload: SagaView
+
+
+class SagaListReply(Envelope):
+    type: Literal["api.sagas.v1"] = "api.sagas.v1"
+    payload: tuple[SagaView, ...]
+
+
+class AcceptedReply(Envelope):
+    type: Literal["api.accepted.v1"] = "api.accepted.v1"
+    payload: Accepted
+
+
+class DoctorReply(Envelope):
+    type: Literal["api.doctor_report.v1"] = "api.doctor_report.v1"
+    payload: DoctorReport
+
+
+class ApiError(Envelope):
+    type: Literal["api.error.v1"] = "api.error.v1"
+    payload: ApiErrorBody

@@ -1,0 +1,148 @@
+"""The one discriminated union of every message, and the codec for the wire.
+
+Inbound bytes are parsed here exactly once; everything downstream works on typed models.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, get_args
+
+from pydantic import Field, TypeAdapter, ValidationError
+
+from schemas.api import (
+    AcceptedReply,
+    ApiError,
+    DiskCreate,
+    DiskDelete,
+    DiskGet,
+    DiskList,
+    DiskListReply,
+    DiskReply,
+    Doctor,
+    DoctorReply,
+    InstanceAct,
+    InstanceCreate,
+    InstanceList,
+    InstanceListReply,
+    InstanceReply,
+    SagaGet,
+    SagaList,
+    SagaListReply,
+    SagaReply,
+)
+from schemas.base import Envelope
+from schemas.common import CommandRejected
+from schemas.instance import (
+    InstanceCrash,
+    InstanceDestroy,
+    InstanceEnsure,
+    InstanceGet,
+    InstanceInfo,
+    InstanceReboot,
+    InstanceStart,
+    InstanceStateChanged,
+    InstanceStop,
+)
+from schemas.progress import DiskUpdated, InstanceUpdated, SagaProgressed
+from schemas.region import (
+    RegionDelete,
+    RegionEnsure,
+    RegionGet,
+    RegionInfo,
+    RegionList,
+    RegionListed,
+    RegionStateChanged,
+)
+from schemas.sled import AgentAnnounced, SledHeartbeat, SledRegistered
+
+Message = Annotated[
+    RegionEnsure
+    | RegionDelete
+    | RegionGet
+    | RegionList
+    | RegionInfo
+    | RegionListed
+    | RegionStateChanged
+    | InstanceEnsure
+    | InstanceStart
+    | InstanceStop
+    | InstanceReboot
+    | InstanceDestroy
+    | InstanceCrash
+    | InstanceGet
+    | InstanceInfo
+    | InstanceStateChanged
+    | SledRegistered
+    | SledHeartbeat
+    | AgentAnnounced
+    | CommandRejected
+    | DiskUpdated
+    | InstanceUpdated
+    | SagaProgressed
+    | DiskCreate
+    | DiskGet
+    | DiskDelete
+    | DiskList
+    | InstanceCreate
+    | InstanceAct
+    | InstanceList
+    | SagaList
+    | SagaGet
+    | Doctor
+    | DiskReply
+    | DiskListReply
+    | InstanceReply
+    | InstanceListReply
+    | SagaReply
+    | SagaListReply
+    | AcceptedReply
+    | DoctorReply
+    | ApiError,
+    Field(discriminator="type"),
+]
+
+MESSAGE_ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
+
+# Every message class by its wire type, for routing tables, exports and tests.
+MESSAGE_TYPES: dict[str, type[Envelope]] = {cls.TYPE: cls for cls in get_args(get_args(Message)[0])}
+
+# Bodies above this are refused before parsing: no legitimate message comes close.
+MAX_BODY_BYTES = 256 * 1024
+
+
+class MessageRejected(ValueError):
+    """Why inbound bytes are not a message we accept; ``reason`` is a stable code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def decode(body: bytes) -> Message:
+    """Parse wire bytes into a typed message, or raise :class:`MessageRejected`."""
+    if len(body) > MAX_BODY_BYTES:
+        raise MessageRejected("too_large", f"{len(body)} bytes > {MAX_BODY_BYTES}")
+    try:
+        return MESSAGE_ADAPTER.validate_json(body)
+    except ValidationError as error:
+        first = error.errors()[0]
+        kind = first["type"]
+        if kind == "json_invalid":
+            raise MessageRejected("invalid_json", first["msg"]) from None
+        if kind == "union_tag_invalid":
+            tag = first.get("ctx", {}).get("tag", "?")
+            raise MessageRejected("unknown_type", f"no message type {str(tag)[:100]!r}") from None
+        if kind == "union_tag_not_found":
+            raise MessageRejected("unknown_type", "no 'type' field") from None
+        location = ".".join(str(part) for part in first["loc"])
+        raise MessageRejected(
+            "schema_violation", f"{error.error_count()} error(s); {location}: {first['msg']}"
+        ) from None
+
+
+def encode(message: Envelope) -> bytes:
+    body = message.model_dump_json().encode()
+    if len(body) > MAX_BODY_BYTES:
+        raise MessageRejected("too_large", f"{message.TYPE} is {len(body)} bytes")
+    return body

@@ -1,0 +1,41 @@
+"""Names on the broker: exchanges, queues and how they are bound (see DESIGN.md)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Final
+
+COMMANDS_EXCHANGE: Final = "control.commands"  # direct: routing key = target queue
+EVENTS_EXCHANGE: Final = "control.events"  # topic: region.<state>, instance.<state>, ...
+DEAD_LETTER_EXCHANGE: Final = "control.dead-letters"  # fanout
+DEAD_LETTER_QUEUE: Final = "control.dead-letters"
+
+NEXUS_EVENTS_QUEUE: Final = "nexus.events"  # shared by every Nexus replica
+NEXUS_API_QUEUE: Final = "nexus.api"
+
+# What Nexus consumes from the agents; its own progress events are for watchers only.
+NEXUS_EVENT_BINDINGS: Final = (
+    "region.*",
+    "instance.*",
+    "sled.*",
+    "agent.*",
+    "command.rejected",
+)
+
+# A message redelivered this many times (its handler keeps failing) is dead-lettered
+# by the quorum queue itself rather than blocking the queue forever.
+DELIVERY_LIMIT: Final = 20
+
+# Headers a dead-lettered message carries, besides RabbitMQ's own ``x-death``.
+REASON_HEADER: Final = "x-rejection-reason"
+DETAIL_HEADER: Final = "x-rejection-detail"
+ORIGINAL_QUEUE_HEADER: Final = "x-original-queue"
+ORIGINAL_ROUTING_KEY_HEADER: Final = "x-original-routing-key"
+
+
+def crucible_queue(agent_id: uuid.UUID) -> str:
+    return f"crucible.{agent_id}"
+
+
+def sled_queue(sled_id: uuid.UUID) -> str:
+    return f"sled.{sled_id}"

@@ -1,0 +1,432 @@
+"""The one aio-pika transport every process uses to speak the messages in this package.
+
+- A robust connection: aio-pika reconnects and restores exchanges, queues, bindings and
+  consumers after a broker restart.
+- Publishing always uses publisher confirms and persistent delivery; ``publish``
+  returns only once the broker has taken responsibility for the message.
+- Consuming acks only after the handler returned; a handler that raises gets the
+  message requeued, and the quorum queue dead-letters it past ``DELIVERY_LIMIT``.
+- Bytes that are not a message we accept are dead-lettered at once with the reason in
+  a header, and the consumer goes on with the next message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from pamqp.commands import Basic
+
+from schemas.base import Envelope
+from schemas.messages import Message, MessageRejected, decode, encode
+from schemas.topology import (
+    COMMANDS_EXCHANGE,
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    DELIVERY_LIMIT,
+    DETAIL_HEADER,
+    EVENTS_EXCHANGE,
+    NEXUS_API_QUEUE,
+    NEXUS_EVENT_BINDINGS,
+    NEXUS_EVENTS_QUEUE,
+    ORIGINAL_QUEUE_HEADER,
+    ORIGINAL_ROUTING_KEY_HEADER,
+    REASON_HEADER,
+)
+
+log = logging.getLogger(__name__)
+
+HeaderValue = str | int | bool | None
+PUBLISH_TIMEOUT_SECONDS = 10.0
+
+
+class PublishFailed(RuntimeError):
+    """The broker did not confirm a publish (nack, return, or timeout)."""
+
+
+class RequestTimedOut(TimeoutError):
+    """Nobody answered a request in time."""
+
+
+def quorum_arguments(*, dead_letter: bool = True) -> dict[str, Any]:
+    arguments: dict[str, Any] = {"x-queue-type": "quorum"}
+    if dead_letter:
+        arguments |= {
+            "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+            "x-delivery-limit": DELIVERY_LIMIT,
+            # At-least-once dead-lettering (needs reject-publish overflow): a message
+            # dead-lettered by the queue is not dropped if the DLQ is briefly unavailable.
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+    return arguments
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A parsed inbound message with what a handler may need from its AMQP frame."""
+
+    message: Message
+    queue: str
+    routing_key: str
+    reply_to: str | None
+    redelivered: bool
+    headers: Mapping[str, Any] = field(default_factory=dict)
+
+
+Handler = Callable[[Delivery], Awaitable[None]]
+
+
+class Publisher(Protocol):
+    """What code that only sends needs; tests substitute an in-memory one."""
+
+    async def publish(
+        self,
+        message: Envelope,
+        *,
+        exchange: str,
+        routing_key: str,
+        reply_to: str | None = None,
+        mandatory: bool = True,
+    ) -> None: ...
+
+
+def amqp_message(
+    body: bytes,
+    *,
+    message_id: uuid.UUID,
+    message_type: str,
+    correlation_id: uuid.UUID | None,
+    reply_to: str | None = None,
+    headers: Mapping[str, HeaderValue] | None = None,
+) -> aio_pika.Message:
+    """AMQP properties mirror the envelope (DESIGN.md: message contracts)."""
+    return aio_pika.Message(
+        body,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=str(message_id),
+        type=message_type,
+        correlation_id=str(correlation_id) if correlation_id else None,
+        reply_to=reply_to,
+        headers=dict(headers or {}),
+    )
+
+
+class Transport:
+    """One connection per process, a confirmed publishing channel, channels per consumer."""
+
+    def __init__(self, url: str, *, name: str) -> None:
+        self._url = url
+        self._name = name
+        self._connection: AbstractRobustConnection | None = None
+        self._publish_channel: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._reply_queue: AbstractQueue | None = None
+        self._pending: dict[uuid.UUID, asyncio.Future[Message]] = {}
+        self._consumer_channels: list[AbstractChannel] = []
+
+    # Lifecycle.
+
+    async def connect(self, *, timeout: float = 30.0) -> None:
+        self._connection = await aio_pika.connect_robust(
+            self._url,
+            client_properties={"connection_name": self._name},
+            timeout=timeout,
+        )
+        self._publish_channel = await self._connection.channel(publisher_confirms=True)
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+        for future in self._pending.values():
+            future.cancel()
+        self._pending.clear()
+
+    async def __aenter__(self) -> Transport:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def connection(self) -> AbstractRobustConnection:
+        if self._connection is None:
+            raise RuntimeError("transport is not connected; call connect() first")
+        return self._connection
+
+    @property
+    def channel(self) -> AbstractChannel:
+        if self._publish_channel is None:
+            raise RuntimeError("transport is not connected; call connect() first")
+        return self._publish_channel
+
+    @property
+    def is_connected(self) -> bool:
+        return self._connection is not None and not self._connection.is_closed
+
+    # Topology: every declaration is idempotent, so each process declares what it uses.
+
+    async def declare_topology(self) -> None:
+        """Exchanges, the dead-letter queue and Nexus's queues."""
+        channel = self.channel
+        self._exchanges[COMMANDS_EXCHANGE] = await channel.declare_exchange(
+            COMMANDS_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        self._exchanges[EVENTS_EXCHANGE] = await channel.declare_exchange(
+            EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        dead_letters = await channel.declare_exchange(
+            DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        self._exchanges[DEAD_LETTER_EXCHANGE] = dead_letters
+        dlq = await channel.declare_queue(
+            DEAD_LETTER_QUEUE, durable=True, arguments=quorum_arguments(dead_letter=False)
+        )
+        await dlq.bind(dead_letters, routing_key="")
+        await self.declare_queue(
+            NEXUS_EVENTS_QUEUE, [(EVENTS_EXCHANGE, key) for key in NEXUS_EVENT_BINDINGS]
+        )
+        await self.declare_queue(NEXUS_API_QUEUE, [(COMMANDS_EXCHANGE, NEXUS_API_QUEUE)])
+
+    async def declare_command_queue(self, queue_name: str) -> None:
+        """An agent's own queue, fed by ``control.commands`` under its own name."""
+        await self.declare_queue(queue_name, [(COMMANDS_EXCHANGE, queue_name)])
+
+    async def declare_queue(self, name: str, bindings: Iterable[tuple[str, str]]) -> AbstractQueue:
+        queue = await self.channel.declare_queue(name, durable=True, arguments=quorum_arguments())
+        for exchange_name, routing_key in bindings:
+            await queue.bind(await self._exchange(exchange_name), routing_key=routing_key)
+        return queue
+
+    async def _exchange(self, name: str) -> AbstractExchange:
+        if name == "":
+            return self.channel.default_exchange
+        if name not in self._exchanges:
+            self._exchanges[name] = await self.channel.get_exchange(name, ensure=True)
+        return self._exchanges[name]
+
+    # Publishing.
+
+    async def publish(
+        self,
+        message: Envelope,
+        *,
+        exchange: str,
+        routing_key: str,
+        reply_to: str | None = None,
+        mandatory: bool = True,
+    ) -> None:
+        await self.publish_bytes(
+            encode(message),
+            exchange=exchange,
+            routing_key=routing_key,
+            message_id=message.id,
+            message_type=message.TYPE,
+            correlation_id=message.correlation_id,
+            reply_to=reply_to,
+            mandatory=mandatory,
+        )
+
+    async def publish_bytes(
+        self,
+        body: bytes,
+        *,
+        exchange: str,
+        routing_key: str,
+        message_id: uuid.UUID,
+        message_type: str,
+        correlation_id: uuid.UUID | None = None,
+        reply_to: str | None = None,
+        headers: Mapping[str, HeaderValue] | None = None,
+        mandatory: bool = True,
+    ) -> None:
+        """Publish already-encoded bytes (the outbox relay stores them that way)."""
+        target = await self._exchange(exchange)
+        amqp = amqp_message(
+            body,
+            message_id=message_id,
+            message_type=message_type,
+            correlation_id=correlation_id,
+            reply_to=reply_to,
+            headers=headers,
+        )
+        try:
+            confirmation = await target.publish(
+                amqp, routing_key=routing_key, mandatory=mandatory, timeout=PUBLISH_TIMEOUT_SECONDS
+            )
+        except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError) as error:
+            raise PublishFailed(f"{message_type} to {exchange}/{routing_key}: {error!r}") from error
+        if not isinstance(confirmation, Basic.Ack):
+            raise PublishFailed(
+                f"{message_type} to {exchange}/{routing_key}: broker answered {confirmation!r}"
+            )
+
+    async def send_command(
+        self, message: Envelope, queue: str, *, reply_to: str | None = None
+    ) -> None:
+        await self.publish(
+            message, exchange=COMMANDS_EXCHANGE, routing_key=queue, reply_to=reply_to
+        )
+
+    async def publish_event(self, message: Envelope) -> None:
+        routing_key: Callable[[], str] | None = getattr(message, "routing_key", None)
+        if routing_key is None:
+            raise TypeError(f"{message.TYPE} is not an event (it has no routing key)")
+        # An event nobody is bound to yet is not an error: watchers come and go.
+        await self.publish(
+            message, exchange=EVENTS_EXCHANGE, routing_key=routing_key(), mandatory=False
+        )
+
+    async def reply(self, delivery: Delivery, message: Envelope) -> None:
+        """Answer a request; a requester that gave up (its queue is gone) is not an error."""
+        if delivery.reply_to is None:
+            return
+        await self.publish(message, exchange="", routing_key=delivery.reply_to, mandatory=False)
+
+    # Consuming.
+
+    async def consume(self, queue_name: str, handler: Handler, *, prefetch: int = 16) -> None:
+        """Deliver parsed messages from ``queue_name`` to ``handler`` until closed."""
+        channel = await self.connection.channel()
+        self._consumer_channels.append(channel)
+        await channel.set_qos(prefetch_count=prefetch)
+        queue = await channel.get_queue(queue_name, ensure=True)
+
+        async def on_message(incoming: AbstractIncomingMessage) -> None:
+            await self._dispatch(queue_name, incoming, handler)
+
+        await queue.consume(on_message, no_ack=False)
+
+    async def _dispatch(
+        self, queue_name: str, incoming: AbstractIncomingMessage, handler: Handler
+    ) -> None:
+        try:
+            message = decode(incoming.body)
+        except MessageRejected as rejected:
+            await self._dead_letter(queue_name, incoming, rejected.reason, rejected.detail)
+            return
+        delivery = Delivery(
+            message=message,
+            queue=queue_name,
+            routing_key=incoming.routing_key or "",
+            reply_to=incoming.reply_to,
+            redelivered=bool(incoming.redelivered),
+            headers=dict(incoming.headers or {}),
+        )
+        try:
+            await handler(delivery)
+        except asyncio.CancelledError:
+            await _settle(incoming.nack(requeue=True))
+            raise
+        except Exception:
+            log.exception(
+                "handler failed; message requeued",
+                extra={"message_id": str(message.id), "type": message.TYPE, "queue": queue_name},
+            )
+            await _settle(incoming.nack(requeue=True))
+            return
+        await _settle(incoming.ack())
+
+    async def _dead_letter(
+        self, queue_name: str, incoming: AbstractIncomingMessage, reason: str, detail: str
+    ) -> None:
+        log.warning(
+            "dead-lettering message from %s: %s: %s",
+            queue_name,
+            reason,
+            detail,
+            extra={"message_id": incoming.message_id, "queue": queue_name, "reason": reason},
+        )
+        headers: dict[str, HeaderValue] = {
+            key: value
+            for key, value in (incoming.headers or {}).items()
+            if isinstance(value, str | int | bool)
+        }
+        headers |= {
+            REASON_HEADER: reason,
+            DETAIL_HEADER: detail[:1000],
+            ORIGINAL_QUEUE_HEADER: queue_name,
+            ORIGINAL_ROUTING_KEY_HEADER: incoming.routing_key or "",
+        }
+        try:
+            await self.publish_bytes(
+                incoming.body,
+                exchange=DEAD_LETTER_EXCHANGE,
+                routing_key="",
+                message_id=_parse_uuid(incoming.message_id),
+                message_type=incoming.type or "unknown",
+                headers=headers,
+            )
+        except PublishFailed:
+            # Keep it on its queue rather than lose it; it is tried again on redelivery.
+            log.exception("could not dead-letter; message requeued")
+            await _settle(incoming.nack(requeue=True))
+            return
+        await _settle(incoming.ack())
+
+    # Request/reply (the CLI and reconcile queries).
+
+    async def request(
+        self, message: Envelope, *, routing_key: str, timeout: float = 10.0
+    ) -> Message:
+        """Send a command to a queue and wait for the reply caused by it."""
+        reply_queue = await self._ensure_reply_queue()
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._pending[message.id] = future
+        try:
+            await self.send_command(message, routing_key, reply_to=reply_queue.name)
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise RequestTimedOut(
+                f"no reply to {message.TYPE} from {routing_key} within {timeout:g}s"
+            ) from None
+        finally:
+            self._pending.pop(message.id, None)
+
+    async def _ensure_reply_queue(self) -> AbstractQueue:
+        if self._reply_queue is None:
+            channel = await self.connection.channel()
+            self._consumer_channels.append(channel)
+            queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+            await queue.consume(self._on_reply, no_ack=True)
+            self._reply_queue = queue
+        return self._reply_queue
+
+    async def _on_reply(self, incoming: AbstractIncomingMessage) -> None:
+        try:
+            message = decode(incoming.body)
+        except MessageRejected as rejected:
+            log.warning("ignoring an unreadable reply: %s", rejected)
+            return
+        future = self._pending.get(message.causation_id) if message.causation_id else None
+        if future is not None and not future.done():
+            future.set_result(message)
+
+
+async def _settle(action: Awaitable[None]) -> None:
+    """Ack/nack on a channel that died is harmless: the broker redelivers."""
+    try:
+        await action
+    except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as error:
+        log.warning("could not settle a delivery (it will be redelivered): %r", error)
+
+
+def _parse_uuid(value: str | None) -> uuid.UUID:
+    try:
+        return uuid.UUID(value or "")
+    except ValueError:
+        return uuid.uuid4()

@@ -1,0 +1,277 @@
+"""One valid example of every message type, with fresh ids each call."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+from schemas import api, common, instance, progress, region, sled
+from schemas.base import Envelope, command_id, utcnow
+
+
+def region_spec() -> region.RegionSpec:
+    return region.RegionSpec(
+        id=uuid.uuid4(), block_size=512, extent_size=64, extent_count=8, encrypted=True
+    )
+
+
+def a_region(state: region.RegionState = region.RegionState.CREATED) -> region.Region:
+    spec = region_spec()
+    return region.Region(**spec.model_dump(), port_number=19000, state=state, generation=2)
+
+
+def an_instance() -> instance.Instance:
+    return instance.Instance(
+        id=uuid.uuid4(),
+        sled_id=uuid.uuid4(),
+        name="web-1",
+        ncpus=2,
+        memory_bytes=1 << 30,
+        disk_ids=(uuid.uuid4(),),
+        state=instance.InstanceState.RUNNING,
+        generation=3,
+    )
+
+
+def disk_view() -> api.DiskView:
+    now = utcnow()
+    return api.DiskView(
+        id=uuid.uuid4(),
+        project="demo",
+        name="data-1",
+        size_bytes=1 << 30,
+        block_size=4096,
+        state=progress.DiskState.DETACHED,
+        saga_id=uuid.uuid4(),
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def instance_view() -> api.InstanceView:
+    now = utcnow()
+    return api.InstanceView(
+        id=uuid.uuid4(),
+        project="demo",
+        name="web-1",
+        ncpus=2,
+        memory_bytes=1 << 30,
+        state="running",
+        sled_id=uuid.uuid4(),
+        disk_ids=(uuid.uuid4(),),
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def saga_view() -> api.SagaView:
+    now = utcnow()
+    return api.SagaView(
+        id=uuid.uuid4(),
+        name="disk_create",
+        version=1,
+        state="waiting",
+        lease_owner=None,
+        error=None,
+        created_at=now,
+        updated_at=now,
+        log=(api.SagaLogEntry(node="regions_ensure", event="waiting", replica="a", at=now),),
+        waiting_for=(
+            api.WaitView(
+                wait_key=f"region:{uuid.uuid4()}:created",
+                node="regions_ensure",
+                since=now,
+                deadline=now,
+            ),
+        ),
+    )
+
+
+SAGA = uuid.uuid4()
+NEXUS = "nexus/replica-a"
+CRUCIBLE = f"crucible/{uuid.uuid4()}"
+SLED = f"sled/{uuid.uuid4()}"
+CLI = "cli/operator"
+
+BUILDERS: dict[str, Callable[[], Envelope]] = {
+    "region.ensure.v1": lambda: region.RegionEnsure(
+        id=command_id(SAGA, "ensure"), source=NEXUS, correlation_id=SAGA, payload=region_spec()
+    ),
+    "region.delete.v1": lambda: region.RegionDelete(
+        source=NEXUS, payload=region.RegionRef(id=uuid.uuid4())
+    ),
+    "region.get.v1": lambda: region.RegionGet(
+        source=NEXUS, payload=region.RegionRef(id=uuid.uuid4())
+    ),
+    "region.list.v1": lambda: region.RegionList(source=NEXUS),
+    "region.info.v1": lambda: region.RegionInfo(
+        source=CRUCIBLE,
+        payload=region.RegionFound(
+            agent_id=uuid.uuid4(), region=a_region(), region_id=uuid.uuid4()
+        ),
+    ),
+    "region.listed.v1": lambda: region.RegionListed(
+        source=CRUCIBLE,
+        payload=region.RegionListing(agent_id=uuid.uuid4(), regions=(a_region(), a_region())),
+    ),
+    "region.state_changed.v1": lambda: region.RegionStateChanged(
+        source=CRUCIBLE,
+        correlation_id=SAGA,
+        causation_id=uuid.uuid4(),
+        payload=region.RegionChange(agent_id=uuid.uuid4(), region=a_region()),
+    ),
+    "instance.ensure.v1": lambda: instance.InstanceEnsure(
+        source=NEXUS,
+        payload=instance.InstanceSpec(id=uuid.uuid4(), name="web-1", ncpus=2, memory_bytes=1 << 30),
+    ),
+    "instance.start.v1": lambda: instance.InstanceStart(
+        source=NEXUS, payload=instance.InstanceRef(id=uuid.uuid4())
+    ),
+    "instance.stop.v1": lambda: instance.InstanceStop(
+        source=NEXUS, payload=instance.InstanceRef(id=uuid.uuid4())
+    ),
+    "instance.reboot.v1": lambda: instance.InstanceReboot(
+        source=NEXUS, payload=instance.InstanceRef(id=uuid.uuid4())
+    ),
+    "instance.destroy.v1": lambda: instance.InstanceDestroy(
+        source=NEXUS, payload=instance.InstanceRef(id=uuid.uuid4())
+    ),
+    "instance.crash.v1": lambda: instance.InstanceCrash(
+        source=CLI, payload=instance.CrashRequest(id=uuid.uuid4())
+    ),
+    "instance.get.v1": lambda: instance.InstanceGet(
+        source=NEXUS, payload=instance.InstanceRef(id=uuid.uuid4())
+    ),
+    "instance.info.v1": lambda: instance.InstanceInfo(
+        source=SLED,
+        payload=instance.InstanceFound(
+            sled_id=uuid.uuid4(), instance_id=uuid.uuid4(), instance=an_instance()
+        ),
+    ),
+    "instance.state_changed.v1": lambda: instance.InstanceStateChanged(
+        source=SLED, payload=instance.InstanceChange(instance=an_instance())
+    ),
+    "sled.registered.v1": lambda: sled.SledRegistered(
+        source=SLED,
+        payload=sled.SledInfo(
+            sled_id=uuid.uuid4(),
+            hostname="sled-1",
+            cpus=16,
+            memory_bytes=64 << 30,
+            queue=f"sled.{uuid.uuid4()}",
+        ),
+    ),
+    "sled.heartbeat.v1": lambda: sled.SledHeartbeat(
+        source=SLED,
+        payload=sled.Heartbeat(
+            sled_id=uuid.uuid4(),
+            sequence=7,
+            started_at=utcnow(),
+            cpus_used=4,
+            memory_used_bytes=8 << 30,
+            instances_running=2,
+        ),
+    ),
+    "agent.announced.v1": lambda: sled.AgentAnnounced(
+        source=CRUCIBLE,
+        payload=sled.CrucibleAgentInfo(
+            agent_id=uuid.uuid4(),
+            sled_id=uuid.uuid4(),
+            queue=f"crucible.{uuid.uuid4()}",
+            capacity_bytes=1 << 40,
+            free_bytes=1 << 39,
+            regions=3,
+        ),
+    ),
+    "command.rejected.v1": lambda: common.CommandRejected(
+        source=CRUCIBLE,
+        payload=common.Rejection(
+            command_id=uuid.uuid4(),
+            command_type="region.ensure.v1",
+            code="conflict",
+            message="region exists with other parameters",
+        ),
+    ),
+    "disk.updated.v1": lambda: progress.DiskUpdated(
+        source=NEXUS,
+        payload=progress.DiskProgress(
+            disk_id=uuid.uuid4(),
+            project="demo",
+            name="data-1",
+            state=progress.DiskState.CREATING,
+            generation=1,
+        ),
+    ),
+    "nexus.instance.updated.v1": lambda: progress.InstanceUpdated(
+        source=NEXUS,
+        payload=progress.InstanceProgress(
+            instance_id=uuid.uuid4(),
+            project="demo",
+            name="web-1",
+            state="running",
+            generation=4,
+            sled_id=uuid.uuid4(),
+        ),
+    ),
+    "saga.progressed.v1": lambda: progress.SagaProgressed(
+        source=NEXUS,
+        payload=progress.SagaProgress(
+            saga_id=uuid.uuid4(),
+            saga_name="disk_create",
+            node="regions_ensure",
+            step=progress.SagaStep.WAITING,
+            replica="replica-a",
+        ),
+    ),
+    "api.disk.create.v1": lambda: api.DiskCreate(
+        source=CLI,
+        payload=api.DiskCreateRequest(project="demo", name="data-1", size_bytes=1 << 30),
+    ),
+    "api.disk.get.v1": lambda: api.DiskGet(
+        source=CLI, payload=api.ResourceRef(project="demo", resource="data-1")
+    ),
+    "api.disk.delete.v1": lambda: api.DiskDelete(
+        source=CLI, payload=api.ResourceRef(project="demo", resource=uuid.uuid4())
+    ),
+    "api.disk.list.v1": lambda: api.DiskList(source=CLI, payload=api.ProjectFilter(project="demo")),
+    "api.instance.create.v1": lambda: api.InstanceCreate(
+        source=CLI,
+        payload=api.InstanceCreateRequest(
+            project="demo", name="web-1", ncpus=2, memory_bytes=1 << 30, disks=("data-1",)
+        ),
+    ),
+    "api.instance.act.v1": lambda: api.InstanceAct(
+        source=CLI,
+        payload=api.InstanceActionRequest(
+            project="demo", resource="web-1", action=api.InstanceAction.REBOOT
+        ),
+    ),
+    "api.instance.list.v1": lambda: api.InstanceList(source=CLI),
+    "api.saga.list.v1": lambda: api.SagaList(source=CLI, payload=api.SagaFilter(state="stuck")),
+    "api.saga.get.v1": lambda: api.SagaGet(source=CLI, payload=api.SagaRef(saga_id=uuid.uuid4())),
+    "api.doctor.v1": lambda: api.Doctor(source=CLI),
+    "api.disk.v1": lambda: api.DiskReply(source=NEXUS, payload=disk_view()),
+    "api.disks.v1": lambda: api.DiskListReply(source=NEXUS, payload=(disk_view(), disk_view())),
+    "api.instance.v1": lambda: api.InstanceReply(source=NEXUS, payload=instance_view()),
+    "api.instances.v1": lambda: api.InstanceListReply(source=NEXUS, payload=(instance_view(),)),
+    "api.saga.v1": lambda: api.SagaReply(source=NEXUS, payload=saga_view()),
+    "api.sagas.v1": lambda: api.SagaListReply(source=NEXUS, payload=(saga_view(),)),
+    "api.accepted.v1": lambda: api.AcceptedReply(
+        source=NEXUS, payload=api.Accepted(saga_id=uuid.uuid4(), resource_id=uuid.uuid4())
+    ),
+    "api.doctor_report.v1": lambda: api.DoctorReply(
+        source=NEXUS,
+        payload=api.DoctorReport(
+            checked_agents=5,
+            findings=(api.DoctorFinding(kind="orphan_region", object_id="r1", detail="no disk"),),
+        ),
+    ),
+    "api.error.v1": lambda: api.ApiError(
+        source=NEXUS,
+        payload=api.ApiErrorBody(code=api.ErrorCode.NOT_FOUND, message="no disk named x"),
+    ),
+}
+
+
+def example(message_type: str) -> Envelope:
+    return BUILDERS[message_type]()

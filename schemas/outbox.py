@@ -1,0 +1,146 @@
+"""The outbox relay: what a service recorded in its database leaves for the broker.
+
+A service writes the message it wants to send in the same transaction as the state
+change that caused it, then calls :meth:`OutboxRelay.notify`. The relay publishes
+unsent rows in the order they were written, each with publisher confirms, and marks
+them sent only after the broker confirmed. A crash between confirm and mark re-sends
+the message with the same id, which consumers deduplicate; a broker outage delays
+messages but never loses them. Nothing leaves before its transaction committed,
+because the relay only reads committed rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from schemas.base import Envelope
+from schemas.messages import encode
+from schemas.transport import PublishFailed, Transport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """A row of an outbox: the encoded message and where it goes."""
+
+    message_id: uuid.UUID
+    message_type: str
+    exchange: str
+    routing_key: str
+    body: bytes
+    correlation_id: uuid.UUID | None = None
+    reply_to: str | None = None
+    # Replies and events nobody may be bound to yet must not be refused as unroutable.
+    mandatory: bool = True
+
+    @classmethod
+    def of(
+        cls,
+        message: Envelope,
+        *,
+        exchange: str,
+        routing_key: str,
+        reply_to: str | None = None,
+        mandatory: bool = True,
+    ) -> OutgoingMessage:
+        return cls(
+            message_id=message.id,
+            message_type=message.TYPE,
+            exchange=exchange,
+            routing_key=routing_key,
+            body=encode(message),
+            correlation_id=message.correlation_id,
+            reply_to=reply_to,
+            mandatory=mandatory,
+        )
+
+
+class OutboxStore(Protocol):
+    async def unsent(self, limit: int) -> Sequence[OutgoingMessage]:
+        """Committed, unsent messages, oldest first."""
+
+    async def mark_sent(self, message_ids: Sequence[uuid.UUID]) -> None: ...
+
+
+class OutboxRelay:
+    """Publishes an outbox's rows; woken by ``notify()``, with a slow sweep as safety net."""
+
+    def __init__(
+        self,
+        store: OutboxStore,
+        transport: Transport,
+        *,
+        batch_size: int = 100,
+        sweep_seconds: float = 5.0,
+        retry_seconds: float = 0.5,
+        max_retry_seconds: float = 5.0,
+    ) -> None:
+        self._store = store
+        self._transport = transport
+        self._batch_size = batch_size
+        self._sweep_seconds = sweep_seconds
+        self._retry_seconds = retry_seconds
+        self._max_retry_seconds = max_retry_seconds
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self.published = 0
+
+    def notify(self) -> None:
+        """Something was committed to the outbox: send it now."""
+        self._drained.clear()
+        self._wake.set()
+
+    async def wait_drained(self) -> None:
+        """Until everything committed before the call has been published (tests, shutdown)."""
+        self.notify()
+        await self._drained.wait()
+
+    async def run(self) -> None:
+        delay = self._retry_seconds
+        while True:
+            self._wake.clear()
+            try:
+                sent = await self.flush()
+            except PublishFailed as error:
+                log.warning(
+                    "outbox: broker refused or unreachable, retrying in %.1fs: %s", delay, error
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._max_retry_seconds)
+                continue
+            delay = self._retry_seconds
+            if sent == self._batch_size:
+                continue
+            self._drained.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._sweep_seconds)
+
+    async def flush(self) -> int:
+        """Publish one batch in order; returns how many were sent."""
+        rows = await self._store.unsent(self._batch_size)
+        sent: list[uuid.UUID] = []
+        try:
+            for row in rows:
+                await self._transport.publish_bytes(
+                    row.body,
+                    exchange=row.exchange,
+                    routing_key=row.routing_key,
+                    message_id=row.message_id,
+                    message_type=row.message_type,
+                    correlation_id=row.correlation_id,
+                    reply_to=row.reply_to,
+                    mandatory=row.mandatory,
+                )
+                sent.append(row.message_id)
+        finally:
+            if sent:
+                await self._store.mark_sent(sent)
+                self.published += len(sent)
+        return len(sent)

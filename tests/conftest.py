@@ -1,0 +1,103 @@
+"""Fixtures shared by the whole suite: real RabbitMQ and PostgreSQL servers.
+
+Servers start lazily, once per session, only when a test asks for one. Which server each
+test run used is printed in the terminal summary, so a CI log shows that the tests ran
+against real servers and which ones.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import pytest
+
+from tests.harness.servers import (
+    PostgresServer,
+    PrivateRabbitMQNode,
+    RabbitMQServer,
+    ServerUnavailable,
+    provide_postgres,
+    provide_rabbitmq,
+)
+
+_SERVERS_USED = pytest.StashKey[list[str]]()
+_Server = TypeVar("_Server", RabbitMQServer, PostgresServer)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_SERVERS_USED] = []
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    used = terminalreporter.config.stash.get(_SERVERS_USED, [])
+    if used:
+        terminalreporter.section("servers used")
+        for line in used:
+            terminalreporter.write_line(line)
+
+
+def _provide_or_fail(provide: Callable[[], _Server]) -> _Server:
+    try:
+        return provide()
+    except ServerUnavailable as exc:
+        message = str(exc)
+    # Failing outside the except block keeps the report to the one message that says what
+    # was tried. A missing server is a broken environment, never a reason to skip a test.
+    pytest.fail(message, pytrace=False)
+
+
+def _serve(request: pytest.FixtureRequest, provide: Callable[[], _Server]) -> Iterator[_Server]:
+    server = _provide_or_fail(provide)
+    request.config.stash[_SERVERS_USED].append(server.describe())
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server(request: pytest.FixtureRequest) -> Iterator[RabbitMQServer]:
+    """The session's RabbitMQ: from TEST_RABBITMQ_URL, testcontainers or a private node."""
+    yield from _serve(request, provide_rabbitmq)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url(rabbitmq_server: RabbitMQServer) -> str:
+    """``amqp://`` URL of the session's RabbitMQ."""
+    return rabbitmq_server.url
+
+
+@pytest.fixture(scope="session")
+def restartable_rabbitmq(request: pytest.FixtureRequest) -> Iterator[RabbitMQServer]:
+    """A RabbitMQ node that tests may stop and start: the session's own when it is a
+    private node, otherwise a private node started for the tests that need one."""
+    shared: RabbitMQServer = request.getfixturevalue("rabbitmq_server")
+    if shared.restartable:
+        yield shared
+    else:
+        yield from _serve(request, PrivateRabbitMQNode)
+
+
+@pytest.fixture(scope="session")
+def postgres_server(request: pytest.FixtureRequest) -> Iterator[PostgresServer]:
+    """The session's PostgreSQL: from TEST_POSTGRES_URL, testcontainers or a private cluster."""
+    yield from _serve(request, provide_postgres)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """``postgresql+asyncpg://`` URL of the server's maintenance database."""
+    return postgres_server.url
+
+
+@pytest.fixture
+def fresh_postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """``postgresql+asyncpg://`` URL of a new, empty database, dropped after the test."""
+    url = postgres_server.create_database()
+    yield url
+    try:
+        postgres_server.drop_database(url)
+    except Exception as exc:
+        warnings.warn(f"could not drop test database {url}: {exc!r}", stacklevel=1)

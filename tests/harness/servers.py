@@ -411,9 +411,8 @@ def provide_rabbitmq() -> RabbitMQServer:
 # PostgreSQL -------------------------------------------------------------------------------
 
 
-def _asyncpg_url(url: str | URL, database: str | None = None) -> URL:
-    parsed = make_url(url).set(drivername="postgresql+asyncpg")
-    return parsed if database is None else parsed.set(database=database)
+def _asyncpg_url(url: str) -> URL:
+    return make_url(url).set(drivername="postgresql+asyncpg")
 
 
 async def _postgres_server_version(url: URL) -> str:

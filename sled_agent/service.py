@@ -1,0 +1,344 @@
+"""The sled agent's service layer: commands in, timed transitions, crashes, heartbeats.
+
+Every change to an instance, asked for or not, goes the same way: the hypervisor decides
+it, the store commits it together with its ``InstanceStateChanged`` event in one
+transaction, then the in-memory view applies it and the outbox relay is woken. A command
+is acked (by the transport, when :meth:`SledAgent.handle` returns) only after that commit.
+
+One lock serializes all changes, so commands, timers and crashes never decide on a stale
+view. Deliveries reach the lock in the order the broker delivered them (asyncio's lock is
+first come, first served), which keeps commands for one instance in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import uuid
+from collections.abc import Sequence
+from typing import Protocol
+
+from schemas.base import Envelope, utcnow
+from schemas.common import CommandRejected, Rejection
+from schemas.instance import (
+    Instance,
+    InstanceChange,
+    InstanceCrash,
+    InstanceDestroy,
+    InstanceEnsure,
+    InstanceFound,
+    InstanceGet,
+    InstanceInfo,
+    InstanceReboot,
+    InstanceStart,
+    InstanceState,
+    InstanceStateChanged,
+    InstanceStop,
+)
+from schemas.messages import Message
+from schemas.outbox import OutgoingMessage
+from schemas.sled import Heartbeat, SledHeartbeat, SledInfo, SledRegistered
+from schemas.topology import EVENTS_EXCHANGE, sled_queue
+from schemas.transport import Delivery, PublishFailed
+from sled_agent.hypervisor import Capacity, Cause, Change, Hypervisor, Rejected
+from sled_agent.settings import SledSettings
+from sled_agent.store import SledStore
+
+log = logging.getLogger(__name__)
+
+# The namespace of the ids of messages the sled agent derives from another id, so that
+# recording the same thing twice (a redelivered command) yields the same message.
+SLED_NAMESPACE = uuid.UUID("0b8e3d4c-5d0f-4f7e-9a51-3c2f6a1e7d20")
+# How often the random-crash draw is made; fine enough for any sensible rate.
+CRASH_TICK_SECONDS = 0.1
+
+
+class Wire(Protocol):
+    """What the agent sends directly rather than through its outbox."""
+
+    async def publish_event(self, message: Envelope) -> None: ...
+
+    async def reply(self, delivery: Delivery, message: Envelope) -> None: ...
+
+
+class Relay(Protocol):
+    def notify(self) -> None: ...
+
+
+def derived_id(source: uuid.UUID, purpose: str) -> uuid.UUID:
+    return uuid.uuid5(SLED_NAMESPACE, f"{source}:{purpose}")
+
+
+def target_of(message: Message) -> uuid.UUID | None:
+    """The instance a command is about."""
+    match message:
+        case InstanceEnsure(payload=spec):
+            return spec.id
+        case InstanceStart() | InstanceStop() | InstanceReboot() | InstanceDestroy():
+            return message.payload.id
+        case InstanceCrash() | InstanceGet():
+            return message.payload.id
+    return None
+
+
+def decide(hypervisor: Hypervisor, message: Message, cause: Cause) -> Change | None:
+    """The command table: each command type and what the hypervisor makes of it."""
+    match message:
+        case InstanceEnsure(payload=spec):
+            return hypervisor.ensure(spec, cause)
+        case InstanceStart(payload=ref):
+            return hypervisor.start(ref.id, cause)
+        case InstanceStop(payload=ref):
+            return hypervisor.stop(ref.id, cause)
+        case InstanceReboot(payload=ref):
+            return hypervisor.reboot(ref.id, cause)
+        case InstanceDestroy(payload=ref):
+            return hypervisor.destroy(ref.id, cause)
+        case InstanceCrash(payload=request):
+            return hypervisor.crash(request.id, request.reason, cause)
+    raise Rejected("unsupported_command", f"a sled agent does not handle {message.TYPE}")
+
+
+class SledAgent:
+    def __init__(self, settings: SledSettings, store: SledStore, wire: Wire, relay: Relay) -> None:
+        self._settings = settings
+        self._store = store
+        self._wire = wire
+        self._relay = relay
+        self._source = f"sled/{settings.sled_id}"
+        self._hypervisor = Hypervisor(
+            settings.sled_id, Capacity(settings.cpus, settings.memory_bytes)
+        )
+        self._durations = {
+            InstanceState.CREATING: settings.create_seconds,
+            InstanceState.STARTING: settings.boot_seconds,
+            InstanceState.STOPPING: settings.stop_seconds,
+            InstanceState.REBOOTING: settings.reboot_seconds,
+        }
+        self._lock = asyncio.Lock()
+        self._tasks: asyncio.TaskGroup | None = None
+        self._started_at = utcnow()
+        self._random = random.Random(settings.seed)
+
+    @property
+    def hypervisor(self) -> Hypervisor:
+        return self._hypervisor
+
+    # Start.
+
+    async def recover(self) -> None:
+        """Load the instances, apply the restart rule, and record the sled's registration."""
+        vms = await self._store.load()
+        self._hypervisor = Hypervisor(
+            self._settings.sled_id, Capacity(self._settings.cpus, self._settings.memory_bytes), vms
+        )
+        registration = SledRegistered(
+            source=self._source,
+            payload=SledInfo(
+                sled_id=self._settings.sled_id,
+                hostname=self._settings.hostname,
+                cpus=self._settings.cpus,
+                memory_bytes=self._settings.memory_bytes,
+                queue=sled_queue(self._settings.sled_id),
+            ),
+        )
+        async with self._lock:
+            await self._commit(self._hypervisor.after_restart(), [_event_row(registration)])
+        log.info(
+            "sled %s recovered %d instances",
+            self._settings.sled_id,
+            len(vms),
+            extra={"message_id": str(registration.id)},
+        )
+
+    async def run(self) -> None:
+        """Timed transitions, heartbeats and random crashes, until cancelled.
+
+        A failure in any of them (the database went away) ends the agent rather than
+        leaving it half alive.
+        """
+        async with asyncio.TaskGroup() as tasks:
+            self._tasks = tasks
+            for vm in self._hypervisor:
+                # Only ``creating`` survives a restart in a transitional state.
+                if vm.transitional:
+                    self._schedule(vm.id, vm.generation, vm.state)
+            tasks.create_task(self._heartbeats())
+            if self._settings.crash_rate_per_hour > 0:
+                tasks.create_task(self._random_crashes())
+
+    # Commands.
+
+    async def handle(self, delivery: Delivery) -> None:
+        message = delivery.message
+        extra = {
+            "message_id": str(message.id),
+            "correlation_id": str(message.correlation_id or message.id),
+            "type": message.TYPE,
+            "instance_id": str(target_of(message)),
+        }
+        log.info("command %s", message.TYPE, extra=extra)
+        if isinstance(message, InstanceGet):
+            current = self._hypervisor.get(message.payload.id)
+            reply = self._info(message, message.payload.id, current.instance if current else None)
+            await self._wire.reply(delivery, reply)
+            return
+        cause = Cause(message.correlation_id or message.id, message.id)
+        async with self._lock:
+            try:
+                change = decide(self._hypervisor, message, cause)
+            except Rejected as rejected:
+                log.warning("rejected: %s: %s", rejected.code, rejected.message, extra=extra)
+                await self._commit([], self._rejection(delivery, message, rejected))
+                return
+            replies = []
+            if delivery.reply_to is not None and (instance_id := target_of(message)):
+                vm = change.after if change else self._hypervisor.get(instance_id)
+                reply = self._info(message, instance_id, vm.instance if vm else None)
+                replies.append(_reply_row(reply, delivery.reply_to))
+            if change is None:
+                log.info("no change: already as asked", extra=extra)
+            await self._commit([change] if change else [], replies)
+
+    def _info(
+        self, command: Envelope, instance_id: uuid.UUID, instance: Instance | None
+    ) -> InstanceInfo:
+        return InstanceInfo(
+            id=derived_id(command.id, "reply"),
+            source=self._source,
+            **command.caused(),
+            payload=InstanceFound(
+                sled_id=self._settings.sled_id, instance_id=instance_id, instance=instance
+            ),
+        )
+
+    def _rejection(
+        self, delivery: Delivery, command: Envelope, rejected: Rejected
+    ) -> list[OutgoingMessage]:
+        rejection = CommandRejected(
+            id=derived_id(command.id, "rejected"),
+            source=self._source,
+            **command.caused(),
+            payload=Rejection(
+                command_id=command.id,
+                command_type=command.TYPE,
+                code=rejected.code,
+                message=rejected.message[:2000],
+            ),
+        )
+        rows = [_event_row(rejection)]
+        if delivery.reply_to is not None:
+            reply = rejection.with_id(derived_id(command.id, "rejected-reply"))
+            rows.append(_reply_row(reply, delivery.reply_to))
+        return rows
+
+    # Changes nobody asked for.
+
+    def _schedule(self, instance_id: uuid.UUID, generation: int, state: InstanceState) -> None:
+        if self._tasks is None:
+            raise RuntimeError("the agent is not running; call run() first")
+        delay = self._durations[state]
+        self._tasks.create_task(self._finish_transition(instance_id, generation, delay))
+
+    async def _finish_transition(
+        self, instance_id: uuid.UUID, generation: int, delay: float
+    ) -> None:
+        await asyncio.sleep(delay)
+        async with self._lock:
+            change = self._hypervisor.advance(instance_id, generation)
+            if change is not None:
+                await self._commit([change])
+
+    async def _random_crashes(self) -> None:
+        """Each running instance crashes at ``crash_rate_per_hour`` (a Poisson process)."""
+        rate_per_second = self._settings.crash_rate_per_hour / 3600
+        probability = 1 - math.exp(-rate_per_second * CRASH_TICK_SECONDS)
+        while True:
+            await asyncio.sleep(CRASH_TICK_SECONDS)
+            async with self._lock:
+                # Sorted, so that a seed replays the same crashes for the same instances.
+                running = sorted(self._hypervisor.running(), key=lambda vm: vm.id)
+                victims = [vm for vm in running if self._random.random() < probability]
+                await self._commit(
+                    [self._hypervisor.crash(vm.id, "crashed at random", Cause()) for vm in victims]
+                )
+
+    async def _heartbeats(self) -> None:
+        """Ephemeral: published directly; a beat lost in an outage is not worth keeping."""
+        sequence = 0
+        while True:
+            reserved = self._hypervisor.reserved()
+            beat = SledHeartbeat(
+                source=self._source,
+                payload=Heartbeat(
+                    sled_id=self._settings.sled_id,
+                    sequence=sequence,
+                    started_at=self._started_at,
+                    cpus_used=reserved.cpus,
+                    memory_used_bytes=reserved.memory_bytes,
+                    instances_running=len(self._hypervisor.running()),
+                ),
+            )
+            try:
+                await self._wire.publish_event(beat)
+            except PublishFailed as error:
+                log.warning("heartbeat %d not sent: %s", sequence, error)
+            sequence += 1
+            await asyncio.sleep(self._settings.heartbeat_seconds)
+
+    # The one way a change happens.
+
+    async def _commit(
+        self, changes: Sequence[Change], messages: Sequence[OutgoingMessage] = ()
+    ) -> None:
+        """Persist changes with their events, then apply them. Hold ``self._lock``."""
+        events = [self._state_changed(change) for change in changes if change.state_changed]
+        if not changes and not messages:
+            return
+        await self._store.save(
+            [change.after for change in changes], [*(_event_row(e) for e in events), *messages]
+        )
+        for change in changes:
+            self._hypervisor.apply(change)
+        for event in events:
+            instance = event.payload.instance
+            log.info(
+                "instance %s is %s (generation %d)",
+                instance.id,
+                instance.state,
+                instance.generation,
+                extra={
+                    "message_id": str(event.id),
+                    "correlation_id": str(event.correlation_id),
+                    "instance_id": str(instance.id),
+                    "reason": instance.reason,
+                },
+            )
+            if instance.state in self._durations:
+                self._schedule(instance.id, instance.generation, instance.state)
+        self._relay.notify()
+
+    def _state_changed(self, change: Change) -> InstanceStateChanged:
+        vm = change.after
+        return InstanceStateChanged(
+            # One id per generation: however often it is sent, it is the same event.
+            id=derived_id(vm.id, f"generation-{vm.generation}"),
+            source=self._source,
+            correlation_id=vm.cause.correlation_id,
+            causation_id=vm.cause.causation_id,
+            payload=InstanceChange(instance=vm.instance),
+        )
+
+
+def _event_row(message: InstanceStateChanged | SledRegistered | CommandRejected) -> OutgoingMessage:
+    # Nobody bound to an event yet is not an error: watchers come and go.
+    return OutgoingMessage.of(
+        message, exchange=EVENTS_EXCHANGE, routing_key=message.routing_key(), mandatory=False
+    )
+
+
+def _reply_row(message: Envelope, reply_to: str) -> OutgoingMessage:
+    # A requester that gave up (its reply queue is gone) is not an error.
+    return OutgoingMessage.of(message, exchange="", routing_key=reply_to, mandatory=False)

@@ -1,0 +1,162 @@
+"""The composition root: builds the real adapters from settings and runs the agent.
+
+Start-up order matters: the state database is opened and unfinished work resumed
+*before* the broker is reached, so a broker outage at start delays notifications (they
+wait in the outbox) but not the file work. Commands are consumed only once the relay
+runs and the start-up announcement is queued.
+
+Shutdown (SIGTERM or SIGINT): background work stops at a safe point (it resumes at the
+next start), the outbox gets a few seconds to drain, the connection closes (unacked
+commands go back to the queue), and the store closes once no handler is left using it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+from dataclasses import dataclass
+
+import aio_pika
+
+from crucible_agent.files import RegionFiles
+from crucible_agent.service import Faults, RegionService
+from crucible_agent.settings import CrucibleSettings
+from crucible_agent.store import AgentStore
+from schemas.outbox import OutboxRelay
+from schemas.topology import crucible_queue
+from schemas.transport import Transport
+
+log = logging.getLogger(__name__)
+
+CONNECT_RETRY_SECONDS = 1.0
+DRAIN_SECONDS = 5.0
+HANDLERS_SECONDS = 10.0
+COMMAND_PREFETCH = 16
+
+
+@dataclass
+class Agent:
+    settings: CrucibleSettings
+    store: AgentStore
+    transport: Transport
+    relay: OutboxRelay
+    service: RegionService
+
+
+async def build(settings: CrucibleSettings) -> Agent:
+    store = await AgentStore.open(settings.database_path)
+    transport = Transport(settings.amqp_url, name=f"crucible-agent/{settings.agent_id}")
+    relay = OutboxRelay(store, transport)
+    service = RegionService(
+        agent_id=settings.agent_id,
+        sled_id=settings.sled_id,
+        capacity_bytes=settings.capacity_bytes,
+        store=store,
+        files=RegionFiles(settings.regions_dir),
+        relay=relay,
+        replier=transport,
+        faults=Faults(
+            delay=settings.delay,
+            fail_fraction=settings.fail_fraction,
+            crash_mid_create_fraction=settings.crash_mid_create_fraction,
+        ),
+        rng=random.Random(settings.seed),
+    )
+    return Agent(settings, store, transport, relay, service)
+
+
+async def run(settings: CrucibleSettings) -> None:
+    """Run until SIGTERM or SIGINT; raises if a part of the agent failed."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    agent = await build(settings)
+    log.info(
+        "crucible agent %s starting: %s, capacity %d bytes",
+        settings.agent_id,
+        settings.data_dir,
+        settings.capacity_bytes,
+    )
+    await agent.service.resume()
+    relay_task: asyncio.Task[None] | None = None
+    announce_task: asyncio.Task[None] | None = None
+    try:
+        if not await _connect(agent.transport, stop):
+            return
+        queue = crucible_queue(settings.agent_id)
+        await agent.transport.declare_topology()
+        await agent.transport.declare_command_queue(queue)
+        relay_task = asyncio.create_task(agent.relay.run(), name="outbox-relay")
+        await agent.transport.consume(queue, agent.service.handle, prefetch=COMMAND_PREFETCH)
+        announce_task = asyncio.create_task(
+            _announce_every(agent.service, settings.announce_seconds, stop), name="announce"
+        )
+        log.info("consuming %s", queue)
+        await _until_stopped_or_failed(stop, relay_task, announce_task)
+        log.info("stopping")
+    finally:
+        await _shut_down(agent, relay_task, announce_task)
+
+
+async def _connect(transport: Transport, stop: asyncio.Event) -> bool:
+    """Connect, retrying while the broker is unreachable; False if stopped meanwhile."""
+    while not stop.is_set():
+        try:
+            await transport.connect(timeout=10.0)
+            return True
+        except (aio_pika.exceptions.AMQPError, OSError, TimeoutError) as error:
+            log.warning("broker unreachable, retrying in %.0fs: %r", CONNECT_RETRY_SECONDS, error)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), CONNECT_RETRY_SECONDS)
+    return False
+
+
+async def _announce_every(service: RegionService, seconds: float, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
+        if not stop.is_set():
+            await service.announce()
+
+
+async def _until_stopped_or_failed(stop: asyncio.Event, *tasks: asyncio.Task[None]) -> None:
+    stopped = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({stopped, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    for task in done:
+        if task is not stopped:
+            # These loops only end by failing; the process must not run on without them.
+            task.result()
+            raise RuntimeError(f"{task.get_name()} ended unexpectedly")
+
+
+async def _shut_down(
+    agent: Agent, relay_task: asyncio.Task[None] | None, announce_task: asyncio.Task[None] | None
+) -> None:
+    await agent.service.stop()
+    await _cancel(announce_task)
+    if relay_task is not None and not relay_task.done():
+        try:
+            await asyncio.wait_for(agent.relay.wait_drained(), DRAIN_SECONDS)
+        except TimeoutError:
+            log.warning("outbox not drained in %.0fs; it is sent at the next start", DRAIN_SECONDS)
+    await agent.transport.close()
+    try:
+        await asyncio.wait_for(agent.service.wait_idle(), HANDLERS_SECONDS)
+    except TimeoutError:
+        log.warning("a command handler did not finish; its command is redelivered")
+    await _cancel(relay_task)
+    await agent.store.close()
+    log.info("stopped")
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    """Cancel and wait; a failure it ended with was already raised by the main loop."""
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -1,0 +1,107 @@
+"""``crucible-agent``: the command line of one storage agent."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from crucible_agent import app as agent_app
+from crucible_agent.settings import CrucibleSettings
+from schemas import logs
+
+app = typer.Typer(
+    help="A Crucible storage agent: creates and destroys regions (real files in its data "
+    "directory) on command from its queue crucible.<agent-id>, and publishes every region "
+    "state change through an outbox.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+errors = Console(stderr=True)
+
+
+@app.callback()
+def main() -> None:
+    """Settings come from CRUCIBLE_* environment variables; flags of ``run`` override them."""
+
+
+@app.command()
+def run(
+    agent_id: Annotated[
+        uuid.UUID | None, typer.Option(help="This agent's id (env CRUCIBLE_AGENT_ID).")
+    ] = None,
+    sled_id: Annotated[
+        uuid.UUID | None, typer.Option(help="The sled it runs on (env CRUCIBLE_SLED_ID).")
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="Regions and the state database live here (env CRUCIBLE_DATA_DIR)."),
+    ] = None,
+    capacity_bytes: Annotated[
+        int | None,
+        typer.Option(help="Total size of the regions it may hold (env CRUCIBLE_CAPACITY_BYTES)."),
+    ] = None,
+    amqp_url: Annotated[
+        str | None, typer.Option(help="RabbitMQ to use (env CRUCIBLE_AMQP_URL).")
+    ] = None,
+    create_delay: Annotated[
+        str | None,
+        typer.Option(
+            help="Extra time a create takes, seconds: fixed:S, uniform:LO,HI or "
+            "lognormal:MEDIAN,SIGMA,MIN,MAX (env CRUCIBLE_CREATE_DELAY)."
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the delay and fault draws (env CRUCIBLE_SEED).")
+    ] = None,
+    fail_fraction: Annotated[
+        float | None,
+        typer.Option(help="Fraction (0..1) of creates that fail (env CRUCIBLE_FAIL_FRACTION)."),
+    ] = None,
+    crash_mid_create_fraction: Annotated[
+        float | None,
+        typer.Option(
+            help="Fraction (0..1) of creates during which the process SIGKILLs itself "
+            "halfway through the extent files (env CRUCIBLE_CRASH_MID_CREATE_FRACTION)."
+        ),
+    ] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR (env CRUCIBLE_LOG_LEVEL).")
+    ] = None,
+    announce_seconds: Annotated[
+        float | None,
+        typer.Option(
+            help="How often it re-announces its capacity (env CRUCIBLE_ANNOUNCE_SECONDS)."
+        ),
+    ] = None,
+) -> None:
+    """Run the agent until SIGTERM or SIGINT."""
+    flags: dict[str, Any] = {
+        "agent_id": agent_id,
+        "sled_id": sled_id,
+        "data_dir": data_dir,
+        "capacity_bytes": capacity_bytes,
+        "amqp_url": amqp_url,
+        "create_delay": create_delay,
+        "seed": seed,
+        "fail_fraction": fail_fraction,
+        "crash_mid_create_fraction": crash_mid_create_fraction,
+        "log_level": log_level,
+        "announce_seconds": announce_seconds,
+    }
+    try:
+        settings = CrucibleSettings(
+            **{name: value for name, value in flags.items() if value is not None}
+        )
+    except ValidationError as error:
+        for problem in error.errors():
+            where = ".".join(str(part) for part in problem["loc"])
+            errors.print(f"[red]crucible-agent:[/red] {where}: {problem['msg']}")
+        raise typer.Exit(2) from None
+    logs.configure("crucible-agent", settings.log_level)
+    asyncio.run(agent_app.run(settings))

@@ -1,0 +1,178 @@
+"""The region state machine and capacity rules, with no I/O.
+
+Follows the real Crucible agent (DESIGN.md, "Message contracts"): a region is
+``requested`` until its extent files exist, then ``created``; delete goes through
+``tombstoned`` (files still on disk) to ``destroyed`` (files gone, record kept so that
+repeated calls stay idempotent). Every change of state is a new generation.
+
+A region that does not fit the remaining capacity is recorded ``failed`` with the
+reason, as Crucible does, rather than refused: the caller asked for a region with that
+id, and the failure is its answer, visible to ``get`` and ``list`` like any other.
+A failed region holds no files and no capacity.
+
+The functions here decide; the caller (``crucible_agent.service``) reads the records,
+applies the decision in one transaction and performs the file work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from schemas.region import Region, RegionSpec, RegionState
+
+# Crucible's agents hand out downstairs ports from here upwards (Omicron starts at 19000).
+FIRST_PORT = 19000
+LAST_PORT = 65535
+
+# A region in these states holds (or is about to hold, or still holds) files on disk,
+# so it counts against capacity and keeps its port; failed and destroyed ones do not.
+LIVE = frozenset({RegionState.REQUESTED, RegionState.CREATED, RegionState.TOMBSTONED})
+DELETABLE = frozenset({RegionState.REQUESTED, RegionState.CREATED, RegionState.FAILED})
+
+
+# What a command or a finished piece of work does to a region.
+
+
+@dataclass(frozen=True)
+class Changed:
+    """The region moved to a new state; record it and publish one event."""
+
+    region: Region
+    previous: RegionState | None
+
+    @property
+    def capacity_changed(self) -> bool:
+        before = self.previous in LIVE
+        return before != (self.region.state in LIVE)
+
+
+@dataclass(frozen=True)
+class Unchanged:
+    """Nothing to record: the command was already carried out (or cannot apply)."""
+
+    region: Region
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """The id exists with other parameters: a clear error that changes nothing."""
+
+    existing: Region
+    message: str
+
+
+@dataclass(frozen=True)
+class NotFound:
+    message: str
+
+
+EnsureOutcome = Changed | Unchanged | Conflict
+DeleteOutcome = Changed | Unchanged | NotFound
+
+
+@dataclass(frozen=True)
+class Capacity:
+    total_bytes: int
+    used_bytes: int
+
+    @property
+    def free_bytes(self) -> int:
+        return max(self.total_bytes - self.used_bytes, 0)
+
+
+def capacity(total_bytes: int, regions: Iterable[Region]) -> Capacity:
+    used = sum(region.size_bytes for region in regions if region.state in LIVE)
+    return Capacity(total_bytes=total_bytes, used_bytes=used)
+
+
+def free_port(regions: Iterable[Region]) -> int | None:
+    """The lowest port no live region uses, or None when every port is taken."""
+    taken = {region.port_number for region in regions if region.state in LIVE}
+    return next((port for port in range(FIRST_PORT, LAST_PORT + 1) if port not in taken), None)
+
+
+def ensure(
+    existing: Region | None, spec: RegionSpec, *, others: Iterable[Region], total_bytes: int
+) -> EnsureOutcome:
+    """Create is idempotent by id: the same parameters give back the existing record,
+    whatever its state; different ones are a conflict. ``others`` are the agent's
+    other regions, for capacity and ports."""
+    if existing is not None:
+        if existing.spec() == spec:
+            return Unchanged(existing)
+        return Conflict(existing, _difference(existing.spec(), spec))
+    others = list(others)
+    room = capacity(total_bytes, others)
+    port = free_port(others)
+    failure: str | None = None
+    if spec.size_bytes > room.free_bytes:
+        failure = (
+            f"does not fit: needs {spec.size_bytes} bytes, {room.free_bytes} of "
+            f"{room.total_bytes} free"
+        )
+    elif port is None:
+        failure = f"no free port in {FIRST_PORT}-{LAST_PORT}"
+    region = Region(
+        **spec.model_dump(),
+        port_number=port or 0,
+        state=RegionState.FAILED if failure else RegionState.REQUESTED,
+        generation=1,
+        failure=failure,
+    )
+    return Changed(region, previous=None)
+
+
+def delete(existing: Region | None) -> DeleteOutcome:
+    """``requested``/``created``/``failed`` become ``tombstoned``; a region already on
+    its way out (or gone) is left as it is, so a repeated delete is harmless."""
+    if existing is None:
+        return NotFound("no such region")
+    if existing.state in DELETABLE:
+        return _move(existing, RegionState.TOMBSTONED)
+    return Unchanged(existing)
+
+
+def create_finished(region: Region, failure: str | None) -> Changed | Unchanged:
+    """The file work for a region ended. A region deleted meanwhile stays tombstoned."""
+    if region.state is not RegionState.REQUESTED:
+        return Unchanged(region)
+    if failure is not None:
+        return _move(region, RegionState.FAILED, failure=failure)
+    return _move(region, RegionState.CREATED)
+
+
+def destroy_finished(region: Region) -> Changed | Unchanged:
+    """The files of a tombstoned region are gone."""
+    if region.state is not RegionState.TOMBSTONED:
+        return Unchanged(region)
+    return _move(region, RegionState.DESTROYED)
+
+
+def needs_files(region: Region) -> bool:
+    """After a restart: a region whose extent files are still to be written."""
+    return region.state is RegionState.REQUESTED
+
+
+def needs_removal(region: Region) -> bool:
+    """After a restart: a region whose files are still to be removed."""
+    return region.state is RegionState.TOMBSTONED
+
+
+def _move(region: Region, state: RegionState, *, failure: str | None = None) -> Changed:
+    moved = region.model_copy(
+        update={
+            "state": state,
+            "generation": region.generation + 1,
+            "failure": failure if failure is not None else region.failure,
+        }
+    )
+    return Changed(moved, previous=region.state)
+
+
+def _difference(existing: RegionSpec, requested: RegionSpec) -> str:
+    old, new = existing.model_dump(), requested.model_dump()
+    fields = ", ".join(
+        f"{name}: has {old[name]!r}, asked {new[name]!r}" for name in old if old[name] != new[name]
+    )
+    return f"region {existing.id} exists with other parameters ({fields})"

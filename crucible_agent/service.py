@@ -1,0 +1,453 @@
+"""The agent's behaviour: command handlers, the file work behind them, announcements.
+
+Every state change follows one path: decide with :mod:`crucible_agent.regions` on a
+fresh read, record the new state and its event (and a capacity announcement when free
+space changed) in one transaction, commit, wake the outbox relay. A command is acked by
+the transport only after its handler returned, so after that commit: a command that
+arrives twice (redelivery, or a saga re-sending it) finds the work done and changes
+nothing.
+
+The slow part of a create (the configured delay, then writing the extent files) runs
+in a background task after the command was acked. If the process dies, the region is
+still ``requested`` in the database and :meth:`RegionService.resume` starts the work
+again; if a delete arrives meanwhile, the create's outcome is not recorded and the
+region stays ``tombstoned``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from crucible_agent import regions
+from crucible_agent.delay import Delay
+from crucible_agent.files import RegionFiles
+from crucible_agent.store import AgentStore, Cause, Transaction
+from schemas.base import Envelope
+from schemas.common import CommandRejected, Rejection
+from schemas.outbox import OutgoingMessage
+from schemas.region import (
+    Region,
+    RegionChange,
+    RegionDelete,
+    RegionEnsure,
+    RegionFound,
+    RegionGet,
+    RegionInfo,
+    RegionList,
+    RegionListed,
+    RegionListing,
+    RegionStateChanged,
+)
+from schemas.sled import AgentAnnounced, CrucibleAgentInfo
+from schemas.topology import EVENTS_EXCHANGE, crucible_queue
+from schemas.transport import Delivery
+
+log = logging.getLogger(__name__)
+
+# Event ids are derived from (agent, region, generation): a state change has one id
+# however many times it is published, so consumers can deduplicate it.
+EVENT_NAMESPACE = uuid.UUID("3b0f5a8e-9c1d-4e57-a2f4-6d8c0e1b7a93")
+
+
+class Relay(Protocol):
+    def notify(self) -> None: ...
+
+
+class Replier(Protocol):
+    async def reply(self, delivery: Delivery, message: Envelope) -> None: ...
+
+
+@dataclass(frozen=True)
+class Faults:
+    """How long creates take and how they go wrong, drawn from one seeded generator."""
+
+    delay: Delay
+    fail_fraction: float = 0.0
+    crash_mid_create_fraction: float = 0.0
+
+
+def kill_this_process() -> None:
+    """A crash as abrupt as a power cut: no cleanup, no flush, no final log line."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def event_id(agent_id: uuid.UUID, region: Region) -> uuid.UUID:
+    return uuid.uuid5(EVENT_NAMESPACE, f"{agent_id}:{region.id}:{region.generation}")
+
+
+class RegionService:
+    def __init__(
+        self,
+        *,
+        agent_id: uuid.UUID,
+        sled_id: uuid.UUID,
+        capacity_bytes: int,
+        store: AgentStore,
+        files: RegionFiles,
+        relay: Relay,
+        replier: Replier,
+        faults: Faults,
+        rng: random.Random,
+        crash: Callable[[], None] = kill_this_process,
+    ) -> None:
+        self.agent_id = agent_id
+        self.source = f"crucible/{agent_id}"
+        self._sled_id = sled_id
+        self._capacity_bytes = capacity_bytes
+        self._store = store
+        self._files = files
+        self._relay = relay
+        self._replier = replier
+        self._faults = faults
+        self._rng = rng
+        self._crash = crash
+        # File work is serialised: a destroy must not remove a directory that a create
+        # is still writing. Sparse extents make the work itself short.
+        self._file_lock = asyncio.Lock()
+        self._stopping = asyncio.Event()
+        self._workers: set[asyncio.Task[None]] = set()
+        self._handling = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # Commands.
+
+    async def handle(self, delivery: Delivery) -> None:
+        self._handling += 1
+        self._idle.clear()
+        try:
+            await self._dispatch(delivery)
+        finally:
+            self._handling -= 1
+            if self._handling == 0:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Until no command is being handled (shutdown waits for this to close the store)."""
+        await self._idle.wait()
+
+    async def _dispatch(self, delivery: Delivery) -> None:
+        message = delivery.message
+        log.info(
+            "command %s",
+            message.TYPE,
+            extra={"message_id": str(message.id), "correlation_id": _str(message.correlation_id)},
+        )
+        match message:
+            case RegionEnsure():
+                await self._ensure(delivery, message)
+            case RegionDelete():
+                await self._delete(delivery, message)
+            case RegionGet():
+                await self._get(delivery, message)
+            case RegionList():
+                await self._list(delivery, message)
+            case _:
+                await self._reject(
+                    delivery,
+                    message,
+                    "unsupported",
+                    f"a crucible agent does not take {message.TYPE}",
+                )
+
+    async def _ensure(self, delivery: Delivery, command: RegionEnsure) -> None:
+        spec = command.payload
+        async with self._store.transaction() as tx:
+            existing = await tx.region(spec.id)
+            others = await tx.regions() if existing is None else []
+            outcome = regions.ensure(
+                existing, spec, others=others, total_bytes=self._capacity_bytes
+            )
+            match outcome:
+                case regions.Changed():
+                    await self._record(tx, outcome, Cause.of(command))
+                case regions.Conflict():
+                    await self._send_rejection(tx, delivery, command, "conflict", outcome.message)
+                    _log_rejection(command, outcome.message)
+                case regions.Unchanged():
+                    log.info(
+                        "region %s already %s",
+                        spec.id,
+                        outcome.region.state.value,
+                        extra=_ids(command, spec.id),
+                    )
+            if not isinstance(outcome, regions.Conflict):
+                await self._send_info(tx, delivery, command, outcome.region)
+        self._relay.notify()
+        if isinstance(outcome, regions.Changed) and regions.needs_files(outcome.region):
+            self._start(self._create(outcome.region.id))
+
+    async def _delete(self, delivery: Delivery, command: RegionDelete) -> None:
+        region_id = command.payload.id
+        async with self._store.transaction() as tx:
+            outcome = regions.delete(await tx.region(region_id))
+            match outcome:
+                case regions.Changed():
+                    await self._record(tx, outcome, Cause.of(command))
+                    await self._send_info(tx, delivery, command, outcome.region)
+                case regions.Unchanged():
+                    await self._send_info(tx, delivery, command, outcome.region)
+                case regions.NotFound():
+                    await self._send_rejection(tx, delivery, command, "not_found", outcome.message)
+                    _log_rejection(command, outcome.message)
+        self._relay.notify()
+        if isinstance(outcome, regions.Changed):
+            self._start(self._destroy(region_id))
+
+    async def _get(self, delivery: Delivery, command: RegionGet) -> None:
+        region_id = command.payload.id
+        region = await self._store.region(region_id)
+        await self._replier.reply(delivery, self._info(command, region_id, region))
+
+    async def _list(self, delivery: Delivery, command: RegionList) -> None:
+        listing = RegionListing(agent_id=self.agent_id, regions=tuple(await self._store.regions()))
+        await self._replier.reply(
+            delivery, RegionListed(source=self.source, payload=listing, **command.caused())
+        )
+
+    async def _reject(self, delivery: Delivery, command: Envelope, code: str, why: str) -> None:
+        async with self._store.transaction() as tx:
+            await self._send_rejection(tx, delivery, command, code, why)
+        self._relay.notify()
+        _log_rejection(command, why)
+
+    # Background work: creating and destroying the files.
+
+    async def resume(self) -> None:
+        """After a start: finish what a previous run left half done, announce capacity."""
+        for region in await self._store.regions():
+            if regions.needs_files(region):
+                log.info("resuming the create of region %s", region.id, extra=_ids(None, region.id))
+                self._start(self._create(region.id))
+            elif regions.needs_removal(region):
+                log.info(
+                    "resuming the removal of region %s", region.id, extra=_ids(None, region.id)
+                )
+                self._start(self._destroy(region.id))
+        await self.announce()
+
+    async def _create(self, region_id: uuid.UUID) -> None:
+        delay = self._faults.delay.sample(self._rng)
+        if await self._stopped_within(delay):
+            return
+        async with self._file_lock:
+            region = await self._store.region(region_id)
+            # Deleted while it waited: a create that finishes after a delete records nothing.
+            if region is None or not regions.needs_files(region):
+                return
+            failure = await self._write_files(region)
+            if failure is None and self._stopping.is_set():
+                return
+            if failure is not None:
+                self._files.remove(region_id)
+            async with self._store.transaction() as tx:
+                current = await tx.region(region_id)
+                assert current is not None, "region records are never deleted"
+                outcome = regions.create_finished(current, failure)
+                if isinstance(outcome, regions.Changed):
+                    await self._record(tx, outcome, await tx.cause(region_id))
+        self._relay.notify()
+
+    async def _write_files(self, region: Region) -> str | None:
+        """Writes the extents and returns None, or why the create failed."""
+        if self._rng.random() < self._faults.fail_fraction:
+            return f"injected failure (fail fraction {self._faults.fail_fraction:g})"
+        crash_at = (
+            region.extent_count // 2
+            if self._rng.random() < self._faults.crash_mid_create_fraction
+            else None
+        )
+        try:
+            self._files.prepare(region)
+            for index in range(region.extent_count):
+                if index == crash_at:
+                    log.warning("crashing mid-create of region %s (fault injection)", region.id)
+                    self._crash()
+                self._files.write_extent(region, index)
+                # Lets commands and a shutdown get in between extents of a large region.
+                await asyncio.sleep(0)
+                if self._stopping.is_set():
+                    return None
+            self._files.seal(region)
+        except OSError as error:
+            return f"could not write the extent files: {error}"
+        return None
+
+    async def _destroy(self, region_id: uuid.UUID) -> None:
+        async with self._file_lock:
+            self._files.remove(region_id)
+            async with self._store.transaction() as tx:
+                region = await tx.region(region_id)
+                assert region is not None, "region records are never deleted"
+                outcome = regions.destroy_finished(region)
+                if isinstance(outcome, regions.Changed):
+                    await self._record(tx, outcome, await tx.cause(region_id))
+        self._relay.notify()
+
+    def _start(self, work: Coroutine[Any, Any, None]) -> None:
+        if self._stopping.is_set():
+            # Not started now, still recorded: the next start resumes it.
+            work.close()
+            return
+        task = asyncio.create_task(work)
+        self._workers.add(task)
+        task.add_done_callback(self._worker_done)
+
+    def _worker_done(self, task: asyncio.Task[None]) -> None:
+        self._workers.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("region work failed", exc_info=task.exception())
+
+    async def _stopped_within(self, seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    async def stop(self) -> None:
+        """Let background work reach a safe point: delays end at once, file writing stops
+        between extents, a transaction under way commits. What is left resumes at start."""
+        self._stopping.set()
+        if self._workers:
+            await asyncio.gather(*self._workers, return_exceptions=True)
+
+    # Announcements.
+
+    async def announce(self) -> None:
+        async with self._store.transaction() as tx:
+            await tx.send(await self._announcement(tx, None))
+        self._relay.notify()
+
+    async def _announcement(self, tx: Transaction, cause: Cause | None) -> OutgoingMessage:
+        held = await tx.regions()
+        room = regions.capacity(self._capacity_bytes, held)
+        info = CrucibleAgentInfo(
+            agent_id=self.agent_id,
+            sled_id=self._sled_id,
+            queue=crucible_queue(self.agent_id),
+            capacity_bytes=self._capacity_bytes,
+            free_bytes=room.free_bytes,
+            regions=sum(1 for region in held if region.state in regions.LIVE),
+        )
+        announced = AgentAnnounced(source=self.source, payload=info, **_caused(cause))
+        return OutgoingMessage.of(
+            announced,
+            exchange=EVENTS_EXCHANGE,
+            routing_key=announced.routing_key(),
+            mandatory=False,
+        )
+
+    # Recording.
+
+    async def _record(self, tx: Transaction, change: regions.Changed, cause: Cause) -> None:
+        region = change.region
+        if change.previous is None:
+            await tx.insert(region, cause)
+        else:
+            await tx.update(region, cause)
+        event = RegionStateChanged(
+            id=event_id(self.agent_id, region),
+            source=self.source,
+            payload=RegionChange(agent_id=self.agent_id, region=region),
+            **_caused(cause),
+        )
+        await tx.send(
+            OutgoingMessage.of(
+                event, exchange=EVENTS_EXCHANGE, routing_key=event.routing_key(), mandatory=False
+            )
+        )
+        if change.capacity_changed:
+            await tx.send(await self._announcement(tx, cause))
+        log.info(
+            "region %s: %s -> %s (generation %d)",
+            region.id,
+            change.previous.value if change.previous else "-",
+            region.state.value,
+            region.generation,
+            extra={
+                "message_id": str(event.id),
+                "correlation_id": _str(event.correlation_id),
+                "region_id": str(region.id),
+            },
+        )
+
+    async def _send_info(
+        self, tx: Transaction, delivery: Delivery, command: Envelope, region: Region
+    ) -> None:
+        """Ensure and delete answer like Crucible's API does (with the region) when asked."""
+        if delivery.reply_to is None:
+            return
+        info = self._info(command, region.id, region)
+        await tx.send(
+            OutgoingMessage.of(info, exchange="", routing_key=delivery.reply_to, mandatory=False)
+        )
+
+    async def _send_rejection(
+        self, tx: Transaction, delivery: Delivery, command: Envelope, code: str, why: str
+    ) -> None:
+        rejected = CommandRejected(
+            source=self.source,
+            payload=Rejection(
+                command_id=command.id, command_type=command.TYPE, code=code, message=why
+            ),
+            **command.caused(),
+        )
+        await tx.send(
+            OutgoingMessage.of(
+                rejected,
+                exchange=EVENTS_EXCHANGE,
+                routing_key=rejected.routing_key(),
+                mandatory=False,
+            )
+        )
+        if delivery.reply_to is not None:
+            # A copy for the requester under its own id: outbox rows are keyed by message
+            # id, and the requester matches replies by causation, not by id.
+            await tx.send(
+                OutgoingMessage.of(
+                    rejected.with_id(uuid.uuid4()),
+                    exchange="",
+                    routing_key=delivery.reply_to,
+                    mandatory=False,
+                )
+            )
+
+    def _info(self, command: Envelope, region_id: uuid.UUID, region: Region | None) -> RegionInfo:
+        found = RegionFound(agent_id=self.agent_id, region=region, region_id=region_id)
+        return RegionInfo(source=self.source, payload=found, **command.caused())
+
+
+def _caused(cause: Cause | None) -> dict[str, uuid.UUID | None]:
+    if cause is None:
+        return {}
+    return {"correlation_id": cause.correlation_id, "causation_id": cause.message_id}
+
+
+def _str(value: uuid.UUID | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def _ids(command: Envelope | None, region_id: uuid.UUID) -> dict[str, str | None]:
+    return {
+        "message_id": _str(command.id) if command else None,
+        "correlation_id": _str(command.correlation_id) if command else None,
+        "region_id": str(region_id),
+    }
+
+
+def _log_rejection(command: Envelope, why: str) -> None:
+    log.warning(
+        "rejected %s: %s",
+        command.TYPE,
+        why,
+        extra={"message_id": str(command.id), "correlation_id": _str(command.correlation_id)},
+    )

@@ -1,0 +1,68 @@
+"""The agent's settings: environment (prefix ``CRUCIBLE_``), overridden by ``run`` flags."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from crucible_agent.delay import Delay, parse_delay
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class CrucibleSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CRUCIBLE_", frozen=True, extra="forbid")
+
+    agent_id: uuid.UUID = Field(description="this agent's id; its queue is crucible.<id>")
+    sled_id: uuid.UUID = Field(description="the sled its storage is on")
+    data_dir: Path = Field(description="where the regions' files and the state database live")
+    capacity_bytes: int = Field(
+        default=1 << 40, gt=0, description="total size of the regions it may hold"
+    )
+    amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    create_delay: str = Field(
+        default="fixed:0",
+        description="extra time a create takes: fixed:S | uniform:LO,HI | "
+        "lognormal:MEDIAN,SIGMA,MIN,MAX (seconds)",
+    )
+    seed: int | None = Field(default=None, description="seed of the delay and fault draws")
+    fail_fraction: Fraction = Field(default=0.0, description="fraction of creates that fail")
+    crash_mid_create_fraction: Fraction = Field(
+        default=0.0,
+        description="fraction of creates during which the process SIGKILLs itself "
+        "halfway through writing the extent files",
+    )
+    log_level: str = "INFO"
+    announce_seconds: float = Field(
+        default=30.0, gt=0, description="how often it re-announces its capacity"
+    )
+
+    @field_validator("create_delay")
+    @classmethod
+    def _delay_parses(cls, value: str) -> str:
+        parse_delay(value)
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError(f"unknown log level {value!r}")
+        return level
+
+    @property
+    def delay(self) -> Delay:
+        return parse_delay(self.create_delay)
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "agent.sqlite"
+
+    @property
+    def regions_dir(self) -> Path:
+        return self.data_dir / "regions"

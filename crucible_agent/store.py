@@ -1,0 +1,263 @@
+"""The agent's own state: SQLite in its data directory, through SQLAlchemy Core.
+
+Two tables: ``regions`` (the records, destroyed ones included) and ``outbox`` (messages
+committed with the change that caused them, waiting for the relay). One connection
+serves the whole process, one transaction at a time: SQLite has one writer anyway, and
+queueing on a lock here is cheaper than contending for the file lock (DESIGN.md,
+"Facts measured").
+
+A sent outbox row is deleted rather than flagged: the broker has the message, and the
+table stays as small as what is still in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Uuid,
+    delete,
+    event,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
+
+from schemas.base import Envelope
+from schemas.outbox import OutgoingMessage
+from schemas.region import Region, RegionState
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+regions_table = Table(
+    "regions",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("block_size", Integer, nullable=False),
+    Column("extent_size", Integer, nullable=False),
+    Column("extent_count", Integer, nullable=False),
+    Column("encrypted", Boolean, nullable=False),
+    Column("port_number", Integer, nullable=False),
+    Column("read_only", Boolean, nullable=False),
+    Column("source", String(255)),
+    Column("state", String(16), nullable=False, index=True),
+    Column("generation", Integer, nullable=False),
+    Column("failure", String(2000)),
+    # The command behind the latest change: work that finishes later (even after a
+    # restart) publishes its event in that command's correlation.
+    Column("cause_id", Uuid, nullable=False),
+    Column("correlation_id", Uuid, nullable=False),
+)
+
+outbox_table = Table(
+    "outbox",
+    metadata,
+    # The relay publishes in this order, which keeps each region's events in
+    # generation order on the wire.
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("message_id", Uuid, nullable=False, unique=True),
+    Column("message_type", String(100), nullable=False),
+    Column("exchange", String(255), nullable=False),
+    Column("routing_key", String(255), nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    Column("correlation_id", Uuid),
+    Column("reply_to", String(255)),
+    Column("mandatory", Boolean, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class Cause:
+    message_id: uuid.UUID
+    correlation_id: uuid.UUID
+
+    @classmethod
+    def of(cls, command: Envelope) -> Cause:
+        return cls(message_id=command.id, correlation_id=command.correlation_id or command.id)
+
+
+class Transaction:
+    """What a command handler or a worker may do inside one committed unit."""
+
+    def __init__(self, connection: AsyncConnection) -> None:
+        self._connection = connection
+
+    async def region(self, region_id: uuid.UUID) -> Region | None:
+        result = await self._connection.execute(
+            select(regions_table).where(regions_table.c.id == region_id)
+        )
+        row = result.one_or_none()
+        return None if row is None else _region(row)
+
+    async def regions(self, *, except_id: uuid.UUID | None = None) -> list[Region]:
+        query = select(regions_table).order_by(regions_table.c.id)
+        if except_id is not None:
+            query = query.where(regions_table.c.id != except_id)
+        return [_region(row) for row in await self._connection.execute(query)]
+
+    async def cause(self, region_id: uuid.UUID) -> Cause:
+        result = await self._connection.execute(
+            select(regions_table.c.cause_id, regions_table.c.correlation_id).where(
+                regions_table.c.id == region_id
+            )
+        )
+        row = result.one()
+        return Cause(message_id=row.cause_id, correlation_id=row.correlation_id)
+
+    async def insert(self, region: Region, cause: Cause) -> None:
+        await self._connection.execute(
+            insert(regions_table).values(**_columns(region), **_cause_columns(cause))
+        )
+
+    async def update(self, region: Region, cause: Cause) -> None:
+        # Guarded on the generation before it: a change decided on a stale read fails
+        # loudly instead of overwriting a newer one.
+        result = await self._connection.execute(
+            update(regions_table)
+            .where(regions_table.c.id == region.id)
+            .where(regions_table.c.generation == region.generation - 1)
+            .values(**_columns(region), **_cause_columns(cause))
+        )
+        if result.rowcount != 1:
+            raise StaleRegion(f"region {region.id} is not at generation {region.generation - 1}")
+
+    async def send(self, message: OutgoingMessage) -> None:
+        await self._connection.execute(
+            insert(outbox_table).values(
+                message_id=message.message_id,
+                message_type=message.message_type,
+                exchange=message.exchange,
+                routing_key=message.routing_key,
+                body=message.body,
+                correlation_id=message.correlation_id,
+                reply_to=message.reply_to,
+                mandatory=message.mandatory,
+            )
+        )
+
+
+class StaleRegion(RuntimeError):
+    pass
+
+
+class AgentStore:
+    """The SQLite adapter; also the outbox store the relay reads."""
+
+    def __init__(self, engine: AsyncEngine, connection: AsyncConnection) -> None:
+        self._engine = engine
+        self._connection = connection
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path) -> AgentStore:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(f"sqlite+aiosqlite:///{path}", poolclass=StaticPool)
+        event.listen(engine.sync_engine, "connect", _pragmas)
+        connection = await engine.connect()
+        async with connection.begin():
+            await connection.run_sync(metadata.create_all)
+        return cls(engine, connection)
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._connection.close()
+            await self._engine.dispose()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        """Commits when the block ends, rolls back if it raises."""
+        async with self._lock, self._connection.begin():
+            yield Transaction(self._connection)
+
+    async def region(self, region_id: uuid.UUID) -> Region | None:
+        async with self.transaction() as tx:
+            return await tx.region(region_id)
+
+    async def regions(self) -> list[Region]:
+        async with self.transaction() as tx:
+            return await tx.regions()
+
+    # OutboxStore.
+
+    async def unsent(self, limit: int) -> Sequence[OutgoingMessage]:
+        async with self.transaction():
+            result = await self._connection.execute(
+                select(outbox_table).order_by(outbox_table.c.seq).limit(limit)
+            )
+            return [_outgoing(row) for row in result]
+
+    async def mark_sent(self, message_ids: Sequence[uuid.UUID]) -> None:
+        async with self.transaction():
+            await self._connection.execute(
+                delete(outbox_table).where(outbox_table.c.message_id.in_(message_ids))
+            )
+
+
+def _pragmas(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL: readers never block the writer. FULL: a commit survives power loss, not just
+    # a killed process; acks and events depend on commits being final.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.close()
+
+
+def _columns(region: Region) -> dict[str, Any]:
+    return {
+        "id": region.id,
+        "block_size": region.block_size,
+        "extent_size": region.extent_size,
+        "extent_count": region.extent_count,
+        "encrypted": region.encrypted,
+        "port_number": region.port_number,
+        "read_only": region.read_only,
+        "source": region.source,
+        "state": region.state.value,
+        "generation": region.generation,
+        "failure": region.failure,
+    }
+
+
+def _cause_columns(cause: Cause) -> dict[str, uuid.UUID]:
+    return {"cause_id": cause.message_id, "correlation_id": cause.correlation_id}
+
+
+def _region(row: Row[Any]) -> Region:
+    fields = {column: row._mapping[column] for column in Region.model_fields}
+    fields["state"] = RegionState(fields["state"])
+    return Region(**fields)
+
+
+def _outgoing(row: Row[Any]) -> OutgoingMessage:
+    return OutgoingMessage(
+        message_id=row.message_id,
+        message_type=row.message_type,
+        exchange=row.exchange,
+        routing_key=row.routing_key,
+        body=row.body,
+        correlation_id=row.correlation_id,
+        reply_to=row.reply_to,
+        mandatory=row.mandatory,
+    )

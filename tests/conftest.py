@@ -33,7 +33,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     used = terminalreporter.config.stash.get(_SERVERS_USED, [])
     if used:
-        terminalreporter.section("servers used")
+        terminalreporter.write_sep("=", "servers used")
         for line in used:
             terminalreporter.write_line(line)
 

@@ -131,8 +131,13 @@ class RegionService:
                 self._idle.set()
 
     async def wait_idle(self) -> None:
-        """Until no command is being handled (shutdown waits for this to close the store)."""
-        await self._idle.wait()
+        """Until no command is being handled and no background work runs (shutdown waits
+        for this before it closes the store)."""
+        while True:
+            await self._idle.wait()
+            if not self._workers:
+                return
+            await asyncio.gather(*self._workers, return_exceptions=True)
 
     async def _dispatch(self, delivery: Delivery) -> None:
         message = delivery.message

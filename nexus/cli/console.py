@@ -1,0 +1,57 @@
+"""What every nexusctl command shares: where output goes and what a failure looks like."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NoReturn
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from nexus.settings import redact_urls_in
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+def say(message: str) -> None:
+    # Plain text: URLs and revision ids must not be read as rich markup.
+    stdout.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def fail(message: str) -> NoReturn:
+    """One line on stderr, exit status 1."""
+    stderr.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code=1)
+
+
+@contextmanager
+def errors_reported(subject: str | None = None) -> Iterator[None]:
+    """Turn any exception from the body into :func:`fail`, never a traceback.
+
+    ``subject`` (what the command was working on) starts the message.
+    """
+    try:
+        yield
+    except (typer.Exit, typer.Abort, typer.TyperException):
+        # Typer's own ways to end a command (usage errors included) stay its own.
+        raise
+    except Exception as error:
+        fail(f"{subject}: {describe(error)}" if subject else describe(error))
+
+
+def describe(error: BaseException) -> str:
+    """The exception as one line, without any password a URL in it carried."""
+    if isinstance(error, ValidationError):
+        # Its first line only says how many errors; the fields are what matters.
+        problems = "; ".join(
+            f"{'.'.join(map(str, problem['loc']))}: {problem['msg']}" for problem in error.errors()
+        )
+        summary = f"invalid {error.title}: {problems}"
+    else:
+        # Later lines are SQL text, documentation links and the like.
+        lines = str(error).strip().splitlines()
+        summary = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return redact_urls_in(summary)

@@ -1,0 +1,101 @@
+"""Async engines configured for how Nexus uses each database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
+from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
+
+_ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
+# How long a writer waits for another process's write lock before "database is locked".
+SQLITE_BUSY_TIMEOUT_MS = 5_000
+# How long a coroutine waits for this process's one SQLite connection.
+SQLITE_CONNECTION_WAIT_SECONDS = 30
+
+
+def create_engine(
+    url: str | URL, *, echo: bool = False, sqlite_foreign_keys: bool = True
+) -> AsyncEngine:
+    """An engine for ``url``: one serialised connection for SQLite, a pool otherwise.
+
+    SQLite allows one writer at a time, and a pool of writers contending for its lock
+    measured p99 latencies of hundreds of milliseconds with no gain in throughput, so
+    every coroutine queues for a single connection instead. Each transaction starts
+    with ``BEGIN IMMEDIATE``, taking the write lock up front: another process sharing
+    the file then waits (``busy_timeout``) instead of failing mid-transaction when a
+    read would have to become a write.
+
+    ``sqlite_foreign_keys=False`` is for migrations only: SQLite rebuilds a table to
+    alter it, which must not cascade or fail on the rows that reference it.
+    """
+    parsed = with_async_driver(url)
+    if parsed.get_backend_name() != "sqlite":
+        # Pre-ping: after a server restart, a stale pooled connection is replaced
+        # before use instead of failing one transaction; one round trip per checkout.
+        return _create_async_engine(parsed, echo=echo, pool_pre_ping=True)
+
+    _create_parent_directory(parsed)
+    engine = _create_async_engine(
+        parsed,
+        echo=echo,
+        # Also for ":memory:", where the dialect would pick a pool that shares one
+        # connection between concurrent transactions instead of queueing them.
+        poolclass=AsyncAdaptedQueuePool,
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=SQLITE_CONNECTION_WAIT_SECONDS,
+    )
+    _use_sqlite_pragmas_and_immediate_transactions(engine, foreign_keys=sqlite_foreign_keys)
+    return engine
+
+
+def with_async_driver(url: str | URL) -> URL:
+    """``url`` parsed, with the async driver Nexus uses when it names none."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend not in _ASYNC_DRIVERS:
+        raise ValueError(
+            f"unsupported database {backend!r}: use sqlite+aiosqlite:// or postgresql+asyncpg://"
+        )
+    if parsed.drivername == backend:
+        return parsed.set(drivername=_ASYNC_DRIVERS[backend])
+    return parsed
+
+
+def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    # Objects stay readable after commit: a handler commits, then publishes from them.
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def _create_parent_directory(url: URL) -> None:
+    database = url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    Path(database).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _use_sqlite_pragmas_and_immediate_transactions(
+    engine: AsyncEngine, *, foreign_keys: bool
+) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+        # Stop the sqlite3 driver from issuing its own (deferred, DML-only) BEGIN, so
+        # that the "begin" hook below is the only one.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            # WAL lets readers in other processes proceed while one writes.
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")

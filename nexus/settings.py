@@ -1,0 +1,66 @@
+"""Nexus's configuration, read from ``NEXUS_*`` environment variables."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+_MASK = "***"
+_URL_FIELDS = frozenset({"database_url", "amqp_url"})
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
+
+
+def default_replica_id() -> str:
+    """Unique among the replicas of one machine and readable in a saga timeline."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (if any) replaced by ``***``, safe to print or log.
+
+    Works on the raw text rather than a URL parser so that a password holding
+    characters it should have percent-encoded (``/``, ``#``, ``?``) is still hidden.
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return _MASK if "@" in url else url
+    userinfo, at, hostinfo = rest.rpartition("@")
+    username, colon, _ = userinfo.partition(":")
+    if not at or not colon:
+        return url
+    return f"{scheme}://{username}:{_MASK}@{hostinfo}"
+
+
+def redact_urls_in(text: str) -> str:
+    """``text`` with every URL in it redacted, e.g. an error message quoting one."""
+    return _URL_IN_TEXT.sub(lambda match: redact_url(match.group(0)), text)
+
+
+class NexusSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NEXUS_", extra="ignore")
+
+    replica_id: str = Field(default_factory=default_replica_id, min_length=1, max_length=200)
+    database_url: str = "sqlite+aiosqlite:///./var/nexus.sqlite3"
+    amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    lease_seconds: float = Field(default=15.0, gt=0)
+    log_level: LogLevel = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_case_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    def __repr_args__(self) -> Any:
+        # repr() and str() end up in logs and tracebacks: never with a password.
+        for name, value in super().__repr_args__():
+            if name in _URL_FIELDS and isinstance(value, str):
+                yield name, redact_url(value)
+            else:
+                yield name, value

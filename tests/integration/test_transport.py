@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import aio_pika
 import pytest
+from aio_pika.abc import AbstractIncomingMessage
 
 from schemas.base import Envelope
 from schemas.messages import MAX_BODY_BYTES, MESSAGE_TYPES, encode
@@ -44,9 +45,15 @@ async def collect(transport: Transport, queue: str) -> asyncio.Queue[Delivery]:
     return received
 
 
-async def dead_letters_from(rabbitmq_url: str, queue: str, count: int) -> list[aio_pika.Message]:
-    """Read the dead-letter queue until ``count`` messages from ``queue`` have arrived."""
-    found: list[aio_pika.Message] = []
+async def dead_letters_from(
+    rabbitmq_url: str, queue: str, count: int
+) -> list[AbstractIncomingMessage]:
+    """Read the dead-letter queue until ``count`` messages from ``queue`` have arrived.
+
+    Other tests' dead letters are held unacked while reading (so ``get`` moves past
+    them) and go back to the queue when the connection closes.
+    """
+    found: list[AbstractIncomingMessage] = []
     connection = await aio_pika.connect(rabbitmq_url)
     async with connection:
         channel = await connection.channel()
@@ -61,12 +68,10 @@ async def dead_letters_from(rabbitmq_url: str, queue: str, count: int) -> list[a
                 if headers.get(ORIGINAL_QUEUE_HEADER) == queue or _died_in(headers, queue):
                     await incoming.ack()
                     found.append(incoming)
-                else:
-                    await incoming.nack(requeue=True)
     return found
 
 
-def _died_in(headers: dict[str, object], queue: str) -> bool:
+def _died_in(headers: Mapping[str, object], queue: str) -> bool:
     deaths = headers.get("x-death")
     return isinstance(deaths, list) and any(
         isinstance(death, dict) and death.get("queue") == queue for death in deaths

@@ -50,6 +50,13 @@ class NexusSettings(BaseSettings):
     database_url: str = "sqlite+aiosqlite:///./var/nexus.sqlite3"
     amqp_url: str = "amqp://guest:guest@localhost:5672/"
     lease_seconds: float = Field(default=15.0, gt=0)
+    # How often a replica looks for passed deadlines, expired leases and wake-ups whose
+    # waker died: the safety net under notifications, never a poll of the agents.
+    sweep_seconds: float = Field(default=1.0, gt=0)
+    # How long an event no saga claimed is kept before it moves to unclaimed_events.
+    unclaimed_retention_seconds: float = Field(default=3600.0, gt=0)
+    # Unacked events in flight per replica.
+    event_prefetch: int = Field(default=32, gt=0, le=10_000)
     log_level: LogLevel = "INFO"
 
     @field_validator("log_level", mode="before")

@@ -1,0 +1,174 @@
+"""The composition root of a Nexus replica: database, broker, executor, consumers, relay.
+
+``NexusApp`` builds the real adapters from settings and nothing connects before
+``start()``. Tests build the same app with their own clock, definitions and faults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from nexus.db.engine import create_engine, create_sessionmaker
+from nexus.events import EventIngest
+from nexus.saga.clock import Clock, SystemClock
+from nexus.saga.definition import SagaDefinition
+from nexus.saga.executor import Faults, SagaExecutor, SagaRow
+from nexus.saga.outbox import NexusOutboxStore, Outbox
+from nexus.sagas import ALL_SAGAS
+from nexus.settings import NexusSettings, redact_urls_in
+from schemas.outbox import OutboxRelay
+from schemas.progress import SagaProgress, SagaProgressed, SagaStep
+from schemas.topology import NEXUS_EVENTS_QUEUE
+from schemas.transport import Delivery, Transport
+
+log = logging.getLogger(__name__)
+
+
+class NexusApp:
+    def __init__(
+        self,
+        settings: NexusSettings,
+        *,
+        clock: Clock | None = None,
+        definitions: Sequence[SagaDefinition[Any]] = ALL_SAGAS,
+        faults: Faults | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self._definitions = definitions
+        self._faults = faults
+        self._tasks: list[asyncio.Task[None]] = []
+        self.engine: AsyncEngine | None = None
+        self.sessions: async_sessionmaker[AsyncSession] | None = None
+        self.transport: Transport | None = None
+        self.executor: SagaExecutor | None = None
+        self.relay: OutboxRelay | None = None
+        self.ingest: EventIngest | None = None
+
+    @property
+    def replica_id(self) -> str:
+        return self.settings.replica_id
+
+    async def start(self, *, consume: bool = True, background: bool = True) -> None:
+        settings = self.settings
+        self.engine = create_engine(settings.database_url)
+        self.sessions = create_sessionmaker(self.engine)
+        self.transport = Transport(settings.amqp_url, name=f"nexus/{settings.replica_id}")
+        await self.transport.connect()
+        await self.transport.declare_topology()
+
+        outbox = Outbox(self.clock.now)
+        store = NexusOutboxStore(self.sessions, outbox, clock=self.clock.now)
+        self.relay = OutboxRelay(store, self.transport)
+        outbox.on_commit_hint(self.relay.notify)
+        self.executor = SagaExecutor(
+            sessions=self.sessions,
+            definitions=self._definitions,
+            replica_id=settings.replica_id,
+            outbox=outbox,
+            transport=self.transport,
+            clock=self.clock,
+            lease=timedelta(seconds=settings.lease_seconds),
+            faults=self._faults,
+            on_progress=self._saga_progress,
+        )
+        self.ingest = EventIngest(self.sessions, self.clock.now)
+        self._tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
+        if background:
+            self._tasks.append(asyncio.create_task(self._sweeper(), name="sweeper"))
+        if consume:
+            await self.transport.consume(
+                NEXUS_EVENTS_QUEUE, self.on_event, prefetch=settings.event_prefetch
+            )
+        log.info(
+            "nexus replica %s up (database %s)",
+            settings.replica_id,
+            redact_urls_in(settings.database_url),
+        )
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self.executor is not None:
+            await self.executor.drain()
+        if self.transport is not None:
+            await self.transport.close()
+        if self.engine is not None:
+            await self.engine.dispose()
+
+    async def on_event(self, delivery: Delivery) -> None:
+        """Record the event (commit), then run the saga it woke; the ack follows."""
+        assert self.ingest is not None and self.executor is not None
+        ingested = await self.ingest.ingest(delivery.message)
+        if ingested.woken is not None:
+            log.info(
+                "event woke saga %s at %s",
+                ingested.woken.saga_id,
+                ingested.woken.node,
+                extra={
+                    "saga_id": str(ingested.woken.saga_id),
+                    "message_id": str(delivery.message.id),
+                    "correlation_id": str(delivery.message.correlation_id),
+                },
+            )
+            self.executor.spawn(ingested.woken.saga_id)
+
+    async def start_saga(
+        self, definition: SagaDefinition[Any], params: Any, saga_id: uuid.UUID | None = None
+    ) -> uuid.UUID:
+        assert self.executor is not None
+        return await self.executor.start(definition, params, saga_id)
+
+    async def _saga_progress(self, saga: SagaRow, state: str, node: str | None) -> None:
+        """Tell watchers a saga finished or got stuck (best effort: it is not state)."""
+        assert self.transport is not None
+        # Only ends are announced: done, undone (failed and cleaned up) and stuck.
+        step = {"done": SagaStep.DONE, "stuck": SagaStep.STUCK}.get(state, SagaStep.FAILED)
+        event = SagaProgressed(
+            source=f"nexus/{self.replica_id}",
+            correlation_id=saga.id,
+            payload=SagaProgress(
+                saga_id=saga.id,
+                saga_name=saga.name,
+                node=node,
+                step=step,
+                replica=self.replica_id,
+                detail=state,
+            ),
+        )
+        try:
+            await self.transport.publish_event(event)
+        except Exception as error:  # a watcher missing one progress event is harmless
+            log.warning("could not publish saga progress: %r", error)
+
+    async def _sweeper(self) -> None:
+        """Deadlines, expired leases and stray wake-ups: the safety net, not a poll of agents."""
+        assert self.executor is not None
+        settings = self.settings
+        unclaimed_every = max(1, int(60 / settings.sweep_seconds))
+        passes = 0
+        while True:
+            await asyncio.sleep(settings.sweep_seconds)
+            passes += 1
+            try:
+                await self.executor.sweep()
+                if passes % unclaimed_every == 0:
+                    moved = await self.executor.sweep_unclaimed(
+                        timedelta(seconds=settings.unclaimed_retention_seconds)
+                    )
+                    if moved:
+                        log.warning("moved %d unclaimed events to unclaimed_events", moved)
+            except Exception:
+                log.exception("sweeper pass failed; trying again next pass")

@@ -1,0 +1,197 @@
+"""Agent events into Nexus: record each once, apply it by generation, wake its saga.
+
+One transaction per event: the inbox row (drops a redelivered message id), the
+rendezvous upsert (wakes a parked saga, or keeps the event for one that has not parked
+yet) and Nexus's own record of the object (only if the generation is newer). The
+message is acked after that commit; the woken saga then runs on this replica.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import CursorResult, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from nexus.db.models import Dataset, InboxMessage, Instance, Region, Sled
+from nexus.db.states import SledState
+from nexus.saga import rendezvous
+from nexus.saga.rendezvous import Woken
+from schemas.common import CommandRejected
+from schemas.instance import InstanceStateChanged
+from schemas.messages import Message
+from schemas.region import RegionStateChanged
+from schemas.sled import AgentAnnounced, SledHeartbeat, SledRegistered
+
+log = logging.getLogger(__name__)
+CONSUMER = "nexus.events"
+
+
+def region_key(region_id: uuid.UUID, state: str) -> str:
+    return f"region:{region_id}:{state}"
+
+
+def instance_key(instance_id: uuid.UUID, state: str) -> str:
+    return f"instance:{instance_id}:{state}"
+
+
+def rejection_key(command_id: uuid.UUID) -> str:
+    return f"command:{command_id}:rejected"
+
+
+@dataclass(frozen=True)
+class Ingested:
+    duplicate: bool
+    woken: Woken | None
+
+
+def _insert(session: AsyncSession, table: Any) -> Any:
+    dialect = session.get_bind().dialect.name
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+class EventIngest:
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], clock: Callable[[], datetime]
+    ) -> None:
+        self._sessions = sessions
+        self._clock = clock
+
+    async def ingest(self, message: Message) -> Ingested:
+        now = self._clock()
+        async with self._sessions.begin() as session:
+            if isinstance(message, SledHeartbeat):
+                # Idempotent, frequent and worthless once old: not worth an inbox row.
+                return Ingested(duplicate=False, woken=await self._apply(session, message, now))
+            first: CursorResult[Any] = await session.execute(  # type: ignore[assignment]
+                _insert(session, InboxMessage.__table__)
+                .values(message_id=message.id, consumer=CONSUMER, received_at=now)
+                .on_conflict_do_nothing()
+            )
+            if first.rowcount == 0:
+                return Ingested(duplicate=True, woken=None)
+            woken = await self._apply(session, message, now)
+        return Ingested(duplicate=False, woken=woken)
+
+    async def _apply(self, session: AsyncSession, message: Message, now: datetime) -> Woken | None:
+        match message:
+            case RegionStateChanged(payload=change):
+                region = change.region
+                await session.execute(
+                    update(Region)
+                    .where(Region.id == region.id, Region.generation < region.generation)
+                    .values(
+                        state=region.state.value,
+                        generation=region.generation,
+                        port_number=region.port_number,
+                    )
+                )
+                return await rendezvous.record_event(
+                    session,
+                    key=region_key(region.id, region.state.value),
+                    message_id=message.id,
+                    payload=change.model_dump(mode="json"),
+                    generation=region.generation,
+                    now=now,
+                )
+            case InstanceStateChanged(payload=change):
+                instance = change.instance
+                # Nexus's instance record follows the sled's by generation; sagas that
+                # own a transition (start, stop, delete) also write it, and the higher
+                # generation wins.
+                await session.execute(
+                    update(Instance)
+                    .where(
+                        Instance.id == instance.id,
+                        Instance.generation < instance.generation,
+                        Instance.state.not_in(["deleting", "deleted"]),
+                    )
+                    .values(
+                        state=instance.state.value
+                        if instance.state.value != "destroyed"
+                        else "stopped",
+                        generation=instance.generation,
+                        updated_at=now,
+                    )
+                )
+                return await rendezvous.record_event(
+                    session,
+                    key=instance_key(instance.id, instance.state.value),
+                    message_id=message.id,
+                    payload=change.model_dump(mode="json"),
+                    generation=instance.generation,
+                    now=now,
+                )
+            case CommandRejected(payload=rejection):
+                return await rendezvous.record_event(
+                    session,
+                    key=rejection_key(rejection.command_id),
+                    message_id=message.id,
+                    payload=rejection.model_dump(mode="json"),
+                    generation=1,
+                    now=now,
+                )
+            case SledRegistered(payload=info):
+                statement = _insert(session, Sled.__table__).values(
+                    id=info.sled_id,
+                    hostname=info.hostname,
+                    queue_name=info.queue,
+                    cpus=info.cpus,
+                    memory_bytes=info.memory_bytes,
+                    state=SledState.ACTIVE.value,
+                    last_heartbeat_at=now,
+                    generation=1,
+                )
+                await session.execute(
+                    statement.on_conflict_do_update(
+                        index_elements=["id"],
+                        set_={
+                            "hostname": info.hostname,
+                            "queue_name": info.queue,
+                            "cpus": info.cpus,
+                            "memory_bytes": info.memory_bytes,
+                            "state": SledState.ACTIVE.value,
+                            "last_heartbeat_at": now,
+                        },
+                    )
+                )
+            case SledHeartbeat(payload=beat):
+                await session.execute(
+                    update(Sled)
+                    .where(Sled.id == beat.sled_id)
+                    .values(last_heartbeat_at=now, state=SledState.ACTIVE.value)
+                )
+            case AgentAnnounced(payload=agent):
+                statement = _insert(session, Dataset.__table__).values(
+                    id=agent.agent_id,
+                    sled_id=agent.sled_id,
+                    queue_name=agent.queue,
+                    capacity_bytes=agent.capacity_bytes,
+                    free_bytes=agent.free_bytes,
+                    last_seen_at=now,
+                )
+                await session.execute(
+                    statement.on_conflict_do_update(
+                        index_elements=["id"],
+                        set_={
+                            "sled_id": agent.sled_id,
+                            "queue_name": agent.queue,
+                            "capacity_bytes": agent.capacity_bytes,
+                            "free_bytes": agent.free_bytes,
+                            "last_seen_at": now,
+                        },
+                    )
+                )
+            case _:
+                log.warning(
+                    "nexus.events got a %s; ignored",
+                    message.TYPE,
+                    extra={"message_id": str(message.id)},
+                )
+        return None

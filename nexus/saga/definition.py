@@ -1,0 +1,237 @@
+"""How a saga is declared: parameters, stages of nodes, each action beside its undo.
+
+A saga module reads top to bottom as the story of the operation (see STYLE.md):
+
+    class Params(BaseModel): ...
+
+    async def ids(ctx: Ctx[Params]) -> Ids: ...
+    async def regions_ensure(ctx: Ctx[Params]) -> Wait: ...
+    async def regions_ensure_undo(ctx: Ctx[Params]) -> None: ...
+
+    DEFINITION = SagaDefinition(
+        name="disk_create", version=1, params=Params,
+        stages=(
+            (Node("ids", ids),),
+            (Node("region_0", ensure_0, undo=...), Node("region_1", ...)),  # parallel
+        ),
+    )
+
+Node outputs are pydantic models, stored with the saga; a later node reads one with
+``ctx.output("ids", Ids)``. That is the only way data passes between nodes, so a node
+re-run after a crash sees exactly what the first run saw.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from pydantic import BaseModel
+
+from schemas.base import Envelope, command_id
+from schemas.topology import COMMANDS_EXCHANGE, EVENTS_EXCHANGE
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from schemas.transport import Transport
+
+P = TypeVar("P", bound=BaseModel)
+M = TypeVar("M", bound=BaseModel)
+
+
+class ActionFailed(Exception):
+    """Raised by an action (or resume) to fail its node with a message for people."""
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Park the node until an event arrives on any of ``keys`` (or the deadline passes).
+
+    ``min_generation``: only an event with a newer generation wakes the node, so a key
+    that is reused (``instance:<id>:running``) is not satisfied by an old event.
+    ``rearms``: how many times reconcile may extend the deadline before the node fails.
+    """
+
+    keys: tuple[str, ...]
+    deadline: timedelta
+    min_generation: int = 0
+    rearms: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            raise ValueError("a wait needs at least one key")
+        if self.deadline <= timedelta(0):
+            raise ValueError("a wait needs a positive deadline: every wait has one")
+
+
+@dataclass(frozen=True)
+class WakeUp:
+    """What a parked node is resumed with: the event that arrived on one of its keys."""
+
+    key: str
+    payload: Mapping[str, Any]
+    generation: int
+    message_id: uuid.UUID | None
+    by_reconcile: bool = False
+
+
+class Outcome(StrEnum):
+    RESUME = "resume"
+    REARM = "rearm"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """What the one reconcile query at a deadline found."""
+
+    outcome: Outcome
+    key: str | None = None
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    generation: int = 0
+    reason: str = ""
+
+    @classmethod
+    def resume(cls, key: str, payload: Mapping[str, Any], generation: int) -> Reconciled:
+        return cls(Outcome.RESUME, key=key, payload=payload, generation=generation)
+
+    @classmethod
+    def rearm(cls, reason: str) -> Reconciled:
+        return cls(Outcome.REARM, reason=reason)
+
+    @classmethod
+    def fail(cls, reason: str) -> Reconciled:
+        return cls(Outcome.FAIL, reason=reason)
+
+
+class Ctx(Generic[P]):
+    """What an action sees: its saga's parameters and outputs, and its transaction.
+
+    Database work goes through ``session`` and commits with the node's log entry;
+    messages go through ``send``/``publish`` into the outbox in the same transaction,
+    so nothing leaves unless the node's transaction committed.
+    """
+
+    def __init__(
+        self,
+        *,
+        saga_id: uuid.UUID,
+        saga_name: str,
+        node: str,
+        params: P,
+        outputs: Mapping[str, Any],
+        session: AsyncSession,
+        now: datetime,
+        replica_id: str,
+        send: Callable[[Envelope, str, str, bool], Awaitable[None]],
+        transport: Transport | None,
+    ) -> None:
+        self.saga_id = saga_id
+        self.saga_name = saga_name
+        self.node = node
+        self.params = params
+        self._outputs = outputs
+        self.session = session
+        self.now = now
+        self.replica_id = replica_id
+        self._send = send
+        self.transport = transport
+
+    @property
+    def source(self) -> str:
+        return f"nexus/{self.replica_id}"
+
+    def output(self, node: str, model: type[M]) -> M:
+        if node not in self._outputs:
+            raise KeyError(f"node {node!r} has no output (yet) in saga {self.saga_id}")
+        return model.model_validate(self._outputs[node])
+
+    def has_output(self, node: str) -> bool:
+        return node in self._outputs
+
+    def command_id(self, suffix: str = "") -> uuid.UUID:
+        """The same id every time this node runs for this saga: re-sent is recognisable."""
+        return command_id(self.saga_id, f"{self.node}{':' + suffix if suffix else ''}")
+
+    async def send(self, message: Envelope, queue: str) -> None:
+        """Queue a command for an agent; it leaves when the node's transaction commits."""
+        await self._send(message, COMMANDS_EXCHANGE, queue, True)
+
+    async def publish(self, event: Envelope, routing_key: str) -> None:
+        await self._send(event, EVENTS_EXCHANGE, routing_key, False)
+
+    def envelope(self, **fields: Any) -> dict[str, Any]:
+        """Envelope fields for a message this node sends: source and correlation."""
+        return {"source": self.source, "correlation_id": self.saga_id, **fields}
+
+
+Action = Callable[[Ctx[P]], Awaitable[BaseModel | Wait | None]]
+Resume = Callable[[Ctx[P], WakeUp], Awaitable[BaseModel | Wait | None]]
+Undo = Callable[[Ctx[P]], Awaitable[None]]
+Reconcile = Callable[[Ctx[P], Sequence[str]], Awaitable[Reconciled]]
+
+
+async def no_op(ctx: Ctx[Any]) -> None:
+    """An action that does nothing: the anchor of an undo for a step that can half-succeed."""
+
+
+@dataclass(frozen=True)
+class Node(Generic[P]):
+    name: str
+    action: Action[P]
+    undo: Undo[P] | None = None
+    # Called with the event when a wait returned by ``action`` is satisfied;
+    # without it, the event's payload becomes the node's output.
+    resume: Resume[P] | None = None
+    # The one query made when a wait's deadline passes without its event.
+    reconcile: Reconcile[P] | None = None
+
+
+Stage = tuple[Node[Any], ...]
+
+
+@dataclass(frozen=True)
+class SagaDefinition(Generic[P]):
+    """A saga: its parameters and its stages; nodes of one stage run side by side."""
+
+    name: str
+    version: int
+    params: type[P]
+    stages: tuple[Stage, ...]
+    # Runs when an undo failed and the saga is left stuck: mark what it was building
+    # faulted, so an operator sees it rather than a resource stuck in "creating".
+    on_stuck: Undo[P] | None = None
+
+    def __post_init__(self) -> None:
+        names = [node.name for stage in self.stages for node in stage]
+        duplicates = {name for name in names if names.count(name) > 1}
+        if duplicates:
+            raise ValueError(f"saga {self.name}: node names repeat: {sorted(duplicates)}")
+        if not names:
+            raise ValueError(f"saga {self.name} has no nodes")
+
+    def node(self, name: str) -> Node[Any]:
+        for stage in self.stages:
+            for node in stage:
+                if node.name == name:
+                    return node
+        raise KeyError(f"saga {self.name} v{self.version} has no node {name!r}")
+
+    @property
+    def node_names(self) -> list[str]:
+        return [node.name for stage in self.stages for node in stage]
+
+
+def sequence(*nodes: Node[Any]) -> tuple[Stage, ...]:
+    """Stages of one node each, run in order."""
+    return tuple((node,) for node in nodes)
+
+
+def parallel(*nodes: Node[Any]) -> tuple[Stage, ...]:
+    """One stage whose nodes run side by side; the next stage waits for all of them."""
+    return (tuple(nodes),)

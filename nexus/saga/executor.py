@@ -1,0 +1,841 @@
+"""The saga executor: runs nodes, parks on waits, resumes, unwinds — all from the database.
+
+Nothing about a saga lives in memory between steps. Each step is one transaction that
+starts by *fencing* on the saga row (``WHERE lease_owner = me AND version = seen``,
+bumping the version and extending the lease), so a replica that lost its lease cannot
+write, and two replicas never act on the same state. A node's action runs inside that
+transaction with its log entries, its output and the commands it sends (outbox), so a
+node either happened entirely or not at all; after a crash it simply runs again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import Table, func, insert, or_, select, tuple_, update
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from nexus.db.models import Saga, SagaLogEntry
+from nexus.db.states import SagaLogEvent, SagaState
+from nexus.saga import rendezvous
+from nexus.saga.clock import Clock, SystemClock
+from nexus.saga.definition import (
+    ActionFailed,
+    Ctx,
+    Node,
+    Outcome,
+    Reconciled,
+    SagaDefinition,
+    Wait,
+    WakeUp,
+)
+from nexus.saga.outbox import Outbox
+from schemas.transport import Transport
+
+log = logging.getLogger(__name__)
+
+sagas = cast(Table, Saga.__table__)
+saga_log = cast(Table, SagaLogEntry.__table__)
+
+# States a replica may claim a saga in.
+_CLAIMABLE = (SagaState.RUNNING.value, SagaState.WAITING.value, SagaState.UNWINDING.value)
+_INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError, ConnectionError, TimeoutError)
+
+
+class LeaseLost(Exception):
+    """Another replica owns the saga now; this one must stop writing."""
+
+
+class Unrecoverable(Exception):
+    """The saga's record cannot be run by this definition (bad params, unknown node)."""
+
+
+@dataclass(frozen=True)
+class SagaRow:
+    id: uuid.UUID
+    name: str
+    definition_version: int
+    params: Mapping[str, Any]
+    state: str
+    outputs: Mapping[str, Any]
+    progress: Mapping[str, Any]
+    version: int
+    error: str | None
+
+
+@dataclass
+class Progress:
+    """The executor's position, kept in ``sagas.progress``."""
+
+    stage: int = 0
+    # node -> {"keys": [...], "since": iso, "deadline": iso, "rearms": n, "min_generation": g}
+    waiting: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # nodes in the order they completed; unwinding undoes them in reverse
+    completed: list[str] = field(default_factory=list)
+    undone: list[str] = field(default_factory=list)
+    failed_node: str | None = None
+
+    @classmethod
+    def of(cls, data: Mapping[str, Any]) -> Progress:
+        return cls(
+            stage=int(data.get("stage", 0)),
+            waiting=dict(data.get("waiting", {})),
+            completed=list(data.get("completed", [])),
+            undone=list(data.get("undone", [])),
+            failed_node=data.get("failed_node"),
+        )
+
+    def dump(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "waiting": self.waiting,
+            "completed": self.completed,
+            "undone": self.undone,
+            "failed_node": self.failed_node,
+        }
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Test hooks: fail a node, or run every action twice (Omicron's saga test triad)."""
+
+    fail_node: Callable[[str, str], bool] = lambda saga, node: False
+    fail_undo: Callable[[str, str], bool] = lambda saga, node: False
+    repeat_actions: bool = False
+
+
+class SagaExecutor:
+    def __init__(
+        self,
+        *,
+        sessions: async_sessionmaker[AsyncSession],
+        definitions: Iterable[SagaDefinition[Any]],
+        replica_id: str,
+        outbox: Outbox,
+        transport: Transport | None = None,
+        clock: Clock | None = None,
+        lease: timedelta = timedelta(seconds=15),
+        faults: Faults | None = None,
+        on_progress: Callable[[SagaRow, str, str | None], Awaitable[None]] | None = None,
+    ) -> None:
+        self._sessions = sessions
+        self._definitions = {(d.name, d.version): d for d in definitions}
+        self.replica_id = replica_id
+        self._outbox = outbox
+        self._transport = transport
+        self._clock = clock or SystemClock()
+        self._lease = lease
+        self._faults = faults or Faults()
+        self._running: set[uuid.UUID] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._on_progress = on_progress
+
+    # Starting and waking.
+
+    async def start(
+        self,
+        definition: SagaDefinition[Any],
+        params: BaseModel,
+        saga_id: uuid.UUID | None = None,
+        *,
+        run: bool = True,
+    ) -> uuid.UUID:
+        """Record a new saga and (by default) run it on this replica at once."""
+        saga_id = saga_id or uuid.uuid4()
+        async with self._sessions.begin() as session:
+            await self.create(session, definition, params, saga_id)
+        if run:
+            await self.run(saga_id)
+        return saga_id
+
+    async def create(
+        self,
+        session: AsyncSession,
+        definition: SagaDefinition[Any],
+        params: BaseModel,
+        saga_id: uuid.UUID,
+    ) -> None:
+        """Insert a saga inside a caller's transaction (e.g. with the disk row it creates)."""
+        now = self._clock.now()
+        await session.execute(
+            insert(sagas).values(
+                id=saga_id,
+                name=definition.name,
+                definition_version=definition.version,
+                params=params.model_dump(mode="json"),
+                state=SagaState.RUNNING.value,
+                node_outputs={},
+                progress=Progress().dump(),
+                lease_owner=self.replica_id,
+                lease_expires_at=now + self._lease,
+                version=1,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+
+    def spawn(self, saga_id: uuid.UUID) -> None:
+        """Run a saga in the background (an event consumer must not wait for it)."""
+        task = asyncio.create_task(self.run(saga_id), name=f"saga-{saga_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def run(self, saga_id: uuid.UUID) -> None:
+        """Claim the saga and run it until it parks, finishes or gets stuck."""
+        if saga_id in self._running:
+            # This replica already runs it; the running loop re-checks ready waits.
+            return
+        self._running.add(saga_id)
+        try:
+            row = await self._claim(saga_id)
+            if row is None:
+                return
+            await self._run_claimed(row)
+        except LeaseLost:
+            log.warning(
+                "lost the lease on saga %s; another replica has it",
+                saga_id,
+                extra={"saga_id": str(saga_id)},
+            )
+        except _INFRASTRUCTURE_ERRORS as error:
+            # The lease expires and another replica (or this one) adopts the saga.
+            log.error(
+                "saga %s paused by a database error: %r",
+                saga_id,
+                error,
+                extra={"saga_id": str(saga_id)},
+            )
+        finally:
+            self._running.discard(saga_id)
+
+    async def _run_claimed(self, row: SagaRow) -> None:
+        try:
+            definition = self._definition(row)
+            params = definition.params.model_validate(row.params)
+        except (Unrecoverable, ValidationError) as error:
+            await self._mark_unrecoverable(row, str(error))
+            return
+        current: SagaRow | None = row
+        while current is not None:
+            before = current
+            try:
+                current = await self._step(definition, params, before)
+            except Unrecoverable as error:
+                await self._mark_unrecoverable(before, str(error))
+                return
+
+    def _definition(self, row: SagaRow) -> SagaDefinition[Any]:
+        definition = self._definitions.get((row.name, row.definition_version))
+        if definition is None:
+            raise Unrecoverable(f"no definition {row.name} v{row.definition_version}")
+        return definition
+
+    # Claiming and fencing.
+
+    def _runnable_definitions(self) -> Any:
+        return tuple_(sagas.c.name, sagas.c.definition_version).in_(list(self._definitions))
+
+    async def _claim(self, saga_id: uuid.UUID) -> SagaRow | None:
+        now = self._clock.now()
+        async with self._sessions.begin() as session:
+            result = await session.execute(
+                update(sagas)
+                .where(
+                    sagas.c.id == saga_id,
+                    sagas.c.state.in_(_CLAIMABLE),
+                    or_(
+                        sagas.c.lease_owner.is_(None),
+                        sagas.c.lease_owner == self.replica_id,
+                        sagas.c.lease_expires_at < now,
+                    ),
+                    self._runnable_definitions(),
+                )
+                .values(
+                    lease_owner=self.replica_id,
+                    lease_expires_at=now + self._lease,
+                    version=sagas.c.version + 1,
+                    updated_at=now,
+                )
+                .returning(*_ROW_COLUMNS)
+            )
+            found = result.first()
+            return _row(found) if found is not None else None
+
+    async def _fence(self, session: AsyncSession, row: SagaRow, **values: Any) -> SagaRow:
+        """Lock the saga row for this transaction if we still own it; bump its version."""
+        now = self._clock.now()
+        result = await session.execute(
+            update(sagas)
+            .where(
+                sagas.c.id == row.id,
+                sagas.c.lease_owner == self.replica_id,
+                sagas.c.version == row.version,
+            )
+            .values(
+                version=sagas.c.version + 1,
+                lease_expires_at=now + self._lease,
+                updated_at=now,
+                **values,
+            )
+            .returning(*_ROW_COLUMNS)
+        )
+        fenced = result.first()
+        if fenced is None:
+            raise LeaseLost(str(row.id))
+        return _row(fenced)
+
+    async def _write(self, session: AsyncSession, row: SagaRow, **values: Any) -> SagaRow:
+        """Update the saga row already fenced in this transaction."""
+        result = await session.execute(
+            update(sagas)
+            .where(sagas.c.id == row.id, sagas.c.version == row.version)
+            .values(**values)
+            .returning(*_ROW_COLUMNS)
+        )
+        return _row(result.one())
+
+    async def _log(
+        self,
+        session: AsyncSession,
+        saga_id: uuid.UUID,
+        node: str,
+        event: SagaLogEvent,
+        at: datetime,
+        data: Mapping[str, Any] | None = None,
+    ) -> None:
+        await session.execute(
+            insert(saga_log).values(
+                saga_id=saga_id,
+                node_name=node,
+                event=event.value,
+                replica_id=self.replica_id,
+                at=at,
+                data=dict(data) if data else None,
+            )
+        )
+
+    # One step.
+
+    async def _step(
+        self, definition: SagaDefinition[Any], params: BaseModel, row: SagaRow
+    ) -> SagaRow | None:
+        if row.state == SagaState.UNWINDING.value:
+            return await self._undo_step(definition, params, row)
+        progress = Progress.of(row.progress)
+        if progress.stage >= len(definition.stages):
+            await self._finish(row, SagaState.DONE, error=None)
+            return None
+        stage = definition.stages[progress.stage]
+        if all(node.name in row.outputs for node in stage):
+            async with self._sessions.begin() as session:
+                fenced = await self._fence(session, row)
+                progress.stage += 1
+                return await self._write(session, fenced, progress=progress.dump())
+        for node in stage:
+            if node.name not in row.outputs and node.name not in progress.waiting:
+                return await self._run_action(definition, params, row, node)
+        return await self._resume_or_park(definition, params, row)
+
+    async def _run_action(
+        self, definition: SagaDefinition[Any], params: BaseModel, row: SagaRow, node: Node[Any]
+    ) -> SagaRow | None:
+        started = self._clock.now()
+        try:
+            async with self._sessions.begin() as session:
+                fenced = await self._fence(session, row)
+                ctx = self._ctx(session, definition, params, fenced, node.name)
+                if self._faults.fail_node(definition.name, node.name):
+                    raise ActionFailed(f"injected failure at {node.name}")
+                result = await node.action(ctx)
+                if self._faults.repeat_actions:
+                    result = await node.action(ctx)
+                await self._log(session, row.id, node.name, SagaLogEvent.STARTED, started)
+                return await self._settle(session, definition, params, fenced, node, result)
+        except (LeaseLost, Unrecoverable, *_INFRASTRUCTURE_ERRORS):
+            raise
+        except Exception as error:  # an action's failure, whatever its type, fails its node
+            if isinstance(error, DBAPIError) and error.connection_invalidated:
+                raise
+            return await self._fail_node(row, node.name, error)
+
+    async def _settle(
+        self,
+        session: AsyncSession,
+        definition: SagaDefinition[Any],
+        params: BaseModel,
+        fenced: SagaRow,
+        node: Node[Any],
+        result: BaseModel | Wait | None,
+    ) -> SagaRow:
+        """Record what an action or resume returned: an output, or a wait."""
+        now = self._clock.now()
+        progress = Progress.of(fenced.progress)
+        if isinstance(result, Wait):
+            deadline = now + result.deadline
+            previous = progress.waiting.get(node.name, {})
+            progress.waiting[node.name] = {
+                "keys": list(result.keys),
+                "since": previous.get("since", now.isoformat()),
+                "deadline": deadline.isoformat(),
+                "rearms": result.rearms,
+                "min_generation": result.min_generation,
+                "timeout_seconds": result.deadline.total_seconds(),
+            }
+            await rendezvous.park(
+                session,
+                saga_id=fenced.id,
+                node=node.name,
+                keys=result.keys,
+                deadline=deadline,
+                min_generation=result.min_generation,
+                now=now,
+            )
+            await self._log(
+                session,
+                fenced.id,
+                node.name,
+                SagaLogEvent.WAITING,
+                now,
+                {"keys": list(result.keys), "deadline": deadline.isoformat()},
+            )
+            return await self._write(session, fenced, progress=progress.dump())
+        output = result.model_dump(mode="json") if result is not None else {}
+        progress.waiting.pop(node.name, None)
+        progress.completed.append(node.name)
+        await self._log(session, fenced.id, node.name, SagaLogEvent.SUCCEEDED, now)
+        return await self._write(
+            session,
+            fenced,
+            progress=progress.dump(),
+            node_outputs={**fenced.outputs, node.name: output},
+        )
+
+    async def _resume_or_park(
+        self, definition: SagaDefinition[Any], params: BaseModel, row: SagaRow
+    ) -> SagaRow | None:
+        """Every unfinished node of the stage waits: resume one that is ready, or park."""
+        progress = Progress.of(row.progress)
+        node_name: str | None = None
+        try:
+            async with self._sessions.begin() as session:
+                fenced = await self._fence(session, row)
+                ready = [
+                    wait
+                    for wait in await rendezvous.ready_waits(session, row.id)
+                    if wait.node in progress.waiting
+                ]
+                if not ready:
+                    await self._write(
+                        session,
+                        fenced,
+                        state=SagaState.WAITING.value,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                    )
+                    log.info("saga %s parked", row.id, extra={"saga_id": str(row.id)})
+                    return None
+                wait = ready[0]
+                node_name = wait.node
+                wake = WakeUp(
+                    key=wait.key,
+                    payload=wait.payload,
+                    generation=wait.generation,
+                    message_id=wait.message_id,
+                )
+                node = definition.node(wait.node)
+                return await self._resume(session, definition, params, fenced, node, wake)
+        except (LeaseLost, Unrecoverable, *_INFRASTRUCTURE_ERRORS):
+            raise
+        except Exception as error:  # the resume of a node failed: so did the node
+            if node_name is None:
+                raise
+            return await self._fail_node(row, node_name, error)
+
+    async def _resume(
+        self,
+        session: AsyncSession,
+        definition: SagaDefinition[Any],
+        params: BaseModel,
+        fenced: SagaRow,
+        node: Node[Any],
+        wake: WakeUp,
+    ) -> SagaRow:
+        now = self._clock.now()
+        await rendezvous.resolve(session, saga_id=fenced.id, node=node.name, now=now)
+        await self._log(
+            session,
+            fenced.id,
+            node.name,
+            SagaLogEvent.RESUMED,
+            now,
+            {
+                "key": wake.key,
+                "message_id": str(wake.message_id) if wake.message_id else None,
+                "by_reconcile": wake.by_reconcile,
+            },
+        )
+        if fenced.state == SagaState.WAITING.value:
+            fenced = await self._write(session, fenced, state=SagaState.RUNNING.value)
+        if node.resume is None:
+            return await self._settle(
+                session,
+                definition,
+                params,
+                fenced,
+                node,
+                _PayloadOutput.model_validate(dict(wake.payload)),
+            )
+        ctx = self._ctx(session, definition, params, fenced, node.name)
+        result = await node.resume(ctx, wake)
+        return await self._settle(session, definition, params, fenced, node, result)
+
+    # Deadlines: one reconcile query, then resume, re-arm or fail.
+
+    async def handle_deadline(self, saga_id: uuid.UUID) -> None:
+        if saga_id in self._running:
+            return
+        self._running.add(saga_id)
+        try:
+            row = await self._claim(saga_id)
+            if row is None:
+                return
+            definition = self._definition(row)
+            params = definition.params.model_validate(row.params)
+            row = await self._reconcile_expired(definition, params, row)
+            if row is not None:
+                await self._run_claimed(row)
+        except LeaseLost:
+            log.warning("lost the lease on saga %s during reconcile", saga_id)
+        except (Unrecoverable, ValidationError) as error:
+            log.error("saga %s cannot be reconciled: %s", saga_id, error)
+        finally:
+            self._running.discard(saga_id)
+
+    async def _reconcile_expired(
+        self, definition: SagaDefinition[Any], params: BaseModel, row: SagaRow
+    ) -> SagaRow | None:
+        now = self._clock.now()
+        progress = Progress.of(row.progress)
+        for node_name, wait in list(progress.waiting.items()):
+            if datetime.fromisoformat(wait["deadline"]) >= now:
+                continue
+            node = definition.node(node_name)
+            keys = list(wait["keys"])
+            outcome = await self._ask(definition, params, row, node, keys)
+            log.info(
+                "saga %s node %s deadline: reconcile says %s %s",
+                row.id,
+                node_name,
+                outcome.outcome.value,
+                outcome.reason,
+                extra={"saga_id": str(row.id)},
+            )
+            if outcome.outcome is Outcome.RESUME and outcome.key is not None:
+                try:
+                    async with self._sessions.begin() as session:
+                        fenced = await self._fence(session, row)
+                        await rendezvous.force_ready(
+                            session,
+                            key=outcome.key,
+                            payload=outcome.payload,
+                            generation=outcome.generation,
+                            now=now,
+                        )
+                        wake = WakeUp(
+                            key=outcome.key,
+                            payload=outcome.payload,
+                            generation=outcome.generation,
+                            message_id=None,
+                            by_reconcile=True,
+                        )
+                        row = await self._resume(session, definition, params, fenced, node, wake)
+                except (LeaseLost, *_INFRASTRUCTURE_ERRORS):
+                    raise
+                except Exception as error:
+                    return await self._fail_node(row, node_name, error)
+            elif outcome.outcome is Outcome.REARM and int(wait.get("rearms", 0)) > 0:
+                async with self._sessions.begin() as session:
+                    fenced = await self._fence(session, row)
+                    deadline = now + timedelta(seconds=float(wait["timeout_seconds"]))
+                    wait = {
+                        **wait,
+                        "deadline": deadline.isoformat(),
+                        "rearms": int(wait["rearms"]) - 1,
+                    }
+                    progress = Progress.of(fenced.progress)
+                    progress.waiting[node_name] = wait
+                    await rendezvous.rearm(
+                        session, saga_id=row.id, node=node_name, deadline=deadline
+                    )
+                    await self._log(
+                        session,
+                        row.id,
+                        node_name,
+                        SagaLogEvent.WAITING,
+                        now,
+                        {"keys": keys, "deadline": deadline.isoformat(), "rearmed": outcome.reason},
+                    )
+                    row = await self._write(session, fenced, progress=progress.dump())
+            else:
+                reason = outcome.reason or "deadline passed without the event"
+                return await self._fail_node(
+                    row, node_name, ActionFailed(f"deadline passed: {reason}")
+                )
+        return row
+
+    async def _ask(
+        self,
+        definition: SagaDefinition[Any],
+        params: BaseModel,
+        row: SagaRow,
+        node: Node[Any],
+        keys: list[str],
+    ) -> Reconciled:
+        if node.reconcile is None:
+            return Reconciled.fail("the node has no reconcile query")
+        async with self._sessions() as session:
+            ctx = self._ctx(session, definition, params, row, node.name)
+            try:
+                return await node.reconcile(ctx, keys)
+            except Exception as error:  # an unreachable agent: give the wait another term
+                return Reconciled.rearm(f"reconcile query failed: {error!r}")
+
+    # Failure and unwinding.
+
+    async def _fail_node(self, row: SagaRow, node: str, error: BaseException) -> SagaRow:
+        message = str(error) if isinstance(error, ActionFailed) else repr(error)
+        log.warning(
+            "saga %s node %s failed: %s", row.id, node, message, extra={"saga_id": str(row.id)}
+        )
+        now = self._clock.now()
+        async with self._sessions.begin() as session:
+            fenced = await self._fence(session, row)
+            progress = Progress.of(fenced.progress)
+            progress.failed_node = node
+            progress.waiting.clear()
+            await rendezvous.release(session, row.id)
+            detail: dict[str, Any] = {"error": message}
+            if not isinstance(error, ActionFailed):
+                detail["traceback"] = "".join(traceback.format_exception(error))[-4000:]
+            await self._log(session, row.id, node, SagaLogEvent.FAILED, now, detail)
+            return await self._write(
+                session,
+                fenced,
+                state=SagaState.UNWINDING.value,
+                progress=progress.dump(),
+                error=f"{node}: {message}",
+            )
+
+    async def _undo_step(
+        self, definition: SagaDefinition[Any], params: BaseModel, row: SagaRow
+    ) -> SagaRow | None:
+        progress = Progress.of(row.progress)
+        remaining = [n for n in reversed(progress.completed) if n not in progress.undone]
+        if not remaining:
+            await self._finish(row, SagaState.UNDONE, error=row.error)
+            return None
+        node = definition.node(remaining[0])
+        started = self._clock.now()
+        try:
+            async with self._sessions.begin() as session:
+                fenced = await self._fence(session, row)
+                if node.undo is not None:
+                    await self._log(session, row.id, node.name, SagaLogEvent.UNDO_STARTED, started)
+                    if self._faults.fail_undo(definition.name, node.name):
+                        raise ActionFailed(f"injected undo failure at {node.name}")
+                    await node.undo(self._ctx(session, definition, params, fenced, node.name))
+                    await self._log(
+                        session, row.id, node.name, SagaLogEvent.UNDO_FINISHED, self._clock.now()
+                    )
+                progress = Progress.of(fenced.progress)
+                progress.undone.append(node.name)
+                return await self._write(session, fenced, progress=progress.dump())
+        except (LeaseLost, Unrecoverable, *_INFRASTRUCTURE_ERRORS):
+            raise
+        except Exception as error:
+            message = str(error) if isinstance(error, ActionFailed) else repr(error)
+            log.error(
+                "saga %s undo of %s failed; saga is stuck: %s",
+                row.id,
+                node.name,
+                message,
+                extra={"saga_id": str(row.id)},
+            )
+            async with self._sessions.begin() as session:
+                fenced = await self._fence(session, row)
+                await self._log(
+                    session,
+                    row.id,
+                    node.name,
+                    SagaLogEvent.UNDO_FAILED,
+                    self._clock.now(),
+                    {"error": message},
+                )
+                if definition.on_stuck is not None:
+                    await definition.on_stuck(
+                        self._ctx(session, definition, params, fenced, node.name)
+                    )
+                await self._write(
+                    session,
+                    fenced,
+                    state=SagaState.STUCK.value,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    error=f"{row.error}; undo of {node.name} failed: {message}",
+                )
+            await self._progress(row, SagaState.STUCK.value, node.name)
+            return None
+
+    async def _finish(self, row: SagaRow, state: SagaState, error: str | None) -> None:
+        async with self._sessions.begin() as session:
+            fenced = await self._fence(session, row)
+            await self._write(
+                session,
+                fenced,
+                state=state.value,
+                lease_owner=None,
+                lease_expires_at=None,
+                error=error,
+            )
+        log.info("saga %s %s", row.id, state.value, extra={"saga_id": str(row.id)})
+        await self._progress(row, state.value, None)
+
+    async def _mark_unrecoverable(self, row: SagaRow, reason: str) -> None:
+        log.error(
+            "saga %s is unrecoverable and skipped: %s",
+            row.id,
+            reason,
+            extra={"saga_id": str(row.id)},
+        )
+        async with self._sessions.begin() as session:
+            fenced = await self._fence(session, row)
+            await self._write(
+                session,
+                fenced,
+                state=SagaState.UNRECOVERABLE.value,
+                lease_owner=None,
+                lease_expires_at=None,
+                error=f"unrecoverable: {reason}"[:4000],
+            )
+
+    async def _progress(self, row: SagaRow, state: str, node: str | None) -> None:
+        if self._on_progress is not None:
+            await self._on_progress(row, state, node)
+
+    # Background duties of every replica: deadlines, adoption, stray wake-ups.
+
+    async def sweep(self, limit: int = 100) -> int:
+        """One pass; returns how many sagas it acted on."""
+        now = self._clock.now()
+        async with self._sessions() as session:
+            expired = await rendezvous.expired(session, now, limit)
+            woken = await rendezvous.woken_but_waiting(session, limit)
+            orphaned = (
+                (
+                    await session.execute(
+                        select(sagas.c.id)
+                        .where(
+                            sagas.c.state.in_([SagaState.RUNNING.value, SagaState.UNWINDING.value]),
+                            or_(sagas.c.lease_owner.is_(None), sagas.c.lease_expires_at < now),
+                            self._runnable_definitions(),
+                        )
+                        .limit(limit)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+        for saga_id in expired:
+            await self.handle_deadline(saga_id)
+        for saga_id in {*woken, *orphaned}:
+            await self.run(saga_id)
+        return len(expired) + len({*woken, *orphaned})
+
+    async def sweep_unclaimed(self, retention: timedelta) -> int:
+        now = self._clock.now()
+        async with self._sessions.begin() as session:
+            return await rendezvous.sweep_unclaimed(session, older_than=now - retention, now=now)
+
+    async def unrunnable(self) -> list[tuple[str, int, int]]:
+        """Sagas this replica leaves alone because it lacks their definition version."""
+        async with self._sessions() as session:
+            rows = await session.execute(
+                select(sagas.c.name, sagas.c.definition_version, func.count())
+                .where(sagas.c.state.in_(_CLAIMABLE), ~self._runnable_definitions())
+                .group_by(sagas.c.name, sagas.c.definition_version)
+            )
+            return [(r[0], r[1], r[2]) for r in rows]
+
+    # Helpers.
+
+    def _ctx(
+        self,
+        session: AsyncSession,
+        definition: SagaDefinition[Any],
+        params: BaseModel,
+        row: SagaRow,
+        node: str,
+    ) -> Ctx[Any]:
+        async def send(message: Any, exchange: str, routing_key: str, mandatory: bool) -> None:
+            await self._outbox.add(
+                session, message, exchange=exchange, routing_key=routing_key, mandatory=mandatory
+            )
+
+        return Ctx(
+            saga_id=row.id,
+            saga_name=definition.name,
+            node=node,
+            params=params,
+            outputs=row.outputs,
+            session=session,
+            now=self._clock.now(),
+            replica_id=self.replica_id,
+            send=send,
+            transport=self._transport,
+        )
+
+
+class _PayloadOutput(BaseModel):
+    """A wake-up's payload kept as a node's output when the node has no resume."""
+
+    model_config = {"extra": "allow"}
+
+
+_ROW_COLUMNS = (
+    sagas.c.id,
+    sagas.c.name,
+    sagas.c.definition_version,
+    sagas.c.params,
+    sagas.c.state,
+    sagas.c.node_outputs,
+    sagas.c.progress,
+    sagas.c.version,
+    sagas.c.error,
+)
+
+
+def _row(found: Any) -> SagaRow:
+    return SagaRow(
+        id=found.id,
+        name=found.name,
+        definition_version=found.definition_version,
+        params=found.params,
+        state=found.state,
+        outputs=found.node_outputs or {},
+        progress=found.progress or {},
+        version=found.version,
+        error=found.error,
+    )

@@ -1,0 +1,342 @@
+"""disk_create: record the disk, place three regions, ensure them, wait, mark it ready.
+
+The fix for the problem this project exists for: Omicron's disk-create saga re-requests
+each region on an exponential backoff until it is created. Here the ensure command
+goes out through the outbox, the node *parks* on ``region:<id>:created`` (or
+``:failed``), and whichever Nexus replica consumes the crucible agent's notification
+resumes it at once. The deadline is only a safety net: one reconcile query.
+
+Nodes, in order (each action beside its undo):
+
+    ids              the disk's region ids, generated once
+    disk_record      the disk row, ``creating``              undo: delete it
+    regions_place    three datasets on distinct sleds        undo: delete region rows
+    regions_cleanup  no-op                                   undo: delete the regions
+    region_0..2      ensure one region, wait for it  (side by side)
+    disk_finalize    the disk becomes ``detached`` (ready)
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from pydantic import BaseModel, Field
+from sqlalchemy import delete, select, update
+
+from nexus.db.models import Dataset, Disk, Region
+from nexus.db.states import DiskState, RegionState
+from nexus.saga.definition import (
+    ActionFailed,
+    Ctx,
+    Node,
+    Reconciled,
+    SagaDefinition,
+    Wait,
+    WakeUp,
+    no_op,
+    parallel,
+    sequence,
+)
+from schemas.progress import DiskProgress, DiskUpdated
+from schemas.progress import DiskState as WireDiskState
+from schemas.region import (
+    RegionChange,
+    RegionDelete,
+    RegionEnsure,
+    RegionGet,
+    RegionInfo,
+    RegionRef,
+    RegionSpec,
+)
+from schemas.region import RegionState as WireRegionState
+
+REPLICAS = 3
+# Crucible's default: 64 MiB extents at 512-byte blocks.
+EXTENT_BYTES = 64 << 20
+# How long a region may take before the one reconcile query; generous on purpose,
+# since notifications, not this deadline, are what resume the saga.
+REGION_DEADLINE = timedelta(minutes=5)
+
+
+class Params(BaseModel):
+    disk_id: uuid.UUID
+    project: str
+    name: str
+    size_bytes: int = Field(gt=0)
+    block_size: int
+    region_deadline_seconds: float = Field(default=REGION_DEADLINE.total_seconds(), gt=0)
+
+
+class Ids(BaseModel):
+    region_ids: list[uuid.UUID]
+
+
+class Placement(BaseModel):
+    dataset_id: uuid.UUID
+    queue: str
+    region_id: uuid.UUID
+
+
+class Placed(BaseModel):
+    regions: list[Placement]
+    extent_size: int
+    extent_count: int
+
+
+class Ensured(BaseModel):
+    region_id: uuid.UUID
+    agent_id: uuid.UUID
+    port_number: int
+
+
+# ids
+
+
+async def ids(ctx: Ctx[Params]) -> Ids:
+    return Ids(region_ids=[uuid.uuid4() for _ in range(REPLICAS)])
+
+
+# disk_record
+
+
+async def disk_record(ctx: Ctx[Params]) -> None:
+    p = ctx.params
+    existing = await ctx.session.get(Disk, p.disk_id)
+    if existing is None:
+        ctx.session.add(
+            Disk(
+                id=p.disk_id,
+                project=p.project,
+                name=p.name,
+                size_bytes=p.size_bytes,
+                block_size=p.block_size,
+                state=DiskState.CREATING,
+                saga_id=ctx.saga_id,
+                created_at=ctx.now,
+                updated_at=ctx.now,
+            )
+        )
+        await ctx.session.flush()
+    await _announce(ctx, WireDiskState.CREATING, 1)
+
+
+async def disk_record_undo(ctx: Ctx[Params]) -> None:
+    await ctx.session.execute(delete(Disk).where(Disk.id == ctx.params.disk_id))
+
+
+# regions_place
+
+
+def region_geometry(size_bytes: int, block_size: int) -> tuple[int, int]:
+    """(extent_size in blocks, extent_count) covering ``size_bytes``."""
+    extent_size = max(1, EXTENT_BYTES // block_size)
+    extent_count = max(1, math.ceil(size_bytes / (extent_size * block_size)))
+    return extent_size, extent_count
+
+
+async def regions_place(ctx: Ctx[Params]) -> Placed:
+    p = ctx.params
+    extent_size, extent_count = region_geometry(p.size_bytes, p.block_size)
+    region_bytes = extent_size * extent_count * p.block_size
+    region_ids = ctx.output("ids", Ids).region_ids
+    rows = (
+        await ctx.session.execute(
+            select(Dataset)
+            .where(Dataset.free_bytes >= region_bytes)
+            .order_by(Dataset.free_bytes.desc(), Dataset.id)
+        )
+    ).scalars()
+    chosen: list[Dataset] = []
+    for dataset in rows:
+        if dataset.sled_id not in {c.sled_id for c in chosen}:
+            chosen.append(dataset)
+        if len(chosen) == REPLICAS:
+            break
+    if len(chosen) < REPLICAS:
+        raise ActionFailed(
+            f"insufficient capacity: need {REPLICAS} datasets on distinct sleds with "
+            f"{region_bytes} bytes free, found {len(chosen)}"
+        )
+    placements = []
+    for dataset, region_id in zip(chosen, region_ids, strict=True):
+        if await ctx.session.get(Region, region_id) is None:
+            ctx.session.add(
+                Region(
+                    id=region_id,
+                    disk_id=p.disk_id,
+                    dataset_id=dataset.id,
+                    block_size=p.block_size,
+                    extent_size=extent_size,
+                    extent_count=extent_count,
+                    state=RegionState.REQUESTED,
+                    generation=0,
+                )
+            )
+            # Reserve the space now, so concurrent placements do not overcommit.
+            dataset.free_bytes -= region_bytes
+        placements.append(
+            Placement(dataset_id=dataset.id, queue=dataset.queue_name, region_id=region_id)
+        )
+    await ctx.session.flush()
+    return Placed(regions=placements, extent_size=extent_size, extent_count=extent_count)
+
+
+async def regions_place_undo(ctx: Ctx[Params]) -> None:
+    placed = ctx.output("regions_place", Placed)
+    region_bytes = placed.extent_size * placed.extent_count * ctx.params.block_size
+    for placement in placed.regions:
+        await ctx.session.execute(
+            update(Dataset)
+            .where(Dataset.id == placement.dataset_id)
+            .values(free_bytes=Dataset.free_bytes + region_bytes)
+        )
+    await ctx.session.execute(delete(Region).where(Region.disk_id == ctx.params.disk_id))
+
+
+# regions_cleanup: the undo of a step that can half-succeed sits on a no-op before it
+
+
+async def regions_cleanup_undo(ctx: Ctx[Params]) -> None:
+    """Ask every agent to delete its region, whether or not its ensure finished."""
+    for placement in ctx.output("regions_place", Placed).regions:
+        await ctx.send(
+            RegionDelete(
+                id=ctx.command_id(str(placement.region_id)),
+                payload=RegionRef(id=placement.region_id),
+                **ctx.envelope(),
+            ),
+            placement.queue,
+        )
+
+
+# region_0..2
+
+
+def _placement(ctx: Ctx[Params]) -> Placement:
+    index = int(ctx.node.rsplit("_", 1)[1])
+    return ctx.output("regions_place", Placed).regions[index]
+
+
+def created_key(region_id: uuid.UUID) -> str:
+    return f"region:{region_id}:{WireRegionState.CREATED.value}"
+
+
+def failed_key(region_id: uuid.UUID) -> str:
+    return f"region:{region_id}:{WireRegionState.FAILED.value}"
+
+
+async def region_ensure(ctx: Ctx[Params]) -> Wait:
+    placed = ctx.output("regions_place", Placed)
+    placement = _placement(ctx)
+    spec = RegionSpec(
+        id=placement.region_id,
+        block_size=ctx.params.block_size,
+        extent_size=placed.extent_size,
+        extent_count=placed.extent_count,
+        encrypted=True,
+    )
+    await ctx.send(
+        RegionEnsure(id=ctx.command_id(), payload=spec, **ctx.envelope()), placement.queue
+    )
+    return Wait(
+        keys=(created_key(placement.region_id), failed_key(placement.region_id)),
+        deadline=timedelta(seconds=ctx.params.region_deadline_seconds),
+    )
+
+
+async def region_ensure_resume(ctx: Ctx[Params], wake: WakeUp) -> Ensured:
+    change = RegionChange.model_validate(wake.payload)
+    region = change.region
+    if region.state is not WireRegionState.CREATED:
+        raise ActionFailed(f"region {region.id} {region.state.value}: {region.failure}")
+    return Ensured(region_id=region.id, agent_id=change.agent_id, port_number=region.port_number)
+
+
+async def region_ensure_reconcile(ctx: Ctx[Params], keys: Any) -> Reconciled:
+    """The deadline passed with no notification: ask the agent once."""
+    placement = _placement(ctx)
+    if ctx.transport is None:
+        return Reconciled.rearm("no broker connection to ask the agent")
+    reply = await ctx.transport.request(
+        RegionGet(payload=RegionRef(id=placement.region_id), **ctx.envelope()),
+        routing_key=placement.queue,
+        timeout=10,
+    )
+    if not isinstance(reply, RegionInfo) or reply.payload.region is None:
+        return Reconciled.fail(f"agent {placement.dataset_id} has no region {placement.region_id}")
+    region = reply.payload.region
+    change = RegionChange(agent_id=reply.payload.agent_id, region=region).model_dump(mode="json")
+    if region.state is WireRegionState.CREATED:
+        return Reconciled.resume(created_key(region.id), change, region.generation)
+    if region.state is WireRegionState.REQUESTED:
+        return Reconciled.rearm(f"region {region.id} is still being created")
+    return Reconciled.fail(f"region {region.id} is {region.state.value}")
+
+
+def _region_node(index: int) -> Node[Params]:
+    return Node(
+        f"region_{index}",
+        region_ensure,
+        resume=region_ensure_resume,
+        reconcile=region_ensure_reconcile,
+    )
+
+
+# disk_finalize
+
+
+async def disk_finalize(ctx: Ctx[Params]) -> None:
+    await ctx.session.execute(
+        update(Disk)
+        .where(Disk.id == ctx.params.disk_id, Disk.state == DiskState.CREATING)
+        .values(state=DiskState.DETACHED, updated_at=ctx.now)
+    )
+    await _announce(ctx, WireDiskState.DETACHED, 2)
+
+
+# when an undo cannot finish
+
+
+async def disk_fault(ctx: Ctx[Params]) -> None:
+    """Cleanup is impossible: the disk is faulted, for an operator, not left creating."""
+    await ctx.session.execute(
+        update(Disk)
+        .where(Disk.id == ctx.params.disk_id)
+        .values(state=DiskState.FAULTED, updated_at=ctx.now)
+    )
+
+
+# helpers
+
+
+async def _announce(ctx: Ctx[Params], state: WireDiskState, generation: int) -> None:
+    p = ctx.params
+    event = DiskUpdated(
+        id=ctx.command_id(state.value),
+        payload=DiskProgress(
+            disk_id=p.disk_id, project=p.project, name=p.name, state=state, generation=generation
+        ),
+        **ctx.envelope(),
+    )
+    await ctx.publish(event, event.routing_key())
+
+
+DEFINITION: SagaDefinition[Params] = SagaDefinition(
+    name="disk_create",
+    version=1,
+    params=Params,
+    stages=(
+        *sequence(
+            Node("ids", ids),
+            Node("disk_record", disk_record, undo=disk_record_undo),
+            Node("regions_place", regions_place, undo=regions_place_undo),
+            Node("regions_cleanup", no_op, undo=regions_cleanup_undo),
+        ),
+        *parallel(*(_region_node(index) for index in range(REPLICAS))),
+        *sequence(Node("disk_finalize", disk_finalize)),
+    ),
+    on_stuck=disk_fault,
+)

@@ -1,0 +1,168 @@
+"""Running sagas in-process against a real database, with agents played by the test.
+
+``Replica`` is one Nexus replica's executor and event intake without a broker: what it
+would publish stays in the outbox table, where ``FakeCrucible`` reads the commands and
+answers with the events a crucible agent would publish.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from nexus.db.engine import create_engine, create_sessionmaker
+from nexus.db.migrate import upgrade_async
+from nexus.db.models import Dataset, OutboxMessage, Saga, SagaLogEntry
+from nexus.events import EventIngest, Ingested
+from nexus.saga.clock import ManualClock
+from nexus.saga.definition import SagaDefinition
+from nexus.saga.executor import Faults, SagaExecutor
+from nexus.saga.outbox import Outbox
+from nexus.sagas import ALL_SAGAS
+from schemas.base import Envelope
+from schemas.messages import decode
+from schemas.region import (
+    Region,
+    RegionChange,
+    RegionDelete,
+    RegionEnsure,
+    RegionState,
+    RegionStateChanged,
+)
+
+
+class Database:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine: AsyncEngine = create_engine(url)
+        self.sessions: async_sessionmaker[AsyncSession] = create_sessionmaker(self.engine)
+
+    @classmethod
+    async def migrated(cls, url: str) -> Database:
+        await upgrade_async(url)
+        return cls(url)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def saga(self, saga_id: uuid.UUID) -> Saga:
+        async with self.sessions() as session:
+            saga = await session.get(Saga, saga_id)
+            assert saga is not None
+            return saga
+
+    async def log(self, saga_id: uuid.UUID) -> list[SagaLogEntry]:
+        async with self.sessions() as session:
+            rows = await session.execute(
+                select(SagaLogEntry)
+                .where(SagaLogEntry.saga_id == saga_id)
+                .order_by(SagaLogEntry.id)
+            )
+            return list(rows.scalars())
+
+    async def outbox(self) -> list[Envelope]:
+        async with self.sessions() as session:
+            rows = await session.execute(select(OutboxMessage).order_by(OutboxMessage.id))
+            return [decode(row.body) for row in rows.scalars()]
+
+    async def add_datasets(self, count: int, free_bytes: int = 1 << 40) -> list[Dataset]:
+        datasets = [
+            Dataset(
+                id=uuid.uuid4(),
+                sled_id=uuid.uuid4(),
+                queue_name=f"crucible.{uuid.uuid4()}",
+                capacity_bytes=free_bytes,
+                free_bytes=free_bytes,
+                last_seen_at=ManualClock().now(),
+            )
+            for _ in range(count)
+        ]
+        async with self.sessions.begin() as session:
+            session.add_all(datasets)
+        return datasets
+
+
+class Replica:
+    """One Nexus replica's saga executor and event intake, on a shared database."""
+
+    def __init__(
+        self,
+        database: Database,
+        replica_id: str,
+        *,
+        clock: ManualClock,
+        definitions: Sequence[SagaDefinition[Any]] = ALL_SAGAS,
+        faults: Faults | None = None,
+        lease: timedelta = timedelta(seconds=15),
+    ) -> None:
+        self.database = database
+        self.replica_id = replica_id
+        self.clock = clock
+        self.outbox = Outbox(clock.now)
+        self.executor = SagaExecutor(
+            sessions=database.sessions,
+            definitions=definitions,
+            replica_id=replica_id,
+            outbox=self.outbox,
+            clock=clock,
+            lease=lease,
+            faults=faults,
+        )
+        self.intake = EventIngest(database.sessions, clock.now)
+
+    async def deliver(self, event: Envelope, *, run: bool = True) -> Ingested:
+        """Consume one event as the broker would hand it over; run the saga it woke."""
+        ingested = await self.intake.ingest(event)  # type: ignore[arg-type]
+        if run and ingested.woken is not None:
+            await self.executor.run(ingested.woken.saga_id)
+        return ingested
+
+
+@dataclass
+class FakeCrucible:
+    """Answers region commands found in the outbox with the agent's events."""
+
+    database: Database
+    generations: dict[uuid.UUID, int]
+
+    @classmethod
+    def new(cls, database: Database) -> FakeCrucible:
+        return cls(database=database, generations={})
+
+    async def ensures(self) -> list[RegionEnsure]:
+        return [m for m in await self.database.outbox() if isinstance(m, RegionEnsure)]
+
+    async def deletes(self) -> list[RegionDelete]:
+        return [m for m in await self.database.outbox() if isinstance(m, RegionDelete)]
+
+    def event(
+        self, command: RegionEnsure, state: RegionState, *, agent_id: uuid.UUID | None = None
+    ) -> RegionStateChanged:
+        spec = command.payload
+        generation = self.generations.get(spec.id, 1) + 1
+        self.generations[spec.id] = generation
+        region = Region(
+            **spec.model_dump(),
+            port_number=19000 if state is RegionState.CREATED else 0,
+            state=state,
+            generation=generation,
+            failure="injected" if state is RegionState.FAILED else None,
+        )
+        return RegionStateChanged(
+            source=f"crucible/{agent_id or uuid.uuid4()}",
+            correlation_id=command.correlation_id,
+            causation_id=command.id,
+            payload=RegionChange(agent_id=agent_id or uuid.uuid4(), region=region),
+        )
+
+    async def created_events(
+        self, commands: Iterable[RegionEnsure] | None = None
+    ) -> list[RegionStateChanged]:
+        chosen = list(commands) if commands is not None else await self.ensures()
+        return [self.event(command, RegionState.CREATED) for command in chosen]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -21,11 +22,20 @@ from nexus.db.migrate import upgrade_async
 from nexus.db.models import Dataset, OutboxMessage, Saga, SagaLogEntry
 from nexus.events import EventIngest, Ingested
 from nexus.saga.clock import ManualClock
-from nexus.saga.definition import SagaDefinition
+from nexus.saga.definition import (
+    Ctx,
+    Node,
+    Reconciled,
+    SagaDefinition,
+    Wait,
+    WakeUp,
+    sequence,
+)
 from nexus.saga.executor import Faults, SagaExecutor
 from nexus.saga.outbox import Outbox
 from nexus.sagas import ALL_SAGAS
 from schemas.base import Envelope
+from schemas.instance import Instance, InstanceChange, InstanceState, InstanceStateChanged
 from schemas.messages import decode
 from schemas.region import (
     Region,
@@ -166,3 +176,81 @@ class FakeCrucible:
     ) -> list[RegionStateChanged]:
         chosen = list(commands) if commands is not None else await self.ensures()
         return [self.event(command, RegionState.CREATED) for command in chosen]
+
+
+# A minimal saga for the engine's own tests: prepare, wait on a key, finish.
+
+
+class WaitParams(BaseModel):
+    key: str
+    min_generation: int = 0
+    deadline_seconds: float = 60.0
+    rearms: int = 1
+
+
+class Woke(BaseModel):
+    key: str
+    generation: int
+    by_reconcile: bool
+
+
+class Reconciler:
+    """The reconcile query's answers, scripted by a test, and how often it was asked."""
+
+    def __init__(self) -> None:
+        self.answers: list[Reconciled] = []
+        self.asked = 0
+
+    async def __call__(self, ctx: Ctx[WaitParams], keys: Sequence[str]) -> Reconciled:
+        self.asked += 1
+        return self.answers.pop(0) if self.answers else Reconciled.rearm("still pending")
+
+
+def wait_saga(reconciler: Reconciler | None = None, version: int = 1) -> SagaDefinition[WaitParams]:
+    async def prepare(ctx: Ctx[WaitParams]) -> None:
+        return None
+
+    async def wait(ctx: Ctx[WaitParams]) -> Wait:
+        return Wait(
+            keys=(ctx.params.key,),
+            deadline=timedelta(seconds=ctx.params.deadline_seconds),
+            min_generation=ctx.params.min_generation,
+            rearms=ctx.params.rearms,
+        )
+
+    async def woke(ctx: Ctx[WaitParams], wake: WakeUp) -> Woke:
+        return Woke(key=wake.key, generation=wake.generation, by_reconcile=wake.by_reconcile)
+
+    async def finish(ctx: Ctx[WaitParams]) -> None:
+        ctx.output("wait", Woke)
+
+    return SagaDefinition(
+        name="test_wait",
+        version=version,
+        params=WaitParams,
+        stages=sequence(
+            Node("prepare", prepare),
+            Node("wait", wait, resume=woke, reconcile=reconciler),
+            Node("finish", finish),
+        ),
+    )
+
+
+def instance_event(
+    instance_id: uuid.UUID, state: InstanceState, generation: int
+) -> InstanceStateChanged:
+    """An instance event, whose wait key is ``instance:<id>:<state>``."""
+    return InstanceStateChanged(
+        source=f"sled/{uuid.uuid4()}",
+        payload=InstanceChange(
+            instance=Instance(
+                id=instance_id,
+                sled_id=uuid.uuid4(),
+                name="vm",
+                ncpus=1,
+                memory_bytes=1 << 30,
+                state=state,
+                generation=generation,
+            )
+        ),
+    )

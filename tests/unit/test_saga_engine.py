@@ -1,0 +1,278 @@
+"""The engine's semantics on a real SQLite database, with an injected clock."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, insert, select, update
+
+from nexus.db.models import Saga, UnclaimedEvent, WaitRendezvous
+from nexus.db.states import SagaLogEvent, SagaState, WaitState
+from nexus.saga.clock import ManualClock
+from nexus.saga.definition import Reconciled
+from nexus.saga.executor import LeaseLost
+from schemas.instance import InstanceState
+from tests.saga_support import (
+    Database,
+    Reconciler,
+    Replica,
+    WaitParams,
+    Woke,
+    instance_event,
+    wait_saga,
+)
+
+
+@pytest.fixture
+async def database(tmp_path: Path) -> AsyncIterator[Database]:
+    db = await Database.migrated(f"sqlite+aiosqlite:///{tmp_path / 'nexus.sqlite3'}")
+    yield db
+    await db.close()
+
+
+def running_key() -> tuple[uuid.UUID, str]:
+    instance_id = uuid.uuid4()
+    return instance_id, f"instance:{instance_id}:running"
+
+
+async def resumed_count(database: Database, saga_id: uuid.UUID) -> int:
+    return sum(1 for e in await database.log(saga_id) if e.event == SagaLogEvent.RESUMED)
+
+
+async def test_an_event_resumes_a_parked_saga(database: Database) -> None:
+    clock = ManualClock()
+    definition = wait_saga()
+    a = Replica(database, "a", clock=clock, definitions=[definition])
+    instance_id, key = running_key()
+    saga_id = await a.executor.start(definition, WaitParams(key=key))
+    assert (await database.saga(saga_id)).state == SagaState.WAITING
+
+    await a.deliver(instance_event(instance_id, InstanceState.RUNNING, 2))
+
+    saga = await database.saga(saga_id)
+    assert saga.state == SagaState.DONE
+    assert Woke.model_validate(saga.node_outputs["wait"]).generation == 2
+
+
+async def test_an_event_that_arrives_before_the_saga_parks_is_not_lost(
+    database: Database,
+) -> None:
+    definition = wait_saga()
+    a = Replica(database, "a", clock=ManualClock(), definitions=[definition])
+    instance_id, key = running_key()
+    ingested = await a.deliver(instance_event(instance_id, InstanceState.RUNNING, 2))
+    assert ingested.woken is None
+
+    saga_id = await a.executor.start(definition, WaitParams(key=key))
+
+    assert (await database.saga(saga_id)).state == SagaState.DONE
+    assert await resumed_count(database, saga_id) == 1
+
+
+async def test_a_duplicate_or_stale_event_changes_nothing(database: Database) -> None:
+    definition = wait_saga()
+    a = Replica(database, "a", clock=ManualClock(), definitions=[definition])
+    instance_id, key = running_key()
+    saga_id = await a.executor.start(definition, WaitParams(key=key, min_generation=4))
+
+    stale = await a.deliver(instance_event(instance_id, InstanceState.RUNNING, 3))
+    assert stale.woken is None
+    assert (await database.saga(saga_id)).state == SagaState.WAITING
+
+    event = instance_event(instance_id, InstanceState.RUNNING, 5)
+    first = await a.deliver(event)
+    assert first.woken is not None
+    after_first = await database.saga(saga_id)
+    assert after_first.state == SagaState.DONE
+
+    again = await a.deliver(event)
+    assert again.duplicate and again.woken is None
+    older = await a.deliver(instance_event(instance_id, InstanceState.RUNNING, 4))
+    assert older.woken is None
+    final = await database.saga(saga_id)
+    assert final.version == after_first.version
+    assert await resumed_count(database, saga_id) == 1
+    async with database.sessions() as session:
+        row = await session.get(WaitRendezvous, key)
+    assert row is not None and row.event_generation == 5
+
+
+async def test_a_reused_key_is_not_satisfied_by_an_old_event(database: Database) -> None:
+    definition = wait_saga()
+    a = Replica(database, "a", clock=ManualClock(), definitions=[definition])
+    instance_id, key = running_key()
+    await a.deliver(instance_event(instance_id, InstanceState.RUNNING, 2))
+
+    saga_id = await a.executor.start(definition, WaitParams(key=key, min_generation=2))
+
+    assert (await database.saga(saga_id)).state == SagaState.WAITING
+    await a.deliver(instance_event(instance_id, InstanceState.RUNNING, 3))
+    assert (await database.saga(saga_id)).state == SagaState.DONE
+
+
+async def test_a_lost_notification_is_recovered_at_the_deadline_by_one_query(
+    database: Database,
+) -> None:
+    clock = ManualClock()
+    reconciler = Reconciler()
+    definition = wait_saga(reconciler)
+    a = Replica(database, "a", clock=clock, definitions=[definition])
+    instance_id, key = running_key()
+    saga_id = await a.executor.start(definition, WaitParams(key=key, deadline_seconds=30))
+    found = instance_event(instance_id, InstanceState.RUNNING, 2)
+    reconciler.answers.append(Reconciled.resume(key, found.payload.model_dump(mode="json"), 2))
+
+    clock.advance(timedelta(seconds=29))
+    await a.executor.sweep()
+    assert reconciler.asked == 0, "nothing is asked before the deadline"
+    assert (await database.saga(saga_id)).state == SagaState.WAITING
+
+    clock.advance(timedelta(seconds=2))
+    await a.executor.sweep()
+    await a.executor.sweep()
+
+    assert reconciler.asked == 1
+    saga = await database.saga(saga_id)
+    assert saga.state == SagaState.DONE
+    assert Woke.model_validate(saga.node_outputs["wait"]).by_reconcile
+
+
+async def test_a_deadline_rearms_then_fails(database: Database) -> None:
+    clock = ManualClock()
+    reconciler = Reconciler()
+    definition = wait_saga(reconciler)
+    a = Replica(database, "a", clock=clock, definitions=[definition])
+    _, key = running_key()
+    saga_id = await a.executor.start(definition, WaitParams(key=key, deadline_seconds=10, rearms=1))
+
+    clock.advance(timedelta(seconds=11))
+    await a.executor.sweep()
+    assert reconciler.asked == 1
+    assert (await database.saga(saga_id)).state == SagaState.WAITING
+
+    clock.advance(timedelta(seconds=5))
+    await a.executor.sweep()
+    assert reconciler.asked == 1, "a re-armed wait is not asked again before its deadline"
+
+    clock.advance(timedelta(seconds=6))
+    await a.executor.sweep()
+    assert reconciler.asked == 2
+    saga = await database.saga(saga_id)
+    assert saga.state == SagaState.UNDONE
+    assert "deadline passed" in (saga.error or "")
+
+
+async def test_a_replica_that_lost_its_lease_cannot_write(database: Database) -> None:
+    clock = ManualClock()
+    definition = wait_saga()
+    a = Replica(database, "a", clock=clock, definitions=[definition])
+    b = Replica(database, "b", clock=clock, definitions=[definition])
+    instance_id, key = running_key()
+    saga_id = await a.executor.start(definition, WaitParams(key=key), run=False)
+    claimed = await a.executor._claim(saga_id)
+    assert claimed is not None
+    assert await b.executor._claim(saga_id) is None, "a live lease is not taken over"
+
+    clock.advance(timedelta(seconds=16))
+    await b.executor.sweep()
+    assert (await database.saga(saga_id)).state == SagaState.WAITING
+
+    with pytest.raises(LeaseLost):
+        await a.executor._run_claimed(claimed)
+    await b.deliver(instance_event(instance_id, InstanceState.RUNNING, 2))
+    assert (await database.saga(saga_id)).state == SagaState.DONE
+    replicas = {entry.replica_id for entry in await database.log(saga_id)}
+    assert replicas == {"b"}
+
+
+async def test_an_unrecoverable_saga_is_marked_and_does_not_block_others(
+    database: Database,
+) -> None:
+    clock = ManualClock()
+    definition = wait_saga()
+    a = Replica(database, "a", clock=clock, definitions=[definition])
+    broken_id = uuid.uuid4()
+    async with database.sessions.begin() as session:
+        await session.execute(
+            insert(Saga).values(
+                id=broken_id,
+                name="test_wait",
+                definition_version=1,
+                params={"not": "the params"},
+                state=SagaState.RUNNING.value,
+                node_outputs={},
+                progress={},
+                version=1,
+                created_at=clock.now(),
+                updated_at=clock.now(),
+            )
+        )
+    instance_id, key = running_key()
+    good_id = await a.executor.start(definition, WaitParams(key=key), run=False)
+    async with database.sessions.begin() as session:
+        await session.execute(update(Saga).values(lease_owner=None))
+
+    await a.executor.sweep()
+
+    broken = await database.saga(broken_id)
+    assert broken.state == SagaState.UNRECOVERABLE
+    assert "unrecoverable" in (broken.error or "")
+    assert (await database.saga(good_id)).state == SagaState.WAITING
+
+
+async def test_a_saga_of_an_unknown_version_is_left_alone_and_reported(
+    database: Database,
+) -> None:
+    clock = ManualClock()
+    newer = wait_saga(version=2)
+    old_replica = Replica(database, "old", clock=clock, definitions=[wait_saga(version=1)])
+    new_replica = Replica(database, "new", clock=clock, definitions=[newer])
+    _, key = running_key()
+    saga_id = await new_replica.executor.start(newer, WaitParams(key=key), run=False)
+    clock.advance(timedelta(seconds=60))
+
+    await old_replica.executor.sweep()
+
+    saga = await database.saga(saga_id)
+    assert saga.state == SagaState.RUNNING and saga.lease_owner == "new"
+    assert await old_replica.executor.unrunnable() == [("test_wait", 2, 1)]
+
+
+async def test_an_event_no_saga_claims_is_moved_where_an_operator_sees_it(
+    database: Database,
+) -> None:
+    clock = ManualClock()
+    a = Replica(database, "a", clock=clock, definitions=[wait_saga()])
+    instance_id, key = running_key()
+    event = instance_event(instance_id, InstanceState.FAILED, 7)
+    await a.deliver(event)
+
+    assert await a.executor.sweep_unclaimed(timedelta(hours=1)) == 0
+    clock.advance(timedelta(hours=2))
+    assert await a.executor.sweep_unclaimed(timedelta(hours=1)) == 1
+
+    async with database.sessions() as session:
+        moved = list((await session.execute(select(UnclaimedEvent))).scalars())
+        left = await session.scalar(select(func.count()).select_from(WaitRendezvous))
+    assert [(m.wait_key, m.message_id) for m in moved] == [
+        (f"instance:{instance_id}:failed", event.id)
+    ]
+    assert left == 0
+
+
+async def test_parked_waits_hold_no_lease_and_show_their_deadline(database: Database) -> None:
+    clock = ManualClock()
+    definition = wait_saga()
+    a = Replica(database, "a", clock=clock, definitions=[definition])
+    _, key = running_key()
+    saga_id = await a.executor.start(definition, WaitParams(key=key, deadline_seconds=45))
+    async with database.sessions() as session:
+        row = await session.get(WaitRendezvous, key)
+    saga = await database.saga(saga_id)
+    assert saga.lease_owner is None and saga.lease_expires_at is None
+    assert row is not None and row.state == WaitState.PARKED and row.saga_id == saga_id
+    assert row.deadline == clock.now() + timedelta(seconds=45)

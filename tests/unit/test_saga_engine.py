@@ -211,7 +211,7 @@ async def test_an_unrecoverable_saga_is_marked_and_does_not_block_others(
                 updated_at=clock.now(),
             )
         )
-    instance_id, key = running_key()
+    _instance_id, key = running_key()
     good_id = await a.executor.start(definition, WaitParams(key=key), run=False)
     async with database.sessions.begin() as session:
         await session.execute(update(Saga).values(lease_owner=None))
@@ -247,7 +247,7 @@ async def test_an_event_no_saga_claims_is_moved_where_an_operator_sees_it(
 ) -> None:
     clock = ManualClock()
     a = Replica(database, "a", clock=clock, definitions=[wait_saga()])
-    instance_id, key = running_key()
+    instance_id, _key = running_key()
     event = instance_event(instance_id, InstanceState.FAILED, 7)
     await a.deliver(event)
 

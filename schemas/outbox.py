@@ -119,8 +119,11 @@ class OutboxRelay:
             if sent == self._batch_size:
                 continue
             self._drained.set()
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that
+            # arrives as the wake-up does, and the relay would never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._sweep_seconds)
+                async with asyncio.timeout(self._sweep_seconds):
+                    await self._wake.wait()
 
     async def flush(self) -> int:
         """Publish one batch in order; returns how many were sent."""

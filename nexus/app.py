@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from nexus.api import Api
 from nexus.db.engine import create_engine, create_sessionmaker
 from nexus.events import EventIngest
 from nexus.saga.clock import Clock, SystemClock
@@ -26,7 +27,7 @@ from nexus.sagas import ALL_SAGAS
 from nexus.settings import NexusSettings, redact_urls_in
 from schemas.outbox import OutboxRelay
 from schemas.progress import SagaProgress, SagaProgressed, SagaStep
-from schemas.topology import NEXUS_EVENTS_QUEUE
+from schemas.topology import NEXUS_API_QUEUE, NEXUS_EVENTS_QUEUE
 from schemas.transport import Delivery, Transport
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class NexusApp:
         self.settings = settings
         self.clock = clock or SystemClock()
         self._definitions = definitions
-        self._faults = faults
+        self._faults = faults or Faults(crash_in_node=settings.crash_in_node)
         self._tasks: list[asyncio.Task[None]] = []
         self.engine: AsyncEngine | None = None
         self.sessions: async_sessionmaker[AsyncSession] | None = None
@@ -52,6 +53,7 @@ class NexusApp:
         self.executor: SagaExecutor | None = None
         self.relay: OutboxRelay | None = None
         self.ingest: EventIngest | None = None
+        self.api: Api | None = None
 
     @property
     def replica_id(self) -> str:
@@ -84,10 +86,18 @@ class NexusApp:
         self._tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
         if background:
             self._tasks.append(asyncio.create_task(self._sweeper(), name="sweeper"))
+        self.api = Api(
+            sessions=self.sessions,
+            executor=self.executor,
+            transport=self.transport,
+            clock=self.clock.now,
+            replica_id=settings.replica_id,
+        )
         if consume:
             await self.transport.consume(
                 NEXUS_EVENTS_QUEUE, self.on_event, prefetch=settings.event_prefetch
             )
+            await self.transport.consume(NEXUS_API_QUEUE, self.api.handle, prefetch=16)
         log.info(
             "nexus replica %s up (database %s)",
             settings.replica_id,

@@ -55,6 +55,8 @@ class NexusSettings(BaseSettings):
     sweep_seconds: float = Field(default=1.0, gt=0)
     # How long an event no saga claimed is kept before it moves to unclaimed_events.
     unclaimed_retention_seconds: float = Field(default=3600.0, gt=0)
+    # Fault injection for crash tests: SIGKILL this process inside the named saga node.
+    crash_in_node: str | None = None
     # Unacked events in flight per replica.
     event_prefetch: int = Field(default=32, gt=0, le=10_000)
     log_level: LogLevel = "INFO"

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -111,6 +113,8 @@ class Faults:
     fail_node: Callable[[str, str], bool] = lambda saga, node: False
     fail_undo: Callable[[str, str], bool] = lambda saga, node: False
     repeat_actions: bool = False
+    # Chaos: the process SIGKILLs itself inside this node's transaction, mid-node.
+    crash_in_node: str | None = None
 
 
 class SagaExecutor:
@@ -357,6 +361,9 @@ class SagaExecutor:
             async with self._sessions.begin() as session:
                 fenced = await self._fence(session, row)
                 ctx = self._ctx(session, definition, params, fenced, node.name)
+                if self._faults.crash_in_node == node.name:
+                    log.warning("fault injection: SIGKILL inside node %s", node.name)
+                    os.kill(os.getpid(), signal.SIGKILL)
                 if self._faults.fail_node(definition.name, node.name):
                     raise ActionFailed(f"injected failure at {node.name}")
                 result = await node.action(ctx)

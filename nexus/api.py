@@ -1,0 +1,271 @@
+"""The Nexus API: requests from ``nexusctl`` on ``nexus.api``, served by any replica.
+
+Every request gets exactly one reply: its typed result, or ``api.error.v1`` with a
+stable code and a one-line message. A request that starts an operation records its
+saga and replies ``accepted`` at once; the saga runs on this replica in the background.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from nexus.db.models import Disk, Saga, SagaLogEntry, WaitRendezvous
+from nexus.db.states import DiskState, SagaState, WaitState
+from nexus.saga.executor import SagaExecutor
+from nexus.sagas import disk_create
+from schemas import api
+from schemas.base import Envelope
+from schemas.messages import Message
+from schemas.progress import DiskState as WireDiskState
+from schemas.transport import Delivery, Transport
+
+log = logging.getLogger(__name__)
+
+
+class ApiProblem(Exception):
+    def __init__(self, code: api.ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def not_found(kind: str, ref: object) -> ApiProblem:
+    return ApiProblem(api.ErrorCode.NOT_FOUND, f"no {kind} {ref}")
+
+
+class Api:
+    def __init__(
+        self,
+        *,
+        sessions: async_sessionmaker[AsyncSession],
+        executor: SagaExecutor,
+        transport: Transport,
+        clock: Callable[[], datetime],
+        replica_id: str,
+    ) -> None:
+        self._sessions = sessions
+        self._executor = executor
+        self._transport = transport
+        self._clock = clock
+        self._replica_id = replica_id
+        self._handlers: dict[type[Envelope], Callable[[Any], Awaitable[Envelope]]] = {
+            api.DiskCreate: self.disk_create,
+            api.DiskGet: self.disk_get,
+            api.DiskList: self.disk_list,
+            api.SagaGet: self.saga_get,
+            api.SagaList: self.saga_list,
+        }
+
+    @property
+    def source(self) -> str:
+        return f"nexus/{self._replica_id}"
+
+    async def handle(self, delivery: Delivery) -> None:
+        request = delivery.message
+        reply = await self.answer(request)
+        await self._transport.reply(delivery, reply)
+
+    async def answer(self, request: Message) -> Envelope:
+        handler = self._handlers.get(type(request))
+        try:
+            if handler is None:
+                raise ApiProblem(
+                    api.ErrorCode.INVALID_REQUEST, f"{request.TYPE} is not an API request"
+                )
+            return await handler(request)
+        except ApiProblem as problem:
+            return self._error(request, problem.code, problem.message)
+        except Exception:
+            log.exception(
+                "API request %s failed", request.TYPE, extra={"message_id": str(request.id)}
+            )
+            return self._error(
+                request, api.ErrorCode.INTERNAL, f"internal error handling {request.TYPE}"
+            )
+
+    def _error(self, request: Envelope, code: api.ErrorCode, message: str) -> api.ApiError:
+        return api.ApiError(
+            source=self.source,
+            payload=api.ApiErrorBody(code=code, message=message),
+            **request.caused(),
+        )
+
+    # Disks.
+
+    async def disk_create(self, request: api.DiskCreate) -> Envelope:
+        body = request.payload
+        if body.size_bytes % body.block_size:
+            raise ApiProblem(
+                api.ErrorCode.INVALID_REQUEST,
+                f"size {body.size_bytes} is not a multiple of the block size {body.block_size}",
+            )
+        disk_id = uuid.uuid4()
+        # The request's id names the saga: a CLI that retries the same request gets the
+        # same saga instead of a second disk.
+        saga_id = uuid.uuid5(request.id, "disk_create")
+        async with self._sessions.begin() as session:
+            if await session.get(Saga, saga_id) is not None:
+                existing = await session.get(Saga, saga_id)
+                assert existing is not None
+                return self._accepted(request, saga_id, uuid.UUID(existing.params["disk_id"]))
+            if await self._live_disk(session, body.project, body.name) is not None:
+                raise ApiProblem(
+                    api.ErrorCode.ALREADY_EXISTS,
+                    f"a disk named {body.name!r} already exists in project {body.project!r}",
+                )
+            params = disk_create.Params(
+                disk_id=disk_id,
+                project=body.project,
+                name=body.name,
+                size_bytes=body.size_bytes,
+                block_size=body.block_size,
+            )
+            await self._executor.create(session, disk_create.DEFINITION, params, saga_id)
+        self._executor.spawn(saga_id)
+        return self._accepted(request, saga_id, disk_id)
+
+    def _accepted(
+        self, request: Envelope, saga_id: uuid.UUID, resource_id: uuid.UUID
+    ) -> api.AcceptedReply:
+        return api.AcceptedReply(
+            source=self.source,
+            payload=api.Accepted(saga_id=saga_id, resource_id=resource_id),
+            **request.caused(),
+        )
+
+    async def disk_get(self, request: api.DiskGet) -> Envelope:
+        async with self._sessions() as session:
+            disk = await self._find_disk(session, request.payload)
+            return api.DiskReply(source=self.source, payload=disk_view(disk), **request.caused())
+
+    async def disk_list(self, request: api.DiskList) -> Envelope:
+        async with self._sessions() as session:
+            query = select(Disk).where(Disk.state != DiskState.DELETED)
+            if request.payload.project is not None:
+                query = query.where(Disk.project == request.payload.project)
+            disks = (await session.execute(query.order_by(Disk.created_at))).scalars()
+            return api.DiskListReply(
+                source=self.source,
+                payload=tuple(disk_view(d) for d in disks),
+                **request.caused(),
+            )
+
+    async def _live_disk(self, session: AsyncSession, project: str, name: str) -> Disk | None:
+        return (
+            await session.execute(
+                select(Disk).where(
+                    Disk.project == project, Disk.name == name, Disk.state != DiskState.DELETED
+                )
+            )
+        ).scalar_one_or_none()
+
+    async def _find_disk(self, session: AsyncSession, ref: api.ResourceRef) -> Disk:
+        if isinstance(ref.resource, uuid.UUID):
+            disk = await session.get(Disk, ref.resource)
+            if disk is not None and disk.project == ref.project:
+                return disk
+        else:
+            found = await self._live_disk(session, ref.project, ref.resource)
+            if found is not None:
+                return found
+        raise not_found("disk", f"{ref.resource} in project {ref.project}")
+
+    # Sagas.
+
+    async def saga_get(self, request: api.SagaGet) -> Envelope:
+        async with self._sessions() as session:
+            saga = await session.get(Saga, request.payload.saga_id)
+            if saga is None:
+                raise not_found("saga", request.payload.saga_id)
+            view = await saga_view(session, saga, with_log=True)
+            return api.SagaReply(source=self.source, payload=view, **request.caused())
+
+    async def saga_list(self, request: api.SagaList) -> Envelope:
+        filters = request.payload
+        async with self._sessions() as session:
+            query = select(Saga).order_by(Saga.created_at.desc()).limit(filters.limit)
+            if filters.state is not None:
+                if filters.state not in {s.value for s in SagaState}:
+                    raise ApiProblem(
+                        api.ErrorCode.INVALID_REQUEST,
+                        f"no saga state {filters.state!r}; one of "
+                        + ", ".join(s.value for s in SagaState),
+                    )
+                query = query.where(Saga.state == filters.state)
+            sagas = (await session.execute(query)).scalars().all()
+            views = [await saga_view(session, saga, with_log=False) for saga in sagas]
+            return api.SagaListReply(source=self.source, payload=tuple(views), **request.caused())
+
+
+def disk_view(disk: Disk) -> api.DiskView:
+    return api.DiskView(
+        id=disk.id,
+        project=disk.project,
+        name=disk.name,
+        size_bytes=disk.size_bytes,
+        block_size=disk.block_size,
+        state=WireDiskState(disk.state),
+        instance_id=disk.attached_instance_id,
+        saga_id=disk.saga_id,
+        created_at=disk.created_at,
+        updated_at=disk.updated_at,
+    )
+
+
+async def saga_view(session: AsyncSession, saga: Saga, *, with_log: bool) -> api.SagaView:
+    log_entries: tuple[api.SagaLogEntry, ...] = ()
+    if with_log:
+        rows = await session.execute(
+            select(SagaLogEntry).where(SagaLogEntry.saga_id == saga.id).order_by(SagaLogEntry.id)
+        )
+        log_entries = tuple(
+            api.SagaLogEntry(
+                node=entry.node_name,
+                event=entry.event,
+                replica=entry.replica_id,
+                at=entry.at,
+                detail=_detail(entry.data),
+            )
+            for entry in rows.scalars()
+        )
+    waits = await session.execute(
+        select(WaitRendezvous).where(
+            WaitRendezvous.saga_id == saga.id, WaitRendezvous.state == WaitState.PARKED
+        )
+    )
+    waiting = tuple(
+        api.WaitView(
+            wait_key=w.wait_key,
+            node=w.node_name or "",
+            since=w.parked_at or saga.updated_at,
+            deadline=w.deadline or saga.updated_at,
+        )
+        for w in waits.scalars()
+    )
+    return api.SagaView(
+        id=saga.id,
+        name=saga.name,
+        version=saga.definition_version,
+        state=saga.state,
+        lease_owner=saga.lease_owner,
+        error=saga.error,
+        created_at=saga.created_at,
+        updated_at=saga.updated_at,
+        log=log_entries,
+        waiting_for=waiting,
+    )
+
+
+def _detail(data: dict[str, Any] | None) -> str | None:
+    if not data:
+        return None
+    if "error" in data:
+        return str(data["error"])[:2000]
+    return ", ".join(f"{k}={v}" for k, v in data.items() if k != "traceback")[:2000]

@@ -1,0 +1,177 @@
+"""Real service processes for tests: started from the installed console scripts,
+stopped with real signals, their output kept in a log file beside their data."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from schemas import api
+from schemas.base import Envelope
+from schemas.messages import Message
+from schemas.topology import NEXUS_API_QUEUE
+from schemas.transport import Transport
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Service:
+    """One service's command line and environment; each ``start`` is a new process."""
+
+    name: str
+    argv: list[str]
+    env: Mapping[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    exits: list[int] = field(default_factory=list)
+
+    def start(self, extra_env: Mapping[str, str] | None = None) -> None:
+        assert not self.running, f"{self.name} is already running"
+        environment = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(("NEXUS_", "CRUCIBLE_", "SLED_"))
+        }
+        environment |= dict(self.env) | dict(extra_env or {})
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=environment,
+                start_new_session=True,
+            )
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def send(self, signum: signal.Signals) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    async def wait_exit(self, timeout: float = 20.0) -> int:
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while (code := self.process.poll()) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} did not exit within {timeout}s")
+            await asyncio.sleep(0.05)
+        self.exits.append(code)
+        return code
+
+    async def stop(self, signum: signal.Signals = signal.SIGTERM) -> int | None:
+        if not self.running:
+            return None
+        self.send(signum)
+        try:
+            return await self.wait_exit()
+        except TimeoutError:
+            self.send(signal.SIGKILL)
+            return await self.wait_exit()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def nexus(
+    replica_id: str, *, database_url: str, amqp_url: str, workdir: Path, **settings: str
+) -> Service:
+    env = {
+        "NEXUS_REPLICA_ID": replica_id,
+        "NEXUS_DATABASE_URL": database_url,
+        "NEXUS_AMQP_URL": amqp_url,
+        "NEXUS_LOG_LEVEL": "INFO",
+    }
+    env |= {f"NEXUS_{key.upper()}": value for key, value in settings.items()}
+    return Service(
+        name=f"nexus {replica_id}",
+        argv=[str(BIN / "nexus"), "run"],
+        env=env,
+        log_path=workdir / f"nexus-{replica_id}.log",
+    )
+
+
+@dataclass
+class Crucible:
+    agent_id: uuid.UUID
+    sled_id: uuid.UUID
+    service: Service
+
+
+def crucible(amqp_url: str, workdir: Path, **settings: str) -> Crucible:
+    agent_id, sled_id = uuid.uuid4(), uuid.uuid4()
+    data_dir = workdir / f"crucible-{agent_id}"
+    env = {
+        "CRUCIBLE_AGENT_ID": str(agent_id),
+        "CRUCIBLE_SLED_ID": str(sled_id),
+        "CRUCIBLE_DATA_DIR": str(data_dir),
+        "CRUCIBLE_CAPACITY_BYTES": str(1 << 40),
+        "CRUCIBLE_AMQP_URL": amqp_url,
+        "CRUCIBLE_ANNOUNCE_SECONDS": "2",
+    }
+    env |= {f"CRUCIBLE_{key.upper()}": value for key, value in settings.items()}
+    service = Service(
+        name=f"crucible {agent_id}",
+        argv=[str(BIN / "crucible-agent"), "run"],
+        env=env,
+        log_path=workdir / f"crucible-{agent_id}.log",
+    )
+    return Crucible(agent_id=agent_id, sled_id=sled_id, service=service)
+
+
+class ApiClient:
+    """What ``nexusctl`` does, without its printing: requests on ``nexus.api``."""
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+
+    async def request(self, message: Envelope, timeout: float = 10.0) -> Message:
+        reply = await self._transport.request(message, routing_key=NEXUS_API_QUEUE, timeout=timeout)
+        if isinstance(reply, api.ApiError):
+            raise RuntimeError(f"{reply.payload.code}: {reply.payload.message}")
+        return reply
+
+    async def create_disk(self, name: str, size_bytes: int = 1 << 30) -> api.Accepted:
+        reply = await self.request(
+            api.DiskCreate(
+                source="cli/test",
+                payload=api.DiskCreateRequest(project="test", name=name, size_bytes=size_bytes),
+            )
+        )
+        assert isinstance(reply, api.AcceptedReply), reply
+        return reply.payload
+
+    async def saga(self, saga_id: uuid.UUID) -> api.SagaView:
+        reply = await self.request(
+            api.SagaGet(source="cli/test", payload=api.SagaRef(saga_id=saga_id))
+        )
+        assert isinstance(reply, api.SagaReply), reply
+        return reply.payload
+
+    async def saga_in(
+        self, saga_id: uuid.UUID, states: set[str], timeout: float = 30.0
+    ) -> api.SagaView:
+        """The saga once it reaches one of ``states`` (the test watches; nothing else polls)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                view = await self.saga(saga_id)
+                if view.state in states:
+                    return view
+            except RuntimeError as error:
+                if "not_found" not in str(error):
+                    raise
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"saga {saga_id} not in {states} after {timeout}s")
+            await asyncio.sleep(0.1)

@@ -264,11 +264,18 @@ class Transport:
             reply_to=reply_to,
             headers=headers,
         )
+        # A channel that the broker closed (outage, restart) raises a RuntimeError subclass
+        # until the robust connection has reopened it; that is a failed publish too.
         try:
             confirmation = await target.publish(
                 amqp, routing_key=routing_key, mandatory=mandatory, timeout=PUBLISH_TIMEOUT_SECONDS
             )
-        except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError) as error:
+        except (
+            TimeoutError,
+            aio_pika.exceptions.AMQPError,
+            aio_pika.exceptions.ChannelInvalidStateError,
+            ConnectionError,
+        ) as error:
             raise PublishFailed(f"{message_type} to {exchange}/{routing_key}: {error!r}") from error
         if not isinstance(confirmation, Basic.Ack):
             raise PublishFailed(

@@ -53,12 +53,14 @@ async def serve(settings: SledSettings, shutdown: asyncio.Event) -> None:
             stop = asyncio.create_task(shutdown.wait(), name="shutdown")
             await asyncio.wait([stop, *workers], return_when=asyncio.FIRST_COMPLETED)
             stop.cancel()
+            log.info("sled %s stopping", settings.sled_id)
             for worker in workers:
                 if worker.done():
                     # A worker only ends by failing: let its exception end the process.
                     worker.result()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(relay.wait_drained(), DRAIN_SECONDS)
+                async with asyncio.timeout(DRAIN_SECONDS):
+                    await relay.wait_drained()
         finally:
             for worker in workers:
                 worker.cancel()
@@ -77,7 +79,8 @@ async def _connect(transport: Transport, shutdown: asyncio.Event) -> bool:
         except (ConnectionError, TimeoutError, aio_pika.exceptions.AMQPError) as error:
             log.warning("broker unreachable, retrying in %.0fs: %r", CONNECT_RETRY_SECONDS, error)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(shutdown.wait(), CONNECT_RETRY_SECONDS)
+                async with asyncio.timeout(CONNECT_RETRY_SECONDS):
+                    await shutdown.wait()
         else:
             return True
     return False

@@ -68,7 +68,7 @@ def replica(name: str, stack_dir: Path, database_url: str, amqp_url: str, **extr
 async def test_a_saga_started_on_one_replica_finishes_on_the_one_that_consumed_its_events(
     stack: tuple[list[Crucible], ApiClient, RegionEvents, Path, str], rabbitmq_url: str
 ) -> None:
-    agents, client, _, workdir, database_url = stack
+    _, client, _, workdir, database_url = stack
     a = replica("replica-a", workdir, database_url, rabbitmq_url)
     b = replica("replica-b", workdir, database_url, rabbitmq_url)
     a.start()

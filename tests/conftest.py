@@ -26,8 +26,22 @@ _SERVERS_USED = pytest.StashKey[list[str]]()
 _Server = TypeVar("_Server", RabbitMQServer, PostgresServer)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--race-trials",
+        type=int,
+        default=200,
+        help="trials of each randomized race test (default 200; thousands for a soak)",
+    )
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_SERVERS_USED] = []
+
+
+@pytest.fixture(scope="session")
+def race_trials(request: pytest.FixtureRequest) -> int:
+    return int(request.config.getoption("--race-trials"))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

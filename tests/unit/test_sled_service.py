@@ -1,0 +1,152 @@
+"""The service layer on a real SQLite store with an in-memory wire: what is committed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from schemas.base import Envelope
+from schemas.common import CommandRejected
+from schemas.instance import (
+    InstanceEnsure,
+    InstanceRef,
+    InstanceSpec,
+    InstanceStart,
+    InstanceState,
+    InstanceStateChanged,
+)
+from schemas.messages import decode
+from schemas.sled import SledRegistered
+from schemas.transport import Delivery
+from sled_agent.hypervisor import RESTART_REASON
+from sled_agent.service import SledAgent
+from sled_agent.settings import SledSettings
+from sled_agent.store import SledStore
+
+SOURCE = "test/sled-service"
+
+
+class FakeWire:
+    def __init__(self) -> None:
+        self.sent: list[Envelope] = []
+
+    async def publish_event(self, message: Envelope) -> None:
+        self.sent.append(message)
+
+    async def reply(self, delivery: Delivery, message: Envelope) -> None:
+        self.sent.append(message)
+
+
+class FakeRelay:
+    """Counts commits (the agent notifies after each) and lets a test wait for the next."""
+
+    def __init__(self) -> None:
+        self.notified = 0
+        self.committed = asyncio.Event()
+
+    def notify(self) -> None:
+        self.notified += 1
+        self.committed.set()
+
+
+def delivery(message: Envelope, reply_to: str | None = None) -> Delivery:
+    return Delivery(
+        message=decode(message.model_dump_json().encode()),
+        queue="sled.test",
+        routing_key="sled.test",
+        reply_to=reply_to,
+        redelivered=False,
+    )
+
+
+async def outbox_messages(store: SledStore) -> list[Envelope]:
+    return [decode(row.body) for row in await store.unsent(1000)]
+
+
+@asynccontextmanager
+async def an_agent(settings: SledSettings) -> AsyncIterator[tuple[SledAgent, SledStore, FakeRelay]]:
+    """A recovered agent with its timers and heartbeats running, stopped on exit."""
+    store = SledStore(settings.database_path)
+    await store.open()
+    relay = FakeRelay()
+    agent = SledAgent(settings, store, FakeWire(), relay)
+    await agent.recover()
+    running = asyncio.create_task(agent.run())
+    try:
+        yield agent, store, relay
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await store.close()
+
+
+def settings_in(tmp_path: Path) -> SledSettings:
+    return SledSettings(
+        sled_id=uuid.uuid4(),
+        data_dir=tmp_path,
+        cpus=4,
+        memory_bytes=1 << 32,
+        create_seconds=0.01,
+        boot_seconds=0.01,
+    )
+
+
+async def until(
+    agent: SledAgent, relay: FakeRelay, instance_id: uuid.UUID, state: InstanceState
+) -> None:
+    async with asyncio.timeout(5):
+        while (vm := agent.hypervisor.get(instance_id)) is None or vm.state is not state:
+            relay.committed.clear()
+            await relay.committed.wait()
+
+
+async def test_a_command_is_committed_with_its_event_before_it_returns(tmp_path: Path) -> None:
+    settings = settings_in(tmp_path).model_copy(update={"create_seconds": 60.0})
+    async with an_agent(settings) as (agent, store, relay):
+        spec = InstanceSpec(id=uuid.uuid4(), name="web-1", ncpus=1, memory_bytes=1 << 30)
+        await agent.handle(delivery(InstanceEnsure(source=SOURCE, payload=spec)))
+        messages = await outbox_messages(store)
+        assert [type(m) for m in messages] == [SledRegistered, InstanceStateChanged]
+        event = messages[1]
+        assert isinstance(event, InstanceStateChanged)
+        assert event.payload.instance.state is InstanceState.CREATING
+        assert relay.notified == 2
+        reloaded = await store.load()
+        assert [vm.instance for vm in reloaded] == [event.payload.instance]
+
+
+async def test_a_redelivered_refused_command_is_refused_once(tmp_path: Path) -> None:
+    async with an_agent(settings_in(tmp_path)) as (agent, store, _):
+        start = InstanceStart(source=SOURCE, payload=InstanceRef(id=uuid.uuid4()))
+        await agent.handle(delivery(start, reply_to="amq.gen-test"))
+        await agent.handle(delivery(start, reply_to="amq.gen-test"))
+        rejections = [m for m in await outbox_messages(store) if isinstance(m, CommandRejected)]
+    # One event and one reply, each recorded once.
+    assert len(rejections) == 2
+    assert {r.payload.code for r in rejections} == {"not_found"}
+    assert all(r.causation_id == start.id for r in rejections)
+
+
+async def test_a_restart_fails_live_instances_with_the_next_generation(tmp_path: Path) -> None:
+    settings = settings_in(tmp_path)
+    spec = InstanceSpec(id=uuid.uuid4(), name="web-1", ncpus=1, memory_bytes=1 << 30)
+    async with an_agent(settings) as (agent, _, relay):
+        await agent.handle(delivery(InstanceEnsure(source=SOURCE, payload=spec)))
+        await until(agent, relay, spec.id, InstanceState.RUNNING)
+
+    async with an_agent(settings) as (restarted, store, _):
+        vm = restarted.hypervisor.get(spec.id)
+        assert vm is not None
+        assert (vm.state, vm.generation, vm.instance.reason) == (
+            InstanceState.FAILED,
+            4,
+            RESTART_REASON,
+        )
+        events = [m for m in await outbox_messages(store) if isinstance(m, InstanceStateChanged)]
+    assert [e.payload.instance.generation for e in events] == [1, 2, 3, 4]
+    assert events[-1].payload.instance == vm.instance

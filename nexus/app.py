@@ -47,6 +47,7 @@ class NexusApp:
         self._definitions = definitions
         self._faults = faults or Faults(crash_in_node=settings.crash_in_node)
         self._tasks: list[asyncio.Task[None]] = []
+        self._progress_tasks: set[asyncio.Task[None]] = set()
         self.engine: AsyncEngine | None = None
         self.sessions: async_sessionmaker[AsyncSession] | None = None
         self.transport: Transport | None = None
@@ -141,11 +142,10 @@ class NexusApp:
         assert self.executor is not None
         return await self.executor.start(definition, params, saga_id)
 
-    async def _saga_progress(self, saga: SagaRow, state: str, node: str | None) -> None:
-        """Tell watchers a saga finished or got stuck (best effort: it is not state)."""
-        assert self.transport is not None
-        # Only ends are announced: done, undone (failed and cleaned up) and stuck.
-        step = {"done": SagaStep.DONE, "stuck": SagaStep.STUCK}.get(state, SagaStep.FAILED)
+    def _saga_progress(
+        self, saga: SagaRow, step: str, node: str | None, detail: str | None
+    ) -> None:
+        """Tell watchers (``nexusctl ... --wait``) how a saga moves; best effort."""
         event = SagaProgressed(
             source=f"nexus/{self.replica_id}",
             correlation_id=saga.id,
@@ -153,11 +153,17 @@ class NexusApp:
                 saga_id=saga.id,
                 saga_name=saga.name,
                 node=node,
-                step=step,
+                step=SagaStep(step),
                 replica=self.replica_id,
-                detail=state,
+                detail=detail[:2000] if detail else None,
             ),
         )
+        task = asyncio.create_task(self._publish_progress(event))
+        self._progress_tasks.add(task)
+        task.add_done_callback(self._progress_tasks.discard)
+
+    async def _publish_progress(self, event: SagaProgressed) -> None:
+        assert self.transport is not None
         try:
             await self.transport.publish_event(event)
         except Exception as error:  # a watcher missing one progress event is harmless

@@ -67,6 +67,8 @@ class SagaStep(StrEnum):
     UNDO_FINISHED = "undo_finished"
     UNDO_FAILED = "undo_failed"
     DONE = "done"
+    # Failed, and every completed node was undone.
+    UNDONE = "undone"
     STUCK = "stuck"
 
 

@@ -318,6 +318,25 @@ class Transport:
 
         await queue.consume(on_message, no_ack=False)
 
+    async def subscribe(self, routing_keys: Iterable[str], handler: Handler) -> str:
+        """Watch events (``--wait``, tests): a private queue that dies with the connection.
+
+        Bind before acting, so no event caused by the action can be missed.
+        """
+        channel = await self.connection.channel()
+        self._consumer_channels.append(channel)
+        await channel.set_qos(prefetch_count=64)
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        events = await channel.get_exchange(EVENTS_EXCHANGE, ensure=True)
+        for routing_key in routing_keys:
+            await queue.bind(events, routing_key=routing_key)
+
+        async def on_message(incoming: AbstractIncomingMessage) -> None:
+            await self._dispatch(queue.name, incoming, handler)
+
+        await queue.consume(on_message, no_ack=False)
+        return queue.name
+
     async def _dispatch(
         self, queue_name: str, incoming: AbstractIncomingMessage, handler: Handler
     ) -> None:

@@ -16,7 +16,7 @@ import os
 import signal
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -129,7 +129,7 @@ class SagaExecutor:
         clock: Clock | None = None,
         lease: timedelta = timedelta(seconds=15),
         faults: Faults | None = None,
-        on_progress: Callable[[SagaRow, str, str | None], Awaitable[None]] | None = None,
+        on_progress: Callable[[SagaRow, str, str | None, str | None], None] | None = None,
     ) -> None:
         self._sessions = sessions
         self._definitions = {(d.name, d.version): d for d in definitions}
@@ -142,6 +142,8 @@ class SagaExecutor:
         self._running: set[uuid.UUID] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._on_progress = on_progress
+        # Progress of steps whose transaction has not committed yet, per saga.
+        self._notes: dict[uuid.UUID, list[tuple[str, str | None, str | None]]] = {}
 
     # Starting and waking.
 
@@ -237,7 +239,9 @@ class SagaExecutor:
             before = current
             try:
                 current = await self._step(definition, params, before)
+                self._tell(before)
             except Unrecoverable as error:
+                self._notes.pop(before.id, None)
                 await self._mark_unrecoverable(before, str(error))
                 return
 
@@ -410,6 +414,7 @@ class SagaExecutor:
                 min_generation=result.min_generation,
                 now=now,
             )
+            self._note(fenced.id, "waiting", node.name, ", ".join(result.keys))
             await self._log(
                 session,
                 fenced.id,
@@ -422,6 +427,7 @@ class SagaExecutor:
         output = result.model_dump(mode="json") if result is not None else {}
         progress.waiting.pop(node.name, None)
         progress.completed.append(node.name)
+        self._note(fenced.id, "succeeded", node.name)
         await self._log(session, fenced.id, node.name, SagaLogEvent.SUCCEEDED, now)
         return await self._write(
             session,
@@ -481,6 +487,12 @@ class SagaExecutor:
         wake: WakeUp,
     ) -> SagaRow:
         now = self._clock.now()
+        self._note(
+            fenced.id,
+            "resumed",
+            node.name,
+            "by reconcile" if wake.by_reconcile else f"by event on {wake.key}",
+        )
         await rendezvous.resolve(session, saga_id=fenced.id, node=node.name, now=now)
         await self._log(
             session,
@@ -627,6 +639,9 @@ class SagaExecutor:
         log.warning(
             "saga %s node %s failed: %s", row.id, node, message, extra={"saga_id": str(row.id)}
         )
+        # Whatever the failed step noted rolled back with it.
+        self._notes.pop(row.id, None)
+        self._note(row.id, "failed", node, message)
         now = self._clock.now()
         async with self._sessions.begin() as session:
             fenced = await self._fence(session, row)
@@ -703,7 +718,7 @@ class SagaExecutor:
                     lease_expires_at=None,
                     error=f"{row.error}; undo of {node.name} failed: {message}",
                 )
-            await self._progress(row, SagaState.STUCK.value, node.name)
+            self._progress(row, SagaState.STUCK.value, node.name, message)
             return None
 
     async def _finish(self, row: SagaRow, state: SagaState, error: str | None) -> None:
@@ -718,7 +733,7 @@ class SagaExecutor:
                 error=error,
             )
         log.info("saga %s %s", row.id, state.value, extra={"saga_id": str(row.id)})
-        await self._progress(row, state.value, None)
+        self._progress(row, state.value, None, error)
 
     async def _mark_unrecoverable(self, row: SagaRow, reason: str) -> None:
         log.error(
@@ -738,9 +753,18 @@ class SagaExecutor:
                 error=f"unrecoverable: {reason}"[:4000],
             )
 
-    async def _progress(self, row: SagaRow, state: str, node: str | None) -> None:
+    def _progress(self, row: SagaRow, step: str, node: str | None, detail: str | None) -> None:
+        """Tell watchers (after a commit; it is not state, and is best effort)."""
         if self._on_progress is not None:
-            await self._on_progress(row, state, node)
+            self._on_progress(row, step, node, detail)
+
+    def _note(self, saga_id: uuid.UUID, step: str, node: str, detail: str | None = None) -> None:
+        """Progress to tell once the current step's transaction has committed."""
+        self._notes.setdefault(saga_id, []).append((step, node, detail))
+
+    def _tell(self, row: SagaRow) -> None:
+        for step, node, detail in self._notes.pop(row.id, []):
+            self._progress(row, step, node, detail)
 
     # Background duties of every replica: deadlines, adoption, stray wake-ups.
 

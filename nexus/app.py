@@ -169,6 +169,12 @@ class NexusApp:
         except Exception as error:  # a watcher missing one progress event is harmless
             log.warning("could not publish saga progress: %r", error)
 
+    def _report_health(self) -> None:
+        path = self.settings.health_file
+        if path is not None and self.transport is not None and self.transport.is_connected:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+
     async def _sweeper(self) -> None:
         """Deadlines, expired leases and stray wake-ups: the safety net, not a poll of agents."""
         assert self.executor is not None
@@ -180,6 +186,7 @@ class NexusApp:
             passes += 1
             try:
                 await self.executor.sweep()
+                self._report_health()
                 if passes % unclaimed_every == 0:
                     moved = await self.executor.sweep_unclaimed(
                         timedelta(seconds=settings.unclaimed_retention_seconds)

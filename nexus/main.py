@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from typing import Annotated
 
 import typer
@@ -75,6 +76,28 @@ def run(
     with errors_reported("nexus"):
         asyncio.run(_serve(settings))
     say(f"nexus replica {settings.replica_id} stopped")
+
+
+@app.command()
+def health(
+    max_age: Annotated[
+        float, typer.Option(help="Seconds since the last good sweeper pass, at most.")
+    ] = 15.0,
+) -> None:
+    """Exit 0 if this host's replica reached its database and broker recently (a health check).
+
+    Reads NEXUS_HEALTH_FILE, which `nexus run` touches after every sweeper pass.
+    """
+    with errors_reported("health"):
+        settings = NexusSettings()
+        if settings.health_file is None:
+            raise RuntimeError("NEXUS_HEALTH_FILE is not set")
+        if not settings.health_file.exists():
+            raise RuntimeError(f"{settings.health_file} does not exist: not up yet")
+        age = time.time() - settings.health_file.stat().st_mtime
+        if age > max_age:
+            raise RuntimeError(f"last good pass {age:.0f}s ago (more than {max_age:g}s)")
+    say(f"healthy: last good pass {age:.1f}s ago")
 
 
 async def _serve(settings: NexusSettings) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -55,6 +56,9 @@ class NexusSettings(BaseSettings):
     sweep_seconds: float = Field(default=1.0, gt=0)
     # How long an event no saga claimed is kept before it moves to unclaimed_events.
     unclaimed_retention_seconds: float = Field(default=3600.0, gt=0)
+    # Touched after every sweeper pass that reached the database while the broker
+    # connection was up; `nexus health` (a container health check) reads its age.
+    health_file: Path | None = None
     # Fault injection for crash tests: SIGKILL this process inside the named saga node.
     crash_in_node: str | None = None
     # Unacked events in flight per replica.

@@ -99,6 +99,7 @@ class EventIngest:
                     payload=change.model_dump(mode="json"),
                     generation=region.generation,
                     now=now,
+                    occurred_at=message.occurred_at,
                 )
             case InstanceStateChanged(payload=change):
                 instance = change.instance
@@ -127,6 +128,7 @@ class EventIngest:
                     payload=change.model_dump(mode="json"),
                     generation=instance.generation,
                     now=now,
+                    occurred_at=message.occurred_at,
                 )
             case CommandRejected(payload=rejection):
                 return await rendezvous.record_event(

@@ -284,6 +284,8 @@ class WaitRendezvous(Base):
     event_payload: Mapped[dict[str, Any] | None]
     event_generation: Mapped[int | None] = mapped_column(BigInteger)
     event_arrived_at: Mapped[datetime | None]
+    # When the event happened at its source (the agent's clock), for timelines.
+    event_occurred_at: Mapped[datetime | None]
     parked_at: Mapped[datetime | None]
     resumed_at: Mapped[datetime | None]
     state: Mapped[WaitState] = mapped_column(_state_column_type(WaitState, "wait_state"))

@@ -78,6 +78,8 @@ class WakeUp:
     generation: int
     message_id: uuid.UUID | None
     by_reconcile: bool = False
+    # When the event happened at its source; for reconcile, when the query found it.
+    occurred_at: datetime | None = None
 
 
 class Outcome(StrEnum):

@@ -467,6 +467,7 @@ class SagaExecutor:
                     payload=wait.payload,
                     generation=wait.generation,
                     message_id=wait.message_id,
+                    occurred_at=wait.occurred_at,
                 )
                 node = definition.node(wait.node)
                 return await self._resume(session, definition, params, fenced, node, wake)
@@ -504,6 +505,7 @@ class SagaExecutor:
                 "key": wake.key,
                 "message_id": str(wake.message_id) if wake.message_id else None,
                 "by_reconcile": wake.by_reconcile,
+                "event_occurred_at": wake.occurred_at.isoformat() if wake.occurred_at else None,
             },
         )
         if fenced.state == SagaState.WAITING.value:
@@ -579,6 +581,7 @@ class SagaExecutor:
                             generation=outcome.generation,
                             message_id=None,
                             by_reconcile=True,
+                            occurred_at=now,
                         )
                         row = await self._resume(session, definition, params, fenced, node, wake)
                 except (LeaseLost, *_INFRASTRUCTURE_ERRORS):

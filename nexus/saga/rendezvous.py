@@ -47,6 +47,7 @@ async def record_event(
     payload: Mapping[str, Any],
     generation: int,
     now: datetime,
+    occurred_at: datetime | None = None,
 ) -> Woken | None:
     """The consumer's side: record the event; returns the saga it made runnable, if any."""
     insert = _insert(session)
@@ -56,6 +57,7 @@ async def record_event(
         event_payload=dict(payload),
         event_generation=generation,
         event_arrived_at=now,
+        event_occurred_at=occurred_at,
         state=WaitState.EVENT_ARRIVED.value,
     )
     existing = table.c
@@ -70,6 +72,7 @@ async def record_event(
             "event_payload": statement.excluded.event_payload,
             "event_generation": statement.excluded.event_generation,
             "event_arrived_at": statement.excluded.event_arrived_at,
+            "event_occurred_at": statement.excluded.event_occurred_at,
             "state": case(
                 (wakes, literal(WaitState.READY.value)),
                 (existing.state == WaitState.PARKED.value, literal(WaitState.PARKED.value)),
@@ -140,6 +143,7 @@ class ReadyWait:
     payload: Mapping[str, Any]
     generation: int
     message_id: uuid.UUID | None
+    occurred_at: datetime | None
 
 
 async def ready_waits(session: AsyncSession, saga_id: uuid.UUID) -> list[ReadyWait]:
@@ -150,6 +154,7 @@ async def ready_waits(session: AsyncSession, saga_id: uuid.UUID) -> list[ReadyWa
             table.c.event_payload,
             table.c.event_generation,
             table.c.event_message_id,
+            table.c.event_occurred_at,
         )
         .where(table.c.saga_id == saga_id, table.c.state == WaitState.READY.value)
         .order_by(table.c.event_arrived_at, table.c.wait_key)
@@ -161,6 +166,7 @@ async def ready_waits(session: AsyncSession, saga_id: uuid.UUID) -> list[ReadyWa
             payload=row.event_payload or {},
             generation=row.event_generation or 0,
             message_id=row.event_message_id,
+            occurred_at=row.event_occurred_at,
         )
         for row in rows
     ]
@@ -192,6 +198,7 @@ async def force_ready(
             event_generation=generation,
             event_arrived_at=now,
             event_message_id=None,
+            event_occurred_at=now,
             state=WaitState.READY.value,
         )
     )

@@ -8,6 +8,9 @@ runs and the start-up announcement is queued.
 Shutdown (SIGTERM or SIGINT): background work stops at a safe point (it resumes at the
 next start), the outbox gets a few seconds to drain, the connection closes (unacked
 commands go back to the queue), and the store closes once no handler is left using it.
+
+Waits use ``asyncio.timeout`` rather than ``wait_for``: on Python 3.11 ``wait_for`` can
+swallow a cancellation that arrives as its inner wait completes.
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ async def run(settings: CrucibleSettings) -> None:
         await _until_stopped_or_failed(stop, relay_task, announce_task)
         log.info("stopping")
     finally:
-        await _shut_down(agent, relay_task, announce_task)
+        await _shut_down(agent, stop, relay_task, announce_task)
 
 
 async def _connect(transport: Transport, stop: asyncio.Event) -> bool:
@@ -112,14 +115,16 @@ async def _connect(transport: Transport, stop: asyncio.Event) -> bool:
         except (aio_pika.exceptions.AMQPError, OSError, TimeoutError) as error:
             log.warning("broker unreachable, retrying in %.0fs: %r", CONNECT_RETRY_SECONDS, error)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), CONNECT_RETRY_SECONDS)
+            async with asyncio.timeout(CONNECT_RETRY_SECONDS):
+                await stop.wait()
     return False
 
 
 async def _announce_every(service: RegionService, seconds: float, stop: asyncio.Event) -> None:
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await stop.wait()
         if not stop.is_set():
             await service.announce()
 
@@ -128,35 +133,41 @@ async def _until_stopped_or_failed(stop: asyncio.Event, *tasks: asyncio.Task[Non
     stopped = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({stopped, *tasks}, return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()
+    if stop.is_set():
+        return
     for task in done:
-        if task is not stopped:
-            # These loops only end by failing; the process must not run on without them.
-            task.result()
-            raise RuntimeError(f"{task.get_name()} ended unexpectedly")
+        # Before a stop these loops only end by failing; the process must not run on
+        # without them.
+        task.result()
+        raise RuntimeError(f"{task.get_name()} ended unexpectedly")
 
 
 async def _shut_down(
-    agent: Agent, relay_task: asyncio.Task[None] | None, announce_task: asyncio.Task[None] | None
+    agent: Agent,
+    stop: asyncio.Event,
+    relay_task: asyncio.Task[None] | None,
+    announce_task: asyncio.Task[None] | None,
 ) -> None:
+    # Also when a part failed: the announcer and the background work end on this.
+    stop.set()
     await agent.service.stop()
-    await _cancel(announce_task)
+    if announce_task is not None:
+        await asyncio.gather(announce_task, return_exceptions=True)
     if relay_task is not None and not relay_task.done():
         try:
-            await asyncio.wait_for(agent.relay.wait_drained(), DRAIN_SECONDS)
+            async with asyncio.timeout(DRAIN_SECONDS):
+                await agent.relay.wait_drained()
         except TimeoutError:
             log.warning("outbox not drained in %.0fs; it is sent at the next start", DRAIN_SECONDS)
     await agent.transport.close()
     try:
-        await asyncio.wait_for(agent.service.wait_idle(), HANDLERS_SECONDS)
+        async with asyncio.timeout(HANDLERS_SECONDS):
+            await agent.service.wait_idle()
     except TimeoutError:
         log.warning("a command handler did not finish; its command is redelivered")
-    await _cancel(relay_task)
+    if relay_task is not None:
+        # The relay only ends by cancellation; a failure it ended with was raised already.
+        relay_task.cancel()
+        await asyncio.gather(relay_task, return_exceptions=True)
     await agent.store.close()
     log.info("stopped")
-
-
-async def _cancel(task: asyncio.Task[None] | None) -> None:
-    """Cancel and wait; a failure it ended with was already raised by the main loop."""
-    if task is not None:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)

@@ -25,10 +25,18 @@ from schemas.region import Region, RegionSpec, RegionState
 FIRST_PORT = 19000
 LAST_PORT = 65535
 
-# A region in these states holds (or is about to hold, or still holds) files on disk,
-# so it counts against capacity and keeps its port; failed and destroyed ones do not.
-LIVE = frozenset({RegionState.REQUESTED, RegionState.CREATED, RegionState.TOMBSTONED})
 DELETABLE = frozenset({RegionState.REQUESTED, RegionState.CREATED, RegionState.FAILED})
+
+
+def holds_space(region: Region | None) -> bool:
+    """Whether the region holds (or is about to hold, or still holds) files on disk, and
+    so counts against capacity and keeps its port. A failed region never does, even once
+    tombstoned: its files were removed when it failed, or never written."""
+    if region is None:
+        return False
+    if region.state is RegionState.TOMBSTONED:
+        return region.failure is None
+    return region.state in {RegionState.REQUESTED, RegionState.CREATED}
 
 
 # What a command or a finished piece of work does to a region.
@@ -39,12 +47,15 @@ class Changed:
     """The region moved to a new state; record it and publish one event."""
 
     region: Region
-    previous: RegionState | None
+    previous: Region | None
+
+    @property
+    def previous_state(self) -> RegionState | None:
+        return None if self.previous is None else self.previous.state
 
     @property
     def capacity_changed(self) -> bool:
-        before = self.previous in LIVE
-        return before != (self.region.state in LIVE)
+        return holds_space(self.previous) != holds_space(self.region)
 
 
 @dataclass(frozen=True)
@@ -82,13 +93,13 @@ class Capacity:
 
 
 def capacity(total_bytes: int, regions: Iterable[Region]) -> Capacity:
-    used = sum(region.size_bytes for region in regions if region.state in LIVE)
+    used = sum(region.size_bytes for region in regions if holds_space(region))
     return Capacity(total_bytes=total_bytes, used_bytes=used)
 
 
 def free_port(regions: Iterable[Region]) -> int | None:
     """The lowest port no live region uses, or None when every port is taken."""
-    taken = {region.port_number for region in regions if region.state in LIVE}
+    taken = {region.port_number for region in regions if holds_space(region)}
     return next((port for port in range(FIRST_PORT, LAST_PORT + 1) if port not in taken), None)
 
 
@@ -167,7 +178,7 @@ def _move(region: Region, state: RegionState, *, failure: str | None = None) -> 
             "failure": failure if failure is not None else region.failure,
         }
     )
-    return Changed(moved, previous=region.state)
+    return Changed(moved, previous=region)
 
 
 def _difference(existing: RegionSpec, requested: RegionSpec) -> str:

@@ -313,7 +313,8 @@ class RegionService:
 
     async def _stopped_within(self, seconds: float) -> bool:
         try:
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
         except TimeoutError:
             return False
         return True
@@ -341,7 +342,7 @@ class RegionService:
             queue=crucible_queue(self.agent_id),
             capacity_bytes=self._capacity_bytes,
             free_bytes=room.free_bytes,
-            regions=sum(1 for region in held if region.state in regions.LIVE),
+            regions=sum(1 for region in held if regions.holds_space(region)),
         )
         announced = AgentAnnounced(source=self.source, payload=info, **_caused(cause))
         return OutgoingMessage.of(
@@ -375,7 +376,7 @@ class RegionService:
         log.info(
             "region %s: %s -> %s (generation %d)",
             region.id,
-            change.previous.value if change.previous else "-",
+            change.previous_state.value if change.previous_state else "-",
             region.state.value,
             region.generation,
             extra={

@@ -42,7 +42,7 @@ def created(requested: RegionSpec, **fields: object) -> Region:
 def test_a_new_region_is_requested_at_generation_one_on_the_first_port() -> None:
     outcome = regions.ensure(None, spec(), others=[], total_bytes=10 * MIB)
     assert isinstance(outcome, regions.Changed)
-    assert outcome.previous is None
+    assert outcome.previous_state is None
     assert outcome.region.state is RegionState.REQUESTED
     assert outcome.region.generation == 1
     assert outcome.region.port_number == regions.FIRST_PORT
@@ -111,6 +111,14 @@ def test_capacity_counts_regions_that_hold_files(state: RegionState, counts: boo
     assert room.free_bytes == 10 * MIB - room.used_bytes
 
 
+def test_a_failed_region_holds_no_capacity_once_tombstoned_either() -> None:
+    failed = created(spec(size_mib=3), state=RegionState.FAILED, failure="did not fit")
+    outcome = regions.delete(failed)
+    assert isinstance(outcome, regions.Changed)
+    assert regions.capacity(10 * MIB, [outcome.region]).used_bytes == 0
+    assert not outcome.capacity_changed
+
+
 def test_ports_are_the_lowest_free_and_come_back_when_a_region_is_destroyed() -> None:
     first = created(spec(), port_number=regions.FIRST_PORT)
     second = created(spec(), port_number=regions.FIRST_PORT + 1)
@@ -124,13 +132,14 @@ def test_ports_are_the_lowest_free_and_come_back_when_a_region_is_destroyed() ->
 
 @pytest.mark.parametrize("state", [RegionState.REQUESTED, RegionState.CREATED, RegionState.FAILED])
 def test_delete_tombstones_a_live_or_failed_region(state: RegionState) -> None:
-    region = created(spec(), state=state, generation=2)
+    failure = "injected" if state is RegionState.FAILED else None
+    region = created(spec(), state=state, generation=2, failure=failure)
     outcome = regions.delete(region)
     assert isinstance(outcome, regions.Changed)
     assert outcome.region.state is RegionState.TOMBSTONED
     assert outcome.region.generation == 3
-    assert outcome.previous is state
-    assert outcome.capacity_changed is (state is RegionState.FAILED)
+    assert outcome.previous_state is state
+    assert not outcome.capacity_changed, "a tombstoned region holds its files until destroyed"
 
 
 @pytest.mark.parametrize("state", [RegionState.TOMBSTONED, RegionState.DESTROYED])

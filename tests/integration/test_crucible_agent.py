@@ -1,0 +1,262 @@
+"""The crucible agent as a real process against a real RabbitMQ: idempotent commands,
+SIGKILL mid-create, delete flows, a broker outage, the reconcile queries, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+from schemas.common import CommandRejected
+from schemas.region import (
+    RegionDelete,
+    RegionEnsure,
+    RegionGet,
+    RegionInfo,
+    RegionList,
+    RegionListed,
+    RegionRef,
+    RegionSpec,
+    RegionState,
+)
+from schemas.transport import Transport
+from tests.harness.servers import RabbitMQServer
+from tests.integration.crucible_fixtures import (
+    AgentProcess,
+    Events,
+    crucible_agents,
+    events,
+    transport,
+    watch_events,
+)
+
+pytestmark = pytest.mark.integration
+
+__all__ = ["crucible_agents", "events", "transport"]  # fixtures, used by name
+
+SOURCE = "nexus/test"
+REQUESTED, CREATED, TOMBSTONED, DESTROYED = (
+    RegionState.REQUESTED,
+    RegionState.CREATED,
+    RegionState.TOMBSTONED,
+    RegionState.DESTROYED,
+)
+MakeAgent = Callable[..., AgentProcess]
+
+
+def region_spec(extent_count: int = 4) -> RegionSpec:
+    return RegionSpec(id=uuid.uuid4(), block_size=512, extent_size=16, extent_count=extent_count)
+
+
+def ensure(spec: RegionSpec) -> RegionEnsure:
+    return RegionEnsure(source=SOURCE, payload=spec, correlation_id=uuid.uuid4())
+
+
+def delete(region_id: uuid.UUID) -> RegionDelete:
+    return RegionDelete(source=SOURCE, payload=RegionRef(id=region_id))
+
+
+async def send(
+    transport: Transport, agent: AgentProcess, *commands: RegionEnsure | RegionDelete
+) -> None:
+    # The test declares the agent's queue itself, so commands wait there while it starts.
+    await transport.declare_command_queue(agent.queue)
+    for command in commands:
+        await transport.send_command(command, agent.queue)
+
+
+def assert_published_once_per_generation(
+    events: Events, agent: AgentProcess, region_id: uuid.UUID
+) -> None:
+    """One message id per generation (a redelivery repeats an id, never adds one), no gaps,
+    and generations first arrive in order."""
+    changes = events.region_changes(agent.agent_id, region_id)
+    ids_per_generation: dict[int, set[uuid.UUID]] = {}
+    for event in changes:
+        ids_per_generation.setdefault(event.payload.region.generation, set()).add(event.id)
+    assert all(len(ids) == 1 for ids in ids_per_generation.values()), ids_per_generation
+    generations = [generation for _, generation in events.states(agent.agent_id, region_id)]
+    assert generations == list(range(1, len(generations) + 1)), generations
+
+
+async def test_ensuring_twice_leaves_one_region_and_conflicts_change_nothing(
+    transport: Transport, events: Events, crucible_agents: MakeAgent
+) -> None:
+    agent = crucible_agents()
+    spec = region_spec()
+    first = ensure(spec)
+    await send(transport, agent, first, first, ensure(spec))
+    agent.start()
+    await events.reached(agent.agent_id, spec.id, CREATED)
+    # A fourth, as a request: the answer is the existing region.
+    again = await transport.request(ensure(spec), routing_key=agent.queue, timeout=15)
+    assert isinstance(again, RegionInfo)
+    assert again.payload.region is not None
+    assert (again.payload.region.state, again.payload.region.generation) == (CREATED, 2)
+
+    assert events.states(agent.agent_id, spec.id) == [(REQUESTED, 1), (CREATED, 2)]
+    assert_published_once_per_generation(events, agent, spec.id)
+    rows, files = agent.regions_rows(), agent.files()
+    assert len(rows) == 1
+    assert sorted(files) == [f"{spec.id}/0000{n}.extent" for n in range(4)] + [
+        f"{spec.id}/region.json"
+    ]
+    assert all(size == 16 * 512 for name, size in files.items() if name.endswith(".extent"))
+
+    clash = RegionEnsure(source=SOURCE, payload=spec.model_copy(update={"extent_count": 5}))
+    answer = await transport.request(clash, routing_key=agent.queue, timeout=15)
+    assert isinstance(answer, CommandRejected)
+    assert answer.payload.code == "conflict"
+    assert "extent_count" in answer.payload.message
+    await events.until(lambda: bool(events.rejections(clash.id)), "the rejection event")
+    assert events.rejections(clash.id)[0].payload.code == "conflict"
+    assert agent.regions_rows() == rows
+    assert agent.files() == files
+    assert events.states(agent.agent_id, spec.id) == [(REQUESTED, 1), (CREATED, 2)]
+
+
+async def test_sigkill_while_requested_then_restart_finishes_the_region(
+    transport: Transport, events: Events, crucible_agents: MakeAgent
+) -> None:
+    agent = crucible_agents()
+    spec = region_spec()
+    await send(transport, agent, ensure(spec))
+    agent.start("--create-delay=fixed:30")
+    await events.reached(agent.agent_id, spec.id, REQUESTED)
+    await agent.kill()
+    assert events.states(agent.agent_id, spec.id) == [(REQUESTED, 1)]
+
+    agent.start("--create-delay=fixed:0.2")
+    await events.reached(agent.agent_id, spec.id, CREATED)
+    assert events.states(agent.agent_id, spec.id) == [(REQUESTED, 1), (CREATED, 2)]
+    assert_published_once_per_generation(events, agent, spec.id)
+    assert len(list(agent.region_dir(spec.id).glob("*.extent"))) == 4
+
+
+async def test_a_crash_while_writing_extents_is_finished_by_the_next_start(
+    transport: Transport, events: Events, crucible_agents: MakeAgent
+) -> None:
+    agent = crucible_agents()
+    spec = region_spec(extent_count=8)
+    await send(transport, agent, ensure(spec))
+    agent.start("--crash-mid-create-fraction=1")
+    assert await agent.exited() == -signal.SIGKILL, agent.log_tail()
+    written = sorted(path.name for path in agent.region_dir(spec.id).iterdir())
+    assert written == [f"0000{n}.extent" for n in range(4)], "killed halfway, before region.json"
+
+    agent.start()
+    await events.reached(agent.agent_id, spec.id, CREATED)
+    # Whether the first run published ``requested`` before it died or not, it is on the
+    # wire now, once, with the same id.
+    assert events.states(agent.agent_id, spec.id) == [(REQUESTED, 1), (CREATED, 2)]
+    assert_published_once_per_generation(events, agent, spec.id)
+    assert len(list(agent.region_dir(spec.id).glob("*.extent"))) == 8
+    assert (agent.region_dir(spec.id) / "region.json").exists()
+
+
+async def test_delete_tombstones_then_destroys_and_repeats_harmlessly(
+    transport: Transport, events: Events, crucible_agents: MakeAgent
+) -> None:
+    agent = crucible_agents()
+    done, waiting = region_spec(), region_spec()
+    await send(transport, agent, ensure(done))
+    agent.start("--create-delay=fixed:1")
+    await events.reached(agent.agent_id, done.id, CREATED)
+
+    answer = await transport.request(delete(done.id), routing_key=agent.queue, timeout=15)
+    assert isinstance(answer, RegionInfo)
+    assert answer.payload.region is not None
+    assert (answer.payload.region.state, answer.payload.region.generation) == (TOMBSTONED, 3)
+    await events.reached(agent.agent_id, done.id, DESTROYED)
+    assert events.states(agent.agent_id, done.id) == [
+        (REQUESTED, 1),
+        (CREATED, 2),
+        (TOMBSTONED, 3),
+        (DESTROYED, 4),
+    ]
+    assert not agent.region_dir(done.id).exists()
+
+    # Deleted while its create still waits: the create ends after the delete and must
+    # not bring the region back.
+    await send(transport, agent, ensure(waiting), delete(waiting.id))
+    await events.reached(agent.agent_id, waiting.id, DESTROYED)
+
+    # Repeats change nothing and answer with the record, which destroyed regions keep.
+    for repeat in (delete(done.id), ensure(done)):
+        again = await transport.request(repeat, routing_key=agent.queue, timeout=15)
+        assert isinstance(again, RegionInfo)
+        assert again.payload.region is not None
+        assert (again.payload.region.state, again.payload.region.generation) == (DESTROYED, 4)
+
+    await asyncio.sleep(1.2)  # past the create delay of the region deleted while waiting
+    assert events.states(agent.agent_id, waiting.id) == [
+        (REQUESTED, 1),
+        (TOMBSTONED, 2),
+        (DESTROYED, 3),
+    ]
+    assert events.states(agent.agent_id, done.id)[-1] == (DESTROYED, 4)
+    for region_id in (done.id, waiting.id):
+        assert_published_once_per_generation(events, agent, region_id)
+    assert agent.files() == {}
+
+
+async def test_every_state_change_survives_a_broker_outage_in_order(
+    restartable_rabbitmq: RabbitMQServer, crucible_agents: MakeAgent
+) -> None:
+    specs = [region_spec() for _ in range(5)]
+    async with Transport(restartable_rabbitmq.url, name="test-crucible-outage") as connected:
+        await connected.declare_topology()
+        watched = await watch_events(connected)
+        agent = crucible_agents(amqp_url=restartable_rabbitmq.url)
+        await send(connected, agent, *(ensure(spec) for spec in specs))
+        agent.start("--create-delay=uniform:1.5,3", "--seed=7")
+        for spec in specs:
+            await watched.reached(agent.agent_id, spec.id, REQUESTED)
+
+        await asyncio.to_thread(restartable_rabbitmq.stop)
+        await asyncio.sleep(1.5)  # every create finishes while the broker is down
+        await asyncio.to_thread(restartable_rabbitmq.start)
+
+        for spec in specs:
+            await watched.reached(agent.agent_id, spec.id, CREATED, timeout=40)
+            assert watched.states(agent.agent_id, spec.id) == [(REQUESTED, 1), (CREATED, 2)]
+            assert_published_once_per_generation(watched, agent, spec.id)
+        assert agent.process is not None and agent.process.poll() is None, agent.log_tail()
+        await connected.channel.queue_delete(watched.queue)
+
+
+async def test_get_and_list_answer_requests_and_sigterm_stops_cleanly(
+    transport: Transport, events: Events, crucible_agents: MakeAgent
+) -> None:
+    agent = crucible_agents()
+    spec = region_spec()
+    await send(transport, agent, ensure(spec))
+    agent.start()
+    await events.reached(agent.agent_id, spec.id, CREATED)
+
+    get = RegionGet(source=SOURCE, payload=RegionRef(id=spec.id))
+    found = await transport.request(get, routing_key=agent.queue, timeout=15)
+    assert isinstance(found, RegionInfo)
+    assert found.causation_id == get.id
+    assert found.payload.agent_id == agent.agent_id
+    assert found.payload.region is not None
+    assert found.payload.region.spec() == spec
+    assert (found.payload.region.state, found.payload.region.generation) == (CREATED, 2)
+
+    unknown = uuid.uuid4()
+    missing = await transport.request(
+        RegionGet(source=SOURCE, payload=RegionRef(id=unknown)), routing_key=agent.queue, timeout=15
+    )
+    assert isinstance(missing, RegionInfo)
+    assert (missing.payload.region_id, missing.payload.region) == (unknown, None)
+
+    listed = await transport.request(RegionList(source=SOURCE), routing_key=agent.queue, timeout=15)
+    assert isinstance(listed, RegionListed)
+    assert [(r.id, r.state) for r in listed.payload.regions] == [(spec.id, CREATED)]
+
+    agent.signal(signal.SIGTERM)
+    assert await agent.exited(timeout=10) == 0, agent.log_tail()
+    assert '"msg": "stopped"' in agent.log_tail(5)

@@ -13,13 +13,16 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
+from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from nexus.db.models import Disk, Saga, SagaLogEntry, WaitRendezvous
-from nexus.db.states import DiskState, SagaState, WaitState
+from nexus.db.models import Disk, Instance, Saga, SagaLogEntry, Sled, WaitRendezvous
+from nexus.db.states import DiskState, InstanceState, SagaState, SledState, WaitState
+from nexus.doctor import run_doctor
+from nexus.saga.definition import SagaDefinition
 from nexus.saga.executor import SagaExecutor
-from nexus.sagas import disk_create
+from nexus.sagas import disk_create, disk_delete, instance_create, instance_delete, instance_power
 from schemas import api
 from schemas.base import Envelope
 from schemas.messages import Message
@@ -59,6 +62,11 @@ class Api:
             api.DiskCreate: self.disk_create,
             api.DiskGet: self.disk_get,
             api.DiskList: self.disk_list,
+            api.DiskDelete: self.disk_delete,
+            api.InstanceCreate: self.instance_create,
+            api.InstanceAct: self.instance_act,
+            api.InstanceList: self.instance_list,
+            api.Doctor: self.doctor,
             api.SagaGet: self.saga_get,
             api.SagaList: self.saga_list,
         }
@@ -111,9 +119,8 @@ class Api:
         # same saga instead of a second disk.
         saga_id = uuid.uuid5(request.id, "disk_create")
         async with self._sessions.begin() as session:
-            if await session.get(Saga, saga_id) is not None:
-                existing = await session.get(Saga, saga_id)
-                assert existing is not None
+            existing = await session.get(Saga, saga_id)
+            if existing is not None:
                 return self._accepted(request, saga_id, uuid.UUID(existing.params["disk_id"]))
             if await self._live_disk(session, body.project, body.name) is not None:
                 raise ApiProblem(
@@ -131,6 +138,24 @@ class Api:
         self._executor.spawn(saga_id)
         return self._accepted(request, saga_id, disk_id)
 
+    async def _start(
+        self,
+        request: Envelope,
+        session: AsyncSession,
+        definition: SagaDefinition[Any],
+        params: BaseModel,
+        resource_id: uuid.UUID,
+    ) -> api.AcceptedReply:
+        """Record the saga in the caller's transaction; it runs here once that commits.
+
+        The request's id names the saga, so a client that retries the same request
+        gets the same saga rather than a second operation.
+        """
+        saga_id = uuid.uuid5(request.id, definition.name)
+        if await session.get(Saga, saga_id) is None:
+            await self._executor.create(session, definition, params, saga_id)
+        return self._accepted(request, saga_id, resource_id)
+
     def _accepted(
         self, request: Envelope, saga_id: uuid.UUID, resource_id: uuid.UUID
     ) -> api.AcceptedReply:
@@ -139,6 +164,24 @@ class Api:
             payload=api.Accepted(saga_id=saga_id, resource_id=resource_id),
             **request.caused(),
         )
+
+    async def disk_delete(self, request: api.DiskDelete) -> Envelope:
+        async with self._sessions.begin() as session:
+            disk = await self._find_disk(session, request.payload)
+            if disk.state not in (DiskState.DETACHED, DiskState.FAULTED):
+                raise ApiProblem(
+                    api.ErrorCode.CONFLICT,
+                    f"disk {disk.name} is {disk.state.value}; only a detached disk can be deleted",
+                )
+            reply = await self._start(
+                request,
+                session,
+                disk_delete.DEFINITION,
+                disk_delete.Params(disk_id=disk.id),
+                disk.id,
+            )
+        self._executor.spawn(reply.payload.saga_id)
+        return reply
 
     async def disk_get(self, request: api.DiskGet) -> Envelope:
         async with self._sessions() as session:
@@ -177,6 +220,122 @@ class Api:
                 return found
         raise not_found("disk", f"{ref.resource} in project {ref.project}")
 
+    # Instances.
+
+    async def instance_create(self, request: api.InstanceCreate) -> Envelope:
+        body = request.payload
+        async with self._sessions.begin() as session:
+            if await self._live_instance(session, body.project, body.name) is not None:
+                raise ApiProblem(
+                    api.ErrorCode.ALREADY_EXISTS,
+                    f"an instance named {body.name!r} already exists in project {body.project!r}",
+                )
+            disk_ids = []
+            for ref in body.disks:
+                disk = await self._find_disk(
+                    session, api.ResourceRef(project=body.project, resource=ref)
+                )
+                if disk.state is not DiskState.DETACHED:
+                    raise ApiProblem(
+                        api.ErrorCode.CONFLICT,
+                        f"disk {disk.name} is {disk.state.value}; it must be detached",
+                    )
+                disk_ids.append(disk.id)
+            if len(set(disk_ids)) != len(disk_ids):
+                raise ApiProblem(api.ErrorCode.INVALID_REQUEST, "a disk is named twice")
+            instance_id = uuid.uuid4()
+            params = instance_create.Params(
+                instance_id=instance_id,
+                project=body.project,
+                name=body.name,
+                ncpus=body.ncpus,
+                memory_bytes=body.memory_bytes,
+                disk_ids=disk_ids,
+            )
+            reply = await self._start(
+                request, session, instance_create.DEFINITION, params, instance_id
+            )
+        self._executor.spawn(reply.payload.saga_id)
+        return reply
+
+    async def instance_act(self, request: api.InstanceAct) -> Envelope:
+        body = request.payload
+        async with self._sessions.begin() as session:
+            instance = await self._find_instance(
+                session, api.ResourceRef(project=body.project, resource=body.resource)
+            )
+            state = instance.state
+            if body.action is api.InstanceAction.DELETE:
+                definition: SagaDefinition[Any] = instance_delete.DEFINITION
+                params: BaseModel = instance_delete.Params(instance_id=instance.id)
+                if state is InstanceState.DELETING:
+                    raise ApiProblem(api.ErrorCode.CONFLICT, f"{instance.name} is being deleted")
+            else:
+                definition, already, allowed = _POWER[body.action]
+                if state in already:
+                    # Nothing to do; the sled would not announce a change either.
+                    return api.InstanceReply(
+                        source=self.source,
+                        payload=await instance_view(session, instance),
+                        **request.caused(),
+                    )
+                if state not in allowed:
+                    raise ApiProblem(
+                        api.ErrorCode.CONFLICT,
+                        f"instance {instance.name} is {state.value}; cannot {body.action.value}",
+                    )
+                params = instance_power.Params(instance_id=instance.id)
+            reply = await self._start(request, session, definition, params, instance.id)
+        self._executor.spawn(reply.payload.saga_id)
+        return reply
+
+    async def instance_list(self, request: api.InstanceList) -> Envelope:
+        async with self._sessions() as session:
+            query = select(Instance).where(Instance.state != InstanceState.DELETED)
+            if request.payload.project is not None:
+                query = query.where(Instance.project == request.payload.project)
+            instances = (await session.execute(query.order_by(Instance.created_at))).scalars()
+            views = [await instance_view(session, i) for i in instances]
+            return api.InstanceListReply(
+                source=self.source, payload=tuple(views), **request.caused()
+            )
+
+    async def _live_instance(
+        self, session: AsyncSession, project: str, name: str
+    ) -> Instance | None:
+        return (
+            await session.execute(
+                select(Instance).where(
+                    Instance.project == project,
+                    Instance.name == name,
+                    Instance.state != InstanceState.DELETED,
+                )
+            )
+        ).scalar_one_or_none()
+
+    async def _find_instance(self, session: AsyncSession, ref: api.ResourceRef) -> Instance:
+        if isinstance(ref.resource, uuid.UUID):
+            instance = await session.get(Instance, ref.resource)
+            if (
+                instance is not None
+                and instance.project == ref.project
+                and instance.state is not InstanceState.DELETED
+            ):
+                return instance
+        else:
+            found = await self._live_instance(session, ref.project, ref.resource)
+            if found is not None:
+                return found
+        raise not_found("instance", f"{ref.resource} in project {ref.project}")
+
+    # Doctor.
+
+    async def doctor(self, request: api.Doctor) -> Envelope:
+        report = await run_doctor(
+            self._sessions, self._transport, self.source, request.payload.timeout_seconds
+        )
+        return api.DoctorReply(source=self.source, payload=report, **request.caused())
+
     # Sagas.
 
     async def saga_get(self, request: api.SagaGet) -> Envelope:
@@ -202,6 +361,51 @@ class Api:
             sagas = (await session.execute(query)).scalars().all()
             views = [await saga_view(session, saga, with_log=False) for saga in sagas]
             return api.SagaListReply(source=self.source, payload=tuple(views), **request.caused())
+
+
+_POWER: dict[
+    api.InstanceAction,
+    tuple[SagaDefinition[Any], frozenset[InstanceState], frozenset[InstanceState]],
+] = {
+    api.InstanceAction.START: (
+        instance_power.START,
+        frozenset({InstanceState.RUNNING, InstanceState.STARTING}),
+        frozenset({InstanceState.STOPPED, InstanceState.FAILED}),
+    ),
+    api.InstanceAction.STOP: (
+        instance_power.STOP,
+        frozenset({InstanceState.STOPPED, InstanceState.STOPPING}),
+        frozenset({InstanceState.RUNNING, InstanceState.STARTING, InstanceState.FAILED}),
+    ),
+    api.InstanceAction.REBOOT: (
+        instance_power.REBOOT,
+        frozenset({InstanceState.REBOOTING}),
+        frozenset({InstanceState.RUNNING}),
+    ),
+}
+
+
+async def instance_view(session: AsyncSession, instance: Instance) -> api.InstanceView:
+    reachable = True
+    if instance.sled_id is not None:
+        sled = await session.get(Sled, instance.sled_id)
+        reachable = sled is not None and sled.state is SledState.ACTIVE
+    disk_ids = (
+        await session.execute(select(Disk.id).where(Disk.attached_instance_id == instance.id))
+    ).scalars()
+    return api.InstanceView(
+        id=instance.id,
+        project=instance.project,
+        name=instance.name,
+        ncpus=instance.ncpus,
+        memory_bytes=instance.memory_bytes,
+        state=instance.state.value,
+        sled_id=instance.sled_id,
+        sled_reachable=reachable,
+        disk_ids=tuple(disk_ids),
+        created_at=instance.created_at,
+        updated_at=instance.updated_at,
+    )
 
 
 def disk_view(disk: Disk) -> api.DiskView:

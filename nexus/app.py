@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from nexus.api import Api
 from nexus.db.engine import create_engine, create_sessionmaker
 from nexus.events import EventIngest
+from nexus.liveness import mark_silent_sleds
 from nexus.saga.clock import Clock, SystemClock
 from nexus.saga.definition import SagaDefinition
 from nexus.saga.executor import Faults, SagaExecutor, SagaRow
@@ -186,6 +187,12 @@ class NexusApp:
             passes += 1
             try:
                 await self.executor.sweep()
+                assert self.sessions is not None
+                await mark_silent_sleds(
+                    self.sessions,
+                    now=self.clock.now(),
+                    timeout=timedelta(seconds=settings.sled_timeout_seconds),
+                )
                 self._report_health()
                 if passes % unclaimed_every == 0:
                     moved = await self.executor.sweep_unclaimed(

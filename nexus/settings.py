@@ -54,6 +54,8 @@ class NexusSettings(BaseSettings):
     # How often a replica looks for passed deadlines, expired leases and wake-ups whose
     # waker died: the safety net under notifications, never a poll of the agents.
     sweep_seconds: float = Field(default=1.0, gt=0)
+    # A sled silent for this long is marked unreachable (it beats every second or so).
+    sled_timeout_seconds: float = Field(default=10.0, gt=0)
     # How long an event no saga claimed is kept before it moves to unclaimed_events.
     unclaimed_retention_seconds: float = Field(default=3600.0, gt=0)
     # Touched after every sweeper pass that reached the database while the broker

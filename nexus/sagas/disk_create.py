@@ -40,6 +40,7 @@ from nexus.saga.definition import (
     parallel,
     sequence,
 )
+from schemas.common import Rejection
 from schemas.progress import DiskProgress, DiskUpdated
 from schemas.progress import DiskState as WireDiskState
 from schemas.region import (
@@ -120,7 +121,7 @@ async def disk_record(ctx: Ctx[Params]) -> None:
             )
         )
         await ctx.session.flush()
-    await _announce(ctx, WireDiskState.CREATING, 1)
+    await announce_disk(ctx, p.disk_id, p.project, p.name, WireDiskState.CREATING)
 
 
 async def disk_record_undo(ctx: Ctx[Params]) -> None:
@@ -228,6 +229,10 @@ def failed_key(region_id: uuid.UUID) -> str:
     return f"region:{region_id}:{WireRegionState.FAILED.value}"
 
 
+def rejected_key(command_id: uuid.UUID) -> str:
+    return f"command:{command_id}:rejected"
+
+
 async def region_ensure(ctx: Ctx[Params]) -> Wait:
     placed = ctx.output("regions_place", Placed)
     placement = _placement(ctx)
@@ -238,16 +243,22 @@ async def region_ensure(ctx: Ctx[Params]) -> Wait:
         extent_count=placed.extent_count,
         encrypted=True,
     )
-    await ctx.send(
-        RegionEnsure(id=ctx.command_id(), payload=spec, **ctx.envelope()), placement.queue
-    )
+    command = RegionEnsure(id=ctx.command_id(), payload=spec, **ctx.envelope())
+    await ctx.send(command, placement.queue)
     return Wait(
-        keys=(created_key(placement.region_id), failed_key(placement.region_id)),
+        keys=(
+            created_key(placement.region_id),
+            failed_key(placement.region_id),
+            rejected_key(command.id),
+        ),
         deadline=timedelta(seconds=ctx.params.region_deadline_seconds),
     )
 
 
 async def region_ensure_resume(ctx: Ctx[Params], wake: WakeUp) -> Ensured:
+    if wake.key.startswith("command:"):
+        rejection = Rejection.model_validate(wake.payload)
+        raise ActionFailed(f"region ensure refused ({rejection.code}): {rejection.message}")
     change = RegionChange.model_validate(wake.payload)
     region = change.region
     if region.state is not WireRegionState.CREATED:
@@ -294,7 +305,8 @@ async def disk_finalize(ctx: Ctx[Params]) -> None:
         .where(Disk.id == ctx.params.disk_id, Disk.state == DiskState.CREATING)
         .values(state=DiskState.DETACHED, updated_at=ctx.now)
     )
-    await _announce(ctx, WireDiskState.DETACHED, 2)
+    p = ctx.params
+    await announce_disk(ctx, p.disk_id, p.project, p.name, WireDiskState.DETACHED)
 
 
 # when an undo cannot finish
@@ -312,12 +324,23 @@ async def disk_fault(ctx: Ctx[Params]) -> None:
 # helpers
 
 
-async def _announce(ctx: Ctx[Params], state: WireDiskState, generation: int) -> None:
-    p = ctx.params
+async def announce_disk(
+    ctx: Ctx[Any],
+    disk_id: uuid.UUID,
+    project: str,
+    name: str,
+    state: WireDiskState,
+) -> None:
+    """Tell watchers the disk changed state (through the outbox, with the node)."""
     event = DiskUpdated(
         id=ctx.command_id(state.value),
         payload=DiskProgress(
-            disk_id=p.disk_id, project=p.project, name=p.name, state=state, generation=generation
+            disk_id=disk_id,
+            project=project,
+            name=name,
+            state=state,
+            # Milliseconds of the node's clock: increases with every change of one disk.
+            generation=max(1, int(ctx.now.timestamp() * 1000)),
         ),
         **ctx.envelope(),
     )

@@ -1,0 +1,222 @@
+"""disk_delete: mark the disk deleting, delete its regions, wait for each, mark it deleted.
+
+Nodes, in order:
+
+    disk_mark_deleting   detached → deleting (an attached disk is refused)
+    region_0..2          ask the region's agent to delete it; wait for ``destroyed``
+    disk_mark_deleted    the disk row stays, ``deleted``; the datasets get their space back
+
+Deleting cannot be undone: a region asked to delete is gone. A failure after the first
+node therefore leaves the disk ``faulted`` (visible, retried by an operator), never
+half-deleted and looking healthy.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import timedelta
+
+from pydantic import BaseModel, Field
+from sqlalchemy import select, update
+
+from nexus.db.models import Dataset, Disk, Region
+from nexus.db.states import DiskState, RegionState
+from nexus.saga.definition import (
+    ActionFailed,
+    Ctx,
+    Node,
+    Reconciled,
+    SagaDefinition,
+    Wait,
+    WakeUp,
+    parallel,
+    sequence,
+)
+from nexus.sagas.disk_create import REPLICAS, announce_disk, rejected_key
+from schemas.common import Rejection
+from schemas.progress import DiskState as WireDiskState
+from schemas.region import RegionChange, RegionDelete, RegionGet, RegionInfo, RegionRef
+from schemas.region import RegionState as WireRegionState
+
+REGION_DEADLINE = timedelta(minutes=2)
+
+
+class Params(BaseModel):
+    disk_id: uuid.UUID
+    region_deadline_seconds: float = Field(default=REGION_DEADLINE.total_seconds(), gt=0)
+
+
+class DiskRegion(BaseModel):
+    region_id: uuid.UUID
+    dataset_id: uuid.UUID
+    queue: str
+    size_bytes: int
+
+
+class Marked(BaseModel):
+    project: str
+    name: str
+    regions: list[DiskRegion]
+
+
+# disk_mark_deleting
+
+
+async def disk_mark_deleting(ctx: Ctx[Params]) -> Marked:
+    disk = await ctx.session.get(Disk, ctx.params.disk_id, with_for_update=True)
+    if disk is None:
+        raise ActionFailed(f"no disk {ctx.params.disk_id}")
+    if disk.state not in (DiskState.DETACHED, DiskState.FAULTED, DiskState.DELETING):
+        raise ActionFailed(f"disk {disk.name} is {disk.state.value}; only a detached disk goes")
+    disk.state = DiskState.DELETING
+    disk.saga_id = ctx.saga_id
+    disk.updated_at = ctx.now
+    rows = await ctx.session.execute(
+        select(Region, Dataset.queue_name)
+        .join(Dataset, Dataset.id == Region.dataset_id)
+        .where(Region.disk_id == disk.id)
+        .order_by(Region.id)
+    )
+    regions = [
+        DiskRegion(
+            region_id=region.id,
+            dataset_id=region.dataset_id,
+            queue=queue,
+            size_bytes=region.block_size * region.extent_size * region.extent_count,
+        )
+        for region, queue in rows
+    ]
+    await announce_disk(ctx, disk.id, disk.project, disk.name, WireDiskState.DELETING)
+    return Marked(project=disk.project, name=disk.name, regions=regions)
+
+
+# region_0..2
+
+
+def _region(ctx: Ctx[Params]) -> DiskRegion | None:
+    index = int(ctx.node.rsplit("_", 1)[1])
+    regions = ctx.output("disk_mark_deleting", Marked).regions
+    return regions[index] if index < len(regions) else None
+
+
+def destroyed_key(region_id: uuid.UUID) -> str:
+    return f"region:{region_id}:{WireRegionState.DESTROYED.value}"
+
+
+async def region_delete(ctx: Ctx[Params]) -> Wait | None:
+    region = _region(ctx)
+    if region is None:
+        return None
+    command = RegionDelete(
+        id=ctx.command_id(), payload=RegionRef(id=region.region_id), **ctx.envelope()
+    )
+    await ctx.send(command, region.queue)
+    return Wait(
+        keys=(destroyed_key(region.region_id), rejected_key(command.id)),
+        deadline=timedelta(seconds=ctx.params.region_deadline_seconds),
+    )
+
+
+async def region_delete_resume(ctx: Ctx[Params], wake: WakeUp) -> None:
+    if wake.key.startswith("command:"):
+        rejection = Rejection.model_validate(wake.payload)
+        # An agent that never had the region has nothing to delete.
+        if rejection.code != "not_found":
+            raise ActionFailed(f"region delete refused: {rejection.message}")
+    else:
+        RegionChange.model_validate(wake.payload)
+
+
+async def region_delete_reconcile(ctx: Ctx[Params], keys: Sequence[str]) -> Reconciled:
+    region = _region(ctx)
+    assert region is not None
+    if ctx.transport is None:
+        return Reconciled.rearm("no broker connection to ask the agent")
+    reply = await ctx.transport.request(
+        RegionGet(payload=RegionRef(id=region.region_id), **ctx.envelope()),
+        routing_key=region.queue,
+        timeout=10,
+    )
+    if not isinstance(reply, RegionInfo):
+        return Reconciled.rearm(f"unexpected reply {reply.TYPE}")
+    found = reply.payload.region
+    if found is None or found.state is WireRegionState.DESTROYED:
+        payload = (
+            RegionChange(agent_id=reply.payload.agent_id, region=found).model_dump(mode="json")
+            if found is not None
+            else {}
+        )
+        if found is None:
+            return Reconciled.resume(
+                rejected_key(ctx.command_id()),
+                {
+                    "command_id": str(ctx.command_id()),
+                    "command_type": RegionDelete.TYPE,
+                    "code": "not_found",
+                    "message": "the agent has no such region",
+                },
+                1,
+            )
+        return Reconciled.resume(destroyed_key(region.region_id), payload, found.generation)
+    return Reconciled.rearm(f"region {region.region_id} is {found.state.value}")
+
+
+def _region_node(index: int) -> Node[Params]:
+    return Node(
+        f"region_{index}",
+        region_delete,
+        resume=region_delete_resume,
+        reconcile=region_delete_reconcile,
+    )
+
+
+# disk_mark_deleted
+
+
+async def disk_mark_deleted(ctx: Ctx[Params]) -> None:
+    marked = ctx.output("disk_mark_deleting", Marked)
+    for region in marked.regions:
+        freed = await ctx.session.execute(
+            update(Region)
+            .where(Region.id == region.region_id, Region.state != RegionState.DESTROYED)
+            .values(state=RegionState.DESTROYED)
+        )
+        if freed.rowcount:  # type: ignore[attr-defined]
+            await ctx.session.execute(
+                update(Dataset)
+                .where(Dataset.id == region.dataset_id)
+                .values(free_bytes=Dataset.free_bytes + region.size_bytes)
+            )
+    await ctx.session.execute(
+        update(Disk)
+        .where(Disk.id == ctx.params.disk_id)
+        .values(state=DiskState.DELETED, updated_at=ctx.now)
+    )
+    await announce_disk(ctx, ctx.params.disk_id, marked.project, marked.name, WireDiskState.DELETED)
+
+
+async def disk_fault(ctx: Ctx[Params]) -> None:
+    await ctx.session.execute(
+        update(Disk)
+        .where(Disk.id == ctx.params.disk_id)
+        .values(state=DiskState.FAULTED, updated_at=ctx.now)
+    )
+
+
+async def disk_mark_deleting_undo(ctx: Ctx[Params]) -> None:
+    """Regions may be half gone: the disk is faulted, for an operator to delete again."""
+    await disk_fault(ctx)
+
+
+DEFINITION: SagaDefinition[Params] = SagaDefinition(
+    name="disk_delete",
+    version=1,
+    params=Params,
+    stages=(
+        *sequence(Node("disk_mark_deleting", disk_mark_deleting, undo=disk_mark_deleting_undo)),
+        *parallel(*(_region_node(index) for index in range(REPLICAS))),
+        *sequence(Node("disk_mark_deleted", disk_mark_deleted)),
+    ),
+    on_stuck=disk_fault,
+)

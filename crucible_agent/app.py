@@ -21,6 +21,7 @@ import logging
 import random
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import aio_pika
 
@@ -38,6 +39,7 @@ CONNECT_RETRY_SECONDS = 1.0
 DRAIN_SECONDS = 5.0
 HANDLERS_SECONDS = 10.0
 COMMAND_PREFETCH = 16
+HEALTH_SECONDS = 5.0
 
 
 @dataclass
@@ -88,6 +90,7 @@ async def run(settings: CrucibleSettings) -> None:
     await agent.service.resume()
     relay_task: asyncio.Task[None] | None = None
     announce_task: asyncio.Task[None] | None = None
+    health_task: asyncio.Task[None] | None = None
     try:
         if not await _connect(agent.transport, stop):
             return
@@ -99,10 +102,18 @@ async def run(settings: CrucibleSettings) -> None:
         announce_task = asyncio.create_task(
             _announce_every(agent.service, settings.announce_seconds, stop), name="announce"
         )
+        if settings.health_file is not None:
+            health_task = asyncio.create_task(
+                _report_health(settings.health_file, agent.transport), name="health"
+            )
         log.info("consuming %s", queue)
         await _until_stopped_or_failed(stop, relay_task, announce_task)
         log.info("stopping")
     finally:
+        if health_task is not None:
+            # A stopping agent is no longer healthy: the file ages from here on.
+            health_task.cancel()
+            await asyncio.gather(health_task, return_exceptions=True)
         await _shut_down(agent, stop, relay_task, announce_task)
 
 
@@ -127,6 +138,26 @@ async def _announce_every(service: RegionService, seconds: float, stop: asyncio.
                 await stop.wait()
         if not stop.is_set():
             await service.announce()
+
+
+async def _report_health(path: Path, transport: Transport) -> None:
+    """Touch ``path`` every few seconds while the broker connection is up, until cancelled.
+
+    ``crucible-agent health`` reads its age. A connect_robust connection that lost the
+    broker is not closed but no longer ``connected``, so that is what is checked.
+    """
+    while True:
+        if transport.is_connected and transport.connection.connected.is_set():
+            try:
+                await asyncio.to_thread(_touch, path)
+            except OSError as error:
+                log.warning("cannot touch the health file %s: %r", path, error)
+        await asyncio.sleep(HEALTH_SECONDS)
+
+
+def _touch(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
 
 
 async def _until_stopped_or_failed(stop: asyncio.Event, *tasks: asyncio.Task[None]) -> None:

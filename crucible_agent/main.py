@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
@@ -105,3 +106,39 @@ def run(
         raise typer.Exit(2) from None
     logs.configure("crucible-agent", settings.log_level)
     asyncio.run(agent_app.run(settings))
+
+
+@app.command()
+def health(
+    max_age: Annotated[
+        float,
+        typer.Option(help="Seconds since the agent last touched its health file, at most."),
+    ] = 15.0,
+    health_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="CRUCIBLE_HEALTH_FILE",
+            help="The file `crucible-agent run` touches while connected to the broker.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Exit 0 if this host's agent was connected to the broker recently (a health check).
+
+    `crucible-agent run` touches CRUCIBLE_HEALTH_FILE every few seconds while connected.
+    """
+    try:
+        if health_file is None:
+            raise RuntimeError("CRUCIBLE_HEALTH_FILE is not set")
+        try:
+            age = time.time() - health_file.stat().st_mtime
+        except FileNotFoundError:
+            raise RuntimeError(f"{health_file} does not exist: not connected yet") from None
+        if age > max_age:
+            raise RuntimeError(
+                f"{health_file} last touched {age:.0f}s ago (more than {max_age:g}s)"
+            )
+    except (RuntimeError, OSError) as error:
+        typer.echo(f"crucible-agent: unhealthy: {error}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"healthy: broker connection up {age:.1f}s ago")

@@ -40,6 +40,11 @@ class CrucibleSettings(BaseSettings):
     announce_seconds: float = Field(
         default=30.0, gt=0, description="how often it re-announces its capacity"
     )
+    health_file: Path | None = Field(
+        default=None,
+        description="touched every few seconds while the broker connection is up; "
+        "`crucible-agent health` (a container health check) reads its age",
+    )
 
     @field_validator("create_delay")
     @classmethod

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
 
 import aio_pika
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 CONNECT_RETRY_SECONDS = 1.0
 DRAIN_SECONDS = 2.0
+HEALTH_SECONDS = 5.0
 
 
 async def serve(settings: SledSettings, shutdown: asyncio.Event) -> None:
@@ -49,6 +51,13 @@ async def serve(settings: SledSettings, shutdown: asyncio.Event) -> None:
         ]
         try:
             await transport.consume(queue, agent.handle)
+            if settings.health_file is not None:
+                # Never ends by itself: it is cancelled with the other workers.
+                workers.append(
+                    asyncio.create_task(
+                        _report_health(settings.health_file, transport), name="health"
+                    )
+                )
             log.info("sled %s serving on %s", settings.sled_id, queue)
             stop = asyncio.create_task(shutdown.wait(), name="shutdown")
             await asyncio.wait([stop, *workers], return_when=asyncio.FIRST_COMPLETED)
@@ -84,3 +93,23 @@ async def _connect(transport: Transport, shutdown: asyncio.Event) -> bool:
         else:
             return True
     return False
+
+
+async def _report_health(path: Path, transport: Transport) -> None:
+    """Touch ``path`` every few seconds while the broker connection is up, until cancelled.
+
+    ``sled-agent health`` reads its age. A connect_robust connection that lost the
+    broker is not closed but no longer ``connected``, so that is what is checked.
+    """
+    while True:
+        if transport.is_connected and transport.connection.connected.is_set():
+            try:
+                await asyncio.to_thread(_touch, path)
+            except OSError as error:
+                log.warning("cannot touch the health file %s: %r", path, error)
+        await asyncio.sleep(HEALTH_SECONDS)
+
+
+def _touch(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
@@ -101,3 +102,39 @@ async def _serve_until_signalled(settings: SledSettings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, shutdown.set)
     await serve(settings, shutdown)
+
+
+@app.command()
+def health(
+    max_age: Annotated[
+        float,
+        typer.Option(help="Seconds since the agent last touched its health file, at most."),
+    ] = 15.0,
+    health_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="SLED_HEALTH_FILE",
+            help="The file `sled-agent run` touches while connected to the broker.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Exit 0 if this host's agent was connected to the broker recently (a health check).
+
+    `sled-agent run` touches SLED_HEALTH_FILE every few seconds while connected.
+    """
+    try:
+        if health_file is None:
+            raise RuntimeError("SLED_HEALTH_FILE is not set")
+        try:
+            age = time.time() - health_file.stat().st_mtime
+        except FileNotFoundError:
+            raise RuntimeError(f"{health_file} does not exist: not connected yet") from None
+        if age > max_age:
+            raise RuntimeError(
+                f"{health_file} last touched {age:.0f}s ago (more than {max_age:g}s)"
+            )
+    except (RuntimeError, OSError) as error:
+        typer.echo(f"sled-agent: unhealthy: {error}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"healthy: broker connection up {age:.1f}s ago")

@@ -38,6 +38,11 @@ class SledSettings(BaseSettings):
     )
     seed: int | None = Field(default=None, description="seed of the random crashes")
     log_level: LogLevel = "INFO"
+    health_file: Path | None = Field(
+        default=None,
+        description="touched every few seconds while the broker connection is up; "
+        "`sled-agent health` (a container health check) reads its age",
+    )
 
     @property
     def database_path(self) -> Path:

@@ -7,13 +7,16 @@ against real servers and which ones.
 
 from __future__ import annotations
 
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 from tests.harness.servers import (
+    NotSupportedInMode,
     PostgresServer,
     PrivateRabbitMQNode,
     RabbitMQServer,
@@ -81,6 +84,31 @@ def rabbitmq_server(request: pytest.FixtureRequest) -> Iterator[RabbitMQServer]:
 def rabbitmq_url(rabbitmq_server: RabbitMQServer) -> str:
     """``amqp://`` URL of the session's RabbitMQ."""
     return rabbitmq_server.url
+
+
+@pytest.fixture
+def vhost_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """``amqp://`` URL of a new, empty virtual host, deleted afterwards.
+
+    For tests that run Nexus: its queues (``nexus.events``, ``nexus.api``) have fixed
+    names, and events left there by earlier tests (announcements of agents long gone)
+    would be consumed as if they were current. A server given by URL cannot be asked
+    for a virtual host, so those tests then use a private node.
+    """
+    server: RabbitMQServer = request.getfixturevalue("rabbitmq_server")
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    try:
+        server.rabbitmqctl("add_vhost", name)
+    except NotSupportedInMode:
+        server = request.getfixturevalue("restartable_rabbitmq")
+        server.rabbitmqctl("add_vhost", name)
+    base = urlsplit(server.url)
+    server.rabbitmqctl("set_permissions", "-p", name, base.username or "guest", ".*", ".*", ".*")
+    yield urlunsplit(base._replace(path=f"/{name}"))
+    try:
+        server.rabbitmqctl("delete_vhost", name)
+    except Exception as error:
+        warnings.warn(f"could not delete virtual host {name}: {error}", stacklevel=1)
 
 
 @pytest.fixture(scope="session")

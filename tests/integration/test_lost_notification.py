@@ -88,12 +88,12 @@ class SilentAgent:
 
 
 @pytest.fixture
-async def nexus(rabbitmq_url: str, tmp_path: Path) -> AsyncIterator[tuple[NexusApp, ManualClock]]:
+async def nexus(vhost_url: str, tmp_path: Path) -> AsyncIterator[tuple[NexusApp, ManualClock]]:
     url = f"sqlite+aiosqlite:///{tmp_path / 'nexus.sqlite3'}"
     await upgrade_async(url)
     clock = ManualClock()
     app = NexusApp(
-        NexusSettings(replica_id="solo", database_url=url, amqp_url=rabbitmq_url), clock=clock
+        NexusSettings(replica_id="solo", database_url=url, amqp_url=vhost_url), clock=clock
     )
     await app.start(background=False)
     try:
@@ -103,11 +103,11 @@ async def nexus(rabbitmq_url: str, tmp_path: Path) -> AsyncIterator[tuple[NexusA
 
 
 async def test_a_dropped_notification_is_recovered_by_one_reconcile_query(
-    nexus: tuple[NexusApp, ManualClock], rabbitmq_url: str
+    nexus: tuple[NexusApp, ManualClock], vhost_url: str
 ) -> None:
     app, clock = nexus
     assert app.executor is not None and app.sessions is not None and app.relay is not None
-    async with Transport(rabbitmq_url, name="silent-agents") as transport:
+    async with Transport(vhost_url, name="silent-agents") as transport:
         agents = [SilentAgent(transport) for _ in range(3)]
         for agent in agents:
             await transport.declare_command_queue(agent.queue)

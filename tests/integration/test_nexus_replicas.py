@@ -40,14 +40,14 @@ class RegionEvents:
 
 @pytest.fixture
 async def stack(
-    rabbitmq_url: str, fresh_postgres_url: str, tmp_path: Path
+    vhost_url: str, fresh_postgres_url: str, tmp_path: Path
 ) -> AsyncIterator[tuple[list[Crucible], ApiClient, RegionEvents, Path, str]]:
     await upgrade_async(fresh_postgres_url)
-    agents = [crucible(rabbitmq_url, tmp_path, create_delay="fixed:0.5") for _ in range(3)]
+    agents = [crucible(vhost_url, tmp_path, create_delay="fixed:0.5") for _ in range(3)]
     for agent in agents:
         agent.service.start()
     events = RegionEvents()
-    async with Transport(rabbitmq_url, name="test-observer") as transport:
+    async with Transport(vhost_url, name="test-observer") as transport:
         await transport.declare_topology()
         queue = f"test.regions.{uuid.uuid4()}"
         await transport.declare_queue(queue, [(EVENTS_EXCHANGE, "region.*")])
@@ -66,11 +66,11 @@ def replica(name: str, stack_dir: Path, database_url: str, amqp_url: str, **extr
 
 
 async def test_a_saga_started_on_one_replica_finishes_on_the_one_that_consumed_its_events(
-    stack: tuple[list[Crucible], ApiClient, RegionEvents, Path, str], rabbitmq_url: str
+    stack: tuple[list[Crucible], ApiClient, RegionEvents, Path, str], vhost_url: str
 ) -> None:
     _, client, _, workdir, database_url = stack
-    a = replica("replica-a", workdir, database_url, rabbitmq_url)
-    b = replica("replica-b", workdir, database_url, rabbitmq_url)
+    a = replica("replica-a", workdir, database_url, vhost_url)
+    b = replica("replica-b", workdir, database_url, vhost_url)
     a.start()
     try:
         accepted = await client.create_disk(f"d-{uuid.uuid4().hex[:8]}")
@@ -95,12 +95,12 @@ async def test_a_saga_started_on_one_replica_finishes_on_the_one_that_consumed_i
 @pytest.mark.parametrize("crash_node", disk_create.DEFINITION.node_names)
 async def test_a_replica_killed_inside_any_node_is_replaced_and_effects_happen_once(
     stack: tuple[list[Crucible], ApiClient, RegionEvents, Path, str],
-    rabbitmq_url: str,
+    vhost_url: str,
     crash_node: str,
 ) -> None:
     agents, client, events, workdir, database_url = stack
-    a = replica("replica-a", workdir, database_url, rabbitmq_url, crash_in_node=crash_node)
-    b = replica("replica-b", workdir, database_url, rabbitmq_url)
+    a = replica("replica-a", workdir, database_url, vhost_url, crash_in_node=crash_node)
+    b = replica("replica-b", workdir, database_url, vhost_url)
     a.start()
     try:
         accepted = await client.create_disk(f"d-{uuid.uuid4().hex[:8]}")

@@ -60,6 +60,9 @@ EXTENT_BYTES = 64 << 20
 # How long a region may take before the one reconcile query; generous on purpose,
 # since notifications, not this deadline, are what resume the saga.
 REGION_DEADLINE = timedelta(minutes=5)
+# Agents announce themselves every 30 s by default: one silent for longer than this
+# is presumed gone and gets no new regions.
+DATASET_FRESHNESS = timedelta(minutes=2)
 
 
 class Params(BaseModel):
@@ -146,7 +149,10 @@ async def regions_place(ctx: Ctx[Params]) -> Placed:
     rows = (
         await ctx.session.execute(
             select(Dataset)
-            .where(Dataset.free_bytes >= region_bytes)
+            .where(
+                Dataset.free_bytes >= region_bytes,
+                Dataset.last_seen_at >= ctx.now - DATASET_FRESHNESS,
+            )
             .order_by(Dataset.free_bytes.desc(), Dataset.id)
         )
     ).scalars()
@@ -158,7 +164,7 @@ async def regions_place(ctx: Ctx[Params]) -> Placed:
             break
     if len(chosen) < REPLICAS:
         raise ActionFailed(
-            f"insufficient capacity: need {REPLICAS} datasets on distinct sleds with "
+            f"insufficient capacity: need {REPLICAS} live datasets on distinct sleds with "
             f"{region_bytes} bytes free, found {len(chosen)}"
         )
     placements = []

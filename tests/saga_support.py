@@ -19,7 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from nexus.db.engine import create_engine, create_sessionmaker
 from nexus.db.migrate import upgrade_async
-from nexus.db.models import Dataset, OutboxMessage, Saga, SagaLogEntry
+from nexus.db.models import Dataset, OutboxMessage, Saga, SagaLogEntry, Sled
+from nexus.db.states import SledState
 from nexus.events import EventIngest, Ingested
 from nexus.saga.clock import ManualClock
 from nexus.saga.definition import (
@@ -254,3 +255,42 @@ def instance_event(
             )
         ),
     )
+
+
+async def add_sleds(database: Database, count: int, cpus: int = 16) -> list[Sled]:
+    sleds = [
+        Sled(
+            id=uuid.uuid4(),
+            hostname=f"sled-{index}",
+            queue_name=f"sled.{uuid.uuid4()}",
+            cpus=cpus,
+            memory_bytes=64 << 30,
+            state=SledState.ACTIVE,
+            last_heartbeat_at=ManualClock().now(),
+            generation=1,
+        )
+        for index in range(count)
+    ]
+    async with database.sessions.begin() as session:
+        session.add_all(sleds)
+    return sleds
+
+
+@dataclass
+class FakeSled:
+    """Answers instance commands found in the outbox with the sled's events."""
+
+    database: Database
+    generations: dict[uuid.UUID, int]
+
+    @classmethod
+    def new(cls, database: Database) -> FakeSled:
+        return cls(database=database, generations={})
+
+    async def commands(self, kind: type[Envelope]) -> list[Any]:
+        return [m for m in await self.database.outbox() if isinstance(m, kind)]
+
+    def event(self, instance_id: uuid.UUID, state: InstanceState) -> InstanceStateChanged:
+        generation = self.generations.get(instance_id, 0) + 1
+        self.generations[instance_id] = generation
+        return instance_event(instance_id, state, generation)

@@ -176,23 +176,23 @@ def _region_node(index: int) -> Node[Params]:
 
 async def disk_mark_deleted(ctx: Ctx[Params]) -> None:
     marked = ctx.output("disk_mark_deleting", Marked)
-    for region in marked.regions:
-        freed = await ctx.session.execute(
-            update(Region)
-            .where(Region.id == region.region_id, Region.state != RegionState.DESTROYED)
-            .values(state=RegionState.DESTROYED)
-        )
-        if freed.rowcount:  # type: ignore[attr-defined]
-            await ctx.session.execute(
-                update(Dataset)
-                .where(Dataset.id == region.dataset_id)
-                .values(free_bytes=Dataset.free_bytes + region.size_bytes)
-            )
-    await ctx.session.execute(
+    # Guarded on the disk's state, so that running this twice frees the space once.
+    deleted = await ctx.session.execute(
         update(Disk)
-        .where(Disk.id == ctx.params.disk_id)
+        .where(Disk.id == ctx.params.disk_id, Disk.state == DiskState.DELETING)
         .values(state=DiskState.DELETED, updated_at=ctx.now)
     )
+    if not deleted.rowcount:  # type: ignore[attr-defined]
+        return
+    for region in marked.regions:
+        await ctx.session.execute(
+            update(Region).where(Region.id == region.region_id).values(state=RegionState.DESTROYED)
+        )
+        await ctx.session.execute(
+            update(Dataset)
+            .where(Dataset.id == region.dataset_id)
+            .values(free_bytes=Dataset.free_bytes + region.size_bytes)
+        )
     await announce_disk(ctx, ctx.params.disk_id, marked.project, marked.name, WireDiskState.DELETED)
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NoReturn
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
+from rich.console import Console, RenderableType
 
 from nexus.settings import redact_urls_in
 
@@ -55,3 +56,14 @@ def describe(error: BaseException) -> str:
         lines = str(error).strip().splitlines()
         summary = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
     return redact_urls_in(summary)
+
+
+def show(renderable: RenderableType) -> None:
+    """A rich table or text for people."""
+    stdout.print(renderable)
+
+
+def emit_json(document: object) -> None:
+    """The one JSON document a command with ``--output json`` writes to stdout."""
+    # print(), not rich: rich would wrap long lines and colour the text.
+    print(json.dumps(document, indent=2, default=str))

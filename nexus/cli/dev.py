@@ -1,0 +1,250 @@
+"""``nexusctl dev run-all``: the whole stack as local processes, like a one-machine rack."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+from urllib.parse import urlsplit
+
+import typer
+
+from nexus.cli.client import NexusClient
+from nexus.cli.console import errors_reported, fail, say, stderr
+from nexus.cli.demo import run_demo
+from nexus.cli.options import DEFAULT_AMQP_URL, AmqpUrlOption
+from nexus.db import migrate
+from nexus.devstack.servers import (
+    PostgresCluster,
+    RabbitMQNode,
+    amqp_answers,
+    port_is_free,
+)
+from nexus.devstack.stack import (
+    READINESS_KEYS,
+    Readiness,
+    StackConfig,
+    StartupFailed,
+    plan,
+    wait_until_ready,
+)
+from nexus.devstack.supervisor import ChildSpec, Supervisor
+from nexus.settings import redact_url
+from schemas.transport import Transport
+
+app = typer.Typer(help="Run the control plane locally for development.", no_args_is_help=True)
+
+# Marks a directory as ours, so that starting afresh never deletes anything else.
+STATE_MARKER = ".nexus-devstack"
+STARTUP_TIMEOUT = 90.0
+
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM while the stack was starting."""
+
+
+@app.command("run-all")
+def run_all(
+    amqp_url: AmqpUrlOption = DEFAULT_AMQP_URL,
+    postgres: Annotated[
+        bool,
+        typer.Option("--postgres", help="A private PostgreSQL cluster instead of SQLite."),
+    ] = False,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--state-dir",
+            help="Databases, agents' data and logs. Default ./var/dev (./var/demo with --demo).",
+            show_default=False,
+        ),
+    ] = None,
+    demo: Annotated[
+        bool,
+        typer.Option("--demo", help="Run the demo once the stack is up, then stop everything."),
+    ] = False,
+    create_delay: Annotated[
+        str, typer.Option(help="How long a region takes at its agent (CRUCIBLE_CREATE_DELAY).")
+    ] = "uniform:0.2,1.5",
+) -> None:
+    """Start RabbitMQ (a private node if none answers at --amqp-url), the database,
+    2 Nexus replicas, 3 crucible agents and 2 sled agents; stop them all on Ctrl-C.
+
+    Each run starts from an empty state directory; the previous run's files (logs
+    included) stay there until then.
+    """
+    directory = (state_dir or Path("var/demo" if demo else "var/dev")).resolve()
+    code = 1
+    with contextlib.ExitStack() as servers:
+        # Registered first, so it runs last: while the servers stop, a second Ctrl-C
+        # must not interrupt that and leave a private server running.
+        servers.callback(_ignore_stop_signals)
+        try:
+            with _stop_signals_raise(), errors_reported():
+                _fresh(directory)
+                url = _rabbitmq(amqp_url, servers)
+                database_url = _database(directory, postgres, servers)
+                say("upgrading the database schema")
+                migrate.upgrade(database_url)
+            config = StackConfig(
+                state_dir=directory,
+                amqp_url=url,
+                database_url=database_url,
+                create_delay=create_delay,
+            )
+            code = asyncio.run(_run(config, demo))
+        except Stopped:
+            say("stopped before the stack was up")
+        _ignore_stop_signals()
+    raise typer.Exit(code)
+
+
+async def _run(config: StackConfig, demo: bool) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    stack = plan(config)
+    supervisor = Supervisor(_report_death)
+    transport = Transport(config.amqp_url, name="nexusctl dev run-all")
+    try:
+        await transport.connect()
+        # Before any process starts: the agents' first announcements then wait in
+        # nexus.events for the replicas instead of going nowhere.
+        await transport.declare_topology()
+        readiness = Readiness(stack.crucible_ids, stack.sled_ids)
+        await transport.subscribe(READINESS_KEYS, readiness.handle)
+        for spec in [*stack.nexus, *stack.agents]:
+            await supervisor.start(spec)
+        say(
+            f"started {len(stack.nexus)} Nexus replicas, {len(stack.crucible_ids)} crucible "
+            f"agents and {len(stack.sled_ids)} sled agents; waiting until they are ready"
+        )
+        stopped = asyncio.create_task(stop.wait())
+        ready = asyncio.create_task(wait_until_ready(supervisor, stack, readiness, STARTUP_TIMEOUT))
+        await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            ready.cancel()
+            return 0
+        ready.result()
+        _say_ready(config, stack.nexus + stack.agents)
+        if not demo:
+            await stopped
+            return 0
+        return await _demo(config, stopped)
+    except StartupFailed as error:
+        stderr.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+        return 1
+    finally:
+        say("stopping the stack")
+        for name, code in (await supervisor.stop()).items():
+            if code not in (0, -signal.SIGTERM):
+                say(f"  {name} exited with status {code}")
+        await transport.close()
+
+
+async def _demo(config: StackConfig, stopped: asyncio.Task[bool]) -> int:
+    try:
+        async with NexusClient(config.amqp_url, timeout=15.0) as client:
+            demo = asyncio.create_task(run_demo(client))
+            await asyncio.wait({demo, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not demo.done():
+                demo.cancel()
+                say("demo interrupted")
+                return 1
+            succeeded = demo.result()
+    except Exception as error:
+        stderr.print(f"error: demo failed: {error}", markup=False, highlight=False)
+        return 1
+    say("demo finished" if succeeded else "demo finished with failures (see above)")
+    return 0 if succeeded else 1
+
+
+def _say_ready(config: StackConfig, children: list[ChildSpec]) -> None:
+    say(
+        f"stack ready; state and logs in {config.state_dir}\n"
+        f"  RabbitMQ:  {redact_url(config.amqp_url)}\n"
+        f"  database:  {redact_url(config.database_url)}\n"
+        f"  processes: {', '.join(child.name for child in children)} "
+        f"(logs: {config.state_dir / 'logs'})\n"
+        f"to use it from another shell:\n"
+        f"  export NEXUS_AMQP_URL={config.amqp_url}\n"
+        f"  nexusctl disk create disk-1 --size 1GiB --wait\n"
+        f"Ctrl-C stops everything."
+    )
+
+
+def _report_death(spec: ChildSpec, code: int) -> None:
+    stderr.print(
+        f"warning: {spec.name} exited unexpectedly with status {code}; its log: {spec.log_path}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _fresh(directory: Path) -> None:
+    if directory.exists() and any(directory.iterdir()):
+        if not (directory / STATE_MARKER).exists():
+            fail(
+                f"refusing to empty {directory}: it is not a state directory of "
+                f"nexusctl dev (no {STATE_MARKER} file in it)"
+            )
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / STATE_MARKER).write_text(
+        "created by nexusctl dev run-all; emptied by its next run\n"
+    )
+
+
+def _rabbitmq(url: str, servers: contextlib.ExitStack) -> str:
+    version = amqp_answers(url)
+    if version is not None:
+        say(f"using RabbitMQ {version} at {redact_url(url)}")
+        return url
+    parts = urlsplit(url)
+    local = parts.hostname in {"localhost", "127.0.0.1", "::1"}
+    # On the URL's own port when possible, so that the default URL just works.
+    port = parts.port or 5672
+    node = RabbitMQNode(port if local and port_is_free(port) else None)
+    servers.callback(_stop_server, "RabbitMQ", node.close)
+    say(f"nothing answers at {redact_url(url)}; started a private RabbitMQ node: {node.describe()}")
+    return node.url
+
+
+def _database(directory: Path, postgres: bool, servers: contextlib.ExitStack) -> str:
+    if not postgres:
+        return f"sqlite+aiosqlite:///{directory / 'nexus.sqlite3'}"
+    cluster = PostgresCluster()
+    servers.callback(_stop_server, "PostgreSQL", cluster.close)
+    say(f"started a private PostgreSQL cluster: {cluster.describe()}")
+    return cluster.url
+
+
+def _stop_server(name: str, close: Callable[[], None]) -> None:
+    say(f"stopping the private {name} server")
+    close()
+
+
+@contextlib.contextmanager
+def _stop_signals_raise() -> Iterator[None]:
+    """SIGINT and SIGTERM raise Stopped while the servers start (synchronous code)."""
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise Stopped(signal.Signals(signum).name)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _ignore_stop_signals() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)

@@ -7,7 +7,7 @@ import socket
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
-from nexus.settings import redact_url
+from nexus.settings import redact_url, redact_urls_in
 from schemas import api
 from schemas.base import Envelope
 from schemas.topology import NEXUS_API_QUEUE
@@ -51,9 +51,8 @@ class NexusClient:
         try:
             await self._transport.connect(timeout=self.timeout)
         except Exception as error:
-            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise Unreachable(
-                f"cannot reach RabbitMQ at {redact_url(self._amqp_url)} ({first_line}); "
+                f"cannot reach RabbitMQ at {redact_url(self._amqp_url)} ({_first_line(error)}); "
                 "is the stack running (nexusctl dev run-all) and NEXUS_AMQP_URL right?"
             ) from error
         return self
@@ -86,9 +85,10 @@ class NexusClient:
             ) from error
         except PublishFailed as error:
             # The broker returns a request nobody has declared the API queue for.
+            reason = _first_line(error.__cause__ or error)
             raise Unreachable(
-                f"could not send {request.TYPE} to Nexus: no Nexus replica has ever "
-                "connected to this broker, or it refused the request"
+                f"could not send {request.TYPE} to Nexus ({reason}); "
+                "has a Nexus replica ever connected to this broker?"
             ) from error
         if isinstance(reply, api.ApiError):
             raise ApiFailure(reply.payload.code, reply.payload.message)
@@ -107,3 +107,8 @@ class NexusClient:
                 "cannot watch progress events: no Nexus has set up this broker yet "
                 f"({type(error).__name__})"
             ) from error
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return redact_urls_in(f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__)

@@ -6,10 +6,10 @@ import asyncio
 import contextlib
 import shutil
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import typer
@@ -42,6 +42,8 @@ app = typer.Typer(help="Run the control plane locally for development.", no_args
 # Marks a directory as ours, so that starting afresh never deletes anything else.
 STATE_MARKER = ".nexus-devstack"
 STARTUP_TIMEOUT = 90.0
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
 class Stopped(Exception):
@@ -79,10 +81,9 @@ def run_all(
     """
     directory = (state_dir or Path("var/demo" if demo else "var/dev")).resolve()
     code = 1
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     with contextlib.ExitStack() as servers:
-        # Registered first, so it runs last: while the servers stop, a second Ctrl-C
-        # must not interrupt that and leave a private server running.
-        servers.callback(_ignore_stop_signals)
+        servers.callback(_restore_signals, previous)
         try:
             with _stop_signals_raise(), errors_reported():
                 _fresh(directory)
@@ -99,14 +100,18 @@ def run_all(
             code = asyncio.run(_run(config, demo))
         except Stopped:
             say("stopped before the stack was up")
-        _ignore_stop_signals()
+        finally:
+            # While the private servers stop, a second Ctrl-C must not interrupt that
+            # and leave one running.
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
     raise typer.Exit(code)
 
 
 async def _run(config: StackConfig, demo: bool) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
     stack = plan(config)
     supervisor = Supervisor(_report_death)
@@ -237,14 +242,13 @@ def _stop_signals_raise() -> Iterator[None]:
     def stop(signum: int, frame: FrameType | None) -> None:
         raise Stopped(signal.Signals(signum).name)
 
-    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        _restore_signals(previous)
 
 
-def _ignore_stop_signals() -> None:
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
+def _restore_signals(handlers: Mapping[signal.Signals, SignalHandler]) -> None:
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)

@@ -97,14 +97,16 @@ class Reconciled:
     payload: Mapping[str, Any] = field(default_factory=dict)
     generation: int = 0
     reason: str = ""
+    # For a re-arm: the next deadline from now (default: the wait's own term again).
+    after: timedelta | None = None
 
     @classmethod
     def resume(cls, key: str, payload: Mapping[str, Any], generation: int) -> Reconciled:
         return cls(Outcome.RESUME, key=key, payload=payload, generation=generation)
 
     @classmethod
-    def rearm(cls, reason: str) -> Reconciled:
-        return cls(Outcome.REARM, reason=reason)
+    def rearm(cls, reason: str, after: timedelta | None = None) -> Reconciled:
+        return cls(Outcome.REARM, reason=reason, after=after)
 
     @classmethod
     def fail(cls, reason: str) -> Reconciled:
@@ -132,6 +134,7 @@ class Ctx(Generic[P]):
         replica_id: str,
         send: Callable[[Envelope, str, str, bool], Awaitable[None]],
         transport: Transport | None,
+        attempt: int = 0,
     ) -> None:
         self.saga_id = saga_id
         self.saga_name = saga_name
@@ -143,6 +146,8 @@ class Ctx(Generic[P]):
         self.replica_id = replica_id
         self._send = send
         self.transport = transport
+        # In a reconcile query: how many times this wait's deadline was reconciled before.
+        self.attempt = attempt
 
     @property
     def source(self) -> str:

@@ -16,7 +16,7 @@ import os
 import signal
 import traceback
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -50,6 +50,7 @@ saga_log = cast(Table, SagaLogEntry.__table__)
 
 # States a replica may claim a saga in.
 _CLAIMABLE = (SagaState.RUNNING.value, SagaState.WAITING.value, SagaState.UNWINDING.value)
+SWEEP_CONCURRENCY = 32
 _INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError, ConnectionError, TimeoutError)
 
 
@@ -555,7 +556,9 @@ class SagaExecutor:
                 continue
             node = definition.node(node_name)
             keys = list(wait["keys"])
-            outcome = await self._ask(definition, params, row, node, keys)
+            outcome = await self._ask(
+                definition, params, row, node, keys, attempt=int(wait.get("asked", 0))
+            )
             log.info(
                 "saga %s node %s deadline: reconcile says %s %s",
                 row.id,
@@ -591,11 +594,13 @@ class SagaExecutor:
             elif outcome.outcome is Outcome.REARM and int(wait.get("rearms", 0)) > 0:
                 async with self._sessions.begin() as session:
                     fenced = await self._fence(session, row)
-                    deadline = now + timedelta(seconds=float(wait["timeout_seconds"]))
+                    term = outcome.after or timedelta(seconds=float(wait["timeout_seconds"]))
+                    deadline = now + term
                     wait = {
                         **wait,
                         "deadline": deadline.isoformat(),
                         "rearms": int(wait["rearms"]) - 1,
+                        "asked": int(wait.get("asked", 0)) + 1,
                     }
                     progress = Progress.of(fenced.progress)
                     progress.waiting[node_name] = wait
@@ -625,11 +630,14 @@ class SagaExecutor:
         row: SagaRow,
         node: Node[Any],
         keys: list[str],
+        *,
+        attempt: int,
     ) -> Reconciled:
         if node.reconcile is None:
             return Reconciled.fail("the node has no reconcile query")
         async with self._sessions() as session:
             ctx = self._ctx(session, definition, params, row, node.name)
+            ctx.attempt = attempt
             try:
                 return await node.reconcile(ctx, keys)
             except Exception as error:  # an unreachable agent: give the wait another term
@@ -792,10 +800,18 @@ class SagaExecutor:
                 .scalars()
                 .all()
             )
-        for saga_id in expired:
-            await self.handle_deadline(saga_id)
-        for saga_id in {*woken, *orphaned}:
-            await self.run(saga_id)
+        # Side by side: a reconcile query waits on an agent, and one slow agent must not
+        # hold up every other saga's deadline.
+        gate = asyncio.Semaphore(SWEEP_CONCURRENCY)
+
+        async def gated(work: Awaitable[None]) -> None:
+            async with gate:
+                await work
+
+        await asyncio.gather(
+            *(gated(self.handle_deadline(saga_id)) for saga_id in expired),
+            *(gated(self.run(saga_id)) for saga_id in {*woken, *orphaned}),
+        )
         return len(expired) + len({*woken, *orphaned})
 
     async def sweep_unclaimed(self, retention: timedelta) -> int:

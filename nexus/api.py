@@ -47,12 +47,14 @@ class Api:
     def __init__(
         self,
         *,
+        disk_create_saga: SagaDefinition[Any] = disk_create.DEFINITION,
         sessions: async_sessionmaker[AsyncSession],
         executor: SagaExecutor,
         transport: Transport,
         clock: Callable[[], datetime],
         replica_id: str,
     ) -> None:
+        self._disk_create = disk_create_saga
         self._sessions = sessions
         self._executor = executor
         self._transport = transport
@@ -117,7 +119,7 @@ class Api:
         disk_id = uuid.uuid4()
         # The request's id names the saga: a CLI that retries the same request gets the
         # same saga instead of a second disk.
-        saga_id = uuid.uuid5(request.id, "disk_create")
+        saga_id = uuid.uuid5(request.id, self._disk_create.name)
         async with self._sessions.begin() as session:
             existing = await session.get(Saga, saga_id)
             if existing is not None:
@@ -134,7 +136,8 @@ class Api:
                 size_bytes=body.size_bytes,
                 block_size=body.block_size,
             )
-            await self._executor.create(session, disk_create.DEFINITION, params, saga_id)
+            # The benchmark's baselines share disk_create's parameters.
+            await self._executor.create(session, self._disk_create, params, saga_id)
         self._executor.spawn(saga_id)
         return self._accepted(request, saga_id, disk_id)
 

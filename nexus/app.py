@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import uuid
 from collections.abc import Sequence
@@ -34,6 +35,13 @@ from schemas.transport import Delivery, Transport
 log = logging.getLogger(__name__)
 
 
+def _extra_definitions(modules: Sequence[str]) -> list[SagaDefinition[Any]]:
+    definitions: list[SagaDefinition[Any]] = []
+    for name in modules:
+        definitions += importlib.import_module(name).DEFINITIONS
+    return definitions
+
+
 class NexusApp:
     def __init__(
         self,
@@ -45,7 +53,7 @@ class NexusApp:
     ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
-        self._definitions = definitions
+        self._definitions = [*definitions, *_extra_definitions(settings.extra_sagas)]
         self._faults = faults or Faults(crash_in_node=settings.crash_in_node)
         self._tasks: list[asyncio.Task[None]] = []
         self._progress_tasks: set[asyncio.Task[None]] = set()
@@ -89,6 +97,7 @@ class NexusApp:
         if background:
             self._tasks.append(asyncio.create_task(self._sweeper(), name="sweeper"))
         self.api = Api(
+            disk_create_saga=self._definition_named(settings.disk_create_saga),
             sessions=self.sessions,
             executor=self.executor,
             transport=self.transport,
@@ -105,6 +114,12 @@ class NexusApp:
             settings.replica_id,
             redact_urls_in(settings.database_url),
         )
+
+    def _definition_named(self, name: str) -> SagaDefinition[Any]:
+        for definition in self._definitions:
+            if definition.name == name:
+                return definition
+        raise ValueError(f"no saga named {name!r} (NEXUS_DISK_CREATE_SAGA)")
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -95,8 +95,7 @@ async def run(settings: CrucibleSettings) -> None:
         if not await _connect(agent.transport, stop):
             return
         queue = crucible_queue(settings.agent_id)
-        await agent.transport.declare_topology()
-        await agent.transport.declare_command_queue(queue)
+        await agent.transport.ensure_topology(queue)
         relay_task = asyncio.create_task(agent.relay.run(), name="outbox-relay")
         await agent.transport.consume(queue, agent.service.handle, prefetch=COMMAND_PREFETCH)
         announce_task = asyncio.create_task(

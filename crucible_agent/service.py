@@ -47,7 +47,7 @@ from schemas.region import (
     RegionStateChanged,
 )
 from schemas.sled import AgentAnnounced, CrucibleAgentInfo
-from schemas.topology import EVENTS_EXCHANGE, crucible_queue
+from schemas.topology import EVENTS_EXCHANGE, REPLIES_EXCHANGE, crucible_queue
 from schemas.transport import Delivery
 
 log = logging.getLogger(__name__)
@@ -394,7 +394,9 @@ class RegionService:
             return
         info = self._info(command, region.id, region)
         await tx.send(
-            OutgoingMessage.of(info, exchange="", routing_key=delivery.reply_to, mandatory=False)
+            OutgoingMessage.of(
+                info, exchange=REPLIES_EXCHANGE, routing_key=delivery.reply_to, mandatory=False
+            )
         )
 
     async def _send_rejection(
@@ -421,7 +423,7 @@ class RegionService:
             await tx.send(
                 OutgoingMessage.of(
                     rejected.with_id(uuid.uuid4()),
-                    exchange="",
+                    exchange=REPLIES_EXCHANGE,
                     routing_key=delivery.reply_to,
                     mandatory=False,
                 )

@@ -9,6 +9,10 @@ COMMANDS_EXCHANGE: Final = "control.commands"  # direct: routing key = target qu
 EVENTS_EXCHANGE: Final = "control.events"  # topic: region.<state>, instance.<state>, ...
 DEAD_LETTER_EXCHANGE: Final = "control.dead-letters"  # fanout
 DEAD_LETTER_QUEUE: Final = "control.dead-letters"
+# direct: routing key = the requester's reply queue. Replies do not go through the
+# default exchange, whose write permission would let an agent publish to any queue
+# (nexus.api among them).
+REPLIES_EXCHANGE: Final = "control.replies"
 
 NEXUS_EVENTS_QUEUE: Final = "nexus.events"  # shared by every Nexus replica
 NEXUS_API_QUEUE: Final = "nexus.api"

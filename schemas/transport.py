@@ -8,6 +8,10 @@
   message requeued, and the quorum queue dead-letters it past ``DELIVERY_LIMIT``.
 - Bytes that are not a message we accept are dead-lettered at once with the reason in
   a header, and the consumer goes on with the next message.
+- Every publish carries the connection's user as ``user_id``, which RabbitMQ refuses
+  unless it is the user that really published. A consumer dead-letters a message whose
+  envelope ``source`` that user may not claim (:mod:`schemas.identity`), and, when
+  ``require_user_id`` (the default), one without a ``user_id`` (it cannot be verified).
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from pamqp.commands import Basic
+from yarl import URL
 
 from schemas.base import Envelope
+from schemas.identity import source_allowed
 from schemas.messages import Message, MessageRejected, decode, encode
 from schemas.topology import (
     COMMANDS_EXCHANGE,
@@ -44,6 +50,7 @@ from schemas.topology import (
     ORIGINAL_QUEUE_HEADER,
     ORIGINAL_ROUTING_KEY_HEADER,
     REASON_HEADER,
+    REPLIES_EXCHANGE,
 )
 
 log = logging.getLogger(__name__)
@@ -111,6 +118,7 @@ def amqp_message(
     correlation_id: uuid.UUID | None,
     reply_to: str | None = None,
     headers: Mapping[str, HeaderValue] | None = None,
+    user_id: str | None = None,
 ) -> aio_pika.Message:
     """AMQP properties mirror the envelope (DESIGN.md: message contracts)."""
     return aio_pika.Message(
@@ -122,15 +130,19 @@ def amqp_message(
         correlation_id=str(correlation_id) if correlation_id else None,
         reply_to=reply_to,
         headers=dict(headers or {}),
+        user_id=user_id,
     )
 
 
 class Transport:
     """One connection per process, a confirmed publishing channel, channels per consumer."""
 
-    def __init__(self, url: str, *, name: str) -> None:
+    def __init__(self, url: str, *, name: str, require_user_id: bool = True) -> None:
         self._url = url
         self._name = name
+        # The user the broker authenticates (aio-pika's default when the URL names none).
+        self.user = URL(url).user or "guest"
+        self._require_user_id = require_user_id
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
@@ -176,7 +188,13 @@ class Transport:
 
     @property
     def is_connected(self) -> bool:
-        return self._connection is not None and not self._connection.is_closed
+        """Connected now: a robust connection that is reconnecting is not closed, but
+        it is not connected either."""
+        return (
+            self._connection is not None
+            and not self._connection.is_closed
+            and self._connection.connected.is_set()
+        )
 
     # Topology: every declaration is idempotent, so each process declares what it uses.
 
@@ -188,6 +206,9 @@ class Transport:
         )
         self._exchanges[EVENTS_EXCHANGE] = await channel.declare_exchange(
             EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        self._exchanges[REPLIES_EXCHANGE] = await channel.declare_exchange(
+            REPLIES_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
         )
         dead_letters = await channel.declare_exchange(
             DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
@@ -205,6 +226,41 @@ class Transport:
     async def declare_command_queue(self, queue_name: str) -> None:
         """An agent's own queue, fed by ``control.commands`` under its own name."""
         await self.declare_queue(queue_name, [(COMMANDS_EXCHANGE, queue_name)])
+
+    async def ensure_topology(self, command_queue: str) -> None:
+        """For agents: the topology and their own queue, declared only if missing.
+
+        Under least privilege (``nexus.devstack.access``) an agent may declare nothing:
+        an administrator provisioned its queue and the shared names beforehand, which
+        also keeps it from binding its queue to other agents' (or Nexus's) commands. On
+        a broker where it may declare (development, tests), whatever is missing is
+        declared here so an agent can start before any Nexus has.
+        """
+        exchanges = (COMMANDS_EXCHANGE, EVENTS_EXCHANGE, REPLIES_EXCHANGE, DEAD_LETTER_EXCHANGE)
+        queues = (DEAD_LETTER_QUEUE, NEXUS_EVENTS_QUEUE, NEXUS_API_QUEUE, command_queue)
+        for kind, names in (("exchange", exchanges), ("queue", queues)):
+            for name in names:
+                if not await self._exists(kind, name):
+                    await self.declare_topology()
+                    await self.declare_command_queue(command_queue)
+                    return
+
+    async def _exists(self, kind: str, name: str) -> bool:
+        # A passive declare needs no permission; the broker closes the channel of one that
+        # fails, so it runs on a plain (not robust, never reopened) channel of its own.
+        transport = self.connection.transport
+        if transport is None:
+            raise RuntimeError("transport is not connected; call connect() first")
+        channel = await transport.connection.channel()
+        try:
+            if kind == "exchange":
+                await channel.exchange_declare(name, passive=True)
+            else:
+                await channel.queue_declare(name, passive=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            return False
+        await channel.close()
+        return True
 
     async def declare_queue(self, name: str, bindings: Iterable[tuple[str, str]]) -> AbstractQueue:
         queue = await self.channel.declare_queue(name, durable=True, arguments=quorum_arguments())
@@ -263,6 +319,7 @@ class Transport:
             correlation_id=correlation_id,
             reply_to=reply_to,
             headers=headers,
+            user_id=self.user,
         )
         # A channel that the broker closed (outage, restart) raises a RuntimeError subclass
         # until the robust connection has reopened it; that is a failed publish too.
@@ -302,7 +359,9 @@ class Transport:
         """Answer a request; a requester that gave up (its queue is gone) is not an error."""
         if delivery.reply_to is None:
             return
-        await self.publish(message, exchange="", routing_key=delivery.reply_to, mandatory=False)
+        await self.publish(
+            message, exchange=REPLIES_EXCHANGE, routing_key=delivery.reply_to, mandatory=False
+        )
 
     # Consuming.
 
@@ -345,6 +404,10 @@ class Transport:
         except MessageRejected as rejected:
             await self._dead_letter(queue_name, incoming, rejected.reason, rejected.detail)
             return
+        refused = self._unverified_source(incoming.user_id, message.source)
+        if refused is not None:
+            await self._dead_letter(queue_name, incoming, *refused)
+            return
         delivery = Delivery(
             message=message,
             queue=queue_name,
@@ -366,6 +429,16 @@ class Transport:
             await _settle(incoming.nack(requeue=True))
             return
         await _settle(incoming.ack())
+
+    def _unverified_source(self, user_id: str | None, source: str) -> tuple[str, str] | None:
+        """Why a message's envelope source is not to be believed (reason, detail), if so."""
+        if user_id is None:
+            if self._require_user_id:
+                return "no_user_id", f"source {source!r} cannot be verified without a user_id"
+            return None
+        if not source_allowed(user_id, source):
+            return "source_mismatch", f"user {user_id!r} may not send as {source!r}"
+        return None
 
     async def _dead_letter(
         self, queue_name: str, incoming: AbstractIncomingMessage, reason: str, detail: str
@@ -410,7 +483,12 @@ class Transport:
         self, message: Envelope, *, routing_key: str, timeout: float = 10.0
     ) -> Message:
         """Send a command to a queue and wait for the reply caused by it."""
-        reply_queue = await self._ensure_reply_queue()
+        try:
+            reply_queue = await self._ensure_reply_queue()
+        except (aio_pika.exceptions.AMQPError, ConnectionError) as error:
+            # No control.replies exchange (no Nexus ever set up this vhost) or no right to
+            # a reply queue: the request cannot be sent.
+            raise PublishFailed(f"{message.TYPE}: no reply queue: {error!r}") from error
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[message.id] = future
         try:
@@ -428,6 +506,9 @@ class Transport:
             channel = await self.connection.channel()
             self._consumer_channels.append(channel)
             queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+            await queue.bind(
+                await channel.get_exchange(REPLIES_EXCHANGE, ensure=True), routing_key=queue.name
+            )
             await queue.consume(self._on_reply, no_ack=True)
             self._reply_queue = queue
         return self._reply_queue
@@ -437,6 +518,10 @@ class Transport:
             message = decode(incoming.body)
         except MessageRejected as rejected:
             log.warning("ignoring an unreadable reply: %s", rejected)
+            return
+        refused = self._unverified_source(incoming.user_id, message.source)
+        if refused is not None:
+            log.warning("ignoring a reply: %s: %s", *refused)
             return
         future = self._pending.get(message.causation_id) if message.causation_id else None
         if future is not None and not future.done():

@@ -43,8 +43,7 @@ async def serve(settings: SledSettings, shutdown: asyncio.Event) -> None:
         if not await _connect(transport, shutdown):
             return
         queue = sled_queue(settings.sled_id)
-        await transport.declare_topology()
-        await transport.declare_command_queue(queue)
+        await transport.ensure_topology(queue)
         workers = [
             asyncio.create_task(relay.run(), name="outbox-relay"),
             asyncio.create_task(agent.run(), name="sled-agent"),

@@ -40,7 +40,7 @@ from schemas.instance import (
 from schemas.messages import Message
 from schemas.outbox import OutgoingMessage
 from schemas.sled import Heartbeat, SledHeartbeat, SledInfo, SledRegistered
-from schemas.topology import EVENTS_EXCHANGE, sled_queue
+from schemas.topology import EVENTS_EXCHANGE, REPLIES_EXCHANGE, sled_queue
 from schemas.transport import Delivery, PublishFailed
 from sled_agent.hypervisor import Capacity, Cause, Change, Hypervisor, Rejected
 from sled_agent.settings import SledSettings
@@ -341,4 +341,6 @@ def _event_row(message: InstanceStateChanged | SledRegistered | CommandRejected)
 
 def _reply_row(message: Envelope, reply_to: str) -> OutgoingMessage:
     # A requester that gave up (its reply queue is gone) is not an error.
-    return OutgoingMessage.of(message, exchange="", routing_key=reply_to, mandatory=False)
+    return OutgoingMessage.of(
+        message, exchange=REPLIES_EXCHANGE, routing_key=reply_to, mandatory=False
+    )

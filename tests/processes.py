@@ -109,8 +109,11 @@ class Crucible:
     service: Service
 
 
-def crucible(amqp_url: str, workdir: Path, **settings: str) -> Crucible:
-    agent_id, sled_id = uuid.uuid4(), uuid.uuid4()
+def crucible(
+    amqp_url: str, workdir: Path, *, agent_id: uuid.UUID | None = None, **settings: str
+) -> Crucible:
+    """A crucible agent; ``agent_id`` for one whose broker user was provisioned by id."""
+    agent_id, sled_id = agent_id or uuid.uuid4(), uuid.uuid4()
     data_dir = workdir / f"crucible-{agent_id}"
     env = {
         "CRUCIBLE_AGENT_ID": str(agent_id),

@@ -181,11 +181,13 @@ class EventIngest:
                 await session.execute(
                     statement.on_conflict_do_update(
                         index_elements=["id"],
+                        # Free space is Nexus's own account once it knows the dataset:
+                        # it reserves space when it places a region, before the agent
+                        # hears of it, so the agent's figure would undo reservations.
                         set_={
                             "sled_id": agent.sled_id,
                             "queue_name": agent.queue,
                             "capacity_bytes": agent.capacity_bytes,
-                            "free_bytes": agent.free_bytes,
                             "last_seen_at": now,
                         },
                     )

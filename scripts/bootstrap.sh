@@ -53,10 +53,10 @@ fi
 stamp=.venv/.bootstrap-pyproject.sha256
 wanted=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [[ ! -f $stamp || $(<"$stamp") != "$wanted" ]]; then
-    echo "bootstrap: installing the project and its test tools into .venv"
+    echo "bootstrap: installing the project, its test tools and the benchmark's plotting into .venv"
     # pip warns about every local index location it cannot use; shown only on failure.
     log=.venv/bootstrap-pip.log
-    if ! .venv/bin/python -m pip install --quiet -e '.[test]' >"$log" 2>&1; then
+    if ! .venv/bin/python -m pip install --quiet -e '.[test,bench]' >"$log" 2>&1; then
         cat "$log" >&2
         echo "bootstrap: pip install failed" >&2
         exit 1

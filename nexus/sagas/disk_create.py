@@ -167,25 +167,35 @@ async def regions_place(ctx: Ctx[Params]) -> Placed:
             f"insufficient capacity: need {REPLICAS} live datasets on distinct sleds with "
             f"{region_bytes} bytes free, found {len(chosen)}"
         )
-    placements = []
-    for dataset, region_id in zip(chosen, region_ids, strict=True):
-        if await ctx.session.get(Region, region_id) is None:
-            ctx.session.add(
-                Region(
-                    id=region_id,
-                    disk_id=p.disk_id,
-                    dataset_id=dataset.id,
-                    block_size=p.block_size,
-                    extent_size=extent_size,
-                    extent_count=extent_count,
-                    state=RegionState.REQUESTED,
-                    generation=0,
-                )
+    placements = [
+        Placement(dataset_id=dataset.id, queue=dataset.queue_name, region_id=region_id)
+        for dataset, region_id in zip(chosen, region_ids, strict=True)
+    ]
+    if await ctx.session.get(Region, region_ids[0]) is None:
+        # Reserve the space now, so concurrent placements do not overcommit; datasets
+        # are locked in id order by every saga, so two placements cannot deadlock.
+        for placement in sorted(placements, key=lambda p: p.dataset_id):
+            reserved = await ctx.session.execute(
+                update(Dataset)
+                .where(Dataset.id == placement.dataset_id, Dataset.free_bytes >= region_bytes)
+                .values(free_bytes=Dataset.free_bytes - region_bytes)
             )
-            # Reserve the space now, so concurrent placements do not overcommit.
-            dataset.free_bytes -= region_bytes
-        placements.append(
-            Placement(dataset_id=dataset.id, queue=dataset.queue_name, region_id=region_id)
+            if not reserved.rowcount:  # type: ignore[attr-defined]
+                raise ActionFailed(
+                    f"insufficient capacity: dataset {placement.dataset_id} filled up meanwhile"
+                )
+        ctx.session.add_all(
+            Region(
+                id=placement.region_id,
+                disk_id=p.disk_id,
+                dataset_id=placement.dataset_id,
+                block_size=p.block_size,
+                extent_size=extent_size,
+                extent_count=extent_count,
+                state=RegionState.REQUESTED,
+                generation=0,
+            )
+            for placement in placements
         )
     await ctx.session.flush()
     return Placed(regions=placements, extent_size=extent_size, extent_count=extent_count)
@@ -194,7 +204,7 @@ async def regions_place(ctx: Ctx[Params]) -> Placed:
 async def regions_place_undo(ctx: Ctx[Params]) -> None:
     placed = ctx.output("regions_place", Placed)
     region_bytes = placed.extent_size * placed.extent_count * ctx.params.block_size
-    for placement in placed.regions:
+    for placement in sorted(placed.regions, key=lambda p: p.dataset_id):
         await ctx.session.execute(
             update(Dataset)
             .where(Dataset.id == placement.dataset_id)

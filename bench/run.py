@@ -1,0 +1,610 @@
+"""The benchmark: event-driven waits against polling, the floor, throughput and scale.
+
+    python -m bench.run [--quick] [--out bench/results]
+
+Runs the real stack as processes (a private RabbitMQ node and PostgreSQL cluster,
+Nexus replicas, 3 crucible agents, 2 sled agents) in phases that share those servers;
+each phase gets a fresh virtual host and database. Writes ``results.json`` and
+``wake.png`` into ``--out``. See BENCHMARKS.md for what each number means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from nexus.db.engine import create_engine, create_sessionmaker
+from nexus.db.migrate import upgrade_async
+from nexus.db.models import Saga, SagaLogEntry
+from nexus.devstack.servers import PostgresCluster, RabbitMQNode
+from nexus.devstack.stack import READINESS_KEYS, Readiness, StackConfig, plan, wait_until_ready
+from nexus.devstack.supervisor import ChildSpec, Supervisor
+from schemas import api
+from schemas.progress import SagaProgressed
+from schemas.region import RegionState, RegionStateChanged
+from schemas.topology import NEXUS_API_QUEUE
+from schemas.transport import Delivery, Transport
+
+REPO = Path(__file__).resolve().parent.parent
+STRATEGIES = {
+    "event-driven": "disk_create",
+    "backoff (Omicron)": "disk_create_backoff",
+    "fixed 3 s (Nova)": "disk_create_fixed",
+}
+
+
+@dataclass(frozen=True)
+class Scale:
+    strategy_disks: int
+    region_delay: str
+    throughput_disks: int
+    parked: int
+    parked_delay_seconds: float
+
+
+QUICK = Scale(
+    strategy_disks=6,
+    region_delay="lognormal:1.5,1.0,0.2,8",
+    throughput_disks=150,
+    parked=300,
+    parked_delay_seconds=25,
+)
+FULL = Scale(
+    strategy_disks=20,
+    region_delay="lognormal:5,1.2,0.2,60",
+    throughput_disks=600,
+    parked=10_000,
+    parked_delay_seconds=150,
+)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    return {
+        "n": len(values),
+        "p50": percentile(values, 50),
+        "p99": percentile(values, 99),
+        "max": max(values) if values else float("nan"),
+        "mean": statistics.fmean(values) if values else float("nan"),
+    }
+
+
+# Servers and stacks.
+
+
+@dataclass
+class Servers:
+    rabbitmq: RabbitMQNode
+    postgres: PostgresCluster
+    workdir: Path
+
+    def vhost(self) -> str:
+        name = f"bench-{uuid.uuid4().hex[:8]}"
+        self.rabbitmq.rabbitmqctl("add_vhost", name)
+        self.rabbitmq.rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        return f"{self.rabbitmq.url.rstrip('/')}/{name}"
+
+    async def database(self, kind: str) -> str:
+        if kind == "sqlite":
+            url = f"sqlite+aiosqlite:///{self.workdir / uuid.uuid4().hex[:8]}.sqlite3"
+        else:
+            name = f"bench_{uuid.uuid4().hex[:8]}"
+            admin = create_async_engine(self.postgres.url, isolation_level="AUTOCOMMIT")
+            async with admin.connect() as connection:
+                await connection.execute(text(f'CREATE DATABASE "{name}"'))
+            await admin.dispose()
+            url = self.postgres.url.rsplit("/", 1)[0] + f"/{name}"
+        await upgrade_async(url)
+        return url
+
+    def server_pids(self) -> dict[str, list[int]]:
+        def tree(pid: int | None) -> list[int]:
+            if pid is None or not psutil.pid_exists(pid):
+                return []
+            root = psutil.Process(pid)
+            return [root.pid, *(child.pid for child in root.children(recursive=True))]
+
+        rabbit = getattr(self.rabbitmq, "_process", None)
+        pid_file = Path(str(self.postgres._data)) / "postmaster.pid"
+        postmaster = int(pid_file.read_text().split()[0]) if pid_file.exists() else None
+        return {"rabbitmq": tree(rabbit.pid if rabbit else None), "postgresql": tree(postmaster)}
+
+
+@dataclass
+class Stack:
+    supervisor: Supervisor
+    transport: Transport
+    amqp_url: str
+    database_url: str
+    children: list[ChildSpec]
+    ready_at: dict[uuid.UUID, datetime] = field(default_factory=dict)
+    finished: dict[uuid.UUID, str] = field(default_factory=dict)
+    finished_event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def pids(self) -> dict[str, int]:
+        return {
+            child.spec.name: child.process.pid
+            for child in self.supervisor.children
+            if child.process.returncode is None
+        }
+
+    async def on_event(self, delivery: Delivery) -> None:
+        message = delivery.message
+        if isinstance(message, RegionStateChanged):
+            if message.payload.region.state is RegionState.CREATED:
+                self.ready_at.setdefault(message.payload.region.id, message.occurred_at)
+        elif isinstance(message, SagaProgressed) and message.payload.step.value in (
+            "done",
+            "undone",
+            "stuck",
+        ):
+            self.finished[message.payload.saga_id] = message.payload.step.value
+            self.finished_event.set()
+
+    async def create_disks(self, count: int, concurrency: int = 32) -> list[uuid.UUID]:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(index: int) -> uuid.UUID:
+            async with gate:
+                reply = await self.transport.request(
+                    api.DiskCreate(
+                        source="cli/bench",
+                        payload=api.DiskCreateRequest(
+                            project="bench",
+                            name=f"d-{uuid.uuid4().hex[:10]}",
+                            size_bytes=1 << 30,
+                        ),
+                    ),
+                    routing_key=NEXUS_API_QUEUE,
+                    timeout=60,
+                )
+                assert isinstance(reply, api.AcceptedReply), reply
+                return reply.payload.saga_id
+
+        return await asyncio.gather(*(one(i) for i in range(count)))
+
+    async def all_finished(self, saga_ids: Sequence[uuid.UUID], timeout: float) -> None:
+        """Until every saga announced its end (saga.done / undone / stuck events)."""
+        wanted = set(saga_ids)
+        async with asyncio.timeout(timeout):
+            while not wanted <= self.finished.keys():
+                self.finished_event.clear()
+                await self.finished_event.wait()
+
+
+@asynccontextmanager
+async def stack(
+    servers: Servers,
+    *,
+    database: str,
+    replicas: int,
+    create_delay: str,
+    seed: int,
+    nexus_env: dict[str, str] | None = None,
+) -> AsyncIterator[Stack]:
+    amqp_url = servers.vhost()
+    database_url = await servers.database(database)
+    state_dir = servers.workdir / f"stack-{uuid.uuid4().hex[:6]}"
+    config = StackConfig(
+        state_dir=state_dir,
+        amqp_url=amqp_url,
+        database_url=database_url,
+        nexus_replicas=replicas,
+        create_delay=create_delay,
+    )
+    layout = plan(config)
+    extra_nexus = {
+        "NEXUS_EXTRA_SAGAS": '["bench.polling"]',
+        "NEXUS_SWEEP_SECONDS": "0.05",
+        "NEXUS_LOG_LEVEL": "WARNING",
+        "PYTHONPATH": str(REPO),
+        **(nexus_env or {}),
+    }
+    nexus = [ChildSpec(s.name, s.argv, {**s.env, **extra_nexus}, s.log_path) for s in layout.nexus]
+    agents = [
+        ChildSpec(
+            s.name,
+            s.argv,
+            {
+                **s.env,
+                "CRUCIBLE_SEED": str(seed + n),
+                "CRUCIBLE_LOG_LEVEL": "WARNING",
+                "SLED_LOG_LEVEL": "WARNING",
+            },
+            s.log_path,
+        )
+        for n, s in enumerate(layout.agents)
+    ]
+    supervisor = Supervisor(lambda spec, code: print(f"  ! {spec.name} exited {code}"))
+    transport = Transport(amqp_url, name="bench")
+    await transport.connect()
+    await transport.declare_topology()
+    running = Stack(supervisor, transport, amqp_url, database_url, nexus + agents)
+    await transport.subscribe(["region.created", "saga.*"], running.on_event)
+    readiness = Readiness(layout.crucible_ids, layout.sled_ids)
+    await transport.subscribe(READINESS_KEYS, readiness.handle)
+    try:
+        for spec in nexus + agents:
+            await supervisor.start(spec)
+        await wait_until_ready(supervisor, layout, readiness, timeout=90)
+        yield running
+    finally:
+        await supervisor.stop()
+        await transport.close()
+
+
+# Reading a phase's sagas back from the database.
+
+
+@dataclass
+class SagaStats:
+    wakes_ms: list[float]
+    polls_per_disk: list[int]
+    create_seconds: list[float]
+    states: dict[str, int]
+
+
+async def saga_stats(stack_: Stack, saga_ids: Sequence[uuid.UUID]) -> SagaStats:
+    engine = create_engine(stack_.database_url)
+    sessions = create_sessionmaker(engine)
+    wakes: list[float] = []
+    polls: list[int] = []
+    durations: list[float] = []
+    states: dict[str, int] = {}
+    async with sessions() as session:
+        for saga_id in saga_ids:
+            saga = await session.get(Saga, saga_id)
+            if saga is None:
+                continue
+            states[saga.state.value] = states.get(saga.state.value, 0) + 1
+            log = (
+                (
+                    await session.execute(
+                        SagaLogEntry.__table__.select()
+                        .where(SagaLogEntry.saga_id == saga_id)
+                        .order_by(SagaLogEntry.id)
+                    )
+                )
+                .mappings()
+                .all()
+            )
+            regions = (saga.node_outputs.get("regions_place") or {}).get("regions", [])
+            disk_polls = 0
+            for index, placement in enumerate(regions):
+                node = f"region_{index}"
+                entries = [e for e in log if e["node_name"] == node]
+                disk_polls += sum(
+                    1
+                    for e in entries
+                    if e["event"] == "waiting" and (e["data"] or {}).get("rearmed")
+                )
+                resumed = [e for e in entries if e["event"] == "resumed"]
+                if resumed:
+                    data = resumed[0]["data"] or {}
+                    disk_polls += 1 if data.get("by_reconcile") else 0
+                    ready = stack_.ready_at.get(uuid.UUID(placement["region_id"]))
+                    if ready is not None:
+                        wakes.append((resumed[0]["at"] - ready).total_seconds() * 1000)
+            polls.append(disk_polls + len(regions))
+            if saga.state.value == "done" and log:
+                durations.append((log[-1]["at"] - saga.created_at).total_seconds())
+    await engine.dispose()
+    return SagaStats(wakes, polls, durations, states)
+
+
+# Phases.
+
+
+async def strategies_phase(servers: Servers, scale: Scale, seed: int) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for label, saga in STRATEGIES.items():
+        print(
+            f"- strategy {label}: {scale.strategy_disks} disks, region delay {scale.region_delay}"
+        )
+        async with stack(
+            servers,
+            database="postgresql",
+            replicas=2,
+            create_delay=scale.region_delay,
+            seed=seed,
+            nexus_env={"NEXUS_DISK_CREATE_SAGA": saga},
+        ) as running:
+            started = time.monotonic()
+            sagas = await running.create_disks(scale.strategy_disks)
+            await running.all_finished(sagas, timeout=900)
+            elapsed = time.monotonic() - started
+            stats = await saga_stats(running, sagas)
+        results[label] = {
+            "saga": saga,
+            "wake_ms": summary(stats.wakes_ms),
+            "wakes_ms": stats.wakes_ms,
+            "disk_create_s": summary(stats.create_seconds),
+            "requests_per_disk": summary([float(p) for p in stats.polls_per_disk]),
+            "states": stats.states,
+            "phase_seconds": elapsed,
+        }
+        print(
+            f"  wake p50 {results[label]['wake_ms']['p50']:.1f} ms, "
+            f"p99 {results[label]['wake_ms']['p99']:.1f} ms, "
+            f"requests/disk {results[label]['requests_per_disk']['mean']:.1f}, {stats.states}"
+        )
+    return results
+
+
+async def floor_phase(servers: Servers) -> dict[str, Any]:
+    """One AMQP hop (publish with confirm → consumed) and one small commit, measured here."""
+    url = servers.vhost()
+    hops: list[float] = []
+    async with Transport(url, name="bench-floor") as transport:
+        await transport.declare_topology()
+        queue = f"bench.floor.{uuid.uuid4()}"
+        await transport.declare_command_queue(queue)
+        arrived: asyncio.Queue[float] = asyncio.Queue()
+
+        async def on(delivery: Delivery) -> None:
+            await arrived.put(time.perf_counter())
+
+        await transport.consume(queue, on)
+        for _ in range(300):
+            sent = time.perf_counter()
+            await transport.send_command(
+                api.SagaGet(source="cli/bench", payload=api.SagaRef(saga_id=uuid.uuid4())), queue
+            )
+            hops.append((await arrived.get() - sent) * 1000)
+    commits: dict[str, list[float]] = {}
+    for kind in ("postgresql", "sqlite"):
+        engine = create_engine(await servers.database(kind))
+        samples: list[float] = []
+        async with engine.connect() as connection:
+            await connection.execute(text("CREATE TABLE bench_floor (id INTEGER, at TEXT)"))
+            await connection.commit()
+            for n in range(300):
+                begun = time.perf_counter()
+                await connection.execute(
+                    text("INSERT INTO bench_floor VALUES (:n, :at)"),
+                    {"n": n, "at": str(time.time())},
+                )
+                await connection.commit()
+                samples.append((time.perf_counter() - begun) * 1000)
+        await engine.dispose()
+        commits[kind] = samples
+    floor = percentile(hops, 50) + percentile(commits["postgresql"], 50)
+    return {
+        "amqp_hop_ms": summary(hops),
+        "commit_ms": {kind: summary(samples) for kind, samples in commits.items()},
+        "floor_ms": floor,
+    }
+
+
+async def throughput_phase(servers: Servers, scale: Scale, seed: int) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for label, database, replicas in (
+        ("postgresql, 1 replica", "postgresql", 1),
+        ("postgresql, 2 replicas", "postgresql", 2),
+        ("sqlite, 1 replica", "sqlite", 1),
+    ):
+        print(f"- throughput {label}: {scale.throughput_disks} disks, no region delay")
+        async with stack(
+            servers, database=database, replicas=replicas, create_delay="fixed:0", seed=seed
+        ) as running:
+            watched = _processes(running, servers)
+            before = _cpu(watched)
+            started = time.monotonic()
+            sagas = await running.create_disks(scale.throughput_disks, concurrency=64)
+            await running.all_finished(sagas, timeout=900)
+            elapsed = time.monotonic() - started
+            cpu = {name: after - before.get(name, 0.0) for name, after in _cpu(watched).items()}
+            stats = await saga_stats(running, sagas)
+        rate = len(sagas) / elapsed
+        results[label] = {
+            "sagas_per_second": rate,
+            "seconds": elapsed,
+            "states": stats.states,
+            "cpu_seconds_per_saga": {
+                name: seconds / len(sagas) for name, seconds in sorted(cpu.items())
+            },
+            "wake_ms": summary(stats.wakes_ms),
+        }
+        print(f"  {rate:.0f} sagas/s, {stats.states}")
+    return results
+
+
+async def half_load_phase(
+    servers: Servers, rate: float, seed: int, seconds: float
+) -> dict[str, Any]:
+    """Open-loop arrivals at half the sustained rate; wake overhead under that load."""
+    print(f"- wake overhead at half throughput: {rate:.0f} disks/s for {seconds:.0f} s")
+    async with stack(
+        servers, database="postgresql", replicas=2, create_delay="fixed:0.05", seed=seed
+    ) as running:
+        sagas: list[uuid.UUID] = []
+        tasks = []
+        started = time.monotonic()
+        count = max(1, int(rate * seconds))
+        for n in range(count):
+            delay = started + n / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(running.create_disks(1)))
+        for task in tasks:
+            sagas += await task
+        await running.all_finished(sagas, timeout=600)
+        stats = await saga_stats(running, sagas)
+    return {"offered_per_second": rate, "wake_ms": summary(stats.wakes_ms), "states": stats.states}
+
+
+async def scale_phase(servers: Servers, scale: Scale, seed: int) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for parked in (10, scale.parked):
+        print(f"- scale: {parked} sagas parked at once")
+        delay = f"fixed:{scale.parked_delay_seconds}"
+        async with stack(
+            servers, database="postgresql", replicas=2, create_delay=delay, seed=seed
+        ) as running:
+            started = time.monotonic()
+            sagas = await running.create_disks(parked, concurrency=64)
+            created = time.monotonic() - started
+            watched = _processes(running, servers)
+            await asyncio.sleep(1)
+            before = _cpu(watched)
+            window = 10.0
+            await asyncio.sleep(window)
+            idle_cpu = {n: (a - before.get(n, 0.0)) / window for n, a in _cpu(watched).items()}
+            memory = {
+                name: proc.memory_info().rss / 2**20
+                for name, proc in watched.items()
+                if name.startswith("nexus") and proc.is_running()
+            }
+            polls_while_parked = await _reconcile_count(running)
+            await running.all_finished(sagas, timeout=scale.parked_delay_seconds * 2 + 600)
+            stats = await saga_stats(running, sagas)
+        results[str(parked)] = {
+            "parked": parked,
+            "create_seconds": created,
+            "nexus_rss_mib": memory,
+            "idle_cpu_fraction": idle_cpu,
+            "agent_requests_while_parked": polls_while_parked,
+            "wake_ms": summary(stats.wakes_ms),
+            "states": stats.states,
+        }
+        print(
+            f"  wake p99 {results[str(parked)]['wake_ms']['p99']:.1f} ms, "
+            f"requests while parked {polls_while_parked}, {stats.states}"
+        )
+    return results
+
+
+async def _reconcile_count(stack_: Stack) -> int:
+    engine = create_engine(stack_.database_url)
+    async with engine.connect() as connection:
+        count = await connection.scalar(
+            text(
+                "SELECT count(*) FROM saga_log WHERE event = 'waiting' AND data::text LIKE "
+                "'%rearmed%' OR (event = 'resumed' AND data::text LIKE '%\"by_reconcile\": true%')"
+            )
+        )
+    await engine.dispose()
+    return int(count or 0)
+
+
+def _processes(stack_: Stack, servers: Servers) -> dict[str, psutil.Process]:
+    found = {name: psutil.Process(pid) for name, pid in stack_.pids().items()}
+    for name, pids in servers.server_pids().items():
+        for n, pid in enumerate(pids):
+            found[f"{name}#{n}"] = psutil.Process(pid)
+    return found
+
+
+def _cpu(processes: dict[str, psutil.Process]) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for name, process in processes.items():
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        group = name.split("#")[0].rstrip("0123456789").rstrip("-")
+        totals[group] = totals.get(group, 0.0) + times.user + times.system
+    return totals
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    strategies = results["strategies"]
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    labels = list(strategies)
+    data = [[max(w, 0.01) for w in strategies[label]["wakes_ms"]] or [0.01] for label in labels]
+    axis.boxplot(data, whis=(0, 100))
+    axis.set_xticks(range(1, len(labels) + 1), labels)
+    axis.set_yscale("log")
+    axis.set_ylabel("wake overhead, ms (log scale)")
+    axis.set_title("Region ready at its agent → saga resumed (same run, same workload)")
+    floor = results["floor"]["floor_ms"]
+    axis.axhline(floor, linestyle="--", linewidth=1, color="grey")
+    axis.text(0.55, floor * 1.15, f"floor {floor:.1f} ms", color="grey")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+async def main(scale: Scale, out: Path, seed: int) -> dict[str, Any]:
+    workdir = out / "work"
+    print("starting a private RabbitMQ node and PostgreSQL cluster")
+    rabbitmq = RabbitMQNode()
+    postgres = PostgresCluster()
+    servers = Servers(rabbitmq, postgres, workdir)
+    results: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(),
+            "rabbitmq": rabbitmq.version,
+            "platform": platform.platform(),
+        },
+        "scale": scale.__dict__,
+        "seed": seed,
+    }
+    try:
+        results["floor"] = await floor_phase(servers)
+        print(f"- floor: {results['floor']['floor_ms']:.2f} ms (hop + commit, p50)")
+        results["strategies"] = await strategies_phase(servers, scale, seed)
+        results["throughput"] = await throughput_phase(servers, scale, seed)
+        half = results["throughput"]["postgresql, 2 replicas"]["sagas_per_second"] / 2
+        results["half_load"] = await half_load_phase(
+            servers, half, seed, seconds=10 if scale is QUICK else 30
+        )
+        results["scale"] = await scale_phase(servers, scale, seed)
+    finally:
+        rabbitmq.close()
+        postgres.close()
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    plot(results, out / "wake.png")
+    return results
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="a smaller run, under 3 minutes")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--seed", type=int, default=20261124)
+    args = parser.parse_args(argv)
+    (args.out / "work").mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    asyncio.run(main(QUICK if args.quick else FULL, args.out, args.seed))
+    print(
+        f"wrote {args.out / 'results.json'} and {args.out / 'wake.png'} "
+        f"in {time.monotonic() - started:.0f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -141,14 +141,15 @@ class RabbitMQNode:
     durable queues and messages survive a restart as they would in production.
     """
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, extra_config: str = "") -> None:
+        """``extra_config``: more rabbitmq.conf lines, e.g. a TLS listener."""
         self._bin = rabbitmq_bin_dir()
         self._dir = Path(tempfile.mkdtemp(prefix="eventplane-rabbitmq-"))
         self.port = port if port is not None else free_port()
         self.version = "unknown"
         self._process: subprocess.Popen[bytes] | None = None
         (self._dir / "rabbitmq.conf").write_text(
-            f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n"
+            f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n" + extra_config
         )
         (self._dir / "enabled_plugins").write_text("[].\n")
         self._env = {

@@ -137,8 +137,8 @@ class Api:
                 block_size=body.block_size,
             )
             # The benchmark's baselines share disk_create's parameters.
-            await self._executor.create(session, self._disk_create, params, saga_id)
-        self._executor.spawn(saga_id)
+            created = await self._executor.create(session, self._disk_create, params, saga_id)
+        self._executor.spawn(saga_id, created)
         return self._accepted(request, saga_id, disk_id)
 
     async def _start(

@@ -37,7 +37,10 @@ def create_engine(
     if parsed.get_backend_name() != "sqlite":
         # Pre-ping: after a server restart, a stale pooled connection is replaced
         # before use instead of failing one transaction; one round trip per checkout.
-        return _create_async_engine(parsed, echo=echo, pool_pre_ping=True)
+        # No pre-ping: it costs three round trips per checkout, on every transaction of
+        # every saga step. A connection that died (server restart) fails its statement
+        # once, is dropped from the pool, and the saga step is retried from its lease.
+        return _create_async_engine(parsed, echo=echo, pool_size=10, max_overflow=20)
 
     _create_parent_directory(parsed)
     engine = _create_async_engine(

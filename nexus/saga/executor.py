@@ -159,9 +159,9 @@ class SagaExecutor:
         """Record a new saga and (by default) run it on this replica at once."""
         saga_id = saga_id or uuid.uuid4()
         async with self._sessions.begin() as session:
-            await self.create(session, definition, params, saga_id)
+            created = await self.create(session, definition, params, saga_id)
         if run:
-            await self.run(saga_id)
+            await self.run(saga_id, created)
         return saga_id
 
     async def create(
@@ -170,29 +170,46 @@ class SagaExecutor:
         definition: SagaDefinition[Any],
         params: BaseModel,
         saga_id: uuid.UUID,
-    ) -> None:
-        """Insert a saga inside a caller's transaction (e.g. with the disk row it creates)."""
+    ) -> SagaRow:
+        """Insert a saga inside a caller's transaction (e.g. with the disk row it creates).
+
+        This replica holds its lease from the start: once the transaction commits, the
+        returned row can be run here without claiming it again.
+        """
         now = self._clock.now()
-        await session.execute(
-            insert(sagas).values(
-                id=saga_id,
-                name=definition.name,
-                definition_version=definition.version,
-                params=params.model_dump(mode="json"),
-                state=SagaState.RUNNING.value,
-                node_outputs={},
-                progress=Progress().dump(),
-                lease_owner=self.replica_id,
-                lease_expires_at=now + self._lease,
-                version=1,
-                created_at=now,
-                updated_at=now,
-            )
+        values: dict[str, Any] = {
+            "id": saga_id,
+            "name": definition.name,
+            "definition_version": definition.version,
+            "params": params.model_dump(mode="json"),
+            "state": SagaState.RUNNING.value,
+            "node_outputs": {},
+            "progress": Progress().dump(),
+            "lease_owner": self.replica_id,
+            "lease_expires_at": now + self._lease,
+            "version": 1,
+            "created_at": now,
+            "updated_at": now,
+        }
+        await session.execute(insert(sagas).values(**values))
+        return SagaRow(
+            id=saga_id,
+            name=definition.name,
+            definition_version=definition.version,
+            params=values["params"],
+            state=SagaState.RUNNING.value,
+            outputs={},
+            progress=values["progress"],
+            version=1,
+            error=None,
         )
 
-    def spawn(self, saga_id: uuid.UUID) -> None:
-        """Run a saga in the background (an event consumer must not wait for it)."""
-        task = asyncio.create_task(self.run(saga_id), name=f"saga-{saga_id}")
+    def spawn(self, saga_id: uuid.UUID, created: SagaRow | None = None) -> None:
+        """Run a saga in the background (an event consumer must not wait for it).
+
+        ``created``: the row :meth:`create` returned, committed since: run it as owned.
+        """
+        task = asyncio.create_task(self.run(saga_id, created), name=f"saga-{saga_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -200,14 +217,14 @@ class SagaExecutor:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
-    async def run(self, saga_id: uuid.UUID) -> None:
+    async def run(self, saga_id: uuid.UUID, created: SagaRow | None = None) -> None:
         """Claim the saga and run it until it parks, finishes or gets stuck."""
         if saga_id in self._running:
             # This replica already runs it; the running loop re-checks ready waits.
             return
         self._running.add(saga_id)
         try:
-            row = await self._claim(saga_id)
+            row = created if created is not None else await self._claim(saga_id)
             if row is None:
                 return
             await self._run_claimed(row)
@@ -341,6 +358,8 @@ class SagaExecutor:
     async def _step(
         self, definition: SagaDefinition[Any], params: BaseModel, row: SagaRow
     ) -> SagaRow | None:
+        if row.state == SagaState.DONE.value:
+            return None
         if row.state == SagaState.UNWINDING.value:
             return await self._undo_step(definition, params, row)
         progress = Progress.of(row.progress)
@@ -426,15 +445,27 @@ class SagaExecutor:
             )
             return await self._write(session, fenced, progress=progress.dump())
         output = result.model_dump(mode="json") if result is not None else {}
+        outputs = {**fenced.outputs, node.name: output}
         progress.waiting.pop(node.name, None)
         progress.completed.append(node.name)
         self._note(fenced.id, "succeeded", node.name)
         await self._log(session, fenced.id, node.name, SagaLogEvent.SUCCEEDED, now)
+        # The stage's last node moves the saga on in the same write (one commit fewer),
+        # and the saga's last node finishes it.
+        finished: dict[str, Any] = {}
+        if all(other.name in outputs for other in definition.stages[progress.stage]):
+            progress.stage += 1
+            if progress.stage >= len(definition.stages):
+                finished = {
+                    "state": SagaState.DONE.value,
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                    "error": None,
+                }
+                self._note(fenced.id, SagaState.DONE.value, None)
+                log.info("saga %s done", fenced.id, extra={"saga_id": str(fenced.id)})
         return await self._write(
-            session,
-            fenced,
-            progress=progress.dump(),
-            node_outputs={**fenced.outputs, node.name: output},
+            session, fenced, progress=progress.dump(), node_outputs=outputs, **finished
         )
 
     async def _resume_or_park(
@@ -769,7 +800,9 @@ class SagaExecutor:
         if self._on_progress is not None:
             self._on_progress(row, step, node, detail)
 
-    def _note(self, saga_id: uuid.UUID, step: str, node: str, detail: str | None = None) -> None:
+    def _note(
+        self, saga_id: uuid.UUID, step: str, node: str | None, detail: str | None = None
+    ) -> None:
         """Progress to tell once the current step's transaction has committed."""
         self._notes.setdefault(saga_id, []).append((step, node, detail))
 

@@ -181,7 +181,7 @@ class NexusApp:
     async def _publish_progress(self, event: SagaProgressed) -> None:
         assert self.transport is not None
         try:
-            await self.transport.publish_event(event)
+            await self.transport.publish_notice(event)
         except Exception as error:  # a watcher missing one progress event is harmless
             log.warning("could not publish saga progress: %r", error)
 

@@ -66,8 +66,8 @@ class EventIngest:
     async def ingest(self, message: Message) -> Ingested:
         now = self._clock()
         async with self._sessions.begin() as session:
-            if isinstance(message, SledHeartbeat):
-                # Idempotent, frequent and worthless once old: not worth an inbox row.
+            if isinstance(message, SledHeartbeat | AgentAnnounced | SledRegistered):
+                # Idempotent upserts, frequent, worthless once old: not worth an inbox row.
                 return Ingested(duplicate=False, woken=await self._apply(session, message, now))
             first: CursorResult[Any] = await session.execute(  # type: ignore[assignment]
                 _insert(session, InboxMessage.__table__)

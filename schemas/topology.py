@@ -19,7 +19,11 @@ NEXUS_API_QUEUE: Final = "nexus.api"
 
 # What Nexus consumes from the agents; its own progress events are for watchers only.
 NEXUS_EVENT_BINDINGS: Final = (
-    "region.*",
+    # Not region.requested: Nexus placed the region itself and waits on none of these.
+    "region.created",
+    "region.failed",
+    "region.tombstoned",
+    "region.destroyed",
     "instance.*",
     "sled.*",
     "agent.*",

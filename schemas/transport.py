@@ -145,6 +145,7 @@ class Transport:
         self._require_user_id = require_user_id
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
+        self._notice_exchange: AbstractExchange | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
         self._reply_queue: AbstractQueue | None = None
         self._pending: dict[uuid.UUID, asyncio.Future[Message]] = {}
@@ -159,6 +160,7 @@ class Transport:
             timeout=timeout,
         )
         self._publish_channel = await self._connection.channel(publisher_confirms=True)
+        self._notice_exchange = None
 
     async def close(self) -> None:
         if self._connection is not None:
@@ -354,6 +356,38 @@ class Transport:
         await self.publish(
             message, exchange=EVENTS_EXCHANGE, routing_key=routing_key(), mandatory=False
         )
+
+    async def publish_notice(self, message: Envelope) -> None:
+        """Publish an event for watchers without waiting for a confirm: best effort.
+
+        For progress reports that are not state (``saga.progressed``): a confirm per
+        report would cost the publisher a round trip and the broker a confirm for
+        something a watcher can afford to miss. Raises PublishFailed when the channel
+        is down.
+        """
+        routing_key: Callable[[], str] | None = getattr(message, "routing_key", None)
+        if routing_key is None:
+            raise TypeError(f"{message.TYPE} is not an event (it has no routing key)")
+        if self._notice_exchange is None:
+            channel = await self.connection.channel(publisher_confirms=False)
+            self._notice_exchange = await channel.get_exchange(EVENTS_EXCHANGE, ensure=False)
+        amqp = amqp_message(
+            encode(message),
+            message_id=message.id,
+            message_type=message.TYPE,
+            correlation_id=message.correlation_id,
+            user_id=self.user,
+        )
+        amqp.delivery_mode = aio_pika.DeliveryMode.NOT_PERSISTENT
+        try:
+            await self._notice_exchange.publish(amqp, routing_key=routing_key(), mandatory=False)
+        except (
+            TimeoutError,
+            aio_pika.exceptions.AMQPError,
+            aio_pika.exceptions.ChannelInvalidStateError,
+            ConnectionError,
+        ) as error:
+            raise PublishFailed(f"{message.TYPE}: {error!r}") from error
 
     async def reply(self, delivery: Delivery, message: Envelope) -> None:
         """Answer a request; a requester that gave up (its queue is gone) is not an error."""

@@ -410,8 +410,11 @@ class SagaExecutor:
         fenced: SagaRow,
         node: Node[Any],
         result: BaseModel | Wait | None,
-    ) -> SagaRow:
-        """Record what an action or resume returned: an output, or a wait."""
+    ) -> SagaRow | None:
+        """Record what an action or resume returned: an output, or a wait.
+
+        None: the saga parked (it is no longer this replica's).
+        """
         now = self._clock.now()
         progress = Progress.of(fenced.progress)
         if isinstance(result, Wait):
@@ -443,6 +446,22 @@ class SagaExecutor:
                 now,
                 {"keys": list(result.keys), "deadline": deadline.isoformat()},
             )
+            stage = definition.stages[progress.stage]
+            started = all(
+                other.name in fenced.outputs or other.name in progress.waiting for other in stage
+            )
+            if started and not await self._any_ready(session, fenced.id, progress):
+                # Every node of the stage waits and no event is in: park in this same
+                # transaction (the saga row is locked, so no wake-up can slip between).
+                await self._write(
+                    session,
+                    fenced,
+                    progress=progress.dump(),
+                    state=SagaState.WAITING.value,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+                return None
             return await self._write(session, fenced, progress=progress.dump())
         output = result.model_dump(mode="json") if result is not None else {}
         outputs = {**fenced.outputs, node.name: output}
@@ -466,6 +485,13 @@ class SagaExecutor:
                 log.info("saga %s done", fenced.id, extra={"saga_id": str(fenced.id)})
         return await self._write(
             session, fenced, progress=progress.dump(), node_outputs=outputs, **finished
+        )
+
+    async def _any_ready(
+        self, session: AsyncSession, saga_id: uuid.UUID, progress: Progress
+    ) -> bool:
+        return any(
+            wait.node in progress.waiting for wait in await rendezvous.ready_waits(session, saga_id)
         )
 
     async def _resume_or_park(
@@ -518,7 +544,7 @@ class SagaExecutor:
         fenced: SagaRow,
         node: Node[Any],
         wake: WakeUp,
-    ) -> SagaRow:
+    ) -> SagaRow | None:
         now = self._clock.now()
         self._note(
             fenced.id,
@@ -617,11 +643,18 @@ class SagaExecutor:
                             by_reconcile=True,
                             occurred_at=now,
                         )
-                        row = await self._resume(session, definition, params, fenced, node, wake)
+                        resumed = await self._resume(
+                            session, definition, params, fenced, node, wake
+                        )
                 except (LeaseLost, *_INFRASTRUCTURE_ERRORS):
                     raise
                 except Exception as error:
                     return await self._fail_node(row, node_name, error)
+                if resumed is None:
+                    # It parked again (a resume may wait anew); what else expired is
+                    # the next sweep's.
+                    return None
+                row = resumed
             elif outcome.outcome is Outcome.REARM and int(wait.get("rearms", 0)) > 0:
                 async with self._sessions.begin() as session:
                     fenced = await self._fence(session, row)

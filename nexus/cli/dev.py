@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import shutil
 import signal
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import typer
 
@@ -19,6 +20,7 @@ from nexus.cli.console import errors_reported, fail, say, stderr
 from nexus.cli.demo import run_demo
 from nexus.cli.options import DEFAULT_AMQP_URL, AmqpUrlOption
 from nexus.db import migrate
+from nexus.devstack.access import Access, provision
 from nexus.devstack.servers import (
     PostgresCluster,
     RabbitMQNode,
@@ -32,9 +34,11 @@ from nexus.devstack.stack import (
     StartupFailed,
     plan,
     wait_until_ready,
+    with_users,
 )
 from nexus.devstack.supervisor import ChildSpec, Supervisor
 from nexus.settings import redact_url
+from schemas.identity import CLI_USER, NEXUS_USER
 from schemas.transport import Transport
 
 app = typer.Typer(help="Run the control plane locally for development.", no_args_is_help=True)
@@ -87,7 +91,7 @@ def run_all(
         try:
             with _stop_signals_raise(), errors_reported():
                 _fresh(directory)
-                url = _rabbitmq(amqp_url, servers)
+                url, node = _rabbitmq(amqp_url, servers)
                 database_url = _database(directory, postgres, servers)
                 say("upgrading the database schema")
                 migrate.upgrade(database_url)
@@ -97,7 +101,7 @@ def run_all(
                 database_url=database_url,
                 create_delay=create_delay,
             )
-            code = asyncio.run(_run(config, demo))
+            code = asyncio.run(_run(config, demo, node))
         except Stopped:
             say("stopped before the stack was up")
         finally:
@@ -108,14 +112,25 @@ def run_all(
     raise typer.Exit(code)
 
 
-async def _run(config: StackConfig, demo: bool) -> int:
+async def _run(config: StackConfig, demo: bool, node: RabbitMQNode | None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
     stack = plan(config)
+    cli_url = admin_url = config.amqp_url
+    if node is not None:
+        # Our own node: each process gets its own least-privilege user in the control
+        # plane's vhost (nexus.devstack.access); run-all itself stays the administrator.
+        access = Access.generate(crucible_agents=stack.crucible_ids, sleds=stack.sled_ids)
+        provision(access, node.rabbitmqctl)
+        node.rabbitmqctl("set_permissions", "-p", access.vhost, "guest", ".*", ".*", ".*")
+        stack = with_users(stack, access, config.amqp_url)
+        cli_url = access.url(config.amqp_url, CLI_USER)
+        admin_url = config.amqp_url.rstrip("/") + "/" + quote(access.vhost, safe="")
+        config = dataclasses.replace(config, amqp_url=access.url(config.amqp_url, NEXUS_USER))
     supervisor = Supervisor(_report_death)
-    transport = Transport(config.amqp_url, name="nexusctl dev run-all")
+    transport = Transport(admin_url, name="nexusctl dev run-all")
     try:
         await transport.connect()
         # Before any process starts: the agents' first announcements then wait in
@@ -136,11 +151,11 @@ async def _run(config: StackConfig, demo: bool) -> int:
             ready.cancel()
             return 0
         ready.result()
-        _say_ready(config, stack.nexus + stack.agents)
+        _say_ready(config, cli_url, stack.nexus + stack.agents)
         if not demo:
             await stopped
             return 0
-        return await _demo(config, stopped)
+        return await _demo(cli_url, stopped)
     except StartupFailed as error:
         stderr.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
         return 1
@@ -152,9 +167,9 @@ async def _run(config: StackConfig, demo: bool) -> int:
         await transport.close()
 
 
-async def _demo(config: StackConfig, stopped: asyncio.Task[bool]) -> int:
+async def _demo(cli_url: str, stopped: asyncio.Task[bool]) -> int:
     try:
-        async with NexusClient(config.amqp_url, timeout=15.0) as client:
+        async with NexusClient(cli_url, timeout=15.0) as client:
             demo = asyncio.create_task(run_demo(client))
             await asyncio.wait({demo, stopped}, return_when=asyncio.FIRST_COMPLETED)
             if not demo.done():
@@ -169,7 +184,7 @@ async def _demo(config: StackConfig, stopped: asyncio.Task[bool]) -> int:
     return 0 if succeeded else 1
 
 
-def _say_ready(config: StackConfig, children: list[ChildSpec]) -> None:
+def _say_ready(config: StackConfig, cli_url: str, children: list[ChildSpec]) -> None:
     say(
         f"stack ready; state and logs in {config.state_dir}\n"
         f"  RabbitMQ:  {redact_url(config.amqp_url)}\n"
@@ -177,7 +192,7 @@ def _say_ready(config: StackConfig, children: list[ChildSpec]) -> None:
         f"  processes: {', '.join(child.name for child in children)} "
         f"(logs: {config.state_dir / 'logs'})\n"
         f"to use it from another shell:\n"
-        f"  export NEXUS_AMQP_URL={config.amqp_url}\n"
+        f"  export NEXUS_AMQP_URL={cli_url}\n"
         f"  nexusctl disk create disk-1 --size 1GiB --wait\n"
         f"Ctrl-C stops everything."
     )
@@ -206,11 +221,14 @@ def _fresh(directory: Path) -> None:
     )
 
 
-def _rabbitmq(url: str, servers: contextlib.ExitStack) -> str:
+def _rabbitmq(url: str, servers: contextlib.ExitStack) -> tuple[str, RabbitMQNode | None]:
     version = amqp_answers(url)
     if version is not None:
-        say(f"using RabbitMQ {version} at {redact_url(url)}")
-        return url
+        say(
+            f"using RabbitMQ {version} at {redact_url(url)} with these credentials for every "
+            "process (per-service users are provisioned only on a private node)"
+        )
+        return url, None
     parts = urlsplit(url)
     local = parts.hostname in {"localhost", "127.0.0.1", "::1"}
     # On the URL's own port when possible, so that the default URL just works.
@@ -218,7 +236,7 @@ def _rabbitmq(url: str, servers: contextlib.ExitStack) -> str:
     node = RabbitMQNode(port if local and port_is_free(port) else None)
     servers.callback(_stop_server, "RabbitMQ", node.close)
     say(f"nothing answers at {redact_url(url)}; started a private RabbitMQ node: {node.describe()}")
-    return node.url
+    return node.url, node
 
 
 def _database(directory: Path, postgres: bool, servers: contextlib.ExitStack) -> str:

@@ -8,13 +8,16 @@ sharing one database.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from nexus.devstack.access import Access
 from nexus.devstack.supervisor import ChildSpec, Supervisor
+from schemas.identity import NEXUS_USER, crucible_user, sled_user
 from schemas.messages import Message
 from schemas.sled import AgentAnnounced, SledHeartbeat, SledRegistered
 from schemas.transport import Delivery
@@ -117,6 +120,28 @@ def plan(config: StackConfig) -> StackPlan:
         crucible_ids=crucible_ids,
         sled_ids=sled_ids,
         storage_sleds=sleds[: config.crucible_agents],
+    )
+
+
+def with_users(layout: StackPlan, access: Access, base_url: str) -> StackPlan:
+    """The same processes, each connecting as its own least-privilege broker user."""
+
+    def user_of(spec: ChildSpec) -> tuple[str, str]:
+        if "NEXUS_AMQP_URL" in spec.env:
+            return "NEXUS_AMQP_URL", NEXUS_USER
+        if "CRUCIBLE_AMQP_URL" in spec.env:
+            return "CRUCIBLE_AMQP_URL", crucible_user(uuid.UUID(spec.env["CRUCIBLE_AGENT_ID"]))
+        return "SLED_AMQP_URL", sled_user(uuid.UUID(spec.env["SLED_SLED_ID"]))
+
+    def as_user(spec: ChildSpec) -> ChildSpec:
+        variable, user = user_of(spec)
+        env = {**spec.env, variable: access.url(base_url, user)}
+        return dataclasses.replace(spec, env=env)
+
+    return dataclasses.replace(
+        layout,
+        nexus=[as_user(spec) for spec in layout.nexus],
+        agents=[as_user(spec) for spec in layout.agents],
     )
 
 

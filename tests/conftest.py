@@ -7,6 +7,7 @@ against real servers and which ones.
 
 from __future__ import annotations
 
+import random
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -36,6 +37,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=200,
         help="trials of each randomized race test (default 200; thousands for a soak)",
     )
+    parser.addoption(
+        "--chaos-operations",
+        type=int,
+        default=36,
+        help="disk creates of the chaos test (default 36; 300 for the long run)",
+    )
+    parser.addoption(
+        "--chaos-seed",
+        type=int,
+        default=None,
+        help="seed of the chaos test, to replay a run (default: a new one, printed)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -45,6 +58,17 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def race_trials(request: pytest.FixtureRequest) -> int:
     return int(request.config.getoption("--race-trials"))
+
+
+@pytest.fixture(scope="session")
+def chaos_operations(request: pytest.FixtureRequest) -> int:
+    return int(request.config.getoption("--chaos-operations"))
+
+
+@pytest.fixture
+def chaos_seed(request: pytest.FixtureRequest) -> int:
+    given = request.config.getoption("--chaos-seed")
+    return int(given) if given is not None else random.SystemRandom().randrange(1 << 32)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

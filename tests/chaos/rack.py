@@ -1,0 +1,237 @@
+"""The whole rack as real processes for chaos tests, and the faults done to it.
+
+The same processes as ``nexusctl dev run-all`` (``nexus.devstack.stack.plan``: 2 Nexus, 3
+crucible agents on distinct sleds, 2 sled agents) on PostgreSQL, each with its own
+least-privilege broker user in a vhost of its own, provisioned by an administrator
+before anything starts (``nexus.devstack.access``), as in production. Processes are
+SIGKILLed and started again; the RabbitMQ node is stopped and started keeping its data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aio_pika
+
+from nexus.devstack.access import Access, provision
+from nexus.devstack.stack import READINESS_KEYS, Readiness, StackConfig, StackPlan, plan
+from schemas.identity import CLI_USER, NEXUS_USER, crucible_user, sled_user
+from schemas.topology import (
+    DEAD_LETTER_QUEUE,
+    DETAIL_HEADER,
+    ORIGINAL_QUEUE_HEADER,
+    REASON_HEADER,
+)
+from schemas.transport import Transport
+from tests.harness.servers import RabbitMQServer
+from tests.processes import Service
+
+READY_TIMEOUT = 90.0
+
+
+@dataclass(frozen=True)
+class RackSettings:
+    lease_seconds: float = 2.0
+    sweep_seconds: float = 0.2
+    # Regions take a little while, so sagas really park and are woken by events.
+    create_delay: str = "uniform:0.05,0.6"
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    message_id: str | None
+    type: str | None
+    user_id: str | None
+    reason: str
+    detail: str
+    original_queue: str
+
+    def describe(self) -> str:
+        return (
+            f"{self.type} {self.message_id} from user {self.user_id} "
+            f"(queue {self.original_queue}): {self.reason}: {self.detail}"
+        )
+
+
+@dataclass
+class Rack:
+    server: RabbitMQServer
+    access: Access
+    stack: StackPlan
+    services: dict[str, Service]
+    unexpected_exits: list[str] = field(default_factory=list)
+
+    @property
+    def operator_url(self) -> str:
+        """The server's own administrator in this vhost: to look behind the services."""
+        return self.server.url.rstrip("/") + f"/{self.access.vhost}"
+
+    @property
+    def cli_url(self) -> str:
+        return self.access.url(self.server.url, CLI_USER)
+
+    @property
+    def nexus_names(self) -> list[str]:
+        return list(self.stack.replica_ids)
+
+    @property
+    def agent_names(self) -> list[str]:
+        return [name for name in self.services if name not in self.stack.replica_ids]
+
+    def of_kind(self, kind: str) -> list[str]:
+        """The services of one kind: ``nexus``, ``crucible`` or ``sled``."""
+        if kind == "nexus":
+            return self.nexus_names
+        return [name for name in self.agent_names if name.startswith(f"{kind}-")]
+
+    def start_all(self) -> None:
+        for service in self.services.values():
+            if not service.running:
+                service.start()
+
+    def note_exits(self) -> None:
+        """Record processes that exited although nobody killed them: each is a finding."""
+        for name, service in self.services.items():
+            if service.process is not None and not service.running:
+                code = service.process.returncode
+                self.unexpected_exits.append(f"{name} exited by itself with status {code}")
+                service.exits.append(code)
+                service.process = None
+
+    async def kill(self, name: str) -> None:
+        service = self.services[name]
+        if service.running:
+            service.send(signal.SIGKILL)
+            await service.wait_exit()
+        service.process = None
+
+    def restart(self, name: str) -> None:
+        service = self.services[name]
+        if not service.running:
+            service.start()
+
+    async def restart_rabbitmq(self, down_seconds: float) -> None:
+        # rabbitmqctl stop and the node's start block for seconds: off the event loop, so
+        # the workload and the services' reconnect attempts carry on meanwhile.
+        await asyncio.to_thread(self.server.stop)
+        await asyncio.sleep(down_seconds)
+        await asyncio.to_thread(self.server.start)
+
+    async def wait_until_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        """Every replica healthy, then every agent heard from (see ``Readiness``)."""
+        readiness = Readiness(self.stack.crucible_ids, self.stack.sled_ids)
+        async with Transport(self.operator_url, name="chaos-readiness") as transport:
+            await transport.subscribe(READINESS_KEYS, readiness.handle)
+            deadline = time.monotonic() + timeout
+            while not readiness.complete:
+                dead = [name for name, s in self.services.items() if not s.running]
+                if dead:
+                    raise RuntimeError(f"died while starting: {', '.join(dead)}")
+                if not readiness.armed and all(p.exists() for p in self.stack.health_files):
+                    readiness.arm()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the rack was not ready after {timeout:g}s")
+                await asyncio.sleep(0.1)
+
+    async def stop_all(self) -> None:
+        await asyncio.gather(*(service.stop() for service in self.services.values()))
+
+    async def dead_letters(self) -> list[DeadLetter]:
+        """Everything in ``control.dead-letters``, read without removing it."""
+        letters: list[DeadLetter] = []
+        connection = await aio_pika.connect(self.operator_url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.get_queue(DEAD_LETTER_QUEUE)
+            # Held unacked until the connection closes, so get() moves past each one.
+            while (incoming := await queue.get(fail=False)) is not None:
+                headers = incoming.headers or {}
+                letters.append(
+                    DeadLetter(
+                        message_id=incoming.message_id,
+                        type=incoming.type,
+                        user_id=incoming.user_id,
+                        reason=_text(headers.get(REASON_HEADER)),
+                        detail=_text(headers.get(DETAIL_HEADER)),
+                        original_queue=_text(headers.get(ORIGINAL_QUEUE_HEADER)),
+                    )
+                )
+        return letters
+
+    def log_tails(self, lines: int = 15) -> str:
+        parts = []
+        for name, service in self.services.items():
+            tail = service.log_text().splitlines()[-lines:]
+            parts.append(f"--- {name} ({service.log_path})\n" + "\n".join(tail))
+        return "\n".join(parts)
+
+    def exit_counts(self) -> Counter[str]:
+        return Counter({name: len(s.exits) for name, s in self.services.items()})
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return "" if value is None else str(value)
+
+
+def build_rack(
+    server: RabbitMQServer, database_url: str, state_dir: Path, seed: int, settings: RackSettings
+) -> Rack:
+    """Provision the vhost and users, and plan every process (nothing starts yet)."""
+    vhost = f"chaos-{uuid.uuid4().hex[:10]}"
+    config = StackConfig(
+        state_dir=state_dir,
+        amqp_url=server.url,
+        database_url=database_url,
+        create_delay=settings.create_delay,
+    )
+    stack = plan(config)
+    access = Access.generate(vhost, crucible_agents=stack.crucible_ids, sleds=stack.sled_ids)
+    provision(access, server.rabbitmqctl)
+    server.rabbitmqctl("set_permissions", "-p", vhost, _operator(server), ".*", ".*", ".*")
+
+    services: dict[str, Service] = {}
+    for spec in stack.nexus:
+        env = dict(spec.env) | {
+            "NEXUS_AMQP_URL": access.url(server.url, NEXUS_USER),
+            "NEXUS_LEASE_SECONDS": str(settings.lease_seconds),
+            "NEXUS_SWEEP_SECONDS": str(settings.sweep_seconds),
+        }
+        services[spec.name] = _service(spec.name, list(spec.argv), env, spec.log_path)
+    crucible_urls = {
+        str(agent): access.url(server.url, crucible_user(agent)) for agent in stack.crucible_ids
+    }
+    sled_urls = {str(sled): access.url(server.url, sled_user(sled)) for sled in stack.sled_ids}
+    for number, spec in enumerate(stack.agents):
+        env = dict(spec.env)
+        if "CRUCIBLE_AGENT_ID" in env:
+            env["CRUCIBLE_AMQP_URL"] = crucible_urls[env["CRUCIBLE_AGENT_ID"]]
+            # Each agent draws its create delays from its own stream of the run's seed.
+            env["CRUCIBLE_SEED"] = str(seed * 100 + number)
+        else:
+            env["SLED_AMQP_URL"] = sled_urls[env["SLED_SLED_ID"]]
+        services[spec.name] = _service(spec.name, list(spec.argv), env, spec.log_path)
+    return Rack(server=server, access=access, stack=stack, services=services)
+
+
+def _service(name: str, argv: list[str], env: dict[str, str], log_path: Path) -> Service:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    return Service(name=name, argv=argv, env=env, log_path=log_path)
+
+
+def _operator(server: RabbitMQServer) -> str:
+    return urlsplit(server.url).username or "guest"
+
+
+def unprovision(rack: Rack) -> None:
+    rack.server.rabbitmqctl("delete_vhost", rack.access.vhost)
+    for user in rack.access.grants():
+        rack.server.rabbitmqctl("delete_user", user)

@@ -1,0 +1,288 @@
+"""Chaos: the real rack keeps its books while its processes are SIGKILLed at random and
+RabbitMQ restarts once.
+
+On PostgreSQL, 2 Nexus replicas (2 s leases, 0.2 s sweeps, so adoption is quick), 3
+crucible agents and 2 sled agents, each a real process with its own broker user: disk
+creates (some deleted again) and instance lifecycles (create with a disk attached, stop,
+start, reboot, delete, then the disk deleted) run while a driver kills and restarts
+services. Then the faults stop, every saga must end, and the books must balance:
+
+- every disk and instance is in a terminal state, and ``doctor`` finds Nexus's records
+  and the agents' in agreement (no orphan region, no missing one, no instance astray);
+- no saga is ``stuck`` without a recorded error;
+- the dead-letter queue holds nothing (every producer here is a valid one);
+- operations lost: 0.
+
+Loopback only, bounded in count (``--chaos-operations``, 36 disk creates by default;
+300 for the long run) and time; seeded (``--chaos-seed``), the seed printed first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from nexus.db.migrate import upgrade_async
+from schemas import api
+from schemas.transport import Transport
+from tests.chaos.rack import Rack, RackSettings, build_rack, unprovision
+from tests.chaos.workload import (
+    ENDED,
+    SOURCE,
+    Api,
+    FaultDriver,
+    FaultPlan,
+    Ledger,
+    Unanswered,
+    Workload,
+)
+from tests.harness.servers import RabbitMQServer
+
+pytestmark = [pytest.mark.chaos, pytest.mark.integration]
+
+TERMINAL_DISK = frozenset({"detached", "attached", "faulted"})
+TERMINAL_INSTANCE = frozenset({"running", "stopped", "failed"})
+SETTLE_SECONDS = 150.0
+# One instance lifecycle per this many disk creates, each with this many power actions.
+DISKS_PER_INSTANCE = 8
+ACTIONS_PER_INSTANCE = 4
+DISK_CONCURRENCY = 4
+
+
+@dataclass
+class Verdict:
+    """What the books say after the faults stopped; ``lost`` must be empty."""
+
+    lost: dict[str, str] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    saga_states: Counter[str] = field(default_factory=Counter)
+    disk_states: Counter[str] = field(default_factory=Counter)
+    instance_states: Counter[str] = field(default_factory=Counter)
+    dead_letters: list[str] = field(default_factory=list)
+    # Sagas that did not finish as asked, and why: legitimate outcomes under faults,
+    # listed so that a run shows what the faults did.
+    unwound: list[str] = field(default_factory=list)
+
+    def lose(self, what: str, why: str) -> None:
+        self.lost.setdefault(what, why)
+
+
+@pytest.fixture
+async def rack(
+    restartable_rabbitmq: RabbitMQServer,
+    fresh_postgres_url: str,
+    tmp_path: Path,
+    chaos_seed: int,
+) -> AsyncIterator[Rack]:
+    await upgrade_async(fresh_postgres_url)
+    built = build_rack(
+        restartable_rabbitmq, fresh_postgres_url, tmp_path / "rack", chaos_seed, RackSettings()
+    )
+    try:
+        built.start_all()
+        await built.wait_until_ready()
+        yield built
+    finally:
+        await built.stop_all()
+        # The node is started again even when the test failed while it was down.
+        restartable_rabbitmq.start()
+        unprovision(built)
+
+
+async def test_the_books_balance_after_random_kills_and_a_broker_restart(
+    rack: Rack, chaos_seed: int, chaos_operations: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with capsys.disabled():
+        print(
+            f"\nchaos seed {chaos_seed} ({chaos_operations} disk creates); state in "
+            f"{rack.stack.health_files[0].parent}"
+        )
+    rng = random.Random(chaos_seed)
+    ledger = Ledger()
+    instances = max(2, chaos_operations // DISKS_PER_INSTANCE)
+    started = time.monotonic()
+    async with Transport(rack.cli_url, name="chaos-operator") as transport:
+        client = Api(transport, ledger)
+        workload = Workload(client, ledger, random.Random(rng.random()))
+        driver = FaultDriver(
+            rack,
+            ledger,
+            random.Random(rng.random()),
+            FaultPlan(),
+            progress=lambda: workload.disks_submitted / chaos_operations,
+        )
+        stop_faults = asyncio.Event()
+        faults = asyncio.create_task(driver.run(stop_faults))
+        try:
+            await asyncio.gather(
+                workload.disk_creates(chaos_operations, DISK_CONCURRENCY),
+                workload.instance_lifecycles(instances, ACTIONS_PER_INSTANCE),
+            )
+        finally:
+            stop_faults.set()
+            await faults
+        await driver.finish()
+        chaos_seconds = time.monotonic() - started
+        verdict = await settle_and_check(rack, client, ledger)
+    duration = time.monotonic() - started
+
+    report = figures(ledger, verdict, chaos_seed, chaos_operations, chaos_seconds, duration)
+    (rack.stack.health_files[0].parent / "chaos-report.json").write_text(
+        json.dumps(report, indent=2)
+    )
+    with capsys.disabled():
+        print(render(report, ledger, verdict, rack))
+
+    assert not rack.unexpected_exits, rack.unexpected_exits
+    assert not verdict.dead_letters, verdict.dead_letters
+    assert not ledger.retry_mismatches, ledger.retry_mismatches
+    assert not verdict.problems, verdict.problems
+    assert not verdict.lost, f"operations lost: {verdict.lost}"
+
+
+async def settle_and_check(rack: Rack, client: Api, ledger: Ledger) -> Verdict:
+    """Wait (bounded) for every saga to end and the agents to answer; then audit."""
+    verdict = Verdict()
+    deadline = time.monotonic() + SETTLE_SECONDS
+    sagas = await client.sagas()
+    while any(s.state not in ENDED for s in sagas) and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        sagas = await client.sagas()
+    verdict.saga_states = Counter(s.state for s in sagas)
+    for saga in sagas:
+        if saga.state not in ENDED:
+            view = await client.saga(saga.id)
+            waits = ", ".join(w.wait_key for w in view.waiting_for) if view else ""
+            verdict.lose(f"saga {saga.id}", f"{saga.name} still {saga.state} {waits}")
+        elif saga.state == "stuck" and not saga.error:
+            verdict.lose(f"saga {saga.id}", f"{saga.name} stuck without a recorded error")
+        if saga.state in ("undone", "stuck"):
+            verdict.unwound.append(f"{saga.name} {saga.id} {saga.state}: {saga.error}")
+        if saga.state in ("failed", "unrecoverable"):
+            verdict.problems.append(f"saga {saga.id} {saga.name} {saga.state}: {saga.error}")
+
+    known = {s.id for s in sagas}
+    for operation in ledger.operations:
+        name = f"{operation.kind} {operation.resource}"
+        if operation.answer == "unanswered":
+            verdict.lose(name, f"request {operation.request_id} never answered")
+        elif operation.saga_id is not None and operation.saga_id not in known:
+            verdict.lose(name, f"saga {operation.saga_id} accepted but not in Nexus's records")
+
+    disks = await client.disks()
+    verdict.disk_states = Counter(d.state.value for d in disks)
+    for disk in disks:
+        if disk.state not in TERMINAL_DISK:
+            verdict.lose(f"disk {disk.name}", f"left {disk.state}")
+    instances = await client.instances()
+    verdict.instance_states = Counter(i.state for i in instances)
+    for instance in instances:
+        if instance.state not in TERMINAL_INSTANCE:
+            verdict.lose(f"instance {instance.name}", f"left {instance.state}")
+    check_outcomes(ledger, disks, instances, verdict)
+
+    report = await doctor_when_all_answer(client, deadline)
+    if report.unreachable_agents:
+        verdict.problems.append(f"doctor: unreachable {report.unreachable_agents}")
+    for finding in report.findings:
+        verdict.lose(f"{finding.kind} {finding.object_id}", finding.detail)
+
+    verdict.dead_letters = [letter.describe() for letter in await rack.dead_letters()]
+    return verdict
+
+
+def check_outcomes(
+    ledger: Ledger,
+    disks: tuple[api.DiskView, ...],
+    instances: tuple[api.InstanceView, ...],
+    verdict: Verdict,
+) -> None:
+    """Each operation's end state is the resource's: a created resource exists unless
+    the workload deleted it, an undone one does not."""
+    live_disks = {d.name for d in disks}
+    live_instances = {i.name for i in instances}
+    deleted = {
+        (op.kind.split("_")[0], op.resource)
+        for op in ledger.operations
+        if op.kind in ("disk_delete", "instance_delete") and op.final == "done"
+    }
+    for op in ledger.operations:
+        if op.kind not in ("disk_create", "instance_create"):
+            continue
+        kind = op.kind.split("_")[0]
+        live = op.resource in (live_disks if kind == "disk" else live_instances)
+        name = f"{op.kind} {op.resource}"
+        if op.final == "done" and not live and (kind, op.resource) not in deleted:
+            verdict.lose(name, "saga done, but the resource is gone")
+        if op.final == "undone" and live:
+            verdict.lose(name, "saga undone, but the resource is live")
+
+
+async def doctor_when_all_answer(client: Api, deadline: float) -> api.DoctorReport:
+    """Agents restarted last may still be connecting: ask again until all answer."""
+    while True:
+        try:
+            report = await client.doctor()
+        except Unanswered:
+            if time.monotonic() > deadline:
+                raise
+            continue
+        if not report.unreachable_agents or time.monotonic() > deadline:
+            return report
+        await asyncio.sleep(1.0)
+
+
+def figures(
+    ledger: Ledger,
+    verdict: Verdict,
+    seed: int,
+    disk_creates: int,
+    chaos_seconds: float,
+    duration: float,
+) -> dict[str, object]:
+    answers = Counter(op.answer for op in ledger.operations)
+    return {
+        "seed": seed,
+        "disk_creates_requested": disk_creates,
+        "operations_submitted": ledger.submitted,
+        "operations_by_kind": dict(Counter(op.kind for op in ledger.operations)),
+        "answers": dict(answers),
+        "saga_outcomes": dict(Counter(op.final for op in ledger.operations if op.final)),
+        "faults_injected": sum(ledger.faults.values()),
+        "faults_by_kind": dict(ledger.faults),
+        "operations_lost": len(verdict.lost),
+        "saga_states": dict(verdict.saga_states),
+        "disk_states": dict(verdict.disk_states),
+        "instance_states": dict(verdict.instance_states),
+        "dead_letters": len(verdict.dead_letters),
+        "retry_mismatches": len(ledger.retry_mismatches),
+        "chaos_seconds": round(chaos_seconds, 1),
+        "duration_seconds": round(duration, 1),
+        "source": SOURCE,
+    }
+
+
+def render(report: dict[str, object], ledger: Ledger, verdict: Verdict, rack: Rack) -> str:
+    lines = ["", "chaos run figures:"]
+    lines += [f"  {key}: {value}" for key, value in report.items()]
+    lines += ["faults:", *(f"  {entry}" for entry in ledger.fault_log)]
+    sections = (
+        ("lost", [f"{what}: {why}" for what, why in verdict.lost.items()]),
+        ("problems", verdict.problems),
+        ("sagas unwound", verdict.unwound),
+        ("dead letters", verdict.dead_letters),
+        ("re-sent requests answered differently", ledger.retry_mismatches),
+        ("unexpected exits", rack.unexpected_exits),
+    )
+    for title, entries in sections:
+        if entries:
+            lines += [f"{title}:", *(f"  {entry}" for entry in entries)]
+    return "\n".join(lines)

@@ -1,0 +1,384 @@
+"""What the chaos test does to the rack: operations through the API as an operator
+would send them (each retried with the same request id until answered), and faults
+(SIGKILL of a service, a RabbitMQ restart) at seeded random times.
+
+Every operation and fault goes into a :class:`Ledger`, from which the test computes
+its figures: operations submitted, faults injected by kind, operations lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+import aio_pika
+
+from schemas import api
+from schemas.base import Envelope
+from schemas.messages import Message
+from schemas.topology import NEXUS_API_QUEUE
+from schemas.transport import PublishFailed, Transport
+from tests.chaos.rack import Rack
+
+PROJECT = "chaos"
+SOURCE = "cli/chaos"
+ENDED = frozenset({"done", "undone", "stuck", "failed", "unrecoverable"})
+# How long an operator keeps re-sending one request while replicas and the broker come
+# and go; longer than any outage the driver makes.
+ANSWER_BUDGET = 90.0
+# How long one operation may take under faults before the workload moves on; the
+# operation is then checked again after the faults stop.
+OPERATION_BUDGET = 90.0
+REQUEST_TIMEOUT = 5.0
+_BROKER_TROUBLE = (
+    TimeoutError,
+    PublishFailed,
+    ConnectionError,
+    aio_pika.exceptions.AMQPError,
+    aio_pika.exceptions.ChannelInvalidStateError,
+)
+
+
+class Unanswered(Exception):
+    """No reply to a request within ``ANSWER_BUDGET``, re-sent all along."""
+
+
+@dataclass
+class Operation:
+    kind: str
+    resource: str
+    request_id: uuid.UUID
+    answer: str = "pending"
+    saga_id: uuid.UUID | None = None
+    resource_id: uuid.UUID | None = None
+    final: str | None = None
+    attempts: int = 0
+
+
+@dataclass
+class Ledger:
+    operations: list[Operation] = field(default_factory=list)
+    faults: Counter[str] = field(default_factory=Counter)
+    fault_log: list[str] = field(default_factory=list)
+    # Requests answered differently when re-sent with the same id (the first answer was
+    # lost): each one breaks "a re-sent command is recognisably the same request".
+    retry_mismatches: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    def fault(self, kind: str, what: str) -> None:
+        self.faults[kind] += 1
+        self.fault_log.append(f"{time.monotonic() - self.started:7.2f}s {kind}: {what}")
+
+    @property
+    def submitted(self) -> int:
+        return len(self.operations)
+
+
+class Api:
+    """Requests to Nexus as ``nexusctl`` sends them, re-sent unchanged until answered."""
+
+    def __init__(self, transport: Transport, ledger: Ledger) -> None:
+        self._transport = transport
+        self._ledger = ledger
+
+    async def call(self, message: Envelope, operation: Operation | None = None) -> Message:
+        deadline = time.monotonic() + ANSWER_BUDGET
+        while True:
+            if operation is not None:
+                operation.attempts += 1
+            try:
+                return await self._transport.request(
+                    message, routing_key=NEXUS_API_QUEUE, timeout=REQUEST_TIMEOUT
+                )
+            except _BROKER_TROUBLE:
+                if time.monotonic() > deadline:
+                    raise Unanswered(f"{message.TYPE} {message.id}") from None
+                await asyncio.sleep(0.5)
+
+    async def saga(self, saga_id: uuid.UUID) -> api.SagaView | None:
+        reply = await self.call(api.SagaGet(source=SOURCE, payload=api.SagaRef(saga_id=saga_id)))
+        return reply.payload if isinstance(reply, api.SagaReply) else None
+
+    async def saga_end(self, saga_id: uuid.UUID, timeout: float) -> str:
+        """The saga's state once it ended, or its current state when ``timeout`` passed."""
+        deadline = time.monotonic() + timeout
+        state = "unknown"
+        while True:
+            try:
+                view = await self.saga(saga_id)
+            except Unanswered:
+                view = None
+            if view is not None:
+                state = view.state
+                if state in ENDED or time.monotonic() > deadline:
+                    return state
+            elif time.monotonic() > deadline:
+                return state
+            await asyncio.sleep(0.3)
+
+    async def sagas(self) -> tuple[api.SagaView, ...]:
+        reply = await self.call(api.SagaList(source=SOURCE, payload=api.SagaFilter(limit=10_000)))
+        assert isinstance(reply, api.SagaListReply), reply
+        return reply.payload
+
+    async def disks(self) -> tuple[api.DiskView, ...]:
+        reply = await self.call(
+            api.DiskList(source=SOURCE, payload=api.ProjectFilter(project=PROJECT))
+        )
+        assert isinstance(reply, api.DiskListReply), reply
+        return reply.payload
+
+    async def instances(self) -> tuple[api.InstanceView, ...]:
+        reply = await self.call(
+            api.InstanceList(source=SOURCE, payload=api.ProjectFilter(project=PROJECT))
+        )
+        assert isinstance(reply, api.InstanceListReply), reply
+        return reply.payload
+
+    async def instance(self, instance_id: uuid.UUID) -> api.InstanceView | None:
+        return next((i for i in await self.instances() if i.id == instance_id), None)
+
+    async def doctor(self) -> api.DoctorReport:
+        reply = await self.call(
+            api.Doctor(source=SOURCE, payload=api.DoctorRequest(timeout_seconds=10.0))
+        )
+        assert isinstance(reply, api.DoctorReply), reply
+        return reply.payload
+
+
+class Workload:
+    """Disk creates (some deleted again) and instance lifecycles, side by side."""
+
+    def __init__(self, client: Api, ledger: Ledger, rng: random.Random) -> None:
+        self._api = client
+        self._ledger = ledger
+        self._rng = rng
+        self.disks_submitted = 0
+
+    async def submit(
+        self,
+        kind: str,
+        resource: str,
+        message: Envelope,
+        recover: Callable[[], Awaitable[api.Accepted | None]] | None = None,
+    ) -> Operation:
+        """Send one operation; ``recover`` finds its saga when a re-sent request was
+        refused because the first copy had already started it."""
+        operation = Operation(kind=kind, resource=resource, request_id=message.id)
+        self._ledger.operations.append(operation)
+        try:
+            reply = await self._api.call(message, operation)
+        except Unanswered:
+            operation.answer = "unanswered"
+            return operation
+        if isinstance(reply, api.AcceptedReply):
+            operation.answer = "accepted"
+            operation.saga_id = reply.payload.saga_id
+            operation.resource_id = reply.payload.resource_id
+        elif isinstance(reply, api.ApiError):
+            operation.answer = f"rejected:{reply.payload.code.value}"
+            if operation.attempts > 1 and recover is not None:
+                accepted = await recover()
+                if accepted is not None:
+                    self._ledger.retry_mismatches.append(
+                        f"{kind} {resource}: re-sent request {message.id} answered "
+                        f"{reply.payload.code.value} ({reply.payload.message}), though the "
+                        f"first copy started saga {accepted.saga_id}"
+                    )
+                    operation.answer = "accepted"
+                    operation.saga_id = accepted.saga_id
+                    operation.resource_id = accepted.resource_id
+        else:
+            # A power action the instance is already in: nothing to do, no saga.
+            operation.answer = "no-op"
+        if operation.saga_id is not None:
+            operation.final = await self._api.saga_end(operation.saga_id, OPERATION_BUDGET)
+        return operation
+
+    # Disks.
+
+    async def disk_creates(self, count: int, concurrency: int) -> None:
+        names = iter(range(count))
+
+        async def worker() -> None:
+            for number in names:
+                self.disks_submitted += 1
+                await self._disk_lifecycle(f"d{number}")
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+    async def _disk_lifecycle(self, name: str) -> None:
+        created = await self.create_disk(name)
+        # Some disks are deleted again, so disk_delete runs under faults too.
+        if created.final == "done" and self._rng.random() < 0.2:
+            await self.delete_disk(name)
+
+    async def create_disk(self, name: str) -> Operation:
+        request = api.DiskCreate(
+            source=SOURCE,
+            payload=api.DiskCreateRequest(project=PROJECT, name=name, size_bytes=1 << 30),
+        )
+        return await self.submit("disk_create", name, request)
+
+    async def delete_disk(self, name: str) -> Operation:
+        request = api.DiskDelete(
+            source=SOURCE, payload=api.ResourceRef(project=PROJECT, resource=name)
+        )
+        return await self.submit("disk_delete", name, request, self._saga_of_disk(name))
+
+    def _saga_of_disk(self, name: str) -> Callable[[], Awaitable[api.Accepted | None]]:
+        async def recover() -> api.Accepted | None:
+            found = next((d for d in await self._api.disks() if d.name == name), None)
+            if found is None or found.saga_id is None:
+                return None
+            return api.Accepted(saga_id=found.saga_id, resource_id=found.id)
+
+        return recover
+
+    # Instances.
+
+    async def instance_lifecycles(self, count: int, actions_each: int) -> None:
+        await asyncio.gather(
+            *(self._instance_lifecycle(f"i{number}", actions_each) for number in range(count))
+        )
+
+    async def _instance_lifecycle(self, name: str, actions_each: int) -> None:
+        disk = await self.create_disk(f"{name}-boot")
+        if disk.final != "done":
+            return
+        request = api.InstanceCreate(
+            source=SOURCE,
+            payload=api.InstanceCreateRequest(
+                project=PROJECT,
+                name=name,
+                ncpus=1,
+                memory_bytes=1 << 30,
+                disks=(f"{name}-boot",),
+            ),
+        )
+        created = await self.submit("instance_create", name, request, self._saga_of_instance(name))
+        if created.final != "done" or created.resource_id is None:
+            return
+        for _ in range(actions_each):
+            view = await self._api.instance(created.resource_id)
+            if view is None:
+                return
+            action = self._next_action(view.state)
+            if action is None:
+                await asyncio.sleep(0.5)
+                continue
+            await self.act(name, action)
+        if self._rng.random() < 0.7:
+            deleted = await self.act(name, api.InstanceAction.DELETE)
+            if deleted.final == "done":
+                await self.delete_disk(f"{name}-boot")
+
+    def _next_action(self, state: str) -> api.InstanceAction | None:
+        if state == "running":
+            return self._rng.choice([api.InstanceAction.STOP, api.InstanceAction.REBOOT])
+        if state in ("stopped", "failed"):
+            return api.InstanceAction.START
+        # Between states: the operator waits for it to settle.
+        return None
+
+    async def act(self, name: str, action: api.InstanceAction) -> Operation:
+        request = api.InstanceAct(
+            source=SOURCE,
+            payload=api.InstanceActionRequest(project=PROJECT, resource=name, action=action),
+        )
+        return await self.submit(
+            f"instance_{action.value}", name, request, self._saga_of_instance(name)
+        )
+
+    def _saga_of_instance(self, name: str) -> Callable[[], Awaitable[api.Accepted | None]]:
+        async def recover() -> api.Accepted | None:
+            found = next((i for i in await self._api.instances() if i.name == name), None)
+            if found is None or found.saga_id is None:
+                return None
+            return api.Accepted(saga_id=found.saga_id, resource_id=found.id)
+
+        return recover
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    gap_seconds: tuple[float, float] = (1.0, 4.0)
+    down_seconds: tuple[float, float] = (0.3, 3.0)
+    # Sometimes two processes at once, which may be both replicas: a total outage of
+    # Nexus, during which requests and events wait in their queues.
+    double_fault_chance: float = 0.15
+    rabbitmq_down_seconds: float = 2.0
+    # Which kind of process dies: Nexus most often, as its recovery (lease expiry,
+    # adoption, fencing) is the most intricate.
+    weights: Mapping[str, float] = field(
+        default_factory=lambda: {"nexus": 0.4, "crucible": 0.35, "sled": 0.25}
+    )
+
+
+class FaultDriver:
+    """SIGKILLs services at random and starts them again; restarts RabbitMQ once, when
+    a seeded fraction of the disk creates has been submitted."""
+
+    def __init__(
+        self,
+        rack: Rack,
+        ledger: Ledger,
+        rng: random.Random,
+        plan: FaultPlan,
+        progress: Callable[[], float],
+    ) -> None:
+        self._rack = rack
+        self._ledger = ledger
+        self._rng = rng
+        self._plan = plan
+        self._progress = progress
+        self._rabbitmq_at = rng.uniform(0.3, 0.6)
+        self._rabbitmq_done = False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            gap = self._rng.uniform(*self._plan.gap_seconds)
+            try:
+                await asyncio.wait_for(stop.wait(), gap)
+                return
+            except TimeoutError:
+                pass
+            self._restart_the_unexpectedly_dead()
+            if not self._rabbitmq_done and self._progress() >= self._rabbitmq_at:
+                self._rabbitmq_done = True
+                self._ledger.fault("rabbitmq restart", self._rack.server.describe())
+                await self._rack.restart_rabbitmq(self._plan.rabbitmq_down_seconds)
+                continue
+            await self._kill_and_restart()
+
+    async def _kill_and_restart(self) -> None:
+        count = 2 if self._rng.random() < self._plan.double_fault_chance else 1
+        victims: list[str] = []
+        while len(victims) < count:
+            kind = self._rng.choices(list(self._plan.weights), list(self._plan.weights.values()))[0]
+            victim = self._rng.choice(
+                [name for name in self._rack.of_kind(kind) if name not in victims]
+            )
+            victims.append(victim)
+            self._ledger.fault(f"sigkill {kind}", victim)
+            await self._rack.kill(victim)
+        await asyncio.sleep(self._rng.uniform(*self._plan.down_seconds))
+        for victim in victims:
+            self._rack.restart(victim)
+
+    def _restart_the_unexpectedly_dead(self) -> None:
+        self._rack.note_exits()
+        self._rack.start_all()
+
+    async def finish(self) -> None:
+        """The restart of RabbitMQ happens once even if the workload ended early."""
+        if not self._rabbitmq_done:
+            self._rabbitmq_done = True
+            self._ledger.fault("rabbitmq restart", self._rack.server.describe())
+            await self._rack.restart_rabbitmq(self._plan.rabbitmq_down_seconds)
+        self._restart_the_unexpectedly_dead()

@@ -6,6 +6,7 @@ any node leaves a lease that expires, and another replica finishes the saga.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import uuid
 from collections import defaultdict
@@ -19,7 +20,7 @@ from nexus.sagas import disk_create
 from schemas.region import RegionStateChanged
 from schemas.topology import EVENTS_EXCHANGE
 from schemas.transport import Delivery, Transport
-from tests.processes import ApiClient, Crucible, Service, crucible, nexus
+from tests.processes import BIN, ApiClient, Crucible, Service, crucible, nexus
 
 pytestmark = pytest.mark.integration
 
@@ -79,9 +80,23 @@ async def test_a_saga_started_on_one_replica_finishes_on_the_one_that_consumed_i
         assert await a.stop(signal.SIGTERM) == 0
         b.start()
         view = await client.saga_in(accepted.saga_id, {"done"})
+        shown = await asyncio.create_subprocess_exec(
+            str(BIN / "nexusctl"),
+            "saga",
+            "show",
+            str(accepted.saga_id),
+            "--amqp-url",
+            vhost_url,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        timeline = (await shown.communicate())[0].decode()
     finally:
         await a.stop()
         await b.stop()
+
+    assert shown.returncode == 0, timeline
+    assert "replica-a" in timeline and "replica-b" in timeline, timeline
 
     by_node = {(entry.node, entry.event): entry.replica for entry in view.log}
     assert by_node[("ids", "succeeded")] == "replica-a"

@@ -1,18 +1,17 @@
 #!/usr/bin/env python3
-"""Write (or check) the RabbitMQ definitions that compose.yaml loads at the broker's boot.
+"""Write (or check) the RabbitMQ definitions that compose.yaml's broker loads at boot.
 
-One vhost for the control plane (not ``/``) and one user per service with permissions
-limited to the names that service uses (see README.md beside this file). RabbitMQ keeps
-only password hashes: ``rabbit_password_hashing_sha256`` is
-base64(salt + sha256(salt + utf-8 password)) with a 4-byte random salt.
+A thin wrapper: the users, their grants and the topology come from
+:mod:`nexus.devstack.access`, the one source of truth (``nexusctl dev run-all`` uses it
+too). This script only feeds it what compose.yaml holds -- the crucible agents' and
+sleds' ids, and each broker user's password as its ``*_AMQP_URL`` spells it
+(``${AMQP_..._PASSWORD:-...-dev-only}``, taken from the environment as compose would) --
+and adds the operator ``admin`` (management UI, everything in the vhost only).
 
-Passwords come from the same variables compose.yaml interpolates (``AMQP_NEXUS_PASSWORD``
-and so on), with the same development-only defaults:
+Run from the project's virtualenv (it imports the project and PyYAML):
 
-    python3 deploy/rabbitmq/definitions.py > deploy/rabbitmq/definitions.json
-    python3 deploy/rabbitmq/definitions.py --check deploy/rabbitmq/definitions.json
-
-Standard library only, so it runs anywhere Python 3.11 does.
+    .venv/bin/python deploy/rabbitmq/definitions.py > deploy/rabbitmq/definitions.json
+    .venv/bin/python deploy/rabbitmq/definitions.py --check deploy/rabbitmq/definitions.json
 """
 
 from __future__ import annotations
@@ -22,168 +21,152 @@ import base64
 import hashlib
 import json
 import os
+import re
 import secrets
 import sys
+import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
-VHOST = "control-plane"
-HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
-SALT_BYTES = 4
+import yaml
 
-# user -> (variable holding its password, development-only default)
-PASSWORDS: dict[str, tuple[str, str]] = {
-    "nexus": ("AMQP_NEXUS_PASSWORD", "nexus-dev-only"),
-    "crucible": ("AMQP_CRUCIBLE_PASSWORD", "crucible-dev-only"),
-    "sled": ("AMQP_SLED_PASSWORD", "sled-dev-only"),
-    "admin": ("AMQP_ADMIN_PASSWORD", "admin-dev-only"),
-}
-TAGS: dict[str, list[str]] = {"admin": ["administrator"]}
+from nexus.devstack.access import HASHING_ALGORITHM, VHOST, Access, password_hash
 
-# Names on the broker (schemas/topology.py): the shared exchanges, Nexus's queues, and
-# exclusive reply and watch queues (aio-pika names them amq_<uuid hex>, RabbitMQ
-# amq.gen-<...> when a client leaves the name to the server).
-_SHARED = r"control\.(commands|events|dead-letters)"
-_NEXUS_QUEUES = r"nexus\.(events|api)"
-_SERVER_NAMED = r"amq_[0-9a-f]{32}|amq\.gen-.*"
-_AGENT_PUBLISHES = r"control\.(events|dead-letters)"
-_CRUCIBLE_QUEUES = r"crucible\.[0-9a-f-]+"
-_SLED_QUEUES = r"sled\.[0-9a-f-]+"
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "compose.yaml"
+
+# The operator: not a service, so not in nexus.devstack.access.
+ADMIN_USER = "admin"
+ADMIN_PASSWORD_VARIABLE = "AMQP_ADMIN_PASSWORD"
+ADMIN_PASSWORD_DEFAULT = "admin-dev-only"
+ADMIN_TAGS = ["administrator"]
+ADMIN_PERMISSIONS = {"configure": ".*", "write": ".*", "read": ".*"}
+
+# The keys of the definitions that a re-render reproduces exactly (users differ by salt).
+EXACT_KEYS = ("vhosts", "permissions", "topic_permissions", "exchanges", "queues", "bindings")
+
+_INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z0-9_]+)(?::-(?P<default>[^}]*))?\}")
 
 
-def _any_of(*patterns: str) -> str:
-    return "^(" + "|".join(patterns) + ")$"
+def interpolate(text: str, environ: Mapping[str, str]) -> str:
+    """Compose's ``${VAR}`` and ``${VAR:-default}`` (unset or empty: the default)."""
+
+    def value(match: re.Match[str]) -> str:
+        return environ.get(match.group("name")) or match.group("default") or ""
+
+    return _INTERPOLATION.sub(value, text)
 
 
-# Every agent still runs Transport.declare_topology(), which (re)declares the exchanges
-# and Nexus's queues with their bindings and dead-letter arguments: that takes configure
-# on all of them, write on the queues it binds and the dead-letter exchange, and read on
-# the exchanges it binds to and on the queues it declares with a dead-letter exchange.
-# What the agents do not get: configure/write/read on another kind of agent's queues or
-# on exclusive reply queues, and write on control.commands (they cannot send commands).
-PERMISSIONS: dict[str, dict[str, str]] = {
-    "nexus": {
-        "configure": _any_of(_SHARED, _NEXUS_QUEUES, _SERVER_NAMED),
-        "write": _any_of(_SHARED, _NEXUS_QUEUES, r"amq\.default", _SERVER_NAMED),
-        "read": _any_of(_SHARED, _NEXUS_QUEUES, _SERVER_NAMED),
-    },
-    "crucible": {
-        "configure": _any_of(_SHARED, _NEXUS_QUEUES, _CRUCIBLE_QUEUES),
-        "write": _any_of(_AGENT_PUBLISHES, _NEXUS_QUEUES, r"amq\.default", _CRUCIBLE_QUEUES),
-        "read": _any_of(_SHARED, _NEXUS_QUEUES, _CRUCIBLE_QUEUES),
-    },
-    "sled": {
-        "configure": _any_of(_SHARED, _NEXUS_QUEUES, _SLED_QUEUES),
-        "write": _any_of(_AGENT_PUBLISHES, _NEXUS_QUEUES, r"amq\.default", _SLED_QUEUES),
-        "read": _any_of(_SHARED, _NEXUS_QUEUES, _SLED_QUEUES),
-    },
-    # The operator (management UI, rabbitmqadmin): everything, in this vhost only.
-    "admin": {"configure": ".*", "write": ".*", "read": ".*"},
-}
-
-# Routing keys each agent may publish on the control.events topic exchange
-# (AMQP 0-9-1 checks topic permissions on publish only).
-TOPIC_PERMISSIONS: dict[str, str] = {
-    "crucible": r"^(region\.[a-z_]+|agent\.announced|command\.rejected)$",
-    "sled": r"^(instance\.[a-z_]+|sled\.(registered|heartbeat)|command\.rejected)$",
-}
-EVENTS_EXCHANGE = "control.events"
+def _environment(service: Mapping[str, Any]) -> dict[str, str]:
+    environment = service.get("environment") or {}
+    if isinstance(environment, list):
+        environment = dict(item.split("=", 1) for item in environment)
+    return {str(key): str(value) for key, value in environment.items()}
 
 
-def password_hash(password: str, salt: bytes | None = None) -> str:
-    """RabbitMQ's ``rabbit_password_hashing_sha256`` of ``password``."""
-    if salt is None:
-        salt = secrets.token_bytes(SALT_BYTES)
-    digest = hashlib.sha256(salt + password.encode("utf-8")).digest()
-    return base64.b64encode(salt + digest).decode("ascii")
+def compose_access(
+    compose_path: Path = COMPOSE, environ: Mapping[str, str] | None = None
+) -> Access:
+    """compose.yaml's agents, sleds and broker passwords, as :class:`Access` renders them.
+
+    Fails if a user that access.py grants has no URL in compose.yaml (it would get a
+    random password nobody knows), if a URL names a user access.py does not grant, or
+    if one user has two passwords.
+    """
+    environ = os.environ if environ is None else environ
+    services = yaml.safe_load(compose_path.read_text())["services"]
+    crucible_agents: list[uuid.UUID] = []
+    sleds: list[uuid.UUID] = []
+    passwords: dict[str, str] = {}
+    for name, service in services.items():
+        environment = _environment(service)
+        if "CRUCIBLE_AMQP_URL" in environment:
+            crucible_agents.append(uuid.UUID(environment["CRUCIBLE_AGENT_ID"]))
+        if "SLED_AMQP_URL" in environment:
+            sleds.append(uuid.UUID(environment["SLED_SLED_ID"]))
+        for key, value in environment.items():
+            if not key.endswith("_AMQP_URL"):
+                continue
+            parts = urlsplit(interpolate(value, environ))
+            user, password = unquote(parts.username or ""), unquote(parts.password or "")
+            if passwords.setdefault(user, password) != password:
+                raise ValueError(f"{name}: user {user!r} has another password elsewhere")
+    granted = set(Access(VHOST, tuple(crucible_agents), tuple(sleds)).grants())
+    if set(passwords) != granted:
+        raise ValueError(
+            f"compose.yaml's broker users {sorted(passwords)} are not the ones "
+            f"nexus.devstack.access grants {sorted(granted)}"
+        )
+    return Access.generate(VHOST, crucible_agents=crucible_agents, sleds=sleds, passwords=passwords)
+
+
+def admin_password(environ: Mapping[str, str] | None = None) -> str:
+    environ = os.environ if environ is None else environ
+    return environ.get(ADMIN_PASSWORD_VARIABLE) or ADMIN_PASSWORD_DEFAULT
+
+
+def definitions(access: Access, admin: str) -> dict[str, Any]:
+    """``access.definitions()`` with the operator added."""
+    rendered = access.definitions()
+    rendered["users"].append(
+        {
+            "name": ADMIN_USER,
+            "password_hash": password_hash(admin),
+            "hashing_algorithm": HASHING_ALGORITHM,
+            "tags": ADMIN_TAGS,
+        }
+    )
+    rendered["permissions"].append({"user": ADMIN_USER, "vhost": access.vhost, **ADMIN_PERMISSIONS})
+    return rendered
 
 
 def password_matches(password: str, stored_hash: str) -> bool:
-    raw = base64.b64decode(stored_hash, validate=True)
-    salt = raw[:SALT_BYTES]
+    """Whether ``stored_hash`` (base64(salt + sha256(salt + password))) is ``password``'s."""
+    salt = base64.b64decode(stored_hash, validate=True)[: -hashlib.sha256().digest_size]
     return secrets.compare_digest(password_hash(password, salt), stored_hash)
 
 
-def passwords(environ: dict[str, str] | None = None) -> dict[str, str]:
-    environ = dict(os.environ) if environ is None else environ
-    return {
-        user: environ.get(variable) or default for user, (variable, default) in PASSWORDS.items()
-    }
-
-
-def definitions(user_passwords: dict[str, str]) -> dict[str, Any]:
-    return {
-        "rabbit_version": "3.13.0",
-        "rabbitmq_version": "3.13.0",
-        "users": [
-            {
-                "name": user,
-                "password_hash": password_hash(user_passwords[user]),
-                "hashing_algorithm": HASHING_ALGORITHM,
-                "tags": TAGS.get(user, []),
-                "limits": {},
-            }
-            for user in PASSWORDS
-        ],
-        "vhosts": [{"name": VHOST, "description": "the control plane", "tags": []}],
-        "permissions": [
-            {"user": user, "vhost": VHOST, **permissions}
-            for user, permissions in PERMISSIONS.items()
-        ],
-        "topic_permissions": [
-            {
-                "user": user,
-                "vhost": VHOST,
-                "exchange": EVENTS_EXCHANGE,
-                "write": write,
-                "read": ".*",
-            }
-            for user, write in TOPIC_PERMISSIONS.items()
-        ],
-        "parameters": [],
-        "global_parameters": [],
-        "policies": [],
-        "queues": [],
-        "exchanges": [],
-        "bindings": [],
-    }
-
-
-def check(path: Path, user_passwords: dict[str, str]) -> list[str]:
+def check(path: Path, access: Access, admin: str) -> list[str]:
     """What in the definitions at ``path`` differs from what this script would write."""
     loaded = json.loads(path.read_text())
-    expected = definitions(user_passwords)
-    problems = []
+    expected = definitions(access, admin)
+    problems = [
+        f"{key} differ from nexus.devstack.access's"
+        for key in EXACT_KEYS
+        if loaded.get(key) != expected[key]
+    ]
     users = {user["name"]: user for user in loaded.get("users", [])}
-    if sorted(users) != sorted(PASSWORDS):
-        problems.append(f"users are {sorted(users)}, expected {sorted(PASSWORDS)}")
-    for name, password in user_passwords.items():
-        user = users.get(name)
-        if user is None:
+    passwords = {**access.passwords, ADMIN_USER: admin}
+    if sorted(users) != sorted(passwords):
+        problems.append(f"users are {sorted(users)}, expected {sorted(passwords)}")
+    for user in expected["users"]:
+        found = users.get(user["name"])
+        if found is None:
             continue
-        if user.get("hashing_algorithm") != HASHING_ALGORITHM:
-            problems.append(f"{name}: hashing_algorithm is {user.get('hashing_algorithm')!r}")
-        elif not password_matches(password, user.get("password_hash", "")):
-            problems.append(f"{name}: the password hash does not match ${PASSWORDS[name][0]}")
-        if user.get("tags") != TAGS.get(name, []):
-            problems.append(f"{name}: tags are {user.get('tags')!r}")
-    for key in ("vhosts", "permissions", "topic_permissions"):
-        if loaded.get(key) != expected[key]:
-            problems.append(f"{key} differ from this script's")
+        if {k: v for k, v in found.items() if k != "password_hash"} != {
+            k: v for k, v in user.items() if k != "password_hash"
+        }:
+            problems.append(f"{user['name']}: {found} is not {user} (but for the hash)")
+        if not password_matches(passwords[user["name"]], found.get("password_hash", "")):
+            problems.append(f"{user['name']}: the hash is not of compose.yaml's password")
     return problems
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--check", type=Path, metavar="FILE", help="verify FILE instead")
+    parser.add_argument("--compose", type=Path, default=COMPOSE, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    user_passwords = passwords()
+    access = compose_access(args.compose)
+    admin = admin_password()
     if args.check is not None:
-        problems = check(args.check, user_passwords)
+        problems = check(args.check, access, admin)
         for problem in problems:
             print(f"{args.check}: {problem}", file=sys.stderr)
         return 1 if problems else 0
-    json.dump(definitions(user_passwords), sys.stdout, indent=2)
+    json.dump(definitions(access, admin), sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
 

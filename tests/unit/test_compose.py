@@ -3,12 +3,16 @@
 No Docker engine is needed: every service's command and health check must name an entry
 point and subcommand that exist (parsed by the real typer apps), every NEXUS_/CRUCIBLE_/
 SLED_ variable a settings field (and the whole environment must validate), every broker
-URL a user, password and vhost of the definitions with the permissions that service
-needs, every volume and dependency something declared.
+URL its service's own user (``nexus``, ``nexusctl``, ``crucible-<agent id>``,
+``sled-<sled id>``), password and vhost in the RabbitMQ definitions, which must be what
+``nexus.devstack.access`` renders for compose's ids (plus the operator ``admin``), every
+volume and dependency something declared.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -31,7 +35,10 @@ from typer.core import TyperGroup
 from typer.testing import CliRunner
 
 from crucible_agent.settings import CrucibleSettings
+from nexus.cli.client import cli_source
+from nexus.devstack.access import HASHING_ALGORITHM, VHOST, Access, password_hash
 from nexus.settings import NexusSettings
+from schemas.identity import CLI_USER, NEXUS_USER, crucible_user, sled_user, source_allowed
 from schemas.instance import InstanceState
 from schemas.region import RegionState
 from schemas.topology import (
@@ -41,6 +48,7 @@ from schemas.topology import (
     EVENTS_EXCHANGE,
     NEXUS_API_QUEUE,
     NEXUS_EVENTS_QUEUE,
+    REPLIES_EXCHANGE,
     crucible_queue,
     sled_queue,
 )
@@ -62,14 +70,16 @@ SETTINGS: dict[str, type[BaseSettings]] = {
     "CRUCIBLE_": CrucibleSettings,
     "SLED_": SledSettings,
 }
-# The settings each entry point reads, and the broker user its service connects as.
+# The settings each entry point reads.
 ENTRY_POINT_SETTINGS = {
     "nexus": "NEXUS_",
     "nexusctl": "NEXUS_",
     "crucible-agent": "CRUCIBLE_",
     "sled-agent": "SLED_",
 }
-BROKER_USER = {"nexus": "nexus", "crucible-agent": "crucible", "sled-agent": "sled"}
+# The operator of the management UI: compose's, not a service (deploy/rabbitmq/definitions.py).
+ADMIN_USER = "admin"
+ADMIN_PASSWORD_VARIABLE = "AMQP_ADMIN_PASSWORD"
 
 _INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Z0-9_]+)(?::-(?P<default>[^}]*))?\}")
 
@@ -145,9 +155,20 @@ def _environment(service: dict[str, Any]) -> dict[str, str]:
     return {str(key): str(value) for key, value in environment.items()}
 
 
+def _argv(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return shlex.split(value) if isinstance(value, str) else [str(part) for part in value]
+
+
 def _command(service: dict[str, Any]) -> list[str]:
-    command = service.get("command", [])
-    return shlex.split(command) if isinstance(command, str) else [str(part) for part in command]
+    """What the container runs: its entrypoint (the image has none) and command."""
+    return _argv(service.get("entrypoint")) + _argv(service.get("command"))
+
+
+def _on_demand(services: dict[str, dict[str, Any]]) -> set[str]:
+    """Services under a profile: tools that `docker compose run` starts, `up` does not."""
+    return {name for name, service in services.items() if service.get("profiles")}
 
 
 def _project_services(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -249,9 +270,9 @@ def test_commands_name_entry_points_and_subcommands(
 def test_health_checks_name_entry_points_or_server_tools(
     services: dict[str, dict[str, Any]], scripts: dict[str, str]
 ) -> None:
-    one_shots = _one_shots(services)
+    not_servers = _one_shots(services) | _on_demand(services)
     for name, service in services.items():
-        if name in one_shots:
+        if name in not_servers:
             continue
         test = service.get("healthcheck", {}).get("test")
         assert test, f"service {name} has no health check"
@@ -267,14 +288,14 @@ def test_health_checks_name_entry_points_or_server_tools(
                 raise AssertionError(f"health check of {name}: {error}") from None
 
 
-def test_one_shots_do_not_restart(services: dict[str, dict[str, Any]]) -> None:
-    for name in _one_shots(services):
+def test_one_shots_and_tools_do_not_restart(services: dict[str, dict[str, Any]]) -> None:
+    for name in _one_shots(services) | _on_demand(services):
         assert services[name].get("restart") == "no", name
 
 
 def test_long_running_services_restart(services: dict[str, dict[str, Any]]) -> None:
     for name, service in services.items():
-        if name not in _one_shots(services):
+        if name not in _one_shots(services) | _on_demand(services):
             assert service.get("restart") == "unless-stopped", name
 
 
@@ -432,130 +453,324 @@ def test_data_lives_in_named_volumes_of_their_own(services: dict[str, dict[str, 
     assert "postgres" in owners.values() and "rabbitmq" in owners.values()
 
 
-# The broker: URLs against the definitions.
+# The broker: URLs against the definitions, the definitions against nexus.devstack.access.
 
 
-def _amqp_urls(services: dict[str, dict[str, Any]]) -> Iterator[tuple[str, str, str]]:
+def _amqp_urls(services: dict[str, dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any], str]]:
     for name, service in _project_services(services).items():
         for key, value in _environment(service).items():
             if key.endswith("_AMQP_URL"):
-                yield name, _command(service)[0], value
+                yield name, service, value
 
 
-def _permissions(definitions: dict[str, Any], user: str, vhost: str) -> dict[str, str]:
+def _service_identity(service: dict[str, Any]) -> tuple[str, str]:
+    """The broker user the service must connect as, and the source its messages claim."""
+    entry_point = _command(service)[0]
+    environment = _environment(service)
+    if entry_point == "nexus":
+        return NEXUS_USER, f"nexus/{environment['NEXUS_REPLICA_ID']}"
+    if entry_point == "nexusctl":
+        return CLI_USER, cli_source()
+    if entry_point == "crucible-agent":
+        agent_id = uuid.UUID(environment["CRUCIBLE_AGENT_ID"])
+        return crucible_user(agent_id), f"crucible/{agent_id}"
+    if entry_point == "sled-agent":
+        sled_id = uuid.UUID(environment["SLED_SLED_ID"])
+        return sled_user(sled_id), f"sled/{sled_id}"
+    raise AssertionError(f"no broker identity for {entry_point}")
+
+
+def _url_credentials(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return unquote(parts.username or ""), unquote(parts.password or "")
+
+
+@pytest.fixture(scope="module")
+def compose_access(services: dict[str, dict[str, Any]]) -> Access:
+    """What nexus.devstack.access makes of compose.yaml's ids and default passwords."""
+    passwords: dict[str, str] = {}
+    for name, _, url in _amqp_urls(services):
+        user, password = _url_credentials(url)
+        assert passwords.setdefault(user, password) == password, f"{name}: {user} differs"
+    return Access.generate(
+        VHOST,
+        crucible_agents=[
+            uuid.UUID(value) for value in _values(services, "crucible-agent", "CRUCIBLE_AGENT_ID")
+        ],
+        sleds=[uuid.UUID(value) for value in _values(services, "sled-agent", "SLED_SLED_ID")],
+        passwords=passwords,
+    )
+
+
+@pytest.fixture(scope="module")
+def env_example() -> dict[str, str]:
+    example: dict[str, str] = {}
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            example[key.strip()] = value.strip()
+    return example
+
+
+def _permissions(definitions: dict[str, Any], user: str, vhost: str = VHOST) -> dict[str, str]:
     found = [p for p in definitions["permissions"] if p["user"] == user and p["vhost"] == vhost]
     assert len(found) == 1, f"{user} has {len(found)} permission entries on {vhost}"
     return dict(found[0])
+
+
+def _event_keys(definitions: dict[str, Any], user: str) -> str | None:
+    found = [
+        entry["write"]
+        for entry in definitions["topic_permissions"]
+        if entry["user"] == user and entry["exchange"] == EVENTS_EXCHANGE
+    ]
+    assert len(found) <= 1, f"{user} has {len(found)} topic permissions on {EVENTS_EXCHANGE}"
+    return found[0] if found else None
 
 
 def _allows(pattern: str, name: str) -> bool:
     return re.search(pattern, name) is not None
 
 
+def _hash_matches(password: str, stored_hash: str) -> bool:
+    """RabbitMQ's sha256 scheme, checked with access.py's own hashing and the file's salt."""
+    salt = base64.b64decode(stored_hash, validate=True)[: -hashlib.sha256().digest_size]
+    return password_hash(password, salt) == stored_hash
+
+
 def test_every_service_has_a_broker_url(services: dict[str, dict[str, Any]]) -> None:
     with_url = {name for name, _, _ in _amqp_urls(services)}
     for name, service in _project_services(services).items():
-        if _command(service)[1:2] == ["run"]:
+        if _command(service)[1:2] == ["run"] or name in _on_demand(services):
             assert name in with_url, f"{name} has no AMQP URL (it would use guest on /)"
 
 
-def test_broker_urls_match_users_passwords_and_vhost(
-    services: dict[str, dict[str, Any]],
-    definitions: dict[str, Any],
-    definitions_module: ModuleType,
+def test_the_migration_does_not_touch_the_broker(services: dict[str, dict[str, Any]]) -> None:
+    for name in _one_shots(services):
+        assert not any(k.endswith("_AMQP_URL") for k in _environment(services[name])), name
+
+
+def test_the_cli_has_a_service_and_a_user_of_its_own(services: dict[str, dict[str, Any]]) -> None:
+    """A cli/... source from user nexus is refused: nexusctl must connect as nexusctl."""
+    cli = {
+        name: service
+        for name, service in _project_services(services).items()
+        if _command(service)[0] == "nexusctl" and name not in _one_shots(services)
+    }
+    assert cli, "no service to run nexusctl in (exec into a Nexus replica connects as nexus)"
+    for name, service in cli.items():
+        assert name in _on_demand(services), f"{name}: `up` would start the CLI"
+        user, _ = _url_credentials(_environment(service)["NEXUS_AMQP_URL"])
+        assert user == CLI_USER, f"{name} connects as {user!r}"
+    assert not source_allowed(NEXUS_USER, cli_source())
+
+
+def test_each_service_connects_as_its_own_user(
+    services: dict[str, dict[str, Any]], definitions: dict[str, Any]
 ) -> None:
     users = {user["name"]: user for user in definitions["users"]}
     vhosts = {vhost["name"] for vhost in definitions["vhosts"]}
-    assert "/" not in vhosts
-    for name, entry_point, url in _amqp_urls(services):
+    assert vhosts == {VHOST}, "only the control plane's vhost, not /"
+    for name, service, url in _amqp_urls(services):
         parts = urlsplit(url)
         assert parts.scheme in {"amqp", "amqps"} and parts.hostname == "rabbitmq", name
-        user = unquote(parts.username or "")
-        assert user == BROKER_USER[entry_point], f"{name} connects as {user!r}"
+        assert unquote(parts.path.removeprefix("/")) == VHOST, f"{name}: vhost {parts.path}"
+        user, _ = _url_credentials(url)
+        expected_user, source = _service_identity(service)
+        assert user == expected_user, f"{name} connects as {user!r}, not {expected_user!r}"
         assert user in users, f"{name}: no user {user!r} in the definitions"
-        assert definitions_module.password_matches(
-            unquote(parts.password or ""), users[user]["password_hash"]
-        ), f"{name}: the password in its URL does not match {user}'s hash"
-        assert users[user]["hashing_algorithm"] == "rabbit_password_hashing_sha256"
-        vhost = unquote(parts.path.removeprefix("/"))
-        assert vhost in vhosts, f"{name}: vhost {vhost!r} is not defined"
-        assert vhost == definitions_module.VHOST
-        _permissions(definitions, user, vhost)
+        assert source_allowed(user, source), f"{name}: {user} may not claim source {source}"
+
+
+def test_broker_passwords_match_the_hashes(
+    services: dict[str, dict[str, Any]], definitions: dict[str, Any], env_example: dict[str, str]
+) -> None:
+    hashes = {user["name"]: user for user in definitions["users"]}
+    for name, _, url in _amqp_urls(services):
+        user, password = _url_credentials(url)
+        assert hashes[user]["hashing_algorithm"] == HASHING_ALGORITHM, user
+        assert _hash_matches(password, hashes[user]["password_hash"]), (
+            f"{name}: the password in its URL does not match {user}'s hash"
+        )
+    admin = hashes[ADMIN_USER]
+    assert admin["hashing_algorithm"] == HASHING_ALGORITHM
+    assert _hash_matches(env_example[ADMIN_PASSWORD_VARIABLE], admin["password_hash"])
+
+
+def test_definitions_file_is_what_access_renders_for_compose(
+    definitions: dict[str, Any], compose_access: Access
+) -> None:
+    """Equal to ``Access.definitions()`` for compose's ids, plus the operator ``admin``;
+    the password hashes differ by their random salts (checked above against compose's
+    passwords)."""
+    expected = compose_access.definitions()
+    assert set(definitions) == set(expected)
+    for key in ("vhosts", "topic_permissions", "exchanges", "queues", "bindings"):
+        assert definitions[key] == expected[key], f"{key} differ from nexus.devstack.access's"
+    admin_permissions = {"configure": ".*", "write": ".*", "read": ".*"}
+    assert definitions["permissions"] == [
+        *expected["permissions"],
+        {"user": ADMIN_USER, "vhost": VHOST, **admin_permissions},
+    ]
+
+    def without_hash(user: dict[str, Any]) -> dict[str, Any]:
+        return {key: value for key, value in user.items() if key != "password_hash"}
+
+    assert [without_hash(user) for user in definitions["users"]] == [
+        *(without_hash(user) for user in expected["users"]),
+        {"name": ADMIN_USER, "hashing_algorithm": HASHING_ALGORITHM, "tags": ["administrator"]},
+    ]
+    for user in definitions["users"]:
+        if user["name"] != ADMIN_USER:
+            password = compose_access.passwords[user["name"]]
+            assert _hash_matches(password, user["password_hash"]), user["name"]
+
+
+def test_definitions_script_agrees(definitions_module: ModuleType) -> None:
+    """The wrapper over access.py reads compose.yaml as the test does (no .env set)."""
+    access = definitions_module.compose_access(COMPOSE, {})
+    assert (
+        definitions_module.check(DEFINITIONS, access, definitions_module.admin_password({})) == []
+    )
+
+
+def test_every_user_has_the_grant_access_gives_it(
+    definitions: dict[str, Any], compose_access: Access
+) -> None:
+    for user, grant in compose_access.grants().items():
+        permissions = _permissions(definitions, user)
+        assert (permissions["configure"], permissions["write"], permissions["read"]) == (
+            grant.configure,
+            grant.write,
+            grant.read,
+        ), user
+        assert _event_keys(definitions, user) == grant.event_keys, user
+
+
+def test_agents_have_users_of_their_own(services: dict[str, dict[str, Any]]) -> None:
+    agents = {
+        **_by_entry_point(services, "crucible-agent"),
+        **_by_entry_point(services, "sled-agent"),
+    }
+    users = [_url_credentials(url)[0] for name, _, url in _amqp_urls(services) if name in agents]
+    assert len(users) == len(agents) and len(set(users)) == len(users), users
+    assert not {"crucible", "sled"} & set(users), "a user shared by every agent of a kind"
+
+
+def test_only_admin_and_nexus_may_configure(definitions: dict[str, Any]) -> None:
+    """The CLI declares its exclusive reply/watch queues (server-named) and nothing else;
+    agents configure nothing: their queues and bindings come with the definitions."""
+    some_id = uuid.uuid4()
+    shared = [
+        COMMANDS_EXCHANGE,
+        EVENTS_EXCHANGE,
+        REPLIES_EXCHANGE,
+        DEAD_LETTER_EXCHANGE,
+        DEAD_LETTER_QUEUE,
+        NEXUS_EVENTS_QUEUE,
+        NEXUS_API_QUEUE,
+        crucible_queue(some_id),
+        sled_queue(some_id),
+        "amq.default",
+    ]
+    for permissions in definitions["permissions"]:
+        user = permissions["user"]
+        if user in {ADMIN_USER, NEXUS_USER}:
+            continue
+        if user == CLI_USER:
+            assert _allows(permissions["configure"], f"amq_{some_id.hex}")
+            for name in shared:
+                assert not _allows(permissions["configure"], name), f"{user} configures {name}"
+        else:
+            assert permissions["configure"] == "^$", f"{user} may configure"
 
 
 def test_users_may_do_what_their_service_does(
     services: dict[str, dict[str, Any]], definitions: dict[str, Any]
 ) -> None:
-    vhost = "control-plane"
-    exchanges = [COMMANDS_EXCHANGE, EVENTS_EXCHANGE, DEAD_LETTER_EXCHANGE]
-    nexus = _permissions(definitions, "nexus", vhost)
-    for exchange in exchanges:
-        assert _allows(nexus["configure"], exchange) and _allows(nexus["write"], exchange)
-    for queue in [NEXUS_EVENTS_QUEUE, NEXUS_API_QUEUE, DEAD_LETTER_QUEUE]:
-        assert _allows(nexus["configure"], queue) and _allows(nexus["read"], queue)
+    exchanges = [COMMANDS_EXCHANGE, EVENTS_EXCHANGE, REPLIES_EXCHANGE, DEAD_LETTER_EXCHANGE]
     reply_queue = f"amq_{uuid.uuid4().hex}"  # aio-pika's name for an exclusive queue
-    for kind in ("configure", "write", "read"):
-        assert _allows(nexus[kind], reply_queue)
-    assert _allows(nexus["write"], "amq.default")
+    nexus = _permissions(definitions, NEXUS_USER)
+    for name in [*exchanges, NEXUS_EVENTS_QUEUE, NEXUS_API_QUEUE, DEAD_LETTER_QUEUE, reply_queue]:
+        for kind in ("configure", "write", "read"):
+            assert _allows(nexus[kind], name), f"nexus may not {kind} {name}"
 
-    for entry_point, user, key, queue_of in [
-        ("crucible-agent", "crucible", "CRUCIBLE_AGENT_ID", crucible_queue),
-        ("sled-agent", "sled", "SLED_SLED_ID", sled_queue),
-    ]:
-        granted = _permissions(definitions, user, vhost)
-        for identity in _values(services, entry_point, key):
-            queue = queue_of(uuid.UUID(identity))
-            for kind in ("configure", "write", "read"):
-                assert _allows(granted[kind], queue), f"{user} may not {kind} {queue}"
-        for exchange in exchanges:
-            assert _allows(granted["configure"], exchange), f"{user}: configure {exchange}"
-        for exchange in (EVENTS_EXCHANGE, DEAD_LETTER_EXCHANGE, "amq.default"):
+    cli = _permissions(definitions, CLI_USER)
+    assert _allows(cli["write"], COMMANDS_EXCHANGE)
+    assert _allows(cli["read"], EVENTS_EXCHANGE) and _allows(cli["read"], REPLIES_EXCHANGE)
+    for kind in ("configure", "write", "read"):
+        assert _allows(cli[kind], reply_queue)
+
+    for name, service in {
+        **_by_entry_point(services, "crucible-agent"),
+        **_by_entry_point(services, "sled-agent"),
+    }.items():
+        user, _ = _service_identity(service)
+        environment = _environment(service)
+        queue = (
+            crucible_queue(uuid.UUID(environment["CRUCIBLE_AGENT_ID"]))
+            if "CRUCIBLE_AGENT_ID" in environment
+            else sled_queue(uuid.UUID(environment["SLED_SLED_ID"]))
+        )
+        granted = _permissions(definitions, user)
+        assert _allows(granted["read"], queue), f"{name}: {user} may not consume {queue}"
+        for exchange in (EVENTS_EXCHANGE, REPLIES_EXCHANGE, DEAD_LETTER_EXCHANGE):
             assert _allows(granted["write"], exchange), f"{user} may not publish to {exchange}"
 
 
-def test_agents_may_not_do_what_they_do_not_need(definitions: dict[str, Any]) -> None:
-    vhost = "control-plane"
-    some_id = uuid.uuid4()
-    crucible = _permissions(definitions, "crucible", vhost)
-    sled = _permissions(definitions, "sled", vhost)
-    for granted, foreign in [(crucible, sled_queue(some_id)), (sled, crucible_queue(some_id))]:
-        for kind in ("configure", "write", "read"):
-            assert not _allows(granted[kind], foreign)
-        assert not _allows(granted["write"], COMMANDS_EXCHANGE), "agents send no commands"
-        for kind in ("configure", "read"):
-            assert not _allows(granted[kind], f"amq_{some_id.hex}")
-    nexus = _permissions(definitions, "nexus", vhost)
-    assert not _allows(nexus["read"], crucible_queue(some_id))
-    assert not _allows(nexus["read"], sled_queue(some_id))
-
-
-def test_topic_permissions_cover_what_each_agent_publishes(definitions: dict[str, Any]) -> None:
-    topics = {
-        (entry["user"], entry["exchange"]): entry["write"]
-        for entry in definitions["topic_permissions"]
+def test_agents_may_not_do_what_they_do_not_need(
+    services: dict[str, dict[str, Any]], definitions: dict[str, Any]
+) -> None:
+    agents = {
+        **_by_entry_point(services, "crucible-agent"),
+        **_by_entry_point(services, "sled-agent"),
     }
-    crucible = topics[("crucible", EVENTS_EXCHANGE)]
-    sled = topics[("sled", EVENTS_EXCHANGE)]
+    queues = {
+        _service_identity(s)[0]: (
+            crucible_queue(uuid.UUID(_environment(s)["CRUCIBLE_AGENT_ID"]))
+            if "CRUCIBLE_AGENT_ID" in _environment(s)
+            else sled_queue(uuid.UUID(_environment(s)["SLED_SLED_ID"]))
+        )
+        for s in agents.values()
+    }
+    some_id = uuid.uuid4()
+    for user, own in queues.items():
+        granted = _permissions(definitions, user)
+        foreign = [q for q in queues.values() if q != own]
+        foreign += [crucible_queue(some_id), sled_queue(some_id), f"amq_{some_id.hex}"]
+        foreign += [NEXUS_EVENTS_QUEUE, NEXUS_API_QUEUE]
+        for queue in foreign:
+            for kind in ("configure", "write", "read"):
+                assert not _allows(granted[kind], queue), f"{user} may {kind} {queue}"
+        # The dead-letter queue has its exchange's name: write on it is the exchange's.
+        for kind in ("configure", "read"):
+            assert not _allows(granted[kind], DEAD_LETTER_QUEUE), f"{user} may {kind} it"
+        for exchange in (COMMANDS_EXCHANGE, "amq.default"):
+            assert not _allows(granted["write"], exchange), f"{user} may publish to {exchange}"
+    nexus = _permissions(definitions, NEXUS_USER)
+    for queue in [*queues.values(), crucible_queue(some_id), sled_queue(some_id)]:
+        assert not _allows(nexus["read"], queue), f"nexus may read {queue}"
+
+
+def test_topic_permissions_cover_what_each_agent_publishes(
+    services: dict[str, dict[str, Any]], definitions: dict[str, Any]
+) -> None:
     crucible_keys = [f"region.{state.value}" for state in RegionState]
     crucible_keys += ["agent.announced", "command.rejected"]
     sled_keys = [f"instance.{state.value}" for state in InstanceState]
     sled_keys += ["sled.registered", "sled.heartbeat", "command.rejected"]
-    for key in crucible_keys:
-        assert _allows(crucible, key), key
-    for key in sled_keys:
-        assert _allows(sled, key), key
-    for key in ["instance.running", "sled.heartbeat", "disk.ready", "saga.done"]:
-        assert not _allows(crucible, key), key
-    for key in ["region.created", "agent.announced", "disk.ready", "saga.done"]:
-        assert not _allows(sled, key), key
-
-
-def test_definitions_file_is_what_the_script_writes(
-    definitions_module: ModuleType, compose: dict[str, Any]
-) -> None:
-    """Checked with the passwords compose.yaml uses when no .env sets them."""
-    environment = {variable: "" for variable, _ in definitions_module.PASSWORDS.values()}
-    assert definitions_module.check(DEFINITIONS, definitions_module.passwords(environment)) == []
+    for entry_point, allowed, refused in [
+        ("crucible-agent", crucible_keys, ["instance.running", "sled.heartbeat", "disk.ready"]),
+        ("sled-agent", sled_keys, ["region.created", "disk.ready", "saga.done"]),
+    ]:
+        for service in _by_entry_point(services, entry_point).values():
+            user, _ = _service_identity(service)
+            keys = _event_keys(definitions, user)
+            assert keys is not None, f"{user} may publish any routing key"
+            for key in allowed:
+                assert _allows(keys, key), f"{user}: {key}"
+            for key in refused:
+                assert not _allows(keys, key), f"{user}: {key}"
 
 
 def test_rabbitmq_loads_the_mounted_definitions(services: dict[str, dict[str, Any]]) -> None:
@@ -568,26 +783,48 @@ def test_rabbitmq_loads_the_mounted_definitions(services: dict[str, dict[str, An
             key, _, value = line.partition("=")
             settings[key.strip()] = value.strip()
     assert settings["load_definitions"] == mounts["./deploy/rabbitmq/definitions.json"]
+    assert settings["loopback_users.guest"] == "true"
+    assert "guest" not in {user["name"] for user in json.loads(DEFINITIONS.read_text())["users"]}
 
 
 # Passwords: one place for the defaults.
 
 
 def test_env_example_lists_every_variable_with_its_default(
-    raw_compose: str, definitions_module: ModuleType
+    raw_compose: str, env_example: dict[str, str], definitions_module: ModuleType
 ) -> None:
-    example: dict[str, str] = {}
-    for line in (ROOT / ".env.example").read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            key, _, value = line.partition("=")
-            example[key.strip()] = value.strip()
     used = {m.group("name"): m.group("default") for m in _INTERPOLATION.finditer(raw_compose)}
     for name, default in used.items():
-        assert example.get(name) == default, f"{name}: .env.example has {example.get(name)!r}"
-    for variable, default in definitions_module.PASSWORDS.values():
-        assert example.get(variable) == default, variable
-    for name, default in example.items():
+        assert env_example.get(name) == default, (
+            f"{name}: .env.example has {env_example.get(name)!r}"
+        )
+    admin = definitions_module.ADMIN_PASSWORD_VARIABLE
+    assert admin == ADMIN_PASSWORD_VARIABLE
+    assert env_example.get(admin) == definitions_module.ADMIN_PASSWORD_DEFAULT
+    assert set(env_example) == {*used, admin}, "a variable nothing uses"
+    for name, default in env_example.items():
         assert "dev-only" in default, f"{name}: a default that does not say it is for dev"
+
+
+def test_one_password_variable_per_broker_user(
+    raw_compose: str, definitions: dict[str, Any], env_example: dict[str, str]
+) -> None:
+    """Each URL's password is ``${AMQP_<X>_PASSWORD:-...}``, one variable per user."""
+    variables: dict[str, set[str]] = {}
+    for service in yaml.safe_load(raw_compose)["services"].values():
+        for key, value in _environment(service).items():
+            if key.endswith("_AMQP_URL"):
+                user, password = _url_credentials(value)
+                match = _INTERPOLATION.fullmatch(password)
+                assert match, f"{user}: the password is not a ${{VARIABLE:-default}}"
+                variables.setdefault(user, set()).add(match.group("name"))
+    assert all(len(names) == 1 for names in variables.values()), variables
+    by_user = {user: names.pop() for user, names in variables.items()}
+    assert len(set(by_user.values())) == len(by_user), f"users share a variable: {by_user}"
+    users = {user["name"] for user in definitions["users"]}
+    assert set(by_user) == users - {ADMIN_USER}
+    amqp = {name for name in env_example if name.startswith("AMQP_")}
+    assert amqp == {*by_user.values(), ADMIN_PASSWORD_VARIABLE}
 
 
 # The image.

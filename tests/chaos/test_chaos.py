@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -51,6 +52,19 @@ pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 TERMINAL_DISK = frozenset({"detached", "attached", "faulted"})
 TERMINAL_INSTANCE = frozenset({"running", "stopped", "failed"})
 SETTLE_SECONDS = 150.0
+# "node: DBAPIError('...')": a saga's error that is an exception's repr, not a node's refusal.
+INTERNAL_ERROR = re.compile(r"^(\w+: )?[A-Za-z_.]*(Error|Exception)\(")
+# Bug found by this test (reported to the owner of nexus/): under concurrent disk
+# creates and deletes on PostgreSQL, disk_delete's disk_mark_deleted gives datasets
+# their space back in region-id order while regions_place reserves it in dataset-id
+# order, so the two deadlock; and the executor fails the node on PostgreSQL's
+# "deadlock detected" (a transient error, SQLSTATE 40P01) instead of running it again,
+# so the saga unwinds: a disk delete ends faulted, a disk create undone.
+DEADLOCK_BUG = (
+    "bug: a PostgreSQL deadlock (disk_delete.disk_mark_deleted frees dataset space in "
+    "region-id order, regions_place reserves it in dataset-id order) fails the saga node "
+    "instead of being retried; the saga unwinds"
+)
 # One instance lifecycle per this many disk creates, each with this many power actions.
 DISKS_PER_INSTANCE = 8
 ACTIONS_PER_INSTANCE = 4
@@ -70,6 +84,7 @@ class Verdict:
     # Sagas that did not finish as asked, and why: legitimate outcomes under faults,
     # listed so that a run shows what the faults did.
     unwound: list[str] = field(default_factory=list)
+    internal_unwinds: list[str] = field(default_factory=list)
 
     def lose(self, what: str, why: str) -> None:
         self.lost.setdefault(what, why)
@@ -142,10 +157,14 @@ async def test_the_books_balance_after_random_kills_and_a_broker_restart(
         print(render(report, ledger, verdict, rack))
 
     assert not rack.unexpected_exits, rack.unexpected_exits
+    assert not verdict.lost, f"operations lost: {verdict.lost}"
     assert not verdict.dead_letters, verdict.dead_letters
     assert not ledger.retry_mismatches, ledger.retry_mismatches
     assert not verdict.problems, verdict.problems
-    assert not verdict.lost, f"operations lost: {verdict.lost}"
+    unexplained = [u for u in verdict.internal_unwinds if "deadlock detected" not in u]
+    assert not unexplained, f"sagas unwound by Nexus's own errors: {unexplained}"
+    if verdict.internal_unwinds:
+        pytest.xfail(f"{DEADLOCK_BUG}: {verdict.internal_unwinds}")
 
 
 async def settle_and_check(rack: Rack, client: Api, ledger: Ledger) -> Verdict:
@@ -166,6 +185,10 @@ async def settle_and_check(rack: Rack, client: Api, ledger: Ledger) -> Verdict:
             verdict.lose(f"saga {saga.id}", f"{saga.name} stuck without a recorded error")
         if saga.state in ("undone", "stuck"):
             verdict.unwound.append(f"{saga.name} {saga.id} {saga.state}: {saga.error}")
+            if saga.error and INTERNAL_ERROR.match(saga.error):
+                # A node's own refusal reads as a sentence (ActionFailed); an exception's
+                # repr means the operation failed for a reason of Nexus's, not the user's.
+                verdict.internal_unwinds.append(f"{saga.name} {saga.id}: {saga.error}")
         if saga.state in ("failed", "unrecoverable"):
             verdict.problems.append(f"saga {saga.id} {saga.name} {saga.state}: {saga.error}")
 
@@ -259,6 +282,8 @@ def figures(
         "faults_injected": sum(ledger.faults.values()),
         "faults_by_kind": dict(ledger.faults),
         "operations_lost": len(verdict.lost),
+        "sagas_unwound": len(verdict.unwound),
+        "sagas_unwound_by_internal_errors": len(verdict.internal_unwinds),
         "saga_states": dict(verdict.saga_states),
         "disk_states": dict(verdict.disk_states),
         "instance_states": dict(verdict.instance_states),
@@ -278,6 +303,7 @@ def render(report: dict[str, object], ledger: Ledger, verdict: Verdict, rack: Ra
         ("lost", [f"{what}: {why}" for what, why in verdict.lost.items()]),
         ("problems", verdict.problems),
         ("sagas unwound", verdict.unwound),
+        ("sagas unwound by Nexus's own errors", verdict.internal_unwinds),
         ("dead letters", verdict.dead_letters),
         ("re-sent requests answered differently", ledger.retry_mismatches),
         ("unexpected exits", rack.unexpected_exits),

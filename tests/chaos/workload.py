@@ -307,7 +307,7 @@ class Workload:
 
 @dataclass(frozen=True)
 class FaultPlan:
-    gap_seconds: tuple[float, float] = (1.0, 4.0)
+    gap_seconds: tuple[float, float] = (0.5, 2.5)
     down_seconds: tuple[float, float] = (0.3, 3.0)
     # Sometimes two processes at once, which may be both replicas: a total outage of
     # Nexus, during which requests and events wait in their queues.

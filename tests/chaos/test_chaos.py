@@ -65,6 +65,14 @@ DEADLOCK_BUG = (
     "region-id order, regions_place reserves it in dataset-id order) fails the saga node "
     "instead of being retried; the saga unwinds"
 )
+# Bug found by this test: nexus/api.py checks the resource's state before whether the
+# request's saga exists, so a re-sent request (same id, its first reply lost) is
+# answered already_exists (instance create) or conflict (instance delete, disk delete)
+# instead of with the saga the first copy started.
+RETRY_BUG = (
+    "bug: a re-sent API request (same id) whose first copy started a saga is answered "
+    "already_exists/conflict instead of with that saga (nexus/api.py checks state first)"
+)
 # One instance lifecycle per this many disk creates, each with this many power actions.
 DISKS_PER_INSTANCE = 8
 ACTIONS_PER_INSTANCE = 4
@@ -159,12 +167,16 @@ async def test_the_books_balance_after_random_kills_and_a_broker_restart(
     assert not rack.unexpected_exits, rack.unexpected_exits
     assert not verdict.lost, f"operations lost: {verdict.lost}"
     assert not verdict.dead_letters, verdict.dead_letters
-    assert not ledger.retry_mismatches, ledger.retry_mismatches
     assert not verdict.problems, verdict.problems
     unexplained = [u for u in verdict.internal_unwinds if "deadlock detected" not in u]
     assert not unexplained, f"sagas unwound by Nexus's own errors: {unexplained}"
+    known_bugs = []
     if verdict.internal_unwinds:
-        pytest.xfail(f"{DEADLOCK_BUG}: {verdict.internal_unwinds}")
+        known_bugs.append(f"{DEADLOCK_BUG}: {verdict.internal_unwinds}")
+    if ledger.retry_mismatches:
+        known_bugs.append(f"{RETRY_BUG}: {ledger.retry_mismatches}")
+    if known_bugs:
+        pytest.xfail("; ".join(known_bugs))
 
 
 async def settle_and_check(rack: Rack, client: Api, ledger: Ledger) -> Verdict:

@@ -60,18 +60,18 @@ class Scale:
 
 
 QUICK = Scale(
-    strategy_disks=6,
-    region_delay="lognormal:1.5,1.0,0.2,8",
-    throughput_disks=150,
-    parked=300,
-    parked_delay_seconds=25,
+    strategy_disks=4,
+    region_delay="lognormal:1.0,0.8,0.2,4",
+    throughput_disks=40,
+    parked=60,
+    parked_delay_seconds=15,
 )
 FULL = Scale(
     strategy_disks=20,
     region_delay="lognormal:5,1.2,0.2,60",
-    throughput_disks=600,
-    parked=10_000,
-    parked_delay_seconds=150,
+    throughput_disks=300,
+    parked=1_000,
+    parked_delay_seconds=200,
 )
 
 
@@ -471,7 +471,8 @@ async def scale_phase(servers: Servers, scale: Scale, seed: int) -> dict[str, An
             watched = _processes(running, servers)
             await asyncio.sleep(1)
             before = _cpu(watched)
-            window = 10.0
+            # Inside the parked stretch: it must end before the first regions are ready.
+            window = 4.0 if scale.parked < 100 else 10.0
             await asyncio.sleep(window)
             idle_cpu = {n: (a - before.get(n, 0.0)) / window for n, a in _cpu(watched).items()}
             memory = {
@@ -577,7 +578,7 @@ async def main(scale: Scale, out: Path, seed: int) -> dict[str, Any]:
         results["throughput"] = await throughput_phase(servers, scale, seed)
         half = results["throughput"]["postgresql, 2 replicas"]["sagas_per_second"] / 2
         results["half_load"] = await half_load_phase(
-            servers, half, seed, seconds=10 if scale is QUICK else 30
+            servers, half, seed, seconds=5 if scale is QUICK else 30
         )
         results["scale"] = await scale_phase(servers, scale, seed)
     finally:

@@ -159,6 +159,20 @@ class Api:
             await self._executor.create(session, definition, params, saga_id)
         return self._accepted(request, saga_id, resource_id)
 
+    async def _started(
+        self,
+        session: AsyncSession,
+        request: Envelope,
+        definition: SagaDefinition[Any],
+        id_field: str,
+    ) -> api.AcceptedReply | None:
+        """The answer the first copy of a re-sent request got, before any check that
+        the operation itself has since made false (the instance no longer exists...)."""
+        saga = await session.get(Saga, uuid.uuid5(request.id, definition.name))
+        if saga is None:
+            return None
+        return self._accepted(request, saga.id, uuid.UUID(saga.params[id_field]))
+
     def _accepted(
         self, request: Envelope, saga_id: uuid.UUID, resource_id: uuid.UUID
     ) -> api.AcceptedReply:
@@ -170,6 +184,8 @@ class Api:
 
     async def disk_delete(self, request: api.DiskDelete) -> Envelope:
         async with self._sessions.begin() as session:
+            if started := await self._started(session, request, disk_delete.DEFINITION, "disk_id"):
+                return started
             disk = await self._find_disk(session, request.payload)
             if disk.state not in (DiskState.DETACHED, DiskState.FAULTED):
                 raise ApiProblem(
@@ -228,6 +244,10 @@ class Api:
     async def instance_create(self, request: api.InstanceCreate) -> Envelope:
         body = request.payload
         async with self._sessions.begin() as session:
+            if started := await self._started(
+                session, request, instance_create.DEFINITION, "instance_id"
+            ):
+                return started
             if await self._live_instance(session, body.project, body.name) is not None:
                 raise ApiProblem(
                     api.ErrorCode.ALREADY_EXISTS,
@@ -263,7 +283,14 @@ class Api:
 
     async def instance_act(self, request: api.InstanceAct) -> Envelope:
         body = request.payload
+        action_saga = (
+            instance_delete.DEFINITION
+            if body.action is api.InstanceAction.DELETE
+            else _POWER[body.action][0]
+        )
         async with self._sessions.begin() as session:
+            if started := await self._started(session, request, action_saga, "instance_id"):
+                return started
             instance = await self._find_instance(
                 session, api.ResourceRef(project=body.project, resource=body.resource)
             )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import signal
 import traceback
 import uuid
@@ -52,6 +53,24 @@ saga_log = cast(Table, SagaLogEntry.__table__)
 _CLAIMABLE = (SagaState.RUNNING.value, SagaState.WAITING.value, SagaState.UNWINDING.value)
 SWEEP_CONCURRENCY = 32
 _INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError, ConnectionError, TimeoutError)
+
+
+# PostgreSQL's deadlock_detected and serialization_failure: the transaction lost a race
+# with another one and may simply run again.
+_CONTENTION_SQLSTATES = frozenset({"40P01", "40001"})
+CONTENTION_RETRIES = 5
+
+
+class Contended(Exception):
+    """A step's transaction lost a race with another (deadlock, serialization): retry it."""
+
+
+def _contention(error: BaseException) -> bool:
+    if not isinstance(error, DBAPIError):
+        return False
+    original = error.orig
+    code = getattr(original, "sqlstate", None) or getattr(original, "pgcode", None)
+    return code in _CONTENTION_SQLSTATES
 
 
 class LeaseLost(Exception):
@@ -228,6 +247,13 @@ class SagaExecutor:
             if row is None:
                 return
             await self._run_claimed(row)
+        except Contended:
+            log.warning(
+                "saga %s kept losing races in the database; its lease will expire "
+                "and it is tried again",
+                saga_id,
+                extra={"saga_id": str(saga_id)},
+            )
         except LeaseLost:
             log.warning(
                 "lost the lease on saga %s; another replica has it",
@@ -253,11 +279,21 @@ class SagaExecutor:
             await self._mark_unrecoverable(row, str(error))
             return
         current: SagaRow | None = row
+        contended = 0
         while current is not None:
             before = current
             try:
                 current = await self._step(definition, params, before)
                 self._tell(before)
+                contended = 0
+            except Contended:
+                # The step rolled back whole, the saga row is as it was: run it again,
+                # after a pause that separates the two contenders.
+                self._notes.pop(before.id, None)
+                contended += 1
+                if contended > CONTENTION_RETRIES:
+                    raise
+                await asyncio.sleep(random.uniform(0.005, 0.05) * contended)
             except Unrecoverable as error:
                 self._notes.pop(before.id, None)
                 await self._mark_unrecoverable(before, str(error))
@@ -398,6 +434,8 @@ class SagaExecutor:
         except (LeaseLost, Unrecoverable, *_INFRASTRUCTURE_ERRORS):
             raise
         except Exception as error:  # an action's failure, whatever its type, fails its node
+            if _contention(error):
+                raise Contended(node.name) from error
             if isinstance(error, DBAPIError) and error.connection_invalidated:
                 raise
             return await self._fail_node(row, node.name, error)
@@ -532,6 +570,8 @@ class SagaExecutor:
         except (LeaseLost, Unrecoverable, *_INFRASTRUCTURE_ERRORS):
             raise
         except Exception as error:  # the resume of a node failed: so did the node
+            if _contention(error):
+                raise Contended(str(node_name)) from error
             if node_name is None:
                 raise
             return await self._fail_node(row, node_name, error)
@@ -596,8 +636,12 @@ class SagaExecutor:
             row = await self._reconcile_expired(definition, params, row)
             if row is not None:
                 await self._run_claimed(row)
-        except LeaseLost:
-            log.warning("lost the lease on saga %s during reconcile", saga_id)
+        except (LeaseLost, Contended):
+            log.warning(
+                "lost the lease on saga %s during reconcile (or a race in the "
+                "database); the next sweep tries again",
+                saga_id,
+            )
         except (Unrecoverable, ValidationError) as error:
             log.error("saga %s cannot be reconciled: %s", saga_id, error)
         finally:
@@ -649,6 +693,9 @@ class SagaExecutor:
                 except (LeaseLost, *_INFRASTRUCTURE_ERRORS):
                     raise
                 except Exception as error:
+                    if _contention(error):
+                        # The next sweep finds the deadline still passed and asks again.
+                        raise Contended(node_name) from error
                     return await self._fail_node(row, node_name, error)
                 if resumed is None:
                     # It parked again (a resume may wait anew); what else expired is
@@ -763,6 +810,8 @@ class SagaExecutor:
         except (LeaseLost, Unrecoverable, *_INFRASTRUCTURE_ERRORS):
             raise
         except Exception as error:
+            if _contention(error):
+                raise Contended(node.name) from error
             message = str(error) if isinstance(error, ActionFailed) else repr(error)
             log.error(
                 "saga %s undo of %s failed; saga is stuck: %s",

@@ -54,25 +54,6 @@ TERMINAL_INSTANCE = frozenset({"running", "stopped", "failed"})
 SETTLE_SECONDS = 150.0
 # "node: DBAPIError('...')": a saga's error that is an exception's repr, not a node's refusal.
 INTERNAL_ERROR = re.compile(r"^(\w+: )?[A-Za-z_.]*(Error|Exception)\(")
-# Bug found by this test (reported to the owner of nexus/): under concurrent disk
-# creates and deletes on PostgreSQL, disk_delete's disk_mark_deleted gives datasets
-# their space back in region-id order while regions_place reserves it in dataset-id
-# order, so the two deadlock; and the executor fails the node on PostgreSQL's
-# "deadlock detected" (a transient error, SQLSTATE 40P01) instead of running it again,
-# so the saga unwinds: a disk delete ends faulted, a disk create undone.
-DEADLOCK_BUG = (
-    "bug: a PostgreSQL deadlock (disk_delete.disk_mark_deleted frees dataset space in "
-    "region-id order, regions_place reserves it in dataset-id order) fails the saga node "
-    "instead of being retried; the saga unwinds"
-)
-# Bug found by this test: nexus/api.py checks the resource's state before whether the
-# request's saga exists, so a re-sent request (same id, its first reply lost) is
-# answered already_exists (instance create) or conflict (instance delete, disk delete)
-# instead of with the saga the first copy started.
-RETRY_BUG = (
-    "bug: a re-sent API request (same id) whose first copy started a saga is answered "
-    "already_exists/conflict instead of with that saga (nexus/api.py checks state first)"
-)
 # One instance lifecycle per this many disk creates, each with this many power actions.
 DISKS_PER_INSTANCE = 8
 ACTIONS_PER_INSTANCE = 4
@@ -168,15 +149,14 @@ async def test_the_books_balance_after_random_kills_and_a_broker_restart(
     assert not verdict.lost, f"operations lost: {verdict.lost}"
     assert not verdict.dead_letters, verdict.dead_letters
     assert not verdict.problems, verdict.problems
-    unexplained = [u for u in verdict.internal_unwinds if "deadlock detected" not in u]
-    assert not unexplained, f"sagas unwound by Nexus's own errors: {unexplained}"
-    known_bugs = []
-    if verdict.internal_unwinds:
-        known_bugs.append(f"{DEADLOCK_BUG}: {verdict.internal_unwinds}")
-    if ledger.retry_mismatches:
-        known_bugs.append(f"{RETRY_BUG}: {ledger.retry_mismatches}")
-    if known_bugs:
-        pytest.xfail("; ".join(known_bugs))
+    # Found by this test and fixed: deadlocks between placements and deletes unwound
+    # sagas, and a re-sent request could be answered differently from its first copy.
+    assert not verdict.internal_unwinds, (
+        f"sagas unwound by Nexus's own errors: {verdict.internal_unwinds}"
+    )
+    assert not ledger.retry_mismatches, (
+        f"re-sent requests answered differently: {ledger.retry_mismatches}"
+    )
 
 
 async def settle_and_check(rack: Rack, client: Api, ledger: Ledger) -> Verdict:

@@ -8,12 +8,14 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import DBAPIError
 
 from nexus.db.models import Saga, UnclaimedEvent, WaitRendezvous
 from nexus.db.states import SagaLogEvent, SagaState, WaitState
 from nexus.saga.clock import ManualClock
-from nexus.saga.definition import Reconciled
+from nexus.saga.definition import Ctx, Node, Reconciled, SagaDefinition, sequence
 from nexus.saga.executor import LeaseLost
 from schemas.instance import InstanceState
 from tests.saga_support import (
@@ -276,3 +278,34 @@ async def test_parked_waits_hold_no_lease_and_show_their_deadline(database: Data
     assert saga.lease_owner is None and saga.lease_expires_at is None
     assert row is not None and row.state == WaitState.PARKED and row.saga_id == saga_id
     assert row.deadline == clock.now() + timedelta(seconds=45)
+
+
+class _Deadlock(Exception):
+    sqlstate = "40P01"
+
+
+async def test_a_step_that_loses_a_database_race_runs_again(database: Database) -> None:
+    """A deadlock or serialization failure is not the node failing: the step reruns."""
+    attempts: list[int] = []
+
+    class Nothing(BaseModel):
+        pass
+
+    async def racy(ctx: Ctx[Nothing]) -> None:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise DBAPIError("UPDATE datasets ...", {}, _Deadlock("deadlock detected"))
+
+    definition = SagaDefinition(
+        name="test_racy", version=1, params=Nothing, stages=sequence(Node("racy", racy))
+    )
+    a = Replica(database, "a", clock=ManualClock(), definitions=[definition])
+    saga_id = await a.executor.start(definition, Nothing())
+
+    assert len(attempts) == 3
+    saga = await database.saga(saga_id)
+    assert saga.state == SagaState.DONE
+    assert [e.event for e in await database.log(saga_id)] == [
+        SagaLogEvent.STARTED,
+        SagaLogEvent.SUCCEEDED,
+    ]

@@ -1,0 +1,93 @@
+"""Markdown tables from a benchmark's results.json (``python -m bench.report FILE``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _ms(value: float) -> str:
+    return f"{value:,.1f}"
+
+
+def render(results: dict[str, Any]) -> str:
+    floor = results["floor"]
+    lines = [
+        "### Floor (this machine, this run)",
+        "",
+        "| measure | p50 | p99 |",
+        "|---|---|---|",
+        f"| AMQP hop, publish with confirm → consumed (quorum queue) | "
+        f"{_ms(floor['amqp_hop_ms']['p50'])} ms | {_ms(floor['amqp_hop_ms']['p99'])} ms |",
+    ]
+    for kind, commit in floor["commit_ms"].items():
+        lines.append(
+            f"| one small commit, {kind} | {_ms(commit['p50'])} ms | {_ms(commit['p99'])} ms |"
+        )
+    lines += [
+        f"| **floor = hop + PostgreSQL commit (p50)** | **{_ms(floor['floor_ms'])} ms** | |",
+        "",
+        "### Wait strategies (same run, same seeded workload, 2 replicas, PostgreSQL)",
+        "",
+        "| strategy | wake p50 | wake p99 | wake max | wake mean | x floor (p50) | "
+        "disk create p50 | disk create p99 | requests to agents per disk |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, data in results["strategies"].items():
+        wake = data["wake_ms"]
+        create = data["disk_create_s"]
+        lines.append(
+            f"| {label} | {_ms(wake['p50'])} ms | {_ms(wake['p99'])} ms | "
+            f"{_ms(wake['max'])} ms | {_ms(wake['mean'])} ms | "
+            f"{wake['p50'] / floor['floor_ms']:,.1f} | {create['p50']:.1f} s | "
+            f"{create['p99']:.1f} s | {data['requests_per_disk']['mean']:.1f} |"
+        )
+    event = results["strategies"]["event-driven"]["wake_ms"]["mean"]
+    lines.append("")
+    for label, data in results["strategies"].items():
+        if label != "event-driven":
+            lines.append(
+                f"- mean wake overhead, {label} / event-driven: "
+                f"**{data['wake_ms']['mean'] / event:,.0f}x**"
+            )
+    lines += [
+        "",
+        "### Throughput (no region delay)",
+        "",
+        "| configuration | disk-create sagas/s | CPU seconds per saga, by process |",
+        "|---|---|---|",
+    ]
+    for label, data in results["throughput"].items():
+        cpu = ", ".join(
+            f"{name} {seconds * 1000:.0f} ms"
+            for name, seconds in data["cpu_seconds_per_saga"].items()
+        )
+        lines.append(f"| {label} | {data['sagas_per_second']:.1f} | {cpu} |")
+    half = results["half_load"]
+    lines += [
+        "",
+        f"Wake overhead at half the 2-replica throughput ({half['offered_per_second']:.1f} "
+        f"disks/s, region delay 50 ms): p50 {_ms(half['wake_ms']['p50'])} ms, "
+        f"p99 {_ms(half['wake_ms']['p99'])} ms ({half['states']}).",
+        "",
+        "### Scale (sagas parked at once)",
+        "",
+        "| parked | requests to agents while parked | Nexus RSS | CPU while parked "
+        "(fraction of a core) | wake p50 | wake p99 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for data in results["scale"].values():
+        rss = ", ".join(f"{name} {mib:.0f} MiB" for name, mib in data["nexus_rss_mib"].items())
+        cpu = ", ".join(f"{name} {share:.2f}" for name, share in data["idle_cpu_fraction"].items())
+        lines.append(
+            f"| {data['parked']} | {data['agent_requests_while_parked']} | {rss} | {cpu} | "
+            f"{_ms(data['wake_ms']['p50'])} ms | {_ms(data['wake_ms']['p99'])} ms |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results/results.json")
+    print(render(json.loads(path.read_text())))

@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -566,7 +567,8 @@ async def main(scale: Scale, out: Path, seed: int) -> dict[str, Any]:
     workdir = out / "work"
     print("starting a private RabbitMQ node and PostgreSQL cluster")
     rabbitmq = RabbitMQNode()
-    postgres = PostgresCluster()
+    # Durable commits (fsync on), as in production; the dev stack's cluster skips fsync.
+    postgres = PostgresCluster(durable=True)
     servers = Servers(rabbitmq, postgres, workdir)
     results: dict[str, Any] = {
         "machine": {
@@ -606,6 +608,8 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=20261124)
     args = parser.parse_args(argv)
     (args.out / "work").mkdir(parents=True, exist_ok=True)
+    # SIGTERM as Ctrl-C: the stacks and servers are stopped on the way out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     started = time.monotonic()
     asyncio.run(main(QUICK if args.quick else FULL, args.out, args.seed))
     print(

@@ -321,9 +321,13 @@ def postgres_bin_dir() -> Path:
 
 
 class PostgresCluster:
-    """A PostgreSQL cluster owned by this process, on its own port and data directory."""
+    """A PostgreSQL cluster owned by this process, on its own port and data directory.
 
-    def __init__(self) -> None:
+    ``durable=False`` (tests, the dev stack) turns fsync off; the benchmark keeps it on.
+    """
+
+    def __init__(self, *, durable: bool = False) -> None:
+        self._durable = durable
         self._bin = postgres_bin_dir()
         self._as_owner: list[str] = []
         self._dir = Path(tempfile.mkdtemp(prefix="eventplane-postgres-"))
@@ -406,8 +410,8 @@ class PostgresCluster:
                 "-c max_connections=200",
                 # fsync only protects against an operating-system crash; a throwaway
                 # cluster does not outlive one, and without it CREATE DATABASE is
-                # several times faster.
-                "-c fsync=off",
+                # several times faster. The benchmark asks for durable commits.
+                f"-c fsync={'on' if self._durable else 'off'}",
             ]
         )
         self._run(

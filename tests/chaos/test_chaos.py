@@ -46,6 +46,7 @@ from tests.chaos.workload import (
     Workload,
 )
 from tests.harness.servers import RabbitMQServer
+from tests.processes import BIN
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 
@@ -209,6 +210,18 @@ async def settle_and_check(rack: Rack, client: Api, ledger: Ledger) -> Verdict:
         verdict.problems.append(f"doctor: unreachable {report.unreachable_agents}")
     for finding in report.findings:
         verdict.lose(f"{finding.kind} {finding.object_id}", finding.detail)
+    # And as an operator would ask: the CLI, as its own broker user.
+    doctor = await asyncio.create_subprocess_exec(
+        str(BIN / "nexusctl"),
+        "doctor",
+        "--amqp-url",
+        rack.cli_url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output = (await doctor.communicate())[0].decode(errors="replace")
+    if doctor.returncode != 0:
+        verdict.problems.append(f"nexusctl doctor exited {doctor.returncode}: {output[-2000:]}")
 
     verdict.dead_letters = [letter.describe() for letter in await rack.dead_letters()]
     return verdict

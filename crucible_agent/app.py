@@ -29,6 +29,7 @@ from crucible_agent.files import RegionFiles
 from crucible_agent.service import Faults, RegionService
 from crucible_agent.settings import CrucibleSettings
 from crucible_agent.store import AgentStore
+from schemas.health import report_health
 from schemas.outbox import OutboxRelay
 from schemas.topology import crucible_queue
 from schemas.transport import Transport
@@ -140,23 +141,8 @@ async def _announce_every(service: RegionService, seconds: float, stop: asyncio.
 
 
 async def _report_health(path: Path, transport: Transport) -> None:
-    """Touch ``path`` every few seconds while the broker connection is up, until cancelled.
-
-    ``crucible-agent health`` reads its age. A connect_robust connection that lost the
-    broker is not closed but no longer ``connected``, so that is what is checked.
-    """
-    while True:
-        if transport.is_connected and transport.connection.connected.is_set():
-            try:
-                await asyncio.to_thread(_touch, path)
-            except OSError as error:
-                log.warning("cannot touch the health file %s: %r", path, error)
-        await asyncio.sleep(HEALTH_SECONDS)
-
-
-def _touch(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch()
+    """``crucible-agent health`` reads the age of ``path``; touched while the broker is up."""
+    await report_health(path, transport, HEALTH_SECONDS)
 
 
 async def _until_stopped_or_failed(stop: asyncio.Event, *tasks: asyncio.Task[None]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,6 +14,7 @@ from rich.console import Console
 from crucible_agent import app as agent_app
 from crucible_agent.settings import CrucibleSettings
 from schemas import logs
+from schemas.health import Unhealthy, health_file_age
 
 app = typer.Typer(
     help="A Crucible storage agent: creates and destroys regions (real files in its data "
@@ -128,17 +128,8 @@ def health(
     `crucible-agent run` touches CRUCIBLE_HEALTH_FILE every few seconds while connected.
     """
     try:
-        if health_file is None:
-            raise RuntimeError("CRUCIBLE_HEALTH_FILE is not set")
-        try:
-            age = time.time() - health_file.stat().st_mtime
-        except FileNotFoundError:
-            raise RuntimeError(f"{health_file} does not exist: not connected yet") from None
-        if age > max_age:
-            raise RuntimeError(
-                f"{health_file} last touched {age:.0f}s ago (more than {max_age:g}s)"
-            )
-    except (RuntimeError, OSError) as error:
+        age = health_file_age(health_file, max_age, "CRUCIBLE_HEALTH_FILE")
+    except Unhealthy as error:
         typer.echo(f"crucible-agent: unhealthy: {error}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"healthy: broker connection up {age:.1f}s ago")

@@ -16,9 +16,9 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import CursorResult, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from nexus.db.engine import upsert_insert
 from nexus.db.models import Dataset, InboxMessage, Instance, Region, Sled
 from nexus.db.states import SledState
 from nexus.saga import rendezvous
@@ -51,11 +51,6 @@ class Ingested:
     woken: Woken | None
 
 
-def _insert(session: AsyncSession, table: Any) -> Any:
-    dialect = session.get_bind().dialect.name
-    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
-
-
 class EventIngest:
     def __init__(
         self, sessions: async_sessionmaker[AsyncSession], clock: Callable[[], datetime]
@@ -70,7 +65,7 @@ class EventIngest:
                 # Idempotent upserts, frequent, worthless once old: not worth an inbox row.
                 return Ingested(duplicate=False, woken=await self._apply(session, message, now))
             first: CursorResult[Any] = await session.execute(  # type: ignore[assignment]
-                _insert(session, InboxMessage.__table__)
+                upsert_insert(session, InboxMessage.__table__)
                 .values(message_id=message.id, consumer=CONSUMER, received_at=now)
                 .on_conflict_do_nothing()
             )
@@ -140,7 +135,7 @@ class EventIngest:
                     now=now,
                 )
             case SledRegistered(payload=info):
-                statement = _insert(session, Sled.__table__).values(
+                statement = upsert_insert(session, Sled.__table__).values(
                     id=info.sled_id,
                     hostname=info.hostname,
                     queue_name=info.queue,
@@ -170,7 +165,7 @@ class EventIngest:
                     .values(last_heartbeat_at=now, state=SledState.ACTIVE.value)
                 )
             case AgentAnnounced(payload=agent):
-                statement = _insert(session, Dataset.__table__).values(
+                statement = upsert_insert(session, Dataset.__table__).values(
                     id=agent.agent_id,
                     sled_id=agent.sled_id,
                     queue_name=agent.queue,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import aio_pika
 
+from schemas.health import report_health
 from schemas.outbox import OutboxRelay
 from schemas.topology import sled_queue
 from schemas.transport import Transport
@@ -95,20 +96,5 @@ async def _connect(transport: Transport, shutdown: asyncio.Event) -> bool:
 
 
 async def _report_health(path: Path, transport: Transport) -> None:
-    """Touch ``path`` every few seconds while the broker connection is up, until cancelled.
-
-    ``sled-agent health`` reads its age. A connect_robust connection that lost the
-    broker is not closed but no longer ``connected``, so that is what is checked.
-    """
-    while True:
-        if transport.is_connected and transport.connection.connected.is_set():
-            try:
-                await asyncio.to_thread(_touch, path)
-            except OSError as error:
-                log.warning("cannot touch the health file %s: %r", path, error)
-        await asyncio.sleep(HEALTH_SECONDS)
-
-
-def _touch(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch()
+    """``sled-agent health`` reads the age of ``path``; touched while the broker is up."""
+    await report_health(path, transport, HEALTH_SECONDS)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,6 +13,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from schemas.health import Unhealthy, health_file_age
 from schemas.logs import configure
 from sled_agent.app import serve
 from sled_agent.settings import LogLevel, SledSettings
@@ -124,17 +124,8 @@ def health(
     `sled-agent run` touches SLED_HEALTH_FILE every few seconds while connected.
     """
     try:
-        if health_file is None:
-            raise RuntimeError("SLED_HEALTH_FILE is not set")
-        try:
-            age = time.time() - health_file.stat().st_mtime
-        except FileNotFoundError:
-            raise RuntimeError(f"{health_file} does not exist: not connected yet") from None
-        if age > max_age:
-            raise RuntimeError(
-                f"{health_file} last touched {age:.0f}s ago (more than {max_age:g}s)"
-            )
-    except (RuntimeError, OSError) as error:
+        age = health_file_age(health_file, max_age, "SLED_HEALTH_FILE")
+    except Unhealthy as error:
         typer.echo(f"sled-agent: unhealthy: {error}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"healthy: broker connection up {age:.1f}s ago")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
@@ -68,6 +69,13 @@ def with_async_driver(url: str | URL) -> URL:
     if parsed.drivername == backend:
         return parsed.set(drivername=_ASYNC_DRIVERS[backend])
     return parsed
+
+
+def upsert_insert(session: AsyncSession, table: Any) -> Any:
+    """An INSERT with ``on_conflict_do_*`` for the session's database (both dialects have
+    one, with the same API, but SQLAlchemy keeps them apart)."""
+    dialect = session.get_bind().dialect.name
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -14,9 +14,9 @@ from datetime import datetime, timedelta
 from typing import cast
 
 from sqlalchemy import Table, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from nexus.db.engine import upsert_insert
 from nexus.db.models import OutboxMessage
 from schemas.base import Envelope
 from schemas.messages import encode
@@ -49,10 +49,9 @@ class Outbox:
         reply_to: str | None = None,
     ) -> None:
         """Idempotent by message id: a node that runs twice sends its command once."""
-        dialect = session.get_bind().dialect.name
-        insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(outbox)
         await session.execute(
-            insert.values(
+            upsert_insert(session, outbox)
+            .values(
                 message_id=message.id,
                 exchange=exchange,
                 routing_key=routing_key,
@@ -67,7 +66,8 @@ class Outbox:
                 },
                 created_at=self._clock(),
                 attempts=0,
-            ).on_conflict_do_nothing(index_elements=[outbox.c.message_id])
+            )
+            .on_conflict_do_nothing(index_elements=[outbox.c.message_id])
         )
         self._mine[message.id] = self._clock()
         for listener in self._listeners:

@@ -16,9 +16,9 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Table, and_, case, delete, func, literal, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from nexus.db.engine import upsert_insert
 from nexus.db.models import UnclaimedEvent, WaitRendezvous
 from nexus.db.states import WaitState
 
@@ -34,11 +34,6 @@ class Woken:
     key: str
 
 
-def _insert(session: AsyncSession) -> Any:
-    dialect = session.get_bind().dialect.name
-    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
-
-
 async def record_event(
     session: AsyncSession,
     *,
@@ -50,7 +45,7 @@ async def record_event(
     occurred_at: datetime | None = None,
 ) -> Woken | None:
     """The consumer's side: record the event; returns the saga it made runnable, if any."""
-    insert = _insert(session)
+    insert = upsert_insert(session, table)
     statement = insert.values(
         wait_key=key,
         event_message_id=message_id,
@@ -101,7 +96,7 @@ async def park(
     """The saga's side: claim the keys; True when an event had already arrived."""
     ready = False
     for key in keys:
-        insert = _insert(session)
+        insert = upsert_insert(session, table)
         statement = insert.values(
             wait_key=key,
             saga_id=saga_id,

@@ -376,6 +376,18 @@ def test_a_region_create_replayed_with_other_parameters_is_refused(stack: Stack)
         stack.ask(RegionEnsure(source=NEXUS_SOURCE, payload=original), "crucible")
     )
     assert isinstance(created, RegionInfo)
+    # The ensure answers while the region is still being created; the snapshot to
+    # compare against must be taken once that background work has finished.
+    deadline = time.monotonic() + 30
+    while True:
+        found = stack.portal.call(
+            stack.ask(RegionGet(source=NEXUS_SOURCE, payload=RegionRef(id=original.id)), "crucible")
+        )
+        assert isinstance(found, RegionInfo)
+        if found.payload.region is not None and found.payload.region.state.value == "created":
+            break
+        assert time.monotonic() < deadline, f"region never created: {found}"
+        time.sleep(0.05)
     before = stack.portal.call(stack.state())
 
     @PROPERTY

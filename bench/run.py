@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,7 @@ class Scale:
     throughput_disks: int
     parked: int
     parked_delay_seconds: float
+    quick: bool = False
 
 
 QUICK = Scale(
@@ -66,6 +67,7 @@ QUICK = Scale(
     throughput_disks=30,
     parked=40,
     parked_delay_seconds=12,
+    quick=True,
 )
 FULL = Scale(
     strategy_disks=20,
@@ -413,7 +415,7 @@ async def throughput_phase(servers: Servers, scale: Scale, seed: int) -> dict[st
         ("sqlite, 1 replica", "sqlite", 1),
     ]
     # The quick run keeps under 3 minutes: each stack costs seconds to start.
-    for label, database, replicas in configurations[1:] if scale is QUICK else configurations:
+    for label, database, replicas in configurations[1:] if scale.quick else configurations:
         print(f"- throughput {label}: {scale.throughput_disks} disks, no region delay")
         async with stack(
             servers, database=database, replicas=replicas, create_delay="fixed:0", seed=seed
@@ -565,7 +567,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-async def main(scale: Scale, out: Path, seed: int) -> dict[str, Any]:
+PHASES = ("floor", "strategies", "throughput", "half_load", "scale")
+
+
+async def main(
+    scale: Scale, out: Path, seed: int, only: Sequence[str] = PHASES
+) -> dict[str, Any]:
     workdir = out / "work"
     print("starting a private RabbitMQ node and PostgreSQL cluster")
     rabbitmq = RabbitMQNode()
@@ -584,20 +591,26 @@ async def main(scale: Scale, out: Path, seed: int) -> dict[str, Any]:
         "seed": seed,
     }
     try:
-        results["floor"] = await floor_phase(servers)
-        print(f"- floor: {results['floor']['floor_ms']:.2f} ms (hop + commit, p50)")
-        results["strategies"] = await strategies_phase(servers, scale, seed)
-        results["throughput"] = await throughput_phase(servers, scale, seed)
-        half = results["throughput"]["postgresql, 2 replicas"]["sagas_per_second"] / 2
-        results["half_load"] = await half_load_phase(
-            servers, half, seed, seconds=5 if scale is QUICK else 30
-        )
-        results["scale"] = await scale_phase(servers, scale, seed)
+        if "floor" in only:
+            results["floor"] = await floor_phase(servers)
+            print(f"- floor: {results['floor']['floor_ms']:.2f} ms (hop + commit, p50)")
+        if "strategies" in only:
+            results["strategies"] = await strategies_phase(servers, scale, seed)
+        if "throughput" in only:
+            results["throughput"] = await throughput_phase(servers, scale, seed)
+        if "half_load" in only and "throughput" in results:
+            half = results["throughput"]["postgresql, 2 replicas"]["sagas_per_second"] / 2
+            results["half_load"] = await half_load_phase(
+                servers, half, seed, seconds=5 if scale.quick else 30
+            )
+        if "scale" in only:
+            results["scale"] = await scale_phase(servers, scale, seed)
     finally:
         rabbitmq.close()
         postgres.close()
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    plot(results, out / "wake.png")
+    if "floor" in results and "strategies" in results:
+        plot(results, out / "wake.png")
     return results
 
 
@@ -608,12 +621,29 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smaller run, under 3 minutes")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--seed", type=int, default=20261124)
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=PHASES,
+        help="run only this phase (repeatable; half_load needs throughput); for profiling",
+    )
+    parser.add_argument(
+        "--throughput-disks", type=int, help="disks per throughput configuration"
+    )
+    parser.add_argument("--parked", type=int, help="sagas parked at once in the scale phase")
     args = parser.parse_args(argv)
     (args.out / "work").mkdir(parents=True, exist_ok=True)
     # SIGTERM as Ctrl-C: the stacks and servers are stopped on the way out.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     started = time.monotonic()
-    asyncio.run(main(QUICK if args.quick else FULL, args.out, args.seed))
+    scale = QUICK if args.quick else FULL
+    if args.throughput_disks or args.parked:
+        scale = replace(
+            scale,
+            throughput_disks=args.throughput_disks or scale.throughput_disks,
+            parked=args.parked or scale.parked,
+        )
+    asyncio.run(main(scale, args.out, args.seed, args.only or PHASES))
     print(
         f"wrote {args.out / 'results.json'} and {args.out / 'wake.png'} "
         f"in {time.monotonic() - started:.0f} s"

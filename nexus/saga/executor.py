@@ -59,6 +59,8 @@ _INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError, ConnectionError, Tim
 # with another one and may simply run again.
 _CONTENTION_SQLSTATES = frozenset({"40P01", "40001"})
 CONTENTION_RETRIES = 5
+# Nodes that follow each other without waiting run in one transaction, up to this many.
+MAX_NODES_PER_STEP = 16
 
 
 class Contended(Exception):
@@ -71,6 +73,14 @@ def _contention(error: BaseException) -> bool:
     original = error.orig
     code = getattr(original, "sqlstate", None) or getattr(original, "pgcode", None)
     return code in _CONTENTION_SQLSTATES
+
+
+class _Split(Exception):
+    """A node failed after ``ran`` others in the same transaction: commit those first."""
+
+    def __init__(self, ran: int) -> None:
+        super().__init__(ran)
+        self.ran = ran
 
 
 class LeaseLost(Exception):
@@ -92,6 +102,13 @@ class SagaRow:
     progress: Mapping[str, Any]
     version: int
     error: str | None
+
+
+@dataclass(frozen=True)
+class _Stepped:
+    seen: SagaRow | None  # the row as the step fenced or claimed it (for watchers)
+    after: SagaRow | None  # where to go on from; None: parked, finished or not ours
+    unrecoverable: str | None = None
 
 
 @dataclass
@@ -160,6 +177,8 @@ class SagaExecutor:
         self._lease = lease
         self._faults = faults or Faults()
         self._running: set[uuid.UUID] = set()
+        # Woken while this replica was running them: claimed again when that run ends.
+        self._again: set[uuid.UUID] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._on_progress = on_progress
         # Progress of steps whose transaction has not committed yet, per saga.
@@ -239,14 +258,14 @@ class SagaExecutor:
     async def run(self, saga_id: uuid.UUID, created: SagaRow | None = None) -> None:
         """Claim the saga and run it until it parks, finishes or gets stuck."""
         if saga_id in self._running:
-            # This replica already runs it; the running loop re-checks ready waits.
+            # This replica is running it: once that run parks, it claims it again (a
+            # wake-up that arrived meanwhile must not wait for the sweeper).
+            self._again.add(saga_id)
             return
         self._running.add(saga_id)
+        self._again.discard(saga_id)
         try:
-            row = created if created is not None else await self._claim(saga_id)
-            if row is None:
-                return
-            await self._run_claimed(row)
+            await self._run_claimed(created, saga_id)
         except Contended:
             log.warning(
                 "saga %s kept losing races in the database; its lease will expire "
@@ -270,34 +289,55 @@ class SagaExecutor:
             )
         finally:
             self._running.discard(saga_id)
+            self._run_again(saga_id)
 
-    async def _run_claimed(self, row: SagaRow) -> None:
-        try:
-            definition = self._definition(row)
-            params = definition.params.model_validate(row.params)
-        except (Unrecoverable, ValidationError) as error:
-            await self._mark_unrecoverable(row, str(error))
-            return
-        current: SagaRow | None = row
+    def _run_again(self, saga_id: uuid.UUID) -> None:
+        if saga_id in self._again:
+            self._again.discard(saga_id)
+            self.spawn(saga_id)
+
+    async def _run_claimed(self, row: SagaRow | None, saga_id: uuid.UUID | None = None) -> None:
+        """Run the saga from ``row`` (this replica owns it), or claim ``saga_id`` first,
+        in the same transaction as the first nodes it runs."""
+        current = row
+        claiming = row is None
+        target = row.id if row is not None else saga_id
+        assert target is not None
         contended = 0
-        while current is not None:
+        limit = MAX_NODES_PER_STEP
+        while claiming or current is not None:
             before = current
             try:
-                current = await self._step(definition, params, before)
-                self._tell(before)
-                contended = 0
+                stepped = await self._step(before, target, limit)
             except Contended:
                 # The step rolled back whole, the saga row is as it was: run it again,
                 # after a pause that separates the two contenders.
-                self._notes.pop(before.id, None)
+                self._notes.pop(target, None)
                 contended += 1
                 if contended > CONTENTION_RETRIES:
                     raise
                 await asyncio.sleep(random.uniform(0.005, 0.05) * contended)
+                continue
+            except _Split as split:
+                # A node failed after others in the same transaction: commit those
+                # alone, then the failing node runs (and fails) in its own step.
+                self._notes.pop(target, None)
+                limit = split.ran
+                continue
             except Unrecoverable as error:
-                self._notes.pop(before.id, None)
-                await self._mark_unrecoverable(before, str(error))
+                self._notes.pop(target, None)
+                if before is not None:
+                    await self._mark_unrecoverable(before, str(error))
                 return
+            if stepped.seen is not None:
+                self._tell(stepped.seen)
+            if stepped.unrecoverable is not None and stepped.after is not None:
+                await self._mark_unrecoverable(stepped.after, stepped.unrecoverable)
+                return
+            claiming = False
+            contended = 0
+            limit = MAX_NODES_PER_STEP
+            current = stepped.after
 
     def _definition(self, row: SagaRow) -> SagaDefinition[Any]:
         definition = self._definitions.get((row.name, row.definition_version))
@@ -311,30 +351,33 @@ class SagaExecutor:
         return tuple_(sagas.c.name, sagas.c.definition_version).in_(list(self._definitions))
 
     async def _claim(self, saga_id: uuid.UUID) -> SagaRow | None:
-        now = self._clock.now()
         async with self._sessions.begin() as session:
-            result = await session.execute(
-                update(sagas)
-                .where(
-                    sagas.c.id == saga_id,
-                    sagas.c.state.in_(_CLAIMABLE),
-                    or_(
-                        sagas.c.lease_owner.is_(None),
-                        sagas.c.lease_owner == self.replica_id,
-                        sagas.c.lease_expires_at < now,
-                    ),
-                    self._runnable_definitions(),
-                )
-                .values(
-                    lease_owner=self.replica_id,
-                    lease_expires_at=now + self._lease,
-                    version=sagas.c.version + 1,
-                    updated_at=now,
-                )
-                .returning(*_ROW_COLUMNS)
+            return await self._claim_in(session, saga_id)
+
+    async def _claim_in(self, session: AsyncSession, saga_id: uuid.UUID) -> SagaRow | None:
+        now = self._clock.now()
+        result = await session.execute(
+            update(sagas)
+            .where(
+                sagas.c.id == saga_id,
+                sagas.c.state.in_(_CLAIMABLE),
+                or_(
+                    sagas.c.lease_owner.is_(None),
+                    sagas.c.lease_owner == self.replica_id,
+                    sagas.c.lease_expires_at < now,
+                ),
+                self._runnable_definitions(),
             )
-            found = result.first()
-            return _row(found) if found is not None else None
+            .values(
+                lease_owner=self.replica_id,
+                lease_expires_at=now + self._lease,
+                version=sagas.c.version + 1,
+                updated_at=now,
+            )
+            .returning(*_ROW_COLUMNS)
+        )
+        found = result.first()
+        return _row(found) if found is not None else None
 
     async def _fence(self, session: AsyncSession, row: SagaRow, **values: Any) -> SagaRow:
         """Lock the saga row for this transaction if we still own it; bump its version."""
@@ -391,54 +434,147 @@ class SagaExecutor:
 
     # One step.
 
-    async def _step(
-        self, definition: SagaDefinition[Any], params: BaseModel, row: SagaRow
-    ) -> SagaRow | None:
-        if row.state == SagaState.DONE.value:
-            return None
-        if row.state == SagaState.UNWINDING.value:
-            return await self._undo_step(definition, params, row)
-        progress = Progress.of(row.progress)
-        if progress.stage >= len(definition.stages):
-            await self._finish(row, SagaState.DONE, error=None)
-            return None
-        stage = definition.stages[progress.stage]
-        if all(node.name in row.outputs for node in stage):
-            async with self._sessions.begin() as session:
-                fenced = await self._fence(session, row)
-                progress.stage += 1
-                return await self._write(session, fenced, progress=progress.dump())
-        for node in stage:
-            if node.name not in row.outputs and node.name not in progress.waiting:
-                return await self._run_action(definition, params, row, node)
-        return await self._resume_or_park(definition, params, row)
+    async def _step(self, row: SagaRow | None, saga_id: uuid.UUID, limit: int) -> _Stepped:
+        """One transaction: fence (or claim) the saga, then run up to ``limit`` nodes.
 
-    async def _run_action(
-        self, definition: SagaDefinition[Any], params: BaseModel, row: SagaRow, node: Node[Any]
-    ) -> SagaRow | None:
-        started = self._clock.now()
+        Nodes that follow each other without waiting share the transaction: each keeps
+        its own log entries, output and outbox rows, and a crash rolls them back
+        together, so every node still either happened entirely or not at all. The
+        transaction ends when the saga parks, finishes, or the limit is reached.
+        """
+        if row is not None:
+            if row.state == SagaState.DONE.value:
+                return _Stepped(None, None)
+            if row.state == SagaState.UNWINDING.value:
+                definition, params = self._resolve(row)
+                return _Stepped(None, await self._undo_step(definition, params, row))
+        ran = 0
+        node_name: str | None = None
         try:
             async with self._sessions.begin() as session:
-                fenced = await self._fence(session, row)
-                ctx = self._ctx(session, definition, params, fenced, node.name)
-                if self._faults.crash_in_node == node.name:
-                    log.warning("fault injection: SIGKILL inside node %s", node.name)
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if self._faults.fail_node(definition.name, node.name):
-                    raise ActionFailed(f"injected failure at {node.name}")
-                result = await node.action(ctx)
-                if self._faults.repeat_actions:
-                    result = await node.action(ctx)
-                await self._log(session, row.id, node.name, SagaLogEvent.STARTED, started)
-                return await self._settle(session, definition, params, fenced, node, result)
-        except (LeaseLost, Unrecoverable, *_INFRASTRUCTURE_ERRORS):
+                if row is None:
+                    claimed = await self._claim_in(session, saga_id)
+                    if claimed is None:
+                        return _Stepped(None, None)
+                    current = claimed
+                else:
+                    current = await self._fence(session, row)
+                seen = current
+                if current.state not in (SagaState.RUNNING.value, SagaState.WAITING.value):
+                    return _Stepped(seen, current)  # claimed while unwinding: next step
+                try:
+                    definition, params = self._resolve(current)
+                except Unrecoverable as error:
+                    return _Stepped(seen, current, unrecoverable=str(error))
+                while ran < limit:
+                    progress = Progress.of(current.progress)
+                    if progress.stage >= len(definition.stages):
+                        self._note(current.id, SagaState.DONE.value, None)
+                        await self._write(
+                            session,
+                            current,
+                            state=SagaState.DONE.value,
+                            lease_owner=None,
+                            lease_expires_at=None,
+                            error=None,
+                        )
+                        return _Stepped(seen, None)
+                    stage = definition.stages[progress.stage]
+                    if all(node.name in current.outputs for node in stage):
+                        progress.stage += 1
+                        current = await self._write(session, current, progress=progress.dump())
+                        continue
+                    pending = next(
+                        (
+                            node
+                            for node in stage
+                            if node.name not in current.outputs
+                            and node.name not in progress.waiting
+                        ),
+                        None,
+                    )
+                    if pending is not None:
+                        node_name = pending.name
+                        after = await self._act(session, definition, params, current, pending)
+                    else:
+                        ready = [
+                            wait
+                            for wait in await rendezvous.ready_waits(session, current.id)
+                            if wait.node in progress.waiting
+                        ]
+                        if not ready:
+                            await self._write(
+                                session,
+                                current,
+                                state=SagaState.WAITING.value,
+                                lease_owner=None,
+                                lease_expires_at=None,
+                            )
+                            log.info(
+                                "saga %s parked", current.id, extra={"saga_id": str(current.id)}
+                            )
+                            return _Stepped(seen, None)
+                        wait = ready[0]
+                        node_name = wait.node
+                        wake = WakeUp(
+                            key=wait.key,
+                            payload=wait.payload,
+                            generation=wait.generation,
+                            message_id=wait.message_id,
+                            occurred_at=wait.occurred_at,
+                        )
+                        node = definition.node(wait.node)
+                        after = await self._resume(session, definition, params, current, node, wake)
+                    ran += 1
+                    if after is None:
+                        return _Stepped(seen, None)  # parked
+                    current = after
+                    if current.state != SagaState.RUNNING.value:
+                        break  # done
+                return _Stepped(seen, current)
+        except (LeaseLost, *_INFRASTRUCTURE_ERRORS):
             raise
         except Exception as error:  # an action's failure, whatever its type, fails its node
             if _contention(error):
-                raise Contended(node.name) from error
+                raise Contended(str(node_name)) from error
             if isinstance(error, DBAPIError) and error.connection_invalidated:
                 raise
-            return await self._fail_node(row, node.name, error)
+            if node_name is None:
+                raise
+            if ran > 0 or row is None:
+                raise _Split(ran) from error
+            if isinstance(error, Unrecoverable):
+                raise
+            return _Stepped(row, await self._fail_node(row, node_name, error))
+
+    def _resolve(self, row: SagaRow) -> tuple[SagaDefinition[Any], BaseModel]:
+        definition = self._definition(row)
+        try:
+            return definition, definition.params.model_validate(row.params)
+        except ValidationError as error:
+            raise Unrecoverable(str(error)) from error
+
+    async def _act(
+        self,
+        session: AsyncSession,
+        definition: SagaDefinition[Any],
+        params: BaseModel,
+        fenced: SagaRow,
+        node: Node[Any],
+    ) -> SagaRow | None:
+        """Run a node's action inside the step's transaction and record its result."""
+        started = self._clock.now()
+        ctx = self._ctx(session, definition, params, fenced, node.name)
+        if self._faults.crash_in_node == node.name:
+            log.warning("fault injection: SIGKILL inside node %s", node.name)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self._faults.fail_node(definition.name, node.name):
+            raise ActionFailed(f"injected failure at {node.name}")
+        result = await node.action(ctx)
+        if self._faults.repeat_actions:
+            result = await node.action(ctx)
+        await self._log(session, fenced.id, node.name, SagaLogEvent.STARTED, started)
+        return await self._settle(session, definition, params, fenced, node, result)
 
     async def _settle(
         self,
@@ -646,6 +782,7 @@ class SagaExecutor:
             log.error("saga %s cannot be reconciled: %s", saga_id, error)
         finally:
             self._running.discard(saga_id)
+            self._run_again(saga_id)
 
     async def _reconcile_expired(
         self, definition: SagaDefinition[Any], params: BaseModel, row: SagaRow

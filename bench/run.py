@@ -234,6 +234,8 @@ async def stack(
             {
                 **s.env,
                 "CRUCIBLE_SEED": str(seed + n),
+                # The code of this checkout, whichever one the venv was installed from.
+                "PYTHONPATH": str(REPO),
                 "CRUCIBLE_LOG_LEVEL": "WARNING",
                 "SLED_LOG_LEVEL": "WARNING",
             },

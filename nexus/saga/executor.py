@@ -17,8 +17,9 @@ import random
 import signal
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -196,7 +197,7 @@ class SagaExecutor:
     ) -> uuid.UUID:
         """Record a new saga and (by default) run it on this replica at once."""
         saga_id = saga_id or uuid.uuid4()
-        async with self._sessions.begin() as session:
+        async with self._transaction() as session:
             created = await self.create(session, definition, params, saga_id)
         if run:
             await self.run(saga_id, created)
@@ -351,7 +352,7 @@ class SagaExecutor:
         return tuple_(sagas.c.name, sagas.c.definition_version).in_(list(self._definitions))
 
     async def _claim(self, saga_id: uuid.UUID) -> SagaRow | None:
-        async with self._sessions.begin() as session:
+        async with self._transaction() as session:
             return await self._claim_in(session, saga_id)
 
     async def _claim_in(self, session: AsyncSession, saga_id: uuid.UUID) -> SagaRow | None:
@@ -403,14 +404,17 @@ class SagaExecutor:
         return _row(fenced)
 
     async def _write(self, session: AsyncSession, row: SagaRow, **values: Any) -> SagaRow:
-        """Update the saga row already fenced in this transaction."""
-        result = await session.execute(
-            update(sagas)
-            .where(sagas.c.id == row.id, sagas.c.version == row.version)
-            .values(**values)
-            .returning(*_ROW_COLUMNS)
-        )
-        return _row(result.one())
+        """Update the saga row already fenced in this transaction.
+
+        The row is locked by the fence, so the write is kept and made once, with the
+        step's log entries, just before the transaction commits (:meth:`_transaction`).
+        """
+        pending: dict[str, Any] = session.info.setdefault(_PENDING_WRITE, {})
+        pending["id"] = row.id
+        pending["version"] = row.version
+        pending.update(values)
+        changes = {_ROW_FIELDS[key]: value for key, value in values.items() if key in _ROW_FIELDS}
+        return replace(row, **changes)
 
     async def _log(
         self,
@@ -421,16 +425,33 @@ class SagaExecutor:
         at: datetime,
         data: Mapping[str, Any] | None = None,
     ) -> None:
-        await session.execute(
-            insert(saga_log).values(
-                saga_id=saga_id,
-                node_name=node,
-                event=event.value,
-                replica_id=self.replica_id,
-                at=at,
-                data=dict(data) if data else None,
-            )
+        session.info.setdefault(_PENDING_LOG, []).append(
+            {
+                "saga_id": saga_id,
+                "node_name": node,
+                "event": event.value,
+                "replica_id": self.replica_id,
+                "at": at,
+                "data": dict(data) if data else None,
+            }
         )
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[AsyncSession]:
+        """A step's transaction: the saga row's write and the log entries go last."""
+        async with self._sessions.begin() as session:
+            yield session
+            pending: dict[str, Any] | None = session.info.pop(_PENDING_WRITE, None)
+            if pending:
+                saga_id, version = pending.pop("id"), pending.pop("version")
+                await session.execute(
+                    update(sagas)
+                    .where(sagas.c.id == saga_id, sagas.c.version == version)
+                    .values(**pending)
+                )
+            entries: list[dict[str, Any]] | None = session.info.pop(_PENDING_LOG, None)
+            if entries:
+                await session.execute(insert(saga_log), entries)
 
     # One step.
 
@@ -451,7 +472,7 @@ class SagaExecutor:
         ran = 0
         node_name: str | None = None
         try:
-            async with self._sessions.begin() as session:
+            async with self._transaction() as session:
                 if row is None:
                     claimed = await self._claim_in(session, saga_id)
                     if claimed is None:
@@ -675,7 +696,7 @@ class SagaExecutor:
         progress = Progress.of(row.progress)
         node_name: str | None = None
         try:
-            async with self._sessions.begin() as session:
+            async with self._transaction() as session:
                 fenced = await self._fence(session, row)
                 ready = [
                     wait
@@ -807,7 +828,7 @@ class SagaExecutor:
             )
             if outcome.outcome is Outcome.RESUME and outcome.key is not None:
                 try:
-                    async with self._sessions.begin() as session:
+                    async with self._transaction() as session:
                         fenced = await self._fence(session, row)
                         await rendezvous.force_ready(
                             session,
@@ -840,7 +861,7 @@ class SagaExecutor:
                     return None
                 row = resumed
             elif outcome.outcome is Outcome.REARM and int(wait.get("rearms", 0)) > 0:
-                async with self._sessions.begin() as session:
+                async with self._transaction() as session:
                     fenced = await self._fence(session, row)
                     term = outcome.after or timedelta(seconds=float(wait["timeout_seconds"]))
                     deadline = now + term
@@ -902,7 +923,7 @@ class SagaExecutor:
         self._notes.pop(row.id, None)
         self._note(row.id, "failed", node, message)
         now = self._clock.now()
-        async with self._sessions.begin() as session:
+        async with self._transaction() as session:
             fenced = await self._fence(session, row)
             progress = Progress.of(fenced.progress)
             progress.failed_node = node
@@ -931,7 +952,7 @@ class SagaExecutor:
         node = definition.node(remaining[0])
         started = self._clock.now()
         try:
-            async with self._sessions.begin() as session:
+            async with self._transaction() as session:
                 fenced = await self._fence(session, row)
                 if node.undo is not None:
                     await self._log(session, row.id, node.name, SagaLogEvent.UNDO_STARTED, started)
@@ -957,7 +978,7 @@ class SagaExecutor:
                 message,
                 extra={"saga_id": str(row.id)},
             )
-            async with self._sessions.begin() as session:
+            async with self._transaction() as session:
                 fenced = await self._fence(session, row)
                 await self._log(
                     session,
@@ -983,7 +1004,7 @@ class SagaExecutor:
             return None
 
     async def _finish(self, row: SagaRow, state: SagaState, error: str | None) -> None:
-        async with self._sessions.begin() as session:
+        async with self._transaction() as session:
             fenced = await self._fence(session, row)
             await self._write(
                 session,
@@ -1003,7 +1024,7 @@ class SagaExecutor:
             reason,
             extra={"saga_id": str(row.id)},
         )
-        async with self._sessions.begin() as session:
+        async with self._transaction() as session:
             fenced = await self._fence(session, row)
             await self._write(
                 session,
@@ -1068,7 +1089,7 @@ class SagaExecutor:
 
     async def sweep_unclaimed(self, retention: timedelta) -> int:
         now = self._clock.now()
-        async with self._sessions.begin() as session:
+        async with self._transaction() as session:
             return await rendezvous.sweep_unclaimed(session, older_than=now - retention, now=now)
 
     async def unrunnable(self) -> list[tuple[str, int, int]]:
@@ -1115,6 +1136,16 @@ class _PayloadOutput(BaseModel):
 
     model_config = {"extra": "allow"}
 
+
+# Saga columns a step writes -> SagaRow fields (lease and timestamps are not in SagaRow).
+_ROW_FIELDS = {
+    "state": "state",
+    "progress": "progress",
+    "node_outputs": "outputs",
+    "error": "error",
+}
+_PENDING_WRITE = "nexus.saga.pending_write"
+_PENDING_LOG = "nexus.saga.pending_log"
 
 _ROW_COLUMNS = (
     sagas.c.id,

@@ -74,7 +74,10 @@ def with_async_driver(url: str | URL) -> URL:
 def upsert_insert(session: AsyncSession, table: Any) -> Any:
     """An INSERT with ``on_conflict_do_*`` for the session's database (both dialects have
     one, with the same API, but SQLAlchemy keeps them apart)."""
-    dialect = session.get_bind().dialect.name
+    return upsert_for(session.get_bind().dialect.name, table)
+
+
+def upsert_for(dialect: str, table: Any) -> Any:
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
 
 

@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import Table, func, insert, or_, select, tuple_, update
+from sqlalchemy import Table, bindparam, func, insert, or_, select, tuple_, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -178,6 +178,7 @@ class SagaExecutor:
         self._lease = lease
         self._faults = faults or Faults()
         self._running: set[uuid.UUID] = set()
+        self._claim_statement: Any = None
         # Woken while this replica was running them: claimed again when that run ends.
         self._again: set[uuid.UUID] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -357,46 +358,51 @@ class SagaExecutor:
 
     async def _claim_in(self, session: AsyncSession, saga_id: uuid.UUID) -> SagaRow | None:
         now = self._clock.now()
+        if self._claim_statement is None:
+            self._claim_statement = (
+                update(sagas)
+                .where(
+                    sagas.c.id == bindparam("b_id"),
+                    sagas.c.state.in_(_CLAIMABLE),
+                    or_(
+                        sagas.c.lease_owner.is_(None),
+                        sagas.c.lease_owner == bindparam("b_owner"),
+                        sagas.c.lease_expires_at < bindparam("b_now"),
+                    ),
+                    self._runnable_definitions(),
+                )
+                .values(
+                    lease_owner=bindparam("b_owner"),
+                    lease_expires_at=bindparam("b_expires"),
+                    version=sagas.c.version + 1,
+                    updated_at=bindparam("b_now"),
+                )
+                .returning(*_ROW_COLUMNS)
+            )
         result = await session.execute(
-            update(sagas)
-            .where(
-                sagas.c.id == saga_id,
-                sagas.c.state.in_(_CLAIMABLE),
-                or_(
-                    sagas.c.lease_owner.is_(None),
-                    sagas.c.lease_owner == self.replica_id,
-                    sagas.c.lease_expires_at < now,
-                ),
-                self._runnable_definitions(),
-            )
-            .values(
-                lease_owner=self.replica_id,
-                lease_expires_at=now + self._lease,
-                version=sagas.c.version + 1,
-                updated_at=now,
-            )
-            .returning(*_ROW_COLUMNS)
+            self._claim_statement,
+            {
+                "b_id": saga_id,
+                "b_owner": self.replica_id,
+                "b_now": now,
+                "b_expires": now + self._lease,
+            },
         )
         found = result.first()
         return _row(found) if found is not None else None
 
-    async def _fence(self, session: AsyncSession, row: SagaRow, **values: Any) -> SagaRow:
+    async def _fence(self, session: AsyncSession, row: SagaRow) -> SagaRow:
         """Lock the saga row for this transaction if we still own it; bump its version."""
         now = self._clock.now()
         result = await session.execute(
-            update(sagas)
-            .where(
-                sagas.c.id == row.id,
-                sagas.c.lease_owner == self.replica_id,
-                sagas.c.version == row.version,
-            )
-            .values(
-                version=sagas.c.version + 1,
-                lease_expires_at=now + self._lease,
-                updated_at=now,
-                **values,
-            )
-            .returning(*_ROW_COLUMNS)
+            _FENCE,
+            {
+                "b_id": row.id,
+                "b_owner": self.replica_id,
+                "b_version": row.version,
+                "b_now": now,
+                "b_expires": now + self._lease,
+            },
         )
         fenced = result.first()
         if fenced is None:
@@ -408,13 +414,18 @@ class SagaExecutor:
 
         The row is locked by the fence, so the write is kept and made once, with the
         step's log entries, just before the transaction commits (:meth:`_transaction`).
+        ``lease_owner`` / ``lease_expires_at`` may only be cleared (the saga is let go).
         """
-        pending: dict[str, Any] = session.info.setdefault(_PENDING_WRITE, {})
-        pending["id"] = row.id
-        pending["version"] = row.version
-        pending.update(values)
+        unknown = values.keys() - _ROW_FIELDS.keys() - {"lease_owner", "lease_expires_at"}
+        assert not unknown, f"not a column a step writes: {unknown}"
+        release = values.get("lease_owner", row) is None
         changes = {_ROW_FIELDS[key]: value for key, value in values.items() if key in _ROW_FIELDS}
-        return replace(row, **changes)
+        written = replace(row, **changes)
+        pending: _PendingWrite | None = session.info.get(_PENDING_WRITE)
+        session.info[_PENDING_WRITE] = _PendingWrite(
+            written, release or (pending is not None and pending.release)
+        )
+        return written
 
     async def _log(
         self,
@@ -441,17 +452,23 @@ class SagaExecutor:
         """A step's transaction: the saga row's write and the log entries go last."""
         async with self._sessions.begin() as session:
             yield session
-            pending: dict[str, Any] | None = session.info.pop(_PENDING_WRITE, None)
-            if pending:
-                saga_id, version = pending.pop("id"), pending.pop("version")
+            pending: _PendingWrite | None = session.info.pop(_PENDING_WRITE, None)
+            if pending is not None:
+                row = pending.row
                 await session.execute(
-                    update(sagas)
-                    .where(sagas.c.id == saga_id, sagas.c.version == version)
-                    .values(**pending)
+                    _WRITE_RELEASING if pending.release else _WRITE,
+                    {
+                        "b_id": row.id,
+                        "b_version": row.version,
+                        "b_state": row.state,
+                        "b_progress": dict(row.progress),
+                        "b_outputs": dict(row.outputs),
+                        "b_error": row.error,
+                    },
                 )
             entries: list[dict[str, Any]] | None = session.info.pop(_PENDING_LOG, None)
             if entries:
-                await session.execute(insert(saga_log), entries)
+                await session.execute(_LOG_INSERT, entries)
 
     # One step.
 
@@ -1158,6 +1175,50 @@ _ROW_COLUMNS = (
     sagas.c.version,
     sagas.c.error,
 )
+
+
+# Every step starts with this: built once (building costs more CPU than running it).
+_FENCE = (
+    update(sagas)
+    .where(
+        sagas.c.id == bindparam("b_id"),
+        sagas.c.lease_owner == bindparam("b_owner"),
+        sagas.c.version == bindparam("b_version"),
+    )
+    .values(
+        version=sagas.c.version + 1,
+        lease_expires_at=bindparam("b_expires"),
+        updated_at=bindparam("b_now"),
+    )
+    .returning(*_ROW_COLUMNS)
+)
+
+
+def _write_statement(release: bool) -> Any:
+    values: dict[str, Any] = {
+        "state": bindparam("b_state", type_=sagas.c.state.type),
+        "progress": bindparam("b_progress", type_=sagas.c.progress.type),
+        "node_outputs": bindparam("b_outputs", type_=sagas.c.node_outputs.type),
+        "error": bindparam("b_error", type_=sagas.c.error.type),
+    }
+    if release:
+        values |= {"lease_owner": None, "lease_expires_at": None}
+    return (
+        update(sagas)
+        .where(sagas.c.id == bindparam("b_id"), sagas.c.version == bindparam("b_version"))
+        .values(**values)
+    )
+
+
+_WRITE = _write_statement(release=False)
+_WRITE_RELEASING = _write_statement(release=True)
+_LOG_INSERT = insert(saga_log)
+
+
+@dataclass(frozen=True)
+class _PendingWrite:
+    row: SagaRow
+    release: bool
 
 
 def _row(found: Any) -> SagaRow:

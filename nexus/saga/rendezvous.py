@@ -9,6 +9,7 @@ nothing.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any, cast
 from sqlalchemy import Table, and_, case, delete, func, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from nexus.db.engine import upsert_insert
+from nexus.db.engine import upsert_for
 from nexus.db.models import UnclaimedEvent, WaitRendezvous
 from nexus.db.states import WaitState
 
@@ -45,22 +46,39 @@ async def record_event(
     occurred_at: datetime | None = None,
 ) -> Woken | None:
     """The consumer's side: record the event; returns the saga it made runnable, if any."""
-    insert = upsert_insert(session, table)
-    statement = insert.values(
-        wait_key=key,
-        event_message_id=message_id,
-        event_payload=dict(payload),
-        event_generation=generation,
-        event_arrived_at=now,
-        event_occurred_at=occurred_at,
-        state=WaitState.EVENT_ARRIVED.value,
-    )
+    statement = _record_statement(session.get_bind().dialect.name)
+    row = (
+        await session.execute(
+            statement,
+            {
+                "wait_key": key,
+                "event_message_id": message_id,
+                "event_payload": dict(payload),
+                "event_generation": generation,
+                "event_arrived_at": now,
+                "event_occurred_at": occurred_at,
+                "state": WaitState.EVENT_ARRIVED.value,
+            },
+        )
+    ).first()
+    if row is None or row.state != WaitState.READY.value or row.saga_id is None:
+        return None
+    return Woken(saga_id=row.saga_id, node=row.node_name, key=key)
+
+
+# The two upserts run for every event and every wait: built once per dialect (building
+# one costs more CPU than running it), their values bound at execution.
+
+
+@functools.cache
+def _record_statement(dialect: str) -> Any:
+    statement = upsert_for(dialect, table)
     existing = table.c
     wakes = and_(
         existing.state.in_([WaitState.PARKED.value, WaitState.READY.value]),
         statement.excluded.event_generation > func.coalesce(existing.min_generation, 0),
     )
-    statement = statement.on_conflict_do_update(
+    return statement.on_conflict_do_update(
         index_elements=[existing.wait_key],
         set_={
             "event_message_id": statement.excluded.event_message_id,
@@ -77,10 +95,31 @@ async def record_event(
         # Duplicates (same generation) and stale events (older) change nothing.
         where=func.coalesce(existing.event_generation, -1) < statement.excluded.event_generation,
     ).returning(existing.state, existing.saga_id, existing.node_name)
-    row = (await session.execute(statement)).first()
-    if row is None or row.state != WaitState.READY.value or row.saga_id is None:
-        return None
-    return Woken(saga_id=row.saga_id, node=row.node_name, key=key)
+
+
+@functools.cache
+def _park_statement(dialect: str) -> Any:
+    statement = upsert_for(dialect, table)
+    existing = table.c
+    return statement.on_conflict_do_update(
+        index_elements=[existing.wait_key],
+        set_={
+            "saga_id": statement.excluded.saga_id,
+            "node_name": statement.excluded.node_name,
+            "deadline": statement.excluded.deadline,
+            "min_generation": statement.excluded.min_generation,
+            "parked_at": statement.excluded.parked_at,
+            "resumed_at": None,
+            "state": case(
+                (
+                    func.coalesce(existing.event_generation, -1)
+                    > statement.excluded.min_generation,
+                    literal(WaitState.READY.value),
+                ),
+                else_=literal(WaitState.PARKED.value),
+            ),
+        },
+    ).returning(existing.state)
 
 
 async def park(
@@ -94,41 +133,23 @@ async def park(
     now: datetime,
 ) -> bool:
     """The saga's side: claim the keys; True when an event had already arrived."""
-    ready = False
-    for key in keys:
-        insert = upsert_insert(session, table)
-        statement = insert.values(
-            wait_key=key,
-            saga_id=saga_id,
-            node_name=node,
-            deadline=deadline,
-            min_generation=min_generation,
-            parked_at=now,
-            state=WaitState.PARKED.value,
-        )
-        existing = table.c
-        statement = statement.on_conflict_do_update(
-            index_elements=[existing.wait_key],
-            set_={
-                "saga_id": statement.excluded.saga_id,
-                "node_name": statement.excluded.node_name,
-                "deadline": statement.excluded.deadline,
-                "min_generation": statement.excluded.min_generation,
-                "parked_at": statement.excluded.parked_at,
-                "resumed_at": None,
-                "state": case(
-                    (
-                        func.coalesce(existing.event_generation, -1)
-                        > statement.excluded.min_generation,
-                        literal(WaitState.READY.value),
-                    ),
-                    else_=literal(WaitState.PARKED.value),
-                ),
-            },
-        ).returning(existing.state)
-        state = (await session.execute(statement)).scalar_one()
-        ready = ready or state == WaitState.READY.value
-    return ready
+    statement = _park_statement(session.get_bind().dialect.name)
+    states = await session.execute(
+        statement,
+        [
+            {
+                "wait_key": key,
+                "saga_id": saga_id,
+                "node_name": node,
+                "deadline": deadline,
+                "min_generation": min_generation,
+                "parked_at": now,
+                "state": WaitState.PARKED.value,
+            }
+            for key in keys
+        ],
+    )
+    return any(state == WaitState.READY.value for state in states.scalars())
 
 
 @dataclass(frozen=True)

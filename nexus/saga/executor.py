@@ -451,7 +451,9 @@ class SagaExecutor:
     async def _transaction(self) -> AsyncIterator[AsyncSession]:
         """A step's transaction: the saga row's write and the log entries go last."""
         async with self._sessions.begin() as session:
+            session.info[_IN_STEP] = True
             yield session
+            await self._outbox.add_rows(session, session.info.pop(_PENDING_OUTBOX, []))
             pending: _PendingWrite | None = session.info.pop(_PENDING_WRITE, None)
             if pending is not None:
                 row = pending.row
@@ -1130,9 +1132,13 @@ class SagaExecutor:
         node: str,
     ) -> Ctx[Any]:
         async def send(message: Any, exchange: str, routing_key: str, mandatory: bool) -> None:
-            await self._outbox.add(
-                session, message, exchange=exchange, routing_key=routing_key, mandatory=mandatory
+            # Written with the step's other rows, in one statement, before its commit.
+            row = self._outbox.row(
+                message, exchange=exchange, routing_key=routing_key, mandatory=mandatory
             )
+            if _IN_STEP not in session.info:
+                raise RuntimeError("a saga sends commands only from an action or an undo")
+            session.info.setdefault(_PENDING_OUTBOX, []).append(row)
 
         return Ctx(
             saga_id=row.id,
@@ -1163,6 +1169,8 @@ _ROW_FIELDS = {
 }
 _PENDING_WRITE = "nexus.saga.pending_write"
 _PENDING_LOG = "nexus.saga.pending_log"
+_PENDING_OUTBOX = "nexus.saga.pending_outbox"
+_IN_STEP = "nexus.saga.in_step"
 
 _ROW_COLUMNS = (
     sagas.c.id,

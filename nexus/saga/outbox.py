@@ -8,15 +8,16 @@ publish. A message may so be published twice; consumers drop it by its id.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import Table, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from nexus.db.engine import upsert_insert
+from nexus.db.engine import upsert_for
 from nexus.db.models import OutboxMessage
 from schemas.base import Envelope
 from schemas.messages import encode
@@ -49,27 +50,52 @@ class Outbox:
         reply_to: str | None = None,
     ) -> None:
         """Idempotent by message id: a node that runs twice sends its command once."""
-        await session.execute(
-            upsert_insert(session, outbox)
-            .values(
-                message_id=message.id,
-                exchange=exchange,
-                routing_key=routing_key,
-                body=encode(message),
-                headers={
-                    "type": message.TYPE,
-                    "correlation_id": str(message.correlation_id)
-                    if message.correlation_id
-                    else None,
-                    "mandatory": mandatory,
-                    "reply_to": reply_to,
-                },
-                created_at=self._clock(),
-                attempts=0,
-            )
-            .on_conflict_do_nothing(index_elements=[outbox.c.message_id])
+        await self.add_rows(
+            session,
+            [
+                self.row(
+                    message,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    mandatory=mandatory,
+                    reply_to=reply_to,
+                )
+            ],
         )
-        self._mine[message.id] = self._clock()
+
+    def row(
+        self,
+        message: Envelope,
+        *,
+        exchange: str,
+        routing_key: str,
+        mandatory: bool = True,
+        reply_to: str | None = None,
+    ) -> dict[str, Any]:
+        """The outbox row of ``message``, for :meth:`add_rows`."""
+        return {
+            "message_id": message.id,
+            "exchange": exchange,
+            "routing_key": routing_key,
+            "body": encode(message),
+            "headers": {
+                "type": message.TYPE,
+                "correlation_id": str(message.correlation_id) if message.correlation_id else None,
+                "mandatory": mandatory,
+                "reply_to": reply_to,
+            },
+            "created_at": self._clock(),
+            "attempts": 0,
+        }
+
+    async def add_rows(self, session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
+        """Write rows from :meth:`row` in one statement (an executemany)."""
+        if not rows:
+            return
+        await session.execute(_insert_statement(session.get_bind().dialect.name), list(rows))
+        now = self._clock()
+        for row in rows:
+            self._mine[row["message_id"]] = now
         for listener in self._listeners:
             listener()
 
@@ -84,6 +110,11 @@ class Outbox:
     def forget(self, message_ids: Sequence[uuid.UUID]) -> None:
         for message_id in message_ids:
             self._mine.pop(message_id, None)
+
+
+@functools.cache
+def _insert_statement(dialect: str) -> Any:
+    return upsert_for(dialect, outbox).on_conflict_do_nothing(index_elements=[outbox.c.message_id])
 
 
 class NexusOutboxStore:

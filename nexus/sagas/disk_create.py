@@ -21,11 +21,12 @@ from __future__ import annotations
 import math
 import uuid
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel, Field
-from sqlalchemy import delete, select, update
+from sqlalchemy import Table, delete, insert, select, update
 
+from nexus.db.engine import upsert_insert
 from nexus.db.models import Dataset, Disk, Region
 from nexus.db.states import DiskState, RegionState
 from nexus.saga.definition import (
@@ -55,6 +56,9 @@ from schemas.region import (
 from schemas.region import RegionState as WireRegionState
 
 REPLICAS = 3
+disks = cast(Table, Disk.__table__)
+datasets = cast(Table, Dataset.__table__)
+regions = cast(Table, Region.__table__)
 # Crucible's default: 64 MiB extents at 512-byte blocks.
 EXTENT_BYTES = 64 << 20
 # How long a region may take before the one reconcile query; generous on purpose,
@@ -108,22 +112,22 @@ async def ids(ctx: Ctx[Params]) -> Ids:
 
 async def disk_record(ctx: Ctx[Params]) -> None:
     p = ctx.params
-    existing = await ctx.session.get(Disk, p.disk_id)
-    if existing is None:
-        ctx.session.add(
-            Disk(
-                id=p.disk_id,
-                project=p.project,
-                name=p.name,
-                size_bytes=p.size_bytes,
-                block_size=p.block_size,
-                state=DiskState.CREATING,
-                saga_id=ctx.saga_id,
-                created_at=ctx.now,
-                updated_at=ctx.now,
-            )
+    # Idempotent: a node that runs again finds its row (one statement either way).
+    await ctx.session.execute(
+        upsert_insert(ctx.session, disks)
+        .values(
+            id=p.disk_id,
+            project=p.project,
+            name=p.name,
+            size_bytes=p.size_bytes,
+            block_size=p.block_size,
+            state=DiskState.CREATING,
+            saga_id=ctx.saga_id,
+            created_at=ctx.now,
+            updated_at=ctx.now,
         )
-        await ctx.session.flush()
+        .on_conflict_do_nothing(index_elements=[disks.c.id])
+    )
     await announce_disk(ctx, p.disk_id, p.project, p.name, WireDiskState.CREATING)
 
 
@@ -146,17 +150,15 @@ async def regions_place(ctx: Ctx[Params]) -> Placed:
     extent_size, extent_count = region_geometry(p.size_bytes, p.block_size)
     region_bytes = extent_size * extent_count * p.block_size
     region_ids = ctx.output("ids", Ids).region_ids
-    rows = (
-        await ctx.session.execute(
-            select(Dataset)
-            .where(
-                Dataset.free_bytes >= region_bytes,
-                Dataset.last_seen_at >= ctx.now - DATASET_FRESHNESS,
-            )
-            .order_by(Dataset.free_bytes.desc(), Dataset.id)
+    rows = await ctx.session.execute(
+        select(datasets.c.id, datasets.c.sled_id, datasets.c.queue_name)
+        .where(
+            datasets.c.free_bytes >= region_bytes,
+            datasets.c.last_seen_at >= ctx.now - DATASET_FRESHNESS,
         )
-    ).scalars()
-    chosen: list[Dataset] = []
+        .order_by(datasets.c.free_bytes.desc(), datasets.c.id)
+    )
+    chosen: list[Any] = []
     for dataset in rows:
         if dataset.sled_id not in {c.sled_id for c in chosen}:
             chosen.append(dataset)
@@ -171,33 +173,40 @@ async def regions_place(ctx: Ctx[Params]) -> Placed:
         Placement(dataset_id=dataset.id, queue=dataset.queue_name, region_id=region_id)
         for dataset, region_id in zip(chosen, region_ids, strict=True)
     ]
-    if await ctx.session.get(Region, region_ids[0]) is None:
+    placed_before = await ctx.session.scalar(
+        select(regions.c.id).where(regions.c.id == region_ids[0])
+    )
+    if placed_before is None:
         # Reserve the space now, so concurrent placements do not overcommit; datasets
         # are locked in id order by every saga, so two placements cannot deadlock.
         for placement in sorted(placements, key=lambda p: p.dataset_id):
             reserved = await ctx.session.execute(
-                update(Dataset)
-                .where(Dataset.id == placement.dataset_id, Dataset.free_bytes >= region_bytes)
-                .values(free_bytes=Dataset.free_bytes - region_bytes)
+                update(datasets)
+                .where(
+                    datasets.c.id == placement.dataset_id, datasets.c.free_bytes >= region_bytes
+                )
+                .values(free_bytes=datasets.c.free_bytes - region_bytes)
             )
             if not reserved.rowcount:  # type: ignore[attr-defined]
                 raise ActionFailed(
                     f"insufficient capacity: dataset {placement.dataset_id} filled up meanwhile"
                 )
-        ctx.session.add_all(
-            Region(
-                id=placement.region_id,
-                disk_id=p.disk_id,
-                dataset_id=placement.dataset_id,
-                block_size=p.block_size,
-                extent_size=extent_size,
-                extent_count=extent_count,
-                state=RegionState.REQUESTED,
-                generation=0,
-            )
-            for placement in placements
+        await ctx.session.execute(
+            insert(regions),
+            [
+                {
+                    "id": placement.region_id,
+                    "disk_id": p.disk_id,
+                    "dataset_id": placement.dataset_id,
+                    "block_size": p.block_size,
+                    "extent_size": extent_size,
+                    "extent_count": extent_count,
+                    "state": RegionState.REQUESTED,
+                    "generation": 0,
+                }
+                for placement in placements
+            ],
         )
-    await ctx.session.flush()
     return Placed(regions=placements, extent_size=extent_size, extent_count=extent_count)
 
 

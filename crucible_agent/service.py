@@ -166,10 +166,11 @@ class RegionService:
     async def _ensure(self, delivery: Delivery, command: RegionEnsure) -> None:
         spec = command.payload
         async with self._store.transaction() as tx:
-            existing = await tx.region(spec.id)
-            others = await tx.regions() if existing is None else []
             outcome = regions.ensure(
-                existing, spec, others=others, total_bytes=self._capacity_bytes
+                await tx.region(spec.id),
+                spec,
+                holdings=await tx.holdings(),
+                total_bytes=self._capacity_bytes,
             )
             match outcome:
                 case regions.Changed():
@@ -334,15 +335,15 @@ class RegionService:
         self._relay.notify()
 
     async def _announcement(self, tx: Transaction, cause: Cause | None) -> OutgoingMessage:
-        held = await tx.regions()
-        room = regions.capacity(self._capacity_bytes, held)
+        held = await tx.holdings()
+        room = regions.Capacity(total_bytes=self._capacity_bytes, used_bytes=held.used_bytes)
         info = CrucibleAgentInfo(
             agent_id=self.agent_id,
             sled_id=self._sled_id,
             queue=crucible_queue(self.agent_id),
             capacity_bytes=self._capacity_bytes,
             free_bytes=room.free_bytes,
-            regions=sum(1 for region in held if regions.holds_space(region)),
+            regions=held.regions,
         )
         announced = AgentAnnounced(source=self.source, payload=info, **_caused(cause))
         return OutgoingMessage.of(

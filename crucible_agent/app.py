@@ -60,6 +60,7 @@ async def build(settings: CrucibleSettings) -> Agent:
         agent_id=settings.agent_id,
         sled_id=settings.sled_id,
         capacity_bytes=settings.capacity_bytes,
+        coalesce_seconds=settings.announce_coalesce_seconds,
         store=store,
         files=RegionFiles(settings.regions_dir),
         relay=relay,

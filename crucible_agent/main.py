@@ -80,6 +80,14 @@ def run(
             help="How often it re-announces its capacity (env CRUCIBLE_ANNOUNCE_SECONDS)."
         ),
     ] = None,
+    announce_coalesce_seconds: Annotated[
+        float | None,
+        typer.Option(
+            help="How long after a change of free space it announces its capacity; one "
+            "announcement covers every change made meanwhile "
+            "(env CRUCIBLE_ANNOUNCE_COALESCE_SECONDS)."
+        ),
+    ] = None,
 ) -> None:
     """Run the agent until SIGTERM or SIGINT."""
     flags: dict[str, Any] = {
@@ -94,6 +102,7 @@ def run(
         "crash_mid_create_fraction": crash_mid_create_fraction,
         "log_level": log_level,
         "announce_seconds": announce_seconds,
+        "announce_coalesce_seconds": announce_coalesce_seconds,
     }
     try:
         settings = CrucibleSettings(

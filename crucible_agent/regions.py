@@ -16,7 +16,6 @@ applies the decision in one transaction and performs the file work.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from schemas.region import Region, RegionSpec, RegionState
@@ -83,6 +82,17 @@ DeleteOutcome = Changed | Unchanged | NotFound
 
 
 @dataclass(frozen=True)
+class Holdings:
+    """What the regions that hold space (:func:`holds_space`) add up to. The store sums
+    them in SQL, so that a decision does not read every region record."""
+
+    used_bytes: int
+    regions: int
+    # The lowest port none of them uses; None when every port is taken.
+    free_port: int | None
+
+
+@dataclass(frozen=True)
 class Capacity:
     total_bytes: int
     used_bytes: int
@@ -92,41 +102,28 @@ class Capacity:
         return max(self.total_bytes - self.used_bytes, 0)
 
 
-def capacity(total_bytes: int, regions: Iterable[Region]) -> Capacity:
-    used = sum(region.size_bytes for region in regions if holds_space(region))
-    return Capacity(total_bytes=total_bytes, used_bytes=used)
-
-
-def free_port(regions: Iterable[Region]) -> int | None:
-    """The lowest port no live region uses, or None when every port is taken."""
-    taken = {region.port_number for region in regions if holds_space(region)}
-    return next((port for port in range(FIRST_PORT, LAST_PORT + 1) if port not in taken), None)
-
-
 def ensure(
-    existing: Region | None, spec: RegionSpec, *, others: Iterable[Region], total_bytes: int
+    existing: Region | None, spec: RegionSpec, *, holdings: Holdings, total_bytes: int
 ) -> EnsureOutcome:
     """Create is idempotent by id: the same parameters give back the existing record,
-    whatever its state; different ones are a conflict. ``others`` are the agent's
-    other regions, for capacity and ports."""
+    whatever its state; different ones are a conflict. ``holdings`` are those of the
+    agent's other regions, for capacity and ports."""
     if existing is not None:
         if existing.spec() == spec:
             return Unchanged(existing)
         return Conflict(existing, _difference(existing.spec(), spec))
-    others = list(others)
-    room = capacity(total_bytes, others)
-    port = free_port(others)
+    room = Capacity(total_bytes=total_bytes, used_bytes=holdings.used_bytes)
     failure: str | None = None
     if spec.size_bytes > room.free_bytes:
         failure = (
             f"does not fit: needs {spec.size_bytes} bytes, {room.free_bytes} of "
             f"{room.total_bytes} free"
         )
-    elif port is None:
+    elif holdings.free_port is None:
         failure = f"no free port in {FIRST_PORT}-{LAST_PORT}"
     region = Region(
         **spec.model_dump(),
-        port_number=port or 0,
+        port_number=holdings.free_port or 0,
         state=RegionState.FAILED if failure else RegionState.REQUESTED,
         generation=1,
         failure=failure,

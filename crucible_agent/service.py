@@ -1,8 +1,8 @@
 """The agent's behaviour: command handlers, the file work behind them, announcements.
 
 Every state change follows one path: decide with :mod:`crucible_agent.regions` on a
-fresh read, record the new state and its event (and a capacity announcement when free
-space changed) in one transaction, commit, wake the outbox relay. A command is acked by
+fresh read, record the new state and its event in one transaction, commit, wake the
+outbox relay. A command is acked by
 the transport only after its handler returned, so after that commit: a command that
 arrives twice (redelivery, or a saga re-sending it) finds the work done and changes
 nothing.
@@ -12,6 +12,12 @@ in a background task after the command was acked. If the process dies, the regio
 still ``requested`` in the database and :meth:`RegionService.resume` starts the work
 again; if a delete arrives meanwhile, the create's outcome is not recorded and the
 region stays ``tombstoned``.
+
+Capacity is announced at start, every ``announce_seconds``, and ``coalesce_seconds``
+after a change of free space: one announcement, read after the wait, covers every
+change made during it (a burst of creates costs Nexus one message, not one per
+region). It goes through the outbox like any other message; one still waiting when
+the process dies is made up for by the announcement at the next start.
 """
 
 from __future__ import annotations
@@ -90,6 +96,7 @@ class RegionService:
         agent_id: uuid.UUID,
         sled_id: uuid.UUID,
         capacity_bytes: int,
+        coalesce_seconds: float,
         store: AgentStore,
         files: RegionFiles,
         relay: Relay,
@@ -102,6 +109,8 @@ class RegionService:
         self.source = f"crucible/{agent_id}"
         self._sled_id = sled_id
         self._capacity_bytes = capacity_bytes
+        self._coalesce_seconds = coalesce_seconds
+        self._announcement_due = False
         self._store = store
         self._files = files
         self._relay = relay
@@ -166,10 +175,11 @@ class RegionService:
     async def _ensure(self, delivery: Delivery, command: RegionEnsure) -> None:
         spec = command.payload
         async with self._store.transaction() as tx:
-            existing = await tx.region(spec.id)
-            others = await tx.regions() if existing is None else []
             outcome = regions.ensure(
-                existing, spec, others=others, total_bytes=self._capacity_bytes
+                await tx.region(spec.id),
+                spec,
+                holdings=await tx.holdings(),
+                total_bytes=self._capacity_bytes,
             )
             match outcome:
                 case regions.Changed():
@@ -330,21 +340,37 @@ class RegionService:
 
     async def announce(self) -> None:
         async with self._store.transaction() as tx:
-            await tx.send(await self._announcement(tx, None))
+            await tx.send(await self._announcement(tx))
         self._relay.notify()
 
-    async def _announcement(self, tx: Transaction, cause: Cause | None) -> OutgoingMessage:
-        held = await tx.regions()
-        room = regions.capacity(self._capacity_bytes, held)
+    def _announce_soon(self) -> None:
+        """Free space changed: announce it once ``coalesce_seconds`` have passed, unless an
+        announcement is already due then (it reads the capacity after this change)."""
+        if self._announcement_due:
+            return
+        self._announcement_due = True
+        self._start(self._announce_after_wait())
+
+    async def _announce_after_wait(self) -> None:
+        if await self._stopped_within(self._coalesce_seconds):
+            return
+        # Cleared before the read: a change committed from here on is either seen by
+        # this announcement or schedules the next one.
+        self._announcement_due = False
+        await self.announce()
+
+    async def _announcement(self, tx: Transaction) -> OutgoingMessage:
+        held = await tx.holdings()
+        room = regions.Capacity(total_bytes=self._capacity_bytes, used_bytes=held.used_bytes)
         info = CrucibleAgentInfo(
             agent_id=self.agent_id,
             sled_id=self._sled_id,
             queue=crucible_queue(self.agent_id),
             capacity_bytes=self._capacity_bytes,
             free_bytes=room.free_bytes,
-            regions=sum(1 for region in held if regions.holds_space(region)),
+            regions=held.regions,
         )
-        announced = AgentAnnounced(source=self.source, payload=info, **_caused(cause))
+        announced = AgentAnnounced(source=self.source, payload=info)
         return OutgoingMessage.of(
             announced,
             exchange=EVENTS_EXCHANGE,
@@ -372,7 +398,7 @@ class RegionService:
             )
         )
         if change.capacity_changed:
-            await tx.send(await self._announcement(tx, cause))
+            self._announce_soon()
         log.info(
             "region %s: %s -> %s (generation %d)",
             region.id,

@@ -40,6 +40,12 @@ class CrucibleSettings(BaseSettings):
     announce_seconds: float = Field(
         default=30.0, gt=0, description="how often it re-announces its capacity"
     )
+    announce_coalesce_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="how long after a change of free space it announces its capacity; "
+        "one announcement covers every change made meanwhile",
+    )
     health_file: Path | None = Field(
         default=None,
         description="touched every few seconds while the broker connection is up; "

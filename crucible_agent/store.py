@@ -6,6 +6,10 @@ serves the whole process, one transaction at a time: SQLite has one writer anywa
 queueing on a lock here is cheaper than contending for the file lock (DESIGN.md,
 "Facts measured").
 
+What the live regions add up to (used bytes, count, the lowest free port) is summed in
+SQL by :meth:`Transaction.holdings`, not by reading every region record into Python on
+each create and announcement (that made a create's CPU grow with the regions held).
+
 A sent outbox row is deleted rather than flagged: the broker has the message, and the
 table stays as small as what is still in flight.
 """
@@ -29,16 +33,23 @@ from sqlalchemy import (
     String,
     Table,
     Uuid,
+    and_,
     delete,
     event,
+    func,
     insert,
+    literal,
+    or_,
     select,
+    union_all,
     update,
 )
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
+from sqlalchemy.sql import Select
 
+from crucible_agent.regions import FIRST_PORT, LAST_PORT, Holdings
 from schemas.base import Envelope
 from schemas.outbox import OutgoingMessage
 from schemas.region import Region, RegionState
@@ -88,6 +99,38 @@ outbox_table = Table(
 )
 
 
+# regions.holds_space in SQL; the two must agree (tests/unit/test_crucible_store.py).
+_holds_space = or_(
+    regions_table.c.state.in_([RegionState.REQUESTED.value, RegionState.CREATED.value]),
+    and_(regions_table.c.state == RegionState.TOMBSTONED.value, regions_table.c.failure.is_(None)),
+)
+
+
+def _holdings_query() -> Select[int, int, int | None]:
+    """Used bytes, count and the lowest free port of the regions that hold space, in
+    one statement. The lowest free port is the first one, or one above a port in use;
+    SQLite builds the set of ports in use once for the ``NOT IN``."""
+    held = regions_table.c
+    candidates = union_all(
+        select(literal(FIRST_PORT).label("port")),
+        select((held.port_number + 1).label("port")).where(
+            _holds_space, held.port_number >= FIRST_PORT, held.port_number < LAST_PORT
+        ),
+    ).subquery()
+    in_use = select(held.port_number).where(_holds_space)
+    free_port = (
+        select(func.min(candidates.c.port))
+        .where(candidates.c.port.not_in(in_use))
+        .scalar_subquery()
+    )
+    size = held.block_size * held.extent_size * held.extent_count
+    return select(func.coalesce(func.sum(size), 0), func.count(), free_port).where(_holds_space)
+
+
+# Built once: the statement is the same on every call.
+_HOLDINGS = _holdings_query()
+
+
 @dataclass(frozen=True)
 class Cause:
     message_id: uuid.UUID
@@ -116,6 +159,12 @@ class Transaction:
         if except_id is not None:
             query = query.where(regions_table.c.id != except_id)
         return [_region(row) for row in await self._connection.execute(query)]
+
+    async def holdings(self) -> Holdings:
+        """What the regions that hold space add up to."""
+        result = await self._connection.execute(_HOLDINGS)
+        used_bytes, count, free_port = result.one()
+        return Holdings(used_bytes=used_bytes, regions=count, free_port=free_port)
 
     async def cause(self, region_id: uuid.UUID) -> Cause:
         result = await self._connection.execute(

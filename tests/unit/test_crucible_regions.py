@@ -30,8 +30,24 @@ def spec(size_mib: int = 1, **fields: object) -> RegionSpec:
     return RegionSpec(**(values | fields))
 
 
+NOTHING_HELD = regions.Holdings(used_bytes=0, regions=0, free_port=regions.FIRST_PORT)
+
+
+def holding(*held: Region) -> regions.Holdings:
+    """What the store's SQL sums up, computed the obvious way (the store's tests compare
+    the two)."""
+    live = [region for region in held if regions.holds_space(region)]
+    taken = {region.port_number for region in live}
+    ports = range(regions.FIRST_PORT, regions.LAST_PORT + 1)
+    return regions.Holdings(
+        used_bytes=sum(region.size_bytes for region in live),
+        regions=len(live),
+        free_port=next((port for port in ports if port not in taken), None),
+    )
+
+
 def created(requested: RegionSpec, **fields: object) -> Region:
-    outcome = regions.ensure(None, requested, others=[], total_bytes=1 << 40)
+    outcome = regions.ensure(None, requested, holdings=NOTHING_HELD, total_bytes=1 << 40)
     assert isinstance(outcome, regions.Changed)
     return outcome.region.model_copy(update=fields)
 
@@ -40,7 +56,7 @@ def created(requested: RegionSpec, **fields: object) -> Region:
 
 
 def test_a_new_region_is_requested_at_generation_one_on_the_first_port() -> None:
-    outcome = regions.ensure(None, spec(), others=[], total_bytes=10 * MIB)
+    outcome = regions.ensure(None, spec(), holdings=NOTHING_HELD, total_bytes=10 * MIB)
     assert isinstance(outcome, regions.Changed)
     assert outcome.previous_state is None
     assert outcome.region.state is RegionState.REQUESTED
@@ -55,7 +71,8 @@ def test_ensure_with_the_same_parameters_returns_the_record_whatever_its_state(
 ) -> None:
     asked = spec()
     existing = created(asked, state=state, generation=3)
-    assert regions.ensure(existing, asked, others=[], total_bytes=0) == regions.Unchanged(existing)
+    outcome = regions.ensure(existing, asked, holdings=holding(existing), total_bytes=0)
+    assert outcome == regions.Unchanged(existing)
 
 
 @pytest.mark.parametrize(
@@ -67,7 +84,7 @@ def test_ensure_with_other_parameters_is_a_conflict_naming_the_difference(
     asked = spec()
     existing = created(asked)
     outcome = regions.ensure(
-        existing, asked.model_copy(update=change), others=[], total_bytes=1 << 40
+        existing, asked.model_copy(update=change), holdings=holding(existing), total_bytes=1 << 40
     )
     assert isinstance(outcome, regions.Conflict)
     assert outcome.existing == existing
@@ -77,7 +94,7 @@ def test_ensure_with_other_parameters_is_a_conflict_naming_the_difference(
 
 def test_a_region_that_does_not_fit_is_failed_with_the_reason() -> None:
     held = created(spec(size_mib=6))
-    outcome = regions.ensure(None, spec(size_mib=5), others=[held], total_bytes=10 * MIB)
+    outcome = regions.ensure(None, spec(size_mib=5), holdings=holding(held), total_bytes=10 * MIB)
     assert isinstance(outcome, regions.Changed)
     assert outcome.region.state is RegionState.FAILED
     assert outcome.region.generation == 1
@@ -89,7 +106,7 @@ def test_a_region_that_does_not_fit_is_failed_with_the_reason() -> None:
 
 def test_a_region_that_fills_capacity_exactly_fits() -> None:
     held = created(spec(size_mib=6))
-    outcome = regions.ensure(None, spec(size_mib=4), others=[held], total_bytes=10 * MIB)
+    outcome = regions.ensure(None, spec(size_mib=4), holdings=holding(held), total_bytes=10 * MIB)
     assert isinstance(outcome, regions.Changed)
     assert outcome.region.state is RegionState.REQUESTED
 
@@ -104,27 +121,35 @@ def test_a_region_that_fills_capacity_exactly_fits() -> None:
         (RegionState.DESTROYED, False),
     ],
 )
-def test_capacity_counts_regions_that_hold_files(state: RegionState, counts: bool) -> None:
+def test_holdings_count_regions_that_hold_files(state: RegionState, counts: bool) -> None:
     held = created(spec(size_mib=3), state=state)
-    room = regions.capacity(10 * MIB, [held])
-    assert room.used_bytes == (3 * MIB if counts else 0)
-    assert room.free_bytes == 10 * MIB - room.used_bytes
+    assert holding(held).used_bytes == (3 * MIB if counts else 0)
+    outcome = regions.ensure(None, spec(), holdings=holding(held), total_bytes=10 * MIB)
+    assert isinstance(outcome, regions.Changed)
+    assert outcome.region.port_number == regions.FIRST_PORT + counts
 
 
 def test_a_failed_region_holds_no_capacity_once_tombstoned_either() -> None:
     failed = created(spec(size_mib=3), state=RegionState.FAILED, failure="did not fit")
     outcome = regions.delete(failed)
     assert isinstance(outcome, regions.Changed)
-    assert regions.capacity(10 * MIB, [outcome.region]).used_bytes == 0
+    assert not regions.holds_space(outcome.region)
     assert not outcome.capacity_changed
 
 
-def test_ports_are_the_lowest_free_and_come_back_when_a_region_is_destroyed() -> None:
-    first = created(spec(), port_number=regions.FIRST_PORT)
-    second = created(spec(), port_number=regions.FIRST_PORT + 1)
-    assert regions.free_port([first, second]) == regions.FIRST_PORT + 2
-    gone = first.model_copy(update={"state": RegionState.DESTROYED})
-    assert regions.free_port([gone, second]) == regions.FIRST_PORT
+def test_a_new_region_takes_the_free_port_it_is_given() -> None:
+    held = regions.Holdings(used_bytes=MIB, regions=1, free_port=regions.FIRST_PORT + 7)
+    outcome = regions.ensure(None, spec(), holdings=held, total_bytes=10 * MIB)
+    assert isinstance(outcome, regions.Changed)
+    assert outcome.region.port_number == regions.FIRST_PORT + 7
+
+
+def test_a_region_with_no_free_port_is_failed_with_the_reason() -> None:
+    held = regions.Holdings(used_bytes=MIB, regions=1, free_port=None)
+    outcome = regions.ensure(None, spec(), holdings=held, total_bytes=10 * MIB)
+    assert isinstance(outcome, regions.Changed)
+    assert outcome.region.state is RegionState.FAILED
+    assert "no free port" in (outcome.region.failure or "")
 
 
 # delete and the end of background work
@@ -208,7 +233,10 @@ def test_any_sequence_keeps_capacity_and_steps_generations_by_one(
         if name == "ensure":
             others = [region for key, region in records.items() if key != region_id]
             outcome = regions.ensure(
-                existing, spec(size_mib=size, id=region_id), others=others, total_bytes=total
+                existing,
+                spec(size_mib=size, id=region_id),
+                holdings=holding(*others),
+                total_bytes=total,
             )
         elif existing is None:
             continue
@@ -224,7 +252,7 @@ def test_any_sequence_keeps_capacity_and_steps_generations_by_one(
             records[region_id] = outcome.region
         elif existing is not None:
             assert records[region_id] == existing
-        assert regions.capacity(total, records.values()).used_bytes <= total
+        assert holding(*records.values()).used_bytes <= total
         if existing is not None and existing.state is RegionState.DESTROYED:
             assert records[region_id].state is RegionState.DESTROYED
 

@@ -84,6 +84,7 @@ class BuildAgent(Protocol):
         fail_fraction: float = ...,
         crash_fraction: float = ...,
         capacity: int = ...,
+        coalesce: float = ...,
     ) -> Agent: ...
 
 
@@ -98,6 +99,7 @@ async def agents(tmp_path: Path) -> AsyncIterator[BuildAgent]:
         fail_fraction: float = 0.0,
         crash_fraction: float = 0.0,
         capacity: int = CAPACITY,
+        coalesce: float = 0.0,
     ) -> Agent:
         store = await AgentStore.open(tmp_path / "agent.sqlite")
         files = RegionFiles(tmp_path / "regions")
@@ -110,6 +112,7 @@ async def agents(tmp_path: Path) -> AsyncIterator[BuildAgent]:
             agent_id=agent_id,
             sled_id=sled_id,
             capacity_bytes=capacity,
+            coalesce_seconds=coalesce,
             store=store,
             files=files,
             relay=CountingRelay(),
@@ -233,6 +236,54 @@ async def test_a_region_too_big_for_the_capacity_fails_and_announces_nothing_new
     assert "does not fit" in (event.payload.region.failure or "")
     assert not agent.files.directory(asked.id).exists()
     assert not [m for m in await agent.outbox() if isinstance(m, AgentAnnounced)]
+
+
+async def announcements(agent: Agent) -> list[AgentAnnounced]:
+    return [m for m in await agent.outbox() if isinstance(m, AgentAnnounced)]
+
+
+async def test_a_burst_of_changes_is_announced_once_after_the_wait_with_the_capacity_left(
+    agents: BuildAgent,
+) -> None:
+    agent = await agents(coalesce=0.3)
+    asked = [region_spec() for _ in range(3)]
+    for spec in asked:
+        await agent.service.handle(delivery(RegionEnsure(source=SOURCE, payload=spec)))
+    assert not await announcements(agent), "not before the wait is over"
+    await settle(agent)
+    (announced,) = await announcements(agent)
+    used = sum(spec.size_bytes for spec in asked)
+    assert (announced.payload.free_bytes, announced.payload.regions) == (CAPACITY - used, 3)
+
+
+async def test_a_change_after_an_announcement_is_announced_again(agents: BuildAgent) -> None:
+    agent = await agents(coalesce=0.1)
+    asked = region_spec()
+    await agent.service.handle(delivery(RegionEnsure(source=SOURCE, payload=asked)))
+    await settle(agent)
+    await agent.service.handle(
+        delivery(RegionDelete(source=SOURCE, payload=RegionRef(id=asked.id)))
+    )
+    await settle(agent)
+    first, second = await announcements(agent)
+    assert (first.payload.free_bytes, first.payload.regions) == (CAPACITY - asked.size_bytes, 1)
+    assert (second.payload.free_bytes, second.payload.regions) == (CAPACITY, 0)
+
+
+async def test_an_announcement_still_waiting_at_a_stop_is_made_at_the_next_start(
+    agents: BuildAgent,
+) -> None:
+    agent = await agents(coalesce=60.0)
+    asked = region_spec()
+    await agent.service.handle(delivery(RegionEnsure(source=SOURCE, payload=asked)))
+    await agent.service.stop()
+    await agent.service.wait_idle()
+    assert not await announcements(agent)
+
+    restarted = await agents(coalesce=60.0)
+    await restarted.service.resume()
+    (announced,) = await announcements(restarted)
+    assert announced.payload.free_bytes == CAPACITY - asked.size_bytes
 
 
 async def test_injected_failures_fail_the_create_with_a_reason(

@@ -168,7 +168,9 @@ class Stack:
             self.finished[message.payload.saga_id] = message.payload.step.value
             self.finished_event.set()
 
-    async def create_disks(self, count: int, concurrency: int = 32) -> list[uuid.UUID]:
+    async def create_disks(
+        self, count: int, concurrency: int = 32, size_bytes: int = 1 << 30
+    ) -> list[uuid.UUID]:
         gate = asyncio.Semaphore(concurrency)
 
         async def one(index: int) -> uuid.UUID:
@@ -179,7 +181,7 @@ class Stack:
                         payload=api.DiskCreateRequest(
                             project="bench",
                             name=f"d-{uuid.uuid4().hex[:10]}",
-                            size_bytes=1 << 30,
+                            size_bytes=size_bytes,
                         ),
                     ),
                     routing_key=NEXUS_API_QUEUE,
@@ -248,7 +250,11 @@ async def stack(
     await transport.connect()
     await transport.declare_topology()
     running = Stack(supervisor, transport, amqp_url, database_url, nexus + agents)
-    await transport.subscribe(["region.created", "saga.*"], running.on_event)
+    # Only the ends of sagas: every other progress notice would load the broker and
+    # this process for nothing (unrouted notices are dropped by the exchange).
+    await transport.subscribe(
+        ["region.created", "saga.done", "saga.undone", "saga.stuck"], running.on_event
+    )
     readiness = Readiness(layout.crucible_ids, layout.sled_ids)
     await transport.subscribe(READINESS_KEYS, readiness.handle)
     try:
@@ -267,6 +273,8 @@ async def stack(
 @dataclass
 class SagaStats:
     wakes_ms: list[float]
+    # (when the saga resumed, wake overhead in ms), for "the last ones" of a burst
+    wakes_at: list[tuple[datetime, float]]
     polls_per_disk: list[int]
     create_seconds: list[float]
     states: dict[str, int]
@@ -276,6 +284,7 @@ async def saga_stats(stack_: Stack, saga_ids: Sequence[uuid.UUID]) -> SagaStats:
     engine = create_engine(stack_.database_url)
     sessions = create_sessionmaker(engine)
     wakes: list[float] = []
+    wakes_at: list[tuple[datetime, float]] = []
     polls: list[int] = []
     durations: list[float] = []
     states: dict[str, int] = {}
@@ -312,12 +321,14 @@ async def saga_stats(stack_: Stack, saga_ids: Sequence[uuid.UUID]) -> SagaStats:
                     disk_polls += 1 if data.get("by_reconcile") else 0
                     ready = stack_.ready_at.get(uuid.UUID(placement["region_id"]))
                     if ready is not None:
-                        wakes.append((resumed[0]["at"] - ready).total_seconds() * 1000)
+                        wake_ms = (resumed[0]["at"] - ready).total_seconds() * 1000
+                        wakes.append(wake_ms)
+                        wakes_at.append((resumed[0]["at"], wake_ms))
             polls.append(disk_polls + len(regions))
             if saga.state.value == "done" and log:
                 durations.append((log[-1]["at"] - saga.created_at).total_seconds())
     await engine.dispose()
-    return SagaStats(wakes, polls, durations, states)
+    return SagaStats(wakes, wakes_at, polls, durations, states)
 
 
 # Phases.
@@ -424,10 +435,12 @@ async def throughput_phase(servers: Servers, scale: Scale, seed: int) -> dict[st
         ) as running:
             watched = _processes(running, servers)
             before = _cpu(watched)
+            commits_before = await _commits(running)
             started = time.monotonic()
             sagas = await running.create_disks(scale.throughput_disks, concurrency=64)
             await running.all_finished(sagas, timeout=900)
             elapsed = time.monotonic() - started
+            commits = await _commits(running) - commits_before
             # Again, for processes started meanwhile (PostgreSQL backends of new pool
             # connections): their whole CPU time belongs to the run.
             now_running = _processes(running, servers)
@@ -436,6 +449,8 @@ async def throughput_phase(servers: Servers, scale: Scale, seed: int) -> dict[st
         rate = len(sagas) / elapsed
         results[label] = {
             "sagas_per_second": rate,
+            # PostgreSQL only (SQLite keeps no count); includes heartbeats/announcements.
+            "commits_per_saga": commits / len(sagas) if commits else None,
             "seconds": elapsed,
             "states": stats.states,
             "cpu_seconds_per_saga": {
@@ -472,39 +487,55 @@ async def half_load_phase(
 
 
 async def scale_phase(servers: Servers, scale: Scale, seed: int) -> dict[str, Any]:
+    """Park N disk_create sagas at once (every region takes longer than parking them all),
+    measure the stack while they wait, then the wake overhead as the regions come in."""
     results: dict[str, Any] = {}
     for parked in (10, scale.parked):
-        print(f"- scale: {parked} sagas parked at once")
-        delay = f"fixed:{scale.parked_delay_seconds}"
+        # 10 park in a second; the big run needs regions slower than parking them all.
+        delay_seconds = (
+            min(scale.parked_delay_seconds, 15.0) if parked == 10 else (scale.parked_delay_seconds)
+        )
+        print(f"- scale: {parked} sagas parked at once (region delay {delay_seconds} s)")
+        delay = f"fixed:{delay_seconds}"
         async with stack(
             servers, database="postgresql", replicas=2, create_delay=delay, seed=seed
         ) as running:
             started = time.monotonic()
-            sagas = await running.create_disks(parked, concurrency=64)
+            sagas = await running.create_disks(parked, concurrency=64, size_bytes=SCALE_DISK_BYTES)
             created = time.monotonic() - started
+            print(f"  {parked} created in {created:.0f} s; waiting for the agents to take them")
+            # Quiet means: every ensure command consumed by its agent, no outbox backlog.
+            await _until_commands_consumed(running, servers)
+            quiet_at = time.monotonic()
             watched = _processes(running, servers)
-            await asyncio.sleep(1)
-            watched = _processes(running, servers)
-            before = _cpu(watched)
-            # Inside the parked stretch: it must end before the first regions are ready.
-            window = 4.0 if scale.parked < 100 else 10.0
+            before = _cpu_by_process(watched)
+            window = 4.0 if parked < 100 else 20.0
             await asyncio.sleep(window)
-            idle_cpu = {n: (a - before.get(n, 0.0)) / window for n, a in _cpu(watched).items()}
+            idle_cpu = _cpu_delta(watched, before, window)
             memory = {
                 name: proc.memory_info().rss / 2**20
                 for name, proc in watched.items()
                 if name.startswith("nexus") and proc.is_running()
             }
+            waiting = await _sagas_waiting(running)
             polls_while_parked = await _reconcile_count(running)
-            await running.all_finished(sagas, timeout=scale.parked_delay_seconds * 2 + 600)
+            parked_for = time.monotonic() - quiet_at
+            if started + delay_seconds < time.monotonic():
+                print("  ! the first regions were ready before the measurement ended")
+            await running.all_finished(sagas, timeout=delay_seconds * 2 + 1800)
             stats = await saga_stats(running, sagas)
+        ordered = [wake for _, wake in sorted(stats.wakes_at)]
+        last = ordered[-max(1, len(ordered) // 10) :]
         results[str(parked)] = {
             "parked": parked,
+            "sagas_waiting_at_measurement": waiting,
             "create_seconds": created,
+            "measured_seconds": parked_for,
             "nexus_rss_mib": memory,
             "idle_cpu_fraction": idle_cpu,
             "agent_requests_while_parked": polls_while_parked,
             "wake_ms": summary(stats.wakes_ms),
+            "wake_last_tenth_ms": summary(last),
             "states": stats.states,
         }
         print(
@@ -512,6 +543,84 @@ async def scale_phase(servers: Servers, scale: Scale, seed: int) -> dict[str, An
             f"requests while parked {polls_while_parked}, {stats.states}"
         )
     return results
+
+
+# Scale disks are one extent (64 MiB): 10,000 of them fit the agents' 1 TiB each.
+SCALE_DISK_BYTES = 64 << 20
+
+
+async def _until_commands_consumed(stack_: Stack, servers: Servers) -> None:
+    vhost = stack_.amqp_url.rsplit("/", 1)[1]
+    async with asyncio.timeout(1800):
+        while True:
+            listing = await asyncio.to_thread(
+                servers.rabbitmq.rabbitmqctl,
+                "list_queues",
+                "-p",
+                vhost,
+                "--quiet",
+                "--no-table-headers",
+                "name",
+                "messages",
+            )
+            backlog = sum(
+                int(count)
+                for name, count in (line.split() for line in listing.splitlines() if line.strip())
+                if name.startswith("crucible.")
+            )
+            unsent = await _scalar(stack_, "SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+            if backlog == 0 and unsent == 0:
+                return
+            await asyncio.sleep(2)
+
+
+async def _sagas_waiting(stack_: Stack) -> int:
+    return await _scalar(stack_, "SELECT count(*) FROM sagas WHERE state = 'waiting'")
+
+
+async def _scalar(stack_: Stack, sql: str) -> int:
+    engine = create_engine(stack_.database_url)
+    async with engine.connect() as connection:
+        value = await connection.scalar(text(sql))
+    await engine.dispose()
+    return int(value or 0)
+
+
+def _cpu_by_process(processes: dict[str, psutil.Process]) -> dict[str, float]:
+    found: dict[str, float] = {}
+    for name, process in processes.items():
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        found[name] = times.user + times.system
+    return found
+
+
+def _cpu_delta(
+    processes: dict[str, psutil.Process], before: dict[str, float], seconds: float
+) -> dict[str, float]:
+    """Fraction of a core per group, over processes alive at both ends of the window."""
+    after = _cpu_by_process(processes)
+    totals: dict[str, float] = {}
+    for name, value in after.items():
+        if name in before:
+            group = name.split("#")[0].rstrip("0123456789").rstrip("-")
+            totals[group] = totals.get(group, 0.0) + (value - before[name]) / seconds
+    return totals
+
+
+async def _commits(stack_: Stack) -> int:
+    """Transactions committed in the stack's PostgreSQL database so far (0 on SQLite)."""
+    if not stack_.database_url.startswith("postgresql"):
+        return 0
+    engine = create_engine(stack_.database_url)
+    async with engine.connect() as connection:
+        count = await connection.scalar(
+            text("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+        )
+    await engine.dispose()
+    return int(count or 0)
 
 
 async def _reconcile_count(stack_: Stack) -> int:
@@ -572,9 +681,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 PHASES = ("floor", "strategies", "throughput", "half_load", "scale")
 
 
-async def main(
-    scale: Scale, out: Path, seed: int, only: Sequence[str] = PHASES
-) -> dict[str, Any]:
+async def main(scale: Scale, out: Path, seed: int, only: Sequence[str] = PHASES) -> dict[str, Any]:
     workdir = out / "work"
     print("starting a private RabbitMQ node and PostgreSQL cluster")
     rabbitmq = RabbitMQNode()
@@ -629,21 +736,21 @@ def cli(argv: list[str] | None = None) -> int:
         choices=PHASES,
         help="run only this phase (repeatable; half_load needs throughput); for profiling",
     )
-    parser.add_argument(
-        "--throughput-disks", type=int, help="disks per throughput configuration"
-    )
+    parser.add_argument("--throughput-disks", type=int, help="disks per throughput configuration")
     parser.add_argument("--parked", type=int, help="sagas parked at once in the scale phase")
+    parser.add_argument("--parked-delay", type=float, help="region delay (s) of the big scale run")
     args = parser.parse_args(argv)
     (args.out / "work").mkdir(parents=True, exist_ok=True)
     # SIGTERM as Ctrl-C: the stacks and servers are stopped on the way out.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     started = time.monotonic()
     scale = QUICK if args.quick else FULL
-    if args.throughput_disks or args.parked:
+    if args.throughput_disks or args.parked or args.parked_delay:
         scale = replace(
             scale,
             throughput_disks=args.throughput_disks or scale.throughput_disks,
             parked=args.parked or scale.parked,
+            parked_delay_seconds=args.parked_delay or scale.parked_delay_seconds,
         )
     asyncio.run(main(scale, args.out, args.seed, args.only or PHASES))
     print(

@@ -17,8 +17,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import cast
 
-from sqlalchemy import update
+from sqlalchemy import Table, bindparam, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from nexus.db.engine import upsert_insert
@@ -48,6 +49,19 @@ def rejection_key(command_id: uuid.UUID) -> str:
     return f"command:{command_id}:rejected"
 
 
+_regions = cast(Table, Region.__table__)
+# Built once: it runs for every region event.
+_REGION_UPDATE = (
+    update(_regions)
+    .where(_regions.c.id == bindparam("b_id"), _regions.c.generation < bindparam("b_generation"))
+    .values(
+        state=bindparam("b_state", type_=_regions.c.state.type),
+        generation=bindparam("b_generation"),
+        port_number=bindparam("b_port"),
+    )
+)
+
+
 @dataclass(frozen=True)
 class Ingested:
     woken: Woken | None
@@ -70,13 +84,13 @@ class EventIngest:
             case RegionStateChanged(payload=change):
                 region = change.region
                 await session.execute(
-                    update(Region)
-                    .where(Region.id == region.id, Region.generation < region.generation)
-                    .values(
-                        state=region.state.value,
-                        generation=region.generation,
-                        port_number=region.port_number,
-                    )
+                    _REGION_UPDATE,
+                    {
+                        "b_id": region.id,
+                        "b_state": region.state.value,
+                        "b_generation": region.generation,
+                        "b_port": region.port_number,
+                    },
                 )
                 return await rendezvous.record_event(
                     session,

@@ -24,7 +24,7 @@ from datetime import timedelta
 from typing import Any, cast
 
 from pydantic import BaseModel, Field
-from sqlalchemy import Table, delete, insert, select, update
+from sqlalchemy import Table, bindparam, delete, insert, select, update
 
 from nexus.db.engine import upsert_insert
 from nexus.db.models import Dataset, Disk, Region
@@ -145,18 +145,31 @@ def region_geometry(size_bytes: int, block_size: int) -> tuple[int, int]:
     return extent_size, extent_count
 
 
+# Built once: every disk runs them (building a statement costs more than running it).
+_CANDIDATES = (
+    select(datasets.c.id, datasets.c.sled_id, datasets.c.queue_name)
+    .where(
+        datasets.c.free_bytes >= bindparam("b_bytes"),
+        datasets.c.last_seen_at >= bindparam("b_seen"),
+    )
+    .order_by(datasets.c.free_bytes.desc(), datasets.c.id)
+)
+_PLACED = select(regions.c.id).where(regions.c.id == bindparam("b_id"))
+_RESERVE = (
+    update(datasets)
+    .where(datasets.c.id == bindparam("b_id"), datasets.c.free_bytes >= bindparam("b_bytes"))
+    .values(free_bytes=datasets.c.free_bytes - bindparam("b_bytes"))
+)
+_INSERT_REGIONS = insert(regions)
+
+
 async def regions_place(ctx: Ctx[Params]) -> Placed:
     p = ctx.params
     extent_size, extent_count = region_geometry(p.size_bytes, p.block_size)
     region_bytes = extent_size * extent_count * p.block_size
     region_ids = ctx.output("ids", Ids).region_ids
     rows = await ctx.session.execute(
-        select(datasets.c.id, datasets.c.sled_id, datasets.c.queue_name)
-        .where(
-            datasets.c.free_bytes >= region_bytes,
-            datasets.c.last_seen_at >= ctx.now - DATASET_FRESHNESS,
-        )
-        .order_by(datasets.c.free_bytes.desc(), datasets.c.id)
+        _CANDIDATES, {"b_bytes": region_bytes, "b_seen": ctx.now - DATASET_FRESHNESS}
     )
     chosen: list[Any] = []
     for dataset in rows:
@@ -173,26 +186,20 @@ async def regions_place(ctx: Ctx[Params]) -> Placed:
         Placement(dataset_id=dataset.id, queue=dataset.queue_name, region_id=region_id)
         for dataset, region_id in zip(chosen, region_ids, strict=True)
     ]
-    placed_before = await ctx.session.scalar(
-        select(regions.c.id).where(regions.c.id == region_ids[0])
-    )
+    placed_before = await ctx.session.scalar(_PLACED, {"b_id": region_ids[0]})
     if placed_before is None:
         # Reserve the space now, so concurrent placements do not overcommit; datasets
         # are locked in id order by every saga, so two placements cannot deadlock.
         for placement in sorted(placements, key=lambda p: p.dataset_id):
             reserved = await ctx.session.execute(
-                update(datasets)
-                .where(
-                    datasets.c.id == placement.dataset_id, datasets.c.free_bytes >= region_bytes
-                )
-                .values(free_bytes=datasets.c.free_bytes - region_bytes)
+                _RESERVE, {"b_id": placement.dataset_id, "b_bytes": region_bytes}
             )
             if not reserved.rowcount:  # type: ignore[attr-defined]
                 raise ActionFailed(
                     f"insufficient capacity: dataset {placement.dataset_id} filled up meanwhile"
                 )
         await ctx.session.execute(
-            insert(regions),
+            _INSERT_REGIONS,
             [
                 {
                     "id": placement.region_id,

@@ -13,6 +13,18 @@ def _ms(value: float) -> str:
 
 
 def render(results: dict[str, Any]) -> str:
+    """Every phase the run has (``bench.run --only`` runs some of them)."""
+    lines: list[str] = []
+    if "floor" in results and "strategies" in results:
+        lines += _strategies(results)
+    if "throughput" in results:
+        lines += _throughput(results)
+    if "scale" in results:
+        lines += _scale(results)
+    return "\n".join(lines) + "\n"
+
+
+def _strategies(results: dict[str, Any]) -> list[str]:
     floor = results["floor"]
     lines = [
         "### Floor (this machine, this run)",
@@ -52,40 +64,59 @@ def render(results: dict[str, Any]) -> str:
                 f"- mean wake overhead, {label} / event-driven: "
                 f"**{data['wake_ms']['mean'] / event:,.0f}x**"
             )
-    lines += [
+    return lines
+
+
+def _throughput(results: dict[str, Any]) -> list[str]:
+    lines = [
         "",
         "### Throughput (no region delay)",
         "",
-        "| configuration | disk-create sagas/s | CPU seconds per saga, by process |",
-        "|---|---|---|",
+        "| configuration | disk-create sagas/s | PostgreSQL commits per saga | "
+        "CPU seconds per saga, by process |",
+        "|---|---|---|---|",
     ]
     for label, data in results["throughput"].items():
         cpu = ", ".join(
             f"{name} {seconds * 1000:.0f} ms"
             for name, seconds in data["cpu_seconds_per_saga"].items()
         )
-        lines.append(f"| {label} | {data['sagas_per_second']:.1f} | {cpu} |")
-    half = results["half_load"]
-    lines += [
-        "",
-        f"Wake overhead at half the 2-replica throughput ({half['offered_per_second']:.1f} "
-        f"disks/s, region delay 50 ms): p50 {_ms(half['wake_ms']['p50'])} ms, "
-        f"p99 {_ms(half['wake_ms']['p99'])} ms ({half['states']}).",
+        commits = data.get("commits_per_saga")
+        per_saga = f"{commits:.1f}" if commits else "-"
+        lines.append(f"| {label} | {data['sagas_per_second']:.1f} | {per_saga} | {cpu} |")
+    half = results.get("half_load")
+    if half:
+        lines += [
+            "",
+            f"Wake overhead at half the 2-replica throughput ({half['offered_per_second']:.1f} "
+            f"disks/s, region delay 50 ms): p50 {_ms(half['wake_ms']['p50'])} ms, "
+            f"p99 {_ms(half['wake_ms']['p99'])} ms ({half['states']}).",
+        ]
+    return lines
+
+
+def _scale(results: dict[str, Any]) -> list[str]:
+    lines = [
         "",
         "### Scale (sagas parked at once)",
         "",
-        "| parked | requests to agents while parked | Nexus RSS | CPU while parked "
-        "(fraction of a core) | wake p50 | wake p99 |",
-        "|---|---|---|---|---|---|",
+        "| parked | waiting when measured | parked in | requests to agents while parked | "
+        "Nexus RSS | CPU while parked (fraction of a core) | wake p50 | wake p99 | "
+        "last tenth woken: p50 / p99 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for data in results["scale"].values():
         rss = ", ".join(f"{name} {mib:.0f} MiB" for name, mib in data["nexus_rss_mib"].items())
         cpu = ", ".join(f"{name} {share:.2f}" for name, share in data["idle_cpu_fraction"].items())
+        last = data.get("wake_last_tenth_ms")
+        tail = f"{_ms(last['p50'])} / {_ms(last['p99'])} ms" if last else "-"
         lines.append(
-            f"| {data['parked']} | {data['agent_requests_while_parked']} | {rss} | {cpu} | "
-            f"{_ms(data['wake_ms']['p50'])} ms | {_ms(data['wake_ms']['p99'])} ms |"
+            f"| {data['parked']:,} | {data.get('sagas_waiting_at_measurement', '-'):,} | "
+            f"{data['create_seconds']:.0f} s | {data['agent_requests_while_parked']} | {rss} | "
+            f"{cpu} | {_ms(data['wake_ms']['p50'])} ms | {_ms(data['wake_ms']['p99'])} ms | "
+            f"{tail} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 if __name__ == "__main__":

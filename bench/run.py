@@ -73,8 +73,9 @@ FULL = Scale(
     strategy_disks=20,
     region_delay="lognormal:5,1.2,0.2,60",
     throughput_disks=300,
-    parked=1_000,
-    parked_delay_seconds=150,
+    parked=10_000,
+    # Longer than parking 10,000 takes here (about 18 disks/s): all wait at once.
+    parked_delay_seconds=900,
 )
 
 
@@ -696,7 +697,7 @@ async def main(scale: Scale, out: Path, seed: int, only: Sequence[str] = PHASES)
             "rabbitmq": rabbitmq.version,
             "platform": platform.platform(),
         },
-        "scale": scale.__dict__,
+        "configuration": scale.__dict__,
         "seed": seed,
     }
     try:

@@ -498,8 +498,16 @@ async def scale_phase(servers: Servers, scale: Scale, seed: int) -> dict[str, An
         )
         print(f"- scale: {parked} sagas parked at once (region delay {delay_seconds} s)")
         delay = f"fixed:{delay_seconds}"
+        # The safety-net deadline beyond the delay: a reconcile query while parked would
+        # be a request to an agent, which is what this phase counts.
+        deadline = {"NEXUS_REGION_DEADLINE_SECONDS": str(delay_seconds + 900)}
         async with stack(
-            servers, database="postgresql", replicas=2, create_delay=delay, seed=seed
+            servers,
+            database="postgresql",
+            replicas=2,
+            create_delay=delay,
+            seed=seed,
+            nexus_env=deadline,
         ) as running:
             started = time.monotonic()
             sagas = await running.create_disks(parked, concurrency=64, size_bytes=SCALE_DISK_BYTES)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
@@ -53,8 +53,10 @@ class Api:
         transport: Transport,
         clock: Callable[[], datetime],
         replica_id: str,
+        region_deadline: timedelta = disk_create.REGION_DEADLINE,
     ) -> None:
         self._disk_create = disk_create_saga
+        self._region_deadline = region_deadline
         self._sessions = sessions
         self._executor = executor
         self._transport = transport
@@ -135,6 +137,7 @@ class Api:
                 name=body.name,
                 size_bytes=body.size_bytes,
                 block_size=body.block_size,
+                region_deadline_seconds=self._region_deadline.total_seconds(),
             )
             # The benchmark's baselines share disk_create's parameters.
             created = await self._executor.create(session, self._disk_create, params, saga_id)

@@ -103,6 +103,7 @@ class NexusApp:
             transport=self.transport,
             clock=self.clock.now,
             replica_id=settings.replica_id,
+            region_deadline=timedelta(seconds=settings.region_deadline_seconds),
         )
         if consume:
             await self.transport.consume(

@@ -67,6 +67,9 @@ class NexusSettings(BaseSettings):
     disk_create_saga: str = "disk_create"
     # Fault injection for crash tests: SIGKILL this process inside the named saga node.
     crash_in_node: str | None = None
+    # How long a region may take before its saga asks the agent once (the reconcile
+    # query); notifications, not this, resume the saga. Raise it when regions are slow.
+    region_deadline_seconds: float = Field(default=300.0, gt=0)
     # Unacked events in flight per replica.
     event_prefetch: int = Field(default=32, gt=0, le=10_000)
     log_level: LogLevel = "INFO"

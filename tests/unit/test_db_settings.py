@@ -28,6 +28,7 @@ def test_defaults(clean_environment: pytest.MonkeyPatch) -> None:
     assert settings.database_url == "sqlite+aiosqlite:///./var/nexus.sqlite3"
     assert settings.amqp_url == "amqp://guest:guest@localhost:5672/"
     assert settings.lease_seconds == 15
+    assert settings.region_deadline_seconds == 300
     assert settings.log_level == "INFO"
 
 
@@ -36,14 +37,19 @@ def test_environment_overrides(clean_environment: pytest.MonkeyPatch) -> None:
     clean_environment.setenv("NEXUS_DATABASE_URL", "postgresql+asyncpg://n:pw@db/nexus")
     clean_environment.setenv("NEXUS_LEASE_SECONDS", "2.5")
     clean_environment.setenv("NEXUS_LOG_LEVEL", "debug")
+    clean_environment.setenv("NEXUS_REGION_DEADLINE_SECONDS", "1200")
     settings = NexusSettings()
+    assert settings.region_deadline_seconds == 1200
     assert settings.replica_id == "nexus-2"
     assert settings.database_url == "postgresql+asyncpg://n:pw@db/nexus"
     assert settings.lease_seconds == 2.5
     assert settings.log_level == "DEBUG"
 
 
-@pytest.mark.parametrize(("field", "value"), [("LEASE_SECONDS", "0"), ("LOG_LEVEL", "LOUD")])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("LEASE_SECONDS", "0"), ("LOG_LEVEL", "LOUD"), ("REGION_DEADLINE_SECONDS", "0")],
+)
 def test_invalid_values_are_refused(
     clean_environment: pytest.MonkeyPatch, field: str, value: str
 ) -> None:

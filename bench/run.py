@@ -560,6 +560,7 @@ SCALE_DISK_BYTES = 64 << 20
 
 async def _until_commands_consumed(stack_: Stack, servers: Servers) -> None:
     vhost = stack_.amqp_url.rsplit("/", 1)[1]
+    report_at = time.monotonic() + 30
     async with asyncio.timeout(1800):
         while True:
             listing = await asyncio.to_thread(
@@ -580,6 +581,9 @@ async def _until_commands_consumed(stack_: Stack, servers: Servers) -> None:
             unsent = await _scalar(stack_, "SELECT count(*) FROM outbox WHERE sent_at IS NULL")
             if backlog == 0 and unsent == 0:
                 return
+            if time.monotonic() >= report_at:
+                print(f"  {backlog} commands queued for agents, {unsent} outbox rows unsent")
+                report_at = time.monotonic() + 30
             await asyncio.sleep(2)
 
 

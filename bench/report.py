@@ -102,19 +102,21 @@ def _scale(results: dict[str, Any]) -> list[str]:
         "",
         "| parked | waiting when measured | parked in | requests to agents while parked | "
         "Nexus RSS | CPU while parked (fraction of a core) | wake p50 | wake p99 | "
-        "last tenth woken: p50 / p99 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "last tenth woken: p50 / p99 | probe wake (one at a time, while parked): p50 / max |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for data in results["scale"].values():
         rss = ", ".join(f"{name} {mib:.0f} MiB" for name, mib in data["nexus_rss_mib"].items())
         cpu = ", ".join(f"{name} {share:.2f}" for name, share in data["idle_cpu_fraction"].items())
         last = data.get("wake_last_tenth_ms")
         tail = f"{_ms(last['p50'])} / {_ms(last['p99'])} ms" if last else "-"
+        probe = data.get("probe_wake_ms")
+        probes = f"{_ms(probe['p50'])} / {_ms(probe['max'])} ms (n={probe['n']})" if probe else "-"
         lines.append(
             f"| {data['parked']:,} | {data.get('sagas_waiting_at_measurement', '-'):,} | "
             f"{data['create_seconds']:.0f} s | {data['agent_requests_while_parked']} | {rss} | "
             f"{cpu} | {_ms(data['wake_ms']['p50'])} ms | {_ms(data['wake_ms']['p99'])} ms | "
-            f"{tail} |"
+            f"{tail} | {probes} |"
         )
     return lines
 

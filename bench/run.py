@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from nexus.db.engine import create_engine, create_sessionmaker
@@ -38,6 +38,7 @@ from nexus.devstack.servers import PostgresCluster, RabbitMQNode
 from nexus.devstack.stack import READINESS_KEYS, Readiness, StackConfig, plan, wait_until_ready
 from nexus.devstack.supervisor import ChildSpec, Supervisor
 from schemas import api
+from schemas.instance import InstanceState, InstanceStateChanged
 from schemas.progress import SagaProgressed
 from schemas.region import RegionState, RegionStateChanged
 from schemas.topology import NEXUS_API_QUEUE
@@ -59,6 +60,8 @@ class Scale:
     parked: int
     parked_delay_seconds: float
     quick: bool = False
+    # Instance creates run one at a time while the scale phase's sagas are parked.
+    probes: int = 10
 
 
 QUICK = Scale(
@@ -68,14 +71,17 @@ QUICK = Scale(
     parked=40,
     parked_delay_seconds=12,
     quick=True,
+    # Each probe takes seconds (an instance boots): none in the quick run.
+    probes=0,
 )
 FULL = Scale(
     strategy_disks=20,
     region_delay="lognormal:5,1.2,0.2,60",
     throughput_disks=300,
     parked=10_000,
-    # Longer than parking 10,000 takes here (about 18 disks/s): all wait at once.
-    parked_delay_seconds=900,
+    # Longer than parking 10,000 (about 35 disks/s here), letting the agents take the
+    # commands, the idle window and the probes: all wait at once until it passes.
+    parked_delay_seconds=700,
 )
 
 
@@ -146,6 +152,7 @@ class Stack:
     database_url: str
     children: list[ChildSpec]
     ready_at: dict[uuid.UUID, datetime] = field(default_factory=dict)
+    instance_ready_at: dict[uuid.UUID, datetime] = field(default_factory=dict)
     finished: dict[uuid.UUID, str] = field(default_factory=dict)
     finished_event: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -158,7 +165,11 @@ class Stack:
 
     async def on_event(self, delivery: Delivery) -> None:
         message = delivery.message
-        if isinstance(message, RegionStateChanged):
+        if isinstance(message, InstanceStateChanged):
+            instance = message.payload.instance
+            if instance.state is InstanceState.RUNNING:
+                self.instance_ready_at.setdefault(instance.id, message.occurred_at)
+        elif isinstance(message, RegionStateChanged):
             if message.payload.region.state is RegionState.CREATED:
                 self.ready_at.setdefault(message.payload.region.id, message.occurred_at)
         elif isinstance(message, SagaProgressed) and message.payload.step.value in (
@@ -192,6 +203,42 @@ class Stack:
                 return reply.payload.saga_id
 
         return await asyncio.gather(*(one(i) for i in range(count)))
+
+    async def probe_wakes(self, count: int) -> list[float]:
+        """Wake overhead of ``count`` instance creates run one after the other (the
+        instance running at its sled → the saga resumed), while whatever else waits."""
+        wakes: list[float] = []
+        for _ in range(count):
+            reply = await self.transport.request(
+                api.InstanceCreate(
+                    source="cli/bench",
+                    payload=api.InstanceCreateRequest(
+                        project="bench",
+                        name=f"probe-{uuid.uuid4().hex[:10]}",
+                        ncpus=1,
+                        memory_bytes=1 << 28,
+                    ),
+                ),
+                routing_key=NEXUS_API_QUEUE,
+                timeout=60,
+            )
+            assert isinstance(reply, api.AcceptedReply), reply
+            saga_id, instance_id = reply.payload.saga_id, reply.payload.resource_id
+            await self.all_finished([saga_id], timeout=120)
+            engine = create_engine(self.database_url)
+            async with engine.connect() as connection:
+                resumed = await connection.scalar(
+                    select(SagaLogEntry.at).where(
+                        SagaLogEntry.saga_id == saga_id,
+                        SagaLogEntry.node_name == "instance_ensure",
+                        SagaLogEntry.event == "resumed",
+                    )
+                )
+            await engine.dispose()
+            ready = self.instance_ready_at.get(instance_id)
+            if resumed is not None and ready is not None:
+                wakes.append((resumed - ready).total_seconds() * 1000)
+        return wakes
 
     async def all_finished(self, saga_ids: Sequence[uuid.UUID], timeout: float) -> None:
         """Until every saga announced its end (saga.done / undone / stuck events)."""
@@ -254,7 +301,8 @@ async def stack(
     # Only the ends of sagas: every other progress notice would load the broker and
     # this process for nothing (unrouted notices are dropped by the exchange).
     await transport.subscribe(
-        ["region.created", "saga.done", "saga.undone", "saga.stuck"], running.on_event
+        ["region.created", "instance.running", "saga.done", "saga.undone", "saga.stuck"],
+        running.on_event,
     )
     readiness = Readiness(layout.crucible_ids, layout.sled_ids)
     await transport.subscribe(READINESS_KEYS, readiness.handle)
@@ -494,7 +542,7 @@ async def scale_phase(servers: Servers, scale: Scale, seed: int) -> dict[str, An
     for parked in (10, scale.parked):
         # 10 park in a second; the big run needs regions slower than parking them all.
         delay_seconds = (
-            min(scale.parked_delay_seconds, 15.0) if parked == 10 else (scale.parked_delay_seconds)
+            min(scale.parked_delay_seconds, 120.0) if parked == 10 else (scale.parked_delay_seconds)
         )
         print(f"- scale: {parked} sagas parked at once (region delay {delay_seconds} s)")
         delay = f"fixed:{delay_seconds}"
@@ -528,6 +576,9 @@ async def scale_phase(servers: Servers, scale: Scale, seed: int) -> dict[str, An
             }
             waiting = await _sagas_waiting(running)
             polls_while_parked = await _reconcile_count(running)
+            # The same probe in both runs: one wake at a time, with N parked meanwhile.
+            probes = await running.probe_wakes(scale.probes) if scale.probes else []
+            waiting_after_probes = await _sagas_waiting(running)
             parked_for = time.monotonic() - quiet_at
             if started + delay_seconds < time.monotonic():
                 print("  ! the first regions were ready before the measurement ended")
@@ -545,6 +596,9 @@ async def scale_phase(servers: Servers, scale: Scale, seed: int) -> dict[str, An
             "agent_requests_while_parked": polls_while_parked,
             "wake_ms": summary(stats.wakes_ms),
             "wake_last_tenth_ms": summary(last),
+            "probe_wake_ms": summary(probes) if probes else None,
+            "probe_wakes_ms": probes,
+            "sagas_waiting_after_probes": waiting_after_probes,
             "states": stats.states,
         }
         print(

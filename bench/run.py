@@ -79,9 +79,10 @@ FULL = Scale(
     region_delay="lognormal:5,1.2,0.2,60",
     throughput_disks=300,
     parked=10_000,
-    # Longer than parking 10,000 (about 35 disks/s here), letting the agents take the
-    # commands, the idle window and the probes: all wait at once until it passes.
-    parked_delay_seconds=700,
+    # Longer than parking 10,000 (about 4 minutes here), the agents taking the 30,000
+    # commands (they lag: up to 12 minutes after the first), the idle window and the
+    # probes: all wait at once until it passes, counted from each agent's command.
+    parked_delay_seconds=1100,
 )
 
 

@@ -537,11 +537,7 @@ class SagaExecutor:
                         node_name = pending.name
                         after = await self._act(session, definition, params, current, pending)
                     else:
-                        ready = [
-                            wait
-                            for wait in await rendezvous.ready_waits(session, current.id)
-                            if wait.node in progress.waiting
-                        ]
+                        ready = await self._ready(session, current.id, progress)
                         if not ready:
                             await self._write(
                                 session,
@@ -664,7 +660,7 @@ class SagaExecutor:
             started = all(
                 other.name in fenced.outputs or other.name in progress.waiting for other in stage
             )
-            if started and not await self._any_ready(session, fenced.id, progress):
+            if started and not await self._ready(session, fenced.id, progress):
                 # Every node of the stage waits and no event is in: park in this same
                 # transaction (the saga row is locked, so no wake-up can slip between).
                 await self._write(
@@ -701,56 +697,15 @@ class SagaExecutor:
             session, fenced, progress=progress.dump(), node_outputs=outputs, **finished
         )
 
-    async def _any_ready(
+    async def _ready(
         self, session: AsyncSession, saga_id: uuid.UUID, progress: Progress
-    ) -> bool:
-        return any(
-            wait.node in progress.waiting for wait in await rendezvous.ready_waits(session, saga_id)
-        )
-
-    async def _resume_or_park(
-        self, definition: SagaDefinition[Any], params: BaseModel, row: SagaRow
-    ) -> SagaRow | None:
-        """Every unfinished node of the stage waits: resume one that is ready, or park."""
-        progress = Progress.of(row.progress)
-        node_name: str | None = None
-        try:
-            async with self._transaction() as session:
-                fenced = await self._fence(session, row)
-                ready = [
-                    wait
-                    for wait in await rendezvous.ready_waits(session, row.id)
-                    if wait.node in progress.waiting
-                ]
-                if not ready:
-                    await self._write(
-                        session,
-                        fenced,
-                        state=SagaState.WAITING.value,
-                        lease_owner=None,
-                        lease_expires_at=None,
-                    )
-                    log.info("saga %s parked", row.id, extra={"saga_id": str(row.id)})
-                    return None
-                wait = ready[0]
-                node_name = wait.node
-                wake = WakeUp(
-                    key=wait.key,
-                    payload=wait.payload,
-                    generation=wait.generation,
-                    message_id=wait.message_id,
-                    occurred_at=wait.occurred_at,
-                )
-                node = definition.node(wait.node)
-                return await self._resume(session, definition, params, fenced, node, wake)
-        except (LeaseLost, Unrecoverable, *_INFRASTRUCTURE_ERRORS):
-            raise
-        except Exception as error:  # the resume of a node failed: so did the node
-            if _contention(error):
-                raise Contended(str(node_name)) from error
-            if node_name is None:
-                raise
-            return await self._fail_node(row, node_name, error)
+    ) -> list[rendezvous.ReadyWait]:
+        """The saga's waits an event has satisfied, among those it still waits on."""
+        return [
+            wait
+            for wait in await rendezvous.ready_waits(session, saga_id)
+            if wait.node in progress.waiting
+        ]
 
     async def _resume(
         self,

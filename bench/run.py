@@ -23,7 +23,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,8 @@ class Scale:
     quick: bool = False
     # Instance creates run one at a time while the scale phase's sagas are parked.
     probes: int = 10
+    # How long the pollers' request rate is measured once ``parked`` of them wait.
+    polling_window_seconds: float = 120
 
 
 QUICK = Scale(
@@ -73,6 +75,7 @@ QUICK = Scale(
     quick=True,
     # Each probe takes seconds (an instance boots): none in the quick run.
     probes=0,
+    polling_window_seconds=5,
 )
 FULL = Scale(
     strategy_disks=20,
@@ -609,30 +612,149 @@ async def scale_phase(servers: Servers, scale: Scale, seed: int) -> dict[str, An
     return results
 
 
+async def polling_scale_phase(servers: Servers, scale: Scale, seed: int) -> dict[str, Any]:
+    """The baselines with as many disks waiting as the scale phase parks: the requests
+    their polls send to the agents per second, and what answering them costs.
+
+    The regions never become ready during the run (the measurement is of waiting, not
+    of waking), so every poll is answered "still requested" or times out; the stack is
+    stopped after the window without waiting for the sagas.
+    """
+    results: dict[str, Any] = {}
+    for label, saga in STRATEGIES.items():
+        if saga == "disk_create":
+            continue  # the scale phase: no requests while parked
+        print(f"- polling at scale, {label}: {scale.parked} disks waiting")
+        async with stack(
+            servers,
+            database="postgresql",
+            replicas=2,
+            create_delay="fixed:86400",
+            seed=seed,
+            nexus_env={"NEXUS_DISK_CREATE_SAGA": saga, "NEXUS_SWEEP_SECONDS": "0.05"},
+        ) as running:
+            first_create = datetime.now(UTC)
+            started = time.monotonic()
+            sagas = await running.create_disks(
+                scale.parked, concurrency=64, size_bytes=SCALE_DISK_BYTES
+            )
+            created = time.monotonic() - started
+            print(f"  {scale.parked} created in {created:.0f} s; measuring their polls")
+            watched = _processes(running, servers)
+            backlog_before = await _agent_backlog(running, servers)
+            before = _cpu_by_process(watched)
+            window_start = datetime.now(UTC)
+            await asyncio.sleep(scale.polling_window_seconds)
+            window_end = datetime.now(UTC)
+            cpu = _cpu_delta(watched, before, scale.polling_window_seconds)
+            backlog_after = await _agent_backlog(running, servers)
+            waits = await _scalar(
+                running,
+                "SELECT count(*) FROM wait_rendezvous WHERE state = 'parked'",
+            )
+            waiting = await _sagas_waiting(running)
+            answered, failed = await _polls_between(running, window_start, window_end)
+            series = await _polls_series(running, first_create, window_end, bucket_seconds=10)
+        seconds = (window_end - window_start).total_seconds()
+        results[label] = {
+            "saga": saga,
+            "disks": len(sagas),
+            "create_seconds": created,
+            "sagas_waiting": waiting,
+            "region_waits": waits,
+            "window_seconds": seconds,
+            "requests_per_second": (answered + failed) / seconds,
+            "answered_per_second": answered / seconds,
+            "timed_out_per_second": failed / seconds,
+            # What the strategy asks for if every poll ran on time (fixed interval only).
+            "requests_per_second_on_schedule": waits / 3 if saga == "disk_create_fixed" else None,
+            "agent_backlog": {"window_start": backlog_before, "window_end": backlog_after},
+            "cpu_fraction": cpu,
+            # What one poll costs the agents (all three together), in CPU milliseconds.
+            "agent_cpu_ms_per_request": 1000
+            * cpu.get("crucible", 0.0)
+            * seconds
+            / max(1, answered + failed),
+            "requests_per_second_series": series,
+        }
+        print(
+            f"  {results[label]['requests_per_second']:.0f} requests/s to agents "
+            f"({failed} of {answered + failed} timed out), {waits} region waits, "
+            f"agent backlog {backlog_before} -> {backlog_after}, "
+            f"CPU {', '.join(f'{k} {v:.2f}' for k, v in sorted(cpu.items()))}"
+        )
+    return results
+
+
+async def _polls_between(stack_: Stack, start: datetime, end: datetime) -> tuple[int, int]:
+    """(polls answered by an agent, polls that got no answer) logged in [start, end): each
+    is one request to an agent (the reconcile query re-sends the ensure)."""
+    engine = create_engine(stack_.database_url)
+    async with engine.connect() as connection:
+        rows = (
+            await connection.execute(
+                text(
+                    "SELECT data->>'rearmed' LIKE 'reconcile query failed%' AS failed, "
+                    "count(*) FROM saga_log WHERE event = 'waiting' "
+                    "AND data->>'rearmed' IS NOT NULL AND at >= :start AND at < :end GROUP BY 1"
+                ),
+                {"start": start, "end": end},
+            )
+        ).all()
+    await engine.dispose()
+    counts = {bool(failed): int(count) for failed, count in rows}
+    return counts.get(False, 0), counts.get(True, 0)
+
+
+async def _polls_series(
+    stack_: Stack, start: datetime, end: datetime, bucket_seconds: int
+) -> list[tuple[float, float]]:
+    """(seconds since ``start``, polls per second) in buckets, from the first create on."""
+    engine = create_engine(stack_.database_url)
+    async with engine.connect() as connection:
+        rows = (
+            await connection.execute(
+                text(
+                    "SELECT floor(extract(epoch FROM at - :start) / :bucket) AS n, count(*) "
+                    "FROM saga_log WHERE event = 'waiting' AND data->>'rearmed' IS NOT NULL "
+                    "AND at >= :start AND at < :end GROUP BY 1 ORDER BY 1"
+                ),
+                {"start": start, "end": end, "bucket": bucket_seconds},
+            )
+        ).all()
+    await engine.dispose()
+    return [(float(n) * bucket_seconds, int(count) / bucket_seconds) for n, count in rows]
+
+
 # Scale disks are one extent (64 MiB): 10,000 of them fit the agents' 1 TiB each.
 SCALE_DISK_BYTES = 64 << 20
 
 
-async def _until_commands_consumed(stack_: Stack, servers: Servers) -> None:
+async def _agent_backlog(stack_: Stack, servers: Servers) -> int:
+    """Messages on the crucible agents' queues not yet taken (ready + unacknowledged)."""
     vhost = stack_.amqp_url.rsplit("/", 1)[1]
+    listing = await asyncio.to_thread(
+        servers.rabbitmq.rabbitmqctl,
+        "list_queues",
+        "-p",
+        vhost,
+        "--quiet",
+        "--no-table-headers",
+        "name",
+        "messages",
+    )
+    return sum(
+        int(count)
+        for name, count in (line.split() for line in listing.splitlines() if line.strip())
+        if name.startswith("crucible.")
+    )
+
+
+async def _until_commands_consumed(stack_: Stack, servers: Servers) -> None:
     report_at = time.monotonic() + 30
     async with asyncio.timeout(1800):
         while True:
-            listing = await asyncio.to_thread(
-                servers.rabbitmq.rabbitmqctl,
-                "list_queues",
-                "-p",
-                vhost,
-                "--quiet",
-                "--no-table-headers",
-                "name",
-                "messages",
-            )
-            backlog = sum(
-                int(count)
-                for name, count in (line.split() for line in listing.splitlines() if line.strip())
-                if name.startswith("crucible.")
-            )
+            backlog = await _agent_backlog(stack_, servers)
             unsent = await _scalar(stack_, "SELECT count(*) FROM outbox WHERE sent_at IS NULL")
             if backlog == 0 and unsent == 0:
                 return
@@ -746,7 +868,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-PHASES = ("floor", "strategies", "throughput", "half_load", "scale")
+PHASES = ("floor", "strategies", "throughput", "half_load", "scale", "polling_scale")
 
 
 async def main(scale: Scale, out: Path, seed: int, only: Sequence[str] = PHASES) -> dict[str, Any]:
@@ -782,6 +904,8 @@ async def main(scale: Scale, out: Path, seed: int, only: Sequence[str] = PHASES)
             )
         if "scale" in only:
             results["scale"] = await scale_phase(servers, scale, seed)
+        if "polling_scale" in only:
+            results["polling_scale"] = await polling_scale_phase(servers, scale, seed)
     finally:
         rabbitmq.close()
         postgres.close()

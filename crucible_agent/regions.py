@@ -103,15 +103,18 @@ class Capacity:
 
 
 def ensure(
-    existing: Region | None, spec: RegionSpec, *, holdings: Holdings, total_bytes: int
+    existing: Region | None, spec: RegionSpec, *, holdings: Holdings | None, total_bytes: int
 ) -> EnsureOutcome:
     """Create is idempotent by id: the same parameters give back the existing record,
     whatever its state; different ones are a conflict. ``holdings`` are those of the
-    agent's other regions, for capacity and ports."""
+    agent's other regions, for capacity and ports: needed only for a new region (a
+    repeated ensure, as a poller or a redelivery sends, need not add them up)."""
     if existing is not None:
         if existing.spec() == spec:
             return Unchanged(existing)
         return Conflict(existing, _difference(existing.spec(), spec))
+    if holdings is None:
+        raise ValueError(f"region {spec.id} is new: placing it needs the agent's holdings")
     room = Capacity(total_bytes=total_bytes, used_bytes=holdings.used_bytes)
     failure: str | None = None
     if spec.size_bytes > room.free_bytes:

@@ -175,10 +175,12 @@ class RegionService:
     async def _ensure(self, delivery: Delivery, command: RegionEnsure) -> None:
         spec = command.payload
         async with self._store.transaction() as tx:
+            existing = await tx.region(spec.id)
             outcome = regions.ensure(
-                await tx.region(spec.id),
+                existing,
                 spec,
-                holdings=await tx.holdings(),
+                # Adding up the holdings reads every region held: only a new one needs it.
+                holdings=await tx.holdings() if existing is None else None,
                 total_bytes=self._capacity_bytes,
             )
             match outcome:

@@ -75,6 +75,16 @@ def test_ensure_with_the_same_parameters_returns_the_record_whatever_its_state(
     assert outcome == regions.Unchanged(existing)
 
 
+def test_a_repeated_ensure_needs_no_holdings_but_a_new_region_does() -> None:
+    asked = spec()
+    existing = created(asked)
+    assert regions.ensure(existing, asked, holdings=None, total_bytes=0) == regions.Unchanged(
+        existing
+    )
+    with pytest.raises(ValueError, match="needs the agent's holdings"):
+        regions.ensure(None, asked, holdings=None, total_bytes=10 * MIB)
+
+
 @pytest.mark.parametrize(
     "change", [{"extent_count": 2}, {"block_size": 4096}, {"encrypted": False}, {"source": "x"}]
 )

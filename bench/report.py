@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from nexus.sagas.disk_create import REPLICAS
+
 
 def _ms(value: float) -> str:
     return f"{value:,.1f}"
@@ -21,6 +23,8 @@ def render(results: dict[str, Any]) -> str:
         lines += _throughput(results)
     if "scale" in results:
         lines += _scale(results)
+    if "polling_scale" in results:
+        lines += _polling_scale(results)
     return "\n".join(lines) + "\n"
 
 
@@ -118,6 +122,52 @@ def _scale(results: dict[str, Any]) -> list[str]:
             f"{cpu} | {_ms(data['wake_ms']['p50'])} ms | {_ms(data['wake_ms']['p99'])} ms | "
             f"{tail} | {probes} |"
         )
+    return lines
+
+
+def _polling_scale(results: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "### The pollers with as many disks waiting (their regions never ready meanwhile)",
+        "",
+        "| strategy | window | disks waiting | region waits | requests to agents per second "
+        "(of which timed out) | effective interval per region | agent backlog, start → end "
+        "| CPU (fraction of a core) | agent CPU per request |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    scale = results.get("scale", {})
+    parked = scale.get(str(max((int(k) for k in scale), default=0)))
+    if parked:
+        cpu = ", ".join(f"{k} {v:.2f}" for k, v in parked["idle_cpu_fraction"].items())
+        lines.append(
+            f"| event-driven (scale phase) | parked | {parked['sagas_waiting_at_measurement']:,} "
+            f"| {REPLICAS * parked['sagas_waiting_at_measurement']:,} | "
+            f"{parked['agent_requests_while_parked']} | none (no polls) | - | {cpu} | - |"
+        )
+    for label, data in results["polling_scale"].items():
+        for window_name in ("after_creates", "steady"):
+            window = data.get(window_name)
+            if window is None:
+                continue
+            rate = window["requests_per_second"]
+            cpu = ", ".join(f"{k} {v:.2f}" for k, v in window["cpu_fraction"].items())
+            per_request = window.get("agent_cpu_ms_per_request")
+            interval = f"{window['region_waits'] / rate:,.0f} s" if rate else "-"
+            lines.append(
+                f"| {label} | {window_name.replace('_', ' ')} | {window['sagas_waiting']:,} | "
+                f"{window['region_waits']:,} | {rate:,.1f} "
+                f"({window['timed_out_per_second']:,.1f}) | "
+                f"{interval} | "
+                f"{window['agent_backlog']['start']:,} → {window['agent_backlog']['end']:,} | "
+                f"{cpu} | {f'{per_request:.1f} ms' if per_request else '-'} |"
+            )
+    on_schedule = [
+        f"{label}: {data['requests_per_second_on_schedule']:,.0f} requests/s"
+        for label, data in results["polling_scale"].items()
+        if data.get("requests_per_second_on_schedule")
+    ]
+    if on_schedule:
+        lines += ["", "Every poll on time would be " + "; ".join(on_schedule) + "."]
     return lines
 
 

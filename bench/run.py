@@ -31,12 +31,15 @@ import psutil
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from bench.polling import nova_fixed
 from nexus.db.engine import create_engine, create_sessionmaker
 from nexus.db.migrate import upgrade_async
 from nexus.db.models import Saga, SagaLogEntry
 from nexus.devstack.servers import PostgresCluster, RabbitMQNode
 from nexus.devstack.stack import READINESS_KEYS, Readiness, StackConfig, plan, wait_until_ready
 from nexus.devstack.supervisor import ChildSpec, Supervisor
+from nexus.saga.executor import SWEEP_CONCURRENCY
+from nexus.sagas.disk_create import REPLICAS
 from schemas import api
 from schemas.instance import InstanceState, InstanceStateChanged
 from schemas.progress import SagaProgressed
@@ -62,8 +65,10 @@ class Scale:
     quick: bool = False
     # Instance creates run one at a time while the scale phase's sagas are parked.
     probes: int = 10
-    # How long the pollers' request rate is measured once ``parked`` of them wait.
+    # How long the pollers' request rate is measured once ``parked`` of them wait, and
+    # which pollers (polling_scale phase).
     polling_window_seconds: float = 120
+    polling_strategies: tuple[str, ...] = ("disk_create_backoff", "disk_create_fixed")
 
 
 QUICK = Scale(
@@ -76,6 +81,8 @@ QUICK = Scale(
     # Each probe takes seconds (an instance boots): none in the quick run.
     probes=0,
     polling_window_seconds=5,
+    # One poller, one window: the quick run stays under 3 minutes.
+    polling_strategies=("disk_create_fixed",),
 )
 FULL = Scale(
     strategy_disks=20,
@@ -617,13 +624,16 @@ async def polling_scale_phase(servers: Servers, scale: Scale, seed: int) -> dict
     their polls send to the agents per second, and what answering them costs.
 
     The regions never become ready during the run (the measurement is of waiting, not
-    of waking), so every poll is answered "still requested" or times out; the stack is
-    stopped after the window without waiting for the sagas.
+    of waking), so every poll is answered "still requested" or times out. Two windows:
+    right after the creates (the agents still taking the ensure commands, as in any
+    burst), and once the agents have taken them (the pollers' steady state, what the
+    scale phase measures for the parked sagas). The stack is stopped after that without
+    waiting for the sagas.
     """
     results: dict[str, Any] = {}
     for label, saga in STRATEGIES.items():
-        if saga == "disk_create":
-            continue  # the scale phase: no requests while parked
+        if saga not in scale.polling_strategies:
+            continue  # event-driven: the scale phase (no requests while parked)
         print(f"- polling at scale, {label}: {scale.parked} disks waiting")
         async with stack(
             servers,
@@ -640,50 +650,99 @@ async def polling_scale_phase(servers: Servers, scale: Scale, seed: int) -> dict
             )
             created = time.monotonic() - started
             print(f"  {scale.parked} created in {created:.0f} s; measuring their polls")
-            watched = _processes(running, servers)
-            backlog_before = await _agent_backlog(running, servers)
-            before = _cpu_by_process(watched)
-            window_start = datetime.now(UTC)
-            await asyncio.sleep(scale.polling_window_seconds)
-            window_end = datetime.now(UTC)
-            cpu = _cpu_delta(watched, before, scale.polling_window_seconds)
-            backlog_after = await _agent_backlog(running, servers)
-            waits = await _scalar(
-                running,
-                "SELECT count(*) FROM wait_rendezvous WHERE state = 'parked'",
+            windows: dict[str, dict[str, Any]] = {}
+            if not scale.quick:
+                windows["after_creates"] = await _poll_window(running, servers, scale)
+                _print_window("after the creates", windows["after_creates"])
+            caught_up = await _until_agents_caught_up(running, servers)
+            if caught_up is None:
+                print("  ! the agents did not take the ensure commands within 30 minutes")
+            else:
+                print(f"  the agents took the ensure commands {caught_up:.0f} s later")
+                windows["steady"] = await _poll_window(running, servers, scale)
+                _print_window("steady", windows["steady"])
+            series = await _polls_series(
+                running, first_create, datetime.now(UTC), bucket_seconds=10
             )
-            waiting = await _sagas_waiting(running)
-            answered, failed = await _polls_between(running, window_start, window_end)
-            series = await _polls_series(running, first_create, window_end, bucket_seconds=10)
-        seconds = (window_end - window_start).total_seconds()
         results[label] = {
             "saga": saga,
             "disks": len(sagas),
             "create_seconds": created,
-            "sagas_waiting": waiting,
-            "region_waits": waits,
-            "window_seconds": seconds,
-            "requests_per_second": (answered + failed) / seconds,
-            "answered_per_second": answered / seconds,
-            "timed_out_per_second": failed / seconds,
+            "agents_caught_up_after_seconds": caught_up,
             # What the strategy asks for if every poll ran on time (fixed interval only).
-            "requests_per_second_on_schedule": waits / 3 if saga == "disk_create_fixed" else None,
-            "agent_backlog": {"window_start": backlog_before, "window_end": backlog_after},
-            "cpu_fraction": cpu,
-            # What one poll costs the agents (all three together), in CPU milliseconds.
-            "agent_cpu_ms_per_request": 1000
-            * cpu.get("crucible", 0.0)
-            * seconds
-            / max(1, answered + failed),
+            "requests_per_second_on_schedule": (
+                REPLICAS * len(sagas) / nova_fixed(0).total_seconds()
+                if saga == "disk_create_fixed"
+                else None
+            ),
+            **windows,
             "requests_per_second_series": series,
         }
-        print(
-            f"  {results[label]['requests_per_second']:.0f} requests/s to agents "
-            f"({failed} of {answered + failed} timed out), {waits} region waits, "
-            f"agent backlog {backlog_before} -> {backlog_after}, "
-            f"CPU {', '.join(f'{k} {v:.2f}' for k, v in sorted(cpu.items()))}"
-        )
     return results
+
+
+async def _poll_window(stack_: Stack, servers: Servers, scale: Scale) -> dict[str, Any]:
+    """Polls sent to the agents over one window, with the stack's CPU meanwhile."""
+    watched = _processes(stack_, servers)
+    backlog_before = await _agent_backlog(stack_, servers)
+    unsent_before = await _scalar(stack_, "SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+    before = _cpu_by_process(watched)
+    start = datetime.now(UTC)
+    await asyncio.sleep(scale.polling_window_seconds)
+    end = datetime.now(UTC)
+    cpu = _cpu_delta(watched, before, scale.polling_window_seconds)
+    backlog_after = await _agent_backlog(stack_, servers)
+    unsent_after = await _scalar(stack_, "SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+    answered, failed = await _polls_between(stack_, start, end)
+    seconds = (end - start).total_seconds()
+    requests = answered + failed
+    return {
+        "sagas_waiting": await _sagas_waiting(stack_),
+        "region_waits": await _scalar(
+            stack_, "SELECT count(*) FROM wait_rendezvous WHERE state = 'parked'"
+        ),
+        "seconds": seconds,
+        "requests_per_second": requests / seconds,
+        "answered_per_second": answered / seconds,
+        "timed_out_per_second": failed / seconds,
+        "agent_backlog": {"start": backlog_before, "end": backlog_after},
+        "nexus_outbox_unsent": {"start": unsent_before, "end": unsent_after},
+        "cpu_fraction": cpu,
+        # What one poll costs the agents (all three together), in CPU milliseconds; only
+        # meaningful once polls are all they are doing.
+        "agent_cpu_ms_per_request": (
+            1000 * cpu.get("crucible", 0.0) * seconds / requests if requests else None
+        ),
+    }
+
+
+def _print_window(name: str, window: dict[str, Any]) -> None:
+    cpu = ", ".join(f"{k} {v:.2f}" for k, v in sorted(window["cpu_fraction"].items()))
+    print(
+        f"  {name}: {window['requests_per_second']:.1f} requests/s to agents "
+        f"({window['timed_out_per_second']:.1f}/s timed out), {window['region_waits']} "
+        f"region waits, agent backlog {window['agent_backlog']['start']} -> "
+        f"{window['agent_backlog']['end']}, outbox {window['nexus_outbox_unsent']['start']}"
+        f" -> {window['nexus_outbox_unsent']['end']}, CPU {cpu}"
+    )
+
+
+async def _until_agents_caught_up(stack_: Stack, servers: Servers) -> float | None:
+    """Seconds until Nexus's outbox is sent and the agents' queues hold no more than the
+    polls in flight (each replica's sweeper asks at most SWEEP_CONCURRENCY at once), or
+    None after 30 minutes."""
+    started = time.monotonic()
+    report_at = started + 60
+    while time.monotonic() - started < 1800:
+        backlog = await _agent_backlog(stack_, servers)
+        unsent = await _scalar(stack_, "SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+        if unsent == 0 and backlog <= 2 * SWEEP_CONCURRENCY:
+            return time.monotonic() - started
+        if time.monotonic() >= report_at:
+            print(f"  {backlog} messages queued for agents, {unsent} outbox rows unsent")
+            report_at = time.monotonic() + 60
+        await asyncio.sleep(5)
+    return None
 
 
 async def _polls_between(stack_: Stack, start: datetime, end: datetime) -> tuple[int, int]:

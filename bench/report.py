@@ -151,7 +151,11 @@ def _polling_scale(results: dict[str, Any]) -> list[str]:
                 continue
             rate = window["requests_per_second"]
             cpu = ", ".join(f"{k} {v:.2f}" for k, v in window["cpu_fraction"].items())
-            per_request = window.get("agent_cpu_ms_per_request")
+            # Only once polls are all the agents do (right after the creates they are
+            # still taking the ensure commands).
+            per_request = (
+                window.get("agent_cpu_ms_per_request") if window_name == "steady" else None
+            )
             interval = f"{window['region_waits'] / rate:,.0f} s" if rate else "-"
             lines.append(
                 f"| {label} | {window_name.replace('_', ' ')} | {window['sagas_waiting']:,} | "

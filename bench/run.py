@@ -748,19 +748,13 @@ async def _until_agents_caught_up(stack_: Stack, servers: Servers) -> float | No
 async def _polls_between(stack_: Stack, start: datetime, end: datetime) -> tuple[int, int]:
     """(polls answered by an agent, polls that got no answer) logged in [start, end): each
     is one request to an agent (the reconcile query re-sends the ensure)."""
-    engine = create_engine(stack_.database_url)
-    async with engine.connect() as connection:
-        rows = (
-            await connection.execute(
-                text(
-                    "SELECT data->>'rearmed' LIKE 'reconcile query failed%' AS failed, "
-                    "count(*) FROM saga_log WHERE event = 'waiting' "
-                    "AND data->>'rearmed' IS NOT NULL AND at >= :start AND at < :end GROUP BY 1"
-                ),
-                {"start": start, "end": end},
-            )
-        ).all()
-    await engine.dispose()
+    rows = await _rows(
+        stack_,
+        "SELECT data->>'rearmed' LIKE 'reconcile query failed%' AS failed, count(*) "
+        f"FROM saga_log WHERE {_POLLED} AND at >= :start AND at < :end GROUP BY 1",
+        start=start,
+        end=end,
+    )
     counts = {bool(failed): int(count) for failed, count in rows}
     return counts.get(False, 0), counts.get(True, 0)
 
@@ -769,20 +763,19 @@ async def _polls_series(
     stack_: Stack, start: datetime, end: datetime, bucket_seconds: int
 ) -> list[tuple[float, float]]:
     """(seconds since ``start``, polls per second) in buckets, from the first create on."""
-    engine = create_engine(stack_.database_url)
-    async with engine.connect() as connection:
-        rows = (
-            await connection.execute(
-                text(
-                    "SELECT floor(extract(epoch FROM at - :start) / :bucket) AS n, count(*) "
-                    "FROM saga_log WHERE event = 'waiting' AND data->>'rearmed' IS NOT NULL "
-                    "AND at >= :start AND at < :end GROUP BY 1 ORDER BY 1"
-                ),
-                {"start": start, "end": end, "bucket": bucket_seconds},
-            )
-        ).all()
-    await engine.dispose()
+    rows = await _rows(
+        stack_,
+        "SELECT floor(extract(epoch FROM at - :start) / :bucket) AS n, count(*) "
+        f"FROM saga_log WHERE {_POLLED} AND at >= :start AND at < :end GROUP BY 1 ORDER BY 1",
+        start=start,
+        end=end,
+        bucket=bucket_seconds,
+    )
     return [(float(n) * bucket_seconds, int(count) / bucket_seconds) for n, count in rows]
+
+
+# A poll's log entry: the wait re-armed by its reconcile query, answered or not.
+_POLLED = "event = 'waiting' AND data->>'rearmed' IS NOT NULL"
 
 
 # Scale disks are one extent (64 MiB): 10,000 of them fit the agents' 1 TiB each.
@@ -828,11 +821,18 @@ async def _sagas_waiting(stack_: Stack) -> int:
 
 
 async def _scalar(stack_: Stack, sql: str) -> int:
+    rows = await _rows(stack_, sql)
+    return int(rows[0][0] or 0) if rows else 0
+
+
+async def _rows(stack_: Stack, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+    """One query on a connection of its own, to the stack's database."""
     engine = create_engine(stack_.database_url)
-    async with engine.connect() as connection:
-        value = await connection.scalar(text(sql))
-    await engine.dispose()
-    return int(value or 0)
+    try:
+        async with engine.connect() as connection:
+            return [tuple(row) for row in await connection.execute(text(sql), params)]
+    finally:
+        await engine.dispose()
 
 
 def _cpu_by_process(processes: dict[str, psutil.Process]) -> dict[str, float]:
@@ -863,26 +863,17 @@ async def _commits(stack_: Stack) -> int:
     """Transactions committed in the stack's PostgreSQL database so far (0 on SQLite)."""
     if not stack_.database_url.startswith("postgresql"):
         return 0
-    engine = create_engine(stack_.database_url)
-    async with engine.connect() as connection:
-        count = await connection.scalar(
-            text("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
-        )
-    await engine.dispose()
-    return int(count or 0)
+    return await _scalar(
+        stack_, "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+    )
 
 
 async def _reconcile_count(stack_: Stack) -> int:
-    engine = create_engine(stack_.database_url)
-    async with engine.connect() as connection:
-        count = await connection.scalar(
-            text(
-                "SELECT count(*) FROM saga_log WHERE event = 'waiting' AND data::text LIKE "
-                "'%rearmed%' OR (event = 'resumed' AND data::text LIKE '%\"by_reconcile\": true%')"
-            )
-        )
-    await engine.dispose()
-    return int(count or 0)
+    return await _scalar(
+        stack_,
+        "SELECT count(*) FROM saga_log WHERE event = 'waiting' AND data::text LIKE "
+        "'%rearmed%' OR (event = 'resumed' AND data::text LIKE '%\"by_reconcile\": true%')",
+    )
 
 
 def _processes(stack_: Stack, servers: Servers) -> dict[str, psutil.Process]:

@@ -573,7 +573,8 @@ async def scale_phase(servers: Servers, scale: Scale, seed: int) -> dict[str, An
             created = time.monotonic() - started
             print(f"  {parked} created in {created:.0f} s; waiting for the agents to take them")
             # Quiet means: every ensure command consumed by its agent, no outbox backlog.
-            await _until_commands_consumed(running, servers)
+            if await _until_agents_took_commands(running, servers) is None:
+                raise TimeoutError("the agents did not take the ensure commands in 30 minutes")
             quiet_at = time.monotonic()
             watched = _processes(running, servers)
             before = _cpu_by_process(watched)
@@ -654,7 +655,11 @@ async def polling_scale_phase(servers: Servers, scale: Scale, seed: int) -> dict
             if not scale.quick:
                 windows["after_creates"] = await _poll_window(running, servers, scale)
                 _print_window("after the creates", windows["after_creates"])
-            caught_up = await _until_agents_caught_up(running, servers)
+            # The polls in flight stay queued: each replica's sweeper asks up to
+            # SWEEP_CONCURRENCY at once.
+            caught_up = await _until_agents_took_commands(
+                running, servers, backlog_allowed=2 * SWEEP_CONCURRENCY
+            )
             if caught_up is None:
                 print("  ! the agents did not take the ensure commands within 30 minutes")
             else:
@@ -685,14 +690,14 @@ async def _poll_window(stack_: Stack, servers: Servers, scale: Scale) -> dict[st
     """Polls sent to the agents over one window, with the stack's CPU meanwhile."""
     watched = _processes(stack_, servers)
     backlog_before = await _agent_backlog(stack_, servers)
-    unsent_before = await _scalar(stack_, "SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+    unsent_before = await _outbox_unsent(stack_)
     before = _cpu_by_process(watched)
     start = datetime.now(UTC)
     await asyncio.sleep(scale.polling_window_seconds)
     end = datetime.now(UTC)
     cpu = _cpu_delta(watched, before, scale.polling_window_seconds)
     backlog_after = await _agent_backlog(stack_, servers)
-    unsent_after = await _scalar(stack_, "SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+    unsent_after = await _outbox_unsent(stack_)
     answered, failed = await _polls_between(stack_, start, end)
     seconds = (end - start).total_seconds()
     requests = answered + failed
@@ -727,22 +732,27 @@ def _print_window(name: str, window: dict[str, Any]) -> None:
     )
 
 
-async def _until_agents_caught_up(stack_: Stack, servers: Servers) -> float | None:
-    """Seconds until Nexus's outbox is sent and the agents' queues hold no more than the
-    polls in flight (each replica's sweeper asks at most SWEEP_CONCURRENCY at once), or
-    None after 30 minutes."""
+async def _until_agents_took_commands(
+    stack_: Stack, servers: Servers, *, backlog_allowed: int = 0
+) -> float | None:
+    """Seconds until Nexus's outbox is sent and the agents' queues hold no more than
+    ``backlog_allowed`` messages, or None after 30 minutes."""
     started = time.monotonic()
-    report_at = started + 60
+    report_at = started + 30
     while time.monotonic() - started < 1800:
         backlog = await _agent_backlog(stack_, servers)
-        unsent = await _scalar(stack_, "SELECT count(*) FROM outbox WHERE sent_at IS NULL")
-        if unsent == 0 and backlog <= 2 * SWEEP_CONCURRENCY:
+        unsent = await _outbox_unsent(stack_)
+        if unsent == 0 and backlog <= backlog_allowed:
             return time.monotonic() - started
         if time.monotonic() >= report_at:
             print(f"  {backlog} messages queued for agents, {unsent} outbox rows unsent")
-            report_at = time.monotonic() + 60
-        await asyncio.sleep(5)
+            report_at = time.monotonic() + 30
+        await asyncio.sleep(2)
     return None
+
+
+async def _outbox_unsent(stack_: Stack) -> int:
+    return await _scalar(stack_, "SELECT count(*) FROM outbox WHERE sent_at IS NULL")
 
 
 async def _polls_between(stack_: Stack, start: datetime, end: datetime) -> tuple[int, int]:
@@ -802,20 +812,6 @@ async def _agent_backlog(stack_: Stack, servers: Servers) -> int:
     )
 
 
-async def _until_commands_consumed(stack_: Stack, servers: Servers) -> None:
-    report_at = time.monotonic() + 30
-    async with asyncio.timeout(1800):
-        while True:
-            backlog = await _agent_backlog(stack_, servers)
-            unsent = await _scalar(stack_, "SELECT count(*) FROM outbox WHERE sent_at IS NULL")
-            if backlog == 0 and unsent == 0:
-                return
-            if time.monotonic() >= report_at:
-                print(f"  {backlog} commands queued for agents, {unsent} outbox rows unsent")
-                report_at = time.monotonic() + 30
-            await asyncio.sleep(2)
-
-
 async def _sagas_waiting(stack_: Stack) -> int:
     return await _scalar(stack_, "SELECT count(*) FROM sagas WHERE state = 'waiting'")
 
@@ -854,9 +850,14 @@ def _cpu_delta(
     totals: dict[str, float] = {}
     for name, value in after.items():
         if name in before:
-            group = name.split("#")[0].rstrip("0123456789").rstrip("-")
+            group = _group(name)
             totals[group] = totals.get(group, 0.0) + (value - before[name]) / seconds
     return totals
+
+
+def _group(name: str) -> str:
+    """``nexus-2`` → ``nexus``, ``postgresql#3`` → ``postgresql``."""
+    return name.split("#")[0].rstrip("0123456789").rstrip("-")
 
 
 async def _commits(stack_: Stack) -> int:
@@ -869,10 +870,11 @@ async def _commits(stack_: Stack) -> int:
 
 
 async def _reconcile_count(stack_: Stack) -> int:
+    """Requests the reconcile queries sent to agents: polls, and resumes they found."""
     return await _scalar(
         stack_,
-        "SELECT count(*) FROM saga_log WHERE event = 'waiting' AND data::text LIKE "
-        "'%rearmed%' OR (event = 'resumed' AND data::text LIKE '%\"by_reconcile\": true%')",
+        f"SELECT count(*) FROM saga_log WHERE ({_POLLED}) "
+        "OR (event = 'resumed' AND data->>'by_reconcile' = 'true')",
     )
 
 
@@ -885,14 +887,10 @@ def _processes(stack_: Stack, servers: Servers) -> dict[str, psutil.Process]:
 
 
 def _cpu(processes: dict[str, psutil.Process]) -> dict[str, float]:
+    """CPU seconds so far per group of processes."""
     totals: dict[str, float] = {}
-    for name, process in processes.items():
-        try:
-            times = process.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        group = name.split("#")[0].rstrip("0123456789").rstrip("-")
-        totals[group] = totals.get(group, 0.0) + times.user + times.system
+    for name, seconds in _cpu_by_process(processes).items():
+        totals[_group(name)] = totals.get(_group(name), 0.0) + seconds
     return totals
 
 

@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import os
+import signal
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
@@ -23,7 +25,8 @@ from nexus.events import EventIngest
 from nexus.liveness import mark_silent_sleds
 from nexus.saga.clock import Clock, SystemClock
 from nexus.saga.definition import SagaDefinition
-from nexus.saga.executor import Faults, SagaExecutor, SagaRow
+from nexus.saga.executor import SagaExecutor, SagaRow
+from nexus.saga.faults import Faults
 from nexus.saga.outbox import NexusOutboxStore, Outbox
 from nexus.sagas import ALL_SAGAS
 from nexus.settings import NexusSettings, redact_urls_in
@@ -42,6 +45,15 @@ def _extra_definitions(modules: Sequence[str]) -> list[SagaDefinition[Any]]:
     return definitions
 
 
+def _crash_in_node(node: str | None) -> Faults:
+    def crash(saga: str, name: str) -> None:
+        if name == node:
+            log.warning("fault injection: SIGKILL inside node %s", name)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return Faults(before_action=crash if node is not None else None)
+
+
 class NexusApp:
     def __init__(
         self,
@@ -54,7 +66,7 @@ class NexusApp:
         self.settings = settings
         self.clock = clock or SystemClock()
         self._definitions = [*definitions, *_extra_definitions(settings.extra_sagas)]
-        self._faults = faults or Faults(crash_in_node=settings.crash_in_node)
+        self._faults = faults or _crash_in_node(settings.crash_in_node)
         self._tasks: list[asyncio.Task[None]] = []
         self._progress_tasks: set[asyncio.Task[None]] = set()
         self.engine: AsyncEngine | None = None

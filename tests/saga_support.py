@@ -32,7 +32,8 @@ from nexus.saga.definition import (
     WakeUp,
     sequence,
 )
-from nexus.saga.executor import Faults, SagaExecutor
+from nexus.saga.executor import SagaExecutor
+from nexus.saga.faults import Faults
 from nexus.saga.outbox import Outbox
 from nexus.sagas import ALL_SAGAS
 from schemas.base import Envelope

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
-import signal
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -42,6 +40,7 @@ from nexus.saga.definition import (
     Wait,
     WakeUp,
 )
+from nexus.saga.faults import Faults
 from nexus.saga.outbox import Outbox
 from schemas.transport import Transport
 
@@ -142,17 +141,6 @@ class Progress:
             "undone": self.undone,
             "failed_node": self.failed_node,
         }
-
-
-@dataclass(frozen=True)
-class Faults:
-    """Test hooks: fail a node, or run every action twice (Omicron's saga test triad)."""
-
-    fail_node: Callable[[str, str], bool] = lambda saga, node: False
-    fail_undo: Callable[[str, str], bool] = lambda saga, node: False
-    repeat_actions: bool = False
-    # Chaos: the process SIGKILLs itself inside this node's transaction, mid-node.
-    crash_in_node: str | None = None
 
 
 class SagaExecutor:
@@ -601,9 +589,8 @@ class SagaExecutor:
         """Run a node's action inside the step's transaction and record its result."""
         started = self._clock.now()
         ctx = self._ctx(session, definition, params, fenced, node.name)
-        if self._faults.crash_in_node == node.name:
-            log.warning("fault injection: SIGKILL inside node %s", node.name)
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self._faults.before_action is not None:
+            self._faults.before_action(definition.name, node.name)
         if self._faults.fail_node(definition.name, node.name):
             raise ActionFailed(f"injected failure at {node.name}")
         result = await node.action(ctx)
@@ -932,7 +919,10 @@ class SagaExecutor:
                     await self._log(session, row.id, node.name, SagaLogEvent.UNDO_STARTED, started)
                     if self._faults.fail_undo(definition.name, node.name):
                         raise ActionFailed(f"injected undo failure at {node.name}")
-                    await node.undo(self._ctx(session, definition, params, fenced, node.name))
+                    ctx = self._ctx(session, definition, params, fenced, node.name)
+                    await node.undo(ctx)
+                    if self._faults.repeat_undos:
+                        await node.undo(ctx)
                     await self._log(
                         session, row.id, node.name, SagaLogEvent.UNDO_FINISHED, self._clock.now()
                     )

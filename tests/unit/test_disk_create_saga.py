@@ -16,7 +16,7 @@ from sqlalchemy import ColumnElement, func, select
 from nexus.db.models import Dataset, Disk, Region, WaitRendezvous
 from nexus.db.states import DiskState, SagaLogEvent, SagaState
 from nexus.saga.clock import ManualClock
-from nexus.saga.executor import Faults
+from nexus.saga.faults import Faults
 from nexus.sagas import disk_create
 from schemas.region import RegionState
 from tests.saga_support import Database, FakeCrucible, Replica

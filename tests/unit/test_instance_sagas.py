@@ -15,7 +15,7 @@ from sqlalchemy import ColumnElement, func, select
 from nexus.db.models import Dataset, Disk, Instance
 from nexus.db.states import DiskState, InstanceState, SagaState
 from nexus.saga.clock import ManualClock
-from nexus.saga.executor import Faults
+from nexus.saga.faults import Faults
 from nexus.sagas import disk_create, disk_delete, instance_create, instance_delete, instance_power
 from schemas.instance import (
     InstanceDestroy,

@@ -25,9 +25,10 @@ from nexus.events import EventIngest
 from nexus.liveness import mark_silent_sleds
 from nexus.saga.clock import Clock, SystemClock
 from nexus.saga.definition import SagaDefinition
-from nexus.saga.executor import SagaExecutor, SagaRow
+from nexus.saga.executor import SagaExecutor
 from nexus.saga.faults import Faults
 from nexus.saga.outbox import NexusOutboxStore, Outbox
+from nexus.saga.store import SagaRow
 from nexus.sagas import ALL_SAGAS
 from nexus.settings import NexusSettings, redact_urls_in
 from schemas.outbox import OutboxRelay

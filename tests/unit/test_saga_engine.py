@@ -16,7 +16,8 @@ from nexus.db.models import Saga, UnclaimedEvent, WaitRendezvous
 from nexus.db.states import SagaLogEvent, SagaState, WaitState
 from nexus.saga.clock import ManualClock
 from nexus.saga.definition import Ctx, Node, Reconciled, SagaDefinition, sequence
-from nexus.saga.executor import LeaseLost
+from nexus.saga.errors import LeaseLost
+from nexus.saga.store import SagaRow
 from schemas.instance import InstanceState
 from tests.saga_support import (
     Database,
@@ -168,6 +169,11 @@ async def test_a_deadline_rearms_then_fails(database: Database) -> None:
     assert "deadline passed" in (saga.error or "")
 
 
+async def claim(replica: Replica, saga_id: uuid.UUID) -> SagaRow | None:
+    async with replica.executor.store.step(replica.clock.now()) as tx:
+        return await tx.claim(saga_id)
+
+
 async def test_a_replica_that_lost_its_lease_cannot_write(database: Database) -> None:
     clock = ManualClock()
     definition = wait_saga()
@@ -175,16 +181,16 @@ async def test_a_replica_that_lost_its_lease_cannot_write(database: Database) ->
     b = Replica(database, "b", clock=clock, definitions=[definition])
     instance_id, key = running_key()
     saga_id = await a.executor.start(definition, WaitParams(key=key), run=False)
-    claimed = await a.executor._claim(saga_id)
+    claimed = await claim(a, saga_id)
     assert claimed is not None
-    assert await b.executor._claim(saga_id) is None, "a live lease is not taken over"
+    assert await claim(b, saga_id) is None, "a live lease is not taken over"
 
     clock.advance(timedelta(seconds=16))
     await b.executor.sweep()
     assert (await database.saga(saga_id)).state == SagaState.WAITING
 
     with pytest.raises(LeaseLost):
-        await a.executor._run_claimed(claimed)
+        await a.executor.runner.run(claimed, saga_id)
     await b.deliver(instance_event(instance_id, InstanceState.RUNNING, 2))
     assert (await database.saga(saga_id)).state == SagaState.DONE
     replicas = {entry.replica_id for entry in await database.log(saga_id)}

@@ -1,0 +1,124 @@
+"""Deadlines: when a wait's deadline passes without its event, ask once, then decide.
+
+The node's reconcile query asks the agent for the object's current state (one request,
+outside any transaction: an agent may be slow). ``next_move`` turns the answer into a
+move: ``Resume`` with what the lost event would have said, ``Rearm`` the deadline
+(still on its way; a wait re-arms as often as its ``rearms`` allow), or ``Fail`` the
+node. This is the safety net under notifications, not a polling loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import BaseModel
+
+from nexus.db.states import SagaLogEvent
+from nexus.saga.definition import ActionFailed, Node, Reconciled, SagaDefinition, WakeUp
+from nexus.saga.errors import raise_unless_the_node_failed
+from nexus.saga.moves import DeadlineAnswer, Fail, Rearm, Resume, next_move
+from nexus.saga.parts import Parts
+from nexus.saga.runner import SagaRunner
+from nexus.saga.store import SagaRow
+
+log = logging.getLogger(__name__)
+
+
+class Deadlines:
+    def __init__(self, parts: Parts, runner: SagaRunner) -> None:
+        self._parts = parts
+        self._runner = runner
+
+    async def reconcile(self, row: SagaRow) -> SagaRow | None:
+        """Reconcile every expired wait of a claimed saga; the row to run on from, or
+        None when it parked again or failed a node (what else expired is the next
+        sweep's)."""
+        definition, params = self._parts.resolve(row)
+        now = self._parts.clock.now()
+        for node_name, wait in list(row.position.waiting.items()):
+            if wait.deadline >= now:
+                continue
+            node = definition.node(node_name)
+            answer = await self._ask(definition, params, row, node, list(wait.keys), wait.asked)
+            log.info(
+                "saga %s node %s deadline: reconcile says %s %s",
+                row.id,
+                node_name,
+                answer.outcome.value,
+                answer.reason,
+                extra={"saga_id": str(row.id)},
+            )
+            move = next_move((), row.position, DeadlineAnswer(node_name, answer, now))
+            match move:
+                case Resume():
+                    resumed = await self._resume(definition, params, row, move, answer)
+                    if resumed is None:
+                        return None
+                    row = resumed
+                case Rearm(node=name, reason=reason):
+                    row = await self._rearm(row, move, name, reason)
+                case Fail(node=name, error=error):
+                    return await self._runner.unwind.fail_node(row, name, ActionFailed(error))
+        return row
+
+    async def _resume(
+        self,
+        definition: SagaDefinition[Any],
+        params: BaseModel,
+        row: SagaRow,
+        move: Resume,
+        answer: Reconciled,
+    ) -> SagaRow | None:
+        assert answer.key is not None
+        try:
+            async with self._parts.store.step(self._parts.clock.now()) as tx:
+                fenced = await tx.fence(row)
+                await tx.force_ready(answer.key, answer.payload, answer.generation)
+                wake = WakeUp(
+                    key=answer.key,
+                    payload=answer.payload,
+                    generation=answer.generation,
+                    message_id=None,
+                    by_reconcile=True,
+                    occurred_at=tx.now,
+                )
+                return await self._runner.advance(
+                    tx, definition, params, fenced, move, limit=1, wake=wake
+                )
+        except Exception as error:
+            # A lost race: the next sweep finds the deadline still passed and asks again.
+            raise_unless_the_node_failed(error, move.node)
+            return await self._runner.unwind.fail_node(row, move.node, error)
+
+    async def _rearm(self, row: SagaRow, move: Rearm, node: str, reason: str) -> SagaRow:
+        wait = move.position.waiting[node]
+        async with self._parts.store.step(self._parts.clock.now()) as tx:
+            fenced = await tx.fence(row)
+            await tx.rearm(row.id, node, wait.deadline)
+            tx.log(
+                row.id,
+                node,
+                SagaLogEvent.WAITING,
+                tx.now,
+                {"keys": list(wait.keys), "deadline": wait.deadline.isoformat(), "rearmed": reason},
+            )
+            return tx.write(fenced.at(move.position))
+
+    async def _ask(
+        self,
+        definition: SagaDefinition[Any],
+        params: BaseModel,
+        row: SagaRow,
+        node: Node[Any],
+        keys: list[str],
+        attempt: int,
+    ) -> Reconciled:
+        if node.reconcile is None:
+            return Reconciled.fail("the node has no reconcile query")
+        async with self._parts.store.reading() as session:
+            ctx = self._parts.ctx(session, definition, params, row, node.name, attempt=attempt)
+            try:
+                return await node.reconcile(ctx, keys)
+            except Exception as error:  # an unreachable agent: give the wait another term
+                return Reconciled.rearm(f"reconcile query failed: {error!r}")

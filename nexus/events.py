@@ -13,7 +13,6 @@ itself, and an inbox insert would cost one statement more per event for nothing.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,6 +26,7 @@ from nexus.db.models import Dataset, Instance, Region, Sled
 from nexus.db.states import SledState
 from nexus.saga import rendezvous
 from nexus.saga.rendezvous import Woken
+from nexus.waitkeys import instance_key, region_key, rejection_key
 from schemas.common import CommandRejected
 from schemas.instance import InstanceStateChanged
 from schemas.messages import Message
@@ -35,18 +35,6 @@ from schemas.sled import AgentAnnounced, SledHeartbeat, SledRegistered
 
 log = logging.getLogger(__name__)
 CONSUMER = "nexus.events"
-
-
-def region_key(region_id: uuid.UUID, state: str) -> str:
-    return f"region:{region_id}:{state}"
-
-
-def instance_key(instance_id: uuid.UUID, state: str) -> str:
-    return f"instance:{instance_id}:{state}"
-
-
-def rejection_key(command_id: uuid.UUID) -> str:
-    return f"command:{command_id}:rejected"
 
 
 _regions = cast(Table, Region.__table__)
@@ -94,7 +82,7 @@ class EventIngest:
                 )
                 return await rendezvous.record_event(
                     session,
-                    key=region_key(region.id, region.state.value),
+                    key=region_key(region.id, region.state),
                     message_id=message.id,
                     payload=change.model_dump(mode="json"),
                     generation=region.generation,
@@ -123,7 +111,7 @@ class EventIngest:
                 )
                 return await rendezvous.record_event(
                     session,
-                    key=instance_key(instance.id, instance.state.value),
+                    key=instance_key(instance.id, instance.state),
                     message_id=message.id,
                     payload=change.model_dump(mode="json"),
                     generation=instance.generation,

@@ -32,8 +32,8 @@ from nexus.saga.definition import (
     WakeUp,
     sequence,
 )
-from nexus.sagas.disk_create import rejected_key
-from nexus.sagas.instance_create import announce_instance, ask_sled, outcome_generation, state_key
+from nexus.sagas.instance_create import announce_instance, ask_sled, outcome_generation
+from nexus.waitkeys import instance_key, rejection_key
 from schemas.base import Envelope
 from schemas.instance import InstanceReboot, InstanceRef, InstanceStart, InstanceStop
 from schemas.instance import InstanceState as WireInstanceState
@@ -91,9 +91,9 @@ def _definition(
             **ctx.envelope(),
         )
         await ctx.send(message, checked.queue)
-        keys = [state_key(ctx.params.instance_id, target), rejected_key(message.id)]
+        keys = [instance_key(ctx.params.instance_id, target), rejection_key(message.id)]
         if target is not WireInstanceState.FAILED:
-            keys.append(state_key(ctx.params.instance_id, WireInstanceState.FAILED))
+            keys.append(instance_key(ctx.params.instance_id, WireInstanceState.FAILED))
         return Wait(
             keys=tuple(keys),
             deadline=timedelta(seconds=ctx.params.deadline_seconds),

@@ -56,6 +56,7 @@ from schemas.region import (
 )
 from schemas.region import RegionState as WireRegionState
 
+# Regions per disk, each on its own sled.
 REPLICAS = 3
 disks = cast(Table, Disk.__table__)
 datasets = cast(Table, Dataset.__table__)

@@ -29,9 +29,10 @@ from nexus.saga.executor import SagaExecutor, SagaRow
 from nexus.saga.faults import Faults
 from nexus.saga.outbox import NexusOutboxStore, Outbox
 from nexus.sagas import ALL_SAGAS
-from nexus.settings import NexusSettings, redact_urls_in
+from nexus.settings import NexusSettings
 from schemas.outbox import OutboxRelay
 from schemas.progress import SagaProgress, SagaProgressed, SagaStep
+from schemas.redact import redact_urls_in
 from schemas.topology import NEXUS_API_QUEUE, NEXUS_EVENTS_QUEUE
 from schemas.transport import Delivery, Transport
 

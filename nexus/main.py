@@ -14,8 +14,9 @@ import typer
 from nexus.app import NexusApp
 from nexus.cli.console import errors_reported, say
 from nexus.db import migrate
-from nexus.settings import NexusSettings, redact_url
+from nexus.settings import NexusSettings
 from schemas import logs
+from schemas.redact import redact_url
 
 app = typer.Typer(
     name="nexus",

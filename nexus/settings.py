@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import socket
 from pathlib import Path
 from typing import Any, Literal
@@ -11,37 +10,16 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schemas.redact import redact_url
+
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
-_MASK = "***"
 _URL_FIELDS = frozenset({"database_url", "amqp_url"})
-_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
 
 
 def default_replica_id() -> str:
     """Unique among the replicas of one machine and readable in a saga timeline."""
     return f"{socket.gethostname()}-{os.getpid()}"
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password (if any) replaced by ``***``, safe to print or log.
-
-    Works on the raw text rather than a URL parser so that a password holding
-    characters it should have percent-encoded (``/``, ``#``, ``?``) is still hidden.
-    """
-    scheme, separator, rest = url.partition("://")
-    if not separator:
-        return _MASK if "@" in url else url
-    userinfo, at, hostinfo = rest.rpartition("@")
-    username, colon, _ = userinfo.partition(":")
-    if not at or not colon:
-        return url
-    return f"{scheme}://{username}:{_MASK}@{hostinfo}"
-
-
-def redact_urls_in(text: str) -> str:
-    """``text`` with every URL in it redacted, e.g. an error message quoting one."""
-    return _URL_IN_TEXT.sub(lambda match: redact_url(match.group(0)), text)
 
 
 class NexusSettings(BaseSettings):

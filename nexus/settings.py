@@ -39,12 +39,6 @@ class NexusSettings(BaseSettings):
     # Touched after every sweeper pass that reached the database while the broker
     # connection was up; `nexus health` (a container health check) reads its age.
     health_file: Path | None = None
-    # Modules whose DEFINITIONS this replica also runs (the benchmark's baselines).
-    extra_sagas: list[str] = Field(default_factory=list)
-    # The saga that `disk create` starts: another name only for the benchmark's baselines.
-    disk_create_saga: str = "disk_create"
-    # Fault injection for crash tests: SIGKILL this process inside the named saga node.
-    crash_in_node: str | None = None
     # How long a region may take before its saga asks the agent once (the reconcile
     # query); notifications, not this, resume the saga. Raise it when regions are slow.
     region_deadline_seconds: float = Field(default=300.0, gt=0)

@@ -81,8 +81,7 @@ class EventIngest:
 async def region_state_changed(
     session: AsyncSession, message: RegionStateChanged, now: datetime
 ) -> Woken | None:
-    change = message.payload
-    region = change.region
+    region = message.payload.region
     await session.execute(
         _REGION_UPDATE,
         {
@@ -92,22 +91,14 @@ async def region_state_changed(
             "b_port": region.port_number,
         },
     )
-    return await rendezvous.record_event(
-        session,
-        key=region_key(region.id, region.state),
-        message_id=message.id,
-        payload=change.model_dump(mode="json"),
-        generation=region.generation,
-        now=now,
-        occurred_at=message.occurred_at,
-    )
+    key = region_key(region.id, region.state)
+    return await _file_for_saga(session, message, key, region.generation, now)
 
 
 async def instance_state_changed(
     session: AsyncSession, message: InstanceStateChanged, now: datetime
 ) -> Woken | None:
-    change = message.payload
-    instance = change.instance
+    instance = message.payload.instance
     # Nexus's instance record follows the sled's by generation; sagas that own a
     # transition (start, stop, delete) also write it, and the higher generation wins.
     await session.execute(
@@ -123,12 +114,24 @@ async def instance_state_changed(
             updated_at=now,
         )
     )
+    key = instance_key(instance.id, instance.state)
+    return await _file_for_saga(session, message, key, instance.generation, now)
+
+
+async def _file_for_saga(
+    session: AsyncSession,
+    message: RegionStateChanged | InstanceStateChanged,
+    key: str,
+    generation: int,
+    now: datetime,
+) -> Woken | None:
+    """The rendezvous: wake the saga parked on ``key``, or keep the change until it parks."""
     return await rendezvous.record_event(
         session,
-        key=instance_key(instance.id, instance.state),
+        key=key,
         message_id=message.id,
-        payload=change.model_dump(mode="json"),
-        generation=instance.generation,
+        payload=message.payload.model_dump(mode="json"),
+        generation=generation,
         now=now,
         occurred_at=message.occurred_at,
     )

@@ -334,8 +334,9 @@ async def disk_finalize(ctx: Ctx[Params]) -> None:
 # when an undo cannot finish
 
 
-async def disk_fault(ctx: Ctx[Params]) -> None:
-    """Cleanup is impossible: the disk is faulted, for an operator, not left creating."""
+async def disk_fault(ctx: Ctx[Any]) -> None:
+    """Cleanup is impossible: the disk is faulted, for an operator, not left half made
+    or half deleted (``disk_delete`` ends the same way)."""
     await ctx.session.execute(
         update(Disk)
         .where(Disk.id == ctx.params.disk_id)

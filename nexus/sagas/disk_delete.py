@@ -33,7 +33,7 @@ from nexus.saga.definition import (
     parallel,
     sequence,
 )
-from nexus.sagas.disk_create import REPLICAS, announce_disk
+from nexus.sagas.disk_create import REPLICAS, announce_disk, disk_fault
 from nexus.waitkeys import is_rejection, region_key, rejection_key
 from schemas.common import Rejection
 from schemas.progress import DiskState as WireDiskState
@@ -192,14 +192,6 @@ async def disk_mark_deleted(ctx: Ctx[Params]) -> None:
             .values(free_bytes=Dataset.free_bytes + region.size_bytes)
         )
     await announce_disk(ctx, ctx.params.disk_id, marked.project, marked.name, WireDiskState.DELETED)
-
-
-async def disk_fault(ctx: Ctx[Params]) -> None:
-    await ctx.session.execute(
-        update(Disk)
-        .where(Disk.id == ctx.params.disk_id)
-        .values(state=DiskState.FAULTED, updated_at=ctx.now)
-    )
 
 
 async def disk_mark_deleting_undo(ctx: Ctx[Params]) -> None:

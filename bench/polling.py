@@ -11,8 +11,8 @@ agent again and again — with the same reconcile query, through the same broker
 
 Each poll is a deadline of the engine's wait whose reconcile re-arms it with the next
 interval, so the baselines run on the same executor; the wait's key is one no event
-ever fills, so notifications are ignored. Loaded only by the benchmark
-(``NEXUS_EXTRA_SAGAS=bench.polling``, ``NEXUS_DISK_CREATE_SAGA=...``).
+ever fills, so notifications are ignored. Run only by the benchmark's replica
+(``python -m bench.nexus_replica --disk-create-saga disk_create_backoff``).
 """
 
 from __future__ import annotations

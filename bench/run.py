@@ -268,6 +268,7 @@ async def stack(
     replicas: int,
     create_delay: str,
     seed: int,
+    disk_create_saga: str = "disk_create",
     nexus_env: dict[str, str] | None = None,
 ) -> AsyncIterator[Stack]:
     amqp_url = servers.vhost()
@@ -282,12 +283,13 @@ async def stack(
     )
     layout = plan(config)
     extra_nexus = {
-        "NEXUS_EXTRA_SAGAS": '["bench.polling"]',
         "NEXUS_LOG_LEVEL": "WARNING",
         "PYTHONPATH": str(REPO),
         **(nexus_env or {}),
     }
-    nexus = [ChildSpec(s.name, s.argv, {**s.env, **extra_nexus}, s.log_path) for s in layout.nexus]
+    # `nexus run` with the baselines among its sagas (bench/nexus_replica.py).
+    argv = (sys.executable, "-m", "bench.nexus_replica", "--disk-create-saga", disk_create_saga)
+    nexus = [ChildSpec(s.name, argv, {**s.env, **extra_nexus}, s.log_path) for s in layout.nexus]
     agents = [
         ChildSpec(
             s.name,
@@ -406,8 +408,8 @@ async def strategies_phase(servers: Servers, scale: Scale, seed: int) -> dict[st
             replicas=2,
             create_delay=scale.region_delay,
             seed=seed,
+            disk_create_saga=saga,
             nexus_env={
-                "NEXUS_DISK_CREATE_SAGA": saga,
                 # A poll is a deadline the sweeper notices: it must look often enough
                 # not to slow the baselines down (event-driven sagas never need it).
                 "NEXUS_SWEEP_SECONDS": "0.05" if saga != "disk_create" else "1.0",
@@ -642,7 +644,8 @@ async def polling_scale_phase(servers: Servers, scale: Scale, seed: int) -> dict
             replicas=2,
             create_delay="fixed:86400",
             seed=seed,
-            nexus_env={"NEXUS_DISK_CREATE_SAGA": saga, "NEXUS_SWEEP_SECONDS": "0.05"},
+            disk_create_saga=saga,
+            nexus_env={"NEXUS_SWEEP_SECONDS": "0.05"},
         ) as running:
             first_create = datetime.now(UTC)
             started = time.monotonic()

@@ -5,9 +5,10 @@ Start-up order matters: the state database is opened and unfinished work resumed
 wait in the outbox) but not the file work. Commands are consumed only once the relay
 runs and the start-up announcement is queued.
 
-Shutdown (SIGTERM or SIGINT): background work stops at a safe point (it resumes at the
-next start), the outbox gets a few seconds to drain, the connection closes (unacked
-commands go back to the queue), and the store closes once no handler is left using it.
+Shutdown (``stop`` set, by SIGTERM or SIGINT): background work stops at a safe point (it
+resumes at the next start), the outbox gets a few seconds to drain, the connection
+closes (unacked commands go back to the queue), and the store closes once no handler is
+left using it.
 
 Waits use ``asyncio.timeout`` rather than ``wait_for``: on Python 3.11 ``wait_for`` can
 swallow a cancellation that arrives as its inner wait completes.
@@ -19,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,13 +75,8 @@ async def build(settings: CrucibleSettings) -> Agent:
     return Agent(settings, store, transport, relay, service)
 
 
-async def run(settings: CrucibleSettings) -> None:
-    """Run until SIGTERM or SIGINT; raises if a part of the agent failed."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-
+async def run(settings: CrucibleSettings, stop: asyncio.Event) -> None:
+    """Run until ``stop`` is set; raises if a part of the agent failed."""
     agent = await build(settings)
     log.info(
         "crucible agent %s starting: %s, capacity %d bytes",

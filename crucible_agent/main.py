@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
-from rich.console import Console
 
 from crucible_agent import app as agent_app
 from crucible_agent.settings import CrucibleSettings
-from schemas import logs
-from schemas.health import Unhealthy, health_file_age
+from schemas.service import check_health, run_service, settings_from
 
 app = typer.Typer(
     help="A Crucible storage agent: creates and destroys regions (real files in its data "
@@ -23,7 +20,6 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-errors = Console(stderr=True)
 
 
 @app.callback()
@@ -104,17 +100,8 @@ def run(
         "announce_seconds": announce_seconds,
         "announce_coalesce_seconds": announce_coalesce_seconds,
     }
-    try:
-        settings = CrucibleSettings(
-            **{name: value for name, value in flags.items() if value is not None}
-        )
-    except ValidationError as error:
-        for problem in error.errors():
-            where = ".".join(str(part) for part in problem["loc"])
-            errors.print(f"[red]crucible-agent:[/red] {where}: {problem['msg']}")
-        raise typer.Exit(2) from None
-    logs.configure("crucible-agent", settings.log_level)
-    asyncio.run(agent_app.run(settings))
+    settings = settings_from("crucible-agent", CrucibleSettings, flags)
+    run_service("crucible-agent", settings.log_level, functools.partial(agent_app.run, settings))
 
 
 @app.command()
@@ -136,9 +123,6 @@ def health(
 
     `crucible-agent run` touches CRUCIBLE_HEALTH_FILE every few seconds while connected.
     """
-    try:
-        age = health_file_age(health_file, max_age, "CRUCIBLE_HEALTH_FILE")
-    except Unhealthy as error:
-        typer.echo(f"crucible-agent: unhealthy: {error}", err=True)
-        raise typer.Exit(1) from None
-    typer.echo(f"healthy: broker connection up {age:.1f}s ago")
+    check_health(
+        "crucible-agent", health_file, max_age, "CRUCIBLE_HEALTH_FILE", "broker connection up"
+    )

@@ -289,7 +289,7 @@ class Api:
         action_saga = (
             instance_delete.DEFINITION
             if body.action is api.InstanceAction.DELETE
-            else _POWER[body.action][0]
+            else instance_power.POWER[body.action].saga
         )
         async with self._sessions.begin() as session:
             if started := await self._started(session, request, action_saga, "instance_id"):
@@ -304,15 +304,16 @@ class Api:
                 if state is InstanceState.DELETING:
                     raise ApiProblem(api.ErrorCode.CONFLICT, f"{instance.name} is being deleted")
             else:
-                definition, already, allowed = _POWER[body.action]
-                if state in already:
+                power = instance_power.POWER[body.action]
+                definition = power.saga
+                if state in power.already:
                     # Nothing to do; the sled would not announce a change either.
                     return api.InstanceReply(
                         source=self.source,
                         payload=await instance_view(session, instance),
                         **request.caused(),
                     )
-                if state not in allowed:
+                if state not in power.allowed_from:
                     raise ApiProblem(
                         api.ErrorCode.CONFLICT,
                         f"instance {instance.name} is {state.value}; cannot {body.action.value}",
@@ -394,28 +395,6 @@ class Api:
             sagas = (await session.execute(query)).scalars().all()
             views = [await saga_view(session, saga, with_log=False) for saga in sagas]
             return api.SagaListReply(source=self.source, payload=tuple(views), **request.caused())
-
-
-_POWER: dict[
-    api.InstanceAction,
-    tuple[SagaDefinition[Any], frozenset[InstanceState], frozenset[InstanceState]],
-] = {
-    api.InstanceAction.START: (
-        instance_power.START,
-        frozenset({InstanceState.RUNNING, InstanceState.STARTING}),
-        frozenset({InstanceState.STOPPED, InstanceState.FAILED}),
-    ),
-    api.InstanceAction.STOP: (
-        instance_power.STOP,
-        frozenset({InstanceState.STOPPED, InstanceState.STOPPING}),
-        frozenset({InstanceState.RUNNING, InstanceState.STARTING, InstanceState.FAILED}),
-    ),
-    api.InstanceAction.REBOOT: (
-        instance_power.REBOOT,
-        frozenset({InstanceState.REBOOTING}),
-        frozenset({InstanceState.RUNNING}),
-    ),
-}
 
 
 async def instance_view(session: AsyncSession, instance: Instance) -> api.InstanceView:

@@ -1,17 +1,15 @@
 """The composition root of a Nexus replica: database, broker, executor, consumers, relay.
 
 ``NexusApp`` builds the real adapters from settings and nothing connects before
-``start()``. Tests build the same app with their own clock, definitions and faults.
+``start()``. Tests and the benchmark build the same app with their own clock, saga
+definitions, saga for ``disk create`` and faults: hooks that no setting reaches.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
-import os
-import signal
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
@@ -29,30 +27,15 @@ from nexus.saga.executor import SagaExecutor
 from nexus.saga.faults import Faults
 from nexus.saga.outbox import NexusOutboxStore, Outbox
 from nexus.saga.store import SagaRow
-from nexus.sagas import ALL_SAGAS
-from nexus.settings import NexusSettings, redact_urls_in
+from nexus.sagas import ALL_SAGAS, disk_create
+from nexus.settings import NexusSettings
 from schemas.outbox import OutboxRelay
 from schemas.progress import SagaProgress, SagaProgressed, SagaStep
+from schemas.redact import redact_urls_in
 from schemas.topology import NEXUS_API_QUEUE, NEXUS_EVENTS_QUEUE
 from schemas.transport import Delivery, Transport
 
 log = logging.getLogger(__name__)
-
-
-def _extra_definitions(modules: Sequence[str]) -> list[SagaDefinition[Any]]:
-    definitions: list[SagaDefinition[Any]] = []
-    for name in modules:
-        definitions += importlib.import_module(name).DEFINITIONS
-    return definitions
-
-
-def _crash_in_node(node: str | None) -> Faults:
-    def crash(saga: str, name: str) -> None:
-        if name == node:
-            log.warning("fault injection: SIGKILL inside node %s", name)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return Faults(before_action=crash if node is not None else None)
 
 
 class NexusApp:
@@ -62,12 +45,14 @@ class NexusApp:
         *,
         clock: Clock | None = None,
         definitions: Sequence[SagaDefinition[Any]] = ALL_SAGAS,
+        disk_create_saga: SagaDefinition[Any] = disk_create.DEFINITION,
         faults: Faults | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
-        self._definitions = [*definitions, *_extra_definitions(settings.extra_sagas)]
-        self._faults = faults or _crash_in_node(settings.crash_in_node)
+        self._definitions = definitions
+        self._disk_create_saga = disk_create_saga
+        self._faults = faults
         self._tasks: list[asyncio.Task[None]] = []
         self._progress_tasks: set[asyncio.Task[None]] = set()
         self.engine: AsyncEngine | None = None
@@ -110,7 +95,7 @@ class NexusApp:
         if background:
             self._tasks.append(asyncio.create_task(self._sweeper(), name="sweeper"))
         self.api = Api(
-            disk_create_saga=self._definition_named(settings.disk_create_saga),
+            disk_create_saga=self._disk_create_saga,
             sessions=self.sessions,
             executor=self.executor,
             transport=self.transport,
@@ -128,12 +113,6 @@ class NexusApp:
             settings.replica_id,
             redact_urls_in(settings.database_url),
         )
-
-    def _definition_named(self, name: str) -> SagaDefinition[Any]:
-        for definition in self._definitions:
-            if definition.name == name:
-                return definition
-        raise ValueError(f"no saga named {name!r} (NEXUS_DISK_CREATE_SAGA)")
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from nexus.db.models import Dataset, Disk, Instance, Region, Saga, Sled
 from nexus.db.states import DiskState, InstanceState, SagaState
+from nexus.sagas.disk_create import REPLICAS
 from schemas import api
 from schemas.instance import InstanceGet, InstanceInfo, InstanceRef
 from schemas.instance import InstanceState as WireInstanceState
@@ -102,12 +103,12 @@ async def run_doctor(
         if disk.state not in READY_DISK:
             continue
         own = [r for r in regions if r.disk_id == disk.id]
-        if len(own) < 3:
+        if len(own) < REPLICAS:
             findings.append(
                 api.DoctorFinding(
                     kind="disk_missing_region",
                     object_id=str(disk.id),
-                    detail=f"disk {disk.name} has {len(own)} regions, not 3",
+                    detail=f"disk {disk.name} has {len(own)} regions, not {REPLICAS}",
                 )
             )
         for region in own:

@@ -13,11 +13,10 @@ itself, and an inbox insert would cost one statement more per event for nothing.
 from __future__ import annotations
 
 import logging
-import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -27,6 +26,8 @@ from nexus.db.models import Dataset, Instance, Region, Sled
 from nexus.db.states import SledState
 from nexus.saga import rendezvous
 from nexus.saga.rendezvous import Woken
+from nexus.waitkeys import instance_key, region_key, rejection_key
+from schemas.base import Envelope
 from schemas.common import CommandRejected
 from schemas.instance import InstanceStateChanged
 from schemas.messages import Message
@@ -34,20 +35,6 @@ from schemas.region import RegionStateChanged
 from schemas.sled import AgentAnnounced, SledHeartbeat, SledRegistered
 
 log = logging.getLogger(__name__)
-CONSUMER = "nexus.events"
-
-
-def region_key(region_id: uuid.UUID, state: str) -> str:
-    return f"region:{region_id}:{state}"
-
-
-def instance_key(instance_id: uuid.UUID, state: str) -> str:
-    return f"instance:{instance_id}:{state}"
-
-
-def rejection_key(command_id: uuid.UUID) -> str:
-    return f"command:{command_id}:rejected"
-
 
 _regions = cast(Table, Region.__table__)
 # Built once: it runs for every region event.
@@ -75,127 +62,164 @@ class EventIngest:
         self._clock = clock
 
     async def ingest(self, message: Message) -> Ingested:
+        handler = HANDLERS.get(type(message))
+        if handler is None:
+            log.warning(
+                "nexus.events got a %s; ignored",
+                message.TYPE,
+                extra={"message_id": str(message.id)},
+            )
+            return Ingested(woken=None)
         now = self._clock()
         async with self._sessions.begin() as session:
-            return Ingested(woken=await self._apply(session, message, now))
+            return Ingested(woken=await handler(session, message, now))
 
-    async def _apply(self, session: AsyncSession, message: Message, now: datetime) -> Woken | None:
-        match message:
-            case RegionStateChanged(payload=change):
-                region = change.region
-                await session.execute(
-                    _REGION_UPDATE,
-                    {
-                        "b_id": region.id,
-                        "b_state": region.state.value,
-                        "b_generation": region.generation,
-                        "b_port": region.port_number,
-                    },
-                )
-                return await rendezvous.record_event(
-                    session,
-                    key=region_key(region.id, region.state.value),
-                    message_id=message.id,
-                    payload=change.model_dump(mode="json"),
-                    generation=region.generation,
-                    now=now,
-                    occurred_at=message.occurred_at,
-                )
-            case InstanceStateChanged(payload=change):
-                instance = change.instance
-                # Nexus's instance record follows the sled's by generation; sagas that
-                # own a transition (start, stop, delete) also write it, and the higher
-                # generation wins.
-                await session.execute(
-                    update(Instance)
-                    .where(
-                        Instance.id == instance.id,
-                        Instance.generation < instance.generation,
-                        Instance.state.not_in(["deleting", "deleted"]),
-                    )
-                    .values(
-                        state=instance.state.value
-                        if instance.state.value != "destroyed"
-                        else "stopped",
-                        generation=instance.generation,
-                        updated_at=now,
-                    )
-                )
-                return await rendezvous.record_event(
-                    session,
-                    key=instance_key(instance.id, instance.state.value),
-                    message_id=message.id,
-                    payload=change.model_dump(mode="json"),
-                    generation=instance.generation,
-                    now=now,
-                    occurred_at=message.occurred_at,
-                )
-            case CommandRejected(payload=rejection):
-                return await rendezvous.record_event(
-                    session,
-                    key=rejection_key(rejection.command_id),
-                    message_id=message.id,
-                    payload=rejection.model_dump(mode="json"),
-                    generation=1,
-                    now=now,
-                )
-            case SledRegistered(payload=info):
-                statement = upsert_insert(session, Sled.__table__).values(
-                    id=info.sled_id,
-                    hostname=info.hostname,
-                    queue_name=info.queue,
-                    cpus=info.cpus,
-                    memory_bytes=info.memory_bytes,
-                    state=SledState.ACTIVE.value,
-                    last_heartbeat_at=now,
-                    generation=1,
-                )
-                await session.execute(
-                    statement.on_conflict_do_update(
-                        index_elements=["id"],
-                        set_={
-                            "hostname": info.hostname,
-                            "queue_name": info.queue,
-                            "cpus": info.cpus,
-                            "memory_bytes": info.memory_bytes,
-                            "state": SledState.ACTIVE.value,
-                            "last_heartbeat_at": now,
-                        },
-                    )
-                )
-            case SledHeartbeat(payload=beat):
-                await session.execute(
-                    update(Sled)
-                    .where(Sled.id == beat.sled_id)
-                    .values(last_heartbeat_at=now, state=SledState.ACTIVE.value)
-                )
-            case AgentAnnounced(payload=agent):
-                statement = upsert_insert(session, Dataset.__table__).values(
-                    id=agent.agent_id,
-                    sled_id=agent.sled_id,
-                    queue_name=agent.queue,
-                    capacity_bytes=agent.capacity_bytes,
-                    free_bytes=agent.free_bytes,
-                    last_seen_at=now,
-                )
-                await session.execute(
-                    statement.on_conflict_do_update(
-                        index_elements=["id"],
-                        # Free space is Nexus's own account once it knows the dataset:
-                        # it reserves space when it places a region, before the agent
-                        # hears of it, so the agent's figure would undo reservations.
-                        set_={
-                            "sled_id": agent.sled_id,
-                            "queue_name": agent.queue,
-                            "capacity_bytes": agent.capacity_bytes,
-                            "last_seen_at": now,
-                        },
-                    )
-                )
-            case _:
-                log.warning(
-                    "nexus.events got a %s; ignored",
-                    message.TYPE,
-                    extra={"message_id": str(message.id)},
-                )
-        return None
+
+# One handler per event type, each inside the event's transaction; the table at the end.
+
+
+async def region_state_changed(
+    session: AsyncSession, message: RegionStateChanged, now: datetime
+) -> Woken | None:
+    region = message.payload.region
+    await session.execute(
+        _REGION_UPDATE,
+        {
+            "b_id": region.id,
+            "b_state": region.state.value,
+            "b_generation": region.generation,
+            "b_port": region.port_number,
+        },
+    )
+    key = region_key(region.id, region.state)
+    return await _file_for_saga(session, message, key, region.generation, now)
+
+
+async def instance_state_changed(
+    session: AsyncSession, message: InstanceStateChanged, now: datetime
+) -> Woken | None:
+    instance = message.payload.instance
+    # Nexus's instance record follows the sled's by generation; sagas that own a
+    # transition (start, stop, delete) also write it, and the higher generation wins.
+    await session.execute(
+        update(Instance)
+        .where(
+            Instance.id == instance.id,
+            Instance.generation < instance.generation,
+            Instance.state.not_in(["deleting", "deleted"]),
+        )
+        .values(
+            state=instance.state.value if instance.state.value != "destroyed" else "stopped",
+            generation=instance.generation,
+            updated_at=now,
+        )
+    )
+    key = instance_key(instance.id, instance.state)
+    return await _file_for_saga(session, message, key, instance.generation, now)
+
+
+async def _file_for_saga(
+    session: AsyncSession,
+    message: RegionStateChanged | InstanceStateChanged,
+    key: str,
+    generation: int,
+    now: datetime,
+) -> Woken | None:
+    """The rendezvous: wake the saga parked on ``key``, or keep the change until it parks."""
+    return await rendezvous.record_event(
+        session,
+        key=key,
+        message_id=message.id,
+        payload=message.payload.model_dump(mode="json"),
+        generation=generation,
+        now=now,
+        occurred_at=message.occurred_at,
+    )
+
+
+async def command_rejected(
+    session: AsyncSession, message: CommandRejected, now: datetime
+) -> Woken | None:
+    rejection = message.payload
+    return await rendezvous.record_event(
+        session,
+        key=rejection_key(rejection.command_id),
+        message_id=message.id,
+        payload=rejection.model_dump(mode="json"),
+        generation=1,
+        now=now,
+    )
+
+
+async def sled_registered(session: AsyncSession, message: SledRegistered, now: datetime) -> None:
+    info = message.payload
+    statement = upsert_insert(session, Sled.__table__).values(
+        id=info.sled_id,
+        hostname=info.hostname,
+        queue_name=info.queue,
+        cpus=info.cpus,
+        memory_bytes=info.memory_bytes,
+        state=SledState.ACTIVE.value,
+        last_heartbeat_at=now,
+        generation=1,
+    )
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["id"],
+            set_={
+                "hostname": info.hostname,
+                "queue_name": info.queue,
+                "cpus": info.cpus,
+                "memory_bytes": info.memory_bytes,
+                "state": SledState.ACTIVE.value,
+                "last_heartbeat_at": now,
+            },
+        )
+    )
+
+
+async def sled_heartbeat(session: AsyncSession, message: SledHeartbeat, now: datetime) -> None:
+    await session.execute(
+        update(Sled)
+        .where(Sled.id == message.payload.sled_id)
+        .values(last_heartbeat_at=now, state=SledState.ACTIVE.value)
+    )
+
+
+async def agent_announced(session: AsyncSession, message: AgentAnnounced, now: datetime) -> None:
+    agent = message.payload
+    statement = upsert_insert(session, Dataset.__table__).values(
+        id=agent.agent_id,
+        sled_id=agent.sled_id,
+        queue_name=agent.queue,
+        capacity_bytes=agent.capacity_bytes,
+        free_bytes=agent.free_bytes,
+        last_seen_at=now,
+    )
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["id"],
+            # Free space is Nexus's own account once it knows the dataset: it reserves
+            # space when it places a region, before the agent hears of it, so the
+            # agent's figure would undo reservations.
+            set_={
+                "sled_id": agent.sled_id,
+                "queue_name": agent.queue,
+                "capacity_bytes": agent.capacity_bytes,
+                "last_seen_at": now,
+            },
+        )
+    )
+
+
+# Returns the saga the event made runnable, if any.
+Handler = Callable[[AsyncSession, Any, datetime], Awaitable[Woken | None]]
+
+HANDLERS: dict[type[Envelope], Handler] = {
+    RegionStateChanged: region_state_changed,
+    InstanceStateChanged: instance_state_changed,
+    CommandRejected: command_rejected,
+    SledRegistered: sled_registered,
+    SledHeartbeat: sled_heartbeat,
+    AgentAnnounced: agent_announced,
+}

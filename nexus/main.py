@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
-import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from nexus.app import NexusApp
-from nexus.cli.console import errors_reported, say
 from nexus.db import migrate
-from nexus.settings import NexusSettings, redact_url
-from schemas import logs
+from nexus.settings import NexusSettings
+from schemas.redact import redact_url
+from schemas.service import check_health, run_service, serve, settings_from
 
 app = typer.Typer(
     name="nexus",
@@ -51,31 +49,33 @@ def run(
     ] = False,
 ) -> None:
     """Run until SIGTERM or SIGINT; then stop consuming, finish the step at hand, exit."""
-    overrides = {
-        key: value
-        for key, value in {
-            "replica_id": replica_id,
-            "database_url": database_url,
-            "amqp_url": amqp_url,
-        }.items()
-        if value is not None
-    }
-    with errors_reported("settings"):
-        settings = NexusSettings(**overrides)  # type: ignore[arg-type]
-    logs.configure("nexus", settings.log_level)
-    with errors_reported("database"):
+    flags = {"replica_id": replica_id, "database_url": database_url, "amqp_url": amqp_url}
+    settings = settings_from("nexus", NexusSettings, flags)
+    run_replica(NexusApp(settings), migrate_first=migrate_first)
+
+
+def run_replica(nexus: NexusApp, *, migrate_first: bool = False) -> None:
+    """Serve ``nexus`` as ``nexus run`` does, until SIGTERM or SIGINT.
+
+    The benchmark's replica and the crash tests' run this too, with the definitions and
+    faults they built their ``NexusApp`` with.
+    """
+    settings = nexus.settings
+
+    async def replica(stop: asyncio.Event) -> None:
         if migrate_first:
-            migrate.upgrade(settings.database_url)
-        at = migrate.current(settings.database_url)
+            await migrate.upgrade_async(settings.database_url)
+        at = await migrate.current_async(settings.database_url)
         head = migrate.head_revision()
         if at != head:
             raise RuntimeError(
                 f"{redact_url(settings.database_url)} is at revision {at}, not {head}: "
                 "run `nexusctl db upgrade` (or `nexus run --migrate`)"
             )
-    with errors_reported("nexus"):
-        asyncio.run(_serve(settings))
-    say(f"nexus replica {settings.replica_id} stopped")
+        await serve(nexus, stop)
+
+    run_service("nexus", settings.log_level, replica)
+    log.info("nexus replica %s stopped", settings.replica_id)
 
 
 @app.command()
@@ -83,33 +83,17 @@ def health(
     max_age: Annotated[
         float, typer.Option(help="Seconds since the last good sweeper pass, at most.")
     ] = 15.0,
+    health_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="NEXUS_HEALTH_FILE",
+            help="The file `nexus run` touches after every good sweeper pass.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Exit 0 if this host's replica reached its database and broker recently (a health check).
 
-    Reads NEXUS_HEALTH_FILE, which `nexus run` touches after every sweeper pass.
+    `nexus run` touches NEXUS_HEALTH_FILE after every sweeper pass that reached both.
     """
-    with errors_reported("health"):
-        settings = NexusSettings()
-        if settings.health_file is None:
-            raise RuntimeError("NEXUS_HEALTH_FILE is not set")
-        if not settings.health_file.exists():
-            raise RuntimeError(f"{settings.health_file} does not exist: not up yet")
-        age = time.time() - settings.health_file.stat().st_mtime
-        if age > max_age:
-            raise RuntimeError(f"last good pass {age:.0f}s ago (more than {max_age:g}s)")
-    say(f"healthy: last good pass {age:.1f}s ago")
-
-
-async def _serve(settings: NexusSettings) -> None:
-    nexus = NexusApp(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await nexus.start()
-    try:
-        await stop.wait()
-        log.info("stopping on signal")
-    finally:
-        with contextlib.suppress(Exception):
-            await nexus.stop()
+    check_health("nexus", health_file, max_age, "NEXUS_HEALTH_FILE", "last good pass")

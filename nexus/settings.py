@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import socket
 from pathlib import Path
 from typing import Any, Literal
@@ -11,37 +10,16 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schemas.redact import redact_url
+
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
-_MASK = "***"
 _URL_FIELDS = frozenset({"database_url", "amqp_url"})
-_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
 
 
 def default_replica_id() -> str:
     """Unique among the replicas of one machine and readable in a saga timeline."""
     return f"{socket.gethostname()}-{os.getpid()}"
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password (if any) replaced by ``***``, safe to print or log.
-
-    Works on the raw text rather than a URL parser so that a password holding
-    characters it should have percent-encoded (``/``, ``#``, ``?``) is still hidden.
-    """
-    scheme, separator, rest = url.partition("://")
-    if not separator:
-        return _MASK if "@" in url else url
-    userinfo, at, hostinfo = rest.rpartition("@")
-    username, colon, _ = userinfo.partition(":")
-    if not at or not colon:
-        return url
-    return f"{scheme}://{username}:{_MASK}@{hostinfo}"
-
-
-def redact_urls_in(text: str) -> str:
-    """``text`` with every URL in it redacted, e.g. an error message quoting one."""
-    return _URL_IN_TEXT.sub(lambda match: redact_url(match.group(0)), text)
 
 
 class NexusSettings(BaseSettings):
@@ -61,12 +39,6 @@ class NexusSettings(BaseSettings):
     # Touched after every sweeper pass that reached the database while the broker
     # connection was up; `nexus health` (a container health check) reads its age.
     health_file: Path | None = None
-    # Modules whose DEFINITIONS this replica also runs (the benchmark's baselines).
-    extra_sagas: list[str] = Field(default_factory=list)
-    # The saga that `disk create` starts: another name only for the benchmark's baselines.
-    disk_create_saga: str = "disk_create"
-    # Fault injection for crash tests: SIGKILL this process inside the named saga node.
-    crash_in_node: str | None = None
     # How long a region may take before its saga asks the agent once (the reconcile
     # query); notifications, not this, resume the saga. Raise it when regions are slow.
     region_deadline_seconds: float = Field(default=300.0, gt=0)

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import signal
+import functools
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
-from rich.console import Console
 
-from schemas.health import Unhealthy, health_file_age
-from schemas.logs import configure
+from schemas.service import check_health, run_service, settings_from
 from sled_agent.app import serve
 from sled_agent.settings import LogLevel, SledSettings
 
@@ -24,8 +19,6 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-errors = Console(stderr=True)
-log = logging.getLogger("sled_agent")
 
 
 @app.callback()
@@ -64,44 +57,23 @@ def run(
     --sled-id and --data-dir are required, as options or from the environment.
     """
     flags: dict[str, Any] = {
-        name: value
-        for name, value in {
-            "sled_id": sled_id,
-            "data_dir": data_dir,
-            "hostname": hostname,
-            "cpus": cpus,
-            "memory_bytes": memory_bytes,
-            "amqp_url": amqp_url,
-            "heartbeat_seconds": heartbeat_seconds,
-            "create_seconds": create_seconds,
-            "boot_seconds": boot_seconds,
-            "stop_seconds": stop_seconds,
-            "reboot_seconds": reboot_seconds,
-            "crash_rate_per_hour": crash_rate_per_hour,
-            "seed": seed,
-            "log_level": log_level,
-        }.items()
-        if value is not None
+        "sled_id": sled_id,
+        "data_dir": data_dir,
+        "hostname": hostname,
+        "cpus": cpus,
+        "memory_bytes": memory_bytes,
+        "amqp_url": amqp_url,
+        "heartbeat_seconds": heartbeat_seconds,
+        "create_seconds": create_seconds,
+        "boot_seconds": boot_seconds,
+        "stop_seconds": stop_seconds,
+        "reboot_seconds": reboot_seconds,
+        "crash_rate_per_hour": crash_rate_per_hour,
+        "seed": seed,
+        "log_level": log_level,
     }
-    try:
-        settings = SledSettings(**flags)
-    except ValidationError as error:
-        errors.print(f"[red]invalid settings:[/red] {error}")
-        raise typer.Exit(2) from None
-    configure("sled-agent", settings.log_level)
-    try:
-        asyncio.run(_serve_until_signalled(settings))
-    except Exception:
-        log.exception("sled agent failed")
-        raise typer.Exit(1) from None
-
-
-async def _serve_until_signalled(settings: SledSettings) -> None:
-    shutdown = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, shutdown.set)
-    await serve(settings, shutdown)
+    settings = settings_from("sled-agent", SledSettings, flags)
+    run_service("sled-agent", settings.log_level, functools.partial(serve, settings))
 
 
 @app.command()
@@ -123,9 +95,4 @@ def health(
 
     `sled-agent run` touches SLED_HEALTH_FILE every few seconds while connected.
     """
-    try:
-        age = health_file_age(health_file, max_age, "SLED_HEALTH_FILE")
-    except Unhealthy as error:
-        typer.echo(f"sled-agent: unhealthy: {error}", err=True)
-        raise typer.Exit(1) from None
-    typer.echo(f"healthy: broker connection up {age:.1f}s ago")
+    check_health("sled-agent", health_file, max_age, "SLED_HEALTH_FILE", "broker connection up")

@@ -21,6 +21,7 @@ from schemas.topology import NEXUS_API_QUEUE
 from schemas.transport import Transport
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -85,8 +86,16 @@ class Service:
 
 
 def nexus(
-    replica_id: str, *, database_url: str, amqp_url: str, workdir: Path, **settings: str
+    replica_id: str,
+    *,
+    database_url: str,
+    amqp_url: str,
+    workdir: Path,
+    crash_in_node: str | None = None,
+    **settings: str,
 ) -> Service:
+    """A Nexus replica; with ``crash_in_node``, one that SIGKILLs itself in that node."""
+    argv = [str(BIN / "nexus"), "run"]
     env = {
         "NEXUS_REPLICA_ID": replica_id,
         "NEXUS_DATABASE_URL": database_url,
@@ -94,9 +103,13 @@ def nexus(
         "NEXUS_LOG_LEVEL": "INFO",
     }
     env |= {f"NEXUS_{key.upper()}": value for key, value in settings.items()}
+    if crash_in_node is not None:
+        argv = [sys.executable, "-m", "tests.crashing_nexus", "--crash-in-node", crash_in_node]
+        # The tests of this checkout, whichever one the venv was installed from.
+        env["PYTHONPATH"] = str(REPO)
     return Service(
         name=f"nexus {replica_id}",
-        argv=[str(BIN / "nexus"), "run"],
+        argv=argv,
         env=env,
         log_path=workdir / f"nexus-{replica_id}.log",
     )

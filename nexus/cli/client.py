@@ -7,9 +7,9 @@ import socket
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
-from nexus.settings import redact_url, redact_urls_in
 from schemas import api
 from schemas.base import Envelope
+from schemas.redact import describe, redact_url
 from schemas.topology import NEXUS_API_QUEUE
 from schemas.transport import Handler, PublishFailed, RequestTimedOut, Transport
 
@@ -52,7 +52,7 @@ class NexusClient:
             await self._transport.connect(timeout=self.timeout)
         except Exception as error:
             raise Unreachable(
-                f"cannot reach RabbitMQ at {redact_url(self._amqp_url)} ({_first_line(error)}); "
+                f"cannot reach RabbitMQ at {redact_url(self._amqp_url)} ({describe(error)}); "
                 "is the stack running (nexusctl dev run-all) and NEXUS_AMQP_URL right?"
             ) from error
         return self
@@ -85,7 +85,7 @@ class NexusClient:
             ) from error
         except PublishFailed as error:
             # The broker returns a request nobody has declared the API queue for.
-            reason = _first_line(error.__cause__ or error)
+            reason = describe(error.__cause__ or error)
             raise Unreachable(
                 f"could not send {request.TYPE} to Nexus ({reason}); "
                 "has a Nexus replica ever connected to this broker?"
@@ -107,8 +107,3 @@ class NexusClient:
                 "cannot watch progress events: no Nexus has set up this broker yet "
                 f"({type(error).__name__})"
             ) from error
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return redact_urls_in(f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__)

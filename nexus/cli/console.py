@@ -8,10 +8,9 @@ from contextlib import contextmanager
 from typing import NoReturn
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console, RenderableType
 
-from nexus.settings import redact_urls_in
+from schemas.redact import describe
 
 stdout = Console()
 stderr = Console(stderr=True)
@@ -41,21 +40,6 @@ def errors_reported(subject: str | None = None) -> Iterator[None]:
         raise
     except Exception as error:
         fail(f"{subject}: {describe(error)}" if subject else describe(error))
-
-
-def describe(error: BaseException) -> str:
-    """The exception as one line, without any password a URL in it carried."""
-    if isinstance(error, ValidationError):
-        # Its first line only says how many errors; the fields are what matters.
-        problems = "; ".join(
-            f"{'.'.join(map(str, problem['loc']))}: {problem['msg']}" for problem in error.errors()
-        )
-        summary = f"invalid {error.title}: {problems}"
-    else:
-        # Later lines are SQL text, documentation links and the like.
-        lines = str(error).strip().splitlines()
-        summary = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-    return redact_urls_in(summary)
 
 
 def show(renderable: RenderableType) -> None:

@@ -8,7 +8,8 @@ import typer
 
 from nexus.cli.console import errors_reported, say
 from nexus.db import migrate
-from nexus.settings import NexusSettings, redact_url
+from nexus.settings import NexusSettings
+from schemas.redact import redact_url
 
 app = typer.Typer(
     help="Migrate Nexus's database schema and see where it stands.", no_args_is_help=True

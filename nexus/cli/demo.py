@@ -16,6 +16,7 @@ from nexus.cli.console import say, show
 from nexus.cli.progress import ProgressWatch, Target
 from nexus.cli.saga import render_saga
 from nexus.cli.timeline import wakes
+from nexus.sagas.disk_create import REPLICAS
 from schemas import api
 
 PROJECT = "demo"
@@ -29,7 +30,10 @@ async def run_demo(client: NexusClient, disks: int = 4) -> bool:
     await client.subscribe(watch.handle)
 
     names = [f"demo-disk-{n}" for n in range(1, disks + 1)]
-    say(f"\n== creating {disks} disks of 1 GiB at once (3 regions each, on 3 sleds)")
+    say(
+        f"\n== creating {disks} disks of 1 GiB at once "
+        f"({REPLICAS} regions each, on {REPLICAS} sleds)"
+    )
     targets = []
     for name in names:
         request = api.DiskCreate(

@@ -37,8 +37,8 @@ from nexus.devstack.stack import (
     with_users,
 )
 from nexus.devstack.supervisor import ChildSpec, Supervisor
-from nexus.settings import redact_url
 from schemas.identity import CLI_USER, NEXUS_USER
+from schemas.redact import redact_url
 from schemas.transport import Transport
 
 app = typer.Typer(help="Run the control plane locally for development.", no_args_is_help=True)

@@ -33,7 +33,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from nexus.settings import redact_url
+from schemas.redact import redact_url
 
 STARTUP_TIMEOUT = 60.0
 _T = TypeVar("_T")

@@ -41,6 +41,7 @@ from nexus.saga.definition import (
     parallel,
     sequence,
 )
+from nexus.waitkeys import is_rejection, region_key, rejection_key
 from schemas.common import Rejection
 from schemas.progress import DiskProgress, DiskUpdated
 from schemas.progress import DiskState as WireDiskState
@@ -55,6 +56,7 @@ from schemas.region import (
 )
 from schemas.region import RegionState as WireRegionState
 
+# Regions per disk, each on its own sled.
 REPLICAS = 3
 disks = cast(Table, Disk.__table__)
 datasets = cast(Table, Dataset.__table__)
@@ -253,18 +255,6 @@ def _placement(ctx: Ctx[Params]) -> Placement:
     return ctx.output("regions_place", Placed).regions[index]
 
 
-def created_key(region_id: uuid.UUID) -> str:
-    return f"region:{region_id}:{WireRegionState.CREATED.value}"
-
-
-def failed_key(region_id: uuid.UUID) -> str:
-    return f"region:{region_id}:{WireRegionState.FAILED.value}"
-
-
-def rejected_key(command_id: uuid.UUID) -> str:
-    return f"command:{command_id}:rejected"
-
-
 async def region_ensure(ctx: Ctx[Params]) -> Wait:
     placed = ctx.output("regions_place", Placed)
     placement = _placement(ctx)
@@ -279,16 +269,16 @@ async def region_ensure(ctx: Ctx[Params]) -> Wait:
     await ctx.send(command, placement.queue)
     return Wait(
         keys=(
-            created_key(placement.region_id),
-            failed_key(placement.region_id),
-            rejected_key(command.id),
+            region_key(placement.region_id, WireRegionState.CREATED),
+            region_key(placement.region_id, WireRegionState.FAILED),
+            rejection_key(command.id),
         ),
         deadline=timedelta(seconds=ctx.params.region_deadline_seconds),
     )
 
 
 async def region_ensure_resume(ctx: Ctx[Params], wake: WakeUp) -> Ensured:
-    if wake.key.startswith("command:"):
+    if is_rejection(wake.key):
         rejection = Rejection.model_validate(wake.payload)
         raise ActionFailed(f"region ensure refused ({rejection.code}): {rejection.message}")
     change = RegionChange.model_validate(wake.payload)
@@ -313,7 +303,7 @@ async def region_ensure_reconcile(ctx: Ctx[Params], keys: Any) -> Reconciled:
     region = reply.payload.region
     change = RegionChange(agent_id=reply.payload.agent_id, region=region).model_dump(mode="json")
     if region.state is WireRegionState.CREATED:
-        return Reconciled.resume(created_key(region.id), change, region.generation)
+        return Reconciled.resume(region_key(region.id, region.state), change, region.generation)
     if region.state is WireRegionState.REQUESTED:
         return Reconciled.rearm(f"region {region.id} is still being created")
     return Reconciled.fail(f"region {region.id} is {region.state.value}")
@@ -344,8 +334,9 @@ async def disk_finalize(ctx: Ctx[Params]) -> None:
 # when an undo cannot finish
 
 
-async def disk_fault(ctx: Ctx[Params]) -> None:
-    """Cleanup is impossible: the disk is faulted, for an operator, not left creating."""
+async def disk_fault(ctx: Ctx[Any]) -> None:
+    """Cleanup is impossible: the disk is faulted, for an operator, not left half made
+    or half deleted (``disk_delete`` ends the same way)."""
     await ctx.session.execute(
         update(Disk)
         .where(Disk.id == ctx.params.disk_id)

@@ -33,7 +33,8 @@ from nexus.saga.definition import (
     parallel,
     sequence,
 )
-from nexus.sagas.disk_create import REPLICAS, announce_disk, rejected_key
+from nexus.sagas.disk_create import REPLICAS, announce_disk, disk_fault
+from nexus.waitkeys import is_rejection, region_key, rejection_key
 from schemas.common import Rejection
 from schemas.progress import DiskState as WireDiskState
 from schemas.region import RegionChange, RegionDelete, RegionGet, RegionInfo, RegionRef
@@ -100,10 +101,6 @@ def _region(ctx: Ctx[Params]) -> DiskRegion | None:
     return regions[index] if index < len(regions) else None
 
 
-def destroyed_key(region_id: uuid.UUID) -> str:
-    return f"region:{region_id}:{WireRegionState.DESTROYED.value}"
-
-
 async def region_delete(ctx: Ctx[Params]) -> Wait | None:
     region = _region(ctx)
     if region is None:
@@ -113,13 +110,13 @@ async def region_delete(ctx: Ctx[Params]) -> Wait | None:
     )
     await ctx.send(command, region.queue)
     return Wait(
-        keys=(destroyed_key(region.region_id), rejected_key(command.id)),
+        keys=(region_key(region.region_id, WireRegionState.DESTROYED), rejection_key(command.id)),
         deadline=timedelta(seconds=ctx.params.region_deadline_seconds),
     )
 
 
 async def region_delete_resume(ctx: Ctx[Params], wake: WakeUp) -> None:
-    if wake.key.startswith("command:"):
+    if is_rejection(wake.key):
         rejection = Rejection.model_validate(wake.payload)
         # An agent that never had the region has nothing to delete.
         if rejection.code != "not_found":
@@ -141,24 +138,24 @@ async def region_delete_reconcile(ctx: Ctx[Params], keys: Sequence[str]) -> Reco
     if not isinstance(reply, RegionInfo):
         return Reconciled.rearm(f"unexpected reply {reply.TYPE}")
     found = reply.payload.region
-    if found is None or found.state is WireRegionState.DESTROYED:
-        payload = (
-            RegionChange(agent_id=reply.payload.agent_id, region=found).model_dump(mode="json")
-            if found is not None
-            else {}
+    if found is None:
+        return Reconciled.resume(
+            rejection_key(ctx.command_id()),
+            {
+                "command_id": str(ctx.command_id()),
+                "command_type": RegionDelete.TYPE,
+                "code": "not_found",
+                "message": "the agent has no such region",
+            },
+            1,
         )
-        if found is None:
-            return Reconciled.resume(
-                rejected_key(ctx.command_id()),
-                {
-                    "command_id": str(ctx.command_id()),
-                    "command_type": RegionDelete.TYPE,
-                    "code": "not_found",
-                    "message": "the agent has no such region",
-                },
-                1,
-            )
-        return Reconciled.resume(destroyed_key(region.region_id), payload, found.generation)
+    if found.state is WireRegionState.DESTROYED:
+        change = RegionChange(agent_id=reply.payload.agent_id, region=found)
+        return Reconciled.resume(
+            region_key(region.region_id, found.state),
+            change.model_dump(mode="json"),
+            found.generation,
+        )
     return Reconciled.rearm(f"region {region.region_id} is {found.state.value}")
 
 
@@ -195,14 +192,6 @@ async def disk_mark_deleted(ctx: Ctx[Params]) -> None:
             .values(free_bytes=Dataset.free_bytes + region.size_bytes)
         )
     await announce_disk(ctx, ctx.params.disk_id, marked.project, marked.name, WireDiskState.DELETED)
-
-
-async def disk_fault(ctx: Ctx[Params]) -> None:
-    await ctx.session.execute(
-        update(Disk)
-        .where(Disk.id == ctx.params.disk_id)
-        .values(state=DiskState.FAULTED, updated_at=ctx.now)
-    )
 
 
 async def disk_mark_deleting_undo(ctx: Ctx[Params]) -> None:

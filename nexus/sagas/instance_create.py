@@ -33,7 +33,8 @@ from nexus.saga.definition import (
     no_op,
     sequence,
 )
-from nexus.sagas.disk_create import announce_disk, rejected_key
+from nexus.sagas.disk_create import announce_disk
+from nexus.waitkeys import instance_key, is_rejection, rejection_key
 from schemas.common import Rejection
 from schemas.instance import (
     InstanceChange,
@@ -194,10 +195,6 @@ async def instance_cleanup_undo(ctx: Ctx[Params]) -> None:
 # instance_ensure
 
 
-def state_key(instance_id: uuid.UUID, state: WireInstanceState) -> str:
-    return f"instance:{instance_id}:{state.value}"
-
-
 async def instance_ensure(ctx: Ctx[Params]) -> Wait:
     p = ctx.params
     placed = ctx.output("sled_place", Placed)
@@ -216,9 +213,9 @@ async def instance_ensure(ctx: Ctx[Params]) -> Wait:
     await ctx.send(command, placed.queue)
     return Wait(
         keys=(
-            state_key(p.instance_id, WireInstanceState.RUNNING),
-            state_key(p.instance_id, WireInstanceState.FAILED),
-            rejected_key(command.id),
+            instance_key(p.instance_id, WireInstanceState.RUNNING),
+            instance_key(p.instance_id, WireInstanceState.FAILED),
+            rejection_key(command.id),
         ),
         deadline=timedelta(seconds=p.boot_deadline_seconds),
     )
@@ -230,7 +227,7 @@ async def instance_ensure_resume(ctx: Ctx[Params], wake: WakeUp) -> Booted:
 
 def outcome_generation(wake: WakeUp, wanted: WireInstanceState) -> int:
     """The generation reached, or the node fails with what the sled said."""
-    if wake.key.startswith("command:"):
+    if is_rejection(wake.key):
         rejection = Rejection.model_validate(wake.payload)
         raise ActionFailed(f"the sled refused ({rejection.code}): {rejection.message}")
     instance = InstanceChange.model_validate(wake.payload).instance
@@ -255,7 +252,7 @@ async def ask_sled(
     instance = reply.payload.instance
     change = InstanceChange(instance=instance).model_dump(mode="json")
     if instance.state is wanted:
-        return Reconciled.resume(state_key(instance_id, wanted), change, instance.generation)
+        return Reconciled.resume(instance_key(instance_id, wanted), change, instance.generation)
     if instance.state in (WireInstanceState.FAILED, WireInstanceState.DESTROYED):
         return Reconciled.fail(f"instance is {instance.state.value}: {instance.reason}")
     return Reconciled.rearm(f"instance is {instance.state.value}")

@@ -29,14 +29,13 @@ from nexus.saga.definition import (
     WakeUp,
     sequence,
 )
-from nexus.sagas.disk_create import rejected_key
 from nexus.sagas.instance_create import (
     announce_instance,
     ask_sled,
     detach_all,
     outcome_generation,
-    state_key,
 )
+from nexus.waitkeys import instance_key, is_rejection, rejection_key
 from schemas.common import Rejection
 from schemas.instance import InstanceDestroy, InstanceRef
 from schemas.instance import InstanceState as WireInstanceState
@@ -90,8 +89,8 @@ async def instance_destroy(ctx: Ctx[Params]) -> Wait | Destroyed:
     await ctx.send(command, marked.queue)
     return Wait(
         keys=(
-            state_key(ctx.params.instance_id, WireInstanceState.DESTROYED),
-            rejected_key(command.id),
+            instance_key(ctx.params.instance_id, WireInstanceState.DESTROYED),
+            rejection_key(command.id),
         ),
         deadline=timedelta(seconds=ctx.params.deadline_seconds),
         min_generation=0,
@@ -99,7 +98,7 @@ async def instance_destroy(ctx: Ctx[Params]) -> Wait | Destroyed:
 
 
 async def instance_destroy_resume(ctx: Ctx[Params], wake: WakeUp) -> Destroyed:
-    if wake.key.startswith("command:"):
+    if is_rejection(wake.key):
         rejection = Rejection.model_validate(wake.payload)
         # A sled that never had the instance (or lost it) has nothing to destroy.
         if rejection.code in ("not_found", "destroyed"):

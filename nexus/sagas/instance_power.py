@@ -7,6 +7,9 @@ so they share this module (one definition each, registered separately):
     instance_power   send the command; wait for the target state newer than that
     instance_settle  record the state reached
 
+When each may be asked, and when it has nothing to do, is the table ``POWER`` at the
+end: the API answers from it, and ``instance_check`` enforces it.
+
 There is nothing to undo: if the sled fails the instance, its own event says so and
 Nexus records it by generation.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 
 from pydantic import BaseModel, Field
@@ -32,8 +36,9 @@ from nexus.saga.definition import (
     WakeUp,
     sequence,
 )
-from nexus.sagas.disk_create import rejected_key
-from nexus.sagas.instance_create import announce_instance, ask_sled, outcome_generation, state_key
+from nexus.sagas.instance_create import announce_instance, ask_sled, outcome_generation
+from nexus.waitkeys import instance_key, rejection_key
+from schemas.api import InstanceAction
 from schemas.base import Envelope
 from schemas.instance import InstanceReboot, InstanceRef, InstanceStart, InstanceStop
 from schemas.instance import InstanceState as WireInstanceState
@@ -91,9 +96,9 @@ def _definition(
             **ctx.envelope(),
         )
         await ctx.send(message, checked.queue)
-        keys = [state_key(ctx.params.instance_id, target), rejected_key(message.id)]
+        keys = [instance_key(ctx.params.instance_id, target), rejection_key(message.id)]
         if target is not WireInstanceState.FAILED:
-            keys.append(state_key(ctx.params.instance_id, WireInstanceState.FAILED))
+            keys.append(instance_key(ctx.params.instance_id, WireInstanceState.FAILED))
         return Wait(
             keys=tuple(keys),
             deadline=timedelta(seconds=ctx.params.deadline_seconds),
@@ -138,21 +143,52 @@ def _definition(
     )
 
 
-START: SagaDefinition[Params] = _definition(
-    "instance_start",
-    InstanceStart,
-    WireInstanceState.RUNNING,
-    frozenset({InstanceState.STOPPED, InstanceState.FAILED}),
-)
-STOP: SagaDefinition[Params] = _definition(
-    "instance_stop",
-    InstanceStop,
-    WireInstanceState.STOPPED,
-    frozenset({InstanceState.RUNNING, InstanceState.STARTING, InstanceState.FAILED}),
-)
-REBOOT: SagaDefinition[Params] = _definition(
-    "instance_reboot",
-    InstanceReboot,
-    WireInstanceState.RUNNING,
-    frozenset({InstanceState.RUNNING}),
-)
+@dataclass(frozen=True)
+class Power:
+    """One power action: its saga and the instance states it applies to."""
+
+    saga: SagaDefinition[Params]
+    allowed_from: frozenset[InstanceState]
+    # Nothing to do in these: the target is reached or on its way.
+    already: frozenset[InstanceState]
+
+
+def _power(
+    name: str,
+    command: Command,
+    target: WireInstanceState,
+    *,
+    allowed_from: frozenset[InstanceState],
+    already: frozenset[InstanceState],
+) -> Power:
+    return Power(_definition(name, command, target, allowed_from), allowed_from, already)
+
+
+POWER: dict[InstanceAction, Power] = {
+    InstanceAction.START: _power(
+        "instance_start",
+        InstanceStart,
+        WireInstanceState.RUNNING,
+        allowed_from=frozenset({InstanceState.STOPPED, InstanceState.FAILED}),
+        already=frozenset({InstanceState.RUNNING, InstanceState.STARTING}),
+    ),
+    InstanceAction.STOP: _power(
+        "instance_stop",
+        InstanceStop,
+        WireInstanceState.STOPPED,
+        allowed_from=frozenset(
+            {InstanceState.RUNNING, InstanceState.STARTING, InstanceState.FAILED}
+        ),
+        already=frozenset({InstanceState.STOPPED, InstanceState.STOPPING}),
+    ),
+    InstanceAction.REBOOT: _power(
+        "instance_reboot",
+        InstanceReboot,
+        WireInstanceState.RUNNING,
+        allowed_from=frozenset({InstanceState.RUNNING}),
+        already=frozenset({InstanceState.REBOOTING}),
+    ),
+}
+START: SagaDefinition[Params] = POWER[InstanceAction.START].saga
+STOP: SagaDefinition[Params] = POWER[InstanceAction.STOP].saga
+REBOOT: SagaDefinition[Params] = POWER[InstanceAction.REBOOT].saga

@@ -1,7 +1,9 @@
-"""``crucible-agent health`` and ``sled-agent health``: container health checks on a file's age.
+"""``nexus health``, ``crucible-agent health`` and ``sled-agent health``: container health
+checks on a file's age.
 
-The agents touch the file while their broker connection is up; the command passes while
-it is fresh and fails in one line when it is stale, missing or not configured.
+The agents touch the file while their broker connection is up, Nexus after every good
+sweeper pass; the command passes while it is fresh and fails in one line when it is
+stale, missing or not configured.
 """
 
 from __future__ import annotations
@@ -20,23 +22,27 @@ from typer.testing import CliRunner
 from crucible_agent import app as crucible_app
 from crucible_agent import main as crucible_main
 from crucible_agent.settings import CrucibleSettings
+from nexus import main as nexus_main
+from nexus.settings import NexusSettings
 from schemas.transport import Transport
 from sled_agent import app as sled_app
 from sled_agent import main as sled_main
 from sled_agent.settings import SledSettings
 
-AGENTS: list[tuple[str, typer.Typer, str]] = [
+SERVICES: list[tuple[str, typer.Typer, str]] = [
+    ("nexus", nexus_main.app, "NEXUS_HEALTH_FILE"),
     ("crucible-agent", crucible_main.app, "CRUCIBLE_HEALTH_FILE"),
     ("sled-agent", sled_main.app, "SLED_HEALTH_FILE"),
 ]
-IDS = [name for name, _, _ in AGENTS]
+IDS = [name for name, _, _ in SERVICES]
+AGENT_IDS = IDS[1:]
 
 
 def _invoke(app: typer.Typer, *args: str, env: dict[str, str] | None = None) -> Any:
     return CliRunner().invoke(app, ["health", *args], env=env)
 
 
-@pytest.mark.parametrize(("name", "app", "env_name"), AGENTS, ids=IDS)
+@pytest.mark.parametrize(("name", "app", "env_name"), SERVICES, ids=IDS)
 def test_fresh_file_is_healthy(name: str, app: typer.Typer, env_name: str, tmp_path: Path) -> None:
     health_file = tmp_path / "agent.health"
     health_file.touch()
@@ -45,7 +51,7 @@ def test_fresh_file_is_healthy(name: str, app: typer.Typer, env_name: str, tmp_p
     assert "healthy" in result.output
 
 
-@pytest.mark.parametrize(("name", "app", "env_name"), AGENTS, ids=IDS)
+@pytest.mark.parametrize(("name", "app", "env_name"), SERVICES, ids=IDS)
 def test_stale_file_is_unhealthy(
     name: str, app: typer.Typer, env_name: str, tmp_path: Path
 ) -> None:
@@ -61,7 +67,7 @@ def test_stale_file_is_unhealthy(
     assert "more than 15s" in lines[0]
 
 
-@pytest.mark.parametrize(("name", "app", "env_name"), AGENTS, ids=IDS)
+@pytest.mark.parametrize(("name", "app", "env_name"), SERVICES, ids=IDS)
 def test_missing_file_is_unhealthy(
     name: str, app: typer.Typer, env_name: str, tmp_path: Path
 ) -> None:
@@ -72,7 +78,7 @@ def test_missing_file_is_unhealthy(
     )
 
 
-@pytest.mark.parametrize(("name", "app", "env_name"), AGENTS, ids=IDS)
+@pytest.mark.parametrize(("name", "app", "env_name"), SERVICES, ids=IDS)
 def test_unset_file_is_unhealthy(
     name: str, app: typer.Typer, env_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -82,7 +88,7 @@ def test_unset_file_is_unhealthy(
     assert result.output.strip() == f"{name}: unhealthy: {env_name} is not set"
 
 
-@pytest.mark.parametrize(("name", "app", "env_name"), AGENTS, ids=IDS)
+@pytest.mark.parametrize(("name", "app", "env_name"), SERVICES, ids=IDS)
 def test_option_overrides_environment(
     name: str, app: typer.Typer, env_name: str, tmp_path: Path
 ) -> None:
@@ -96,10 +102,15 @@ def test_option_overrides_environment(
 
 @pytest.mark.parametrize(
     ("settings_class", "env_name"),
-    [(CrucibleSettings, "CRUCIBLE_HEALTH_FILE"), (SledSettings, "SLED_HEALTH_FILE")],
+    [
+        (NexusSettings, "NEXUS_HEALTH_FILE"),
+        (CrucibleSettings, "CRUCIBLE_HEALTH_FILE"),
+        (SledSettings, "SLED_HEALTH_FILE"),
+    ],
 )
 def test_environment_variable_is_the_settings_field(
-    settings_class: type[CrucibleSettings] | type[SledSettings], env_name: str
+    settings_class: type[NexusSettings] | type[CrucibleSettings] | type[SledSettings],
+    env_name: str,
 ) -> None:
     """``run`` (through the settings) and ``health`` (through typer) read the same variable."""
     assert "health_file" in settings_class.model_fields
@@ -114,7 +125,7 @@ def _transport(*, connected: bool) -> Transport:
     return cast(Transport, fake)
 
 
-@pytest.mark.parametrize("module", [crucible_app, sled_app], ids=IDS)
+@pytest.mark.parametrize("module", [crucible_app, sled_app], ids=AGENT_IDS)
 async def test_file_is_touched_only_while_connected(
     module: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -10,7 +10,8 @@ import pytest
 from pydantic import ValidationError
 
 from nexus.db.engine import create_engine, with_async_driver
-from nexus.settings import NexusSettings, redact_url, redact_urls_in
+from nexus.settings import NexusSettings
+from schemas.redact import redact_url, redact_urls_in
 
 FIELDS = ("REPLICA_ID", "DATABASE_URL", "AMQP_URL", "LEASE_SECONDS", "LOG_LEVEL")
 

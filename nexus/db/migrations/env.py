@@ -16,7 +16,8 @@ from sqlalchemy.engine import Connection
 
 from nexus.db.engine import create_engine
 from nexus.db.models import Base, UTCDateTime
-from nexus.settings import NexusSettings, redact_url
+from nexus.settings import NexusSettings
+from schemas.redact import redact_url
 
 
 def _render_item(kind: str, obj: Any, _context: AutogenContext) -> str | Literal[False]:

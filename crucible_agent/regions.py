@@ -1,6 +1,6 @@
 """The region state machine and capacity rules, with no I/O.
 
-Follows the real Crucible agent (DESIGN.md, "Message contracts"): a region is
+Follows the real Crucible agent (docs/design.md, "Message contracts"): a region is
 ``requested`` until its extent files exist, then ``created``; delete goes through
 ``tombstoned`` (files still on disk) to ``destroyed`` (files gone, record kept so that
 repeated calls stay idempotent). Every change of state is a new generation.

@@ -3,8 +3,8 @@
 Two tables: ``regions`` (the records, destroyed ones included) and ``outbox`` (messages
 committed with the change that caused them, waiting for the relay). One connection
 serves the whole process, one transaction at a time: SQLite has one writer anyway, and
-queueing on a lock here is cheaper than contending for the file lock (DESIGN.md,
-"Facts measured").
+queueing on a lock here is cheaper than contending for the file lock (docs/design.md,
+"Measured facts").
 
 What the live regions add up to (used bytes, count, the lowest free port) is summed in
 SQL by :meth:`Transaction.holdings`, not by reading every region record into Python on

@@ -69,7 +69,8 @@ class OutboxStore(Protocol):
     async def mark_sent(self, message_ids: Sequence[uuid.UUID]) -> None: ...
 
 
-# Messages in flight at once; past a handful, more only queue (measured: DESIGN.md).
+# Messages in flight at once; past a handful, more only queue (docs/design.md,
+# "Measured facts").
 PIPELINE_WINDOW = 16
 
 

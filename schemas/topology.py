@@ -1,4 +1,7 @@
-"""Names on the broker: exchanges, queues and how they are bound (see DESIGN.md)."""
+"""Names on the broker: exchanges, queues and how they are bound.
+
+Why they are as they are: docs/design.md, "Broker topology".
+"""
 
 from __future__ import annotations
 

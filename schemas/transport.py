@@ -120,7 +120,7 @@ def amqp_message(
     headers: Mapping[str, HeaderValue] | None = None,
     user_id: str | None = None,
 ) -> aio_pika.Message:
-    """AMQP properties mirror the envelope (DESIGN.md: message contracts)."""
+    """AMQP properties mirror the envelope (docs/design.md, "Message contracts")."""
     return aio_pika.Message(
         body,
         content_type="application/json",

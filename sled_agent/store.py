@@ -1,9 +1,10 @@
 """The sled agent's own database: its instances and its outbox, in SQLite in its data dir.
 
-One connection, used under a lock (DESIGN.md: SQLite wants one writer). A state change and
-the messages it causes are written in one transaction, so an event exists exactly when
-its change does. Rows leave the outbox once the broker confirmed them: sent messages are
-deleted rather than kept, so the file does not grow with the sled's age.
+One connection, used under a lock (SQLite wants one writer: docs/design.md, "Measured
+facts"). A state change and the messages it causes are written in one transaction, so an
+event exists exactly when its change does. Rows leave the outbox once the broker
+confirmed them: sent messages are deleted rather than kept, so the file does not grow
+with the sled's age.
 """
 
 from __future__ import annotations

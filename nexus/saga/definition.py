@@ -1,6 +1,6 @@
 """How a saga is declared: parameters, stages of nodes, each action beside its undo.
 
-A saga module reads top to bottom as the story of the operation (see STYLE.md):
+A saga module reads top to bottom as the story of the operation (docs/style.md, "Sagas"):
 
     class Params(BaseModel): ...
 

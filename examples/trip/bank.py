@@ -46,6 +46,7 @@ class Bank:
         self._delay = delay
         self._channel: AbstractChannel | None = None
         self._decided: dict[uuid.UUID, Settlement] = {}
+        self._voids: set[uuid.UUID] = set()
         self._voided: dict[uuid.UUID, asyncio.Event] = {}
 
     async def start(self) -> None:
@@ -89,7 +90,16 @@ class Bank:
         settlement = self._decided.get(request.payment_id)
         if settlement is None:
             await asyncio.sleep(self._delay)  # a card network takes a moment
-            if request.amount_cents <= CARD_LIMIT_CENTS:
+            if request.payment_id in self._voids:
+                # The saga gave up (its deadline passed) and voided the payment while the
+                # bank was still deciding: a void must win, or the card pays for nothing.
+                settlement = Settlement(
+                    payment_id=request.payment_id,
+                    outcome=PaymentOutcome.DECLINED,
+                    amount_cents=request.amount_cents,
+                    reason="voided before it was decided",
+                )
+            elif request.amount_cents <= CARD_LIMIT_CENTS:
                 settlement = Settlement(
                     payment_id=request.payment_id,
                     outcome=PaymentOutcome.CONFIRMED,
@@ -101,8 +111,7 @@ class Bank:
                     payment_id=request.payment_id,
                     outcome=PaymentOutcome.DECLINED,
                     amount_cents=request.amount_cents,
-                    reason=f"{money(request.amount_cents)} is over the card's limit "
-                    f"of {money(CARD_LIMIT_CENTS)}",
+                    reason=f"over the card's limit of {money(CARD_LIMIT_CENTS)}",
                 )
             self._decided[request.payment_id] = settlement
         event = PaymentSettled(
@@ -111,9 +120,10 @@ class Bank:
             payload=settlement,
             **command.caused(),
         )
+        why = f" ({settlement.reason})" if settlement.reason else ""
         tell(
             "[bank]",
-            f"{settlement.outcome.value} {money(request.amount_cents)}: "
+            f"{settlement.outcome.value} {money(request.amount_cents)}{why}: "
             f"publishing {event.routing_key()}",
         )
         await self._transport.publish(
@@ -124,7 +134,8 @@ class Bank:
         payment_id = command.payload.payment_id
         settlement = self._decided.get(payment_id)
         if settlement is not None and settlement.outcome is PaymentOutcome.CONFIRMED:
-            tell("[bank]", f"voided payment {payment_id}")
+            tell("[bank]", f"voided payment {payment_id}: refunded")
         else:
             tell("[bank]", f"void of payment {payment_id}: nothing was charged")
+        self._voids.add(payment_id)
         self._voided.setdefault(payment_id, asyncio.Event()).set()

@@ -77,4 +77,7 @@ class PaymentIntake:
         if woken is not None:
             tell("[intake]", f"{incoming.routing_key} recorded under {key}: woke the saga")
             app.executor.spawn(woken.saga_id)
+        else:
+            # Either no saga parked yet (it finds the event when it does) or none ever will.
+            tell("[intake]", f"{incoming.routing_key} recorded under {key}: no saga waits on it")
         await incoming.ack()

@@ -4,7 +4,8 @@ The first trip is paid and booked (``done``); the second is declined by the bank
 unwinds (``undone``). The exit status is 0 only if both end that way, so the example
 doubles as a smoke test of the engine.
 
-    python -m examples.trip [--amqp-url URL] [--database-url URL] [--bank-delay SECONDS]
+    python -m examples.trip [--amqp-url URL] [--database-url URL]
+                            [--bank-delay SECONDS] [--payment-deadline SECONDS]
 """
 
 from __future__ import annotations
@@ -328,6 +329,12 @@ def cli(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--bank-delay", type=float, default=0.5, help="seconds the bank takes to decide"
     )
+    parser.add_argument(
+        "--payment-deadline",
+        type=float,
+        default=30.0,
+        help="seconds a trip waits for the bank; below --bank-delay, both trips unwind",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # A declined payment failing its node is the story here, not something to warn about.
@@ -343,7 +350,14 @@ def cli(argv: Sequence[str] | None = None) -> int:
             directory = Path(resources.enter_context(tempfile.TemporaryDirectory(prefix="trip-")))
             database_url = f"sqlite+aiosqlite:///{directory / 'trip.sqlite3'}"
         print(f"database: {redact_url(database_url)}")
-        result = asyncio.run(run_example(amqp_url, database_url, bank_delay=args.bank_delay))
+        result = asyncio.run(
+            run_example(
+                amqp_url,
+                database_url,
+                bank_delay=args.bank_delay,
+                payment_deadline_seconds=args.payment_deadline,
+            )
+        )
     return 0 if result.ok else 1
 
 

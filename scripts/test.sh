@@ -13,7 +13,7 @@ echo "== ruff check"
 .venv/bin/ruff check . || failed+=(ruff)
 
 echo "== mypy"
-.venv/bin/mypy schemas nexus crucible_agent sled_agent tests bench deploy || failed+=(mypy)
+.venv/bin/mypy schemas nexus crucible_agent sled_agent tests bench deploy examples || failed+=(mypy)
 
 echo "== pytest"
 .venv/bin/pytest -p no:cacheprovider "$@" || failed+=(pytest)

@@ -1,4 +1,5 @@
-"""Fixtures shared by the whole suite: real RabbitMQ and PostgreSQL servers.
+"""Fixtures shared by the whole suite: real RabbitMQ and PostgreSQL servers, and Nexus's
+database on SQLite and on PostgreSQL.
 
 Servers start lazily, once per session, only when a test asks for one. Which server each
 test run used is printed in the terminal summary, so a CI log shows that the tests ran
@@ -10,7 +11,8 @@ from __future__ import annotations
 import random
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -25,6 +27,11 @@ from tests.harness.servers import (
     provide_postgres,
     provide_rabbitmq,
 )
+from tests.saga_support import Database
+
+# Before the test modules import them: a failed assert in these helpers then shows its
+# values, as a test's own does.
+pytest.register_assert_rewrite("tests.saga_triad", "tests.saga_scenarios")
 
 _SERVERS_USED = pytest.StashKey[list[str]]()
 _Server = TypeVar("_Server", RabbitMQServer, PostgresServer)
@@ -167,3 +174,16 @@ def fresh_postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
         postgres_server.drop_database(url)
     except Exception as exc:
         warnings.warn(f"could not drop test database {url}: {exc!r}", stacklevel=1)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    """Nexus's database, migrated and empty: a test that takes it runs once on SQLite and
+    once on PostgreSQL (marked ``integration``, and given a database of its own)."""
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'nexus.sqlite3'}"
+    else:
+        url = request.getfixturevalue("fresh_postgres_url")
+    db = await Database.migrated(url)
+    yield db
+    await db.close()

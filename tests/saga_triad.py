@@ -20,7 +20,7 @@ undone) says instead, in its scenario's ``unwound``, what clean means for it.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -32,6 +32,7 @@ from nexus.db.states import SagaLogEvent, SagaState, WaitState
 from nexus.saga.clock import ManualClock
 from nexus.saga.definition import SagaDefinition
 from nexus.saga.faults import Faults
+from nexus.sagas import ALL_SAGAS
 from tests.saga_support import Agents, Database, Replica
 
 P = TypeVar("P", bound=BaseModel)
@@ -63,18 +64,23 @@ class Snapshot:
 
 @dataclass
 class World:
-    """A database and the agents around it, on one clock."""
+    """A database and the agents around it, on one clock; its replicas run every saga,
+    and the one under test as its scenario defines it."""
 
     database: Database
     agents: Agents
+    definitions: Sequence[SagaDefinition[Any]]
     clock: ManualClock = field(default_factory=ManualClock)
 
     @classmethod
-    def on(cls, database: Database) -> World:
-        return cls(database, Agents.new(database))
+    def for_saga(cls, database: Database, definition: SagaDefinition[Any]) -> World:
+        # The last definition of a (name, version) is the one a replica runs.
+        return cls(database, Agents.new(database), (*ALL_SAGAS, definition))
 
     def replica(self, faults: Faults | None = None) -> Replica:
-        return Replica(self.database, "triad", clock=self.clock, faults=faults)
+        return Replica(
+            self.database, "triad", clock=self.clock, definitions=self.definitions, faults=faults
+        )
 
     async def run(
         self, definition: SagaDefinition[P], params: P, *, replica: Replica | None = None
@@ -130,7 +136,7 @@ class Scenario(Generic[P]):
 
 
 async def succeeds(database: Database, scenario: Scenario[Any]) -> None:
-    world = World.on(database)
+    world = World.for_saga(database, scenario.definition)
     params = await scenario.prepare(world)
     before = await world.snapshot()
     saga_id = await world.run(scenario.definition, params)
@@ -139,7 +145,7 @@ async def succeeds(database: Database, scenario: Scenario[Any]) -> None:
 
 
 async def actions_succeed_idempotently(database: Database, scenario: Scenario[Any]) -> None:
-    world = World.on(database)
+    world = World.for_saga(database, scenario.definition)
     params = await scenario.prepare(world)
     before = await world.snapshot()
     twice = world.replica(Faults(repeat_actions=True))
@@ -151,7 +157,7 @@ async def actions_succeed_idempotently(database: Database, scenario: Scenario[An
 async def failure_can_unwind(
     database: Database, scenario: Scenario[Any], failing_node: str, *, undos_twice: bool = False
 ) -> None:
-    world = World.on(database)
+    world = World.for_saga(database, scenario.definition)
     params = await scenario.prepare(world)
     before = await world.snapshot()
     faults = Faults(

@@ -9,6 +9,7 @@ against real servers and which ones.
 from __future__ import annotations
 
 import random
+import shutil
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -18,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from nexus.db.migrate import upgrade_async
 from tests.harness.servers import (
     NotSupportedInMode,
     PostgresServer,
@@ -176,14 +178,25 @@ def fresh_postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
         warnings.warn(f"could not drop test database {url}: {exc!r}", stacklevel=1)
 
 
+@pytest.fixture(scope="session")
+async def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file migrated once, for the tests to copy: a migration costs more than
+    most tests that need one."""
+    path = tmp_path_factory.mktemp("migrated") / "nexus.sqlite3"
+    await upgrade_async(f"sqlite+aiosqlite:///{path}")
+    return path
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
-async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+async def database(
+    request: pytest.FixtureRequest, tmp_path: Path, migrated_sqlite: Path
+) -> AsyncIterator[Database]:
     """Nexus's database, migrated and empty: a test that takes it runs once on SQLite and
     once on PostgreSQL (marked ``integration``, and given a database of its own)."""
     if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'nexus.sqlite3'}"
+        path = shutil.copy(migrated_sqlite, tmp_path)
+        db = Database(f"sqlite+aiosqlite:///{path}")
     else:
-        url = request.getfixturevalue("fresh_postgres_url")
-    db = await Database.migrated(url)
+        db = await Database.migrated(request.getfixturevalue("fresh_postgres_url"))
     yield db
     await db.close()

@@ -19,17 +19,11 @@ DISK_BYTES = 3 << 30
 BLOCK_SIZE = 512
 
 
-def region_bytes(size_bytes: int = DISK_BYTES) -> int:
-    extent_size, extent_count = disk_create.region_geometry(size_bytes, BLOCK_SIZE)
-    return extent_size * extent_count * BLOCK_SIZE
+_EXTENT_SIZE, _EXTENT_COUNT = disk_create.region_geometry(DISK_BYTES, BLOCK_SIZE)
+REGION_BYTES = _EXTENT_SIZE * _EXTENT_COUNT * BLOCK_SIZE
 
 
 # disk_create
-
-
-async def disk_create_prepare(world: World) -> disk_create.Params:
-    await world.database.add_datasets(4)
-    return disk_params()
 
 
 def disk_params() -> disk_create.Params:
@@ -43,6 +37,11 @@ def disk_params() -> disk_create.Params:
     )
 
 
+async def disk_create_prepare(world: World) -> disk_create.Params:
+    await world.database.add_datasets(4)
+    return disk_params()
+
+
 async def disk_create_done(world: World, p: disk_create.Params, before: Snapshot) -> None:
     """The disk is ready; three regions, created on three datasets, hold its space."""
     after = await world.snapshot()
@@ -54,8 +53,8 @@ async def disk_create_done(world: World, p: disk_create.Params, before: Snapshot
         dataset_id: before.row("datasets", dataset_id)["free_bytes"] - dataset["free_bytes"]
         for dataset_id, dataset in after.rows["datasets"].items()
     }
-    assert sorted(used[r["dataset_id"]] for r in regions) == [region_bytes()] * 3
-    assert sum(used.values()) == 3 * region_bytes()
+    assert [used[r["dataset_id"]] for r in regions] == [REGION_BYTES] * disk_create.REPLICAS
+    assert sum(used.values()) == REGION_BYTES * disk_create.REPLICAS
 
 
 DISK_CREATE = Scenario(disk_create.DEFINITION, disk_create_prepare, disk_create_done)

@@ -329,6 +329,7 @@ _SLED_MOVES: dict[tuple[type[Envelope], InstanceState | None], tuple[InstanceSta
     (InstanceDestroy, InstanceState.FAILED): (InstanceState.DESTROYED,),
     (InstanceDestroy, InstanceState.DESTROYED): (),
 }
+_SLED_COMMANDS = frozenset(kind for kind, _ in _SLED_MOVES)
 
 
 @dataclass
@@ -397,9 +398,7 @@ class Agents:
                     self.crucible.event(ensure, RegionState.TOMBSTONED),
                     self.crucible.event(ensure, RegionState.DESTROYED),
                 ]
-            case InstanceEnsure() | InstanceStart() | InstanceStop() | InstanceReboot():
-                return self._move_instance(command)
-            case InstanceDestroy():
+            case _ if type(command) in _SLED_COMMANDS:
                 return self._move_instance(command)
             case _:
                 raise AssertionError(f"no agent takes a {command.TYPE}")

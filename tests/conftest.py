@@ -1,4 +1,5 @@
-"""Fixtures shared by the whole suite: real RabbitMQ and PostgreSQL servers.
+"""Fixtures shared by the whole suite: real RabbitMQ and PostgreSQL servers, and Nexus's
+database on SQLite and on PostgreSQL.
 
 Servers start lazily, once per session, only when a test asks for one. Which server each
 test run used is printed in the terminal summary, so a CI log shows that the tests ran
@@ -8,14 +9,17 @@ against real servers and which ones.
 from __future__ import annotations
 
 import random
+import shutil
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from nexus.db.migrate import upgrade_async
 from tests.harness.servers import (
     NotSupportedInMode,
     PostgresServer,
@@ -25,6 +29,11 @@ from tests.harness.servers import (
     provide_postgres,
     provide_rabbitmq,
 )
+from tests.saga_support import Database
+
+# Before the test modules import them: a failed assert in these helpers then shows its
+# values, as a test's own does.
+pytest.register_assert_rewrite("tests.saga_triad", "tests.saga_scenarios")
 
 _SERVERS_USED = pytest.StashKey[list[str]]()
 _Server = TypeVar("_Server", RabbitMQServer, PostgresServer)
@@ -167,3 +176,27 @@ def fresh_postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
         postgres_server.drop_database(url)
     except Exception as exc:
         warnings.warn(f"could not drop test database {url}: {exc!r}", stacklevel=1)
+
+
+@pytest.fixture(scope="session")
+async def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file migrated once, for the tests to copy: a migration costs more than
+    most tests that need one."""
+    path = tmp_path_factory.mktemp("migrated") / "nexus.sqlite3"
+    await upgrade_async(f"sqlite+aiosqlite:///{path}")
+    return path
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+async def database(
+    request: pytest.FixtureRequest, tmp_path: Path, migrated_sqlite: Path
+) -> AsyncIterator[Database]:
+    """Nexus's database, migrated and empty: a test that takes it runs once on SQLite and
+    once on PostgreSQL (marked ``integration``, and given a database of its own)."""
+    if request.param == "sqlite":
+        path = shutil.copy(migrated_sqlite, tmp_path)
+        db = Database(f"sqlite+aiosqlite:///{path}")
+    else:
+        db = await Database.migrated(request.getfixturevalue("fresh_postgres_url"))
+    yield db
+    await db.close()

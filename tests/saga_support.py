@@ -1,15 +1,17 @@
 """Running sagas in-process against a real database, with agents played by the test.
 
 ``Replica`` is one Nexus replica's executor and event intake without a broker: what it
-would publish stays in the outbox table, where ``FakeCrucible`` reads the commands and
-answers with the events a crucible agent would publish.
+would publish stays in the outbox table, where ``FakeCrucible`` and ``FakeSled`` read the
+commands and answer with the events their agents would publish. ``Agents`` plays both
+agents through: it carries out every command as the real agents would and keeps what
+they hold.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -37,7 +39,19 @@ from nexus.saga.faults import Faults
 from nexus.saga.outbox import Outbox
 from nexus.sagas import ALL_SAGAS
 from schemas.base import Envelope
-from schemas.instance import Instance, InstanceChange, InstanceState, InstanceStateChanged
+from schemas.common import CommandRejected, Rejection
+from schemas.instance import (
+    Instance,
+    InstanceChange,
+    InstanceDestroy,
+    InstanceEnsure,
+    InstanceReboot,
+    InstanceSpec,
+    InstanceStart,
+    InstanceState,
+    InstanceStateChanged,
+    InstanceStop,
+)
 from schemas.messages import decode
 from schemas.region import (
     Region,
@@ -295,3 +309,126 @@ class FakeSled:
         generation = self.generations.get(instance_id, 0) + 1
         self.generations[instance_id] = generation
         return instance_event(instance_id, state, generation)
+
+
+# The states a sled agent moves an instance through for each command, by the state it is
+# in (None: the sled does not have it); a pair not listed is refused, as the real agent
+# refuses it. An empty tuple: nothing to do (a repeated command), so no event.
+_SLED_MOVES: dict[tuple[type[Envelope], InstanceState | None], tuple[InstanceState, ...]] = {
+    (InstanceEnsure, None): (InstanceState.CREATING, InstanceState.STARTING, InstanceState.RUNNING),
+    **{(InstanceEnsure, state): () for state in InstanceState},
+    (InstanceStart, InstanceState.STOPPED): (InstanceState.STARTING, InstanceState.RUNNING),
+    (InstanceStart, InstanceState.FAILED): (InstanceState.STARTING, InstanceState.RUNNING),
+    (InstanceStart, InstanceState.RUNNING): (),
+    (InstanceStop, InstanceState.RUNNING): (InstanceState.STOPPING, InstanceState.STOPPED),
+    (InstanceStop, InstanceState.FAILED): (InstanceState.STOPPED,),
+    (InstanceStop, InstanceState.STOPPED): (),
+    (InstanceReboot, InstanceState.RUNNING): (InstanceState.REBOOTING, InstanceState.RUNNING),
+    (InstanceDestroy, InstanceState.RUNNING): (InstanceState.STOPPING, InstanceState.DESTROYED),
+    (InstanceDestroy, InstanceState.STOPPED): (InstanceState.DESTROYED,),
+    (InstanceDestroy, InstanceState.FAILED): (InstanceState.DESTROYED,),
+    (InstanceDestroy, InstanceState.DESTROYED): (),
+}
+_SLED_COMMANDS = frozenset(kind for kind, _ in _SLED_MOVES)
+
+
+@dataclass
+class Agents:
+    """The crucible and sled agents, played from the outbox as the real ones behave.
+
+    Each command is taken once, in the order Nexus wrote it: it changes what the agent
+    holds and is answered with the events the real agent would publish; a command the
+    real agent would refuse (a region or instance it does not have) is rejected.
+    """
+
+    database: Database
+    crucible: FakeCrucible
+    sled: FakeSled
+    regions: dict[uuid.UUID, tuple[RegionEnsure, RegionState]] = field(default_factory=dict)
+    instances: dict[uuid.UUID, tuple[InstanceSpec, InstanceState]] = field(default_factory=dict)
+    taken: set[uuid.UUID] = field(default_factory=set)
+
+    @classmethod
+    def new(cls, database: Database) -> Agents:
+        return cls(database, FakeCrucible.new(database), FakeSled.new(database))
+
+    async def answer(self, replica: Replica) -> None:
+        """Carry out every command not taken yet, delivering the events to ``replica``
+        (which runs the sagas they wake), until the sagas send no more."""
+        while pending := [
+            message
+            for message in await self.database.outbox()
+            if message.IS_COMMAND and message.id not in self.taken
+        ]:
+            for command in pending:
+                self.taken.add(command.id)
+                for event in self._carry_out(command):
+                    await replica.deliver(event)
+
+    def held(self) -> dict[str, dict[uuid.UUID, str]]:
+        """What the agents hold: regions and instances that are not destroyed."""
+        return {
+            "regions": {
+                region_id: state.value
+                for region_id, (_, state) in self.regions.items()
+                if state is not RegionState.DESTROYED
+            },
+            "instances": {
+                instance_id: state.value
+                for instance_id, (_, state) in self.instances.items()
+                if state is not InstanceState.DESTROYED
+            },
+        }
+
+    def _carry_out(self, command: Envelope) -> list[Envelope]:
+        match command:
+            case RegionEnsure(payload=spec):
+                if spec.id in self.regions:
+                    return []
+                self.regions[spec.id] = (command, RegionState.CREATED)
+                return [self.crucible.event(command, RegionState.CREATED)]
+            case RegionDelete(payload=ref):
+                if ref.id not in self.regions:
+                    return [self._rejected(command, "not_found")]
+                ensure, state = self.regions[ref.id]
+                if state in (RegionState.TOMBSTONED, RegionState.DESTROYED):
+                    return []
+                self.regions[ref.id] = (ensure, RegionState.DESTROYED)
+                return [
+                    self.crucible.event(ensure, RegionState.TOMBSTONED),
+                    self.crucible.event(ensure, RegionState.DESTROYED),
+                ]
+            case _ if type(command) in _SLED_COMMANDS:
+                return self._move_instance(command)
+            case _:
+                raise AssertionError(f"no agent takes a {command.TYPE}")
+
+    def _move_instance(self, command: Envelope) -> list[Envelope]:
+        instance_id: uuid.UUID = command.payload.id  # type: ignore[attr-defined]
+        spec, state = self.instances.get(instance_id, (None, None))
+        if isinstance(command, InstanceEnsure):
+            spec = command.payload
+        moves = _SLED_MOVES.get((type(command), state))
+        if moves is None:
+            code = "not_found" if state is None else "invalid_transition"
+            return [self._rejected(command, code)]
+        assert spec is not None
+        events: list[Envelope] = []
+        for next_state in moves:
+            self.instances[instance_id] = (spec, next_state)
+            events.append(self.sled.event(instance_id, next_state))
+        return events
+
+    @staticmethod
+    def _rejected(command: Envelope, code: str) -> CommandRejected:
+        return CommandRejected(
+            source="agent/played-by-the-test",
+            correlation_id=command.correlation_id,
+            causation_id=command.id,
+            payload=Rejection(
+                command_id=command.id,
+                command_type=command.TYPE,
+                code=code,
+                message=f"{code}: {command.TYPE}",
+            ),
+        )

@@ -1,11 +1,10 @@
-"""The engine's semantics on a real SQLite database, with an injected clock."""
+"""The engine's semantics on real SQLite and PostgreSQL databases (the ``database``
+fixture), with an injected clock."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
@@ -28,13 +27,6 @@ from tests.saga_support import (
     instance_event,
     wait_saga,
 )
-
-
-@pytest.fixture
-async def database(tmp_path: Path) -> AsyncIterator[Database]:
-    db = await Database.migrated(f"sqlite+aiosqlite:///{tmp_path / 'nexus.sqlite3'}")
-    yield db
-    await db.close()
 
 
 def running_key() -> tuple[uuid.UUID, str]:

@@ -1,0 +1,258 @@
+"""A scenario for every saga in ``nexus.sagas.ALL_SAGAS``, for the triad (tests/saga_triad.py).
+
+One section per saga, in the order of ALL_SAGAS: what it acts on (built through the
+sagas that build it in production), its end state, and, for a saga whose failure leaves
+something visible, what a clean slate is.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from nexus.db.states import DiskState, InstanceState, RegionState
+from nexus.sagas import disk_create, disk_delete, instance_create, instance_delete, instance_power
+from tests.saga_support import add_sleds
+from tests.saga_triad import Done, Scenario, Snapshot, World, as_before, assert_same
+
+DISK_BYTES = 3 << 30
+BLOCK_SIZE = 512
+
+
+_EXTENT_SIZE, _EXTENT_COUNT = disk_create.region_geometry(DISK_BYTES, BLOCK_SIZE)
+REGION_BYTES = _EXTENT_SIZE * _EXTENT_COUNT * BLOCK_SIZE
+
+
+# disk_create
+
+
+def disk_params() -> disk_create.Params:
+    disk_id = uuid.uuid4()
+    return disk_create.Params(
+        disk_id=disk_id,
+        project="triad",
+        name=f"disk-{disk_id.hex[:8]}",
+        size_bytes=DISK_BYTES,
+        block_size=BLOCK_SIZE,
+    )
+
+
+async def disk_create_prepare(world: World) -> disk_create.Params:
+    await world.database.add_datasets(4)
+    return disk_params()
+
+
+async def disk_create_done(world: World, p: disk_create.Params, before: Snapshot) -> None:
+    """The disk is ready; three regions, created on three datasets, hold its space."""
+    after = await world.snapshot()
+    assert after.row("disks", p.disk_id)["state"] == DiskState.DETACHED
+    regions = [r for r in after.rows["regions"].values() if r["disk_id"] == p.disk_id]
+    assert [r["state"] for r in regions] == [RegionState.CREATED] * disk_create.REPLICAS
+    assert {after.held["regions"][r["id"]] for r in regions} == {"created"}
+    used = {
+        dataset_id: before.row("datasets", dataset_id)["free_bytes"] - dataset["free_bytes"]
+        for dataset_id, dataset in after.rows["datasets"].items()
+    }
+    assert [used[r["dataset_id"]] for r in regions] == [REGION_BYTES] * disk_create.REPLICAS
+    assert sum(used.values()) == REGION_BYTES * disk_create.REPLICAS
+
+
+DISK_CREATE = Scenario(disk_create.DEFINITION, disk_create_prepare, disk_create_done)
+
+
+# disk_delete
+
+
+async def new_disk(world: World) -> uuid.UUID:
+    p = disk_params()
+    await world.run_to_done(disk_create.DEFINITION, p)
+    return p.disk_id
+
+
+async def disk_delete_prepare(world: World) -> disk_delete.Params:
+    await world.database.add_datasets(3)
+    return disk_delete.Params(disk_id=await new_disk(world))
+
+
+async def disk_delete_done(world: World, p: disk_delete.Params, before: Snapshot) -> None:
+    """The disk is deleted, its regions destroyed, and every dataset has its space back."""
+    after = await world.snapshot()
+    assert after.row("disks", p.disk_id)["state"] == DiskState.DELETED
+    regions = [r for r in after.rows["regions"].values() if r["disk_id"] == p.disk_id]
+    assert {r["state"] for r in regions} == {RegionState.DESTROYED}
+    assert not after.held["regions"]
+    assert all(d["free_bytes"] == d["capacity_bytes"] for d in after.rows["datasets"].values())
+
+
+async def disk_delete_unwound(
+    world: World, p: disk_delete.Params, before: Snapshot, failed_node: str
+) -> None:
+    """A deleted region cannot come back: once the disk is marked deleting, a failure
+    leaves it faulted, for an operator to delete again, and that delete finishes the job."""
+    if failed_node == "disk_mark_deleting":
+        await as_before(world, p, before, failed_node)
+        return
+    assert (await world.snapshot()).row("disks", p.disk_id)["state"] == DiskState.FAULTED
+    await world.run_to_done(disk_delete.DEFINITION, p)
+    await disk_delete_done(world, p, before)
+
+
+DISK_DELETE = Scenario(
+    disk_delete.DEFINITION, disk_delete_prepare, disk_delete_done, disk_delete_unwound
+)
+
+
+# instance_create
+
+
+def instance_params(disk_ids: list[uuid.UUID]) -> instance_create.Params:
+    instance_id = uuid.uuid4()
+    return instance_create.Params(
+        instance_id=instance_id,
+        project="triad",
+        name=f"vm-{instance_id.hex[:8]}",
+        ncpus=4,
+        memory_bytes=8 << 30,
+        disk_ids=disk_ids,
+    )
+
+
+async def instance_create_prepare(world: World) -> instance_create.Params:
+    await world.database.add_datasets(3)
+    await add_sleds(world.database, 2)
+    return instance_params([await new_disk(world)])
+
+
+async def instance_create_done(world: World, p: instance_create.Params, before: Snapshot) -> None:
+    """The instance runs on a sled, with its disk attached."""
+    after = await world.snapshot()
+    instance = after.row("instances", p.instance_id)
+    assert instance["state"] == InstanceState.RUNNING
+    assert instance["sled_id"] in after.rows["sleds"]
+    (disk_id,) = p.disk_ids
+    disk = after.row("disks", disk_id)
+    assert (disk["state"], disk["attached_instance_id"]) == (DiskState.ATTACHED, p.instance_id)
+    spec, state = world.agents.instances[p.instance_id]
+    assert (state.value, spec.disk_ids) == ("running", (disk_id,))
+
+
+INSTANCE_CREATE = Scenario(
+    instance_create.DEFINITION, instance_create_prepare, instance_create_done
+)
+
+
+# instance_start, instance_stop, instance_reboot
+
+
+async def running_instance(world: World) -> uuid.UUID:
+    await world.database.add_datasets(3)
+    await add_sleds(world.database, 2)
+    p = instance_params([await new_disk(world)])
+    await world.run_to_done(instance_create.DEFINITION, p)
+    return p.instance_id
+
+
+async def power_prepare_running(world: World) -> instance_power.Params:
+    return instance_power.Params(instance_id=await running_instance(world))
+
+
+async def power_prepare_stopped(world: World) -> instance_power.Params:
+    p = await power_prepare_running(world)
+    await world.run_to_done(instance_power.STOP, p)
+    return p
+
+
+def but_its_power_state(snapshot: Snapshot, instance_id: uuid.UUID) -> Snapshot:
+    """Everything but where the instance is in its life, at Nexus and on the sled."""
+    rows = snapshot.without("instances", instance_id, "state", "generation").rows
+    instances = {i: s for i, s in snapshot.held["instances"].items() if i != instance_id}
+    return Snapshot(rows, {**snapshot.held, "instances": instances})
+
+
+def power_done(target: InstanceState) -> Done[instance_power.Params]:
+    async def done(world: World, p: instance_power.Params, before: Snapshot) -> None:
+        """The sled moved the instance to the target, and Nexus's record says so, newer."""
+        after = await world.snapshot()
+        instance = after.row("instances", p.instance_id)
+        assert instance["state"] == target
+        assert instance["generation"] > before.row("instances", p.instance_id)["generation"]
+        assert after.held["instances"][p.instance_id] == target.value
+        assert_same(
+            but_its_power_state(before, p.instance_id), but_its_power_state(after, p.instance_id)
+        )
+
+    return done
+
+
+async def power_unwound(
+    world: World, p: instance_power.Params, before: Snapshot, failed_node: str
+) -> None:
+    """Nothing to undo: the instance is wherever the sled put it, and Nexus's record says so."""
+    after = await world.snapshot()
+    assert after.row("instances", p.instance_id)["state"] == after.held["instances"][p.instance_id]
+    assert_same(
+        but_its_power_state(before, p.instance_id), but_its_power_state(after, p.instance_id)
+    )
+
+
+INSTANCE_START = Scenario(
+    instance_power.START, power_prepare_stopped, power_done(InstanceState.RUNNING), power_unwound
+)
+INSTANCE_STOP = Scenario(
+    instance_power.STOP, power_prepare_running, power_done(InstanceState.STOPPED), power_unwound
+)
+INSTANCE_REBOOT = Scenario(
+    instance_power.REBOOT, power_prepare_running, power_done(InstanceState.RUNNING), power_unwound
+)
+
+
+# instance_delete
+
+
+async def instance_delete_prepare(world: World) -> instance_delete.Params:
+    return instance_delete.Params(instance_id=await running_instance(world))
+
+
+async def instance_delete_done(world: World, p: instance_delete.Params, before: Snapshot) -> None:
+    """The instance is deleted, gone from its sled, and its disk is detached."""
+    after = await world.snapshot()
+    assert after.row("instances", p.instance_id)["state"] == InstanceState.DELETED
+    assert p.instance_id not in after.held["instances"]
+    disks = before.rows["disks"].values()
+    (disk_id,) = [d["id"] for d in disks if d["attached_instance_id"] == p.instance_id]
+    disk = after.row("disks", disk_id)
+    assert (disk["state"], disk["attached_instance_id"]) == (DiskState.DETACHED, None)
+
+
+async def instance_delete_unwound(
+    world: World, p: instance_delete.Params, before: Snapshot, failed_node: str
+) -> None:
+    """The sled may have destroyed it: once marked deleting, a failure leaves the instance
+    failed, for an operator to delete again, and that delete finishes the job."""
+    if failed_node == "instance_mark_deleting":
+        await as_before(world, p, before, failed_node)
+        return
+    assert (await world.snapshot()).row("instances", p.instance_id)["state"] == (
+        InstanceState.FAILED
+    )
+    await world.run_to_done(instance_delete.DEFINITION, p)
+    await instance_delete_done(world, p, before)
+
+
+INSTANCE_DELETE = Scenario(
+    instance_delete.DEFINITION,
+    instance_delete_prepare,
+    instance_delete_done,
+    instance_delete_unwound,
+)
+
+
+SCENARIOS: tuple[Scenario[Any], ...] = (
+    DISK_CREATE,
+    DISK_DELETE,
+    INSTANCE_CREATE,
+    INSTANCE_START,
+    INSTANCE_STOP,
+    INSTANCE_REBOOT,
+    INSTANCE_DELETE,
+)

@@ -44,8 +44,9 @@ from nexus.db.models import Saga, SagaLogEntry
 from nexus.db.states import SagaLogEvent, SagaState
 from nexus.devstack.servers import RabbitMQNode, ServerUnavailable, amqp_answers
 from nexus.sagas import ALL_SAGAS
-from nexus.settings import NexusSettings, redact_url
+from nexus.settings import NexusSettings
 from schemas.progress import SagaProgressed, SagaStep
+from schemas.redact import redact_url
 from schemas.transport import Delivery
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"

@@ -54,7 +54,6 @@ class SagaState(StrEnum):
     UNDONE = "undone"
     # An undo failed: needs an operator.
     STUCK = "stuck"
-    FAILED = "failed"
     # Its log or definition cannot be used; skipped by every replica.
     UNRECOVERABLE = "unrecoverable"
 
@@ -78,5 +77,3 @@ class WaitState(StrEnum):
     # Both sides have met: the saga is runnable.
     READY = "ready"
     RESUMED = "resumed"
-    # The deadline passed without the event.
-    EXPIRED = "expired"

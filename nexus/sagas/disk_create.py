@@ -10,7 +10,8 @@ Nodes, in order (each action beside its undo):
 
     ids              the disk's region ids, generated once
     disk_record      the disk row, ``creating``              undo: delete it
-    regions_place    three datasets on distinct sleds        undo: delete region rows
+    regions_place    three datasets on distinct sleds        undo: delete region rows,
+                                                             give back their space
     regions_cleanup  no-op                                   undo: delete the regions
     region_0..2      ensure one region, wait for it  (side by side)
     disk_finalize    the disk becomes ``detached`` (ready)
@@ -163,6 +164,19 @@ _RESERVE = (
     .values(free_bytes=datasets.c.free_bytes - bindparam("b_bytes"))
 )
 _INSERT_REGIONS = insert(regions)
+_DELETE_REGIONS = (
+    delete(regions)
+    .where(regions.c.disk_id == bindparam("b_disk_id"))
+    .returning(
+        regions.c.dataset_id,
+        (regions.c.extent_size * regions.c.extent_count * regions.c.block_size).label("size_bytes"),
+    )
+)
+_GIVE_BACK = (
+    update(datasets)
+    .where(datasets.c.id == bindparam("b_id"))
+    .values(free_bytes=datasets.c.free_bytes + bindparam("b_bytes"))
+)
 
 
 async def regions_place(ctx: Ctx[Params]) -> Placed:
@@ -220,15 +234,15 @@ async def regions_place(ctx: Ctx[Params]) -> Placed:
 
 
 async def regions_place_undo(ctx: Ctx[Params]) -> None:
-    placed = ctx.output("regions_place", Placed)
-    region_bytes = placed.extent_size * placed.extent_count * ctx.params.block_size
-    for placement in sorted(placed.regions, key=lambda p: p.dataset_id):
-        await ctx.session.execute(
-            update(Dataset)
-            .where(Dataset.id == placement.dataset_id)
-            .values(free_bytes=Dataset.free_bytes + region_bytes)
-        )
-    await ctx.session.execute(delete(Region).where(Region.disk_id == ctx.params.disk_id))
+    """Delete the disk's region rows and give back the space of those it deleted: run
+    again, it finds none and gives back nothing."""
+    deleted = await ctx.session.execute(_DELETE_REGIONS, {"b_disk_id": ctx.params.disk_id})
+    freed: dict[uuid.UUID, int] = {}
+    for region in deleted:
+        freed[region.dataset_id] = freed.get(region.dataset_id, 0) + region.size_bytes
+    # Datasets in id order, as every saga locks them.
+    for dataset_id in sorted(freed):
+        await ctx.session.execute(_GIVE_BACK, {"b_id": dataset_id, "b_bytes": freed[dataset_id]})
 
 
 # regions_cleanup: the undo of a step that can half-succeed sits on a no-op before it

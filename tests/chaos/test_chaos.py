@@ -182,7 +182,7 @@ async def settle_and_check(rack: Rack, client: Api, ledger: Ledger) -> Verdict:
                 # A node's own refusal reads as a sentence (ActionFailed); an exception's
                 # repr means the operation failed for a reason of Nexus's, not the user's.
                 verdict.internal_unwinds.append(f"{saga.name} {saga.id}: {saga.error}")
-        if saga.state in ("failed", "unrecoverable"):
+        if saga.state == "unrecoverable":
             verdict.problems.append(f"saga {saga.id} {saga.name} {saga.state}: {saga.error}")
 
     known = {s.id for s in sagas}

@@ -27,7 +27,7 @@ from tests.chaos.rack import Rack
 
 PROJECT = "chaos"
 SOURCE = "cli/chaos"
-ENDED = frozenset({"done", "undone", "stuck", "failed", "unrecoverable"})
+ENDED = frozenset({"done", "undone", "stuck", "unrecoverable"})
 # How long an operator keeps re-sending one request while replicas and the broker come
 # and go; longer than any outage the driver makes.
 ANSWER_BUDGET = 90.0

@@ -14,6 +14,7 @@ from tests.unit.test_db_sqlite import (
     scenario_constraints_hold,
     scenario_records_round_trip,
     scenario_saga_version_fences_stale_writers,
+    scenario_unused_states_dropped,
 )
 
 pytestmark = pytest.mark.integration
@@ -94,6 +95,10 @@ async def test_constraints_hold(migrated_postgres_url: str) -> None:
 
 async def test_saga_version_fences_stale_writers(migrated_postgres_url: str) -> None:
     await scenario_saga_version_fences_stale_writers(migrated_postgres_url)
+
+
+async def test_unused_states_dropped(fresh_postgres_url: str) -> None:
+    await scenario_unused_states_dropped(fresh_postgres_url)
 
 
 def test_cli_upgrades_postgres(fresh_postgres_url: str) -> None:

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Enum, delete, func, inspect, literal_column, select, update
+from sqlalchemy import Enum, Update, delete, func, inspect, literal_column, select, update
 from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
@@ -351,6 +351,53 @@ async def scenario_saga_version_fences_stale_writers(url: str) -> None:
         await engine.dispose()
 
 
+async def scenario_unused_states_dropped(url: str) -> None:
+    """Migration 0003 takes a saga's ``failed`` and a wait's ``expired`` out of the
+    CHECK constraints and keeps the rows; its downgrade allows them again. ``url`` is
+    a database never migrated."""
+    await migrate.upgrade_async(url, "0002")
+    saga = new_saga()
+    wait = WaitRendezvous(
+        wait_key=f"region:{uuid.uuid4()}:created", saga_id=saga.id, state=WaitState.PARKED
+    )
+    engine = create_engine(url)
+    sessions = create_sessionmaker(engine)
+    try:
+        async with sessions() as session, session.begin():
+            session.add(saga)
+            await session.flush()
+            session.add(wait)
+
+        await migrate.upgrade_async(url)
+        async with sessions() as session:
+            stored_saga = await session.get_one(Saga, saga.id)
+            stored_wait = await session.get_one(WaitRendezvous, wait.wait_key)
+            assert (stored_saga.state, stored_saga.params) == (SagaState.RUNNING, saga.params)
+            assert (stored_wait.state, stored_wait.saga_id) == (WaitState.PARKED, saga.id)
+        for dropped in _set_dropped_states(saga.id, wait.wait_key):
+            async with sessions() as session:
+                with pytest.raises(IntegrityError):
+                    await session.execute(dropped)
+                await session.rollback()
+
+        await migrate.downgrade_async(url, "0002")
+        async with sessions() as session, session.begin():
+            for dropped in _set_dropped_states(saga.id, wait.wait_key):
+                await session.execute(dropped)
+    finally:
+        await engine.dispose()
+
+
+def _set_dropped_states(saga_id: uuid.UUID, wait_key: str) -> list[Update]:
+    # Literal values bypass the Python-side enum check to reach the database's.
+    return [
+        update(Saga).where(Saga.id == saga_id).values(state=literal_column("'failed'")),
+        update(WaitRendezvous)
+        .where(WaitRendezvous.wait_key == wait_key)
+        .values(state=literal_column("'expired'")),
+    ]
+
+
 # SQLite -----------------------------------------------------------------------------
 
 
@@ -424,6 +471,10 @@ def test_migrations_refuse_to_commit_over_dangling_references(
         )
     with pytest.raises(RuntimeError, match="dangling foreign keys"):
         migrate.upgrade(sqlite_url)
+
+
+async def test_unused_states_dropped(sqlite_url: str) -> None:
+    await scenario_unused_states_dropped(sqlite_url)
 
 
 async def test_migrations_run_inside_a_running_event_loop(sqlite_url: str) -> None:

@@ -17,13 +17,7 @@ from tests.saga_triad import Scenario
 # Undos that are not idempotent: run twice, their effect is applied twice. The cases
 # that run one are expected to fail, strictly, so that the fix shows as a pass and the
 # entry goes. Keyed by (saga, node whose undo it is).
-NOT_IDEMPOTENT_UNDOS = {
-    ("disk_create", "regions_place"): (
-        "regions_place_undo adds each region's bytes back to its dataset without checking "
-        "that the region rows it deletes are still there: run twice, each chosen dataset "
-        "ends one region above its free_bytes before the saga (and above its capacity)"
-    ),
-}
+NOT_IDEMPOTENT_UNDOS: dict[tuple[str, str], str] = {}
 
 
 def failing_nodes(*, undos_twice: bool) -> list[object]:

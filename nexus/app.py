@@ -26,7 +26,7 @@ from nexus.saga.definition import SagaDefinition
 from nexus.saga.executor import SagaExecutor
 from nexus.saga.faults import Faults
 from nexus.saga.outbox import NexusOutboxStore, Outbox
-from nexus.saga.store import SagaRow
+from nexus.saga.position import SagaRow
 from nexus.sagas import ALL_SAGAS, disk_create
 from nexus.settings import NexusSettings
 from schemas.outbox import OutboxRelay
@@ -78,7 +78,7 @@ class NexusApp:
         outbox = Outbox(self.clock.now)
         store = NexusOutboxStore(self.sessions, outbox, clock=self.clock.now)
         self.relay = OutboxRelay(store, self.transport)
-        outbox.on_commit_hint(self.relay.notify)
+        outbox.on_commit(self.relay.notify)
         self.executor = SagaExecutor(
             sessions=self.sessions,
             definitions=self._definitions,

@@ -19,8 +19,8 @@ from nexus.saga.definition import ActionFailed, Node, Reconciled, SagaDefinition
 from nexus.saga.errors import raise_unless_the_node_failed
 from nexus.saga.moves import DeadlineAnswer, Fail, Rearm, Resume, next_move
 from nexus.saga.parts import Parts
+from nexus.saga.position import SagaRow
 from nexus.saga.runner import SagaRunner
-from nexus.saga.store import SagaRow
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,9 @@ from nexus.saga.faults import Faults
 from nexus.saga.notices import Listener, Notices
 from nexus.saga.outbox import Outbox
 from nexus.saga.parts import Parts
+from nexus.saga.position import SagaRow
 from nexus.saga.runner import SagaRunner
-from nexus.saga.store import SagaRow, SagaStore
+from nexus.saga.store import SagaStore
 from schemas.transport import Transport
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,8 @@ from nexus.saga.definition import Ctx, SagaDefinition
 from nexus.saga.errors import Unrecoverable
 from nexus.saga.faults import Faults
 from nexus.saga.notices import Notices
-from nexus.saga.store import SagaRow, SagaStore, StepTx
+from nexus.saga.position import SagaRow
+from nexus.saga.store import SagaStore, StepTx
 from schemas.base import Envelope
 from schemas.transport import Transport
 

@@ -1,4 +1,5 @@
-"""Where a saga stands: a typed value, kept as JSON in ``sagas.progress``.
+"""Where a saga stands: a typed value, kept as JSON in ``sagas.progress``; and the saga
+row as a step reads it (``SagaRow``: who the saga is, its position, its outputs).
 
 The saga's state column and this position together say everything the engine needs to
 decide its next move (``nexus.saga.moves``). Node outputs live beside it in
@@ -10,6 +11,7 @@ older replica is read the same way.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -106,3 +108,25 @@ class Position:
 
     def without_wait(self, node: str) -> Position:
         return replace(self, waiting={n: w for n, w in self.waiting.items() if n != node})
+
+
+@dataclass(frozen=True)
+class SagaRow:
+    """A saga as a step read it: who it is, where it stands, what its nodes produced."""
+
+    id: uuid.UUID
+    name: str
+    definition_version: int
+    params: Mapping[str, Any]
+    position: Position
+    outputs: Mapping[str, Any]
+    version: int
+    error: str | None
+
+    @property
+    def state(self) -> SagaState:
+        return self.position.state
+
+    def at(self, position: Position, **changes: Any) -> SagaRow:
+        """The row moved to ``position`` (and ``outputs`` or ``error`` changed)."""
+        return replace(self, position=position, **changes)

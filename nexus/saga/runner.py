@@ -41,9 +41,9 @@ from nexus.saga.moves import (
     shape_of,
 )
 from nexus.saga.parts import Parts
-from nexus.saga.position import WaitingNode
+from nexus.saga.position import SagaRow, WaitingNode
 from nexus.saga.rendezvous import ReadyWait
-from nexus.saga.store import SagaRow, StepTx
+from nexus.saga.store import StepTx
 from nexus.saga.unwind import Unwinder
 
 log = logging.getLogger(__name__)

@@ -28,8 +28,7 @@ from nexus.saga.moves import (
     shape_of,
 )
 from nexus.saga.parts import Parts
-from nexus.saga.position import Position
-from nexus.saga.store import SagaRow
+from nexus.saga.position import Position, SagaRow
 
 log = logging.getLogger(__name__)
 

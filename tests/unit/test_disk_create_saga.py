@@ -6,6 +6,7 @@ visible; no room fails with a clear reason.
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 from pathlib import Path
 from typing import Any
@@ -112,4 +113,28 @@ async def test_no_room_fails_with_a_clear_reason(tmp_path: Path) -> None:
     saga = await database.saga(saga_id)
     assert saga.state == SagaState.UNDONE
     assert "insufficient capacity" in (saga.error or "")
+    await database.close()
+
+
+async def test_the_relay_is_woken_only_once_its_commands_are_committed(tmp_path: Path) -> None:
+    """A wake-up before the commit finds nothing, and the relay would sleep until its
+    next sweep with the commands unsent (seconds of a disk stuck in "creating")."""
+    path = tmp_path / "relay.sqlite3"
+    database = await Database.migrated(f"sqlite+aiosqlite:///{path}")
+    await database.add_datasets(3)
+    replica = Replica(database, "a", clock=ManualClock())
+    visible_at_wake: list[int] = []
+
+    def wake() -> None:
+        # What the relay's own connection would find at this moment.
+        with sqlite3.connect(path) as other:
+            visible_at_wake.append(other.execute("SELECT count(*) FROM outbox").fetchone()[0])
+
+    replica.outbox.on_commit(wake)
+    await replica.executor.start(disk_create.DEFINITION, params())
+    assert visible_at_wake, "the relay was never woken"
+    ensures = await FakeCrucible.new(database).ensures()
+    assert len(ensures) == 3
+    assert visible_at_wake[-1] == len(await database.outbox()), "all committed when it wakes"
+    assert all(count > 0 for count in visible_at_wake)
     await database.close()

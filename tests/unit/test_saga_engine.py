@@ -16,7 +16,7 @@ from nexus.db.states import SagaLogEvent, SagaState, WaitState
 from nexus.saga.clock import ManualClock
 from nexus.saga.definition import Ctx, Node, Reconciled, SagaDefinition, sequence
 from nexus.saga.errors import LeaseLost
-from nexus.saga.store import SagaRow
+from nexus.saga.position import SagaRow
 from schemas.instance import InstanceState
 from tests.saga_support import (
     Database,

@@ -21,7 +21,7 @@ from nexus.api import Api
 from nexus.db.engine import create_engine, create_sessionmaker
 from nexus.events import EventIngest
 from nexus.liveness import mark_silent_sleds
-from nexus.saga.clock import Clock, SystemClock
+from nexus.saga.clock import Clock, DatabaseClock
 from nexus.saga.definition import SagaDefinition
 from nexus.saga.executor import SagaExecutor
 from nexus.saga.faults import Faults
@@ -37,6 +37,9 @@ from schemas.transport import Delivery, Transport
 
 log = logging.getLogger(__name__)
 
+# How often a replica measures its clock against the database's again.
+CLOCK_MEASURE_SECONDS = 5.0
+
 
 class NexusApp:
     def __init__(
@@ -49,7 +52,7 @@ class NexusApp:
         faults: Faults | None = None,
     ) -> None:
         self.settings = settings
-        self.clock = clock or SystemClock()
+        self.clock = clock or DatabaseClock()
         self._definitions = definitions
         self._disk_create_saga = disk_create_saga
         self._faults = faults
@@ -71,6 +74,8 @@ class NexusApp:
         settings = self.settings
         self.engine = create_engine(settings.database_url)
         self.sessions = create_sessionmaker(self.engine)
+        if isinstance(self.clock, DatabaseClock):
+            await self.clock.measure(self.engine)
         self.transport = Transport(settings.amqp_url, name=f"nexus/{settings.replica_id}")
         await self.transport.connect()
         await self.transport.declare_topology()
@@ -189,11 +194,15 @@ class NexusApp:
         assert self.executor is not None
         settings = self.settings
         unclaimed_every = max(1, int(60 / settings.sweep_seconds))
+        measure_every = max(1, int(CLOCK_MEASURE_SECONDS / settings.sweep_seconds))
         passes = 0
         while True:
             await asyncio.sleep(settings.sweep_seconds)
             passes += 1
             try:
+                if isinstance(self.clock, DatabaseClock) and passes % measure_every == 0:
+                    assert self.engine is not None
+                    await self.clock.measure(self.engine)
                 await self.executor.sweep()
                 assert self.sessions is not None
                 await mark_silent_sleds(

@@ -131,6 +131,8 @@ class Replica:
         self.replica_id = replica_id
         self.clock = clock
         self.outbox = Outbox(clock.now)
+        # What watchers were told, in order: (saga, step, node).
+        self.told: list[tuple[uuid.UUID, str, str | None]] = []
         self.executor = SagaExecutor(
             sessions=database.sessions,
             definitions=definitions,
@@ -139,6 +141,7 @@ class Replica:
             clock=clock,
             lease=lease,
             faults=faults,
+            on_progress=lambda row, step, node, detail: self.told.append((row.id, step, node)),
         )
         self.intake = EventIngest(database.sessions, clock.now)
 

@@ -31,15 +31,15 @@ class Deadlines:
         self._runner = runner
 
     async def reconcile(self, row: SagaRow) -> SagaRow | None:
-        """Reconcile every expired wait of a claimed saga; the row to run on from, or
-        None when it parked again or failed a node (what else expired is the next
-        sweep's)."""
+        """Reconcile every expired wait of a claimed saga; the row to run on from (also
+        when a node failed: it unwinds), or None when it parked again or ended (what
+        else expired is the next sweep's)."""
         definition, params = self._parts.resolve(row)
         now = self._parts.clock.now()
         for node_name, wait in list(row.position.waiting.items()):
             if wait.deadline >= now:
                 continue
-            node = definition.node(node_name)
+            node = self._parts.node(definition, node_name)
             answer = await self._ask(definition, params, row, node, list(wait.keys), wait.asked)
             log.info(
                 "saga %s node %s deadline: reconcile says %s %s",
@@ -83,13 +83,16 @@ class Deadlines:
                     by_reconcile=True,
                     occurred_at=tx.now,
                 )
-                return await self._runner.advance(
+                after = await self._runner.advance(
                     tx, definition, params, fenced, move, limit=1, wake=wake
                 )
         except Exception as error:
+            self._parts.notices.rolled_back(row.id)
             # A lost race: the next sweep finds the deadline still passed and asks again.
             raise_unless_the_node_failed(error, move.node)
             return await self._runner.unwind.fail_node(row, move.node, error)
+        self._parts.notices.committed(fenced)
+        return after
 
     async def _rearm(self, row: SagaRow, move: Rearm, node: str, reason: str) -> SagaRow:
         wait = move.position.waiting[node]

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from nexus.saga.clock import Clock
-from nexus.saga.definition import Ctx, SagaDefinition
+from nexus.saga.definition import Ctx, Node, SagaDefinition
 from nexus.saga.errors import Unrecoverable
 from nexus.saga.faults import Faults
 from nexus.saga.notices import Notices
@@ -42,6 +42,13 @@ class Parts:
         try:
             return definition, definition.params.model_validate(row.params)
         except ValidationError as error:
+            raise Unrecoverable(str(error)) from error
+
+    def node(self, definition: SagaDefinition[Any], name: str) -> Node[Any]:
+        """A node the saga's log names; one its definition lacks makes it unrecoverable."""
+        try:
+            return definition.node(name)
+        except KeyError as error:
             raise Unrecoverable(str(error)) from error
 
     def ctx(

@@ -85,6 +85,7 @@ class _PayloadOutput(BaseModel):
 class SagaRunner:
     def __init__(self, parts: Parts) -> None:
         self._parts = parts
+        self.notices = parts.notices
         self.unwind = Unwinder(parts)
 
     async def run(self, row: SagaRow | None, saga_id: uuid.UUID) -> None:

@@ -134,6 +134,14 @@ async def test_a_lost_notification_is_recovered_at_the_deadline_by_one_query(
     saga = await database.saga(saga_id)
     assert saga.state == SagaState.DONE
     assert Woke.model_validate(saga.node_outputs["wait"]).by_reconcile
+    told = [(step, node) for saga, step, node in a.told if saga == saga_id]
+    # Watchers are told of a resume by reconcile as of one by an event.
+    assert told[-4:] == [
+        ("resumed", "wait"),
+        ("succeeded", "wait"),
+        ("succeeded", "finish"),
+        ("done", None),
+    ], told
 
 
 async def test_a_deadline_rearms_then_fails(database: Database) -> None:
@@ -159,6 +167,37 @@ async def test_a_deadline_rearms_then_fails(database: Database) -> None:
     saga = await database.saga(saga_id)
     assert saga.state == SagaState.UNDONE
     assert "deadline passed" in (saga.error or "")
+    told = [(step, node) for saga, step, node in a.told if saga == saga_id]
+    assert told[-2:] == [("failed", "wait"), ("undone", None)], told
+
+
+async def test_one_sagas_trouble_does_not_cost_the_others_their_sweep(
+    database: Database,
+) -> None:
+    clock = ManualClock()
+    definition = wait_saga(Reconciler())
+    a = Replica(database, "a", clock=clock, definitions=[definition])
+    _, broken_key = running_key()
+    _, good_key = running_key()
+    broken = await a.executor.start(definition, WaitParams(key=broken_key, deadline_seconds=5))
+    good = await a.executor.start(
+        definition, WaitParams(key=good_key, deadline_seconds=5, rearms=0)
+    )
+    async with database.sessions.begin() as session:
+        # Its log names a node its definition no longer has (a change without a new version).
+        saga = await session.get(Saga, broken)
+        assert saga is not None
+        waiting = dict(saga.progress["waiting"])
+        waiting["renamed"] = waiting.pop("wait")
+        saga.progress = {**saga.progress, "waiting": waiting}
+
+    clock.advance(timedelta(seconds=6))
+    await a.executor.sweep()
+
+    assert (await database.saga(good)).state == SagaState.UNDONE
+    unrecoverable = await database.saga(broken)
+    assert unrecoverable.state == SagaState.UNRECOVERABLE
+    assert "renamed" in (unrecoverable.error or "")
 
 
 async def claim(replica: Replica, saga_id: uuid.UUID) -> SagaRow | None:

@@ -9,6 +9,7 @@ node. This is the safety net under notifications, not a polling loop.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -17,7 +18,7 @@ from pydantic import BaseModel
 from nexus.db.states import SagaLogEvent
 from nexus.saga.definition import ActionFailed, Node, Reconciled, SagaDefinition, WakeUp
 from nexus.saga.errors import raise_unless_the_node_failed
-from nexus.saga.moves import DeadlineAnswer, Fail, Rearm, Resume, next_move
+from nexus.saga.moves import DeadlineAnswer, Fail, Rearm, Resend, Resume, Run, next_move
 from nexus.saga.parts import Parts
 from nexus.saga.position import SagaRow
 from nexus.saga.runner import SagaRunner
@@ -58,6 +59,11 @@ class Deadlines:
                     row = resumed
                 case Rearm(node=name, reason=reason):
                     row = await self._rearm(row, move, name, reason)
+                case Resend():
+                    resent = await self._resend(definition, params, row, move)
+                    if resent is None:
+                        return None
+                    row = resent
                 case Fail(node=name, error=error):
                     return await self._runner.unwind.fail_node(row, name, ActionFailed(error))
         return row
@@ -94,6 +100,29 @@ class Deadlines:
         self._parts.notices.committed(fenced)
         return after
 
+    async def _resend(
+        self, definition: SagaDefinition[Any], params: BaseModel, row: SagaRow, move: Resend
+    ) -> SagaRow | None:
+        """Run the node's action again in a step of its own: it sends its command anew."""
+        try:
+            async with self._parts.store.step(self._parts.clock.now()) as tx:
+                fenced = await tx.fence(row)
+                tx.log(
+                    row.id,
+                    move.node,
+                    SagaLogEvent.WAITING,
+                    tx.now,
+                    {"rearmed": move.reason, "resent": True},
+                )
+                again = Run(move.node, move.position)
+                after = await self._runner.advance(tx, definition, params, fenced, again, limit=1)
+        except Exception as error:
+            self._parts.notices.rolled_back(row.id)
+            raise_unless_the_node_failed(error, move.node)
+            return await self._runner.unwind.fail_node(row, move.node, error)
+        self._parts.notices.committed(fenced)
+        return after
+
     async def _rearm(self, row: SagaRow, move: Rearm, node: str, reason: str) -> SagaRow:
         wait = move.position.waiting[node]
         async with self._parts.store.step(self._parts.clock.now()) as tx:
@@ -119,9 +148,13 @@ class Deadlines:
     ) -> Reconciled:
         if node.reconcile is None:
             return Reconciled.fail("the node has no reconcile query")
+        # Bounded by the lease: a slow agent must not outlast it, or another replica
+        # claims the saga away from its reconciler again and again.
+        bound = self._parts.store.lease.total_seconds() / 2
         async with self._parts.store.reading() as session:
             ctx = self._parts.ctx(session, definition, params, row, node.name, attempt=attempt)
             try:
-                return await node.reconcile(ctx, keys)
+                async with asyncio.timeout(bound):
+                    return await node.reconcile(ctx, keys)
             except Exception as error:  # an unreachable agent: give the wait another term
-                return Reconciled.rearm(f"reconcile query failed: {error!r}")
+                return Reconciled.unanswered(f"reconcile query failed: {error!r}")

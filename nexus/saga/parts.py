@@ -72,6 +72,7 @@ class Parts:
                 raise RuntimeError("a saga sends commands only from an action or an undo")
             tx.send(message, exchange, routing_key, mandatory)
 
+        waiting = row.position.waiting.get(node)
         return Ctx(
             saga_id=row.id,
             saga_name=definition.name,
@@ -84,4 +85,5 @@ class Parts:
             send=send,
             transport=self.transport,
             attempt=attempt,
+            resends=waiting.resends if waiting is not None else 0,
         )

@@ -36,6 +36,8 @@ class WaitingNode:
     timeout: timedelta
     # How many times this wait's deadline was reconciled already.
     asked: int = 0
+    # How many times reconcile had the node's command sent again.
+    resends: int = 0
 
     @classmethod
     def of(cls, data: Mapping[str, Any]) -> WaitingNode:
@@ -47,6 +49,7 @@ class WaitingNode:
             min_generation=int(data.get("min_generation", 0)),
             timeout=timedelta(seconds=float(data["timeout_seconds"])),
             asked=int(data.get("asked", 0)),
+            resends=int(data.get("resends", 0)),
         )
 
     def dump(self) -> dict[str, Any]:
@@ -58,6 +61,7 @@ class WaitingNode:
             "min_generation": self.min_generation,
             "timeout_seconds": self.timeout.total_seconds(),
             "asked": self.asked,
+            "resends": self.resends,
         }
 
 

@@ -298,8 +298,14 @@ class SagaRunner:
             rearms=wait.rearms,
             min_generation=wait.min_generation,
             timeout=wait.deadline,
+            asked=previous.asked if previous is not None else 0,
+            resends=previous.resends if previous is not None else 0,
         )
         await tx.park(row.id, node.name, wait.keys, waiting.deadline, wait.min_generation)
+        if previous is not None:
+            # Parked again (a resume that waits anew, a command sent again): keys of the
+            # earlier wait that are still parked take the new deadline too.
+            await tx.rearm(row.id, node.name, waiting.deadline)
         self._parts.notices.note(row.id, "waiting", node.name, ", ".join(wait.keys))
         tx.log(
             row.id,

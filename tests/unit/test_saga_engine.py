@@ -3,6 +3,7 @@ fixture), with an injected clock."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import timedelta
 
@@ -169,6 +170,31 @@ async def test_a_deadline_rearms_then_fails(database: Database) -> None:
     assert "deadline passed" in (saga.error or "")
     told = [(step, node) for saga, step, node in a.told if saga == saga_id]
     assert told[-2:] == [("failed", "wait"), ("undone", None)], told
+
+
+async def test_a_reconcile_is_bounded_by_the_lease_and_no_answer_spends_no_rearm(
+    database: Database,
+) -> None:
+    clock = ManualClock()
+    reconciler = Reconciler(answers_after=30.0)
+    definition = wait_saga(reconciler)
+    lease = timedelta(seconds=0.4)
+    a = Replica(database, "a", clock=clock, definitions=[definition], lease=lease)
+    _, key = running_key()
+    saga_id = await a.executor.start(definition, WaitParams(key=key, deadline_seconds=10, rearms=0))
+
+    clock.advance(timedelta(seconds=11))
+    started = time.monotonic()
+    await a.executor.sweep()
+    waited = time.monotonic() - started
+
+    assert reconciler.asked == 1
+    assert waited < lease.total_seconds() + 1.0, f"the query held the saga {waited:.1f}s"
+    saga = await database.saga(saga_id)
+    assert saga.state == SagaState.WAITING, "an agent that does not answer re-arms the wait"
+    assert saga.progress["waiting"]["wait"]["rearms"] == 0
+    log = await database.log(saga_id)
+    assert "reconcile query failed" in str(log[-1].data)
 
 
 async def test_one_sagas_trouble_does_not_cost_the_others_their_sweep(

@@ -317,7 +317,9 @@ async def region_ensure_reconcile(ctx: Ctx[Params], keys: Any) -> Reconciled:
     if reply.payload.region is None:
         # The ensure never reached it (lost, or still in Nexus's outbox while the
         # database was down): it is idempotent, so send it again.
-        return Reconciled.resend(f"agent {placement.dataset_id} has no region {placement.region_id}")
+        return Reconciled.resend(
+            f"agent {placement.dataset_id} has no region {placement.region_id}"
+        )
     region = reply.payload.region
     change = RegionChange(agent_id=reply.payload.agent_id, region=region).model_dump(mode="json")
     if region.state is WireRegionState.CREATED:

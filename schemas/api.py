@@ -13,7 +13,15 @@ from typing import Literal
 
 from pydantic import AwareDatetime, Field
 
-from schemas.base import BlockSize, Envelope, Model, Name, PositiveInt
+from schemas.base import (
+    BlockSize,
+    Envelope,
+    Model,
+    Name,
+    NonNegativeInt32,
+    PositiveInt,
+    PositiveInt32,
+)
 from schemas.progress import DiskState
 
 # Ids and names are both accepted where a resource is named.
@@ -164,7 +172,7 @@ class InstanceView(Model):
     id: uuid.UUID
     project: Name
     name: Name
-    ncpus: PositiveInt
+    ncpus: PositiveInt32
     memory_bytes: PositiveInt
     state: str
     sled_id: uuid.UUID | None = None
@@ -193,7 +201,7 @@ class WaitView(Model):
 class SagaView(Model):
     id: uuid.UUID
     name: str
-    version: int
+    version: NonNegativeInt32
     state: str
     lease_owner: str | None
     error: str | None
@@ -217,7 +225,7 @@ class DoctorFinding(Model):
 
 
 class DoctorReport(Model):
-    checked_agents: int = Field(ge=0)
+    checked_agents: NonNegativeInt32
     unreachable_agents: tuple[str, ...] = ()
     findings: tuple[DoctorFinding, ...] = ()
 

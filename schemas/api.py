@@ -27,6 +27,7 @@ from schemas.progress import DiskState
 # Ids and names are both accepted where a resource is named.
 NameOrId = Name | uuid.UUID
 MAX_DISK_BYTES = 1 << 40
+MAX_ERROR_MESSAGE = 2000
 
 
 class ErrorCode(StrEnum):
@@ -232,7 +233,7 @@ class DoctorReport(Model):
 
 class ApiErrorBody(Model):
     code: ErrorCode
-    message: str = Field(max_length=2000)
+    message: str = Field(max_length=MAX_ERROR_MESSAGE)
 
 
 class DiskReply(Envelope):

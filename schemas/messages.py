@@ -113,7 +113,11 @@ MAX_FIELD_ERRORS = 10
 
 
 class MessageRejected(ValueError):
-    """Why inbound bytes are not a message we accept; ``reason`` is a stable code."""
+    """Why inbound bytes are not a message we accept; ``reason`` is a stable code.
+
+    Raised by :func:`decode`, and by a handler that refuses a message it parsed (the
+    transport dead-letters it at once, with the reason, rather than redelivering it).
+    """
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")

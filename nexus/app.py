@@ -95,7 +95,9 @@ class NexusApp:
             faults=self._faults,
             on_progress=self._saga_progress,
         )
-        self.ingest = EventIngest(self.sessions, self.clock.now)
+        self.ingest = EventIngest(
+            self.sessions, self.clock.now, max_generation_lead=settings.max_generation_lead
+        )
         self._tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
         if background:
             self._tasks.append(asyncio.create_task(self._sweeper(), name="sweeper"))

@@ -114,7 +114,9 @@ class NexusApp:
             await self.transport.consume(
                 NEXUS_EVENTS_QUEUE, self.on_event, prefetch=settings.event_prefetch
             )
-            await self.transport.consume(NEXUS_API_QUEUE, self.api.handle, prefetch=16)
+            await self.transport.consume(
+                NEXUS_API_QUEUE, self.api.handle, prefetch=16, on_refused=self.api.on_refused
+            )
         log.info(
             "nexus replica %s up (database %s)",
             settings.replica_id,

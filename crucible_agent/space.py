@@ -69,8 +69,8 @@ class SpaceReserve:
         if self.size == 0 or self.hold():
             return None
         return (
-            f"{self.free_bytes()} bytes free in the data directory's filesystem, fewer "
-            f"than the {2 * self.size} the agent needs to create regions"
+            f"the data directory's filesystem is full ({self.free_bytes()} bytes free; new "
+            f"regions need {2 * self.size}, half of it kept for the agent's own records)"
         )
 
     def hold(self) -> bool:

@@ -1,4 +1,5 @@
-"""Unclaimed events: kept only where a saga could wait for them."""
+"""Unclaimed events: kept only where a saga could wait for them, and shown grouped by type
+and source (what ``nexusctl events unclaimed`` and ``nexusctl doctor`` print)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select
 
-from nexus.db.models import Region, UnclaimedEvent, WaitRendezvous
+from nexus.db.models import OutboxMessage, Region, UnclaimedEvent, WaitRendezvous
 from nexus.db.states import RegionState
 from nexus.sagas import ALL_SAGAS, disk_create, disk_delete
+from nexus.unclaimed import summarise
 from nexus.waitkeys import NeverAwaited, instance_key, region_key
+from schemas.common import CommandRejected, Rejection
 from schemas.instance import InstanceState
+from schemas.region import RegionEnsure
 from schemas.region import RegionState as WireRegionState
 from tests.saga_scenarios import disk_params
 from tests.saga_support import Agents, Database, instance_event
@@ -76,3 +80,80 @@ def test_no_saga_can_wait_for_a_state_the_intake_does_not_keep() -> None:
         region_key(uuid.uuid4(), WireRegionState.REQUESTED)
     with pytest.raises(NeverAwaited, match="starting"):
         instance_key(uuid.uuid4(), InstanceState.STARTING)
+
+
+async def test_unclaimed_events_are_grouped_by_type_and_source_newest_first(
+    database: Database,
+) -> None:
+    world = World(database, Agents.new(database), ALL_SAGAS)
+    datasets = await database.add_datasets(3)
+    await world.run_to_done(disk_create.DEFINITION, disk_params())
+    ensures = await world.agents.crucible.ensures()
+    replica = world.replica()
+    # Late news about regions whose saga is done: each created once more (an agent that
+    # re-created them), from one agent.
+    agent = uuid.uuid4()
+    for ensure in ensures:
+        await replica.deliver(
+            world.agents.crucible.event(ensure, WireRegionState.CREATED, agent_id=agent)
+        )
+        world.clock.advance(timedelta(seconds=1))
+    # An instance that crashed with no operation under way.
+    crashed = instance_event(uuid.uuid4(), InstanceState.FAILED, 5)
+    await replica.deliver(crashed)
+    # A refusal of a command whose saga no longer waits: its agent is the one commanded.
+    refused = ensures[0]
+    await replica.deliver(rejection(refused, "conflict"))
+
+    world.clock.advance(RETENTION * 2)
+    assert await replica.executor.sweep_unclaimed(RETENTION) == len(ensures) + 2
+    summary = await summarise(database.sessions, groups=10, examples=2)
+
+    assert (summary.total, summary.scanned, summary.group_count) == (5, 5, 3)
+    by_type = {group.type: group for group in summary.groups}
+    assert summary.groups[0].type == "region.created"
+    created = by_type["region.created"]
+    assert (created.source, created.count) == (f"crucible/{agent}", 3)
+    # The two newest of the three, newest first.
+    assert [example.wait_key for example in created.examples] == [
+        region_key(ensure.payload.id, WireRegionState.CREATED) for ensure in ensures[:0:-1]
+    ]
+    assert created.examples[0].summary == (f"region {ensures[2].payload.id} created (generation 3)")
+    failed = by_type["instance.failed"]
+    assert (failed.source, failed.count) == (f"sled/{crashed.payload.instance.sled_id}", 1)
+    assert failed.examples[0].message_id == crashed.id
+    rejected = by_type["command.rejected"]
+    queue = await queue_of(database, refused)
+    commanded = next(d for d in datasets if d.queue_name == queue)
+    assert (rejected.source, rejected.count) == (f"crucible/{commanded.id}", 1)
+    assert rejected.examples[0].summary == (
+        f"region.ensure.v1 {refused.id} refused (conflict): conflict: region.ensure.v1"
+    )
+
+    largest = await summarise(database.sessions, groups=1, examples=0)
+    assert [(group.type, group.count, group.examples) for group in largest.groups] == [
+        ("region.created", 3, ())
+    ]
+    assert largest.group_count == 3
+
+
+def rejection(command: RegionEnsure, code: str) -> CommandRejected:
+    return CommandRejected(
+        source=f"crucible/{uuid.uuid4()}",
+        payload=Rejection(
+            command_id=command.id,
+            command_type=command.TYPE,
+            code=code,
+            message=f"{code}: {command.TYPE}",
+        ),
+    )
+
+
+async def queue_of(database: Database, command: RegionEnsure) -> str:
+    """Where Nexus sent ``command``: its outbox row's routing key."""
+    async with database.sessions() as session:
+        queue = await session.scalar(
+            select(OutboxMessage.routing_key).where(OutboxMessage.message_id == command.id)
+        )
+    assert queue is not None
+    return queue

@@ -41,15 +41,20 @@ def test_a_healthy_rack_passes_and_every_forged_placement_is_reported(rack: Rack
 
     # Two regions of one disk on one sled: its first region's row moved onto the
     # dataset of its second.
-    with forged(database, "UPDATE regions SET dataset_id = ? WHERE id = ?", second[1], first[0]):
+    with forged(database, "regions", "dataset_id", second[1], first[0]):
         assert findings_of(rack) == {
             ("disk_regions_share_sled", str(disk)),
             ("region_missing", str(first[0])),
             ("region_wrong_dataset", str(first[0])),
         }
     # A state Nexus never heard from the agent (as a forged event would leave it).
-    with forged(database, "UPDATE regions SET generation = ? WHERE id = ?", 1 << 62, first[0]):
+    with forged(database, "regions", "generation", 1 << 62, first[0]):
         assert findings_of(rack) == {("region_state_mismatch", str(first[0]))}
+    # A dataset recorded with another agent's queue (as a forged announcement left it):
+    # Nexus would command that agent; the doctor asks the dataset's own.
+    foreign = crucible_queue(second[1])
+    with forged(database, "datasets", "queue_name", foreign, first[1]):
+        assert findings_of(rack) == {("agent_identity", str(first[1]))}
     assert rack.ctl("doctor").code == 0
 
     # A region created at an agent by someone other than Nexus.
@@ -95,15 +100,18 @@ def query(database: Path, sql: str, *parameters: Any) -> list[tuple[Any, ...]]:
 
 
 @contextmanager
-def forged(database: Path, sql: str, value: object, region: uuid.UUID) -> Iterator[None]:
-    """One column of one region row changed while the block runs, then put back."""
-    column = sql.split("SET ")[1].split(" =")[0]
-    ((before,),) = query(database, f"SELECT {column} FROM regions WHERE id = ?", region.hex)
-    write(database, sql, value.hex if isinstance(value, uuid.UUID) else value, region.hex)
+def forged(
+    database: Path, table: str, column: str, value: object, row: uuid.UUID
+) -> Iterator[None]:
+    """One column of one row changed while the block runs, then put back."""
+    select = f"SELECT {column} FROM {table} WHERE id = ?"
+    update = f"UPDATE {table} SET {column} = ? WHERE id = ?"
+    ((before,),) = query(database, select, row.hex)
+    write(database, update, value.hex if isinstance(value, uuid.UUID) else value, row.hex)
     try:
         yield
     finally:
-        write(database, sql, before, region.hex)
+        write(database, update, before, row.hex)
 
 
 def write(database: Path, sql: str, *parameters: Any) -> None:

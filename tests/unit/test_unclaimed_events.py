@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -13,14 +14,20 @@ from nexus.db.models import OutboxMessage, Region, UnclaimedEvent, WaitRendezvou
 from nexus.db.states import RegionState
 from nexus.sagas import ALL_SAGAS, disk_create, disk_delete
 from nexus.unclaimed import summarise
-from nexus.waitkeys import NeverAwaited, instance_key, region_key
+from nexus.waitkeys import (
+    AWAITED_INSTANCE_STATES,
+    AWAITED_REGION_STATES,
+    instance_key,
+    is_rejection,
+    region_key,
+)
 from schemas.common import CommandRejected, Rejection
 from schemas.instance import InstanceState
 from schemas.region import RegionEnsure
 from schemas.region import RegionState as WireRegionState
-from tests.saga_scenarios import disk_params
+from tests.saga_scenarios import SCENARIOS, disk_params
 from tests.saga_support import Agents, Database, instance_event
-from tests.saga_triad import World
+from tests.saga_triad import Scenario, World
 
 RETENTION = timedelta(hours=1)
 
@@ -73,13 +80,35 @@ async def test_an_event_no_saga_waits_for_updates_its_object_and_keeps_nothing(
     assert keys_after == keys_before
 
 
-def test_no_saga_can_wait_for_a_state_the_intake_does_not_keep() -> None:
-    with pytest.raises(NeverAwaited, match="tombstoned"):
-        region_key(uuid.uuid4(), WireRegionState.TOMBSTONED)
-    with pytest.raises(NeverAwaited, match="requested"):
-        region_key(uuid.uuid4(), WireRegionState.REQUESTED)
-    with pytest.raises(NeverAwaited, match="starting"):
-        instance_key(uuid.uuid4(), InstanceState.STARTING)
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
+async def test_every_key_a_saga_parks_on_is_one_the_intake_keeps(
+    database: Database, scenario: Scenario[Any]
+) -> None:
+    """The intake keeps events only in the states of nexus/waitkeys.py; a saga waiting
+    for another state would wait for an event that is never kept."""
+    world = World.for_saga(database, scenario.definition)
+    params = await scenario.prepare(world)
+    await world.run(scenario.definition, params)
+
+    async with database.sessions() as session:
+        parked = list(
+            (
+                await session.execute(
+                    select(WaitRendezvous.wait_key).where(WaitRendezvous.saga_id.is_not(None))
+                )
+            ).scalars()
+        )
+    assert parked
+    assert [key for key in parked if not kept_by_the_intake(key)] == []
+
+
+def kept_by_the_intake(key: str) -> bool:
+    if is_rejection(key):
+        return True
+    object_id = uuid.UUID(key.split(":")[1])
+    return key in {region_key(object_id, state) for state in AWAITED_REGION_STATES} | {
+        instance_key(object_id, state) for state in AWAITED_INSTANCE_STATES
+    }
 
 
 async def test_unclaimed_events_are_grouped_by_type_and_source_newest_first(

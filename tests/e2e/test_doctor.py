@@ -1,20 +1,24 @@
 """``nexusctl doctor`` against the real rack: it believes Nexus's records only as far as
 the agents themselves confirm them. A healthy rack gives exit 0; a forged placement in
 Nexus's database, or a region created at an agent behind Nexus's back, gives exit 1 and
-says what is wrong."""
+says what is wrong. And the events no saga claimed are listed, from real agents."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from nexus.db.engine import create_engine, create_sessionmaker
+from nexus.saga import rendezvous
 from schemas.region import RegionEnsure, RegionSpec
 from schemas.topology import crucible_queue
 from schemas.transport import Transport
@@ -61,6 +65,53 @@ def test_a_healthy_rack_passes_and_every_forged_placement_is_reported(rack: Rack
     stray = uuid.uuid4()
     asyncio.run(ensure_behind_nexus(rack.amqp_url, first[1], stray))
     assert findings_of(rack) == {("region_unknown", str(stray))}
+
+
+def test_unclaimed_events_are_listed_and_a_delete_leaves_none(rack: Rack) -> None:
+    """Real agents' events, recorded by real replicas; an hour's retention later (the
+    sweep Nexus runs, run here with a cutoff a day ahead), ``nexusctl events unclaimed``
+    lists the one no saga could claim: a region created behind Nexus's back. The three
+    ``tombstoned`` of a disk delete were never kept."""
+    rack.ok("disk", "create", "a", "--size", "64MiB", "-p", PROJECT, "--wait")
+    rack.ok("disk", "delete", "a", "-p", PROJECT, "--wait")
+    database = rack.state_dir / "nexus.sqlite3"
+    dataset = regions_of(database, disk_id(database, "a"))[0][1]
+    stray = uuid.uuid4()
+    asyncio.run(ensure_behind_nexus(rack.amqp_url, dataset, stray))
+    key = f"region:{stray}:created"
+    deadline = time.monotonic() + 30
+    while not query(database, "SELECT 1 FROM wait_rendezvous WHERE wait_key = ?", key):
+        assert time.monotonic() < deadline, "Nexus never recorded the stray region's creation"
+        time.sleep(0.2)
+
+    assert asyncio.run(sweep_as_if_a_day_passed(database)) == 1
+
+    listed = rack.ok("events", "unclaimed")
+    assert (listed["total"], listed["group_count"]) == (1, 1)
+    (group,) = listed["groups"]
+    assert (group["type"], group["source"], group["count"]) == (
+        "region.created",
+        f"crucible/{dataset}",
+        1,
+    )
+    assert [example["wait_key"] for example in group["examples"]] == [key]
+    # The doctor shows them too, and its verdict is about the region, not the event.
+    report = rack.ctl("doctor")
+    assert report.document["unclaimed"]["total"] == 1
+    assert {(f["kind"], f["object_id"]) for f in report.document["findings"]} == {
+        ("region_unknown", str(stray))
+    }
+
+
+async def sweep_as_if_a_day_passed(database: Path) -> int:
+    """What every replica's sweeper does once a minute, with a cutoff a day ahead."""
+    engine = create_engine(f"sqlite+aiosqlite:///{database}")
+    try:
+        async with create_sessionmaker(engine).begin() as session:
+            later = datetime.now(UTC) + timedelta(days=1)
+            return await rendezvous.sweep_unclaimed(session, older_than=later, now=later)
+    finally:
+        await engine.dispose()
 
 
 def findings_of(rack: Rack) -> set[tuple[str, str]]:

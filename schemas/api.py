@@ -18,6 +18,7 @@ from schemas.base import (
     Envelope,
     Model,
     Name,
+    NonNegativeInt,
     NonNegativeInt32,
     PositiveInt,
     PositiveInt32,
@@ -255,16 +256,16 @@ class UnclaimedExample(Model):
 class UnclaimedGroup(Model):
     type: str = Field(max_length=60, description="as its routing key: region.created, ...")
     source: str = Field(max_length=120, description="the agent the event names")
-    count: int = Field(gt=0)
+    count: PositiveInt
     oldest_at: AwareDatetime
     newest_at: AwareDatetime
     examples: tuple[UnclaimedExample, ...] = ()
 
 
 class UnclaimedSummary(Model):
-    total: int = Field(ge=0, description="unclaimed events recorded")
-    scanned: int = Field(ge=0, description="the newest this many were grouped")
-    group_count: int = Field(ge=0, description="groups found, of which the largest are listed")
+    total: NonNegativeInt = Field(description="unclaimed events recorded")
+    scanned: NonNegativeInt = Field(description="the newest this many were grouped")
+    group_count: NonNegativeInt = Field(description="groups found, of which the largest are listed")
     groups: tuple[UnclaimedGroup, ...] = ()
 
 

@@ -51,7 +51,7 @@ from schemas.region import Region as WireRegion
 from schemas.region import RegionList, RegionListed
 from schemas.region import RegionState as WireRegionState
 from schemas.topology import crucible_queue, sled_queue
-from schemas.transport import RequestTimedOut, Transport
+from schemas.transport import PublishFailed, RequestTimedOut, Transport
 
 LIVE_REGION = {WireRegionState.REQUESTED, WireRegionState.CREATED}
 READY_DISK = {DiskState.DETACHED, DiskState.ATTACHED}
@@ -142,7 +142,8 @@ async def run_doctor(
             reply = await transport.request(
                 RegionList(source=source), routing_key=crucible_queue(dataset.id), timeout=timeout
             )
-        except RequestTimedOut:
+        except (RequestTimedOut, PublishFailed):
+            # No answer in time, or no queue to take the question: unreachable.
             return None
         return reply if isinstance(reply, RegionListed) else None
 
@@ -362,7 +363,8 @@ async def _check_instances(
                 routing_key=sled_queue(instance.sled_id),
                 timeout=timeout,
             )
-        except RequestTimedOut:
+        except (RequestTimedOut, PublishFailed):
+            # No answer in time, or no queue to take the question: unreachable.
             return None
         return reply if isinstance(reply, InstanceInfo) else None
 

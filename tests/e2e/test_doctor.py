@@ -54,11 +54,21 @@ def test_a_healthy_rack_passes_and_every_forged_placement_is_reported(rack: Rack
     # A state Nexus never heard from the agent (as a forged event would leave it).
     with forged(database, "regions", "generation", 1 << 62, first[0]):
         assert findings_of(rack) == {("region_state_mismatch", str(first[0]))}
-    # A dataset recorded with another agent's queue (as a forged announcement left it):
-    # Nexus would command that agent; the doctor asks the dataset's own.
-    foreign = crucible_queue(second[1])
-    with forged(database, "datasets", "queue_name", foreign, first[1]):
-        assert findings_of(rack) == {("agent_identity", str(first[1]))}
+    assert rack.ctl("doctor").code == 0
+
+    # A dataset recorded with another agent's queue, as an announcement under a new id
+    # would leave it: Nexus would command that agent. The doctor asks the dataset's own
+    # queue, which nothing consumes. (A live agent's own row would be rewritten by its
+    # next announcement, within a second.)
+    ghost = uuid.uuid4()
+    insert_dataset(database, ghost, queue=crucible_queue(second[1]))
+    report = rack.ctl("doctor")
+    assert report.code == 1, report.document
+    assert report.document["unreachable_agents"] == [f"crucible {ghost}"]
+    assert [(f["kind"], f["object_id"]) for f in report.document["findings"]] == [
+        ("agent_identity", str(ghost))
+    ]
+    write(database, "DELETE FROM datasets WHERE id = ?", ghost.hex)
     assert rack.ctl("doctor").code == 0
 
     # A region created at an agent by someone other than Nexus.
@@ -163,6 +173,22 @@ def forged(
         yield
     finally:
         write(database, update, before, row.hex)
+
+
+def insert_dataset(database: Path, dataset: uuid.UUID, *, queue: str) -> None:
+    """A dataset row as an announcement would leave it, seen long ago (so no disk is
+    placed on it)."""
+    write(
+        database,
+        "INSERT INTO datasets (id, sled_id, queue_name, capacity_bytes, free_bytes,"
+        " last_seen_at) VALUES (?, ?, ?, ?, ?, ?)",
+        dataset.hex,
+        uuid.uuid4().hex,
+        queue,
+        1 << 30,
+        1 << 30,
+        "2000-01-01 00:00:00.000000",
+    )
 
 
 def write(database: Path, sql: str, *parameters: Any) -> None:

@@ -11,7 +11,10 @@ The slow part of a create (the configured delay, then writing the extent files) 
 in a background task after the command was acked. If the process dies, the region is
 still ``requested`` in the database and :meth:`RegionService.resume` starts the work
 again; if a delete arrives meanwhile, the create's outcome is not recorded and the
-region stays ``tombstoned``.
+region stays ``tombstoned``. Background work that fails on a transient error (the
+state database cannot be written: :func:`schemas.transient.is_transient`) is run again
+in place with backoff; any other failure ends the agent (:meth:`RegionService.failed`),
+whose next start resumes the work.
 
 Capacity is announced at start, every ``announce_seconds``, and ``coalesce_seconds``
 after a change of free space: one announcement, read after the wait, covers every
@@ -28,9 +31,9 @@ import os
 import random
 import signal
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from crucible_agent import regions
 from crucible_agent.delay import Delay
@@ -53,6 +56,7 @@ from schemas.region import (
     RegionStateChanged,
 )
 from schemas.sled import AgentAnnounced, CrucibleAgentInfo
+from schemas.tasks import TransientRetries
 from schemas.topology import EVENTS_EXCHANGE, REPLIES_EXCHANGE, crucible_queue
 from schemas.transport import Delivery
 
@@ -123,6 +127,9 @@ class RegionService:
         self._file_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._workers: set[asyncio.Task[None]] = set()
+        self._retries = TransientRetries()
+        self._failure: BaseException | None = None
+        self._failed = asyncio.Event()
         self._handling = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -255,6 +262,11 @@ class RegionService:
         delay = self._faults.delay.sample(self._rng)
         if await self._stopped_within(delay):
             return
+        await self._until_done(f"create of region {region_id}", lambda: self._finish(region_id))
+
+    async def _finish(self, region_id: uuid.UUID) -> None:
+        """The files of a create, then its outcome recorded; idempotent, so it may run
+        again after a failure."""
         async with self._file_lock:
             region = await self._store.region(region_id)
             # Deleted while it waited: a create that finishes after a delete records nothing.
@@ -299,6 +311,9 @@ class RegionService:
         return None
 
     async def _destroy(self, region_id: uuid.UUID) -> None:
+        await self._until_done(f"removal of region {region_id}", lambda: self._remove(region_id))
+
+    async def _remove(self, region_id: uuid.UUID) -> None:
         async with self._file_lock:
             self._files.remove(region_id)
             async with self._store.transaction() as tx:
@@ -318,10 +333,29 @@ class RegionService:
         self._workers.add(task)
         task.add_done_callback(self._worker_done)
 
+    async def _until_done(self, what: str, work: Callable[[], Awaitable[None]]) -> None:
+        """``work``, again in place after each transient failure until done or stopped."""
+        await self._retries.run("region work", what, work)
+
     def _worker_done(self, task: asyncio.Task[None]) -> None:
         self._workers.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("region work failed", exc_info=task.exception())
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("region work failed; the agent stops", exc_info=error)
+            if self._failure is None:
+                self._failure = error
+            self._failed.set()
+
+    async def failed(self) -> NoReturn:
+        """Returns never; raises once background work failed on an error that is not
+        transient: the agent must not run on without that work (its next start resumes
+        it)."""
+        await self._failed.wait()
+        raise RuntimeError("region work failed") from self._failure
+
+    def work_problem(self, *, stuck_after: float) -> str | None:
+        """None, or which background work has been failing on a transient error for over
+        ``stuck_after`` seconds."""
+        return self._retries.problem(stuck_after=stuck_after)
 
     async def _stopped_within(self, seconds: float) -> bool:
         try:
@@ -335,6 +369,7 @@ class RegionService:
         """Let background work reach a safe point: delays end at once, file writing stops
         between extents, a transaction under way commits. What is left resumes at start."""
         self._stopping.set()
+        self._retries.stopping.set()
         if self._workers:
             await asyncio.gather(*self._workers, return_exceptions=True)
 
@@ -359,7 +394,7 @@ class RegionService:
         # Cleared before the read: a change committed from here on is either seen by
         # this announcement or schedules the next one.
         self._announcement_due = False
-        await self.announce()
+        await self._until_done("capacity announcement", self.announce)
 
     async def _announcement(self, tx: Transaction) -> OutgoingMessage:
         held = await tx.holdings()

@@ -7,10 +7,13 @@ flush the outbox and wait for the next wake-up; sleep, then sweep), which
 :meth:`Tasks.run` runs again and again. A pass that raises, whatever the exception, is
 logged and run again after a backoff (0.1 s doubling to 5 s, with jitter), so an
 outage delays a loop but never ends it. Each completed pass is recorded, and
-:meth:`Tasks.problems` names every task that is not running or has not completed a pass
-within its window, and every watched condition (the broker connection, the consumers)
-that does not hold. The health file is touched only while there is none
-(:func:`schemas.health.report_health`).
+:meth:`Tasks.problems` names every task that is not running, is failing, or has not
+completed a pass within its window, and every watched condition (the broker connection,
+the consumers, work retried in place) that does not hold. The health file is touched
+only while there is none (:func:`schemas.health.report_health`).
+
+:class:`TransientRetries` is the other half: one piece of work (a consumed message, a
+region's files) run again in place while it fails on a transient error.
 """
 
 from __future__ import annotations
@@ -143,24 +146,30 @@ class Tasks:
         return self._records[name]
 
     def problems(self) -> list[str]:
-        """One line per task that is not running or has not completed a pass within its
-        window, and per watched condition that does not hold; empty when healthy."""
+        """One line per task that is not running, whose last pass failed, or that has not
+        completed a pass within its window (stuck), and one per watched condition that
+        does not hold; empty when all is well.
+
+        A failing pass counts at once: the health file's own age (the ``health``
+        command's ``--max-age``) is the grace that a short blip stays within.
+        """
         now = self._clock()
         found: list[str] = []
         for record in self._records.values():
+            since = record.last_pass_at if record.last_pass_at is not None else record.started_at
             if record.task_done:
                 found.append(f"{record.name} is not running")
-                continue
-            since = record.last_pass_at if record.last_pass_at is not None else record.started_at
-            if now - since > record.window:
-                what = "its last pass" if record.last_pass_at is not None else "it started"
-                line = (
-                    f"{record.name} has not completed a pass for {now - since:.0f}s since "
-                    f"{what} (window {record.window:g}s)"
+            elif record.failures:
+                found.append(
+                    f"{record.name} is failing ({record.failures} failed passes in a row): "
+                    f"{record.last_error}"
                 )
-                if record.last_error is not None:
-                    line += f"; {record.failures} failed in a row, last: {record.last_error}"
-                found.append(line)
+            elif now - since > record.window:
+                what = "its last pass" if record.last_pass_at is not None else "it started"
+                found.append(
+                    f"{record.name} is stuck: no pass completed in the {now - since:.0f}s "
+                    f"since {what} (window {record.window:g}s)"
+                )
         for name, probe in self._probes.items():
             problem = probe()
             if problem is not None:
@@ -216,6 +225,8 @@ class Tasks:
             record.passes += 1
             record.last_pass_at = self._clock()
             backoff.reset()
+            # A pass that had nothing to wait for must not starve the rest of the process.
+            await asyncio.sleep(0)
 
 
 @dataclass(eq=False)

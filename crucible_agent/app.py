@@ -183,6 +183,8 @@ async def _until_stopped_or_failed(stop: asyncio.Event, *tasks: asyncio.Task[Non
     for task in done:
         # Before a stop these only end by failing (supervised loops: by being
         # cancelled); the process must not run on without them.
+        if task.cancelled():
+            raise RuntimeError(f"{task.get_name()} was cancelled")
         task.result()
         raise RuntimeError(f"{task.get_name()} ended unexpectedly")
 

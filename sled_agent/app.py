@@ -115,6 +115,8 @@ async def run(sled: Sled, shutdown: asyncio.Event) -> None:
                 if worker.done():
                     # A worker only ends by failing (a supervised loop: by being
                     # cancelled): let its exception end the process.
+                    if worker.cancelled():
+                        raise RuntimeError(f"{worker.get_name()} was cancelled")
                     worker.result()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(DRAIN_SECONDS):

@@ -27,12 +27,12 @@ from nexus.api import Api
 from nexus.db.engine import create_engine, create_sessionmaker
 from nexus.events import EventIngest
 from nexus.liveness import mark_silent_sleds
-from nexus.saga.clock import Clock, SystemClock
+from nexus.saga.clock import Clock, DatabaseClock
 from nexus.saga.definition import SagaDefinition
 from nexus.saga.executor import SagaExecutor
 from nexus.saga.faults import Faults
 from nexus.saga.outbox import NexusOutboxStore, Outbox
-from nexus.saga.store import SagaRow
+from nexus.saga.position import SagaRow
 from nexus.sagas import ALL_SAGAS, disk_create
 from nexus.settings import NexusSettings
 from schemas.health import report_health
@@ -53,6 +53,8 @@ SWEEP_GRACE_SECONDS = 10.0
 # A consumed message still failing on a transient error after this long: the replica
 # cannot do its work (its database has been down that long).
 CONSUMER_STUCK_SECONDS = 30.0
+# How often a replica measures its clock against the database's again.
+CLOCK_MEASURE_SECONDS = 5.0
 
 
 class NexusApp:
@@ -66,7 +68,7 @@ class NexusApp:
         faults: Faults | None = None,
     ) -> None:
         self.settings = settings
-        self.clock = clock or SystemClock()
+        self.clock = clock or DatabaseClock()
         self._definitions = definitions
         self._disk_create_saga = disk_create_saga
         self._faults = faults
@@ -90,6 +92,8 @@ class NexusApp:
         settings = self.settings
         self.engine = create_engine(settings.database_url)
         self.sessions = create_sessionmaker(self.engine)
+        if isinstance(self.clock, DatabaseClock):
+            await self.clock.measure(self.engine)
         self.transport = Transport(settings.amqp_url, name=f"nexus/{settings.replica_id}")
         await self.transport.connect()
         await self.transport.declare_topology()
@@ -97,7 +101,7 @@ class NexusApp:
         outbox = Outbox(self.clock.now)
         store = NexusOutboxStore(self.sessions, outbox, clock=self.clock.now)
         self.relay = OutboxRelay(store, self.transport)
-        outbox.on_commit_hint(self.relay.notify)
+        outbox.on_commit(self.relay.notify)
         self.executor = SagaExecutor(
             sessions=self.sessions,
             definitions=self._definitions,
@@ -109,7 +113,9 @@ class NexusApp:
             faults=self._faults,
             on_progress=self._saga_progress,
         )
-        self.ingest = EventIngest(self.sessions, self.clock.now)
+        self.ingest = EventIngest(
+            self.sessions, self.clock.now, max_generation_lead=settings.max_generation_lead
+        )
         self.tasks.run("outbox-relay", self.relay.run_pass, window=self.relay.pass_window)
         if background:
             self.tasks.run(
@@ -134,7 +140,9 @@ class NexusApp:
             await self.transport.consume(
                 NEXUS_EVENTS_QUEUE, self.on_event, prefetch=settings.event_prefetch
             )
-            await self.transport.consume(NEXUS_API_QUEUE, self.api.handle, prefetch=16)
+            await self.transport.consume(
+                NEXUS_API_QUEUE, self.api.handle, prefetch=16, on_refused=self.api.on_refused
+            )
         if settings.health_file is not None:
             self._health_task = asyncio.create_task(
                 report_health(settings.health_file, self.problems, HEALTH_SECONDS),
@@ -224,6 +232,12 @@ class NexusApp:
         settings = self.settings
         await asyncio.sleep(settings.sweep_seconds)
         self._sweeps += 1
+        if (
+            isinstance(self.clock, DatabaseClock)
+            and self._sweeps % max(1, int(CLOCK_MEASURE_SECONDS / settings.sweep_seconds)) == 0
+        ):
+            assert self.engine is not None
+            await self.clock.measure(self.engine)
         await self.executor.sweep()
         await mark_silent_sleds(
             self.sessions,

@@ -20,6 +20,8 @@ venv_ok() {
 packages=()
 [[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]] || packages+=(rabbitmq-server)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || packages+=(postgresql)
+# Tests start a Nexus replica with its clock skewed (tests/integration/test_skewed_clock.py).
+command -v faketime >/dev/null || packages+=(faketime)
 if ! venv_ok && ! command -v python3.11 >/dev/null; then
     packages+=(python3.11 python3.11-venv)
 fi

@@ -4,6 +4,7 @@ stopped with real signals, their output kept in a log file beside their data."""
 from __future__ import annotations
 
 import asyncio
+import glob
 import os
 import signal
 import subprocess
@@ -92,9 +93,11 @@ def nexus(
     amqp_url: str,
     workdir: Path,
     crash_in_node: str | None = None,
+    clock_skew: str | None = None,
     **settings: str,
 ) -> Service:
-    """A Nexus replica; with ``crash_in_node``, one that SIGKILLs itself in that node."""
+    """A Nexus replica; with ``crash_in_node``, one that SIGKILLs itself in that node;
+    with ``clock_skew`` (``+30s``, ``-30s``), one whose clock is off by that much."""
     argv = [str(BIN / "nexus"), "run"]
     env = {
         "NEXUS_REPLICA_ID": replica_id,
@@ -107,12 +110,26 @@ def nexus(
         argv = [sys.executable, "-m", "tests.crashing_nexus", "--crash-in-node", crash_in_node]
         # The tests of this checkout, whichever one the venv was installed from.
         env["PYTHONPATH"] = str(REPO)
+    if clock_skew is not None:
+        # Preloaded into the replica itself (the faketime wrapper would stand between the
+        # test and the process, and hide how it died).
+        env |= {"LD_PRELOAD": libfaketime(), "FAKETIME": clock_skew}
     return Service(
         name=f"nexus {replica_id}",
         argv=argv,
         env=env,
         log_path=workdir / f"nexus-{replica_id}.log",
     )
+
+
+def libfaketime() -> str:
+    """Debian's libfaketime (package faketime), which scripts/bootstrap.sh installs."""
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+    if not found:
+        raise RuntimeError(
+            "libfaketime is not installed (Debian package faketime): run scripts/bootstrap.sh"
+        )
+    return found[0]
 
 
 @dataclass

@@ -9,6 +9,7 @@ they hold.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ from schemas.region import (
     RegionState,
     RegionStateChanged,
 )
+from schemas.transport import Transport
 
 
 class Database:
@@ -126,11 +128,14 @@ class Replica:
         definitions: Sequence[SagaDefinition[Any]] = ALL_SAGAS,
         faults: Faults | None = None,
         lease: timedelta = timedelta(seconds=15),
+        transport: Transport | None = None,
     ) -> None:
         self.database = database
         self.replica_id = replica_id
         self.clock = clock
         self.outbox = Outbox(clock.now)
+        # What watchers were told, in order: (saga, step, node).
+        self.told: list[tuple[uuid.UUID, str, str | None]] = []
         self.executor = SagaExecutor(
             sessions=database.sessions,
             definitions=definitions,
@@ -139,6 +144,8 @@ class Replica:
             clock=clock,
             lease=lease,
             faults=faults,
+            transport=transport,
+            on_progress=lambda row, step, node, detail: self.told.append((row.id, step, node)),
         )
         self.intake = EventIngest(database.sessions, clock.now)
 
@@ -213,12 +220,15 @@ class Woke(BaseModel):
 class Reconciler:
     """The reconcile query's answers, scripted by a test, and how often it was asked."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, answers_after: float = 0.0) -> None:
         self.answers: list[Reconciled] = []
         self.asked = 0
+        # A slow agent: seconds before each answer.
+        self.answers_after = answers_after
 
     async def __call__(self, ctx: Ctx[WaitParams], keys: Sequence[str]) -> Reconciled:
         self.asked += 1
+        await asyncio.sleep(self.answers_after)
         return self.answers.pop(0) if self.answers else Reconciled.rearm("still pending")
 
 

@@ -9,6 +9,7 @@ node. This is the safety net under notifications, not a polling loop.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -17,10 +18,10 @@ from pydantic import BaseModel
 from nexus.db.states import SagaLogEvent
 from nexus.saga.definition import ActionFailed, Node, Reconciled, SagaDefinition, WakeUp
 from nexus.saga.errors import raise_unless_the_node_failed
-from nexus.saga.moves import DeadlineAnswer, Fail, Rearm, Resume, next_move
+from nexus.saga.moves import DeadlineAnswer, Fail, Rearm, Resend, Resume, Run, next_move
 from nexus.saga.parts import Parts
+from nexus.saga.position import SagaRow
 from nexus.saga.runner import SagaRunner
-from nexus.saga.store import SagaRow
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +32,15 @@ class Deadlines:
         self._runner = runner
 
     async def reconcile(self, row: SagaRow) -> SagaRow | None:
-        """Reconcile every expired wait of a claimed saga; the row to run on from, or
-        None when it parked again or failed a node (what else expired is the next
-        sweep's)."""
+        """Reconcile every expired wait of a claimed saga; the row to run on from (also
+        when a node failed: it unwinds), or None when it parked again or ended (what
+        else expired is the next sweep's)."""
         definition, params = self._parts.resolve(row)
         now = self._parts.clock.now()
         for node_name, wait in list(row.position.waiting.items()):
             if wait.deadline >= now:
                 continue
-            node = definition.node(node_name)
+            node = self._parts.node(definition, node_name)
             answer = await self._ask(definition, params, row, node, list(wait.keys), wait.asked)
             log.info(
                 "saga %s node %s deadline: reconcile says %s %s",
@@ -58,6 +59,11 @@ class Deadlines:
                     row = resumed
                 case Rearm(node=name, reason=reason):
                     row = await self._rearm(row, move, name, reason)
+                case Resend():
+                    resent = await self._resend(definition, params, row, move)
+                    if resent is None:
+                        return None
+                    row = resent
                 case Fail(node=name, error=error):
                     return await self._runner.unwind.fail_node(row, name, ActionFailed(error))
         return row
@@ -83,13 +89,39 @@ class Deadlines:
                     by_reconcile=True,
                     occurred_at=tx.now,
                 )
-                return await self._runner.advance(
+                after = await self._runner.advance(
                     tx, definition, params, fenced, move, limit=1, wake=wake
                 )
         except Exception as error:
+            self._parts.notices.rolled_back(row.id)
             # A lost race: the next sweep finds the deadline still passed and asks again.
             raise_unless_the_node_failed(error, move.node)
             return await self._runner.unwind.fail_node(row, move.node, error)
+        self._parts.notices.committed(fenced)
+        return after
+
+    async def _resend(
+        self, definition: SagaDefinition[Any], params: BaseModel, row: SagaRow, move: Resend
+    ) -> SagaRow | None:
+        """Run the node's action again in a step of its own: it sends its command anew."""
+        try:
+            async with self._parts.store.step(self._parts.clock.now()) as tx:
+                fenced = await tx.fence(row)
+                tx.log(
+                    row.id,
+                    move.node,
+                    SagaLogEvent.WAITING,
+                    tx.now,
+                    {"rearmed": move.reason, "resent": True},
+                )
+                again = Run(move.node, move.position)
+                after = await self._runner.advance(tx, definition, params, fenced, again, limit=1)
+        except Exception as error:
+            self._parts.notices.rolled_back(row.id)
+            raise_unless_the_node_failed(error, move.node)
+            return await self._runner.unwind.fail_node(row, move.node, error)
+        self._parts.notices.committed(fenced)
+        return after
 
     async def _rearm(self, row: SagaRow, move: Rearm, node: str, reason: str) -> SagaRow:
         wait = move.position.waiting[node]
@@ -116,9 +148,13 @@ class Deadlines:
     ) -> Reconciled:
         if node.reconcile is None:
             return Reconciled.fail("the node has no reconcile query")
+        # Bounded by the lease: a slow agent must not outlast it, or another replica
+        # claims the saga away from its reconciler again and again.
+        bound = self._parts.store.lease.total_seconds() / 2
         async with self._parts.store.reading() as session:
             ctx = self._parts.ctx(session, definition, params, row, node.name, attempt=attempt)
             try:
-                return await node.reconcile(ctx, keys)
+                async with asyncio.timeout(bound):
+                    return await node.reconcile(ctx, keys)
             except Exception as error:  # an unreachable agent: give the wait another term
-                return Reconciled.rearm(f"reconcile query failed: {error!r}")
+                return Reconciled.unanswered(f"reconcile query failed: {error!r}")

@@ -85,6 +85,12 @@ class WakeUp:
 class Outcome(StrEnum):
     RESUME = "resume"
     REARM = "rearm"
+    # The agent does not know the object: run the node's action again (its command is
+    # idempotent; it leaves under a new id) and wait anew.
+    RESEND = "resend"
+    # No answer (the agent is unreachable, the query timed out): wait another term,
+    # spending none of the wait's re-arms.
+    UNANSWERED = "unanswered"
     FAIL = "fail"
 
 
@@ -107,6 +113,14 @@ class Reconciled:
     @classmethod
     def rearm(cls, reason: str, after: timedelta | None = None) -> Reconciled:
         return cls(Outcome.REARM, reason=reason, after=after)
+
+    @classmethod
+    def resend(cls, reason: str) -> Reconciled:
+        return cls(Outcome.RESEND, reason=reason)
+
+    @classmethod
+    def unanswered(cls, reason: str) -> Reconciled:
+        return cls(Outcome.UNANSWERED, reason=reason)
 
     @classmethod
     def fail(cls, reason: str) -> Reconciled:
@@ -135,6 +149,7 @@ class Ctx(Generic[P]):
         send: Callable[[Envelope, str, str, bool], Awaitable[None]],
         transport: Transport | None,
         attempt: int = 0,
+        resends: int = 0,
     ) -> None:
         self.saga_id = saga_id
         self.saga_name = saga_name
@@ -148,6 +163,8 @@ class Ctx(Generic[P]):
         self.transport = transport
         # In a reconcile query: how many times this wait's deadline was reconciled before.
         self.attempt = attempt
+        # How many times reconcile had this node's command sent again (its ids change).
+        self.resends = resends
 
     @property
     def source(self) -> str:
@@ -162,8 +179,14 @@ class Ctx(Generic[P]):
         return node in self._outputs
 
     def command_id(self, suffix: str = "") -> uuid.UUID:
-        """The same id every time this node runs for this saga: re-sent is recognisable."""
-        return command_id(self.saga_id, f"{self.node}{':' + suffix if suffix else ''}")
+        """The same id every time this node runs for this saga: re-sent is recognisable.
+
+        A command that reconcile has sent again (the agent had not heard of it) leaves
+        under a new id, so the outbox does not take it for the one already sent.
+        """
+        return command_id(
+            self.saga_id, f"{self.node}{':' + suffix if suffix else ''}", self.resends
+        )
 
     async def send(self, message: Envelope, queue: str) -> None:
         """Queue a command for an agent; it leaves when the node's transaction commits."""

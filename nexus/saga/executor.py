@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Iterable
 from datetime import timedelta
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from nexus.saga.clock import Clock, SystemClock
@@ -27,8 +27,9 @@ from nexus.saga.faults import Faults
 from nexus.saga.notices import Listener, Notices
 from nexus.saga.outbox import Outbox
 from nexus.saga.parts import Parts
+from nexus.saga.position import SagaRow
 from nexus.saga.runner import SagaRunner
-from nexus.saga.store import SagaRow, SagaStore
+from nexus.saga.store import SagaStore
 from schemas.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,11 @@ class SagaExecutor:
                 row = await tx.claim(saga_id)
             if row is None:
                 return
-            after = await self._deadlines.reconcile(row)
+            try:
+                after = await self._deadlines.reconcile(row)
+            except Unrecoverable as error:
+                await self.runner.unwind.mark_unrecoverable(row, str(error))
+                return
             if after is not None:
                 await self.runner.run(after, saga_id)
         except (LeaseLost, Contended):
@@ -174,8 +179,6 @@ class SagaExecutor:
                 "database); the next sweep tries again",
                 saga_id,
             )
-        except (Unrecoverable, ValidationError) as error:
-            log.error("saga %s cannot be reconciled: %s", saga_id, error)
         finally:
             self._leave(saga_id)
 
@@ -190,6 +193,8 @@ class SagaExecutor:
         return True
 
     def _leave(self, saga_id: uuid.UUID) -> None:
+        # What a step noted and did not commit (a lost lease, a database error) is void.
+        self.runner.notices.rolled_back(saga_id)
         self._running.discard(saga_id)
         if saga_id in self._again:
             self._again.discard(saga_id)
@@ -204,7 +209,11 @@ class SagaExecutor:
 
         async def gated(work: Awaitable[None]) -> None:
             async with gate:
-                await work
+                try:
+                    await work
+                except Exception:
+                    # One saga's trouble must not cost the others their pass.
+                    log.exception("sweep: a saga failed to move; the next pass tries again")
 
         await asyncio.gather(
             *(gated(self.handle_deadline(saga_id)) for saga_id in due.expired),

@@ -15,12 +15,12 @@ writes the position. ``docs/engine.md`` draws the same transitions.
     Failed(node, error)              Fail: unwinding starts
     Undone(node)                     Undo the next, or Finish(undone)
     UndoFailed(node, error)          Stuck
-    DeadlineAnswer(node, answer)     Resume (by reconcile), Rearm, or Fail
+    DeadlineAnswer(node, answer)     Resume (by reconcile), Rearm, Resend, or Fail
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -171,13 +171,23 @@ class Rearm:
 
 
 @dataclass(frozen=True)
+class Resend:
+    """The agent does not know the object: run the node's action again (a new command
+    id, the same idempotent request) and wait anew."""
+
+    node: str
+    reason: str
+    position: Position
+
+
+@dataclass(frozen=True)
 class Stop:
     """The saga is in no state to move (it ended, or an operator must look)."""
 
     position: Position
 
 
-Move = Run | CheckEvents | Resume | Park | Finish | Fail | Undo | Stuck | Rearm | Stop
+Move = Run | CheckEvents | Resume | Park | Finish | Fail | Undo | Stuck | Rearm | Resend | Stop
 
 
 def next_move(shape: Shape, position: Position, outcome: Outcome | None = None) -> Move:
@@ -237,17 +247,19 @@ def _fail(position: Position, node: str, error: str) -> Fail:
 
 def _after_deadline(position: Position, node: str, answer: Reconciled, now: datetime) -> Move:
     wait = position.waiting[node]
+    asked = replace(wait, asked=wait.asked + 1)
     if answer.outcome is Answer.RESUME and answer.key is not None:
         return Resume(node, position.but(state=SagaState.RUNNING), by_reconcile=True)
-    if answer.outcome is Answer.REARM and wait.rearms > 0:
-        rearmed = WaitingNode(
-            keys=wait.keys,
-            since=wait.since,
+    if answer.outcome is Answer.RESEND:
+        again = replace(asked, resends=wait.resends + 1)
+        return Resend(node, answer.reason, position.with_wait(node, again))
+    # Still on its way: another term, spending a re-arm; no answer at all spends none.
+    spends = answer.outcome is Answer.REARM
+    if answer.outcome is Answer.UNANSWERED or (spends and wait.rearms > 0):
+        rearmed = replace(
+            asked,
             deadline=now + (answer.after or wait.timeout),
-            rearms=wait.rearms - 1,
-            min_generation=wait.min_generation,
-            timeout=wait.timeout,
-            asked=wait.asked + 1,
+            rearms=wait.rearms - int(spends),
         )
         return Rearm(node, answer.reason, position.with_wait(node, rearmed))
     reason = answer.reason or "deadline passed without the event"

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from nexus.saga.store import SagaRow
+    from nexus.saga.position import SagaRow
 
 # (the saga, the step: "waiting", "resumed", "succeeded", "failed", a final state,
 #  the node or None, a detail for people or None)

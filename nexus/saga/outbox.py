@@ -35,33 +35,14 @@ class Outbox:
         self._mine: dict[uuid.UUID, datetime] = {}
         self._listeners: list[Callable[[], None]] = []
 
-    def on_commit_hint(self, listener: Callable[[], None]) -> None:
-        """``listener`` is called after rows were added (the relay wakes up and looks)."""
+    def on_commit(self, listener: Callable[[], None]) -> None:
+        """``listener`` is called once rows were committed (the relay wakes up and looks)."""
         self._listeners.append(listener)
 
-    async def add(
-        self,
-        session: AsyncSession,
-        message: Envelope,
-        *,
-        exchange: str,
-        routing_key: str,
-        mandatory: bool = True,
-        reply_to: str | None = None,
-    ) -> None:
-        """Idempotent by message id: a node that runs twice sends its command once."""
-        await self.add_rows(
-            session,
-            [
-                self.row(
-                    message,
-                    exchange=exchange,
-                    routing_key=routing_key,
-                    mandatory=mandatory,
-                    reply_to=reply_to,
-                )
-            ],
-        )
+    def committed(self) -> None:
+        """The transaction that added rows has committed: they can be found now."""
+        for listener in self._listeners:
+            listener()
 
     def row(
         self,
@@ -96,8 +77,6 @@ class Outbox:
         now = self._clock()
         for row in rows:
             self._mine[row["message_id"]] = now
-        for listener in self._listeners:
-            listener()
 
     def mine(self, written_after: datetime) -> list[uuid.UUID]:
         """Recent ids; older ones (or ones whose transaction rolled back) are dropped,

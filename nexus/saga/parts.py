@@ -14,11 +14,12 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from nexus.saga.clock import Clock
-from nexus.saga.definition import Ctx, SagaDefinition
+from nexus.saga.definition import Ctx, Node, SagaDefinition
 from nexus.saga.errors import Unrecoverable
 from nexus.saga.faults import Faults
 from nexus.saga.notices import Notices
-from nexus.saga.store import SagaRow, SagaStore, StepTx
+from nexus.saga.position import SagaRow
+from nexus.saga.store import SagaStore, StepTx
 from schemas.base import Envelope
 from schemas.transport import Transport
 
@@ -43,6 +44,13 @@ class Parts:
         except ValidationError as error:
             raise Unrecoverable(str(error)) from error
 
+    def node(self, definition: SagaDefinition[Any], name: str) -> Node[Any]:
+        """A node the saga's log names; one its definition lacks makes it unrecoverable."""
+        try:
+            return definition.node(name)
+        except KeyError as error:
+            raise Unrecoverable(str(error)) from error
+
     def ctx(
         self,
         tx: StepTx | AsyncSession,
@@ -64,6 +72,7 @@ class Parts:
                 raise RuntimeError("a saga sends commands only from an action or an undo")
             tx.send(message, exchange, routing_key, mandatory)
 
+        waiting = row.position.waiting.get(node)
         return Ctx(
             saga_id=row.id,
             saga_name=definition.name,
@@ -76,4 +85,5 @@ class Parts:
             send=send,
             transport=self.transport,
             attempt=attempt,
+            resends=waiting.resends if waiting is not None else 0,
         )

@@ -1,4 +1,5 @@
-"""Where a saga stands: a typed value, kept as JSON in ``sagas.progress``.
+"""Where a saga stands: a typed value, kept as JSON in ``sagas.progress``; and the saga
+row as a step reads it (``SagaRow``: who the saga is, its position, its outputs).
 
 The saga's state column and this position together say everything the engine needs to
 decide its next move (``nexus.saga.moves``). Node outputs live beside it in
@@ -10,6 +11,7 @@ older replica is read the same way.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -34,6 +36,8 @@ class WaitingNode:
     timeout: timedelta
     # How many times this wait's deadline was reconciled already.
     asked: int = 0
+    # How many times reconcile had the node's command sent again.
+    resends: int = 0
 
     @classmethod
     def of(cls, data: Mapping[str, Any]) -> WaitingNode:
@@ -45,6 +49,7 @@ class WaitingNode:
             min_generation=int(data.get("min_generation", 0)),
             timeout=timedelta(seconds=float(data["timeout_seconds"])),
             asked=int(data.get("asked", 0)),
+            resends=int(data.get("resends", 0)),
         )
 
     def dump(self) -> dict[str, Any]:
@@ -56,6 +61,7 @@ class WaitingNode:
             "min_generation": self.min_generation,
             "timeout_seconds": self.timeout.total_seconds(),
             "asked": self.asked,
+            "resends": self.resends,
         }
 
 
@@ -106,3 +112,25 @@ class Position:
 
     def without_wait(self, node: str) -> Position:
         return replace(self, waiting={n: w for n, w in self.waiting.items() if n != node})
+
+
+@dataclass(frozen=True)
+class SagaRow:
+    """A saga as a step read it: who it is, where it stands, what its nodes produced."""
+
+    id: uuid.UUID
+    name: str
+    definition_version: int
+    params: Mapping[str, Any]
+    position: Position
+    outputs: Mapping[str, Any]
+    version: int
+    error: str | None
+
+    @property
+    def state(self) -> SagaState:
+        return self.position.state
+
+    def at(self, position: Position, **changes: Any) -> SagaRow:
+        """The row moved to ``position`` (and ``outputs`` or ``error`` changed)."""
+        return replace(self, position=position, **changes)

@@ -41,9 +41,9 @@ from nexus.saga.moves import (
     shape_of,
 )
 from nexus.saga.parts import Parts
-from nexus.saga.position import WaitingNode
+from nexus.saga.position import SagaRow, WaitingNode
 from nexus.saga.rendezvous import ReadyWait
-from nexus.saga.store import SagaRow, StepTx
+from nexus.saga.store import StepTx
 from nexus.saga.unwind import Unwinder
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ class _PayloadOutput(BaseModel):
 class SagaRunner:
     def __init__(self, parts: Parts) -> None:
         self._parts = parts
+        self.notices = parts.notices
         self.unwind = Unwinder(parts)
 
     async def run(self, row: SagaRow | None, saga_id: uuid.UUID) -> None:
@@ -297,8 +298,14 @@ class SagaRunner:
             rearms=wait.rearms,
             min_generation=wait.min_generation,
             timeout=wait.deadline,
+            asked=previous.asked if previous is not None else 0,
+            resends=previous.resends if previous is not None else 0,
         )
         await tx.park(row.id, node.name, wait.keys, waiting.deadline, wait.min_generation)
+        if previous is not None:
+            # Parked again (a resume that waits anew, a command sent again): keys of the
+            # earlier wait that are still parked take the new deadline too.
+            await tx.rearm(row.id, node.name, waiting.deadline)
         self._parts.notices.note(row.id, "waiting", node.name, ", ".join(wait.keys))
         tx.log(
             row.id,

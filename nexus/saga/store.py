@@ -14,7 +14,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -26,7 +26,7 @@ from nexus.db.states import SagaLogEvent, SagaState
 from nexus.saga import rendezvous
 from nexus.saga.errors import LeaseLost
 from nexus.saga.outbox import Outbox
-from nexus.saga.position import Position
+from nexus.saga.position import Position, SagaRow
 from schemas.base import Envelope
 
 sagas = cast(Table, Saga.__table__)
@@ -34,28 +34,6 @@ saga_log = cast(Table, SagaLogEntry.__table__)
 
 # States a replica may claim a saga in.
 CLAIMABLE = (SagaState.RUNNING.value, SagaState.WAITING.value, SagaState.UNWINDING.value)
-
-
-@dataclass(frozen=True)
-class SagaRow:
-    """A saga as a step read it: who it is, where it stands, what its nodes produced."""
-
-    id: uuid.UUID
-    name: str
-    definition_version: int
-    params: Mapping[str, Any]
-    position: Position
-    outputs: Mapping[str, Any]
-    version: int
-    error: str | None
-
-    @property
-    def state(self) -> SagaState:
-        return self.position.state
-
-    def at(self, position: Position, **changes: Any) -> SagaRow:
-        """The row moved to ``position`` (and ``outputs`` or ``error`` changed)."""
-        return replace(self, position=position, **changes)
 
 
 @dataclass(frozen=True)
@@ -79,6 +57,10 @@ class StepTx:
         self._release = False
         self._entries: list[dict[str, Any]] = []
         self._outbox: list[dict[str, Any]] = []
+
+    @property
+    def sent(self) -> bool:
+        return bool(self._outbox)
 
     async def claim(self, saga_id: uuid.UUID) -> SagaRow | None:
         """Take the saga's lease if it is free, ours or expired (and we can run it)."""
@@ -232,6 +214,9 @@ class SagaStore:
             tx = StepTx(session, self, now)
             yield tx
             await tx._commit_writes()
+        if tx.sent:
+            # Woken after the commit: before it, the relay's query would not see the rows.
+            self.outbox.committed()
 
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[AsyncSession]:

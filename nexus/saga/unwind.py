@@ -28,8 +28,7 @@ from nexus.saga.moves import (
     shape_of,
 )
 from nexus.saga.parts import Parts
-from nexus.saga.position import Position
-from nexus.saga.store import SagaRow
+from nexus.saga.position import Position, SagaRow
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +48,8 @@ class Unwinder:
         log.warning(
             "saga %s node %s failed: %s", row.id, node, message, extra={"saga_id": str(row.id)}
         )
-        notices = self._parts.notices
         # Whatever the failed step noted rolled back with it.
-        notices.rolled_back(row.id)
-        notices.note(row.id, "failed", node, message)
+        self._parts.notices.rolled_back(row.id)
         async with self._parts.store.step(self._parts.clock.now()) as tx:
             fenced = await tx.fence(row)
             move = next_move((), fenced.position, Failed(node, message))
@@ -62,7 +59,9 @@ class Unwinder:
             if not isinstance(error, ActionFailed):
                 detail["traceback"] = "".join(traceback.format_exception(error))[-4000:]
             tx.log(row.id, node, SagaLogEvent.FAILED, tx.now, detail)
-            return tx.write(fenced.at(move.position, error=f"{node}: {message}"))
+            unwinding = tx.write(fenced.at(move.position, error=f"{node}: {message}"))
+        self._parts.notices.tell(row, "failed", node, message)
+        return unwinding
 
     async def undo_step(self, row: SagaRow) -> SagaRow | None:
         """Undo the newest completed node not yet undone; None when the saga is let go."""
@@ -73,7 +72,7 @@ class Unwinder:
             await self.finish(row, move.position)
             return None
         assert isinstance(move, Undo), move
-        node = definition.node(move.node)
+        node = self._parts.node(definition, move.node)
         faults = self._parts.faults
         try:
             async with self._parts.store.step(self._parts.clock.now()) as tx:

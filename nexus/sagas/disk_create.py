@@ -312,8 +312,14 @@ async def region_ensure_reconcile(ctx: Ctx[Params], keys: Any) -> Reconciled:
         routing_key=placement.queue,
         timeout=10,
     )
-    if not isinstance(reply, RegionInfo) or reply.payload.region is None:
-        return Reconciled.fail(f"agent {placement.dataset_id} has no region {placement.region_id}")
+    if not isinstance(reply, RegionInfo):
+        return Reconciled.unanswered(f"unexpected reply {reply.TYPE}")
+    if reply.payload.region is None:
+        # The ensure never reached it (lost, or still in Nexus's outbox while the
+        # database was down): it is idempotent, so send it again.
+        return Reconciled.resend(
+            f"agent {placement.dataset_id} has no region {placement.region_id}"
+        )
     region = reply.payload.region
     change = RegionChange(agent_id=reply.payload.agent_id, region=region).model_dump(mode="json")
     if region.state is WireRegionState.CREATED:

@@ -6,9 +6,11 @@ visible; no room fails with a clear reason.
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import ColumnElement, func, select
@@ -18,7 +20,9 @@ from nexus.db.states import DiskState, SagaLogEvent, SagaState
 from nexus.saga.clock import ManualClock
 from nexus.saga.faults import Faults
 from nexus.sagas import disk_create
-from schemas.region import RegionState
+from schemas.base import Envelope
+from schemas.region import RegionFound, RegionGet, RegionInfo, RegionState
+from schemas.transport import Transport
 from tests.saga_support import Database, FakeCrucible, Replica
 
 DISK_BYTES = 3 << 30
@@ -113,3 +117,73 @@ async def test_no_room_fails_with_a_clear_reason(tmp_path: Path) -> None:
     assert saga.state == SagaState.UNDONE
     assert "insufficient capacity" in (saga.error or "")
     await database.close()
+
+
+async def test_the_relay_is_woken_only_once_its_commands_are_committed(tmp_path: Path) -> None:
+    """A wake-up before the commit finds nothing, and the relay would sleep until its
+    next sweep with the commands unsent (seconds of a disk stuck in "creating")."""
+    path = tmp_path / "relay.sqlite3"
+    database = await Database.migrated(f"sqlite+aiosqlite:///{path}")
+    await database.add_datasets(3)
+    replica = Replica(database, "a", clock=ManualClock())
+    visible_at_wake: list[int] = []
+
+    def wake() -> None:
+        # What the relay's own connection would find at this moment.
+        with sqlite3.connect(path) as other:
+            visible_at_wake.append(other.execute("SELECT count(*) FROM outbox").fetchone()[0])
+
+    replica.outbox.on_commit(wake)
+    await replica.executor.start(disk_create.DEFINITION, params())
+    assert visible_at_wake, "the relay was never woken"
+    ensures = await FakeCrucible.new(database).ensures()
+    assert len(ensures) == 3
+    assert visible_at_wake[-1] == len(await database.outbox()), "all committed when it wakes"
+    assert all(count > 0 for count in visible_at_wake)
+    await database.close()
+
+
+class AgentThatNeverHeard:
+    """Answers every region query as an agent that never received the ensure."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    async def request(self, message: Envelope, *, routing_key: str, timeout: float) -> Envelope:
+        assert isinstance(message, RegionGet)
+        self.asked += 1
+        return RegionInfo(
+            source="crucible/test",
+            payload=RegionFound(agent_id=uuid.uuid4(), region=None, region_id=message.payload.id),
+        )
+
+
+async def test_an_ensure_the_agent_never_got_is_sent_again_at_the_deadline(
+    database: Database,
+) -> None:
+    clock = ManualClock()
+    agent = AgentThatNeverHeard()
+    replica = Replica(database, "a", clock=clock, transport=cast(Transport, agent))
+    p = params()
+    saga_id = await replica.executor.start(disk_create.DEFINITION, p)
+    crucible = FakeCrucible.new(database)
+    first = await crucible.ensures()
+    assert len(first) == 3
+
+    clock.advance(timedelta(seconds=p.region_deadline_seconds + 1))
+    for _ in range(3):  # a sweep takes one expired wait; the saga parks again after it
+        await replica.executor.sweep()
+    await replica.executor.sweep()
+
+    assert agent.asked == 3, "asked once per region, not again before the new deadline"
+    ensures = await crucible.ensures()
+    assert len(ensures) == 6, "each region's ensure sent again"
+    again = ensures[3:]
+    assert {e.payload for e in again} == {e.payload for e in first}, "the same request"
+    assert not {e.id for e in again} & {e.id for e in first}, "under new ids"
+    saga = await database.saga(saga_id)
+    assert saga.state == SagaState.WAITING
+    # The agent now creates them: the saga completes on the events, not the deadline.
+    for event in await crucible.created_events(again):
+        await replica.deliver(event)
+    assert (await database.saga(saga_id)).state == SagaState.DONE

@@ -3,6 +3,7 @@ fixture), with an injected clock."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import timedelta
 
@@ -16,7 +17,7 @@ from nexus.db.states import SagaLogEvent, SagaState, WaitState
 from nexus.saga.clock import ManualClock
 from nexus.saga.definition import Ctx, Node, Reconciled, SagaDefinition, sequence
 from nexus.saga.errors import LeaseLost
-from nexus.saga.store import SagaRow
+from nexus.saga.position import SagaRow
 from schemas.instance import InstanceState
 from tests.saga_support import (
     Database,
@@ -134,6 +135,14 @@ async def test_a_lost_notification_is_recovered_at_the_deadline_by_one_query(
     saga = await database.saga(saga_id)
     assert saga.state == SagaState.DONE
     assert Woke.model_validate(saga.node_outputs["wait"]).by_reconcile
+    told = [(step, node) for saga, step, node in a.told if saga == saga_id]
+    # Watchers are told of a resume by reconcile as of one by an event.
+    assert told[-4:] == [
+        ("resumed", "wait"),
+        ("succeeded", "wait"),
+        ("succeeded", "finish"),
+        ("done", None),
+    ], told
 
 
 async def test_a_deadline_rearms_then_fails(database: Database) -> None:
@@ -159,6 +168,62 @@ async def test_a_deadline_rearms_then_fails(database: Database) -> None:
     saga = await database.saga(saga_id)
     assert saga.state == SagaState.UNDONE
     assert "deadline passed" in (saga.error or "")
+    told = [(step, node) for saga, step, node in a.told if saga == saga_id]
+    assert told[-2:] == [("failed", "wait"), ("undone", None)], told
+
+
+async def test_a_reconcile_is_bounded_by_the_lease_and_no_answer_spends_no_rearm(
+    database: Database,
+) -> None:
+    clock = ManualClock()
+    reconciler = Reconciler(answers_after=30.0)
+    definition = wait_saga(reconciler)
+    lease = timedelta(seconds=0.4)
+    a = Replica(database, "a", clock=clock, definitions=[definition], lease=lease)
+    _, key = running_key()
+    saga_id = await a.executor.start(definition, WaitParams(key=key, deadline_seconds=10, rearms=0))
+
+    clock.advance(timedelta(seconds=11))
+    started = time.monotonic()
+    await a.executor.sweep()
+    waited = time.monotonic() - started
+
+    assert reconciler.asked == 1
+    assert waited < lease.total_seconds() + 1.0, f"the query held the saga {waited:.1f}s"
+    saga = await database.saga(saga_id)
+    assert saga.state == SagaState.WAITING, "an agent that does not answer re-arms the wait"
+    assert saga.progress["waiting"]["wait"]["rearms"] == 0
+    log = await database.log(saga_id)
+    assert "reconcile query failed" in str(log[-1].data)
+
+
+async def test_one_sagas_trouble_does_not_cost_the_others_their_sweep(
+    database: Database,
+) -> None:
+    clock = ManualClock()
+    definition = wait_saga(Reconciler())
+    a = Replica(database, "a", clock=clock, definitions=[definition])
+    _, broken_key = running_key()
+    _, good_key = running_key()
+    broken = await a.executor.start(definition, WaitParams(key=broken_key, deadline_seconds=5))
+    good = await a.executor.start(
+        definition, WaitParams(key=good_key, deadline_seconds=5, rearms=0)
+    )
+    async with database.sessions.begin() as session:
+        # Its log names a node its definition no longer has (a change without a new version).
+        saga = await session.get(Saga, broken)
+        assert saga is not None
+        waiting = dict(saga.progress["waiting"])
+        waiting["renamed"] = waiting.pop("wait")
+        saga.progress = {**saga.progress, "waiting": waiting}
+
+    clock.advance(timedelta(seconds=6))
+    await a.executor.sweep()
+
+    assert (await database.saga(good)).state == SagaState.UNDONE
+    unrecoverable = await database.saga(broken)
+    assert unrecoverable.state == SagaState.UNRECOVERABLE
+    assert "renamed" in (unrecoverable.error or "")
 
 
 async def claim(replica: Replica, saga_id: uuid.UUID) -> SagaRow | None:

@@ -26,6 +26,7 @@ from nexus.saga.moves import (
     Outcome,
     Park,
     Rearm,
+    Resend,
     Resume,
     Run,
     Stop,
@@ -229,6 +230,26 @@ TRANSITIONS |= {
             AT_DEADLINE.with_wait(
                 "b", WaitingNode(**{**REARMED.__dict__, "deadline": NOW + timedelta(seconds=5)})
             ),
+        ),
+    ),
+    "the agent never heard of it: send the command again": Row(
+        AT_DEADLINE,
+        DeadlineAnswer("b", Reconciled.resend("unknown region"), NOW),
+        Resend(
+            "b",
+            "unknown region",
+            AT_DEADLINE.with_wait(
+                "b", WaitingNode(**{**wait().__dict__, "asked": 1, "resends": 1})
+            ),
+        ),
+    ),
+    "no answer: another term, spending no re-arm": Row(
+        AT_DEADLINE.with_wait("b", wait(rearms=0)),
+        DeadlineAnswer("b", Reconciled.unanswered("agent unreachable"), NOW),
+        Rearm(
+            "b",
+            "agent unreachable",
+            AT_DEADLINE.with_wait("b", WaitingNode(**{**REARMED.__dict__, "rearms": 0})),
         ),
     ),
     "no re-arms left: the node fails": Row(

@@ -471,6 +471,10 @@ async def test_a_replica_frozen_in_a_transaction_holds_nobody_else_up(stack: Sta
         "sent during the freeze: accepted after (s, slowest)": max(accepted),
         "sent during the freeze: lock wait (s, slowest)": max(s.lock_wait for s in during_sagas),
         "sent during the freeze: wake delay (s, slowest)": max(s.wake_delay for s in during_sagas),
+        "sent during the freeze: all A cost (s, slowest)": max(
+            wait + s.lock_wait + s.wake_delay
+            for s, wait in zip(during_sagas, accepted, strict=True)
+        ),
         "sent during the freeze: done after (s, slowest)": max(
             s.finished - c.submitted for s, c in zip(during_sagas, during, strict=True)
         ),

@@ -30,6 +30,7 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 
+from nexus.api import saga_id_for
 from nexus.db.engine import create_engine
 from nexus.db.migrate import upgrade_async
 from nexus.db.models import Region, Saga, SagaLogEntry
@@ -306,7 +307,7 @@ def submit(stack: Stack) -> Create:
     reply = asyncio.create_task(
         stack.transport.request(request, routing_key=NEXUS_API_QUEUE, timeout=120)
     )
-    return Create(uuid.uuid5(request.id, disk_create.DEFINITION.name), submitted, reply)
+    return Create(saga_id_for(request, disk_create.DEFINITION), submitted, reply)
 
 
 async def timeline(database: Database, saga_id: uuid.UUID) -> Timeline | None:
@@ -459,8 +460,9 @@ async def test_a_replica_frozen_in_a_transaction_holds_nobody_else_up(stack: Sta
     adopted_at = min((e.at for e in frozen_saga.by("replica-b")), default=None)
     frozen_placed = frozen_saga.at("regions_place", "succeeded")
     accepted = [s.created - c.submitted for s, c in zip(during_sagas, during, strict=True)]
+    usual = max(s.finished - s.created for s in normal)
     measured = {
-        "normal create (s, slowest)": max(s.finished - s.created for s in normal),
+        "normal create (s, slowest)": usual,
         "normal lock wait (s, slowest)": max(s.lock_wait for s in normal),
         "normal wake delay (s, slowest)": max(s.wake_delay for s in normal),
         "broker closed A's connection after (s)": _since(frozen_at, closed_at),
@@ -493,6 +495,7 @@ async def test_a_replica_frozen_in_a_transaction_holds_nobody_else_up(stack: Sta
     assert adopted_at - frozen_at <= LEASE + SWEEP + HEARTBEAT
     assert frozen_placed - adopted_at <= SLACK
     assert frozen_saga.wake_delay <= BROKER_CLOSES_WITHIN + SLACK
+    assert frozen_saga.finished - frozen_at <= LEASE + SWEEP + HEARTBEAT + usual + SLACK
     # Sagas A never owned: a request or an event A was handed waited for the broker to
     # close A's connection, and the rows A held locked for the idle timeout; nothing else.
     for saga, wait in zip(during_sagas, accepted, strict=True):
@@ -502,10 +505,15 @@ async def test_a_replica_frozen_in_a_transaction_holds_nobody_else_up(stack: Sta
         assert wait + saga.lock_wait + saga.wake_delay <= (
             BROKER_CLOSES_WITHIN + IDLE_IN_TRANSACTION + SLACK
         )
+    for saga, create in zip(during_sagas, during, strict=True):
+        assert saga.finished - create.submitted <= (
+            BROKER_CLOSES_WITHIN + IDLE_IN_TRANSACTION + usual + SLACK
+        )
     # Once A's connection is closed (and its transaction ended), A is in nobody's way.
     assert after_close_saga.created - after_close.submitted <= SLACK
     assert after_close_saga.lock_wait <= SLACK
     assert after_close_saga.wake_delay <= SLACK
+    assert after_close_saga.finished - after_close.submitted <= usual + SLACK
 
     # A, continued, wrote nothing: its frozen transaction had been ended, and the saga
     # it was running is B's. Every saga ran each node once.

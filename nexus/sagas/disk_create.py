@@ -157,7 +157,11 @@ _CANDIDATES = (
     )
     .order_by(datasets.c.free_bytes.desc(), datasets.c.id)
 )
-_PLACED = select(regions.c.id).where(regions.c.id == bindparam("b_id"))
+_PLACED = (
+    select(regions.c.id, regions.c.dataset_id, datasets.c.queue_name)
+    .join(datasets, datasets.c.id == regions.c.dataset_id)
+    .where(regions.c.disk_id == bindparam("b_disk_id"))
+)
 _RESERVE = (
     update(datasets)
     .where(datasets.c.id == bindparam("b_id"), datasets.c.free_bytes >= bindparam("b_bytes"))
@@ -184,6 +188,24 @@ async def regions_place(ctx: Ctx[Params]) -> Placed:
     extent_size, extent_count = region_geometry(p.size_bytes, p.block_size)
     region_bytes = extent_size * extent_count * p.block_size
     region_ids = ctx.output("ids", Ids).region_ids
+    placed_before = {
+        row.id: row for row in await ctx.session.execute(_PLACED, {"b_disk_id": p.disk_id})
+    }
+    if placed_before:
+        # Run again: the regions are where the first run put them, which is where their
+        # commands must go (a new choice would see less free space and differ).
+        return Placed(
+            regions=[
+                Placement(
+                    dataset_id=placed_before[region_id].dataset_id,
+                    queue=placed_before[region_id].queue_name,
+                    region_id=region_id,
+                )
+                for region_id in region_ids
+            ],
+            extent_size=extent_size,
+            extent_count=extent_count,
+        )
     rows = await ctx.session.execute(
         _CANDIDATES, {"b_bytes": region_bytes, "b_seen": ctx.now - DATASET_FRESHNESS}
     )
@@ -202,34 +224,32 @@ async def regions_place(ctx: Ctx[Params]) -> Placed:
         Placement(dataset_id=dataset.id, queue=dataset.queue_name, region_id=region_id)
         for dataset, region_id in zip(chosen, region_ids, strict=True)
     ]
-    placed_before = await ctx.session.scalar(_PLACED, {"b_id": region_ids[0]})
-    if placed_before is None:
-        # Reserve the space now, so concurrent placements do not overcommit; datasets
-        # are locked in id order by every saga, so two placements cannot deadlock.
-        for placement in sorted(placements, key=lambda p: p.dataset_id):
-            reserved = await ctx.session.execute(
-                _RESERVE, {"b_id": placement.dataset_id, "b_bytes": region_bytes}
-            )
-            if not reserved.rowcount:  # type: ignore[attr-defined]
-                raise ActionFailed(
-                    f"insufficient capacity: dataset {placement.dataset_id} filled up meanwhile"
-                )
-        await ctx.session.execute(
-            _INSERT_REGIONS,
-            [
-                {
-                    "id": placement.region_id,
-                    "disk_id": p.disk_id,
-                    "dataset_id": placement.dataset_id,
-                    "block_size": p.block_size,
-                    "extent_size": extent_size,
-                    "extent_count": extent_count,
-                    "state": RegionState.REQUESTED,
-                    "generation": 0,
-                }
-                for placement in placements
-            ],
+    # Reserve the space now, so concurrent placements do not overcommit; datasets are
+    # locked in id order by every saga, so two placements cannot deadlock.
+    for placement in sorted(placements, key=lambda p: p.dataset_id):
+        reserved = await ctx.session.execute(
+            _RESERVE, {"b_id": placement.dataset_id, "b_bytes": region_bytes}
         )
+        if not reserved.rowcount:  # type: ignore[attr-defined]
+            raise ActionFailed(
+                f"insufficient capacity: dataset {placement.dataset_id} filled up meanwhile"
+            )
+    await ctx.session.execute(
+        _INSERT_REGIONS,
+        [
+            {
+                "id": placement.region_id,
+                "disk_id": p.disk_id,
+                "dataset_id": placement.dataset_id,
+                "block_size": p.block_size,
+                "extent_size": extent_size,
+                "extent_count": extent_count,
+                "state": RegionState.REQUESTED,
+                "generation": 0,
+            }
+            for placement in placements
+        ],
+    )
     return Placed(regions=placements, extent_size=extent_size, extent_count=extent_count)
 
 

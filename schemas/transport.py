@@ -17,6 +17,9 @@
   unless it is the user that really published. A consumer dead-letters a message whose
   envelope ``source`` that user may not claim (:mod:`schemas.identity`), and, when
   ``require_user_id`` (the default), one without a ``user_id`` (it cannot be verified).
+- A request to an agent's queue is answered only by that agent
+  (:func:`schemas.identity.queue_agent`): a reply from anyone else is dead-lettered
+  with ``not_owner`` and the request goes on waiting for its agent.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from pamqp.commands import Basic
 from yarl import URL
 
 from schemas.base import Envelope
-from schemas.identity import source_allowed
+from schemas.identity import NOT_OWNER, queue_agent, source_allowed
 from schemas.messages import Message, MessageRejected, decode, encode
 from schemas.tasks import FIRST_DELAY_SECONDS, MAX_DELAY_SECONDS, TransientRetries
 from schemas.topology import (
@@ -193,6 +196,10 @@ class Transport:
         self._exchanges: dict[str, AbstractExchange] = {}
         self._reply_queue: AbstractQueue | None = None
         self._pending: dict[uuid.UUID, asyncio.Future[Message]] = {}
+        # The only source that may answer a pending request (to an agent's queue).
+        self._answerers: dict[uuid.UUID, str] = {}
+        # Replies refused because their sender was not the agent asked, on this connection.
+        self.refused_replies = 0
         self._consumer_channels: list[AbstractChannel] = []
         self._consumers: dict[str, AbstractChannel] = {}
         self._retries = TransientRetries(
@@ -586,26 +593,8 @@ class Transport:
             detail,
             extra={"message_id": incoming.message_id, "queue": queue_name, "reason": reason},
         )
-        headers: dict[str, HeaderValue] = {
-            key: value
-            for key, value in (incoming.headers or {}).items()
-            if isinstance(value, str | int | bool)
-        }
-        headers |= {
-            REASON_HEADER: reason,
-            DETAIL_HEADER: detail[:1000],
-            ORIGINAL_QUEUE_HEADER: queue_name,
-            ORIGINAL_ROUTING_KEY_HEADER: incoming.routing_key or "",
-        }
         try:
-            await self.publish_bytes(
-                incoming.body,
-                exchange=DEAD_LETTER_EXCHANGE,
-                routing_key="",
-                message_id=_parse_uuid(incoming.message_id),
-                message_type=incoming.type or "unknown",
-                headers=headers,
-            )
+            await self._publish_dead_letter(queue_name, incoming, reason, detail)
         except PublishFailed:
             # Keep it on its queue rather than lose it; it is tried again on redelivery.
             log.exception("could not dead-letter; message requeued")
@@ -628,12 +617,36 @@ class Transport:
                 log.exception("the refusal hook of %s failed", queue_name)
         await _settle(incoming.ack())
 
+    async def _publish_dead_letter(
+        self, queue_name: str, incoming: AbstractIncomingMessage, reason: str, detail: str
+    ) -> None:
+        headers: dict[str, HeaderValue] = {
+            key: value
+            for key, value in (incoming.headers or {}).items()
+            if isinstance(value, str | int | bool)
+        }
+        headers |= {
+            REASON_HEADER: reason,
+            DETAIL_HEADER: detail[:1000],
+            ORIGINAL_QUEUE_HEADER: queue_name,
+            ORIGINAL_ROUTING_KEY_HEADER: incoming.routing_key or "",
+        }
+        await self.publish_bytes(
+            incoming.body,
+            exchange=DEAD_LETTER_EXCHANGE,
+            routing_key="",
+            message_id=_parse_uuid(incoming.message_id),
+            message_type=incoming.type or "unknown",
+            headers=headers,
+        )
+
     # Request/reply (the CLI and reconcile queries).
 
     async def request(
         self, message: Envelope, *, routing_key: str, timeout: float = 10.0
     ) -> Message:
-        """Send a command to a queue and wait for the reply caused by it."""
+        """Send a command to a queue and wait for the reply caused by it; a request to an
+        agent's queue takes its reply from that agent only."""
         try:
             reply_queue = await self._ensure_reply_queue()
         except (aio_pika.exceptions.AMQPError, ConnectionError) as error:
@@ -642,6 +655,9 @@ class Transport:
             raise PublishFailed(f"{message.TYPE}: no reply queue: {error!r}") from error
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[message.id] = future
+        answerer = queue_agent(routing_key)
+        if answerer is not None:
+            self._answerers[message.id] = answerer
         try:
             await self.send_command(message, routing_key, reply_to=reply_queue.name)
             return await asyncio.wait_for(future, timeout)
@@ -651,6 +667,7 @@ class Transport:
             ) from None
         finally:
             self._pending.pop(message.id, None)
+            self._answerers.pop(message.id, None)
 
     async def _ensure_reply_queue(self) -> AbstractQueue:
         if self._reply_queue is None:
@@ -677,8 +694,36 @@ class Transport:
             log.warning("ignoring a reply: %s: %s", *refused)
             return
         future = self._pending.get(message.causation_id) if message.causation_id else None
-        if future is not None and not future.done():
-            future.set_result(message)
+        if future is None or future.done():
+            return
+        answerer = self._answerers.get(message.causation_id) if message.causation_id else None
+        if answerer is not None and message.source != answerer:
+            await self._refuse_reply(incoming, message, answerer)
+            return
+        future.set_result(message)
+
+    async def _refuse_reply(
+        self, incoming: AbstractIncomingMessage, message: Message, answerer: str
+    ) -> None:
+        """A reply from someone other than the agent asked: dead-lettered, never used.
+
+        Replies are consumed without acks (a reply queue dies with its connection), so
+        the dead letter is a copy published here, as the consumer's others are.
+        """
+        self.refused_replies += 1
+        detail = f"{message.TYPE} from {message.source!r} answers a request to {answerer!r}"
+        log.warning(
+            "refusing a reply: %s: %s (%d refused on this connection)",
+            NOT_OWNER,
+            detail,
+            self.refused_replies,
+            extra={"message_id": str(message.id), "reason": NOT_OWNER},
+        )
+        queue_name = self._reply_queue.name if self._reply_queue is not None else "reply"
+        try:
+            await self._publish_dead_letter(queue_name, incoming, NOT_OWNER, detail)
+        except PublishFailed:
+            log.exception("could not dead-letter a refused reply; it is dropped")
 
 
 async def _settle(action: Awaitable[None]) -> None:

@@ -9,6 +9,19 @@ No inbox row: every write here is guarded by the object's generation (a rejectio
 key is its command's id), so a redelivered or duplicated event changes nothing by
 itself, and an inbox insert would cost one statement more per event for nothing.
 
+Authority comes first: a message is believed only about what its sender owns, by
+Nexus's own records of what it placed where, never by what the message claims
+(:func:`authorize`). The sender is the envelope's ``source``, which the transport has
+checked against the broker-validated ``user_id``. A region event must come from the
+agent of the region's dataset, an instance event from the sled Nexus placed the instance
+on, a rejection from the agent whose queue the command was sent to (its outbox row), and
+an announcement, a registration or a heartbeat from the agent it announces; the agent's
+queue is derived from its id, never taken from the message. Anything else is refused
+before anything is written, with reason ``not_owner``: dead-lettered, it changes no
+state and wakes no saga. An event about an object Nexus records no owner for (never
+placed, or forgotten by an undo) is dropped without being recorded: no saga waits on
+one, and a late event about a region an undo deleted is no forgery.
+
 A state change whose generation is implausibly far ahead of the one Nexus recorded for
 its object (more than ``max_generation_lead``) is refused before anything is written:
 applied, it would leave the record where no real event could ever update it again. It
@@ -28,7 +41,7 @@ from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from nexus.db.engine import upsert_insert
-from nexus.db.models import Dataset, Instance, Region, Sled
+from nexus.db.models import Dataset, Instance, OutboxMessage, Region, Sled
 from nexus.db.states import SledState
 from nexus.saga import rendezvous
 from nexus.saga.rendezvous import Woken
@@ -42,10 +55,12 @@ from nexus.waitkeys import (
 )
 from schemas.base import Envelope
 from schemas.common import CommandRejected
+from schemas.identity import NOT_OWNER, crucible_source, queue_agent, sled_source
 from schemas.instance import InstanceStateChanged
 from schemas.messages import Message, MessageRejected
 from schemas.region import RegionStateChanged
 from schemas.sled import AgentAnnounced, SledHeartbeat, SledRegistered
+from schemas.topology import COMMANDS_EXCHANGE, crucible_queue, sled_queue
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +87,22 @@ _RECORDED_GENERATION = {
 }
 
 
+_outbox = cast(Table, OutboxMessage.__table__)
+# Who owns what, by Nexus's records (built once, as above).
+_REGION_DATASET = select(_regions.c.dataset_id).where(_regions.c.id == bindparam("b_id"))
+_INSTANCE_SLED = select(_instances.c.sled_id).where(_instances.c.id == bindparam("b_id"))
+_COMMAND_QUEUE = select(_outbox.c.routing_key).where(
+    _outbox.c.message_id == bindparam("b_id"), _outbox.c.exchange == COMMANDS_EXCHANGE
+)
+
+
 @dataclass(frozen=True)
 class Ingested:
     woken: Woken | None
+
+
+class Unowned(Exception):
+    """Nexus records no owner for the object an event is about: the event is dropped."""
 
 
 class EventIngest:
@@ -90,8 +118,12 @@ class EventIngest:
         self._max_generation_lead = max_generation_lead
         # Events refused here, by reason, since this replica started.
         self.refused: Counter[str] = Counter()
+        # Events dropped as about objects nobody owns, by type, since this replica started.
+        self.unowned: Counter[str] = Counter()
 
     async def ingest(self, message: Message) -> Ingested:
+        """Apply one event in one transaction; raises :class:`MessageRejected` for one
+        that is refused (``not_owner``, ``implausible_generation``) before any write."""
         handler = HANDLERS.get(type(message))
         if handler is None:
             log.warning(
@@ -103,14 +135,31 @@ class EventIngest:
         now = self._clock()
         async with self._sessions.begin() as session:
             try:
+                await authorize(session, message)
                 await check_generation(session, message, self._max_generation_lead)
+            except Unowned as unowned:
+                self.unowned[message.TYPE] += 1
+                log.info(
+                    "dropped %s from %s: %s",
+                    message.TYPE,
+                    message.source,
+                    unowned,
+                    extra={
+                        "message_id": str(message.id),
+                        "source": message.source,
+                        "dropped_so_far": self.unowned.total(),
+                    },
+                )
+                return Ingested(woken=None)
             except MessageRejected as rejected:
                 self.refused[rejected.reason] += 1
                 log.warning(
-                    "refused %s: %s: %s",
+                    "refused %s: %s: %s (%d %s so far on this replica)",
                     message.TYPE,
                     rejected.reason,
                     rejected.detail,
+                    self.refused[rejected.reason],
+                    rejected.reason,
                     extra={
                         "message_id": str(message.id),
                         "source": message.source,
@@ -120,6 +169,55 @@ class EventIngest:
                 )
                 raise
             return Ingested(woken=await handler(session, message, now))
+
+
+async def authorize(session: AsyncSession, message: Message) -> None:
+    """Let ``message`` through only if its sender may say it, by Nexus's records.
+
+    Raises :class:`MessageRejected` (``not_owner``) when another agent owns its object
+    or it speaks for another agent, :class:`Unowned` when Nexus records no owner.
+    """
+    match message:
+        case RegionStateChanged(payload=change):
+            dataset = await session.scalar(_REGION_DATASET, {"b_id": change.region.id})
+            owner = crucible_source(dataset) if dataset is not None else None
+            about = f"region {change.region.id}"
+            check_speaker(message, owner, about, crucible_source(change.agent_id))
+        case InstanceStateChanged(payload=change):
+            sled = await session.scalar(_INSTANCE_SLED, {"b_id": change.instance.id})
+            owner = sled_source(sled) if sled is not None else None
+            about = f"instance {change.instance.id}"
+            check_speaker(message, owner, about, sled_source(change.instance.sled_id))
+        case CommandRejected(payload=rejection):
+            # The command's addressee, from the outbox row it was sent from (Nexus keeps
+            # sent rows); a command Nexus did not send through it (a query) has none.
+            queue = await session.scalar(_COMMAND_QUEUE, {"b_id": rejection.command_id})
+            owner = queue_agent(queue) if queue is not None else None
+            about = f"command {rejection.command_id} ({rejection.command_type})"
+            check_speaker(message, owner, about)
+        case AgentAnnounced(payload=agent):
+            check_speaker(message, crucible_source(agent.agent_id), f"dataset {agent.agent_id}")
+        case SledRegistered(payload=info):
+            check_speaker(message, sled_source(info.sled_id), f"sled {info.sled_id}")
+        case SledHeartbeat(payload=beat):
+            check_speaker(message, sled_source(beat.sled_id), f"sled {beat.sled_id}")
+
+
+def check_speaker(message: Envelope, owner: str | None, about: str, *named: str) -> None:
+    """Let ``message`` through only if its sender is ``owner`` (the source of the agent
+    that owns the object, by Nexus's records) and so is every agent its payload ``named``
+    as the speaker."""
+    for claimed in named:
+        if claimed != message.source:
+            raise MessageRejected(
+                NOT_OWNER, f"{message.source} sent a {message.TYPE} naming {claimed} about {about}"
+            )
+    if owner is None:
+        raise Unowned(f"no owner recorded for {about}")
+    if owner != message.source:
+        raise MessageRejected(
+            NOT_OWNER, f"{message.source} sent a {message.TYPE} about {about}, owned by {owner}"
+        )
 
 
 async def check_generation(session: AsyncSession, message: Message, max_lead: int) -> None:
@@ -228,10 +326,12 @@ async def command_rejected(
 
 async def sled_registered(session: AsyncSession, message: SledRegistered, now: datetime) -> None:
     info = message.payload
+    # Its queue follows from its id; the message's ``queue`` is not believed.
+    queue = sled_queue(info.sled_id)
     statement = upsert_insert(session, Sled.__table__).values(
         id=info.sled_id,
         hostname=info.hostname,
-        queue_name=info.queue,
+        queue_name=queue,
         cpus=info.cpus,
         memory_bytes=info.memory_bytes,
         state=SledState.ACTIVE.value,
@@ -243,7 +343,7 @@ async def sled_registered(session: AsyncSession, message: SledRegistered, now: d
             index_elements=["id"],
             set_={
                 "hostname": info.hostname,
-                "queue_name": info.queue,
+                "queue_name": queue,
                 "cpus": info.cpus,
                 "memory_bytes": info.memory_bytes,
                 "state": SledState.ACTIVE.value,
@@ -263,10 +363,12 @@ async def sled_heartbeat(session: AsyncSession, message: SledHeartbeat, now: dat
 
 async def agent_announced(session: AsyncSession, message: AgentAnnounced, now: datetime) -> None:
     agent = message.payload
+    # Its queue follows from its id; the message's ``queue`` is not believed.
+    queue = crucible_queue(agent.agent_id)
     statement = upsert_insert(session, Dataset.__table__).values(
         id=agent.agent_id,
         sled_id=agent.sled_id,
-        queue_name=agent.queue,
+        queue_name=queue,
         capacity_bytes=agent.capacity_bytes,
         free_bytes=agent.free_bytes,
         last_seen_at=now,
@@ -279,7 +381,7 @@ async def agent_announced(session: AsyncSession, message: AgentAnnounced, now: d
             # agent's figure would undo reservations.
             set_={
                 "sled_id": agent.sled_id,
-                "queue_name": agent.queue,
+                "queue_name": queue,
                 "capacity_bytes": agent.capacity_bytes,
                 "last_seen_at": now,
             },

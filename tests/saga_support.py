@@ -5,6 +5,11 @@ would publish stays in the outbox table, where ``FakeCrucible`` and ``FakeSled``
 commands and answer with the events their agents would publish. ``Agents`` plays both
 agents through: it carries out every command as the real agents would and keeps what
 they hold.
+
+Nexus believes an event only from the agent that owns its object (``nexus/events.py``),
+so the fakes speak as the agent each command went to (its outbox row's queue), and the
+engine's tests, whose waits are about no saga's object, place an instance on a sled of
+its own first (:func:`placed_instance`) and speak for that sled (:func:`instance_event`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from nexus.db.engine import create_engine, create_sessionmaker
 from nexus.db.migrate import upgrade_async
 from nexus.db.models import Dataset, OutboxMessage, Saga, SagaLogEntry, Sled
+from nexus.db.models import Instance as InstanceRow
+from nexus.db.states import InstanceState as InstanceRowState
 from nexus.db.states import SledState
 from nexus.events import EventIngest, Ingested
 from nexus.saga.clock import ManualClock
@@ -41,6 +48,7 @@ from nexus.saga.outbox import Outbox
 from nexus.sagas import ALL_SAGAS
 from schemas.base import Envelope
 from schemas.common import CommandRejected, Rejection
+from schemas.identity import crucible_source, queue_agent, sled_source
 from schemas.instance import (
     Instance,
     InstanceChange,
@@ -62,6 +70,7 @@ from schemas.region import (
     RegionState,
     RegionStateChanged,
 )
+from schemas.topology import crucible_queue, sled_queue
 from schemas.transport import Transport
 
 
@@ -95,16 +104,20 @@ class Database:
             return list(rows.scalars())
 
     async def outbox(self) -> list[Envelope]:
+        return [message for _, message in await self.sent()]
+
+    async def sent(self) -> list[tuple[str, Envelope]]:
+        """The outbox in order, each message with its routing key (a command's queue)."""
         async with self.sessions() as session:
             rows = await session.execute(select(OutboxMessage).order_by(OutboxMessage.id))
-            return [decode(row.body) for row in rows.scalars()]
+            return [(row.routing_key, decode(row.body)) for row in rows.scalars()]
 
     async def add_datasets(self, count: int, free_bytes: int = 1 << 40) -> list[Dataset]:
         datasets = [
             Dataset(
-                id=uuid.uuid4(),
+                id=(dataset_id := uuid.uuid4()),
                 sled_id=uuid.uuid4(),
-                queue_name=f"crucible.{uuid.uuid4()}",
+                queue_name=crucible_queue(dataset_id),
                 capacity_bytes=free_bytes,
                 free_bytes=free_bytes,
                 last_seen_at=ManualClock().now(),
@@ -157,27 +170,48 @@ class Replica:
         return ingested
 
 
+def agent_of(queue: str) -> uuid.UUID:
+    """The id of the agent commanded on ``queue`` (``crucible.<id>``, ``sled.<id>``)."""
+    source = queue_agent(queue)
+    assert source is not None, f"{queue} is no agent's queue"
+    return uuid.UUID(source.partition("/")[2])
+
+
 @dataclass
 class FakeCrucible:
-    """Answers region commands found in the outbox with the agent's events."""
+    """Answers region commands found in the outbox with the agent's events, speaking
+    as the agent each region's commands went to."""
 
     database: Database
     generations: dict[uuid.UUID, int]
+    # Region id to the agent whose queue its commands went to.
+    owners: dict[uuid.UUID, uuid.UUID] = field(default_factory=dict)
 
     @classmethod
     def new(cls, database: Database) -> FakeCrucible:
         return cls(database=database, generations={})
 
     async def ensures(self) -> list[RegionEnsure]:
-        return [m for m in await self.database.outbox() if isinstance(m, RegionEnsure)]
+        return [m for m in await self._commands() if isinstance(m, RegionEnsure)]
 
     async def deletes(self) -> list[RegionDelete]:
-        return [m for m in await self.database.outbox() if isinstance(m, RegionDelete)]
+        return [m for m in await self._commands() if isinstance(m, RegionDelete)]
+
+    async def _commands(self) -> list[Envelope]:
+        found: list[Envelope] = []
+        for queue, message in await self.database.sent():
+            if isinstance(message, RegionEnsure | RegionDelete):
+                self.owners[message.payload.id] = agent_of(queue)
+                found.append(message)
+        return found
 
     def event(
         self, command: RegionEnsure, state: RegionState, *, agent_id: uuid.UUID | None = None
     ) -> RegionStateChanged:
+        """The event of the agent the region's commands went to (a test that forges one
+        names another ``agent_id``)."""
         spec = command.payload
+        agent_id = agent_id or self.owners[spec.id]
         generation = self.generations.get(spec.id, 1) + 1
         self.generations[spec.id] = generation
         region = Region(
@@ -188,10 +222,10 @@ class FakeCrucible:
             failure="injected" if state is RegionState.FAILED else None,
         )
         return RegionStateChanged(
-            source=f"crucible/{agent_id or uuid.uuid4()}",
+            source=crucible_source(agent_id),
             correlation_id=command.correlation_id,
             causation_id=command.id,
-            payload=RegionChange(agent_id=agent_id or uuid.uuid4(), region=region),
+            payload=RegionChange(agent_id=agent_id, region=region),
         )
 
     async def created_events(
@@ -262,16 +296,74 @@ def wait_saga(reconciler: Reconciler | None = None, version: int = 1) -> SagaDef
     )
 
 
+_PLAYED_SLEDS = uuid.UUID("0b8f4a52-63c1-4c55-9d43-2d7f0e2f6a01")
+
+
+def sled_of(instance_id: uuid.UUID) -> uuid.UUID:
+    """The sled :func:`placed_instance` puts an instance on, and :func:`instance_event`
+    speaks for by default."""
+    return uuid.uuid5(_PLAYED_SLEDS, str(instance_id))
+
+
+async def placed_instance(
+    database: Database,
+    instance_id: uuid.UUID | None = None,
+    *,
+    state: InstanceRowState = InstanceRowState.CREATING,
+    generation: int = 0,
+) -> uuid.UUID:
+    """An instance Nexus placed on :func:`sled_of` it (both rows), so that events about
+    it from that sled are believed; for tests whose waits are about no saga's object."""
+    instance_id = instance_id or uuid.uuid4()
+    sled_id = sled_of(instance_id)
+    now = ManualClock().now()
+    async with database.sessions.begin() as session:
+        session.add(
+            Sled(
+                id=sled_id,
+                hostname=f"sled-{sled_id.hex[:6]}",
+                queue_name=sled_queue(sled_id),
+                cpus=16,
+                memory_bytes=64 << 30,
+                state=SledState.ACTIVE,
+                last_heartbeat_at=now,
+                generation=1,
+            )
+        )
+        await session.flush()
+        session.add(
+            InstanceRow(
+                id=instance_id,
+                project="p",
+                name=f"vm-{instance_id.hex[:8]}",
+                ncpus=1,
+                memory_bytes=1 << 30,
+                sled_id=sled_id,
+                state=state,
+                generation=generation,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+    return instance_id
+
+
 def instance_event(
-    instance_id: uuid.UUID, state: InstanceState, generation: int
+    instance_id: uuid.UUID,
+    state: InstanceState,
+    generation: int,
+    *,
+    sled_id: uuid.UUID | None = None,
 ) -> InstanceStateChanged:
-    """An instance event, whose wait key is ``instance:<id>:<state>``."""
+    """An instance event, whose wait key is ``instance:<id>:<state>``, from ``sled_id``
+    (by default :func:`sled_of` the instance)."""
+    sled_id = sled_id or sled_of(instance_id)
     return InstanceStateChanged(
-        source=f"sled/{uuid.uuid4()}",
+        source=sled_source(sled_id),
         payload=InstanceChange(
             instance=Instance(
                 id=instance_id,
-                sled_id=uuid.uuid4(),
+                sled_id=sled_id,
                 name="vm",
                 ncpus=1,
                 memory_bytes=1 << 30,
@@ -285,9 +377,9 @@ def instance_event(
 async def add_sleds(database: Database, count: int, cpus: int = 16) -> list[Sled]:
     sleds = [
         Sled(
-            id=uuid.uuid4(),
+            id=(sled_id := uuid.uuid4()),
             hostname=f"sled-{index}",
-            queue_name=f"sled.{uuid.uuid4()}",
+            queue_name=sled_queue(sled_id),
             cpus=cpus,
             memory_bytes=64 << 30,
             state=SledState.ACTIVE,
@@ -303,22 +395,32 @@ async def add_sleds(database: Database, count: int, cpus: int = 16) -> list[Sled
 
 @dataclass
 class FakeSled:
-    """Answers instance commands found in the outbox with the sled's events."""
+    """Answers instance commands found in the outbox with the sled's events, speaking
+    as the sled each instance's commands went to."""
 
     database: Database
     generations: dict[uuid.UUID, int]
+    # Instance id to the sled its commands went to (known once ``commands`` saw them).
+    owners: dict[uuid.UUID, uuid.UUID] = field(default_factory=dict)
 
     @classmethod
     def new(cls, database: Database) -> FakeSled:
         return cls(database=database, generations={})
 
     async def commands(self, kind: type[Envelope]) -> list[Any]:
-        return [m for m in await self.database.outbox() if isinstance(m, kind)]
+        found: list[Any] = []
+        for queue, message in await self.database.sent():
+            if type(message) in _SLED_COMMANDS:
+                self.owners[message.payload.id] = agent_of(queue)  # type: ignore[attr-defined]
+            if isinstance(message, kind):
+                found.append(message)
+        return found
 
     def event(self, instance_id: uuid.UUID, state: InstanceState) -> InstanceStateChanged:
+        """The event of the sled the instance's commands went to."""
         generation = self.generations.get(instance_id, 0) + 1
         self.generations[instance_id] = generation
-        return instance_event(instance_id, state, generation)
+        return instance_event(instance_id, state, generation, sled_id=self.owners[instance_id])
 
 
 # The states a sled agent moves an instance through for each command, by the state it is
@@ -366,13 +468,13 @@ class Agents:
         """Carry out every command not taken yet, delivering the events to ``replica``
         (which runs the sagas they wake), until the sagas send no more."""
         while pending := [
-            message
-            for message in await self.database.outbox()
+            (queue, message)
+            for queue, message in await self.database.sent()
             if message.IS_COMMAND and message.id not in self.taken
         ]:
-            for command in pending:
+            for queue, command in pending:
                 self.taken.add(command.id)
-                for event in self._carry_out(command):
+                for event in self._carry_out(queue, command):
                     await replica.deliver(event)
 
     def held(self) -> dict[str, dict[uuid.UUID, str]]:
@@ -390,16 +492,18 @@ class Agents:
             },
         }
 
-    def _carry_out(self, command: Envelope) -> list[Envelope]:
+    def _carry_out(self, queue: str, command: Envelope) -> list[Envelope]:
+        """What the agent of ``queue`` does with ``command``, and the events it sends."""
         match command:
             case RegionEnsure(payload=spec):
+                self.crucible.owners[spec.id] = agent_of(queue)
                 if spec.id in self.regions:
                     return []
                 self.regions[spec.id] = (command, RegionState.CREATED)
                 return [self.crucible.event(command, RegionState.CREATED)]
             case RegionDelete(payload=ref):
                 if ref.id not in self.regions:
-                    return [self._rejected(command, "not_found")]
+                    return [self._rejected(queue, command, "not_found")]
                 ensure, state = self.regions[ref.id]
                 if state in (RegionState.TOMBSTONED, RegionState.DESTROYED):
                     return []
@@ -409,19 +513,20 @@ class Agents:
                     self.crucible.event(ensure, RegionState.DESTROYED),
                 ]
             case _ if type(command) in _SLED_COMMANDS:
-                return self._move_instance(command)
+                return self._move_instance(queue, command)
             case _:
                 raise AssertionError(f"no agent takes a {command.TYPE}")
 
-    def _move_instance(self, command: Envelope) -> list[Envelope]:
+    def _move_instance(self, queue: str, command: Envelope) -> list[Envelope]:
         instance_id: uuid.UUID = command.payload.id  # type: ignore[attr-defined]
+        self.sled.owners[instance_id] = agent_of(queue)
         spec, state = self.instances.get(instance_id, (None, None))
         if isinstance(command, InstanceEnsure):
             spec = command.payload
         moves = _SLED_MOVES.get((type(command), state))
         if moves is None:
             code = "not_found" if state is None else "invalid_transition"
-            return [self._rejected(command, code)]
+            return [self._rejected(queue, command, code)]
         assert spec is not None
         events: list[Envelope] = []
         for next_state in moves:
@@ -430,9 +535,11 @@ class Agents:
         return events
 
     @staticmethod
-    def _rejected(command: Envelope, code: str) -> CommandRejected:
+    def _rejected(queue: str, command: Envelope, code: str) -> CommandRejected:
+        source = queue_agent(queue)
+        assert source is not None, f"{queue} is no agent's queue"
         return CommandRejected(
-            source="agent/played-by-the-test",
+            source=source,
             correlation_id=command.correlation_id,
             causation_id=command.id,
             payload=Rejection(

@@ -19,7 +19,14 @@ import pytest
 from nexus.db.states import SagaLogEvent, SagaState
 from nexus.saga.clock import ManualClock
 from schemas.instance import InstanceState
-from tests.saga_support import Database, Replica, WaitParams, instance_event, wait_saga
+from tests.saga_support import (
+    Database,
+    Replica,
+    WaitParams,
+    instance_event,
+    placed_instance,
+    wait_saga,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.race]
 
@@ -44,7 +51,7 @@ async def replicas(fresh_postgres_url: str) -> AsyncIterator[tuple[Replica, Repl
 
 async def trial(a: Replica, b: Replica, rng: random.Random) -> tuple[uuid.UUID, str]:
     starter, consumer = (a, b) if rng.random() < 0.5 else (b, a)
-    instance_id = uuid.uuid4()
+    instance_id = await placed_instance(a.database)
     event = instance_event(instance_id, InstanceState.RUNNING, 2)
     saga_id = uuid.uuid4()
     # Parking takes a few milliseconds here; delays around it put the event before,

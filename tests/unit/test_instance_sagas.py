@@ -13,6 +13,7 @@ from nexus.db.models import Disk, Instance
 from nexus.db.states import DiskState, InstanceState, SagaState
 from nexus.saga.clock import ManualClock
 from nexus.sagas import disk_create, disk_delete, instance_create, instance_delete, instance_power
+from schemas.identity import sled_source
 from schemas.instance import (
     InstanceDestroy,
     InstanceEnsure,
@@ -64,6 +65,7 @@ def create_params(disk_ids: list[uuid.UUID]) -> instance_create.Params:
 
 
 async def boot(replica: Replica, sled: FakeSled, instance_id: uuid.UUID) -> None:
+    await sled.commands(InstanceEnsure)  # the sled that was asked is the one that answers
     for state in (Wire.CREATING, Wire.STARTING, Wire.RUNNING):
         await replica.deliver(sled.event(instance_id, state))
 
@@ -78,7 +80,7 @@ async def test_a_sled_that_refuses_fails_the_create_at_once(database: Database) 
     (ensure,) = await sled.commands(InstanceEnsure)
     await replica.deliver(
         CommandRejected(
-            source="sled/x",
+            source=sled_source(sled.owners[p.instance_id]),
             payload=Rejection(
                 command_id=ensure.id,
                 command_type=ensure.TYPE,

@@ -110,11 +110,11 @@ async def test_an_unrequested_crash_is_applied_by_generation(database: Database)
             assert instance is not None
             return instance.state, instance.generation
 
-    await replica.deliver(instance_event(instance_id, Wire.FAILED, 4))
+    await replica.deliver(instance_event(instance_id, Wire.FAILED, 4, sled_id=sled.id))
     assert await state() == (InstanceState.FAILED, 4)
     # A late event from before the crash changes nothing.
-    await replica.deliver(instance_event(instance_id, Wire.RUNNING, 3))
+    await replica.deliver(instance_event(instance_id, Wire.RUNNING, 3, sled_id=sled.id))
     assert await state() == (InstanceState.FAILED, 4)
-    await replica.deliver(instance_event(instance_id, Wire.STARTING, 5))
-    await replica.deliver(instance_event(instance_id, Wire.RUNNING, 6))
+    await replica.deliver(instance_event(instance_id, Wire.STARTING, 5, sled_id=sled.id))
+    await replica.deliver(instance_event(instance_id, Wire.RUNNING, 6, sled_id=sled.id))
     assert await state() == (InstanceState.RUNNING, 6)

@@ -26,12 +26,14 @@ from tests.saga_support import (
     WaitParams,
     Woke,
     instance_event,
+    placed_instance,
     wait_saga,
 )
 
 
-def running_key() -> tuple[uuid.UUID, str]:
-    instance_id = uuid.uuid4()
+async def running_key(database: Database) -> tuple[uuid.UUID, str]:
+    """A wait key about an instance placed on a sled (events from that sled are believed)."""
+    instance_id = await placed_instance(database)
     return instance_id, f"instance:{instance_id}:running"
 
 
@@ -43,7 +45,7 @@ async def test_an_event_resumes_a_parked_saga(database: Database) -> None:
     clock = ManualClock()
     definition = wait_saga()
     a = Replica(database, "a", clock=clock, definitions=[definition])
-    instance_id, key = running_key()
+    instance_id, key = await running_key(database)
     saga_id = await a.executor.start(definition, WaitParams(key=key))
     assert (await database.saga(saga_id)).state == SagaState.WAITING
 
@@ -59,7 +61,7 @@ async def test_an_event_that_arrives_before_the_saga_parks_is_not_lost(
 ) -> None:
     definition = wait_saga()
     a = Replica(database, "a", clock=ManualClock(), definitions=[definition])
-    instance_id, key = running_key()
+    instance_id, key = await running_key(database)
     ingested = await a.deliver(instance_event(instance_id, InstanceState.RUNNING, 2))
     assert ingested.woken is None
 
@@ -72,7 +74,7 @@ async def test_an_event_that_arrives_before_the_saga_parks_is_not_lost(
 async def test_a_duplicate_or_stale_event_changes_nothing(database: Database) -> None:
     definition = wait_saga()
     a = Replica(database, "a", clock=ManualClock(), definitions=[definition])
-    instance_id, key = running_key()
+    instance_id, key = await running_key(database)
     saga_id = await a.executor.start(definition, WaitParams(key=key, min_generation=4))
 
     stale = await a.deliver(instance_event(instance_id, InstanceState.RUNNING, 3))
@@ -100,7 +102,7 @@ async def test_a_duplicate_or_stale_event_changes_nothing(database: Database) ->
 async def test_a_reused_key_is_not_satisfied_by_an_old_event(database: Database) -> None:
     definition = wait_saga()
     a = Replica(database, "a", clock=ManualClock(), definitions=[definition])
-    instance_id, key = running_key()
+    instance_id, key = await running_key(database)
     await a.deliver(instance_event(instance_id, InstanceState.RUNNING, 2))
 
     saga_id = await a.executor.start(definition, WaitParams(key=key, min_generation=2))
@@ -117,7 +119,7 @@ async def test_a_lost_notification_is_recovered_at_the_deadline_by_one_query(
     reconciler = Reconciler()
     definition = wait_saga(reconciler)
     a = Replica(database, "a", clock=clock, definitions=[definition])
-    instance_id, key = running_key()
+    instance_id, key = await running_key(database)
     saga_id = await a.executor.start(definition, WaitParams(key=key, deadline_seconds=30))
     found = instance_event(instance_id, InstanceState.RUNNING, 2)
     reconciler.answers.append(Reconciled.resume(key, found.payload.model_dump(mode="json"), 2))
@@ -150,7 +152,7 @@ async def test_a_deadline_rearms_then_fails(database: Database) -> None:
     reconciler = Reconciler()
     definition = wait_saga(reconciler)
     a = Replica(database, "a", clock=clock, definitions=[definition])
-    _, key = running_key()
+    _, key = await running_key(database)
     saga_id = await a.executor.start(definition, WaitParams(key=key, deadline_seconds=10, rearms=1))
 
     clock.advance(timedelta(seconds=11))
@@ -180,7 +182,7 @@ async def test_a_reconcile_is_bounded_by_the_lease_and_no_answer_spends_no_rearm
     definition = wait_saga(reconciler)
     lease = timedelta(seconds=0.4)
     a = Replica(database, "a", clock=clock, definitions=[definition], lease=lease)
-    _, key = running_key()
+    _, key = await running_key(database)
     saga_id = await a.executor.start(definition, WaitParams(key=key, deadline_seconds=10, rearms=0))
 
     clock.advance(timedelta(seconds=11))
@@ -203,8 +205,8 @@ async def test_one_sagas_trouble_does_not_cost_the_others_their_sweep(
     clock = ManualClock()
     definition = wait_saga(Reconciler())
     a = Replica(database, "a", clock=clock, definitions=[definition])
-    _, broken_key = running_key()
-    _, good_key = running_key()
+    _, broken_key = await running_key(database)
+    _, good_key = await running_key(database)
     broken = await a.executor.start(definition, WaitParams(key=broken_key, deadline_seconds=5))
     good = await a.executor.start(
         definition, WaitParams(key=good_key, deadline_seconds=5, rearms=0)
@@ -236,7 +238,7 @@ async def test_a_replica_that_lost_its_lease_cannot_write(database: Database) ->
     definition = wait_saga()
     a = Replica(database, "a", clock=clock, definitions=[definition])
     b = Replica(database, "b", clock=clock, definitions=[definition])
-    instance_id, key = running_key()
+    instance_id, key = await running_key(database)
     saga_id = await a.executor.start(definition, WaitParams(key=key), run=False)
     claimed = await claim(a, saga_id)
     assert claimed is not None
@@ -276,7 +278,7 @@ async def test_an_unrecoverable_saga_is_marked_and_does_not_block_others(
                 updated_at=clock.now(),
             )
         )
-    _instance_id, key = running_key()
+    _instance_id, key = await running_key(database)
     good_id = await a.executor.start(definition, WaitParams(key=key), run=False)
     async with database.sessions.begin() as session:
         await session.execute(update(Saga).values(lease_owner=None))
@@ -296,7 +298,7 @@ async def test_a_saga_of_an_unknown_version_is_left_alone_and_reported(
     newer = wait_saga(version=2)
     old_replica = Replica(database, "old", clock=clock, definitions=[wait_saga(version=1)])
     new_replica = Replica(database, "new", clock=clock, definitions=[newer])
-    _, key = running_key()
+    _, key = await running_key(database)
     saga_id = await new_replica.executor.start(newer, WaitParams(key=key), run=False)
     clock.advance(timedelta(seconds=60))
 
@@ -312,7 +314,7 @@ async def test_an_event_no_saga_claims_is_moved_where_an_operator_sees_it(
 ) -> None:
     clock = ManualClock()
     a = Replica(database, "a", clock=clock, definitions=[wait_saga()])
-    instance_id, _key = running_key()
+    instance_id, _key = await running_key(database)
     event = instance_event(instance_id, InstanceState.FAILED, 7)
     await a.deliver(event)
 
@@ -333,7 +335,7 @@ async def test_parked_waits_hold_no_lease_and_show_their_deadline(database: Data
     clock = ManualClock()
     definition = wait_saga()
     a = Replica(database, "a", clock=clock, definitions=[definition])
-    _, key = running_key()
+    _, key = await running_key(database)
     saga_id = await a.executor.start(definition, WaitParams(key=key, deadline_seconds=45))
     async with database.sessions() as session:
         row = await session.get(WaitRendezvous, key)

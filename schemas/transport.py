@@ -643,10 +643,15 @@ class Transport:
     # Request/reply (the CLI and reconcile queries).
 
     async def request(
-        self, message: Envelope, *, routing_key: str, timeout: float = 10.0
+        self,
+        message: Envelope,
+        *,
+        routing_key: str,
+        timeout: float = 10.0,
+        answerer: str | None = None,
     ) -> Message:
-        """Send a command to a queue and wait for the reply caused by it; a request to an
-        agent's queue takes its reply from that agent only."""
+        """Send a command to a queue and wait for the reply caused by it, taken only from
+        ``answerer`` (a source), by default the agent whose queue ``routing_key`` is."""
         try:
             reply_queue = await self._ensure_reply_queue()
         except (aio_pika.exceptions.AMQPError, ConnectionError) as error:
@@ -655,7 +660,7 @@ class Transport:
             raise PublishFailed(f"{message.TYPE}: no reply queue: {error!r}") from error
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[message.id] = future
-        answerer = queue_agent(routing_key)
+        answerer = answerer or queue_agent(routing_key)
         if answerer is not None:
             self._answerers[message.id] = answerer
         try:

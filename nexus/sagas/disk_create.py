@@ -44,6 +44,7 @@ from nexus.saga.definition import (
 )
 from nexus.waitkeys import is_rejection, region_key, rejection_key
 from schemas.common import Rejection
+from schemas.identity import crucible_source
 from schemas.progress import DiskProgress, DiskUpdated
 from schemas.progress import DiskState as WireDiskState
 from schemas.region import (
@@ -327,10 +328,12 @@ async def region_ensure_reconcile(ctx: Ctx[Params], keys: Any) -> Reconciled:
     placement = _placement(ctx)
     if ctx.transport is None:
         return Reconciled.rearm("no broker connection to ask the agent")
+    # Only the agent of the dataset Nexus placed the region on may answer.
     reply = await ctx.transport.request(
         RegionGet(payload=RegionRef(id=placement.region_id), **ctx.envelope()),
         routing_key=placement.queue,
         timeout=10,
+        answerer=crucible_source(placement.dataset_id),
     )
     if not isinstance(reply, RegionInfo):
         return Reconciled.unanswered(f"unexpected reply {reply.TYPE}")
@@ -341,6 +344,8 @@ async def region_ensure_reconcile(ctx: Ctx[Params], keys: Any) -> Reconciled:
             f"agent {placement.dataset_id} has no region {placement.region_id}"
         )
     region = reply.payload.region
+    if region.id != placement.region_id or reply.payload.agent_id != placement.dataset_id:
+        return Reconciled.rearm(f"agent {placement.dataset_id} answered about something else")
     change = RegionChange(agent_id=reply.payload.agent_id, region=region).model_dump(mode="json")
     if region.state is WireRegionState.CREATED:
         return Reconciled.resume(region_key(region.id, region.state), change, region.generation)

@@ -36,6 +36,7 @@ from nexus.saga.definition import (
 from nexus.sagas.disk_create import REPLICAS, announce_disk, disk_fault
 from nexus.waitkeys import is_rejection, region_key, rejection_key
 from schemas.common import Rejection
+from schemas.identity import crucible_source
 from schemas.progress import DiskState as WireDiskState
 from schemas.region import RegionChange, RegionDelete, RegionGet, RegionInfo, RegionRef
 from schemas.region import RegionState as WireRegionState
@@ -130,14 +131,20 @@ async def region_delete_reconcile(ctx: Ctx[Params], keys: Sequence[str]) -> Reco
     assert region is not None
     if ctx.transport is None:
         return Reconciled.rearm("no broker connection to ask the agent")
+    # Only the agent of the region's dataset may answer.
     reply = await ctx.transport.request(
         RegionGet(payload=RegionRef(id=region.region_id), **ctx.envelope()),
         routing_key=region.queue,
         timeout=10,
+        answerer=crucible_source(region.dataset_id),
     )
     if not isinstance(reply, RegionInfo):
         return Reconciled.rearm(f"unexpected reply {reply.TYPE}")
     found = reply.payload.region
+    if reply.payload.region_id != region.region_id or (
+        found is not None and found.id != region.region_id
+    ):
+        return Reconciled.rearm(f"agent {region.dataset_id} answered about another region")
     if found is None:
         return Reconciled.resume(
             rejection_key(ctx.command_id()),

@@ -36,6 +36,7 @@ from nexus.saga.definition import (
 from nexus.sagas.disk_create import announce_disk
 from nexus.waitkeys import instance_key, is_rejection, rejection_key
 from schemas.common import Rejection
+from schemas.identity import sled_source
 from schemas.instance import (
     InstanceChange,
     InstanceDestroy,
@@ -237,19 +238,28 @@ def outcome_generation(wake: WakeUp, wanted: WireInstanceState) -> int:
 
 
 async def ask_sled(
-    ctx: Ctx[Any], instance_id: uuid.UUID, queue: str, wanted: WireInstanceState
+    ctx: Ctx[Any],
+    instance_id: uuid.UUID,
+    queue: str,
+    wanted: WireInstanceState,
+    sled_id: uuid.UUID | None,
 ) -> Reconciled:
-    """The one reconcile query for an instance wait: what the sled has now."""
+    """The one reconcile query for an instance wait: what the sled has now. Only the
+    sled Nexus placed the instance on (``sled_id``; when not known, the one whose queue
+    ``queue`` is) may answer."""
     if ctx.transport is None:
         return Reconciled.rearm("no broker connection to ask the sled")
     reply = await ctx.transport.request(
         InstanceGet(payload=InstanceRef(id=instance_id), **ctx.envelope()),
         routing_key=queue,
         timeout=10,
+        answerer=sled_source(sled_id) if sled_id is not None else None,
     )
     if not isinstance(reply, InstanceInfo) or reply.payload.instance is None:
         return Reconciled.fail(f"the sled has no instance {instance_id}")
     instance = reply.payload.instance
+    if instance.id != instance_id or (sled_id is not None and instance.sled_id != sled_id):
+        return Reconciled.rearm(f"the sled answered about another instance than {instance_id}")
     change = InstanceChange(instance=instance).model_dump(mode="json")
     if instance.state is wanted:
         return Reconciled.resume(instance_key(instance_id, wanted), change, instance.generation)
@@ -260,7 +270,9 @@ async def ask_sled(
 
 async def instance_ensure_reconcile(ctx: Ctx[Params], keys: Sequence[str]) -> Reconciled:
     placed = ctx.output("sled_place", Placed)
-    return await ask_sled(ctx, ctx.params.instance_id, placed.queue, WireInstanceState.RUNNING)
+    return await ask_sled(
+        ctx, ctx.params.instance_id, placed.queue, WireInstanceState.RUNNING, placed.sled_id
+    )
 
 
 # instance_finalize

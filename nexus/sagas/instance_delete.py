@@ -51,6 +51,9 @@ class Params(BaseModel):
 class Marked(BaseModel):
     queue: str | None
     generation: int
+    # The sled the instance was on, the one that may answer the reconcile query (None in
+    # outputs written before it was kept: the sled of ``queue`` answers then).
+    sled_id: uuid.UUID | None = None
 
 
 class Destroyed(BaseModel):
@@ -67,7 +70,7 @@ async def instance_mark_deleting(ctx: Ctx[Params]) -> Marked:
     instance.state = InstanceState.DELETING
     instance.updated_at = ctx.now
     await announce_instance(ctx, "deleting")
-    return Marked(queue=queue, generation=instance.generation)
+    return Marked(queue=queue, generation=instance.generation, sled_id=instance.sled_id)
 
 
 async def instance_mark_deleting_undo(ctx: Ctx[Params]) -> None:
@@ -110,7 +113,9 @@ async def instance_destroy_resume(ctx: Ctx[Params], wake: WakeUp) -> Destroyed:
 async def instance_destroy_reconcile(ctx: Ctx[Params], keys: Sequence[str]) -> Reconciled:
     marked = ctx.output("instance_mark_deleting", Marked)
     assert marked.queue is not None
-    return await ask_sled(ctx, ctx.params.instance_id, marked.queue, WireInstanceState.DESTROYED)
+    return await ask_sled(
+        ctx, ctx.params.instance_id, marked.queue, WireInstanceState.DESTROYED, marked.sled_id
+    )
 
 
 async def disks_detach(ctx: Ctx[Params]) -> None:

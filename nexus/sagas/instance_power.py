@@ -111,7 +111,7 @@ def _definition(
 
     async def instance_power_reconcile(ctx: Ctx[Params], keys: Sequence[str]) -> Reconciled:
         checked = ctx.output("instance_check", Checked)
-        return await ask_sled(ctx, ctx.params.instance_id, checked.queue, target)
+        return await ask_sled(ctx, ctx.params.instance_id, checked.queue, target, checked.sled_id)
 
     async def instance_settle(ctx: Ctx[Params]) -> None:
         reached = ctx.output("instance_power", Reached)

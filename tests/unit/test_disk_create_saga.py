@@ -21,9 +21,10 @@ from nexus.saga.clock import ManualClock
 from nexus.saga.faults import Faults
 from nexus.sagas import disk_create
 from schemas.base import Envelope
+from schemas.identity import queue_agent
 from schemas.region import RegionFound, RegionGet, RegionInfo, RegionState
 from schemas.transport import Transport
-from tests.saga_support import Database, FakeCrucible, Replica
+from tests.saga_support import Database, FakeCrucible, Replica, agent_of
 
 DISK_BYTES = 3 << 30
 
@@ -149,12 +150,18 @@ class AgentThatNeverHeard:
     def __init__(self) -> None:
         self.asked = 0
 
-    async def request(self, message: Envelope, *, routing_key: str, timeout: float) -> Envelope:
+    async def request(
+        self, message: Envelope, *, routing_key: str, timeout: float, answerer: str | None = None
+    ) -> Envelope:
         assert isinstance(message, RegionGet)
         self.asked += 1
+        # The agent asked answers: the one whose queue it is, which the saga names.
+        assert answerer is not None and queue_agent(routing_key) == answerer
         return RegionInfo(
-            source="crucible/test",
-            payload=RegionFound(agent_id=uuid.uuid4(), region=None, region_id=message.payload.id),
+            source=answerer,
+            payload=RegionFound(
+                agent_id=agent_of(routing_key), region=None, region_id=message.payload.id
+            ),
         )
 
 

@@ -724,7 +724,8 @@ class Transport:
             self.refused_replies,
             extra={"message_id": str(message.id), "reason": NOT_OWNER},
         )
-        queue_name = self._reply_queue.name if self._reply_queue is not None else "reply"
+        # A reply is routed by its queue's name (there may be more than one reply queue).
+        queue_name = incoming.routing_key or "reply"
         try:
             await self._publish_dead_letter(queue_name, incoming, NOT_OWNER, detail)
         except PublishFailed:

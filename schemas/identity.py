@@ -21,10 +21,10 @@ agent's queue nor speak in its name. Any other user (the broker's administrator,
 the virtual host anyway, so a source check could not constrain it.
 
 A verified source is an agent's identity, and each agent is commanded on the queue its
-identity names (``crucible.<agent id>``, ``sled.<sled id>``): :func:`agent_queue` and
-:func:`queue_agent` go from one to the other. What an agent may say about which object
-(only about what Nexus placed on it) is decided by Nexus (``nexus/events.py``); a
-message that fails it is dead-lettered with :data:`NOT_OWNER`.
+identity names (``crucible.<agent id>``, ``sled.<sled id>``): :func:`queue_agent` says
+whose a queue is, so only that agent may answer a request sent there. What an agent may
+say about which object (only about what Nexus placed on it) is decided by Nexus
+(``nexus/events.py``); a message that fails it is dead-lettered with :data:`NOT_OWNER`.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ _ROLE_SOURCE_PREFIX: Final = {
     "sled": "sled/",
 }
 _AGENT_SOURCE_KIND: Final = {CRUCIBLE_USER_PREFIX: "crucible", SLED_USER_PREFIX: "sled"}
-_AGENT_QUEUE: Final = {"crucible": crucible_queue, "sled": sled_queue}
 
 # The dead-letter reason of a message about an object its sender does not own, or in
 # which an agent speaks for another.
@@ -70,22 +69,21 @@ def sled_source(sled_id: uuid.UUID) -> str:
     return f"sled/{sled_id}"
 
 
-def agent_queue(source: str) -> str | None:
-    """The command queue of the agent that speaks as ``source``; None if no agent does."""
-    kind, _, agent_id = source.partition("/")
-    queue = _AGENT_QUEUE.get(kind)
-    if queue is None or not _is_canonical_uuid(agent_id):
-        return None
-    return queue(uuid.UUID(agent_id))
+# Each kind of agent: the queue it is commanded on and the source it speaks as, by id.
+_AGENT_KINDS: Final = {
+    "crucible": (crucible_queue, crucible_source),
+    "sled": (sled_queue, sled_source),
+}
 
 
 def queue_agent(queue: str) -> str | None:
     """The source of the agent commanded on ``queue``, the only one that may answer a
     request sent there; None for a queue that is no agent's."""
     kind, _, agent_id = queue.partition(".")
-    if kind not in _AGENT_QUEUE or not _is_canonical_uuid(agent_id):
+    if kind not in _AGENT_KINDS or not _is_canonical_uuid(agent_id):
         return None
-    return f"{kind}/{agent_id}"
+    queue_of, source_of = _AGENT_KINDS[kind]
+    return source_of(uuid.UUID(agent_id)) if queue_of(uuid.UUID(agent_id)) == queue else None
 
 
 def source_allowed(user: str, source: str) -> bool:

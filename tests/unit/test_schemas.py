@@ -15,10 +15,12 @@ from nexus.db import models as db
 from schemas import export
 from schemas.api import DiskCreateRequest, DiskView, InstanceCreateRequest
 from schemas.base import MAX_SAFE_INTEGER, command_id
+from schemas.identity import crucible_source, queue_agent, sled_source
 from schemas.instance import Instance
 from schemas.messages import MAX_BODY_BYTES, MESSAGE_TYPES, MessageRejected, decode, encode
 from schemas.region import Region, RegionEnsure, RegionSpec, RegionStateChanged
 from schemas.sled import CrucibleAgentInfo, SledInfo
+from schemas.topology import NEXUS_API_QUEUE, crucible_queue, sled_queue
 from tests.examples import BUILDERS, example
 
 
@@ -173,3 +175,18 @@ def test_a_generation_the_database_cannot_store_is_refused_at_parsing() -> None:
     assert error.value.reason == "schema_violation"
     assert "payload.region.generation" in error.value.detail
     assert "payload.region.port_number" in error.value.detail
+
+
+def test_only_the_agent_a_queue_is_named_after_answers_on_it() -> None:
+    agent = uuid.uuid4()
+    assert queue_agent(crucible_queue(agent)) == crucible_source(agent)
+    assert queue_agent(sled_queue(agent)) == sled_source(agent)
+    for nobodys in (
+        NEXUS_API_QUEUE,
+        f"crucible.{str(agent).upper()}",
+        f"crucible.{agent.hex}",
+        f"crucible.{agent}.x",
+        f"sled.{{{agent}}}",
+        "reply.nexus.0123",
+    ):
+        assert queue_agent(nobodys) is None, nobodys

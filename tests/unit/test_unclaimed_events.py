@@ -22,11 +22,12 @@ from nexus.waitkeys import (
     region_key,
 )
 from schemas.common import CommandRejected, Rejection
+from schemas.identity import queue_agent
 from schemas.instance import InstanceState
 from schemas.region import RegionEnsure
 from schemas.region import RegionState as WireRegionState
 from tests.saga_scenarios import SCENARIOS, disk_params
-from tests.saga_support import Agents, Database, instance_event
+from tests.saga_support import Agents, Database, instance_event, placed_instance
 from tests.saga_triad import Scenario, World
 
 RETENTION = timedelta(hours=1)
@@ -61,7 +62,7 @@ async def test_an_event_no_saga_waits_for_updates_its_object_and_keeps_nothing(
     await world.run_to_done(disk_create.DEFINITION, p)
     ensure = (await world.agents.crucible.ensures())[0]
     tombstoned = world.agents.crucible.event(ensure, WireRegionState.TOMBSTONED)
-    starting = instance_event(uuid.uuid4(), InstanceState.STARTING, 3)
+    starting = instance_event(await placed_instance(database), InstanceState.STARTING, 3)
     async with database.sessions() as session:
         keys_before = set((await session.execute(select(WaitRendezvous.wait_key))).scalars())
 
@@ -116,23 +117,26 @@ async def test_unclaimed_events_are_grouped_by_type_and_source_newest_first(
 ) -> None:
     world = World(database, Agents.new(database), ALL_SAGAS)
     datasets = await database.add_datasets(3)
-    await world.run_to_done(disk_create.DEFINITION, disk_params())
-    ensures = await world.agents.crucible.ensures()
+    # Three disks: each agent holds a region of each.
+    for _ in range(3):
+        await world.run_to_done(disk_create.DEFINITION, disk_params())
+    crucible = world.agents.crucible
+    agent = datasets[0].id
+    ensures = [e for e in await crucible.ensures() if crucible.owners[e.payload.id] == agent]
     replica = world.replica()
     # Late news about regions whose saga is done: each created once more (an agent that
-    # re-created them), from one agent.
-    agent = uuid.uuid4()
+    # re-created them), from the one agent that holds them (only it is believed).
     for ensure in ensures:
-        await replica.deliver(
-            world.agents.crucible.event(ensure, WireRegionState.CREATED, agent_id=agent)
-        )
+        await replica.deliver(crucible.event(ensure, WireRegionState.CREATED))
         world.clock.advance(timedelta(seconds=1))
-    # An instance that crashed with no operation under way.
-    crashed = instance_event(uuid.uuid4(), InstanceState.FAILED, 5)
+    # An instance that crashed with no operation under way (on the sled Nexus put it on).
+    crashed = instance_event(await placed_instance(database), InstanceState.FAILED, 5)
     await replica.deliver(crashed)
-    # A refusal of a command whose saga no longer waits: its agent is the one commanded.
+    # A refusal of a command whose saga no longer waits, from the agent commanded.
     refused = ensures[0]
-    await replica.deliver(rejection(refused, "conflict"))
+    await replica.deliver(
+        rejection(refused, "conflict", queue_agent(await queue_of(database, refused)))
+    )
 
     world.clock.advance(RETENTION * 2)
     assert await replica.executor.sweep_unclaimed(RETENTION) == len(ensures) + 2
@@ -166,9 +170,10 @@ async def test_unclaimed_events_are_grouped_by_type_and_source_newest_first(
     assert largest.group_count == 3
 
 
-def rejection(command: RegionEnsure, code: str) -> CommandRejected:
+def rejection(command: RegionEnsure, code: str, source: str | None) -> CommandRejected:
+    assert source is not None
     return CommandRejected(
-        source=f"crucible/{uuid.uuid4()}",
+        source=source,
         payload=Rejection(
             command_id=command.id,
             command_type=command.TYPE,

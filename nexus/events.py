@@ -18,9 +18,12 @@ on, a rejection from the agent whose queue the command was sent to (its outbox r
 an announcement, a registration or a heartbeat from the agent it announces; the agent's
 queue is derived from its id, never taken from the message. Anything else is refused
 before anything is written, with reason ``not_owner``: dead-lettered, it changes no
-state and wakes no saga. An event about an object Nexus records no owner for (never
-placed, or forgotten by an undo) is dropped without being recorded: no saga waits on
-one, and a late event about a region an undo deleted is no forgery.
+state and wakes no saga. An event about an object Nexus has no record of at all (a
+region it never placed or whose row an undo deleted, a rejection of a command it did not
+send through its outbox) has no record to change and is kept like any event no saga
+claims, for ``nexusctl events unclaimed`` to show; no saga can wait on it, since sagas
+wait only on objects they recorded before commanding them, under fresh ids. An event
+about an instance Nexus records on no sled (a create unwinding) is dropped.
 
 A state change whose generation is implausibly far ahead of the one Nexus recorded for
 its object (more than ``max_generation_lead``) is refused before anything is written:
@@ -35,6 +38,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from enum import Enum
 from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, select, update
@@ -102,7 +106,16 @@ class Ingested:
 
 
 class Unowned(Exception):
-    """Nexus records no owner for the object an event is about: the event is dropped."""
+    """Nexus records the object an event is about with no owner: the event is dropped."""
+
+
+class Nobody(Enum):
+    UNRECORDED = "unrecorded"
+    """The owner of an object Nexus has no record of: there is nothing of Nexus's to
+    change, so only the message's own consistency is checked."""
+
+
+Owner = str | None | Nobody
 
 
 class EventIngest:
@@ -175,24 +188,29 @@ async def authorize(session: AsyncSession, message: Message) -> None:
     """Let ``message`` through only if its sender may say it, by Nexus's records.
 
     Raises :class:`MessageRejected` (``not_owner``) when another agent owns its object
-    or it speaks for another agent, :class:`Unowned` when Nexus records no owner.
+    or it speaks for another agent, :class:`Unowned` when Nexus records the object with
+    no owner.
     """
+    owner: Owner
     match message:
         case RegionStateChanged(payload=change):
             dataset = await session.scalar(_REGION_DATASET, {"b_id": change.region.id})
-            owner = crucible_source(dataset) if dataset is not None else None
+            owner = crucible_source(dataset) if dataset is not None else Nobody.UNRECORDED
             about = f"region {change.region.id}"
             check_speaker(message, owner, about, crucible_source(change.agent_id))
         case InstanceStateChanged(payload=change):
-            sled = await session.scalar(_INSTANCE_SLED, {"b_id": change.instance.id})
-            owner = sled_source(sled) if sled is not None else None
+            row = (await session.execute(_INSTANCE_SLED, {"b_id": change.instance.id})).first()
+            if row is None:
+                owner = Nobody.UNRECORDED
+            else:
+                owner = sled_source(row.sled_id) if row.sled_id is not None else None
             about = f"instance {change.instance.id}"
             check_speaker(message, owner, about, sled_source(change.instance.sled_id))
         case CommandRejected(payload=rejection):
             # The command's addressee, from the outbox row it was sent from (Nexus keeps
             # sent rows); a command Nexus did not send through it (a query) has none.
             queue = await session.scalar(_COMMAND_QUEUE, {"b_id": rejection.command_id})
-            owner = queue_agent(queue) if queue is not None else None
+            owner = queue_agent(queue) if queue is not None else Nobody.UNRECORDED
             about = f"command {rejection.command_id} ({rejection.command_type})"
             check_speaker(message, owner, about)
         case AgentAnnounced(payload=agent):
@@ -203,7 +221,7 @@ async def authorize(session: AsyncSession, message: Message) -> None:
             check_speaker(message, sled_source(beat.sled_id), f"sled {beat.sled_id}")
 
 
-def check_speaker(message: Envelope, owner: str | None, about: str, *named: str) -> None:
+def check_speaker(message: Envelope, owner: Owner, about: str, *named: str) -> None:
     """Let ``message`` through only if its sender is ``owner`` (the source of the agent
     that owns the object, by Nexus's records) and so is every agent its payload ``named``
     as the speaker."""
@@ -212,6 +230,8 @@ def check_speaker(message: Envelope, owner: str | None, about: str, *named: str)
             raise MessageRejected(
                 NOT_OWNER, f"{message.source} sent a {message.TYPE} naming {claimed} about {about}"
             )
+    if owner is Nobody.UNRECORDED:
+        return
     if owner is None:
         raise Unowned(f"no owner recorded for {about}")
     if owner != message.source:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from nexus.db.models import Dataset, Instance, Region, Saga, SagaLogEntry, Sled, WaitRendezvous
 from nexus.db.states import InstanceState, SagaState
@@ -249,11 +249,12 @@ async def test_a_rejection_is_believed_only_from_the_agent_the_command_went_to(
     assert woken.woken is not None
 
 
-async def test_events_about_objects_nexus_placed_nowhere_are_dropped_unrecorded(
+async def test_events_about_objects_nexus_has_no_record_of_change_no_record_and_are_kept(
     database: Database,
 ) -> None:
+    """Nothing of Nexus's to change, and no saga can wait on them: kept like any event no
+    saga claims, for an operator to see (an agent holding a region Nexus never asked for)."""
     replica = Replica(database, "a", clock=ManualClock())
-    await database.add_datasets(1)
     before = await books(database)
     agent = uuid.uuid4()
     stray: list[Envelope] = [
@@ -262,7 +263,7 @@ async def test_events_about_objects_nexus_placed_nowhere_are_dropped_unrecorded(
         ),
         instance_event(uuid.uuid4(), WireInstanceState.RUNNING, 2),
         CommandRejected(
-            source=crucible_source(uuid.uuid4()),
+            source=crucible_source(agent),
             payload=Rejection(
                 command_id=uuid.uuid4(), command_type="region.get.v1", code="x", message="x"
             ),
@@ -271,9 +272,27 @@ async def test_events_about_objects_nexus_placed_nowhere_are_dropped_unrecorded(
     for message in stray:
         assert (await replica.deliver(message)).woken is None
 
-    assert await books(database) == before, "no rendezvous row: nothing to claim later"
-    assert replica.intake.unowned.total() == 3
-    assert not replica.intake.refused
+    after = await books(database)
+    assert {name for name in after if after[name] != before[name]} == {"wait_rendezvous"}
+    assert len(after["wait_rendezvous"]) == len(stray)
+    assert not replica.intake.refused and not replica.intake.unowned
+
+
+async def test_an_event_about_an_instance_on_no_sled_is_dropped(database: Database) -> None:
+    """A create unwinding has taken the instance off its sled: no sled speaks for it."""
+    replica = Replica(database, "a", clock=ManualClock())
+    instance_id = await placed_instance(database)
+    async with database.sessions.begin() as session:
+        await session.execute(
+            update(Instance).where(Instance.id == instance_id).values(sled_id=None)
+        )
+    before = await books(database)
+
+    ingested = await replica.deliver(instance_event(instance_id, WireInstanceState.RUNNING, 2))
+
+    assert ingested.woken is None
+    assert await books(database) == before
+    assert replica.intake.unowned == {"instance.state_changed.v1": 1}
 
 
 async def test_an_instance_event_is_believed_only_from_the_sled_nexus_placed_it_on(

@@ -58,6 +58,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="seed of the chaos test, to replay a run (default: a new one, printed)",
     )
+    parser.addoption(
+        "--chaos-force",
+        default="all",
+        help="faults the chaos test does at least once beside its SIGKILLs: all (default), "
+        "none, or a comma-separated list of rabbitmq-restart, postgres-stop, "
+        "postgres-kill, sigstop, clock-skew, disk-full",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -72,6 +79,11 @@ def race_trials(request: pytest.FixtureRequest) -> int:
 @pytest.fixture(scope="session")
 def chaos_operations(request: pytest.FixtureRequest) -> int:
     return int(request.config.getoption("--chaos-operations"))
+
+
+@pytest.fixture(scope="session")
+def chaos_force(request: pytest.FixtureRequest) -> str:
+    return str(request.config.getoption("--chaos-force"))
 
 
 @pytest.fixture

@@ -59,10 +59,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="seed of the chaos test, to replay a run (default: a new one, printed)",
     )
     parser.addoption(
-        "--chaos-force",
+        "--chaos-faults",
         default="all",
-        help="faults the chaos test does at least once beside its SIGKILLs: all (default), "
-        "none, or a comma-separated list of rabbitmq-restart, postgres-stop, "
+        help="the chaos test's faults beside its SIGKILLs, each done at least once: all "
+        "(default), none, or a comma-separated list of rabbitmq-restart, postgres-stop, "
         "postgres-kill, sigstop, clock-skew, disk-full",
     )
 
@@ -82,8 +82,8 @@ def chaos_operations(request: pytest.FixtureRequest) -> int:
 
 
 @pytest.fixture(scope="session")
-def chaos_force(request: pytest.FixtureRequest) -> str:
-    return str(request.config.getoption("--chaos-force"))
+def chaos_faults(request: pytest.FixtureRequest) -> str:
+    return str(request.config.getoption("--chaos-faults"))
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
 """The faults of the chaos test, at seeded random times.
 
 Every 0.5 to 2.5 s the driver does one fault. Most are SIGKILLs of a service, started again
-0.3 to 3 s later. Beside them, each of these is forced at least once in a run (at a seeded
-fraction of the disk creates submitted; ``--chaos-force`` chooses which) and is drawn
+0.3 to 3 s later. Beside them, the run has these (``--chaos-faults`` chooses which; all by
+default), each forced once at a seeded fraction of the disk creates submitted, and drawn
 now and then besides:
 
 - ``rabbitmq-restart``: the node stopped and started again 2 s later, same port and
@@ -75,7 +75,8 @@ class FaultPlan:
     # creates has been submitted, or after the workload if it ended first.
     forced: frozenset[Fault] = frozenset(Fault)
     forced_window: tuple[float, float] = (0.1, 0.8)
-    # At a tick with nothing forced due, the chance of each fault other than a SIGKILL.
+    # At a tick with nothing forced due, the chance of each fault other than a SIGKILL
+    # (of those in ``forced``; the RabbitMQ restart happens once).
     chances: Mapping[Fault, float] = field(
         default_factory=lambda: {
             Fault.POSTGRES_STOP: 0.015,
@@ -149,7 +150,7 @@ class FaultDriver:
         draw = self._rng.random()
         for fault, chance in self._plan.chances.items():
             if draw < chance:
-                return fault
+                return fault if fault in self._plan.forced else None
             draw -= chance
         return None
 

@@ -14,6 +14,7 @@ tmpfs, is filled and emptied.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 import uuid
@@ -126,7 +127,10 @@ class Rack:
         for name, service in self.services.items():
             if service.process is not None and not service.running:
                 code = service.process.returncode
-                self.unexpected_exits.append(f"{name} exited by itself with status {code}")
+                why = last_error(service.log_text())
+                self.unexpected_exits.append(
+                    f"{name} exited by itself with status {code}" + (f": {why}" if why else "")
+                )
                 service.exits.append(code)
                 service.process = None
 
@@ -255,6 +259,18 @@ class Rack:
 
     def exit_counts(self) -> Counter[str]:
         return Counter({name: len(s.exits) for name, s in self.services.items()})
+
+
+def last_error(log: str) -> str | None:
+    """The message of the last error a service logged (its logs are JSON lines)."""
+    for line in reversed(log.splitlines()[-200:]):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("level") in ("error", "critical"):
+            return str(entry.get("msg", ""))[:300]
+    return None
 
 
 def _text(value: object) -> str:

@@ -144,10 +144,10 @@ async def test_the_books_balance_under_faults(
     rack: Rack,
     chaos_seed: int,
     chaos_operations: int,
-    chaos_force: str,
+    chaos_faults: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    plan = FaultPlan(forced=parse_forced(chaos_force))
+    plan = FaultPlan(forced=parse_forced(chaos_faults))
     with capsys.disabled():
         print(
             f"\nchaos seed {chaos_seed} ({chaos_operations} disk creates; forced faults: "
@@ -250,8 +250,11 @@ async def settle_and_check(rack: Rack, client: Api, ledger: Ledger) -> Verdict:
         if saga.state == "unrecoverable":
             verdict.problems.append(f"saga {saga.id} {saga.name} {saga.state}: {saga.error}")
 
-    known = {s.id for s in sagas}
+    known = {s.id: s.state for s in sagas}
     for operation in ledger.operations:
+        if operation.saga_id in known and operation.final not in ENDED:
+            # The workload stopped watching it before it ended; it has ended since.
+            operation.final = known[operation.saga_id]
         name = f"{operation.kind} {operation.resource}"
         if operation.answer == "unanswered":
             verdict.lose(name, f"request {operation.request_id} never answered")
@@ -295,6 +298,13 @@ async def settle_and_check(rack: Rack, client: Api, ledger: Ledger) -> Verdict:
         what for code, what in ledger.error_answers if code is api.ErrorCode.INTERNAL
     ]
     return verdict
+
+
+def tally(entries: list[str]) -> list[str]:
+    """Equal entries once, with how many there were."""
+    return [
+        entry if count == 1 else f"{count} x {entry}" for entry, count in Counter(entries).items()
+    ]
 
 
 def unwind_cause(saga: api.SagaView) -> str:
@@ -410,6 +420,10 @@ def figures(
     }
 
 
+def _without_id(letter: str) -> str:
+    return re.sub(r"^(\S+) [0-9a-f-]{36} ", r"\1 ", letter)
+
+
 def render(report: dict[str, object], ledger: Ledger, verdict: Verdict, rack: Rack) -> str:
     lines = ["", "chaos run figures:"]
     lines += [f"  {key}: {value}" for key, value in report.items()]
@@ -419,8 +433,8 @@ def render(report: dict[str, object], ledger: Ledger, verdict: Verdict, rack: Ra
         ("problems", verdict.problems),
         ("sagas unwound", verdict.unwound),
         ("sagas unwound by Nexus's own errors", verdict.internal_unwinds),
-        ("requests answered with Nexus's own error", verdict.internal_answers),
-        ("dead letters", verdict.dead_letters),
+        ("requests answered with Nexus's own error", tally(verdict.internal_answers)),
+        ("dead letters", tally([_without_id(letter) for letter in verdict.dead_letters])),
         ("re-sent requests answered differently", ledger.retry_mismatches),
         ("unexpected exits", rack.unexpected_exits),
     )

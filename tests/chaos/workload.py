@@ -121,9 +121,9 @@ class Api:
                 return reply
             if reply.payload.code not in TRY_AGAIN or time.monotonic() > deadline:
                 return reply
-            what = operation.kind + " " + operation.resource if operation else message.TYPE
+            what = f"{operation.kind} {operation.resource}" if operation else message.TYPE
             self._ledger.error_answers.append(
-                (reply.payload.code, f"{what} ({message.id}): {reply.payload.message}")
+                (reply.payload.code, f"{what}: {reply.payload.message}")
             )
             await asyncio.sleep(1.0)
 

@@ -79,11 +79,11 @@ class FaultPlan:
     # (of those in ``forced``; the RabbitMQ restart happens once).
     chances: Mapping[Fault, float] = field(
         default_factory=lambda: {
-            Fault.POSTGRES_STOP: 0.015,
-            Fault.POSTGRES_KILL: 0.015,
-            Fault.FREEZE: 0.03,
-            Fault.CLOCK_SKEW: 0.02,
-            Fault.DISK_FULL: 0.02,
+            Fault.POSTGRES_STOP: 0.01,
+            Fault.POSTGRES_KILL: 0.01,
+            Fault.FREEZE: 0.02,
+            Fault.CLOCK_SKEW: 0.015,
+            Fault.DISK_FULL: 0.015,
         }
     )
     # A PostgreSQL outage lasts from ``postgres_down_min`` to this much longer than the

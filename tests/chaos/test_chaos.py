@@ -188,7 +188,7 @@ async def test_the_books_balance_under_faults(
 
     report = figures(ledger, verdict, chaos_seed, chaos_operations, chaos_seconds, duration)
     report |= {
-        "faults_forced": sorted(plan.forced),
+        "faults_forced": sorted(fault.value for fault in plan.forced),
         "region_deadline_seconds": rack.settings.region_deadline_seconds,
         "lease_seconds": rack.settings.lease_seconds,
         "postgres_outages_seconds": [round(outage, 1) for outage in driver.postgres_outages],

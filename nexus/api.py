@@ -1,12 +1,22 @@
 """The Nexus API: requests from ``nexusctl`` on ``nexus.api``, served by any replica.
 
-Every request gets exactly one reply: its typed result, or ``api.error.v1`` with a
-stable code and a one-line message. A request that starts an operation records its
-saga and replies ``accepted`` at once; the saga runs on this replica in the background.
+Every request that carries ``reply_to`` gets exactly one reply there: its typed result,
+or ``api.error.v1`` with a stable code and a one-line message. That includes a request
+that does not parse (``invalid_request`` with its field errors, while the request itself
+is dead-lettered). A reply goes only to a reply queue of the user who sent the request
+(``schemas.topology.is_reply_queue_of``); a request naming any other queue is
+dead-lettered (``foreign_reply_to``) and not carried out.
+
+A request that starts an operation records its saga and replies ``accepted`` at once;
+the saga runs on this replica in the background. The saga's id is derived from the
+request's id and parameters, and the request's id is recorded with it: the same request
+sent again gets the first answer, and its id re-used for anything else gets
+``conflict``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -15,9 +25,18 @@ from typing import Any
 
 from pydantic import BaseModel
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from nexus.db.models import Disk, Instance, Saga, SagaLogEntry, Sled, WaitRendezvous
+from nexus.db.models import (
+    Disk,
+    InboxMessage,
+    Instance,
+    Saga,
+    SagaLogEntry,
+    Sled,
+    WaitRendezvous,
+)
 from nexus.db.states import DiskState, InstanceState, SagaState, SledState, WaitState
 from nexus.doctor import run_doctor
 from nexus.saga.definition import SagaDefinition
@@ -25,11 +44,15 @@ from nexus.saga.executor import SagaExecutor
 from nexus.sagas import disk_create, disk_delete, instance_create, instance_delete, instance_power
 from schemas import api
 from schemas.base import Envelope
-from schemas.messages import Message
+from schemas.messages import Message, MessageRejected
 from schemas.progress import DiskState as WireDiskState
-from schemas.transport import Delivery, Transport
+from schemas.topology import REPLIES_EXCHANGE, is_reply_queue_of
+from schemas.transport import Delivery, Refused, Transport
 
 log = logging.getLogger(__name__)
+
+# The consumer name under which the inbox records the ids of requests that started a saga.
+API_CONSUMER = "nexus.api"
 
 
 class ApiProblem(Exception):
@@ -80,9 +103,42 @@ class Api:
         return f"nexus/{self._replica_id}"
 
     async def handle(self, delivery: Delivery) -> None:
+        """Answer a request on its requester's own reply queue.
+
+        Raises MessageRejected (the transport dead-letters the request) when
+        ``reply_to`` names a queue that is not a reply queue of the user who sent it.
+        """
         request = delivery.message
+        if delivery.reply_to is not None and not _own_reply_queue(
+            delivery.reply_to, delivery.user_id
+        ):
+            raise MessageRejected(
+                "foreign_reply_to",
+                f"reply_to {delivery.reply_to[:200]!r} is not a reply queue of user "
+                f"{delivery.user_id!r}",
+            )
         reply = await self.answer(request)
         await self._transport.reply(delivery, reply)
+
+    async def on_refused(self, refused: Refused) -> None:
+        """A request dead-lettered before it was handled (it does not parse, or its
+        source does not verify) is answered ``invalid_request`` with the reason, on the
+        requester's own reply queue; a copy of the refused bytes is in the dead letters."""
+        if refused.reply_to is None or not _own_reply_queue(refused.reply_to, refused.user_id):
+            return
+        request_id = _uuid_or_none(refused.message_id)
+        error = api.ApiError(
+            source=self.source,
+            correlation_id=_uuid_or_none(refused.correlation_id) or request_id,
+            causation_id=request_id,
+            payload=api.ApiErrorBody(
+                code=api.ErrorCode.INVALID_REQUEST,
+                message=f"{refused.reason}: {refused.detail}"[: api.MAX_ERROR_MESSAGE],
+            ),
+        )
+        await self._transport.publish(
+            error, exchange=REPLIES_EXCHANGE, routing_key=refused.reply_to, mandatory=False
+        )
 
     async def answer(self, request: Message) -> Envelope:
         handler = self._handlers.get(type(request))
@@ -91,7 +147,13 @@ class Api:
                 raise ApiProblem(
                     api.ErrorCode.INVALID_REQUEST, f"{request.TYPE} is not an API request"
                 )
-            return await handler(request)
+            try:
+                return await handler(request)
+            except IntegrityError:
+                # Another replica committed the same request, or the same name, first
+                # (two copies of one request, re-sent while the first was in flight):
+                # asked again, the handler sees what it committed and answers from that.
+                return await handler(request)
         except ApiProblem as problem:
             return self._error(request, problem.code, problem.message)
         except Exception:
@@ -119,13 +181,9 @@ class Api:
                 f"size {body.size_bytes} is not a multiple of the block size {body.block_size}",
             )
         disk_id = uuid.uuid4()
-        # The request's id names the saga: a CLI that retries the same request gets the
-        # same saga instead of a second disk.
-        saga_id = uuid.uuid5(request.id, self._disk_create.name)
         async with self._sessions.begin() as session:
-            existing = await session.get(Saga, saga_id)
-            if existing is not None:
-                return self._accepted(request, saga_id, uuid.UUID(existing.params["disk_id"]))
+            if started := await self._started(session, request, self._disk_create, "disk_id"):
+                return started
             if await self._live_disk(session, body.project, body.name) is not None:
                 raise ApiProblem(
                     api.ErrorCode.ALREADY_EXISTS,
@@ -139,6 +197,7 @@ class Api:
                 block_size=body.block_size,
                 region_deadline_seconds=self._region_deadline.total_seconds(),
             )
+            saga_id = self._record(session, request, self._disk_create)
             # The benchmark's baselines share disk_create's parameters.
             created = await self._executor.create(session, self._disk_create, params, saga_id)
         self._executor.spawn(saga_id, created)
@@ -152,15 +211,21 @@ class Api:
         params: BaseModel,
         resource_id: uuid.UUID,
     ) -> api.AcceptedReply:
-        """Record the saga in the caller's transaction; it runs here once that commits.
-
-        The request's id names the saga, so a client that retries the same request
-        gets the same saga rather than a second operation.
-        """
-        saga_id = uuid.uuid5(request.id, definition.name)
-        if await session.get(Saga, saga_id) is None:
-            await self._executor.create(session, definition, params, saga_id)
+        """Record the request and its saga in the caller's transaction; the saga runs
+        here once that commits (the caller checked ``_started`` first)."""
+        saga_id = self._record(session, request, definition)
+        await self._executor.create(session, definition, params, saga_id)
         return self._accepted(request, saga_id, resource_id)
+
+    def _record(
+        self, session: AsyncSession, request: Envelope, definition: SagaDefinition[Any]
+    ) -> uuid.UUID:
+        """Mark the request's id as used, in the transaction that creates its saga;
+        returns the saga's id."""
+        session.add(
+            InboxMessage(message_id=request.id, consumer=API_CONSUMER, received_at=self._clock())
+        )
+        return saga_id_for(request, definition)
 
     async def _started(
         self,
@@ -170,11 +235,18 @@ class Api:
         id_field: str,
     ) -> api.AcceptedReply | None:
         """The answer the first copy of a re-sent request got, before any check that
-        the operation itself has since made false (the instance no longer exists...)."""
-        saga = await session.get(Saga, uuid.uuid5(request.id, definition.name))
-        if saga is None:
-            return None
-        return self._accepted(request, saga.id, uuid.UUID(saga.params[id_field]))
+        the operation itself has since made false (the instance no longer exists...);
+        ``conflict`` when the request's id already started something else."""
+        saga = await session.get(Saga, saga_id_for(request, definition))
+        if saga is not None:
+            return self._accepted(request, saga.id, uuid.UUID(saga.params[id_field]))
+        if await session.get(InboxMessage, (request.id, API_CONSUMER)) is not None:
+            raise ApiProblem(
+                api.ErrorCode.CONFLICT,
+                f"request id {request.id} was already used for a different request; "
+                "send a new request with a new id",
+            )
+        return None
 
     def _accepted(
         self, request: Envelope, saga_id: uuid.UUID, resource_id: uuid.UUID
@@ -485,3 +557,27 @@ def _detail(data: dict[str, Any] | None) -> str | None:
     if "error" in data:
         return str(data["error"])[:2000]
     return ", ".join(f"{k}={v}" for k, v in data.items() if k != "traceback")[:2000]
+
+
+def request_digest(request: Envelope) -> str:
+    """What a request asks for: its type and its parameters, not who sent it or when."""
+    payload = getattr(request, "payload", None)
+    body = payload.model_dump_json() if isinstance(payload, BaseModel) else ""
+    return hashlib.sha256(f"{request.TYPE}\n{body}".encode()).hexdigest()
+
+
+def saga_id_for(request: Envelope, definition: SagaDefinition[Any]) -> uuid.UUID:
+    """The saga a request starts: the same request sent again names the same saga, and
+    its id with other parameters (or for another operation) names another one."""
+    return uuid.uuid5(request.id, f"{definition.name}:{request_digest(request)}")
+
+
+def _own_reply_queue(reply_to: str, user: str | None) -> bool:
+    return user is not None and is_reply_queue_of(reply_to, user)
+
+
+def _uuid_or_none(text: str | None) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(text or "")
+    except ValueError:
+        return None

@@ -95,7 +95,9 @@ class NexusApp:
             faults=self._faults,
             on_progress=self._saga_progress,
         )
-        self.ingest = EventIngest(self.sessions, self.clock.now)
+        self.ingest = EventIngest(
+            self.sessions, self.clock.now, max_generation_lead=settings.max_generation_lead
+        )
         self._tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
         if background:
             self._tasks.append(asyncio.create_task(self._sweeper(), name="sweeper"))
@@ -112,7 +114,9 @@ class NexusApp:
             await self.transport.consume(
                 NEXUS_EVENTS_QUEUE, self.on_event, prefetch=settings.event_prefetch
             )
-            await self.transport.consume(NEXUS_API_QUEUE, self.api.handle, prefetch=16)
+            await self.transport.consume(
+                NEXUS_API_QUEUE, self.api.handle, prefetch=16, on_refused=self.api.on_refused
+            )
         log.info(
             "nexus replica %s up (database %s)",
             settings.replica_id,

@@ -8,17 +8,23 @@ runs on this replica.
 No inbox row: every write here is guarded by the object's generation (a rejection's
 key is its command's id), so a redelivered or duplicated event changes nothing by
 itself, and an inbox insert would cost one statement more per event for nothing.
+
+A state change whose generation is implausibly far ahead of the one Nexus recorded for
+its object (more than ``max_generation_lead``) is refused before anything is written:
+applied, it would leave the record where no real event could ever update it again. It
+is dead-lettered with reason ``implausible_generation``, logged and counted.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from nexus.db.engine import upsert_insert
@@ -26,11 +32,12 @@ from nexus.db.models import Dataset, Instance, Region, Sled
 from nexus.db.states import SledState
 from nexus.saga import rendezvous
 from nexus.saga.rendezvous import Woken
+from nexus.settings import MAX_GENERATION_LEAD
 from nexus.waitkeys import instance_key, region_key, rejection_key
 from schemas.base import Envelope
 from schemas.common import CommandRejected
 from schemas.instance import InstanceStateChanged
-from schemas.messages import Message
+from schemas.messages import Message, MessageRejected
 from schemas.region import RegionStateChanged
 from schemas.sled import AgentAnnounced, SledHeartbeat, SledRegistered
 
@@ -49,6 +56,16 @@ _REGION_UPDATE = (
 )
 
 
+_instances = cast(Table, Instance.__table__)
+# The generation Nexus recorded for the object of a state change (built once, as above).
+_RECORDED_GENERATION = {
+    RegionStateChanged: select(_regions.c.generation).where(_regions.c.id == bindparam("b_id")),
+    InstanceStateChanged: select(_instances.c.generation).where(
+        _instances.c.id == bindparam("b_id")
+    ),
+}
+
+
 @dataclass(frozen=True)
 class Ingested:
     woken: Woken | None
@@ -56,10 +73,17 @@ class Ingested:
 
 class EventIngest:
     def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], clock: Callable[[], datetime]
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        clock: Callable[[], datetime],
+        *,
+        max_generation_lead: int = MAX_GENERATION_LEAD,
     ) -> None:
         self._sessions = sessions
         self._clock = clock
+        self._max_generation_lead = max_generation_lead
+        # Events refused here, by reason, since this replica started.
+        self.refused: Counter[str] = Counter()
 
     async def ingest(self, message: Message) -> Ingested:
         handler = HANDLERS.get(type(message))
@@ -72,7 +96,48 @@ class EventIngest:
             return Ingested(woken=None)
         now = self._clock()
         async with self._sessions.begin() as session:
+            try:
+                await check_generation(session, message, self._max_generation_lead)
+            except MessageRejected as rejected:
+                self.refused[rejected.reason] += 1
+                log.warning(
+                    "refused %s: %s: %s",
+                    message.TYPE,
+                    rejected.reason,
+                    rejected.detail,
+                    extra={
+                        "message_id": str(message.id),
+                        "source": message.source,
+                        "reason": rejected.reason,
+                        "refused_so_far": self.refused[rejected.reason],
+                    },
+                )
+                raise
             return Ingested(woken=await handler(session, message, now))
+
+
+async def check_generation(session: AsyncSession, message: Message, max_lead: int) -> None:
+    """Raise MessageRejected (``implausible_generation``) when a region or instance state
+    change is more than ``max_lead`` generations ahead of the one Nexus recorded for the
+    object. An object Nexus has no record of is not judged here."""
+    statement = _RECORDED_GENERATION.get(type(message))
+    if statement is None:
+        return
+    assert isinstance(message, RegionStateChanged | InstanceStateChanged)
+    subject = (
+        message.payload.region
+        if isinstance(message, RegionStateChanged)
+        else message.payload.instance
+    )
+    recorded = (await session.execute(statement, {"b_id": subject.id})).scalar_one_or_none()
+    if recorded is not None and subject.generation - recorded > max_lead:
+        kind = "region" if isinstance(message, RegionStateChanged) else "instance"
+        raise MessageRejected(
+            "implausible_generation",
+            f"{kind} {subject.id} at generation {subject.generation} is "
+            f"{subject.generation - recorded} ahead of the {recorded} Nexus recorded "
+            f"(at most {max_lead} is plausible)",
+        )
 
 
 # One handler per event type, each inside the event's transaction; the table at the end.

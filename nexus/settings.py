@@ -10,7 +10,11 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schemas.base import MAX_SAFE_INTEGER
 from schemas.redact import redact_url
+
+# How far ahead of Nexus's record a region or instance state change may be.
+MAX_GENERATION_LEAD = 1000
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -44,6 +48,9 @@ class NexusSettings(BaseSettings):
     region_deadline_seconds: float = Field(default=300.0, gt=0)
     # Unacked events in flight per replica.
     event_prefetch: int = Field(default=32, gt=0, le=10_000)
+    # A region or instance state change more than this many generations ahead of the one
+    # Nexus recorded for the object is dead-lettered (implausible_generation), not applied.
+    max_generation_lead: int = Field(default=MAX_GENERATION_LEAD, gt=0, le=MAX_SAFE_INTEGER)
     log_level: LogLevel = "INFO"
 
     @field_validator("log_level", mode="before")

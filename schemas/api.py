@@ -13,12 +13,21 @@ from typing import Literal
 
 from pydantic import AwareDatetime, Field
 
-from schemas.base import BlockSize, Envelope, Model, Name, PositiveInt
+from schemas.base import (
+    BlockSize,
+    Envelope,
+    Model,
+    Name,
+    NonNegativeInt32,
+    PositiveInt,
+    PositiveInt32,
+)
 from schemas.progress import DiskState
 
 # Ids and names are both accepted where a resource is named.
 NameOrId = Name | uuid.UUID
 MAX_DISK_BYTES = 1 << 40
+MAX_ERROR_MESSAGE = 2000
 
 
 class ErrorCode(StrEnum):
@@ -164,7 +173,7 @@ class InstanceView(Model):
     id: uuid.UUID
     project: Name
     name: Name
-    ncpus: PositiveInt
+    ncpus: PositiveInt32
     memory_bytes: PositiveInt
     state: str
     sled_id: uuid.UUID | None = None
@@ -193,7 +202,7 @@ class WaitView(Model):
 class SagaView(Model):
     id: uuid.UUID
     name: str
-    version: int
+    version: NonNegativeInt32
     state: str
     lease_owner: str | None
     error: str | None
@@ -217,14 +226,14 @@ class DoctorFinding(Model):
 
 
 class DoctorReport(Model):
-    checked_agents: int = Field(ge=0)
+    checked_agents: NonNegativeInt32
     unreachable_agents: tuple[str, ...] = ()
     findings: tuple[DoctorFinding, ...] = ()
 
 
 class ApiErrorBody(Model):
     code: ErrorCode
-    message: str = Field(max_length=2000)
+    message: str = Field(max_length=MAX_ERROR_MESSAGE)
 
 
 class DiskReply(Envelope):

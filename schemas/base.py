@@ -20,8 +20,23 @@ Name = Annotated[
 ]
 # Who sent a message: "nexus/<replica>", "crucible/<agent>", "sled/<sled>", "cli/<host>".
 Source = Annotated[str, StringConstraints(pattern=r"^[a-z-]+/[A-Za-z0-9._:@-]{1,100}$")]
-PositiveInt = Annotated[int, Field(gt=0)]
-Generation = Annotated[int, Field(ge=1)]
+
+# Every integer on the wire has bounds that Nexus's database can store, so a value out of
+# range is refused once, at parsing, rather than failing a handler at every delivery.
+# Counts, sizes and generations are stored in BIGINT columns (2^63 - 1); they stop at
+# 2^53 - 1, which leaves room for arithmetic (a generation + 1, a sum of sizes) and is
+# the largest integer every JSON parser reads exactly (RFC 7493: JavaScript's and any
+# other double-based parser's). One change a microsecond takes 285 years to get there.
+MAX_SAFE_INTEGER = 2**53 - 1
+# Counts stored in INTEGER columns (CPUs, extents per region) stop where PostgreSQL's
+# INTEGER does.
+MAX_INT32 = 2**31 - 1
+PositiveInt = Annotated[int, Field(gt=0, le=MAX_SAFE_INTEGER)]
+NonNegativeInt = Annotated[int, Field(ge=0, le=MAX_SAFE_INTEGER)]
+PositiveInt32 = Annotated[int, Field(gt=0, le=MAX_INT32)]
+NonNegativeInt32 = Annotated[int, Field(ge=0, le=MAX_INT32)]
+Generation = Annotated[int, Field(ge=1, le=MAX_SAFE_INTEGER)]
+Port = Annotated[int, Field(ge=0, le=65535)]
 BlockSize = Annotated[int, Field(strict=True, ge=512, le=4096, multiple_of=512)]
 
 # The namespace of deterministic command ids: uuid5(namespace, f"{saga}:{node}").

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from schemas.base import Envelope, Generation, Model, Name, PositiveInt
+from schemas.base import Envelope, Generation, Model, Name, PositiveInt, PositiveInt32
 
 
 class InstanceState(StrEnum):
@@ -25,7 +25,7 @@ class InstanceState(StrEnum):
 class InstanceSpec(Model):
     id: uuid.UUID
     name: Name
-    ncpus: PositiveInt
+    ncpus: PositiveInt32
     memory_bytes: PositiveInt
     disk_ids: tuple[uuid.UUID, ...] = ()
     start: bool = Field(default=True, description="run it once created")
@@ -35,7 +35,7 @@ class Instance(Model):
     id: uuid.UUID
     sled_id: uuid.UUID
     name: Name
-    ncpus: PositiveInt
+    ncpus: PositiveInt32
     memory_bytes: PositiveInt
     disk_ids: tuple[uuid.UUID, ...] = ()
     state: InstanceState

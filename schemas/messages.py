@@ -108,10 +108,16 @@ MESSAGE_TYPES: dict[str, type[Envelope]] = {cls.TYPE: cls for cls in get_args(ge
 
 # Bodies above this are refused before parsing: no legitimate message comes close.
 MAX_BODY_BYTES = 256 * 1024
+# A refusal names at most this many of a message's field errors.
+MAX_FIELD_ERRORS = 10
 
 
 class MessageRejected(ValueError):
-    """Why inbound bytes are not a message we accept; ``reason`` is a stable code."""
+    """Why inbound bytes are not a message we accept; ``reason`` is a stable code.
+
+    Raised by :func:`decode`, and by a handler that refuses a message it parsed (the
+    transport dead-letters it at once, with the reason, rather than redelivering it).
+    """
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
@@ -135,10 +141,22 @@ def decode(body: bytes) -> Message:
             raise MessageRejected("unknown_type", f"no message type {str(tag)[:100]!r}") from None
         if kind == "union_tag_not_found":
             raise MessageRejected("unknown_type", "no 'type' field") from None
-        location = ".".join(str(part) for part in first["loc"])
         raise MessageRejected(
-            "schema_violation", f"{error.error_count()} error(s); {location}: {first['msg']}"
+            "schema_violation", f"{error.error_count()} error(s); {field_errors(error)}"
         ) from None
+
+
+def field_errors(error: ValidationError, limit: int = MAX_FIELD_ERRORS) -> str:
+    """The first ``limit`` errors as ``payload.region.generation: <why>``, in one line."""
+    shown = []
+    for each in error.errors()[:limit]:
+        # A discriminated union puts the message type first; the field is the rest.
+        location = (
+            each["loc"][1:] if each["loc"] and each["loc"][0] in MESSAGE_TYPES else each["loc"]
+        )
+        shown.append(f"{'.'.join(str(part) for part in location) or '(message)'}: {each['msg']}")
+    more = error.error_count() - len(shown)
+    return "; ".join(shown) + (f"; and {more} more" if more > 0 else "")
 
 
 def encode(message: Envelope) -> bytes:

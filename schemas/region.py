@@ -13,7 +13,15 @@ from typing import Literal
 
 from pydantic import Field
 
-from schemas.base import BlockSize, Envelope, Generation, Model, PositiveInt
+from schemas.base import (
+    BlockSize,
+    Envelope,
+    Generation,
+    Model,
+    Port,
+    PositiveInt,
+    PositiveInt32,
+)
 
 
 class RegionState(StrEnum):
@@ -30,7 +38,7 @@ class RegionSpec(Model):
     id: uuid.UUID
     block_size: BlockSize
     extent_size: PositiveInt = Field(description="blocks per extent")
-    extent_count: PositiveInt
+    extent_count: PositiveInt32
     encrypted: bool = True
     source: str | None = Field(default=None, max_length=255)
 
@@ -45,9 +53,9 @@ class Region(Model):
     id: uuid.UUID
     block_size: BlockSize
     extent_size: PositiveInt
-    extent_count: PositiveInt
+    extent_count: PositiveInt32
     encrypted: bool
-    port_number: int = Field(ge=0, le=65535)
+    port_number: Port
     read_only: bool = False
     source: str | None = None
     state: RegionState

@@ -7,13 +7,20 @@ from typing import Literal
 
 from pydantic import AwareDatetime, Field
 
-from schemas.base import Envelope, Model, PositiveInt
+from schemas.base import (
+    Envelope,
+    Model,
+    NonNegativeInt,
+    NonNegativeInt32,
+    PositiveInt,
+    PositiveInt32,
+)
 
 
 class SledInfo(Model):
     sled_id: uuid.UUID
     hostname: str = Field(max_length=255)
-    cpus: PositiveInt
+    cpus: PositiveInt32
     memory_bytes: PositiveInt
     queue: str = Field(description="where its commands go: sled.<id>")
 
@@ -28,11 +35,11 @@ class SledRegistered(Envelope):
 
 class Heartbeat(Model):
     sled_id: uuid.UUID
-    sequence: int = Field(ge=0, description="increases by one each beat since start")
+    sequence: NonNegativeInt = Field(description="increases by one each beat since start")
     started_at: AwareDatetime
-    cpus_used: int = Field(ge=0)
-    memory_used_bytes: int = Field(ge=0)
-    instances_running: int = Field(ge=0)
+    cpus_used: NonNegativeInt32
+    memory_used_bytes: NonNegativeInt
+    instances_running: NonNegativeInt32
 
 
 class SledHeartbeat(Envelope):
@@ -47,9 +54,9 @@ class CrucibleAgentInfo(Model):
     agent_id: uuid.UUID
     sled_id: uuid.UUID
     queue: str = Field(description="where its commands go: crucible.<id>")
-    capacity_bytes: int = Field(ge=0)
-    free_bytes: int = Field(ge=0)
-    regions: int = Field(ge=0)
+    capacity_bytes: NonNegativeInt
+    free_bytes: NonNegativeInt
+    regions: NonNegativeInt32
 
 
 class AgentAnnounced(Envelope):

@@ -5,6 +5,7 @@ Why they are as they are: docs/design.md, "Broker topology".
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Final
 
@@ -16,6 +17,11 @@ DEAD_LETTER_QUEUE: Final = "control.dead-letters"
 # default exchange, whose write permission would let an agent publish to any queue
 # (nexus.api among them).
 REPLIES_EXCHANGE: Final = "control.replies"
+
+# A requester's reply queue (exclusive to its connection, bound to control.replies under
+# its own name) is named after the requester's broker user: a consumer answers a request
+# only when its reply_to names a reply queue of the user who sent it.
+REPLY_QUEUE_PREFIX: Final = "reply."
 
 NEXUS_EVENTS_QUEUE: Final = "nexus.events"  # shared by every Nexus replica
 NEXUS_API_QUEUE: Final = "nexus.api"
@@ -50,3 +56,16 @@ def crucible_queue(agent_id: uuid.UUID) -> str:
 
 def sled_queue(sled_id: uuid.UUID) -> str:
     return f"sled.{sled_id}"
+
+
+def reply_queue(user: str) -> str:
+    """A new reply queue name for broker user ``user``: ``reply.<user>.<32 hex digits>``."""
+    return f"{REPLY_QUEUE_PREFIX}{user}.{uuid.uuid4().hex}"
+
+
+def is_reply_queue_of(queue: str, user: str) -> bool:
+    """Whether ``queue`` is named as a reply queue of broker user ``user``."""
+    prefix = f"{REPLY_QUEUE_PREFIX}{user}."
+    return (
+        queue.startswith(prefix) and re.fullmatch(r"[0-9a-f]{32}", queue[len(prefix) :]) is not None
+    )

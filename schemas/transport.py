@@ -7,7 +7,8 @@
 - Consuming acks only after the handler returned; a handler that raises gets the
   message requeued, and the quorum queue dead-letters it past ``DELIVERY_LIMIT``.
 - Bytes that are not a message we accept are dead-lettered at once with the reason in
-  a header, and the consumer goes on with the next message.
+  a header, and the consumer goes on with the next message; so is a message whose
+  handler refuses it by raising ``MessageRejected`` (never redelivered).
 - Every publish carries the connection's user as ``user_id``, which RabbitMQ refuses
   unless it is the user that really published. A consumer dead-letters a message whose
   envelope ``source`` that user may not claim (:mod:`schemas.identity`), and, when
@@ -51,6 +52,7 @@ from schemas.topology import (
     ORIGINAL_ROUTING_KEY_HEADER,
     REASON_HEADER,
     REPLIES_EXCHANGE,
+    reply_queue,
 )
 
 log = logging.getLogger(__name__)
@@ -91,9 +93,28 @@ class Delivery:
     reply_to: str | None
     redelivered: bool
     headers: Mapping[str, Any] = field(default_factory=dict)
+    # The broker-validated user that published it (None when the publisher set none).
+    user_id: str | None = None
 
 
 Handler = Callable[[Delivery], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A message that a consumer's queue dead-lettered, as its consumer may want to know
+    it (the API answers the requester): the AMQP properties, never the unchecked body."""
+
+    queue: str
+    reason: str
+    detail: str
+    message_id: str | None
+    correlation_id: str | None
+    reply_to: str | None
+    user_id: str | None
+
+
+RefusalHook = Callable[[Refused], Awaitable[None]]
 
 
 class Publisher(Protocol):
@@ -150,6 +171,7 @@ class Transport:
         self._reply_queue: AbstractQueue | None = None
         self._pending: dict[uuid.UUID, asyncio.Future[Message]] = {}
         self._consumer_channels: list[AbstractChannel] = []
+        self._refusal_hooks: dict[str, RefusalHook] = {}
 
     # Lifecycle.
 
@@ -399,8 +421,22 @@ class Transport:
 
     # Consuming.
 
-    async def consume(self, queue_name: str, handler: Handler, *, prefetch: int = 16) -> None:
-        """Deliver parsed messages from ``queue_name`` to ``handler`` until closed."""
+    async def consume(
+        self,
+        queue_name: str,
+        handler: Handler,
+        *,
+        prefetch: int = 16,
+        on_refused: RefusalHook | None = None,
+    ) -> None:
+        """Deliver parsed messages from ``queue_name`` to ``handler`` until closed.
+
+        ``on_refused`` is told of each message from this queue that is dead-lettered
+        (bytes that do not parse, a source that does not verify, a ``MessageRejected``
+        from ``handler``), once it is in the dead letters and before it is acked.
+        """
+        if on_refused is not None:
+            self._refusal_hooks[queue_name] = on_refused
         channel = await self.connection.channel()
         self._consumer_channels.append(channel)
         await channel.set_qos(prefetch_count=prefetch)
@@ -449,12 +485,18 @@ class Transport:
             reply_to=incoming.reply_to,
             redelivered=bool(incoming.redelivered),
             headers=dict(incoming.headers or {}),
+            user_id=incoming.user_id,
         )
         try:
             await handler(delivery)
         except asyncio.CancelledError:
             await _settle(incoming.nack(requeue=True))
             raise
+        except MessageRejected as rejected:
+            # The handler judged the message itself bad: dead-lettered now, with its
+            # reason, never redelivered toward the delivery limit.
+            await self._dead_letter(queue_name, incoming, rejected.reason, rejected.detail)
+            return
         except Exception:
             log.exception(
                 "handler failed; message requeued",
@@ -509,6 +551,21 @@ class Transport:
             log.exception("could not dead-letter; message requeued")
             await _settle(incoming.nack(requeue=True))
             return
+        hook = self._refusal_hooks.get(queue_name)
+        if hook is not None:
+            refused = Refused(
+                queue=queue_name,
+                reason=reason,
+                detail=detail,
+                message_id=incoming.message_id,
+                correlation_id=incoming.correlation_id,
+                reply_to=incoming.reply_to,
+                user_id=incoming.user_id,
+            )
+            try:
+                await hook(refused)
+            except Exception:
+                log.exception("the refusal hook of %s failed", queue_name)
         await _settle(incoming.ack())
 
     # Request/reply (the CLI and reconcile queries).
@@ -539,7 +596,9 @@ class Transport:
         if self._reply_queue is None:
             channel = await self.connection.channel()
             self._consumer_channels.append(channel)
-            queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+            queue = await channel.declare_queue(
+                reply_queue(self.user), exclusive=True, auto_delete=True
+            )
             await queue.bind(
                 await channel.get_exchange(REPLIES_EXCHANGE, ensure=True), routing_key=queue.name
             )

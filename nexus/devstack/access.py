@@ -9,8 +9,9 @@ with each user's credentials (:meth:`Access.url`).
 Who may do what (``c``/``w``/``r`` = RabbitMQ's configure/write/read):
 
 - ``nexus`` owns the topology (it re-declares it at start, adding bindings a newer
-  version needs): ``c``/``w``/``r`` on the shared exchanges, its own queues and its
-  exclusive reply queues; nothing on agents' queues.
+  version needs): ``c``/``w``/``r`` on the shared exchanges, its own queues, its
+  exclusive watch queues and its reply queues (``reply.nexus.<hex>``); nothing on
+  agents' queues.
 - ``crucible-<id>`` / ``sled-<id>``, one user per agent: ``r`` on its own queue only
   (consume); ``w`` on ``control.events`` (its notifications, and by topic permission
   only under its own routing keys), ``control.replies`` (answers to requests) and
@@ -22,8 +23,9 @@ Who may do what (``c``/``w``/``r`` = RabbitMQ's configure/write/read):
   checks that they exist.
 - ``nexusctl`` (the admin CLI): ``w`` on ``control.commands`` (requests to Nexus), ``r``
   on ``control.events`` (``--wait`` watches) and ``control.replies``, ``c``/``w``/``r`` on
-  its exclusive queues. As an operator's tool it could also command an agent directly;
-  the agent then sees a ``cli/...`` source from user ``nexusctl``.
+  its exclusive queues (watches, and replies as ``reply.nexusctl.<hex>``). As an
+  operator's tool it could also command an agent directly; the agent then sees a
+  ``cli/...`` source from user ``nexusctl``.
 
 A message's ``user_id`` is checked by the broker and its source against the user by the
 consumer (:mod:`schemas.identity`), so a user can speak only for itself.
@@ -56,6 +58,7 @@ from schemas.topology import (
     NEXUS_EVENT_BINDINGS,
     NEXUS_EVENTS_QUEUE,
     REPLIES_EXCHANGE,
+    REPLY_QUEUE_PREFIX,
     crucible_queue,
     sled_queue,
 )
@@ -66,8 +69,8 @@ HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
 _SALT_BYTES = 4
 NOTHING = "^$"
 
-# Exclusive queues of request/reply and watches: aio-pika's robust queues name
-# themselves amq_<uuid hex>; RabbitMQ names a queue left unnamed amq.gen-<...>.
+# Exclusive queues of watches: aio-pika's robust queues name themselves amq_<uuid hex>;
+# RabbitMQ names a queue left unnamed amq.gen-<...>.
 _EXCLUSIVE = r"amq_[0-9a-f]{32}|amq\.gen-[A-Za-z0-9_-]+"
 _SHARED_EXCHANGES = (COMMANDS_EXCHANGE, EVENTS_EXCHANGE, REPLIES_EXCHANGE, DEAD_LETTER_EXCHANGE)
 _AGENT_PUBLISHES = (EVENTS_EXCHANGE, REPLIES_EXCHANGE, DEAD_LETTER_EXCHANGE)
@@ -94,20 +97,27 @@ class Grant:
     event_keys: str | None = None
 
 
+def _reply_queues(user: str) -> str:
+    """``user``'s own reply queues (``schemas.topology.reply_queue``), and no one else's:
+    Nexus answers a request only on a reply queue named after the user who sent it."""
+    return re.escape(f"{REPLY_QUEUE_PREFIX}{user}.") + "[0-9a-f]{32}"
+
+
 def nexus_grant() -> Grant:
     names = (*_SHARED_EXCHANGES, DEAD_LETTER_QUEUE, NEXUS_EVENTS_QUEUE, NEXUS_API_QUEUE)
     # The same set for all three: declaring a queue with a dead-letter exchange takes read
     # on the queue and write on that exchange; binding takes write on the queue and read
     # on the exchange; consuming takes read, publishing write.
-    everything_it_owns = _exactly(*names, patterns=[_EXCLUSIVE])
+    everything_it_owns = _exactly(*names, patterns=[_EXCLUSIVE, _reply_queues(NEXUS_USER)])
     return Grant(everything_it_owns, everything_it_owns, everything_it_owns)
 
 
 def cli_grant() -> Grant:
+    own = [_EXCLUSIVE, _reply_queues(CLI_USER)]
     return Grant(
-        configure=_exactly(patterns=[_EXCLUSIVE]),
-        write=_exactly(COMMANDS_EXCHANGE, DEAD_LETTER_EXCHANGE, patterns=[_EXCLUSIVE]),
-        read=_exactly(EVENTS_EXCHANGE, REPLIES_EXCHANGE, patterns=[_EXCLUSIVE]),
+        configure=_exactly(patterns=own),
+        write=_exactly(COMMANDS_EXCHANGE, DEAD_LETTER_EXCHANGE, patterns=own),
+        read=_exactly(EVENTS_EXCHANGE, REPLIES_EXCHANGE, patterns=own),
     )
 
 

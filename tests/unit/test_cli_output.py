@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from nexus.cli import disk, saga
-from nexus.cli.client import ApiFailure
+from nexus.cli.client import ApiFailure, NexusClient
 from nexus.cli.main import app
 from nexus.cli.timeline import abbreviate, timeline, wakes
 from schemas import api
@@ -178,6 +178,50 @@ def test_an_api_error_is_one_line_with_its_code(fake_nexus: type[FakeClient]) ->
     assert result.stderr == (
         "error: a disk named 'd1' already exists in project 'default' (already_exists)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        (
+            api.ErrorCode.CONFLICT,
+            "request id 5b0e… was already used for a different request; "
+            "send a new request with a new id",
+        ),
+        (
+            api.ErrorCode.INVALID_REQUEST,
+            "schema_violation: 2 error(s); payload.size_bytes: Input should be greater than 0; "
+            "payload.name: String should match pattern '^[a-z]'",
+        ),
+    ],
+)
+def test_conflict_and_invalid_request_are_one_line_and_exit_1(
+    fake_nexus: type[FakeClient], code: api.ErrorCode, message: str
+) -> None:
+    fake_nexus.replies[api.DiskCreate] = ApiFailure(code, message)
+    result = CliRunner().invoke(app, ["disk", "create", "d1", "--size", "1GiB"])
+    assert result.exit_code == 1
+    assert result.stderr == f"error: {message} ({code.value})\n"
+
+
+async def test_the_client_turns_an_error_reply_into_a_failure_with_its_code() -> None:
+    request = api.DiskGet(source="cli/test", payload=api.ResourceRef(project="p", resource="d"))
+    error = api.ApiError(
+        source="nexus/n",
+        payload=api.ApiErrorBody(code=api.ErrorCode.CONFLICT, message="used for another"),
+        **request.caused(),
+    )
+
+    class Answering:
+        async def request(self, message: Envelope, **_: object) -> Envelope:
+            return error
+
+    client = NexusClient("amqp://nowhere/", timeout=1)
+    client._transport = Answering()  # type: ignore[assignment]
+    with pytest.raises(ApiFailure) as failure:
+        await client.call(request, api.DiskReply)
+    assert failure.value.code is api.ErrorCode.CONFLICT
+    assert str(failure.value) == "used for another (conflict)"
 
 
 def test_create_without_wait_answers_with_the_saga(fake_nexus: type[FakeClient]) -> None:

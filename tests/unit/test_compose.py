@@ -50,6 +50,7 @@ from schemas.topology import (
     NEXUS_EVENTS_QUEUE,
     REPLIES_EXCHANGE,
     crucible_queue,
+    reply_queue,
     sled_queue,
 )
 from sled_agent.settings import SledSettings
@@ -689,9 +690,10 @@ def test_users_may_do_what_their_service_does(
     services: dict[str, dict[str, Any]], definitions: dict[str, Any]
 ) -> None:
     exchanges = [COMMANDS_EXCHANGE, EVENTS_EXCHANGE, REPLIES_EXCHANGE, DEAD_LETTER_EXCHANGE]
-    reply_queue = f"amq_{uuid.uuid4().hex}"  # aio-pika's name for an exclusive queue
+    watch_queue = f"amq_{uuid.uuid4().hex}"  # aio-pika's name for an exclusive queue
     nexus = _permissions(definitions, NEXUS_USER)
-    for name in [*exchanges, NEXUS_EVENTS_QUEUE, NEXUS_API_QUEUE, DEAD_LETTER_QUEUE, reply_queue]:
+    own = [watch_queue, reply_queue(NEXUS_USER)]
+    for name in [*exchanges, NEXUS_EVENTS_QUEUE, NEXUS_API_QUEUE, DEAD_LETTER_QUEUE, *own]:
         for kind in ("configure", "write", "read"):
             assert _allows(nexus[kind], name), f"nexus may not {kind} {name}"
 
@@ -699,7 +701,12 @@ def test_users_may_do_what_their_service_does(
     assert _allows(cli["write"], COMMANDS_EXCHANGE)
     assert _allows(cli["read"], EVENTS_EXCHANGE) and _allows(cli["read"], REPLIES_EXCHANGE)
     for kind in ("configure", "write", "read"):
-        assert _allows(cli[kind], reply_queue)
+        assert _allows(cli[kind], watch_queue)
+        assert _allows(cli[kind], reply_queue(CLI_USER))
+        # Nexus answers only on a reply queue named after the requester: none may
+        # declare one named after another user.
+        assert not _allows(cli[kind], reply_queue(NEXUS_USER)), f"nexusctl may {kind} nexus's"
+        assert not _allows(nexus[kind], reply_queue(CLI_USER)), f"nexus may {kind} nexusctl's"
 
     for name, service in {
         **_by_entry_point(services, "crucible-agent"),

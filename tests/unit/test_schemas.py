@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import BigInteger, Integer
 
+from nexus.db import models as db
 from schemas import export
-from schemas.base import command_id
+from schemas.api import DiskCreateRequest, DiskView, InstanceCreateRequest
+from schemas.base import MAX_SAFE_INTEGER, command_id
+from schemas.instance import Instance
 from schemas.messages import MAX_BODY_BYTES, MESSAGE_TYPES, MessageRejected, decode, encode
 from schemas.region import Region, RegionEnsure, RegionSpec, RegionStateChanged
+from schemas.sled import CrucibleAgentInfo, SledInfo
 from tests.examples import BUILDERS, example
 
 
@@ -98,3 +105,71 @@ def test_event_routing_key_follows_state() -> None:
 def test_checked_in_json_schemas_are_current() -> None:
     stale = export.stale_files()
     assert not stale, f"run `python -m schemas.export`; stale: {stale}"
+
+
+# Bounded numbers: a value the database cannot store is refused at parsing (issue #12).
+
+BIGINT_MAX = 2**63 - 1
+INTEGER_MAX = 2**31 - 1
+
+
+def _integers(node: object, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every ``"type": "integer"`` in a JSON Schema, with where it is."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            yield path, node
+        for key, value in node.items():
+            yield from _integers(value, f"{path}/{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _integers(value, f"{path}/{index}")
+
+
+@pytest.mark.parametrize("file_name", sorted(export.rendered()))
+def test_every_integer_in_the_published_schemas_is_bounded(file_name: str) -> None:
+    schema = json.loads(export.rendered()[file_name])
+    for path, integer in _integers(schema, file_name):
+        low = integer.get("minimum", integer.get("exclusiveMinimum"))
+        high = integer.get("maximum", integer.get("exclusiveMaximum"))
+        assert low is not None and high is not None, f"{path} is unbounded: {integer}"
+        assert low >= 0 and high <= MAX_SAFE_INTEGER, f"{path}: {integer}"
+
+
+def _maximum(model: type[BaseModel], field: str) -> int:
+    schema = model.model_json_schema()["properties"][field]
+    return int(schema.get("maximum", schema.get("exclusiveMaximum", BIGINT_MAX + 1)))
+
+
+@pytest.mark.parametrize(
+    ("model", "table"),
+    [
+        (Region, db.Region),
+        (Instance, db.Instance),
+        (InstanceCreateRequest, db.Instance),
+        (SledInfo, db.Sled),
+        (CrucibleAgentInfo, db.Dataset),
+        (DiskCreateRequest, db.Disk),
+        (DiskView, db.Disk),
+    ],
+)
+def test_every_number_nexus_stores_fits_its_column(
+    model: type[BaseModel], table: type[db.Base]
+) -> None:
+    columns = table.__table__.columns
+    shared = [name for name in model.model_fields if name in columns]
+    stored = [name for name in shared if isinstance(columns[name].type, Integer)]
+    assert stored, f"{model.__name__} shares no integer column with {table.__name__}"
+    for name in stored:
+        column_max = BIGINT_MAX if isinstance(columns[name].type, BigInteger) else INTEGER_MAX
+        assert _maximum(model, name) <= column_max, f"{model.__name__}.{name}"
+
+
+def test_a_generation_the_database_cannot_store_is_refused_at_parsing() -> None:
+    body = json.loads(encode(example("region.state_changed.v1")))
+    body["payload"]["region"]["generation"] = 2**63
+    body["payload"]["region"]["port_number"] = 70_000
+    with pytest.raises(MessageRejected) as error:
+        decode(json.dumps(body).encode())
+    assert error.value.reason == "schema_violation"
+    assert "payload.region.generation" in error.value.detail
+    assert "payload.region.port_number" in error.value.detail

@@ -28,6 +28,7 @@ import aio_pika
 from crucible_agent.files import RegionFiles
 from crucible_agent.service import Faults, RegionService
 from crucible_agent.settings import CrucibleSettings
+from crucible_agent.space import SpaceReserve
 from crucible_agent.store import AgentStore
 from schemas.health import report_health
 from schemas.outbox import OutboxRelay
@@ -53,7 +54,8 @@ class Agent:
 
 
 async def build(settings: CrucibleSettings) -> Agent:
-    store = await AgentStore.open(settings.database_path)
+    reserve = SpaceReserve(settings.space_reserve_path, settings.space_reserve_bytes)
+    store = await AgentStore.open(settings.database_path, reserve=reserve)
     transport = Transport(settings.amqp_url, name=f"crucible-agent/{settings.agent_id}")
     relay = OutboxRelay(store, transport)
     service = RegionService(
@@ -71,6 +73,7 @@ async def build(settings: CrucibleSettings) -> Agent:
             crash_mid_create_fraction=settings.crash_mid_create_fraction,
         ),
         rng=random.Random(settings.seed),
+        reserve=reserve,
     )
     return Agent(settings, store, transport, relay, service)
 

@@ -84,6 +84,13 @@ def run(
             "(env CRUCIBLE_ANNOUNCE_COALESCE_SECONDS)."
         ),
     ] = None,
+    space_reserve_bytes: Annotated[
+        int | None,
+        typer.Option(
+            help="Bytes kept allocated in the data directory for the agent's own records "
+            "when it fills; 0 keeps none (env CRUCIBLE_SPACE_RESERVE_BYTES)."
+        ),
+    ] = None,
 ) -> None:
     """Run the agent until SIGTERM or SIGINT."""
     flags: dict[str, Any] = {
@@ -99,6 +106,7 @@ def run(
         "log_level": log_level,
         "announce_seconds": announce_seconds,
         "announce_coalesce_seconds": announce_coalesce_seconds,
+        "space_reserve_bytes": space_reserve_bytes,
     }
     settings = settings_from("crucible-agent", CrucibleSettings, flags)
     run_service("crucible-agent", settings.log_level, functools.partial(agent_app.run, settings))

@@ -8,7 +8,8 @@ repeated calls stay idempotent). Every change of state is a new generation.
 A region that does not fit the remaining capacity is recorded ``failed`` with the
 reason, as Crucible does, rather than refused: the caller asked for a region with that
 id, and the failure is its answer, visible to ``get`` and ``list`` like any other.
-A failed region holds no files and no capacity.
+A failed region holds no files and no capacity. So is one its data directory has no
+room for (:mod:`crucible_agent.space`): its failure starts with "out of space".
 
 The functions here decide; the caller (``crucible_agent.service``) reads the records,
 applies the decision in one transaction and performs the file work.
@@ -25,6 +26,15 @@ FIRST_PORT = 19000
 LAST_PORT = 65535
 
 DELETABLE = frozenset({RegionState.REQUESTED, RegionState.CREATED, RegionState.FAILED})
+
+# The code of a rejection for want of space, for a create that could not even be
+# recorded failed.
+OUT_OF_SPACE = "out_of_space"
+
+
+def out_of_space(why: str) -> str:
+    """The failure of a region, or a rejection's message, when the data directory is full."""
+    return f"out of space: {why}"
 
 
 def holds_space(region: Region | None) -> bool:
@@ -103,12 +113,18 @@ class Capacity:
 
 
 def ensure(
-    existing: Region | None, spec: RegionSpec, *, holdings: Holdings | None, total_bytes: int
+    existing: Region | None,
+    spec: RegionSpec,
+    *,
+    holdings: Holdings | None,
+    total_bytes: int,
+    shortage: str | None = None,
 ) -> EnsureOutcome:
     """Create is idempotent by id: the same parameters give back the existing record,
     whatever its state; different ones are a conflict. ``holdings`` are those of the
     agent's other regions, for capacity and ports: needed only for a new region (a
-    repeated ensure, as a poller or a redelivery sends, need not add them up)."""
+    repeated ensure, as a poller or a redelivery sends, need not add them up).
+    ``shortage``: why the data directory has no room for a new region now, if so."""
     if existing is not None:
         if existing.spec() == spec:
             return Unchanged(existing)
@@ -117,7 +133,9 @@ def ensure(
         raise ValueError(f"region {spec.id} is new: placing it needs the agent's holdings")
     room = Capacity(total_bytes=total_bytes, used_bytes=holdings.used_bytes)
     failure: str | None = None
-    if spec.size_bytes > room.free_bytes:
+    if shortage is not None:
+        failure = out_of_space(shortage)
+    elif spec.size_bytes > room.free_bytes:
         failure = (
             f"does not fit: needs {spec.size_bytes} bytes, {room.free_bytes} of "
             f"{room.total_bytes} free"

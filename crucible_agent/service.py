@@ -18,24 +18,34 @@ after a change of free space: one announcement, read after the wait, covers ever
 change made during it (a burst of creates costs Nexus one message, not one per
 region). It goes through the outbox like any other message; one still waiting when
 the process dies is made up for by the announcement at the next start.
+
+A full data directory (:mod:`crucible_agent.space`) stops no one: reads are answered
+from the records as ever; a write that does not fit is tried once more in the room the
+released space reserve leaves. A new region is then recorded ``failed``, "out of space",
+without writing files; one that cannot even be recorded is refused with the code
+``out_of_space``, published directly rather than through the outbox. Background work
+whose outcome cannot be recorded tries again later; a skipped announcement is made up
+for by the next one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
 import signal
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from crucible_agent import regions
 from crucible_agent.delay import Delay
 from crucible_agent.files import RegionFiles
-from crucible_agent.store import AgentStore, Cause, Transaction
+from crucible_agent.space import SpaceReserve, is_out_of_space
+from crucible_agent.store import AgentStore, Cause, OutOfSpace, Transaction
 from schemas.base import Envelope
 from schemas.common import CommandRejected, Rejection
 from schemas.outbox import OutgoingMessage
@@ -62,13 +72,25 @@ log = logging.getLogger(__name__)
 # however many times it is published, so consumers can deduplicate it.
 EVENT_NAMESPACE = uuid.UUID("3b0f5a8e-9c1d-4e57-a2f4-6d8c0e1b7a93")
 
+# Background work whose outcome did not fit on a full disk records it again after this
+# long, doubling up to the maximum.
+RECORD_RETRY_SECONDS = 0.5
+RECORD_RETRY_MAX_SECONDS = 30.0
+
+T = TypeVar("T")
+
 
 class Relay(Protocol):
     def notify(self) -> None: ...
 
 
 class Replier(Protocol):
+    """What goes to the broker directly, not through the outbox: answers to reads, and
+    the refusal of a command that could not be recorded."""
+
     async def reply(self, delivery: Delivery, message: Envelope) -> None: ...
+
+    async def publish_event(self, message: Envelope) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -103,6 +125,7 @@ class RegionService:
         replier: Replier,
         faults: Faults,
         rng: random.Random,
+        reserve: SpaceReserve | None = None,
         crash: Callable[[], None] = kill_this_process,
     ) -> None:
         self.agent_id = agent_id
@@ -117,6 +140,7 @@ class RegionService:
         self._replier = replier
         self._faults = faults
         self._rng = rng
+        self._reserve = reserve
         self._crash = crash
         # File work is serialised: a destroy must not remove a directory that a create
         # is still writing. Sparse extents make the work itself short.
@@ -173,6 +197,28 @@ class RegionService:
                 )
 
     async def _ensure(self, delivery: Delivery, command: RegionEnsure) -> None:
+        shortage = self._shortage()
+        outcome: regions.EnsureOutcome | None
+        try:
+            outcome = await self._ensure_recorded(delivery, command, shortage)
+        except OutOfSpace as full:
+            # Nothing was recorded. A new region fails for want of space, recorded in the
+            # room the released reserve left, or else refused without a record.
+            shortage = self._shortage() or str(full)
+            outcome = None
+            if full.freed:
+                with contextlib.suppress(OutOfSpace):
+                    outcome = await self._ensure_recorded(delivery, command, shortage)
+            if outcome is None:
+                await self._answer_unrecorded(delivery, command, shortage)
+                return
+        self._relay.notify()
+        if isinstance(outcome, regions.Changed) and regions.needs_files(outcome.region):
+            self._start(self._create(outcome.region.id))
+
+    async def _ensure_recorded(
+        self, delivery: Delivery, command: RegionEnsure, shortage: str | None
+    ) -> regions.EnsureOutcome:
         spec = command.payload
         async with self._store.transaction() as tx:
             existing = await tx.region(spec.id)
@@ -182,6 +228,7 @@ class RegionService:
                 # Adding up the holdings reads every region held: only a new one needs it.
                 holdings=await tx.holdings() if existing is None else None,
                 total_bytes=self._capacity_bytes,
+                shortage=shortage,
             )
             match outcome:
                 case regions.Changed():
@@ -198,11 +245,42 @@ class RegionService:
                     )
             if not isinstance(outcome, regions.Conflict):
                 await self._send_info(tx, delivery, command, outcome.region)
-        self._relay.notify()
-        if isinstance(outcome, regions.Changed) and regions.needs_files(outcome.region):
-            self._start(self._create(outcome.region.id))
+        return outcome
+
+    async def _answer_unrecorded(
+        self, delivery: Delivery, command: RegionEnsure, shortage: str
+    ) -> None:
+        """The data directory cannot take even the ensure's answer: answer it directly."""
+        spec = command.payload
+        existing = await self._store.region(spec.id)
+        if existing is None:
+            await self._reject_directly(
+                delivery, command, regions.OUT_OF_SPACE, regions.out_of_space(shortage)
+            )
+        elif existing.spec() != spec:
+            decided = regions.ensure(existing, spec, holdings=None, total_bytes=0)
+            assert isinstance(decided, regions.Conflict)
+            await self._reject_directly(delivery, command, "conflict", decided.message)
+        else:
+            await self._replier.reply(delivery, self._info(command, spec.id, existing))
 
     async def _delete(self, delivery: Delivery, command: RegionDelete) -> None:
+        region_id = command.payload.id
+        try:
+            outcome = await self._writing(lambda: self._delete_recorded(delivery, command))
+        except OutOfSpace:
+            if await self._store.region(region_id) is not None:
+                # A delete is not answered with a refusal: it is tried again (redelivered).
+                raise
+            await self._reject_directly(delivery, command, "not_found", "no such region")
+            return
+        self._relay.notify()
+        if isinstance(outcome, regions.Changed):
+            self._start(self._destroy(region_id))
+
+    async def _delete_recorded(
+        self, delivery: Delivery, command: RegionDelete
+    ) -> regions.DeleteOutcome:
         region_id = command.payload.id
         async with self._store.transaction() as tx:
             outcome = regions.delete(await tx.region(region_id))
@@ -215,9 +293,7 @@ class RegionService:
                 case regions.NotFound():
                     await self._send_rejection(tx, delivery, command, "not_found", outcome.message)
                     _log_rejection(command, outcome.message)
-        self._relay.notify()
-        if isinstance(outcome, regions.Changed):
-            self._start(self._destroy(region_id))
+        return outcome
 
     async def _get(self, delivery: Delivery, command: RegionGet) -> None:
         region_id = command.payload.id
@@ -231,15 +307,54 @@ class RegionService:
         )
 
     async def _reject(self, delivery: Delivery, command: Envelope, code: str, why: str) -> None:
-        async with self._store.transaction() as tx:
-            await self._send_rejection(tx, delivery, command, code, why)
+        try:
+            await self._writing(lambda: self._reject_recorded(delivery, command, code, why))
+        except OutOfSpace:
+            await self._reject_directly(delivery, command, code, why)
+            return
         self._relay.notify()
         _log_rejection(command, why)
+
+    async def _reject_recorded(
+        self, delivery: Delivery, command: Envelope, code: str, why: str
+    ) -> None:
+        async with self._store.transaction() as tx:
+            await self._send_rejection(tx, delivery, command, code, why)
+
+    async def _reject_directly(
+        self, delivery: Delivery, command: Envelope, code: str, why: str
+    ) -> None:
+        """A rejection that could not be recorded: published now, to the same places as
+        one from the outbox. A broker that does not take it fails the handler, and the
+        command is delivered again."""
+        rejected = self._rejection(command, code, why)
+        await self._replier.publish_event(rejected)
+        if delivery.reply_to is not None:
+            await self._replier.reply(delivery, rejected.with_id(uuid.uuid4()))
+        _log_rejection(command, why)
+
+    async def _writing(self, write: Callable[[], Awaitable[T]]) -> T:
+        """Runs ``write`` (one transaction); if it did not fit and the store released the
+        space reserve for it, runs it once more."""
+        try:
+            return await write()
+        except OutOfSpace as full:
+            if not full.freed:
+                raise
+            log.warning("%s; trying again in the space reserve's room", full)
+            return await write()
+
+    def _shortage(self) -> str | None:
+        """Why the data directory has no room for a new region now, if so."""
+        return None if self._reserve is None else self._reserve.shortage()
 
     # Background work: creating and destroying the files.
 
     async def resume(self) -> None:
-        """After a start: finish what a previous run left half done, announce capacity."""
+        """After a start: take the space reserve, finish what a previous run left half
+        done, announce capacity."""
+        if self._reserve is not None and not self._reserve.hold():
+            log.warning("data directory nearly full: no space reserve, new regions fail")
         for region in await self._store.regions():
             if regions.needs_files(region):
                 log.info("resuming the create of region %s", region.id, extra=_ids(None, region.id))
@@ -255,23 +370,58 @@ class RegionService:
         delay = self._faults.delay.sample(self._rng)
         if await self._stopped_within(delay):
             return
+        await self._until_recorded(lambda: self._create_once(region_id), region_id, "create")
+
+    async def _create_once(self, region_id: uuid.UUID) -> None:
         async with self._file_lock:
             region = await self._store.region(region_id)
             # Deleted while it waited: a create that finishes after a delete records nothing.
             if region is None or not regions.needs_files(region):
                 return
-            failure = await self._write_files(region)
+            # No room for the records: the files would take what is left of it.
+            shortage = self._shortage()
+            if shortage is not None:
+                failure: str | None = regions.out_of_space(shortage)
+            else:
+                failure = await self._write_files(region)
             if failure is None and self._stopping.is_set():
                 return
             if failure is not None:
                 self._files.remove(region_id)
-            async with self._store.transaction() as tx:
-                current = await tx.region(region_id)
-                assert current is not None, "region records are never deleted"
-                outcome = regions.create_finished(current, failure)
-                if isinstance(outcome, regions.Changed):
-                    await self._record(tx, outcome, await tx.cause(region_id))
+            await self._writing(lambda: self._record_create_finished(region_id, failure))
         self._relay.notify()
+
+    async def _record_create_finished(self, region_id: uuid.UUID, failure: str | None) -> None:
+        async with self._store.transaction() as tx:
+            current = await tx.region(region_id)
+            assert current is not None, "region records are never deleted"
+            outcome = regions.create_finished(current, failure)
+            if isinstance(outcome, regions.Changed):
+                await self._record(tx, outcome, await tx.cause(region_id))
+
+    async def _until_recorded(
+        self, work: Callable[[], Awaitable[None]], region_id: uuid.UUID, what: str
+    ) -> None:
+        """Background work whose outcome did not fit on a full disk is done again later
+        (each attempt starts from the records), until it fits or the agent stops; what
+        is left at a stop resumes at the next start."""
+        retry = RECORD_RETRY_SECONDS
+        while True:
+            try:
+                await work()
+                return
+            except OutOfSpace as full:
+                log.warning(
+                    "region %s: %s not recorded (%s); again in %.1fs",
+                    region_id,
+                    what,
+                    full,
+                    retry,
+                    extra=_ids(None, region_id),
+                )
+            if await self._stopped_within(retry):
+                return
+            retry = min(retry * 2, RECORD_RETRY_MAX_SECONDS)
 
     async def _write_files(self, region: Region) -> str | None:
         """Writes the extents and returns None, or why the create failed."""
@@ -295,19 +445,26 @@ class RegionService:
                     return None
             self._files.seal(region)
         except OSError as error:
-            return f"could not write the extent files: {error}"
+            failure = f"could not write the extent files: {error}"
+            return regions.out_of_space(failure) if is_out_of_space(error) else failure
         return None
 
     async def _destroy(self, region_id: uuid.UUID) -> None:
+        await self._until_recorded(lambda: self._destroy_once(region_id), region_id, "destroy")
+
+    async def _destroy_once(self, region_id: uuid.UUID) -> None:
         async with self._file_lock:
             self._files.remove(region_id)
-            async with self._store.transaction() as tx:
-                region = await tx.region(region_id)
-                assert region is not None, "region records are never deleted"
-                outcome = regions.destroy_finished(region)
-                if isinstance(outcome, regions.Changed):
-                    await self._record(tx, outcome, await tx.cause(region_id))
+            await self._writing(lambda: self._record_destroy_finished(region_id))
         self._relay.notify()
+
+    async def _record_destroy_finished(self, region_id: uuid.UUID) -> None:
+        async with self._store.transaction() as tx:
+            region = await tx.region(region_id)
+            assert region is not None, "region records are never deleted"
+            outcome = regions.destroy_finished(region)
+            if isinstance(outcome, regions.Changed):
+                await self._record(tx, outcome, await tx.cause(region_id))
 
     def _start(self, work: Coroutine[Any, Any, None]) -> None:
         if self._stopping.is_set():
@@ -341,9 +498,21 @@ class RegionService:
     # Announcements.
 
     async def announce(self) -> None:
+        """Records the capacity announcement; on a full disk it is skipped (the next one
+        is made, at the latest, ``announce_seconds`` later). Takes the space reserve
+        again first if space came back."""
+        if self._reserve is not None:
+            self._reserve.hold()
+        try:
+            await self._writing(self._record_announcement)
+        except OutOfSpace as full:
+            log.warning("announcement skipped: %s", full)
+            return
+        self._relay.notify()
+
+    async def _record_announcement(self) -> None:
         async with self._store.transaction() as tx:
             await tx.send(await self._announcement(tx))
-        self._relay.notify()
 
     def _announce_soon(self) -> None:
         """Free space changed: announce it once ``coalesce_seconds`` have passed, unless an
@@ -430,13 +599,7 @@ class RegionService:
     async def _send_rejection(
         self, tx: Transaction, delivery: Delivery, command: Envelope, code: str, why: str
     ) -> None:
-        rejected = CommandRejected(
-            source=self.source,
-            payload=Rejection(
-                command_id=command.id, command_type=command.TYPE, code=code, message=why
-            ),
-            **command.caused(),
-        )
+        rejected = self._rejection(command, code, why)
         await tx.send(
             OutgoingMessage.of(
                 rejected,
@@ -456,6 +619,15 @@ class RegionService:
                     mandatory=False,
                 )
             )
+
+    def _rejection(self, command: Envelope, code: str, why: str) -> CommandRejected:
+        return CommandRejected(
+            source=self.source,
+            payload=Rejection(
+                command_id=command.id, command_type=command.TYPE, code=code, message=why
+            ),
+            **command.caused(),
+        )
 
     def _info(self, command: Envelope, region_id: uuid.UUID, region: Region | None) -> RegionInfo:
         found = RegionFound(agent_id=self.agent_id, region=region, region_id=region_id)

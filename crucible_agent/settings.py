@@ -46,6 +46,14 @@ class CrucibleSettings(BaseSettings):
         description="how long after a change of free space it announces its capacity; "
         "one announcement covers every change made meanwhile",
     )
+    space_reserve_bytes: int = Field(
+        default=8 << 20,
+        ge=0,
+        description="bytes kept allocated in the data directory so that, when it fills, "
+        "the agent can still record failures, deletes and announcements "
+        "(crucible_agent/space.py); new regions fail while twice this is not free; "
+        "0 keeps none",
+    )
     health_file: Path | None = Field(
         default=None,
         description="touched every few seconds while the broker connection is up; "
@@ -73,6 +81,10 @@ class CrucibleSettings(BaseSettings):
     @property
     def database_path(self) -> Path:
         return self.data_dir / "agent.sqlite"
+
+    @property
+    def space_reserve_path(self) -> Path:
+        return self.data_dir / "space.reserve"
 
     @property
     def regions_dir(self) -> Path:

@@ -12,6 +12,10 @@ each create and announcement (that made a create's CPU grow with the regions hel
 
 A sent outbox row is deleted rather than flagged: the broker has the message, and the
 table stays as small as what is still in flight.
+
+A write that does not fit in the data directory raises :class:`OutOfSpace` once the
+store has released the space reserve (:mod:`crucible_agent.space`), so that the caller
+may try it once more in the room that leaves.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from sqlalchemy import (
     Boolean,
@@ -45,11 +49,13 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Row
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 from sqlalchemy.sql import Select
 
 from crucible_agent.regions import FIRST_PORT, LAST_PORT, Holdings
+from crucible_agent.space import SpaceReserve, is_out_of_space
 from schemas.base import Envelope
 from schemas.outbox import OutgoingMessage
 from schemas.region import Region, RegionState
@@ -211,23 +217,38 @@ class StaleRegion(RuntimeError):
     pass
 
 
+class OutOfSpace(RuntimeError):
+    """A write did not fit in the data directory; nothing of it was committed.
+    ``freed``: the space reserve was released for it, so trying again may succeed."""
+
+    def __init__(self, message: str, *, freed: bool) -> None:
+        super().__init__(message)
+        self.freed = freed
+
+
 class AgentStore:
     """The SQLite adapter; also the outbox store the relay reads."""
 
-    def __init__(self, engine: AsyncEngine, connection: AsyncConnection) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        connection: AsyncConnection,
+        reserve: SpaceReserve | None = None,
+    ) -> None:
         self._engine = engine
         self._connection = connection
+        self._reserve = reserve
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: Path) -> AgentStore:
+    async def open(cls, path: Path, *, reserve: SpaceReserve | None = None) -> Self:
         path.parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(f"sqlite+aiosqlite:///{path}", poolclass=StaticPool)
         event.listen(engine.sync_engine, "connect", _pragmas)
         connection = await engine.connect()
         async with connection.begin():
             await connection.run_sync(metadata.create_all)
-        return cls(engine, connection)
+        return cls(engine, connection, reserve)
 
     async def close(self) -> None:
         async with self._lock:
@@ -236,9 +257,17 @@ class AgentStore:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
-        """Commits when the block ends, rolls back if it raises."""
-        async with self._lock, self._connection.begin():
-            yield Transaction(self._connection)
+        """Commits when the block ends, rolls back if it raises. Raises OutOfSpace when
+        the data directory had no room for it."""
+        async with self._lock:
+            try:
+                async with self._connection.begin():
+                    yield Transaction(self._connection)
+            except DBAPIError as error:
+                if not is_out_of_space(error):
+                    raise
+                freed = self._reserve is not None and self._reserve.release()
+                raise OutOfSpace(f"data directory full: {error.orig}", freed=freed) from error
 
     async def region(self, region_id: uuid.UUID) -> Region | None:
         async with self.transaction() as tx:
@@ -258,6 +287,15 @@ class AgentStore:
             return [_outgoing(row) for row in result]
 
     async def mark_sent(self, message_ids: Sequence[uuid.UUID]) -> None:
+        # Deleting rows is a write too: on a full disk, once more in the reserve's room.
+        try:
+            await self._delete_sent(message_ids)
+        except OutOfSpace as full:
+            if not full.freed:
+                raise
+            await self._delete_sent(message_ids)
+
+    async def _delete_sent(self, message_ids: Sequence[uuid.UUID]) -> None:
         async with self.transaction():
             await self._connection.execute(
                 delete(outbox_table).where(outbox_table.c.message_id.in_(message_ids))

@@ -50,9 +50,14 @@ class CountingRelay:
 @dataclass
 class CollectingReplier:
     replies: list[Envelope] = field(default_factory=list)
+    # Published directly, not through the outbox.
+    events: list[Envelope] = field(default_factory=list)
 
     async def reply(self, delivery: Delivery, message: Envelope) -> None:
         self.replies.append(message)
+
+    async def publish_event(self, message: Envelope) -> None:
+        self.events.append(message)
 
 
 class InjectedCrash(Exception):

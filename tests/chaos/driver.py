@@ -2,8 +2,9 @@
 
 Every 0.5 to 2.5 s the driver does one fault. Most are SIGKILLs of a service, started again
 0.3 to 3 s later. Beside them, the run has these (``--chaos-faults`` chooses which; all by
-default), each forced once at a seeded fraction of the disk creates submitted, and drawn
-now and then besides:
+default), each forced once at a seeded fraction of the disk creates submitted (the
+workload submits no more until it has begun, and a SIGKILL comes between two of them),
+and drawn now and then besides:
 
 - ``rabbitmq-restart``: the node stopped and started again 2 s later, same port and
   data (forced only; once).
@@ -115,6 +116,8 @@ class FaultDriver:
         # Drawn for every fault, forced or not, so that one seed gives one schedule.
         self._forced_at = {fault: rng.uniform(*plan.forced_window) for fault in Fault}
         self._pending = set(plan.forced)
+        self._begun = asyncio.Condition()
+        self._running = True
         self._emptying: list[asyncio.Task[None]] = []
         self.postgres_outages: list[float] = []
 
@@ -122,20 +125,36 @@ class FaultDriver:
     def forced_missing(self) -> list[Fault]:
         return sorted(self._pending)
 
+    async def gate(self) -> None:
+        """Awaited by the workload before each disk create: once the progress reached a
+        forced fault's point, nothing more is submitted until the fault has begun, so
+        that it meets operations in flight however fast the workload runs."""
+        async with self._begun:
+            await self._begun.wait_for(lambda: not self._running or not self._due())
+
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            gap = self._rng.uniform(*self._plan.gap_seconds)
-            try:
-                await asyncio.wait_for(stop.wait(), gap)
-                return
-            except TimeoutError:
-                pass
-            self._restart_the_unexpectedly_dead()
-            due = [f for f in self._pending if self._forced_at[f] <= self._progress()]
-            if due:
-                await self._do(min(due, key=self._forced_at.__getitem__))
-            else:
-                await self._do(self._draw())
+        try:
+            forced_last = False
+            while not stop.is_set():
+                gap = self._rng.uniform(*self._plan.gap_seconds)
+                try:
+                    await asyncio.wait_for(stop.wait(), gap)
+                    return
+                except TimeoutError:
+                    pass
+                self._restart_the_unexpectedly_dead()
+                # A forced fault, then at least one SIGKILL (or other draw) before the next.
+                due = self._due()
+                forced_last = bool(due) and not forced_last
+                await self._do(min(due, key=self._forced_at.__getitem__) if forced_last else None)
+        finally:
+            # The workload waits for nothing more from a driver that stopped.
+            async with self._begun:
+                self._running = False
+                self._begun.notify_all()
+
+    def _due(self) -> list[Fault]:
+        return [fault for fault in self._pending if self._forced_at[fault] <= self._progress()]
 
     async def finish(self) -> None:
         """The forced faults happen even if the workload ended early; then every filled
@@ -156,8 +175,12 @@ class FaultDriver:
 
     async def _do(self, fault: Fault | None) -> None:
         forced = fault in self._pending
-        if fault is not None:
-            self._pending.discard(fault)
+        if fault is None:
+            fault = self._draw()
+        elif forced:
+            async with self._begun:
+                self._pending.discard(fault)
+                self._begun.notify_all()
         match fault:
             case None:
                 await self._kill_and_restart()

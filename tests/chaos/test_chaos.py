@@ -159,14 +159,15 @@ async def test_the_books_balance_under_faults(
     started = time.monotonic()
     async with Transport(rack.cli_url, name="chaos-operator") as transport:
         client = Api(transport, ledger)
-        workload = Workload(client, ledger, random.Random(rng.random()))
+        workload_rng, driver_rng = random.Random(rng.random()), random.Random(rng.random())
         driver = FaultDriver(
             rack,
             ledger,
-            random.Random(rng.random()),
+            driver_rng,
             plan,
             progress=lambda: workload.disks_submitted / chaos_operations,
         )
+        workload = Workload(client, ledger, workload_rng, gate=driver.gate)
         stop_faults = asyncio.Event()
         faults = asyncio.create_task(driver.run(stop_faults))
         try:

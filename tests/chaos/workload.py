@@ -177,10 +177,19 @@ class Api:
 class Workload:
     """Disk creates (some deleted again) and instance lifecycles, side by side."""
 
-    def __init__(self, client: Api, ledger: Ledger, rng: random.Random) -> None:
+    def __init__(
+        self,
+        client: Api,
+        ledger: Ledger,
+        rng: random.Random,
+        gate: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """``gate``: awaited before each disk create of ``disk_creates`` (the fault
+        driver holds the workload there until a fault that is due has begun)."""
         self._api = client
         self._ledger = ledger
         self._rng = rng
+        self._gate = gate
         self.disks_submitted = 0
 
     async def submit(
@@ -230,6 +239,8 @@ class Workload:
 
         async def worker() -> None:
             for number in names:
+                if self._gate is not None:
+                    await self._gate()
                 self.disks_submitted += 1
                 await self._disk_lifecycle(f"d{number}")
 

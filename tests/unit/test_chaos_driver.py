@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import random
 from dataclasses import dataclass, field
 from typing import cast
@@ -166,3 +167,40 @@ def test_the_faults_option() -> None:
     assert parse_forced("postgres-kill, disk-full") == {Fault.POSTGRES_KILL, Fault.DISK_FULL}
     with pytest.raises(ValueError, match="unknown chaos faults"):
         parse_forced("postgres-kill,gremlins")
+
+
+async def test_a_forced_fault_comes_between_sigkills() -> None:
+    rack = FakeRack()
+    await run_ticks(driver(rack, quick(chances={})), 0.2)
+    forced = [kind != "kill" for kind, _ in rack.done]
+    assert sum(forced) == len(Fault)
+    assert not any(a and b for a, b in itertools.pairwise(forced)), rack.done
+
+
+async def test_the_workload_waits_at_a_due_fault_until_it_has_begun() -> None:
+    rack = FakeRack()
+    progress = [0.0]
+    plan = dataclasses.replace(quick(frozenset({Fault.FREEZE}), {}), forced_window=(0.5, 0.5))
+    faults = FaultDriver(
+        cast(Rack, rack), Ledger(), random.Random(1), plan, progress=lambda: progress[0]
+    )
+    await asyncio.wait_for(faults.gate(), 1.0)  # nothing due yet
+    progress[0] = 0.5
+    waiting = asyncio.create_task(faults.gate())
+    await asyncio.sleep(0.05)
+    assert not waiting.done(), "the fault is due and has not begun"
+    stop = asyncio.Event()
+    running = asyncio.create_task(faults.run(stop))
+    await asyncio.wait_for(waiting, 1.0)
+    assert rack.done[0][0] == "freeze"
+    stop.set()
+    await running
+
+
+async def test_a_driver_that_stopped_holds_nobody() -> None:
+    rack = FakeRack()
+    faults = driver(rack, quick(), progress=1.0)
+    stop = asyncio.Event()
+    stop.set()
+    await faults.run(stop)
+    await asyncio.wait_for(faults.gate(), 1.0)

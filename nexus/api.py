@@ -42,6 +42,7 @@ from nexus.doctor import run_doctor
 from nexus.saga.definition import SagaDefinition
 from nexus.saga.executor import SagaExecutor
 from nexus.sagas import disk_create, disk_delete, instance_create, instance_delete, instance_power
+from nexus.unclaimed import summarise
 from schemas import api
 from schemas.base import Envelope
 from schemas.messages import Message, MessageRejected
@@ -94,6 +95,7 @@ class Api:
             api.InstanceAct: self.instance_act,
             api.InstanceList: self.instance_list,
             api.Doctor: self.doctor,
+            api.UnclaimedEventsList: self.unclaimed_events,
             api.SagaGet: self.saga_get,
             api.SagaList: self.saga_list,
         }
@@ -441,6 +443,11 @@ class Api:
             self._sessions, self._transport, self.source, request.payload.timeout_seconds
         )
         return api.DoctorReply(source=self.source, payload=report, **request.caused())
+
+    async def unclaimed_events(self, request: api.UnclaimedEventsList) -> Envelope:
+        wanted = request.payload
+        summary = await summarise(self._sessions, groups=wanted.groups, examples=wanted.examples)
+        return api.UnclaimedEventsReply(source=self.source, payload=summary, **request.caused())
 
     # Sagas.
 

@@ -1,40 +1,93 @@
-"""``nexusctl doctor``: Nexus's records against every agent's, and sagas needing a person.
+"""``nexusctl doctor``: Nexus's records against the agents themselves, and sagas needing
+a person.
 
-Asks each crucible agent for its regions and each sled for the instances Nexus places
-on it (all at once, each with a timeout), then reports what does not match:
+Nexus's records say where it placed each region and what state it was in last; only
+the agents know what they hold. The doctor asks every crucible agent for all its regions
+and each sled for the instances Nexus places on it (all at once, each with a timeout),
+on the queue the agent's identity implies (``crucible.<dataset id>``, ``sled.<sled
+id>``) rather than the one Nexus recorded, and checks the answer came from that agent.
+Then it decides, with no I/O (:func:`region_findings`), what does not match:
 
-- ``orphan_region``: a live region at an agent that no live disk owns;
-- ``disk_missing_region``: a ready disk whose region is not ``created`` at its agent;
-- ``instance_wrong_sled``: an instance whose sled does not have it;
-- ``instance_state_mismatch``: the sled's state differs from Nexus's;
+- ``agent_identity``: a dataset or sled whose recorded queue is not its own, or whose
+  queue was answered by another agent;
+- ``disk_region_count``: a ready disk without exactly ``REPLICAS`` regions (any live
+  disk with more);
+- ``disk_regions_share_sled``: two regions of a live disk on one sled;
+- ``region_missing``: a ready disk's region that its dataset's agent does not have;
+- ``region_state_mismatch``: a ready disk's region in another state or generation at its
+  agent than Nexus records (a deleted disk's: not ``destroyed``, and not live);
+- ``region_spec_mismatch``: a region whose size at its agent is not the one Nexus placed;
+- ``region_wrong_dataset``: a region live at an agent other than the one Nexus placed
+  it on;
+- ``orphan_region``: a region live at its agent although its disk is deleted;
+- ``region_unknown``: a region live at an agent that Nexus never asked for;
+- ``instance_wrong_sled`` / ``instance_state_mismatch``: a sled that does not run the
+  instance Nexus places on it, or runs it in another state;
 - ``saga_stuck`` / ``saga_unrecoverable``: sagas an operator must look at.
 
-Run it on a quiet system: an operation in flight is legitimately between states.
+Run it on a quiet system: an operation in flight is legitimately between states, which
+is why regions of disks being created, deleted or faulted are checked only for where
+they are, not for their state.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from nexus.db.models import Dataset, Disk, Instance, Region, Saga, Sled
-from nexus.db.states import DiskState, InstanceState, SagaState
+from nexus.db.states import DiskState, InstanceState, RegionState, SagaState
 from nexus.sagas.disk_create import REPLICAS
 from schemas import api
 from schemas.instance import InstanceGet, InstanceInfo, InstanceRef
 from schemas.instance import InstanceState as WireInstanceState
+from schemas.region import Region as WireRegion
 from schemas.region import RegionList, RegionListed
 from schemas.region import RegionState as WireRegionState
-from schemas.transport import RequestTimedOut, Transport
+from schemas.topology import crucible_queue, sled_queue
+from schemas.transport import PublishFailed, RequestTimedOut, Transport
 
 LIVE_REGION = {WireRegionState.REQUESTED, WireRegionState.CREATED}
 READY_DISK = {DiskState.DETACHED, DiskState.ATTACHED}
 # Nexus states the sled reports the same way.
 COMPARABLE = {InstanceState.RUNNING, InstanceState.STOPPED}
+
+
+@dataclass(frozen=True)
+class DiskRecord:
+    id: uuid.UUID
+    name: str
+    state: DiskState
+
+
+@dataclass(frozen=True)
+class RegionRecord:
+    """Where Nexus placed a region, its size, and its state as Nexus last heard it."""
+
+    id: uuid.UUID
+    disk_id: uuid.UUID
+    dataset_id: uuid.UUID
+    state: RegionState
+    generation: int
+    block_size: int
+    extent_size: int
+    extent_count: int
+
+
+@dataclass(frozen=True)
+class Records:
+    """What Nexus's database says about disks and their regions."""
+
+    disks: Mapping[uuid.UUID, DiskRecord]
+    regions: Sequence[RegionRecord]
+    # Each dataset's sled, as its agent announced it.
+    sled_of_dataset: Mapping[uuid.UUID, uuid.UUID]
 
 
 async def run_doctor(
@@ -47,8 +100,26 @@ async def run_doctor(
     unreachable: list[str] = []
     async with sessions() as session:
         datasets = list((await session.execute(select(Dataset))).scalars())
-        regions = list((await session.execute(select(Region))).scalars())
-        disks = {d.id: d for d in (await session.execute(select(Disk))).scalars()}
+        records = Records(
+            disks={
+                disk.id: DiskRecord(disk.id, disk.name, disk.state)
+                for disk in (await session.execute(select(Disk))).scalars()
+            },
+            regions=[
+                RegionRecord(
+                    id=region.id,
+                    disk_id=region.disk_id,
+                    dataset_id=region.dataset_id,
+                    state=region.state,
+                    generation=region.generation,
+                    block_size=region.block_size,
+                    extent_size=region.extent_size,
+                    extent_count=region.extent_count,
+                )
+                for region in (await session.execute(select(Region))).scalars()
+            ],
+            sled_of_dataset={dataset.id: dataset.sled_id for dataset in datasets},
+        )
         placed = list(
             (
                 await session.execute(
@@ -69,62 +140,32 @@ async def run_doctor(
     async def regions_of(dataset: Dataset) -> RegionListed | None:
         try:
             reply = await transport.request(
-                RegionList(source=source), routing_key=dataset.queue_name, timeout=timeout
+                RegionList(source=source), routing_key=crucible_queue(dataset.id), timeout=timeout
             )
-        except RequestTimedOut:
+        except (RequestTimedOut, PublishFailed):
+            # No answer in time, or no queue to take the question: unreachable.
             return None
         return reply if isinstance(reply, RegionListed) else None
 
     listings = await asyncio.gather(*(regions_of(d) for d in datasets))
-    at_agents: dict[uuid.UUID, WireRegionState] = {}
+    held: dict[uuid.UUID, Sequence[WireRegion]] = {}
     for dataset, listing in zip(datasets, listings, strict=True):
+        if dataset.queue_name != crucible_queue(dataset.id):
+            findings.append(_foreign_queue(f"dataset {dataset.id}", dataset.queue_name))
         if listing is None:
             unreachable.append(f"crucible {dataset.id}")
-            continue
-        for listed in listing.payload.regions:
-            at_agents[listed.id] = listed.state
-    reachable_datasets = {d.id for d, listing in zip(datasets, listings, strict=True) if listing}
-
-    owned_live = {
-        r.id
-        for r in regions
-        if (disk := disks.get(r.disk_id)) is not None and disk.state is not DiskState.DELETED
-    }
-    for region_id, state in at_agents.items():
-        if state in LIVE_REGION and region_id not in owned_live:
+        elif listing.payload.agent_id != dataset.id or listing.source != f"crucible/{dataset.id}":
             findings.append(
-                api.DoctorFinding(
-                    kind="orphan_region",
-                    object_id=str(region_id),
-                    detail=f"{state.value} at its agent, but no live disk owns it",
+                _impostor(
+                    f"dataset {dataset.id}",
+                    crucible_queue(dataset.id),
+                    f"{listing.source} (agent {listing.payload.agent_id})",
                 )
             )
-    for disk in disks.values():
-        if disk.state not in READY_DISK:
-            continue
-        own = [r for r in regions if r.disk_id == disk.id]
-        if len(own) < REPLICAS:
-            findings.append(
-                api.DoctorFinding(
-                    kind="disk_missing_region",
-                    object_id=str(disk.id),
-                    detail=f"disk {disk.name} has {len(own)} regions, not {REPLICAS}",
-                )
-            )
-        for region in own:
-            if region.dataset_id not in reachable_datasets:
-                continue
-            found = at_agents.get(region.id)
-            if found is not WireRegionState.CREATED:
-                findings.append(
-                    api.DoctorFinding(
-                        kind="disk_missing_region",
-                        object_id=str(disk.id),
-                        detail=f"disk {disk.name}: region {region.id} is "
-                        f"{found.value if found else 'missing'} at its agent",
-                    )
-                )
+        else:
+            held[dataset.id] = listing.payload.regions
 
+    findings += region_findings(records, held)
     findings += await _check_instances(transport, source, timeout, placed, unreachable)
     for saga in troubled:
         findings.append(
@@ -135,9 +176,174 @@ async def run_doctor(
             )
         )
     return api.DoctorReport(
-        checked_agents=len(datasets) + len({queue for _, queue in placed}),
+        checked_agents=len(datasets) + len({instance.sled_id for instance, _ in placed}),
         unreachable_agents=tuple(sorted(set(unreachable))),
         findings=tuple(findings),
+    )
+
+
+def region_findings(
+    records: Records, held: Mapping[uuid.UUID, Sequence[WireRegion]]
+) -> list[api.DoctorFinding]:
+    """What Nexus's records and the agents' regions disagree on.
+
+    ``held`` has the regions of every agent that answered, by its dataset id; what only
+    an agent that did not answer could tell is not checked.
+    """
+    at_agent = {
+        (dataset_id, found.id): found for dataset_id, regions in held.items() for found in regions
+    }
+    return [
+        *_disks_placed_apart(records),
+        *(
+            finding
+            for record in records.regions
+            if record.dataset_id in held
+            for finding in _region_at_its_agent(
+                records, record, at_agent.get((record.dataset_id, record.id))
+            )
+        ),
+        *_regions_held_elsewhere(records, at_agent),
+    ]
+
+
+def _disks_placed_apart(records: Records) -> list[api.DoctorFinding]:
+    """Each live disk has its number of regions, each on a sled of its own."""
+    findings: list[api.DoctorFinding] = []
+    by_disk: dict[uuid.UUID, list[RegionRecord]] = defaultdict(list)
+    for record in records.regions:
+        by_disk[record.disk_id].append(record)
+    for disk in records.disks.values():
+        if disk.state is DiskState.DELETED:
+            continue
+        own = by_disk.get(disk.id, [])
+        if len(own) > REPLICAS or (disk.state in READY_DISK and len(own) != REPLICAS):
+            findings.append(
+                _finding(
+                    "disk_region_count",
+                    disk.id,
+                    f"disk {disk.name} ({disk.state.value}) has {len(own)} regions, not {REPLICAS}",
+                )
+            )
+        sleds: dict[uuid.UUID, list[uuid.UUID]] = defaultdict(list)
+        for record in own:
+            sled_id = records.sled_of_dataset.get(record.dataset_id)
+            if sled_id is not None:
+                sleds[sled_id].append(record.id)
+        for sled_id, together in sleds.items():
+            if len(together) > 1:
+                findings.append(
+                    _finding(
+                        "disk_regions_share_sled",
+                        disk.id,
+                        f"disk {disk.name}: regions {', '.join(map(str, sorted(together)))} "
+                        f"are all on sled {sled_id}",
+                    )
+                )
+    return findings
+
+
+def _region_at_its_agent(
+    records: Records, record: RegionRecord, found: WireRegion | None
+) -> list[api.DoctorFinding]:
+    """The region as the agent of the dataset Nexus placed it on has it (``found``)."""
+    disk = records.disks.get(record.disk_id)
+    if disk is None:
+        return []
+    where = f"region {record.id} of disk {disk.name}"
+    findings = []
+    if found is not None and (
+        (found.block_size, found.extent_size, found.extent_count)
+        != (record.block_size, record.extent_size, record.extent_count)
+    ):
+        findings.append(
+            _finding(
+                "region_spec_mismatch",
+                record.id,
+                f"{where}: Nexus placed {record.extent_count} extents of "
+                f"{record.extent_size} blocks of {record.block_size} bytes; its agent "
+                f"has {found.extent_count} of {found.extent_size} of {found.block_size}",
+            )
+        )
+    if disk.state in READY_DISK:
+        if found is None:
+            findings.append(
+                _finding(
+                    "region_missing",
+                    record.id,
+                    f"{where}: the agent of dataset {record.dataset_id}, where Nexus "
+                    "placed it, does not have it",
+                )
+            )
+        elif (found.state.value, found.generation) != (record.state.value, record.generation):
+            findings.append(_state_mismatch(where, record, found))
+    elif disk.state is DiskState.DELETED and found is not None:
+        if found.state in LIVE_REGION:
+            findings.append(
+                _finding(
+                    "orphan_region",
+                    record.id,
+                    f"{where}: {found.state.value} at its agent, but the disk is deleted",
+                )
+            )
+        elif found.state.value != record.state.value:
+            findings.append(_state_mismatch(where, record, found))
+    return findings
+
+
+def _regions_held_elsewhere(
+    records: Records, at_agent: Mapping[tuple[uuid.UUID, uuid.UUID], WireRegion]
+) -> list[api.DoctorFinding]:
+    """Live regions at an agent that Nexus did not place there, or never asked for."""
+    placed = {record.id: record for record in records.regions}
+    findings = []
+    for (dataset_id, region_id), found in at_agent.items():
+        if found.state not in LIVE_REGION:
+            continue
+        record = placed.get(region_id)
+        if record is None:
+            findings.append(
+                _finding(
+                    "region_unknown",
+                    region_id,
+                    f"{found.state.value} at the agent of dataset {dataset_id}, "
+                    "but Nexus never asked for it",
+                )
+            )
+        elif record.dataset_id != dataset_id:
+            disk = records.disks.get(record.disk_id)
+            findings.append(
+                _finding(
+                    "region_wrong_dataset",
+                    region_id,
+                    f"region of disk {disk.name if disk else record.disk_id} is "
+                    f"{found.state.value} at the agent of dataset {dataset_id}, but Nexus "
+                    f"placed it on dataset {record.dataset_id}",
+                )
+            )
+    return findings
+
+
+def _finding(kind: str, object_id: object, detail: str) -> api.DoctorFinding:
+    return api.DoctorFinding(kind=kind, object_id=str(object_id), detail=detail[:1000])
+
+
+def _state_mismatch(where: str, region: RegionRecord, found: WireRegion) -> api.DoctorFinding:
+    return _finding(
+        "region_state_mismatch",
+        region.id,
+        f"{where}: Nexus records {region.state.value} (generation {region.generation}), "
+        f"its agent has {found.state.value} (generation {found.generation})",
+    )
+
+
+def _foreign_queue(what: str, queue: str) -> api.DoctorFinding:
+    return _finding("agent_identity", what.split()[-1], f"{what} is recorded with queue {queue}")
+
+
+def _impostor(what: str, queue: str, answered_by: str) -> api.DoctorFinding:
+    return _finding(
+        "agent_identity", what.split()[-1], f"{what}: {queue} answered by {answered_by}"
     )
 
 
@@ -148,22 +354,38 @@ async def _check_instances(
     placed: Sequence[tuple[Instance, str]],
     unreachable: list[str],
 ) -> list[api.DoctorFinding]:
-    async def ask(instance: Instance, queue: str) -> InstanceInfo | None:
+    async def ask(instance: Instance) -> InstanceInfo | None:
+        # The query joins instances to their sleds: each has one.
+        assert instance.sled_id is not None
         try:
             reply = await transport.request(
                 InstanceGet(source=source, payload=InstanceRef(id=instance.id)),
-                routing_key=queue,
+                routing_key=sled_queue(instance.sled_id),
                 timeout=timeout,
             )
-        except RequestTimedOut:
+        except (RequestTimedOut, PublishFailed):
+            # No answer in time, or no queue to take the question: unreachable.
             return None
         return reply if isinstance(reply, InstanceInfo) else None
 
-    answers = await asyncio.gather(*(ask(instance, queue) for instance, queue in placed))
+    answers = await asyncio.gather(*(ask(instance) for instance, _ in placed))
     findings = []
+    judged: set[uuid.UUID] = set()
     for (instance, queue), answer in zip(placed, answers, strict=True):
+        sled_id = instance.sled_id
+        assert sled_id is not None
+        sled = f"sled {sled_id}"
+        first = sled_id not in judged
+        judged.add(sled_id)
+        if first and queue != sled_queue(sled_id):
+            findings.append(_foreign_queue(sled, queue))
         if answer is None:
-            unreachable.append(f"sled {queue.removeprefix('sled.')}")
+            unreachable.append(sled)
+            continue
+        if answer.payload.sled_id != sled_id or answer.source != f"sled/{sled_id}":
+            if first:
+                answered_by = f"{answer.source} (sled {answer.payload.sled_id})"
+                findings.append(_impostor(sled, sled_queue(sled_id), answered_by))
             continue
         found = answer.payload.instance
         if found is None or found.state is WireInstanceState.DESTROYED:

@@ -33,7 +33,13 @@ from nexus.db.states import SledState
 from nexus.saga import rendezvous
 from nexus.saga.rendezvous import Woken
 from nexus.settings import MAX_GENERATION_LEAD
-from nexus.waitkeys import instance_key, region_key, rejection_key
+from nexus.waitkeys import (
+    AWAITED_INSTANCE_STATES,
+    AWAITED_REGION_STATES,
+    instance_key,
+    region_key,
+    rejection_key,
+)
 from schemas.base import Envelope
 from schemas.common import CommandRejected
 from schemas.instance import InstanceStateChanged
@@ -156,6 +162,8 @@ async def region_state_changed(
             "b_port": region.port_number,
         },
     )
+    if region.state not in AWAITED_REGION_STATES:
+        return None  # no saga ever waits for it (nexus.waitkeys): nothing to keep
     key = region_key(region.id, region.state)
     return await _file_for_saga(session, message, key, region.generation, now)
 
@@ -179,6 +187,8 @@ async def instance_state_changed(
             updated_at=now,
         )
     )
+    if instance.state not in AWAITED_INSTANCE_STATES:
+        return None  # no saga ever waits for it (nexus.waitkeys): nothing to keep
     key = instance_key(instance.id, instance.state)
     return await _file_for_saga(session, message, key, instance.generation, now)
 

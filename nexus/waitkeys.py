@@ -3,16 +3,39 @@
 The event intake (:mod:`nexus.events`) files every event under the key built here, and
 a saga waits on the key built here for the outcome it expects; a key built any other
 way would never meet its event.
+
+Only some states are ever waited for (the two sets below). An event in any other state
+(a region ``tombstoned`` on its way to ``destroyed``, an instance ``starting``) has no
+saga to meet: the intake records the object's new state and keeps nothing for a saga,
+since what it kept would only ever become an unclaimed event. A saga that starts
+waiting for another state must add it here first;
+``tests/unit/test_unclaimed_events.py`` fails until it does.
 """
 
 from __future__ import annotations
 
 import uuid
+from typing import Final
 
 from schemas.instance import InstanceState
 from schemas.region import RegionState
 
 _REJECTED = "command:"
+
+# disk_create waits for created or failed, disk_delete for destroyed.
+AWAITED_REGION_STATES: Final = frozenset(
+    {RegionState.CREATED, RegionState.FAILED, RegionState.DESTROYED}
+)
+# instance_create and start/reboot wait for running, stop for stopped, every power
+# change for failed, instance_delete for destroyed.
+AWAITED_INSTANCE_STATES: Final = frozenset(
+    {
+        InstanceState.RUNNING,
+        InstanceState.STOPPED,
+        InstanceState.FAILED,
+        InstanceState.DESTROYED,
+    }
+)
 
 
 def region_key(region_id: uuid.UUID, state: RegionState) -> str:
@@ -30,3 +53,10 @@ def rejection_key(command_id: uuid.UUID) -> str:
 
 def is_rejection(key: str) -> bool:
     return key.startswith(_REJECTED)
+
+
+def event_type(key: str) -> str:
+    """What kind of event was filed under ``key``, as its routing key names it:
+    ``region.created``, ``instance.failed``, ``command.rejected``."""
+    kind, _, rest = key.partition(":")
+    return f"{kind}.{rest.rpartition(':')[2]}"

@@ -18,6 +18,7 @@ from schemas.base import (
     Envelope,
     Model,
     Name,
+    NonNegativeInt,
     NonNegativeInt32,
     PositiveInt,
     PositiveInt32,
@@ -153,6 +154,19 @@ class Doctor(Envelope):
     payload: DoctorRequest = DoctorRequest()
 
 
+class UnclaimedFilter(Model):
+    groups: int = Field(default=20, gt=0, le=100, description="at most this many groups")
+    examples: int = Field(default=3, ge=0, le=5, description="newest examples per group")
+
+
+class UnclaimedEventsList(Envelope):
+    """Events no saga claimed within the retention, grouped by type and source."""
+
+    IS_COMMAND = True
+    type: Literal["api.events.unclaimed.v1"] = "api.events.unclaimed.v1"
+    payload: UnclaimedFilter = UnclaimedFilter()
+
+
 # Views and replies.
 
 
@@ -231,6 +245,30 @@ class DoctorReport(Model):
     findings: tuple[DoctorFinding, ...] = ()
 
 
+class UnclaimedExample(Model):
+    message_id: uuid.UUID
+    wait_key: str = Field(max_length=255)
+    summary: str = Field(max_length=200)
+    arrived_at: AwareDatetime
+    moved_at: AwareDatetime
+
+
+class UnclaimedGroup(Model):
+    type: str = Field(max_length=60, description="as its routing key: region.created, ...")
+    source: str = Field(max_length=120, description="the agent the event names")
+    count: PositiveInt
+    oldest_at: AwareDatetime
+    newest_at: AwareDatetime
+    examples: tuple[UnclaimedExample, ...] = ()
+
+
+class UnclaimedSummary(Model):
+    total: NonNegativeInt = Field(description="unclaimed events recorded")
+    scanned: NonNegativeInt = Field(description="the newest this many were grouped")
+    group_count: NonNegativeInt = Field(description="groups found, of which the largest are listed")
+    groups: tuple[UnclaimedGroup, ...] = ()
+
+
 class ApiErrorBody(Model):
     code: ErrorCode
     message: str = Field(max_length=MAX_ERROR_MESSAGE)
@@ -279,3 +317,8 @@ class DoctorReply(Envelope):
 class ApiError(Envelope):
     type: Literal["api.error.v1"] = "api.error.v1"
     payload: ApiErrorBody
+
+
+class UnclaimedEventsReply(Envelope):
+    type: Literal["api.events.unclaimed_summary.v1"] = "api.events.unclaimed_summary.v1"
+    payload: UnclaimedSummary

@@ -29,6 +29,8 @@ from schemas.api import (
     SagaList,
     SagaListReply,
     SagaReply,
+    UnclaimedEventsList,
+    UnclaimedEventsReply,
 )
 from schemas.base import Envelope
 from schemas.common import CommandRejected
@@ -89,6 +91,7 @@ Message = Annotated[
     | SagaList
     | SagaGet
     | Doctor
+    | UnclaimedEventsList
     | DiskReply
     | DiskListReply
     | InstanceReply
@@ -97,6 +100,7 @@ Message = Annotated[
     | SagaListReply
     | AcceptedReply
     | DoctorReply
+    | UnclaimedEventsReply
     | ApiError,
     Field(discriminator="type"),
 ]

@@ -266,11 +266,38 @@ BUILDERS: dict[str, Callable[[], Envelope]] = {
             findings=(api.DoctorFinding(kind="orphan_region", object_id="r1", detail="no disk"),),
         ),
     ),
+    "api.events.unclaimed.v1": lambda: api.UnclaimedEventsList(
+        source=CLI, payload=api.UnclaimedFilter(groups=10, examples=2)
+    ),
+    "api.events.unclaimed_summary.v1": lambda: api.UnclaimedEventsReply(
+        source=NEXUS, payload=unclaimed_summary()
+    ),
     "api.error.v1": lambda: api.ApiError(
         source=NEXUS,
         payload=api.ApiErrorBody(code=api.ErrorCode.NOT_FOUND, message="no disk named x"),
     ),
 }
+
+
+def unclaimed_summary() -> api.UnclaimedSummary:
+    now = utcnow()
+    region_id = uuid.uuid4()
+    example = api.UnclaimedExample(
+        message_id=uuid.uuid4(),
+        wait_key=f"region:{region_id}:created",
+        summary=f"region {region_id} created (generation 2)",
+        arrived_at=now,
+        moved_at=now,
+    )
+    group = api.UnclaimedGroup(
+        type="region.created",
+        source=f"crucible/{uuid.uuid4()}",
+        count=1,
+        oldest_at=now,
+        newest_at=now,
+        examples=(example,),
+    )
+    return api.UnclaimedSummary(total=1, scanned=1, group_count=1, groups=(group,))
 
 
 def example(message_type: str) -> Envelope:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import shlex
 import shutil
 import signal
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import typer
 
@@ -33,6 +34,7 @@ from nexus.devstack.stack import (
     StackConfig,
     StartupFailed,
     plan,
+    save_cli_url,
     wait_until_ready,
     with_users,
 )
@@ -118,24 +120,28 @@ async def _run(config: StackConfig, demo: bool, node: RabbitMQNode | None) -> in
     for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
     stack = plan(config)
-    cli_url = admin_url = config.amqp_url
+    cli_url = config.amqp_url
     if node is not None:
         # Our own node: each process gets its own least-privilege user in the control
-        # plane's vhost (nexus.devstack.access); run-all itself stays the administrator.
+        # plane's vhost (nexus.devstack.access), and the topology is provisioned with
+        # them; run-all administers the node with rabbitmqctl, and watches as nexusctl.
         access = Access.generate(crucible_agents=stack.crucible_ids, sleds=stack.sled_ids)
         provision(access, node.rabbitmqctl)
-        node.rabbitmqctl("set_permissions", "-p", access.vhost, "guest", ".*", ".*", ".*")
+        # The node's built-in administrator, with a password everyone knows: gone.
+        node.rabbitmqctl("delete_user", "guest")
         stack = with_users(stack, access, config.amqp_url)
         cli_url = access.url(config.amqp_url, CLI_USER)
-        admin_url = config.amqp_url.rstrip("/") + "/" + quote(access.vhost, safe="")
         config = dataclasses.replace(config, amqp_url=access.url(config.amqp_url, NEXUS_USER))
+    cli_url_file = save_cli_url(config.state_dir, cli_url)
     supervisor = Supervisor(_report_death)
-    transport = Transport(admin_url, name="nexusctl dev run-all")
+    transport = Transport(cli_url, name="nexusctl dev run-all")
     try:
         await transport.connect()
-        # Before any process starts: the agents' first announcements then wait in
-        # nexus.events for the replicas instead of going nowhere.
-        await transport.declare_topology()
+        if node is None:
+            # Before any process starts: the agents' first announcements then wait in
+            # nexus.events for the replicas instead of going nowhere. (Our own node has
+            # it already: it was provisioned with the users.)
+            await transport.declare_topology()
         readiness = Readiness(stack.crucible_ids, stack.sled_ids)
         await transport.subscribe(READINESS_KEYS, readiness.handle)
         for spec in [*stack.nexus, *stack.agents]:
@@ -151,7 +157,7 @@ async def _run(config: StackConfig, demo: bool, node: RabbitMQNode | None) -> in
             ready.cancel()
             return 0
         ready.result()
-        _say_ready(config, cli_url, stack.nexus + stack.agents)
+        _say_ready(config, cli_url_file, stack.nexus + stack.agents)
         if not demo:
             await stopped
             return 0
@@ -184,18 +190,24 @@ async def _demo(cli_url: str, stopped: asyncio.Task[bool]) -> int:
     return 0 if succeeded else 1
 
 
-def _say_ready(config: StackConfig, cli_url: str, children: list[ChildSpec]) -> None:
+def _say_ready(config: StackConfig, cli_url_file: Path, children: list[ChildSpec]) -> None:
     say(
         f"stack ready; state and logs in {config.state_dir}\n"
         f"  RabbitMQ:  {redact_url(config.amqp_url)}\n"
         f"  database:  {redact_url(config.database_url)}\n"
         f"  processes: {', '.join(child.name for child in children)} "
         f"(logs: {config.state_dir / 'logs'})\n"
-        f"to use it from another shell:\n"
-        f"  export NEXUS_AMQP_URL={cli_url}\n"
+        f"to use it from another shell (nexusctl's credentials are in {cli_url_file}, "
+        "readable by you only):\n"
+        f"  {load_cli_url_hint(cli_url_file)}\n"
         f"  nexusctl disk create disk-1 --size 1GiB --wait\n"
         f"Ctrl-C stops everything."
     )
+
+
+def load_cli_url_hint(cli_url_file: Path) -> str:
+    """The shell line that points nexusctl at the stack, without showing the password."""
+    return f'export NEXUS_AMQP_URL="$(cat {shlex.quote(str(cli_url_file))})"'
 
 
 def _report_death(spec: ChildSpec, code: int) -> None:

@@ -6,13 +6,14 @@ import logging
 
 import typer
 
-from nexus.cli import db, dev, disk, doctor, instance, saga
+from nexus.cli import db, dev, disk, doctor, events, instance, saga
 
 app = typer.Typer(
     name="nexusctl",
     help=(
         "Administer the control plane: run a development stack, manage disks, "
-        "instances and sagas, check consistency, and migrate Nexus's database."
+        "instances and sagas, see unclaimed events, check consistency, and migrate "
+        "Nexus's database."
     ),
     no_args_is_help=True,
     # Commands report their own errors in one line; anything else is a bug, and
@@ -22,6 +23,7 @@ app = typer.Typer(
 app.add_typer(disk.app, name="disk")
 app.add_typer(instance.app, name="instance")
 app.add_typer(saga.app, name="saga")
+app.add_typer(events.app, name="events")
 app.command("doctor")(doctor.doctor)
 app.add_typer(dev.app, name="dev")
 app.add_typer(db.app, name="db")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import sys
 import time
 import uuid
@@ -27,6 +28,22 @@ BIN = Path(sys.executable).parent
 # replicas were consuming (see Readiness), so these bound how long starting takes.
 ANNOUNCE_SECONDS = 1.0
 HEARTBEAT_SECONDS = 1.0
+
+
+# Where run-all leaves nexusctl's broker URL, password included, for its owner only.
+CLI_URL_FILE = "nexusctl.url"
+
+
+def save_cli_url(state_dir: Path, url: str) -> Path:
+    """Write ``url`` to a file in ``state_dir`` that only its owner can read (0600, from
+    its creation on: never readable by others, not even for a moment)."""
+    path = state_dir / CLI_URL_FILE
+    path.unlink(missing_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.fchmod(descriptor, 0o600)  # whatever the umask
+    with os.fdopen(descriptor, "w") as file:
+        file.write(url + "\n")
+    return path
 
 
 class StartupFailed(Exception):

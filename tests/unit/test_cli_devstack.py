@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import stat
+import subprocess
 from pathlib import Path
 
 from typer.testing import CliRunner
 
+from nexus.cli.dev import load_cli_url_hint
 from nexus.cli.main import app
-from nexus.devstack.stack import StackConfig, plan
+from nexus.devstack.stack import StackConfig, plan, save_cli_url
 
 
 def test_the_rack_has_its_crucible_agents_on_distinct_sleds(tmp_path: Path) -> None:
@@ -32,3 +35,36 @@ def test_run_all_never_empties_a_directory_it_did_not_create(tmp_path: Path) -> 
     assert result.exit_code == 1
     assert "refusing to empty" in result.stderr
     assert precious.read_text() == "keep me"
+
+
+def test_the_cli_url_is_saved_for_its_owner_only_and_the_hint_does_not_show_it(
+    tmp_path: Path,
+) -> None:
+    url = "amqp://nexusctl:s3cret-pw@127.0.0.1:5672/control-plane"
+    directory = tmp_path / "state dir"
+    directory.mkdir()
+    path = save_cli_url(directory, url)
+
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text() == url + "\n"
+    hint = load_cli_url_hint(path)
+    assert "s3cret-pw" not in hint
+    # The hint is a shell line that loads the URL from the file.
+    loaded = subprocess.run(
+        ["bash", "-c", f'{hint}; printf %s "$NEXUS_AMQP_URL"'],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert loaded.stdout == url
+
+
+def test_a_saved_cli_url_replaces_a_readable_one(tmp_path: Path) -> None:
+    stale = tmp_path / "nexusctl.url"
+    stale.write_text("amqp://old/\n")
+    stale.chmod(0o644)
+
+    path = save_cli_url(tmp_path, "amqp://new/")
+
+    assert (path, path.read_text()) == (stale, "amqp://new/\n")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -5,6 +5,12 @@ Start-up order matters: the state database is opened and unfinished work resumed
 wait in the outbox) but not the file work. Commands are consumed only once the relay
 runs and the start-up announcement is queued.
 
+The relay and the announcer run under one :class:`schemas.tasks.Tasks`: a pass that
+fails is logged and run again after a backoff. Region work that fails on an error that
+is not transient ends the agent (it resumes the work at its next start). The health
+file is touched only while the relay and the announcer complete their passes, the
+broker connection is up and nothing has been failing on a transient error for long.
+
 Shutdown (``stop`` set, by SIGTERM or SIGINT): background work stops at a safe point (it
 resumes at the next start), the outbox gets a few seconds to drain, the connection
 closes (unacked commands go back to the queue), and the store closes once no handler is
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from dataclasses import dataclass
@@ -32,6 +39,7 @@ from crucible_agent.space import SpaceReserve
 from crucible_agent.store import AgentStore
 from schemas.health import report_health
 from schemas.outbox import OutboxRelay
+from schemas.tasks import Tasks
 from schemas.topology import crucible_queue
 from schemas.transport import Transport
 
@@ -42,6 +50,11 @@ DRAIN_SECONDS = 5.0
 HANDLERS_SECONDS = 10.0
 COMMAND_PREFETCH = 16
 HEALTH_SECONDS = 5.0
+# How much longer than ``announce_seconds`` an announcer's pass may take.
+ANNOUNCE_GRACE_SECONDS = 15.0
+# A command or region work failing on a transient error for this long: the agent cannot
+# do its work.
+STUCK_SECONDS = 30.0
 
 
 @dataclass
@@ -51,6 +64,7 @@ class Agent:
     transport: Transport
     relay: OutboxRelay
     service: RegionService
+    tasks: Tasks
 
 
 async def build(settings: CrucibleSettings) -> Agent:
@@ -75,12 +89,17 @@ async def build(settings: CrucibleSettings) -> Agent:
         rng=random.Random(settings.seed),
         reserve=reserve,
     )
-    return Agent(settings, store, transport, relay, service)
+    return Agent(settings, store, transport, relay, service, Tasks())
 
 
 async def run(settings: CrucibleSettings, stop: asyncio.Event) -> None:
     """Run until ``stop`` is set; raises if a part of the agent failed."""
-    agent = await build(settings)
+    await serve(await build(settings), stop)
+
+
+async def serve(agent: Agent, stop: asyncio.Event) -> None:
+    """Run ``agent`` (from :func:`build`) until ``stop`` is set; raises if a part failed."""
+    settings, tasks = agent.settings, agent.tasks
     log.info(
         "crucible agent %s starting: %s, capacity %d bytes",
         settings.agent_id,
@@ -91,28 +110,35 @@ async def run(settings: CrucibleSettings, stop: asyncio.Event) -> None:
     relay_task: asyncio.Task[None] | None = None
     announce_task: asyncio.Task[None] | None = None
     health_task: asyncio.Task[None] | None = None
+    failed_task = asyncio.create_task(agent.service.failed(), name="region-work")
     try:
         if not await _connect(agent.transport, stop):
             return
         queue = crucible_queue(settings.agent_id)
         await agent.transport.ensure_topology(queue)
-        relay_task = asyncio.create_task(agent.relay.run(), name="outbox-relay")
+        relay_task = tasks.run("outbox-relay", agent.relay.run_pass, window=agent.relay.pass_window)
         await agent.transport.consume(queue, agent.service.handle, prefetch=COMMAND_PREFETCH)
-        announce_task = asyncio.create_task(
-            _announce_every(agent.service, settings.announce_seconds, stop), name="announce"
+        announce_task = tasks.run(
+            "announcer",
+            functools.partial(_announce_after, agent.service, settings.announce_seconds, stop),
+            window=settings.announce_seconds + ANNOUNCE_GRACE_SECONDS,
+            until=stop,
         )
+        _watch(tasks, agent)
         if settings.health_file is not None:
             health_task = asyncio.create_task(
-                _report_health(settings.health_file, agent.transport), name="health"
+                _report_health(settings.health_file, tasks), name="health"
             )
         log.info("consuming %s", queue)
-        await _until_stopped_or_failed(stop, relay_task, announce_task)
+        await _until_stopped_or_failed(stop, relay_task, announce_task, failed_task)
         log.info("stopping")
     finally:
         if health_task is not None:
             # A stopping agent is no longer healthy: the file ages from here on.
             health_task.cancel()
             await asyncio.gather(health_task, return_exceptions=True)
+        failed_task.cancel()
+        await asyncio.gather(failed_task, return_exceptions=True)
         await _shut_down(agent, stop, relay_task, announce_task)
 
 
@@ -130,18 +156,25 @@ async def _connect(transport: Transport, stop: asyncio.Event) -> bool:
     return False
 
 
-async def _announce_every(service: RegionService, seconds: float, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await stop.wait()
-        if not stop.is_set():
-            await service.announce()
+def _watch(tasks: Tasks, agent: Agent) -> None:
+    """What the agent's health depends on besides its tasks: the broker connection and
+    its consumer, and region work that keeps failing on a transient error."""
+    tasks.watch("broker", lambda: agent.transport.health_problem(stuck_after=STUCK_SECONDS))
+    tasks.watch("region work", lambda: agent.service.work_problem(stuck_after=STUCK_SECONDS))
 
 
-async def _report_health(path: Path, transport: Transport) -> None:
-    """``crucible-agent health`` reads the age of ``path``; touched while the broker is up."""
-    await report_health(path, transport, HEALTH_SECONDS)
+async def _announce_after(service: RegionService, seconds: float, stop: asyncio.Event) -> None:
+    """One pass of the announcer: ``seconds`` (or until stopped), then an announcement."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+    if not stop.is_set():
+        await service.announce()
+
+
+async def _report_health(path: Path, tasks: Tasks) -> None:
+    """``crucible-agent health`` reads the age of ``path``; touched while all is well."""
+    await report_health(path, tasks.problems, HEALTH_SECONDS)
 
 
 async def _until_stopped_or_failed(stop: asyncio.Event, *tasks: asyncio.Task[None]) -> None:
@@ -151,8 +184,10 @@ async def _until_stopped_or_failed(stop: asyncio.Event, *tasks: asyncio.Task[Non
     if stop.is_set():
         return
     for task in done:
-        # Before a stop these loops only end by failing; the process must not run on
-        # without them.
+        # Before a stop these only end by failing (supervised loops: by being
+        # cancelled); the process must not run on without them.
+        if task.cancelled():
+            raise RuntimeError(f"{task.get_name()} was cancelled")
         task.result()
         raise RuntimeError(f"{task.get_name()} ended unexpectedly")
 

@@ -122,15 +122,15 @@ def health(
         Path | None,
         typer.Option(
             envvar="CRUCIBLE_HEALTH_FILE",
-            help="The file `crucible-agent run` touches while connected to the broker.",
+            help="The file `crucible-agent run` touches every few seconds while it is healthy.",
             show_default=False,
         ),
     ] = None,
 ) -> None:
-    """Exit 0 if this host's agent was connected to the broker recently (a health check).
+    """Exit 0 if this host's agent was healthy recently (a health check).
 
-    `crucible-agent run` touches CRUCIBLE_HEALTH_FILE every few seconds while connected.
+    `crucible-agent run` touches CRUCIBLE_HEALTH_FILE every few seconds while its outbox
+    relay and its announcer complete their passes, its broker connection is up and
+    nothing has been failing for long; its log says what is wrong otherwise.
     """
-    check_health(
-        "crucible-agent", health_file, max_age, "CRUCIBLE_HEALTH_FILE", "broker connection up"
-    )
+    check_health("crucible-agent", health_file, max_age, "CRUCIBLE_HEALTH_FILE", "all tasks well")

@@ -11,7 +11,10 @@ The slow part of a create (the configured delay, then writing the extent files) 
 in a background task after the command was acked. If the process dies, the region is
 still ``requested`` in the database and :meth:`RegionService.resume` starts the work
 again; if a delete arrives meanwhile, the create's outcome is not recorded and the
-region stays ``tombstoned``.
+region stays ``tombstoned``. Background work that fails on a transient error (the
+state database cannot be written: :func:`schemas.transient.is_transient`) is run again
+in place with backoff; any other failure ends the agent (:meth:`RegionService.failed`),
+whose next start resumes the work.
 
 Capacity is announced at start, every ``announce_seconds``, and ``coalesce_seconds``
 after a change of free space: one announcement, read after the wait, covers every
@@ -39,7 +42,7 @@ import signal
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 from crucible_agent import regions
 from crucible_agent.delay import Delay
@@ -63,6 +66,7 @@ from schemas.region import (
     RegionStateChanged,
 )
 from schemas.sled import AgentAnnounced, CrucibleAgentInfo
+from schemas.tasks import TransientRetries
 from schemas.topology import EVENTS_EXCHANGE, REPLIES_EXCHANGE, crucible_queue
 from schemas.transport import Delivery
 
@@ -71,11 +75,6 @@ log = logging.getLogger(__name__)
 # Event ids are derived from (agent, region, generation): a state change has one id
 # however many times it is published, so consumers can deduplicate it.
 EVENT_NAMESPACE = uuid.UUID("3b0f5a8e-9c1d-4e57-a2f4-6d8c0e1b7a93")
-
-# Background work whose outcome did not fit on a full disk records it again after this
-# long, doubling up to the maximum.
-RECORD_RETRY_SECONDS = 0.5
-RECORD_RETRY_MAX_SECONDS = 30.0
 
 T = TypeVar("T")
 
@@ -147,6 +146,9 @@ class RegionService:
         self._file_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._workers: set[asyncio.Task[None]] = set()
+        self._retries = TransientRetries()
+        self._failure: BaseException | None = None
+        self._failed = asyncio.Event()
         self._handling = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -270,7 +272,8 @@ class RegionService:
             outcome = await self._writing(lambda: self._delete_recorded(delivery, command))
         except OutOfSpace:
             if await self._store.region(region_id) is not None:
-                # A delete is not answered with a refusal: it is tried again (redelivered).
+                # A delete is not answered with a refusal: the transport runs it again in
+                # place (a full disk is a transient failure), until it can be recorded.
                 raise
             await self._reject_directly(delivery, command, "not_found", "no such region")
             return
@@ -370,9 +373,13 @@ class RegionService:
         delay = self._faults.delay.sample(self._rng)
         if await self._stopped_within(delay):
             return
-        await self._until_recorded(lambda: self._create_once(region_id), region_id, "create")
+        await self._until_done(
+            f"create of region {region_id}", lambda: self._create_once(region_id)
+        )
 
     async def _create_once(self, region_id: uuid.UUID) -> None:
+        """The files of a create, then its outcome recorded; each attempt starts from the
+        records, so it may run again after a failure."""
         async with self._file_lock:
             region = await self._store.region(region_id)
             # Deleted while it waited: a create that finishes after a delete records nothing.
@@ -398,30 +405,6 @@ class RegionService:
             outcome = regions.create_finished(current, failure)
             if isinstance(outcome, regions.Changed):
                 await self._record(tx, outcome, await tx.cause(region_id))
-
-    async def _until_recorded(
-        self, work: Callable[[], Awaitable[None]], region_id: uuid.UUID, what: str
-    ) -> None:
-        """Background work whose outcome did not fit on a full disk is done again later
-        (each attempt starts from the records), until it fits or the agent stops; what
-        is left at a stop resumes at the next start."""
-        retry = RECORD_RETRY_SECONDS
-        while True:
-            try:
-                await work()
-                return
-            except OutOfSpace as full:
-                log.warning(
-                    "region %s: %s not recorded (%s); again in %.1fs",
-                    region_id,
-                    what,
-                    full,
-                    retry,
-                    extra=_ids(None, region_id),
-                )
-            if await self._stopped_within(retry):
-                return
-            retry = min(retry * 2, RECORD_RETRY_MAX_SECONDS)
 
     async def _write_files(self, region: Region) -> str | None:
         """Writes the extents and returns None, or why the create failed."""
@@ -450,7 +433,9 @@ class RegionService:
         return None
 
     async def _destroy(self, region_id: uuid.UUID) -> None:
-        await self._until_recorded(lambda: self._destroy_once(region_id), region_id, "destroy")
+        await self._until_done(
+            f"removal of region {region_id}", lambda: self._destroy_once(region_id)
+        )
 
     async def _destroy_once(self, region_id: uuid.UUID) -> None:
         async with self._file_lock:
@@ -475,10 +460,29 @@ class RegionService:
         self._workers.add(task)
         task.add_done_callback(self._worker_done)
 
+    async def _until_done(self, what: str, work: Callable[[], Awaitable[None]]) -> None:
+        """``work``, again in place after each transient failure until done or stopped."""
+        await self._retries.run("region work", what, work)
+
     def _worker_done(self, task: asyncio.Task[None]) -> None:
         self._workers.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("region work failed", exc_info=task.exception())
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("region work failed; the agent stops", exc_info=error)
+            if self._failure is None:
+                self._failure = error
+            self._failed.set()
+
+    async def failed(self) -> NoReturn:
+        """Returns never; raises once background work failed on an error that is not
+        transient: the agent must not run on without that work (its next start resumes
+        it)."""
+        await self._failed.wait()
+        raise RuntimeError("region work failed") from self._failure
+
+    def work_problem(self, *, stuck_after: float) -> str | None:
+        """None, or which background work has been failing on a transient error for over
+        ``stuck_after`` seconds."""
+        return self._retries.problem(stuck_after=stuck_after)
 
     async def _stopped_within(self, seconds: float) -> bool:
         try:
@@ -492,6 +496,7 @@ class RegionService:
         """Let background work reach a safe point: delays end at once, file writing stops
         between extents, a transaction under way commits. What is left resumes at start."""
         self._stopping.set()
+        self._retries.stopping.set()
         if self._workers:
             await asyncio.gather(*self._workers, return_exceptions=True)
 
@@ -528,7 +533,7 @@ class RegionService:
         # Cleared before the read: a change committed from here on is either seen by
         # this announcement or schedules the next one.
         self._announcement_due = False
-        await self.announce()
+        await self._until_done("capacity announcement", self.announce)
 
     async def _announcement(self, tx: Transaction) -> OutgoingMessage:
         held = await tx.holdings()

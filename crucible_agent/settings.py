@@ -56,7 +56,8 @@ class CrucibleSettings(BaseSettings):
     )
     health_file: Path | None = Field(
         default=None,
-        description="touched every few seconds while the broker connection is up; "
+        description="touched every few seconds while the agent is healthy (its loops "
+        "complete their passes, its broker connection is up); "
         "`crucible-agent health` (a container health check) reads its age",
     )
 

@@ -3,6 +3,12 @@
 ``NexusApp`` builds the real adapters from settings and nothing connects before
 ``start()``. Tests and the benchmark build the same app with their own clock, saga
 definitions, saga for ``disk create`` and faults: hooks that no setting reaches.
+
+The outbox relay and the sweeper run under one :class:`schemas.tasks.Tasks`: a pass that
+fails (the database or the broker is down) is logged and run again after a backoff,
+never ending its loop. The health file (``NEXUS_HEALTH_FILE``) is touched only while
+both complete their passes, the broker connection is up and no consumed message has
+been waiting on a transient failure for long (:meth:`NexusApp.problems`).
 """
 
 from __future__ import annotations
@@ -29,14 +35,24 @@ from nexus.saga.outbox import NexusOutboxStore, Outbox
 from nexus.saga.position import SagaRow
 from nexus.sagas import ALL_SAGAS, disk_create
 from nexus.settings import NexusSettings
+from schemas.health import report_health
 from schemas.outbox import OutboxRelay
 from schemas.progress import SagaProgress, SagaProgressed, SagaStep
 from schemas.redact import redact_urls_in
+from schemas.tasks import Tasks
 from schemas.topology import NEXUS_API_QUEUE, NEXUS_EVENTS_QUEUE
 from schemas.transport import Delivery, Transport
 
 log = logging.getLogger(__name__)
 
+# How often the health file is touched while nothing is wrong.
+HEALTH_SECONDS = 1.0
+# A sweeper pass is a sleep of NEXUS_SWEEP_SECONDS and the sweep; longer than this on
+# top of the sleep, and it is stuck.
+SWEEP_GRACE_SECONDS = 10.0
+# A consumed message still failing on a transient error after this long: the replica
+# cannot do its work (its database has been down that long).
+CONSUMER_STUCK_SECONDS = 30.0
 # How often a replica measures its clock against the database's again.
 CLOCK_MEASURE_SECONDS = 5.0
 
@@ -56,7 +72,9 @@ class NexusApp:
         self._definitions = definitions
         self._disk_create_saga = disk_create_saga
         self._faults = faults
-        self._tasks: list[asyncio.Task[None]] = []
+        self.tasks = Tasks()
+        self._health_task: asyncio.Task[None] | None = None
+        self._sweeps = 0
         self._progress_tasks: set[asyncio.Task[None]] = set()
         self.engine: AsyncEngine | None = None
         self.sessions: async_sessionmaker[AsyncSession] | None = None
@@ -98,9 +116,17 @@ class NexusApp:
         self.ingest = EventIngest(
             self.sessions, self.clock.now, max_generation_lead=settings.max_generation_lead
         )
-        self._tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
+        self.tasks.run("outbox-relay", self.relay.run_pass, window=self.relay.pass_window)
         if background:
-            self._tasks.append(asyncio.create_task(self._sweeper(), name="sweeper"))
+            self.tasks.run(
+                "sweeper",
+                self._sweep_pass,
+                window=settings.sweep_seconds + SWEEP_GRACE_SECONDS,
+            )
+        transport = self.transport
+        self.tasks.watch(
+            "broker", lambda: transport.health_problem(stuck_after=CONSUMER_STUCK_SECONDS)
+        )
         self.api = Api(
             disk_create_saga=self._disk_create_saga,
             sessions=self.sessions,
@@ -117,6 +143,11 @@ class NexusApp:
             await self.transport.consume(
                 NEXUS_API_QUEUE, self.api.handle, prefetch=16, on_refused=self.api.on_refused
             )
+        if settings.health_file is not None:
+            self._health_task = asyncio.create_task(
+                report_health(settings.health_file, self.problems, HEALTH_SECONDS),
+                name="health",
+            )
         log.info(
             "nexus replica %s up (database %s)",
             settings.replica_id,
@@ -124,12 +155,13 @@ class NexusApp:
         )
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
+        if self._health_task is not None:
+            # A stopping replica is no longer healthy: the file ages from here on.
+            self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+                await self._health_task
+            self._health_task = None
+        await self.tasks.stop()
         if self.executor is not None:
             await self.executor.drain()
         if self.transport is not None:
@@ -187,39 +219,34 @@ class NexusApp:
         except Exception as error:  # a watcher missing one progress event is harmless
             log.warning("could not publish saga progress: %r", error)
 
-    def _report_health(self) -> None:
-        path = self.settings.health_file
-        if path is not None and self.transport is not None and self.transport.is_connected:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch()
+    def problems(self) -> list[str]:
+        """What is wrong with this replica now, one line each; empty when it is healthy."""
+        return self.tasks.problems()
 
-    async def _sweeper(self) -> None:
-        """Deadlines, expired leases and stray wake-ups: the safety net, not a poll of agents."""
-        assert self.executor is not None
+    async def _sweep_pass(self) -> None:
+        """Deadlines, expired leases and stray wake-ups: the safety net, not a poll of agents.
+
+        One pass of the sweeper task; a failure is the task supervisor's to log and retry.
+        """
+        assert self.executor is not None and self.sessions is not None
         settings = self.settings
-        unclaimed_every = max(1, int(60 / settings.sweep_seconds))
-        measure_every = max(1, int(CLOCK_MEASURE_SECONDS / settings.sweep_seconds))
-        passes = 0
-        while True:
-            await asyncio.sleep(settings.sweep_seconds)
-            passes += 1
-            try:
-                if isinstance(self.clock, DatabaseClock) and passes % measure_every == 0:
-                    assert self.engine is not None
-                    await self.clock.measure(self.engine)
-                await self.executor.sweep()
-                assert self.sessions is not None
-                await mark_silent_sleds(
-                    self.sessions,
-                    now=self.clock.now(),
-                    timeout=timedelta(seconds=settings.sled_timeout_seconds),
-                )
-                self._report_health()
-                if passes % unclaimed_every == 0:
-                    moved = await self.executor.sweep_unclaimed(
-                        timedelta(seconds=settings.unclaimed_retention_seconds)
-                    )
-                    if moved:
-                        log.warning("moved %d unclaimed events to unclaimed_events", moved)
-            except Exception:
-                log.exception("sweeper pass failed; trying again next pass")
+        await asyncio.sleep(settings.sweep_seconds)
+        self._sweeps += 1
+        if (
+            isinstance(self.clock, DatabaseClock)
+            and self._sweeps % max(1, int(CLOCK_MEASURE_SECONDS / settings.sweep_seconds)) == 0
+        ):
+            assert self.engine is not None
+            await self.clock.measure(self.engine)
+        await self.executor.sweep()
+        await mark_silent_sleds(
+            self.sessions,
+            now=self.clock.now(),
+            timeout=timedelta(seconds=settings.sled_timeout_seconds),
+        )
+        if self._sweeps % max(1, int(60 / settings.sweep_seconds)) == 0:
+            moved = await self.executor.sweep_unclaimed(
+                timedelta(seconds=settings.unclaimed_retention_seconds)
+            )
+            if moved:
+                log.warning("moved %d unclaimed events to unclaimed_events", moved)

@@ -81,19 +81,22 @@ def run_replica(nexus: NexusApp, *, migrate_first: bool = False) -> None:
 @app.command()
 def health(
     max_age: Annotated[
-        float, typer.Option(help="Seconds since the last good sweeper pass, at most.")
+        float, typer.Option(help="Seconds since the replica was last seen healthy, at most.")
     ] = 15.0,
     health_file: Annotated[
         Path | None,
         typer.Option(
             envvar="NEXUS_HEALTH_FILE",
-            help="The file `nexus run` touches after every good sweeper pass.",
+            help="The file `nexus run` touches every second while it is healthy.",
             show_default=False,
         ),
     ] = None,
 ) -> None:
-    """Exit 0 if this host's replica reached its database and broker recently (a health check).
+    """Exit 0 if this host's replica was healthy recently (a health check).
 
-    `nexus run` touches NEXUS_HEALTH_FILE after every sweeper pass that reached both.
+    `nexus run` touches NEXUS_HEALTH_FILE every second while its outbox relay and sweeper
+    complete their passes (which reach the database and the broker), its broker
+    connection is up and no consumed message has been failing for long; its log says
+    what is wrong otherwise.
     """
-    check_health("nexus", health_file, max_age, "NEXUS_HEALTH_FILE", "last good pass")
+    check_health("nexus", health_file, max_age, "NEXUS_HEALTH_FILE", "all tasks well")

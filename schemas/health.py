@@ -1,7 +1,9 @@
-"""Container health checks shared by the agents: a file touched while the broker is up.
+"""Container health checks shared by the services: a file touched while all is well.
 
-``run`` touches the file every few seconds while its broker connection is up
-(:func:`report_health`); the ``health`` command reads its age
+``run`` touches the file every few seconds while nothing is wrong with the process
+(:func:`report_health`): every supervised task completed a pass within its window and
+every watched condition holds, such as the broker connection and the consumers
+(:meth:`schemas.tasks.Tasks.problems`). The ``health`` command reads the file's age
 (:func:`health_file_age`).
 """
 
@@ -10,29 +12,47 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from schemas.transport import Transport
+from schemas.tasks import Throttle
 
 log = logging.getLogger(__name__)
+
+# How often an unchanged state of ill health is logged again.
+PROBLEMS_LOG_SECONDS = 30.0
 
 
 class Unhealthy(RuntimeError):
     """Why a health check fails, in one line."""
 
 
-async def report_health(path: Path, transport: Transport, every_seconds: float) -> None:
-    """Touch ``path`` every ``every_seconds`` while the broker connection is up.
+async def report_health(
+    path: Path, problems: Callable[[], Sequence[str]], every_seconds: float
+) -> None:
+    """Touch ``path`` every ``every_seconds`` while ``problems()`` is empty.
 
-    Runs until cancelled. A connect_robust connection that lost the broker is not
-    closed but no longer ``connected``, so that is what is checked.
+    Runs until cancelled. While there are problems the file is left to age, so the
+    ``health`` command fails once it is older than its ``--max-age``, and they are
+    logged: when they appear, then every ``PROBLEMS_LOG_SECONDS`` while they last.
     """
+    throttle = Throttle(PROBLEMS_LOG_SECONDS)
+    healthy = True
     while True:
-        if transport.is_connected and transport.connection.connected.is_set():
+        found = problems()
+        if not found:
+            if not healthy:
+                log.info("healthy again: touching %s", path)
+            healthy = True
             try:
                 await asyncio.to_thread(_touch, path)
             except OSError as error:
                 log.warning("cannot touch the health file %s: %r", path, error)
+        else:
+            # The throttle is asked every time, so it counts from the first line logged.
+            if throttle("problems") or healthy:
+                log.warning("unhealthy, %s left to age: %s", path, "; ".join(found))
+            healthy = False
         await asyncio.sleep(every_seconds)
 
 
@@ -48,7 +68,7 @@ def health_file_age(path: Path | None, max_age: float, variable: str) -> float:
     try:
         age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
-        raise Unhealthy(f"{path} does not exist: not connected yet") from None
+        raise Unhealthy(f"{path} does not exist: not healthy yet") from None
     except OSError as error:
         raise Unhealthy(str(error)) from None
     if age > max_age:

@@ -7,13 +7,17 @@ them sent only after the broker confirmed. A crash between confirm and mark re-s
 the message with the same id, which consumers deduplicate; a broker outage delays
 messages but never loses them. Nothing leaves before its transaction committed,
 because the relay only reads committed rows.
+
+The relay is a loop of passes (:meth:`OutboxRelay.run_pass`) that each service runs
+under its :class:`schemas.tasks.Tasks`: a pass that fails, on the broker or on the
+database the rows live in, is logged and run again after a backoff, so no failure ends
+the relay, and a relay that completes no pass makes its process unhealthy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,9 +25,7 @@ from typing import Protocol
 
 from schemas.base import Envelope
 from schemas.messages import encode
-from schemas.transport import PublishFailed, Transport
-
-log = logging.getLogger(__name__)
+from schemas.transport import PUBLISH_TIMEOUT_SECONDS, Transport
 
 
 @dataclass(frozen=True)
@@ -84,15 +86,11 @@ class OutboxRelay:
         *,
         batch_size: int = 100,
         sweep_seconds: float = 5.0,
-        retry_seconds: float = 0.5,
-        max_retry_seconds: float = 5.0,
     ) -> None:
         self._store = store
         self._transport = transport
         self._batch_size = batch_size
         self._sweep_seconds = sweep_seconds
-        self._retry_seconds = retry_seconds
-        self._max_retry_seconds = max_retry_seconds
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()
         self.published = 0
@@ -107,28 +105,29 @@ class OutboxRelay:
         self.notify()
         await self._drained.wait()
 
-    async def run(self) -> None:
-        delay = self._retry_seconds
-        while True:
-            self._wake.clear()
-            try:
-                sent = await self.flush()
-            except PublishFailed as error:
-                log.warning(
-                    "outbox: broker refused or unreachable, retrying in %.1fs: %s", delay, error
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._max_retry_seconds)
-                continue
-            delay = self._retry_seconds
-            if sent == self._batch_size:
-                continue
-            self._drained.set()
-            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that
-            # arrives as the wake-up does, and the relay would never stop.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._sweep_seconds):
-                    await self._wake.wait()
+    @property
+    def pass_window(self) -> float:
+        """The longest a healthy pass takes: the sweep's wait, then a batch whose last
+        window of publishes waits out the publish timeout, with room to spare."""
+        return self._sweep_seconds + 2 * PUBLISH_TIMEOUT_SECONDS + 5.0
+
+    async def run_pass(self) -> None:
+        """Publish one batch; when that was all, wait for a wake-up or the sweep.
+
+        Raises whatever failed (``PublishFailed``, the store's database error), leaving
+        the rows for the next pass: the caller runs passes again and again, after a
+        backoff when one failed (:meth:`schemas.tasks.Tasks.run`). A wake-up that came
+        during a failed pass is not lost: the next pass publishes first.
+        """
+        self._wake.clear()
+        if await self.flush() == self._batch_size:
+            return  # More are waiting: the next pass follows at once.
+        self._drained.set()
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that
+        # arrives as the wake-up does, and the relay would never stop.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._sweep_seconds):
+                await self._wake.wait()
 
     async def flush(self) -> int:
         """Publish one batch in order; returns how many were sent.

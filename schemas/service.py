@@ -97,7 +97,7 @@ def check_health(
 
     Healthy is a line on stdout; unhealthy is one line on stderr and exit status 1.
     ``variable`` is the setting that names the file; ``touched_when`` says what a touch
-    means (``broker connection up``).
+    means (``all tasks well``).
     """
     try:
         age = health_file_age(health_file, max_age, variable)

@@ -4,8 +4,12 @@
   consumers after a broker restart.
 - Publishing always uses publisher confirms and persistent delivery; ``publish``
   returns only once the broker has taken responsibility for the message.
-- Consuming acks only after the handler returned; a handler that raises gets the
-  message requeued, and the quorum queue dead-letters it past ``DELIVERY_LIMIT``.
+- Consuming acks only after the handler returned. A handler that fails because a
+  dependency of its own is unavailable (:func:`schemas.transient.is_transient`: the
+  database, the disk, the broker) is run again in place, with backoff, until it
+  succeeds or the transport closes: the message stays unacked, so the failure never
+  counts toward dead-lettering. A handler that raises anything else gets the message
+  requeued, and the quorum queue dead-letters it past ``DELIVERY_LIMIT``.
 - Bytes that are not a message we accept are dead-lettered at once with the reason in
   a header, and the consumer goes on with the next message; so is a message whose
   handler refuses it by raising ``MessageRejected`` (never redelivered).
@@ -38,6 +42,7 @@ from yarl import URL
 from schemas.base import Envelope
 from schemas.identity import source_allowed
 from schemas.messages import Message, MessageRejected, decode, encode
+from schemas.tasks import FIRST_DELAY_SECONDS, MAX_DELAY_SECONDS, TransientRetries
 from schemas.topology import (
     COMMANDS_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
@@ -54,14 +59,17 @@ from schemas.topology import (
     REPLIES_EXCHANGE,
     reply_queue,
 )
+from schemas.transient import Transient
 
 log = logging.getLogger(__name__)
 
 HeaderValue = str | int | bool | None
 PUBLISH_TIMEOUT_SECONDS = 10.0
+# How long ``close`` lets messages waiting for a retry go back to their queue.
+CLOSE_RETRIES_SECONDS = 1.0
 
 
-class PublishFailed(RuntimeError):
+class PublishFailed(Transient, RuntimeError):
     """The broker did not confirm a publish (nack, return, or timeout)."""
 
 
@@ -158,7 +166,18 @@ def amqp_message(
 class Transport:
     """One connection per process, a confirmed publishing channel, channels per consumer."""
 
-    def __init__(self, url: str, *, name: str, require_user_id: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str,
+        require_user_id: bool = True,
+        retry_first_seconds: float = FIRST_DELAY_SECONDS,
+        retry_max_seconds: float = MAX_DELAY_SECONDS,
+    ) -> None:
+        """``retry_first_seconds`` and ``retry_max_seconds``: the backoff between runs of
+        a handler that failed on a transient error (doubling from the first, with
+        jitter)."""
         self._url = url
         self._name = name
         # The user the broker authenticates (aio-pika's default when the URL names none).
@@ -171,11 +190,16 @@ class Transport:
         self._reply_queue: AbstractQueue | None = None
         self._pending: dict[uuid.UUID, asyncio.Future[Message]] = {}
         self._consumer_channels: list[AbstractChannel] = []
+        self._consumers: dict[str, AbstractChannel] = {}
+        self._retries = TransientRetries(
+            first_delay=retry_first_seconds, max_delay=retry_max_seconds
+        )
         self._refusal_hooks: dict[str, RefusalHook] = {}
 
     # Lifecycle.
 
     async def connect(self, *, timeout: float = 30.0) -> None:
+        self._retries.stopping.clear()
         self._connection = await aio_pika.connect_robust(
             self._url,
             client_properties={"connection_name": self._name},
@@ -185,6 +209,10 @@ class Transport:
         self._notice_exchange = None
 
     async def close(self) -> None:
+        """Close the connection. Messages waiting to run their handler again go back to
+        their queue first (within ``CLOSE_RETRIES_SECONDS``); any other unacked message
+        the broker requeues when the connection closes."""
+        await self._retries.stop(CLOSE_RETRIES_SECONDS)
         if self._connection is not None:
             await self._connection.close()
         for future in self._pending.values():
@@ -219,6 +247,22 @@ class Transport:
             and not self._connection.is_closed
             and self._connection.connected.is_set()
         )
+
+    def health_problem(self, *, stuck_after: float) -> str | None:
+        """What keeps this transport from doing its work, if anything (None: nothing): no
+        broker connection, a consumer's channel closed, or a message whose handler has
+        been failing on a transient error for more than ``stuck_after`` seconds."""
+        if not self.is_connected:
+            return "not connected to the broker"
+        for queue, channel in self._consumers.items():
+            if channel.is_closed:
+                return f"the channel consuming {queue} is closed"
+        return self._retries.problem(stuck_after=stuck_after)
+
+    @property
+    def retrying(self) -> int:
+        """How many delivered messages are waiting to run their handler again."""
+        return len(self._retries)
 
     # Topology: every declaration is idempotent, so each process declares what it uses.
 
@@ -439,6 +483,7 @@ class Transport:
             self._refusal_hooks[queue_name] = on_refused
         channel = await self.connection.channel()
         self._consumer_channels.append(channel)
+        self._consumers[queue_name] = channel
         await channel.set_qos(prefetch_count=prefetch)
         queue = await channel.get_queue(queue_name, ensure=True)
 
@@ -488,7 +533,12 @@ class Transport:
             user_id=incoming.user_id,
         )
         try:
-            await handler(delivery)
+            handled = await self._retries.run(
+                queue_name,
+                f"{message.TYPE} {message.id}",
+                lambda: handler(delivery),
+                go_on=lambda: _channel_open(incoming),
+            )
         except asyncio.CancelledError:
             await _settle(incoming.nack(requeue=True))
             raise
@@ -504,7 +554,12 @@ class Transport:
             )
             await _settle(incoming.nack(requeue=True))
             return
-        await _settle(incoming.ack())
+        if handled:
+            await _settle(incoming.ack())
+        else:
+            # Closing, or the channel is gone, while the handler was failing on a
+            # transient error: back to the queue now (or with the channel).
+            await _settle(incoming.nack(requeue=True))
 
     def _unverified_source(self, user_id: str | None, source: str) -> tuple[str, str] | None:
         """Why a message's envelope source is not to be believed (reason, detail), if so."""
@@ -627,6 +682,13 @@ async def _settle(action: Awaitable[None]) -> None:
         await action
     except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as error:
         log.warning("could not settle a delivery (it will be redelivered): %r", error)
+
+
+def _channel_open(incoming: AbstractIncomingMessage) -> bool:
+    try:
+        return not incoming.channel.is_closed
+    except aio_pika.exceptions.ChannelInvalidStateError:
+        return False
 
 
 def _parse_uuid(value: str | None) -> uuid.UUID:

@@ -3,6 +3,11 @@
 Order of a start: the database first (recover the instances and apply the restart rule
 even when the broker is down), then the broker (retried until it answers), then the
 outbox relay, the agent's timers and heartbeats, and last the command consumer.
+
+The relay and the heartbeats run under one :class:`schemas.tasks.Tasks`: a pass that
+fails is logged and run again after a backoff. The health file is touched only while
+both complete their passes, the broker connection is up and nothing has been failing
+on a transient error for long.
 Order of a stop: a bounded wait for the outbox to drain, then everything is cancelled,
 the connection closed and the database closed. Whatever is still unsent stays in the
 outbox and leaves at the next start.
@@ -13,12 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import aio_pika
 
 from schemas.health import report_health
 from schemas.outbox import OutboxRelay
+from schemas.tasks import Tasks
 from schemas.topology import sled_queue
 from schemas.transport import Transport
 from sled_agent.service import SledAgent
@@ -30,14 +37,50 @@ log = logging.getLogger(__name__)
 CONNECT_RETRY_SECONDS = 1.0
 DRAIN_SECONDS = 2.0
 HEALTH_SECONDS = 5.0
+# How much longer than ``heartbeat_seconds`` a heartbeat's pass may take (a publish may
+# wait 10 s for its confirm).
+HEARTBEAT_GRACE_SECONDS = 15.0
+# A command or a timed transition failing on a transient error for this long: the agent
+# cannot do its work.
+STUCK_SECONDS = 30.0
 
 
-async def serve(settings: SledSettings, shutdown: asyncio.Event) -> None:
-    """Run the sled agent until ``shutdown`` is set; raise if a part of it failed."""
+@dataclass
+class Sled:
+    """The parts of a sled agent, built from its settings; nothing connected yet."""
+
+    settings: SledSettings
+    store: SledStore
+    transport: Transport
+    relay: OutboxRelay
+    agent: SledAgent
+    tasks: Tasks
+
+
+def build(settings: SledSettings) -> Sled:
     store = SledStore(settings.database_path)
     transport = Transport(settings.amqp_url, name=f"sled-agent/{settings.sled_id}")
     relay = OutboxRelay(store, transport)
     agent = SledAgent(settings, store, transport, relay)
+    return Sled(settings, store, transport, relay, agent, Tasks())
+
+
+async def serve(settings: SledSettings, shutdown: asyncio.Event) -> None:
+    """Run the sled agent until ``shutdown`` is set; raise if a part of it failed."""
+    await run(build(settings), shutdown)
+
+
+async def run(sled: Sled, shutdown: asyncio.Event) -> None:
+    """Run ``sled`` (from :func:`build`) until ``shutdown`` is set; raise if a part of it
+    failed."""
+    settings, store, transport, relay, agent, tasks = (
+        sled.settings,
+        sled.store,
+        sled.transport,
+        sled.relay,
+        sled.agent,
+        sled.tasks,
+    )
     await store.open()
     try:
         await agent.recover()
@@ -46,17 +89,22 @@ async def serve(settings: SledSettings, shutdown: asyncio.Event) -> None:
         queue = sled_queue(settings.sled_id)
         await transport.ensure_topology(queue)
         workers = [
-            asyncio.create_task(relay.run(), name="outbox-relay"),
+            tasks.run("outbox-relay", relay.run_pass, window=relay.pass_window),
+            tasks.run(
+                "heartbeats",
+                agent.heartbeat,
+                window=settings.heartbeat_seconds + HEARTBEAT_GRACE_SECONDS,
+            ),
             asyncio.create_task(agent.run(), name="sled-agent"),
         ]
+        tasks.watch("broker", lambda: transport.health_problem(stuck_after=STUCK_SECONDS))
+        tasks.watch("timed work", lambda: agent.work_problem(stuck_after=STUCK_SECONDS))
         try:
             await transport.consume(queue, agent.handle)
             if settings.health_file is not None:
                 # Never ends by itself: it is cancelled with the other workers.
                 workers.append(
-                    asyncio.create_task(
-                        _report_health(settings.health_file, transport), name="health"
-                    )
+                    asyncio.create_task(_report_health(settings.health_file, tasks), name="health")
                 )
             log.info("sled %s serving on %s", settings.sled_id, queue)
             stop = asyncio.create_task(shutdown.wait(), name="shutdown")
@@ -65,7 +113,10 @@ async def serve(settings: SledSettings, shutdown: asyncio.Event) -> None:
             log.info("sled %s stopping", settings.sled_id)
             for worker in workers:
                 if worker.done():
-                    # A worker only ends by failing: let its exception end the process.
+                    # A worker only ends by failing (a supervised loop: by being
+                    # cancelled): let its exception end the process.
+                    if worker.cancelled():
+                        raise RuntimeError(f"{worker.get_name()} was cancelled")
                     worker.result()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(DRAIN_SECONDS):
@@ -95,6 +146,6 @@ async def _connect(transport: Transport, shutdown: asyncio.Event) -> bool:
     return False
 
 
-async def _report_health(path: Path, transport: Transport) -> None:
-    """``sled-agent health`` reads the age of ``path``; touched while the broker is up."""
-    await report_health(path, transport, HEALTH_SECONDS)
+async def _report_health(path: Path, tasks: Tasks) -> None:
+    """``sled-agent health`` reads the age of ``path``; touched while all is well."""
+    await report_health(path, tasks.problems, HEALTH_SECONDS)

@@ -86,13 +86,15 @@ def health(
         Path | None,
         typer.Option(
             envvar="SLED_HEALTH_FILE",
-            help="The file `sled-agent run` touches while connected to the broker.",
+            help="The file `sled-agent run` touches every few seconds while it is healthy.",
             show_default=False,
         ),
     ] = None,
 ) -> None:
-    """Exit 0 if this host's agent was connected to the broker recently (a health check).
+    """Exit 0 if this host's agent was healthy recently (a health check).
 
-    `sled-agent run` touches SLED_HEALTH_FILE every few seconds while connected.
+    `sled-agent run` touches SLED_HEALTH_FILE every few seconds while its outbox relay and its
+    heartbeats complete their passes, its broker connection is up and nothing has been
+    failing for long; its log says what is wrong otherwise.
     """
-    check_health("sled-agent", health_file, max_age, "SLED_HEALTH_FILE", "broker connection up")
+    check_health("sled-agent", health_file, max_age, "SLED_HEALTH_FILE", "all tasks well")

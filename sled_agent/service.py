@@ -8,6 +8,10 @@ is acked (by the transport, when :meth:`SledAgent.handle` returns) only after th
 One lock serializes all changes, so commands, timers and crashes never decide on a stale
 view. Deliveries reach the lock in the order the broker delivered them (asyncio's lock is
 first come, first served), which keeps commands for one instance in order.
+
+A timed transition or a random crash whose commit fails on a transient error (the
+database cannot be written: :func:`schemas.transient.is_transient`) is tried again in
+place with backoff; any other failure ends the agent rather than leaving it half alive.
 """
 
 from __future__ import annotations
@@ -40,8 +44,9 @@ from schemas.instance import (
 from schemas.messages import Message
 from schemas.outbox import OutgoingMessage
 from schemas.sled import Heartbeat, SledHeartbeat, SledInfo, SledRegistered
+from schemas.tasks import TransientRetries
 from schemas.topology import EVENTS_EXCHANGE, REPLIES_EXCHANGE, sled_queue
-from schemas.transport import Delivery, PublishFailed
+from schemas.transport import Delivery
 from sled_agent.hypervisor import Capacity, Cause, Change, Hypervisor, Rejected
 from sled_agent.settings import SledSettings
 from sled_agent.store import SledStore
@@ -121,6 +126,8 @@ class SledAgent:
         self._tasks: asyncio.TaskGroup | None = None
         self._started_at = utcnow()
         self._random = random.Random(settings.seed)
+        self._retries = TransientRetries()
+        self._beats = 0
 
     @property
     def hypervisor(self) -> Hypervisor:
@@ -154,10 +161,10 @@ class SledAgent:
         )
 
     async def run(self) -> None:
-        """Timed transitions, heartbeats and random crashes, until cancelled.
+        """Timed transitions and random crashes, until cancelled.
 
-        A failure in any of them (the database went away) ends the agent rather than
-        leaving it half alive.
+        A commit of theirs that fails on a transient error is tried again in place; any
+        other failure ends the agent rather than leaving it half alive.
         """
         async with asyncio.TaskGroup() as tasks:
             self._tasks = tasks
@@ -165,9 +172,10 @@ class SledAgent:
                 # Only ``creating`` survives a restart in a transitional state.
                 if vm.transitional:
                     self._schedule(vm.id, vm.generation, vm.state)
-            tasks.create_task(self._heartbeats())
             if self._settings.crash_rate_per_hour > 0:
                 tasks.create_task(self._random_crashes())
+            # Open until cancelled: timed transitions join the group as they are scheduled.
+            await asyncio.get_running_loop().create_future()
 
     # Commands.
 
@@ -246,6 +254,13 @@ class SledAgent:
         self, instance_id: uuid.UUID, generation: int, delay: float
     ) -> None:
         await asyncio.sleep(delay)
+        await self._retries.run(
+            "timed transitions",
+            f"the transition of instance {instance_id} from generation {generation}",
+            lambda: self._advance(instance_id, generation),
+        )
+
+    async def _advance(self, instance_id: uuid.UUID, generation: int) -> None:
         async with self._lock:
             change = self._hypervisor.advance(instance_id, generation)
             if change is not None:
@@ -257,36 +272,46 @@ class SledAgent:
         probability = 1 - math.exp(-rate_per_second * CRASH_TICK_SECONDS)
         while True:
             await asyncio.sleep(CRASH_TICK_SECONDS)
-            async with self._lock:
-                # Sorted, so that a seed replays the same crashes for the same instances.
-                running = sorted(self._hypervisor.running(), key=lambda vm: vm.id)
-                victims = [vm for vm in running if self._random.random() < probability]
-                await self._commit(
-                    [self._hypervisor.crash(vm.id, "crashed at random", Cause()) for vm in victims]
-                )
-
-    async def _heartbeats(self) -> None:
-        """Ephemeral: published directly; a beat lost in an outage is not worth keeping."""
-        sequence = 0
-        while True:
-            reserved = self._hypervisor.reserved()
-            beat = SledHeartbeat(
-                source=self._source,
-                payload=Heartbeat(
-                    sled_id=self._settings.sled_id,
-                    sequence=sequence,
-                    started_at=self._started_at,
-                    cpus_used=reserved.cpus,
-                    memory_used_bytes=reserved.memory_bytes,
-                    instances_running=len(self._hypervisor.running()),
-                ),
+            await self._retries.run(
+                "random crashes", "a draw of crashes", lambda: self._crash_at_random(probability)
             )
-            try:
-                await self._wire.publish_event(beat)
-            except PublishFailed as error:
-                log.warning("heartbeat %d not sent: %s", sequence, error)
-            sequence += 1
-            await asyncio.sleep(self._settings.heartbeat_seconds)
+
+    async def _crash_at_random(self, probability: float) -> None:
+        async with self._lock:
+            # Sorted, so that a seed replays the same crashes for the same instances.
+            running = sorted(self._hypervisor.running(), key=lambda vm: vm.id)
+            victims = [vm for vm in running if self._random.random() < probability]
+            await self._commit(
+                [self._hypervisor.crash(vm.id, "crashed at random", Cause()) for vm in victims]
+            )
+
+    def work_problem(self, *, stuck_after: float) -> str | None:
+        """None, or which timed work has been failing on a transient error for over
+        ``stuck_after`` seconds."""
+        return self._retries.problem(stuck_after=stuck_after)
+
+    async def heartbeat(self) -> None:
+        """One heartbeat, then the wait until the next: a pass of the app's heartbeat task.
+
+        Ephemeral: published directly, not through the outbox; a beat lost in an outage
+        is not worth keeping. One that cannot be sent raises ``PublishFailed``, and the
+        task runs the next pass after a backoff.
+        """
+        reserved = self._hypervisor.reserved()
+        beat = SledHeartbeat(
+            source=self._source,
+            payload=Heartbeat(
+                sled_id=self._settings.sled_id,
+                sequence=self._beats,
+                started_at=self._started_at,
+                cpus_used=reserved.cpus,
+                memory_used_bytes=reserved.memory_bytes,
+                instances_running=len(self._hypervisor.running()),
+            ),
+        )
+        self._beats += 1
+        await self._wire.publish_event(beat)
+        await asyncio.sleep(self._settings.heartbeat_seconds)
 
     # The one way a change happens.
 

@@ -40,7 +40,8 @@ class SledSettings(BaseSettings):
     log_level: LogLevel = "INFO"
     health_file: Path | None = Field(
         default=None,
-        description="touched every few seconds while the broker connection is up; "
+        description="touched every few seconds while the agent is healthy (its loops "
+        "complete their passes, its broker connection is up); "
         "`sled-agent health` (a container health check) reads its age",
     )
 

@@ -23,6 +23,7 @@ from nexus.db.migrate import upgrade_async
 from tests.harness.servers import (
     NotSupportedInMode,
     PostgresServer,
+    PrivatePostgresCluster,
     PrivateRabbitMQNode,
     RabbitMQServer,
     ServerUnavailable,
@@ -171,6 +172,22 @@ def restartable_rabbitmq(request: pytest.FixtureRequest) -> Iterator[RabbitMQSer
 def postgres_server(request: pytest.FixtureRequest) -> Iterator[PostgresServer]:
     """The session's PostgreSQL: from TEST_POSTGRES_URL, testcontainers or a private cluster."""
     yield from _serve(request, provide_postgres)
+
+
+@pytest.fixture(scope="module")
+def restartable_postgres(request: pytest.FixtureRequest) -> Iterator[PrivatePostgresCluster]:
+    """A private PostgreSQL cluster of the module's own, which its tests may stop (at
+    once, as a crash would: ``stop_immediately``) and start again on the same port and
+    data; never the session's server, which other tests share."""
+    try:
+        cluster = PrivatePostgresCluster()
+    except ServerUnavailable as exc:
+        pytest.fail(f"no private PostgreSQL cluster for the tests: {exc}", pytrace=False)
+    request.config.stash[_SERVERS_USED].append(f"{cluster.describe()}, restartable")
+    try:
+        yield cluster
+    finally:
+        cluster.close()
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Mapping
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
+from sqlalchemy.exc import OperationalError
 
 from schemas.base import Envelope
 from schemas.messages import MAX_BODY_BYTES, MESSAGE_TYPES, encode
@@ -17,6 +18,7 @@ from schemas.region import RegionFound, RegionGet, RegionInfo, RegionRef
 from schemas.topology import (
     COMMANDS_EXCHANGE,
     DEAD_LETTER_QUEUE,
+    DELIVERY_LIMIT,
     ORIGINAL_QUEUE_HEADER,
     REASON_HEADER,
 )
@@ -166,6 +168,62 @@ async def test_a_handler_that_keeps_failing_is_dead_lettered_past_the_limit(
     (dead,) = await dead_letters_from(rabbitmq_url, queue, 1)
     assert dead.message_id == str(poison.id)
     assert attempts.count(poison.id) > 1
+
+
+async def test_a_handler_failing_on_a_transient_error_is_never_dead_lettered(
+    transport: Transport, rabbitmq_url: str
+) -> None:
+    """More transient failures (the database is down) than the delivery limit (20): the
+    handler runs again in place on the one delivery, the message is acked once it
+    succeeds, and nothing of its queue reaches the dead-letter queue."""
+    queue = await private_queue(transport)
+    message = example("region.get.v1")
+    attempts: list[Delivery] = []
+    handled: asyncio.Queue[Delivery] = asyncio.Queue()
+
+    async def handler(delivery: Delivery) -> None:
+        attempts.append(delivery)
+        if len(attempts) <= DELIVERY_LIMIT + 5:
+            raise OperationalError("SELECT 1", {}, ConnectionRefusedError(111, "refused"))
+        await handled.put(delivery)
+
+    async with Transport(
+        rabbitmq_url, name="test-retrying", retry_first_seconds=0.005, retry_max_seconds=0.02
+    ) as consumer:
+        await consumer.consume(queue, handler)
+        await transport.send_command(message, queue)
+        delivery = await asyncio.wait_for(handled.get(), 20)
+        assert consumer.retrying == 0
+
+    assert delivery.message == message
+    assert len(attempts) == DELIVERY_LIMIT + 6
+    assert not any(attempt.redelivered for attempt in attempts), "one delivery, never requeued"
+    assert await queue_depth(rabbitmq_url, queue) == 0, "acked"
+    assert await dead_letters_in(rabbitmq_url, queue) == []
+
+
+async def queue_depth(rabbitmq_url: str, queue: str) -> int:
+    connection = await aio_pika.connect(rabbitmq_url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        count = declared.declaration_result.message_count
+        return int(count or 0)
+
+
+async def dead_letters_in(rabbitmq_url: str, queue: str) -> list[AbstractIncomingMessage]:
+    """Every message of the dead-letter queue that came from ``queue``, read without
+    taking any (they go back when the connection closes)."""
+    found: list[AbstractIncomingMessage] = []
+    connection = await aio_pika.connect(rabbitmq_url)
+    async with connection:
+        channel = await connection.channel()
+        dlq = await channel.get_queue(DEAD_LETTER_QUEUE)
+        while (incoming := await dlq.get(fail=False)) is not None:
+            headers = incoming.headers or {}
+            if headers.get(ORIGINAL_QUEUE_HEADER) == queue or _died_in(headers, queue):
+                found.append(incoming)
+    return found
 
 
 async def test_request_reply_and_timeout(transport: Transport, rabbitmq_url: str) -> None:

@@ -1,9 +1,9 @@
 """``nexus health``, ``crucible-agent health`` and ``sled-agent health``: container health
 checks on a file's age.
 
-The agents touch the file while their broker connection is up, Nexus after every good
-sweeper pass; the command passes while it is fresh and fails in one line when it is
-stale, missing or not configured.
+Each service touches the file while nothing is wrong with it (``schemas.tasks.Tasks``:
+its loops complete their passes, its broker connection is up); the command passes
+while it is fresh and fails in one line when it is stale, missing or not configured.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import asyncio
 import os
 import time
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
-from typing import Any, cast
+from types import ModuleType
+from typing import Any
 
 import pytest
 import typer
@@ -24,7 +24,7 @@ from crucible_agent import main as crucible_main
 from crucible_agent.settings import CrucibleSettings
 from nexus import main as nexus_main
 from nexus.settings import NexusSettings
-from schemas.transport import Transport
+from schemas.tasks import Tasks
 from sled_agent import app as sled_app
 from sled_agent import main as sled_main
 from sled_agent.settings import SledSettings
@@ -74,7 +74,7 @@ def test_missing_file_is_unhealthy(
     result = _invoke(app, env={env_name: str(tmp_path / "never-touched")})
     assert result.exit_code == 1
     assert result.output.strip() == (
-        f"{name}: unhealthy: {tmp_path / 'never-touched'} does not exist: not connected yet"
+        f"{name}: unhealthy: {tmp_path / 'never-touched'} does not exist: not healthy yet"
     )
 
 
@@ -117,24 +117,18 @@ def test_environment_variable_is_the_settings_field(
     assert env_name == f"{settings_class.model_config.get('env_prefix')}HEALTH_FILE"
 
 
-def _transport(*, connected: bool) -> Transport:
-    event = asyncio.Event()
-    if connected:
-        event.set()
-    fake = SimpleNamespace(is_connected=True, connection=SimpleNamespace(connected=event))
-    return cast(Transport, fake)
-
-
 @pytest.mark.parametrize("module", [crucible_app, sled_app], ids=AGENT_IDS)
-async def test_file_is_touched_only_while_connected(
+async def test_file_is_touched_only_while_the_agent_has_no_problem(
     module: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(module, "HEALTH_SECONDS", 0.01)
     up = tmp_path / "up" / "agent.health"
     down = tmp_path / "down" / "agent.health"
+    well, unwell = Tasks(), Tasks()
+    unwell.watch("broker", lambda: "not connected to the broker")
     tasks = [
-        asyncio.create_task(module._report_health(up, _transport(connected=True))),
-        asyncio.create_task(module._report_health(down, _transport(connected=False))),
+        asyncio.create_task(module._report_health(up, well)),
+        asyncio.create_task(module._report_health(down, unwell)),
     ]
     try:
         async with asyncio.timeout(5):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -12,11 +13,12 @@ from pathlib import Path
 from typing import Protocol
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from crucible_agent.delay import Fixed
 from crucible_agent.files import MANIFEST, RegionFiles
 from crucible_agent.service import Faults, RegionService, event_id
-from crucible_agent.store import AgentStore
+from crucible_agent.store import AgentStore, Cause, Transaction
 from schemas.base import Envelope
 from schemas.common import CommandRejected
 from schemas.messages import Message, decode
@@ -348,3 +350,61 @@ async def test_get_and_list_answer_from_the_records(
     assert (missing.payload.region_id, missing.payload.region) == (unknown, None)
     assert isinstance(listed, RegionListed)
     assert [region.id for region in listed.payload.regions] == [asked.id]
+
+
+def failing_cause(monkeypatch: pytest.MonkeyPatch, errors: list[Exception]) -> list[int]:
+    """The store's read of a region's cause, which only background work makes, fails with
+    each of ``errors`` in turn, then works; returns the count of calls."""
+    calls = [0]
+    real = Transaction.cause
+
+    async def cause(self: Transaction, region_id: uuid.UUID) -> Cause:
+        calls[0] += 1
+        if calls[0] <= len(errors):
+            raise errors[calls[0] - 1]
+        return await real(self, region_id)
+
+    monkeypatch.setattr(Transaction, "cause", cause)
+    return calls
+
+
+async def test_region_work_failing_on_a_transient_error_is_run_again_until_done(
+    agents: BuildAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk_io = OperationalError("SELECT", {}, sqlite3.OperationalError("disk I/O error"))
+    full = OperationalError("UPDATE", {}, sqlite3.OperationalError("database or disk is full"))
+    calls = failing_cause(monkeypatch, [disk_io, full, disk_io])
+    agent = await agents()
+    asked = region_spec()
+    await agent.service.handle(delivery(RegionEnsure(source=SOURCE, payload=asked)))
+    async with asyncio.timeout(10):
+        await settle(agent)
+
+    (region,) = await agent.store.regions()
+    assert (region.state, region.generation) == (RegionState.CREATED, 2)
+    assert calls[0] == 4
+    assert agent.service.work_problem(stuck_after=0) is None
+
+
+async def test_region_work_failing_on_its_own_error_stops_the_agent_and_is_resumed(
+    agents: BuildAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failing_cause(monkeypatch, [KeyError("a bug")])
+    agent = await agents()
+    asked = region_spec()
+    await agent.service.handle(delivery(RegionEnsure(source=SOURCE, payload=asked)))
+    with pytest.raises(RuntimeError, match="region work failed") as failed:
+        async with asyncio.timeout(10):
+            await agent.service.failed()
+    assert isinstance(failed.value.__cause__, KeyError)
+    (region,) = await agent.store.regions()
+    assert region.state == RegionState.REQUESTED, "the outcome was not recorded"
+    await agent.service.stop()
+    await agent.store.close()
+
+    restarted = await agents()
+    await restarted.service.resume()
+    async with asyncio.timeout(10):
+        await settle(restarted)
+    (region,) = await restarted.store.regions()
+    assert (region.state, region.generation) == (RegionState.CREATED, 2)

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.exc import OperationalError
 
 from schemas.base import Envelope
 from schemas.common import CommandRejected
@@ -150,3 +155,34 @@ async def test_a_restart_fails_live_instances_with_the_next_generation(tmp_path:
         events = [m for m in await outbox_messages(store) if isinstance(m, InstanceStateChanged)]
     assert [e.payload.instance.generation for e in events] == [1, 2, 3, 4]
     assert events[-1].payload.instance == vm.instance
+
+
+async def test_a_timed_transition_whose_commit_fails_transiently_is_made_once_it_can(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database fails under the agent's own timers (not a command, which the transport
+    retries): the transition is tried again in place, and the agent runs on."""
+    async with an_agent(settings_in(tmp_path)) as (agent, store, relay):
+        spec = InstanceSpec(id=uuid.uuid4(), name="web-1", ncpus=1, memory_bytes=1 << 30)
+        await agent.handle(delivery(InstanceEnsure(source=SOURCE, payload=spec)))
+        real_save = store.save
+        failures = [
+            OperationalError("UPDATE", {}, sqlite3.OperationalError("database or disk is full"))
+            for _ in range(3)
+        ]
+
+        async def save(*args: Any, **kwargs: Any) -> None:
+            if failures:
+                raise failures.pop()
+            await real_save(*args, **kwargs)
+
+        monkeypatch.setattr(store, "save", save)
+        await until(agent, relay, spec.id, InstanceState.RUNNING)
+        assert failures == []
+        assert agent.work_problem(stuck_after=0) is None
+        states = [
+            m.payload.instance.state
+            for m in await outbox_messages(store)
+            if isinstance(m, InstanceStateChanged)
+        ]
+    assert states == [InstanceState.CREATING, InstanceState.STARTING, InstanceState.RUNNING]

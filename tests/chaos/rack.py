@@ -35,8 +35,8 @@ from schemas.topology import (
     REASON_HEADER,
 )
 from schemas.transport import Transport
-from tests.chaos.machine import ChaosPostgres, SmallDisk
-from tests.harness.servers import RabbitMQServer
+from tests.chaos.machine import SmallDisk
+from tests.harness.servers import PrivatePostgresCluster, RabbitMQServer
 from tests.processes import Service, libfaketime
 
 READY_TIMEOUT = 90.0
@@ -75,7 +75,7 @@ class DeadLetter:
 @dataclass
 class Rack:
     server: RabbitMQServer
-    database: ChaosPostgres
+    database: PrivatePostgresCluster
     settings: RackSettings
     access: Access
     stack: StackPlan
@@ -169,7 +169,7 @@ class Rack:
         """``pg_ctl stop -m immediate``, then started again after ``down_seconds``; how
         long it accepted no connection."""
         began = time.monotonic()
-        await asyncio.to_thread(self.database.stop_immediate)
+        await asyncio.to_thread(self.database.stop_immediately)
         await asyncio.sleep(max(0.0, down_seconds - (time.monotonic() - began)))
         await asyncio.to_thread(self.database.start)
         return time.monotonic() - began
@@ -187,10 +187,14 @@ class Rack:
         for disk in self.disks.values():
             disk.mount()
 
+    @property
+    def logs_dir(self) -> Path:
+        return self.stack.health_files[0].parent / "logs"
+
     def unmount_disks(self) -> None:
         """After the agents stopped; their state databases are kept beside the logs."""
         for name, disk in self.disks.items():
-            disk.unmount(keep=self.stack.health_files[0].parent / "logs" / f"{name}-state")
+            disk.unmount(keep=self.logs_dir / f"{name}-state")
 
     async def fill_disk(self, name: str) -> int:
         return await asyncio.to_thread(self.disks[name].fill)
@@ -281,7 +285,7 @@ def _text(value: object) -> str:
 
 def build_rack(
     server: RabbitMQServer,
-    database: ChaosPostgres,
+    database: PrivatePostgresCluster,
     database_url: str,
     state_dir: Path,
     seed: int,

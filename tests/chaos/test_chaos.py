@@ -31,9 +31,10 @@ import asyncio
 import json
 import random
 import re
+import shutil
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,10 +44,10 @@ from nexus.db.migrate import upgrade_async
 from schemas import api
 from schemas.transport import Transport
 from tests.chaos.driver import FaultDriver, FaultPlan, describe, parse_forced
-from tests.chaos.machine import ChaosPostgres, MountFailed
+from tests.chaos.machine import MountFailed
 from tests.chaos.rack import Rack, RackSettings, build_rack, unprovision
 from tests.chaos.workload import ENDED, SOURCE, Api, Ledger, Unanswered, Workload
-from tests.harness.servers import RabbitMQServer, ServerUnavailable
+from tests.harness.servers import PrivatePostgresCluster, RabbitMQServer
 from tests.processes import BIN, libfaketime
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
@@ -91,34 +92,21 @@ class Verdict:
 
 
 @pytest.fixture
-def chaos_postgres(tmp_path: Path) -> Iterator[ChaosPostgres]:
-    """A PostgreSQL cluster of the rack's own, which the driver stops and kills (never
-    the session's server, which other tests share)."""
-    try:
-        cluster = ChaosPostgres()
-    except ServerUnavailable as exc:
-        pytest.fail(f"the chaos test needs a private PostgreSQL cluster: {exc}", pytrace=False)
-    try:
-        yield cluster
-    finally:
-        cluster.save_log(tmp_path / "rack" / "logs" / "postgres.log")
-        cluster.close()
-
-
-@pytest.fixture
 async def rack(
     restartable_rabbitmq: RabbitMQServer,
-    chaos_postgres: ChaosPostgres,
+    restartable_postgres: PrivatePostgresCluster,
     tmp_path: Path,
     chaos_seed: int,
 ) -> AsyncIterator[Rack]:
     # Checked before anything starts: a replica is started under libfaketime mid-run.
     libfaketime()
-    database_url = chaos_postgres.create_database()
+    # A cluster of the module's own, which the driver stops and kills (never the
+    # session's server, which other tests share).
+    database_url = restartable_postgres.create_database()
     await upgrade_async(database_url)
     built = build_rack(
         restartable_rabbitmq,
-        chaos_postgres,
+        restartable_postgres,
         database_url,
         tmp_path / "rack",
         chaos_seed,
@@ -135,6 +123,10 @@ async def rack(
     finally:
         await built.stop_all()
         built.unmount_disks()
+        if restartable_postgres.log_path.exists():
+            shutil.copyfile(restartable_postgres.log_path, built.logs_dir / "postgres.log")
+        if not restartable_postgres.running:
+            restartable_postgres.start()
         # The servers are started again even when the test failed while they were down.
         restartable_rabbitmq.start()
         unprovision(built)

@@ -99,7 +99,10 @@ async def rack(
     chaos_seed: int,
 ) -> AsyncIterator[Rack]:
     # Checked before anything starts: a replica is started under libfaketime mid-run.
-    libfaketime()
+    try:
+        libfaketime()
+    except RuntimeError as exc:
+        pytest.fail(f"the chaos test skews a replica's clock: {exc}", pytrace=False)
     # A cluster of the module's own, which the driver stops and kills (never the
     # session's server, which other tests share).
     database_url = restartable_postgres.create_database()

@@ -90,11 +90,15 @@ class NexusApp:
 
     async def start(self, *, consume: bool = True, background: bool = True) -> None:
         settings = self.settings
-        self.engine = create_engine(settings.database_url)
+        self.engine = create_engine(settings.database_url, timeouts=settings.postgres_timeouts())
         self.sessions = create_sessionmaker(self.engine)
         if isinstance(self.clock, DatabaseClock):
             await self.clock.measure(self.engine)
-        self.transport = Transport(settings.amqp_url, name=f"nexus/{settings.replica_id}")
+        self.transport = Transport(
+            settings.amqp_url,
+            name=f"nexus/{settings.replica_id}",
+            heartbeat=settings.amqp_heartbeat,
+        )
         await self.transport.connect()
         await self.transport.declare_topology()
 

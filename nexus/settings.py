@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from nexus.db.engine import PostgresTimeouts
 from schemas.base import MAX_SAFE_INTEGER
 from schemas.redact import redact_url
 
@@ -51,12 +52,48 @@ class NexusSettings(BaseSettings):
     # A region or instance state change more than this many generations ahead of the one
     # Nexus recorded for the object is dead-lettered (implausible_generation), not applied.
     max_generation_lead: int = Field(default=MAX_GENERATION_LEAD, gt=0, le=MAX_SAFE_INTEGER)
+    # A frozen replica (SIGSTOP, a paused VM) must hold nobody else up (RELIABILITY.md,
+    # "A frozen replica"). Unset, each is sized from the lease (``postgres_timeouts``,
+    # ``amqp_heartbeat``); 0 turns one off. The PostgreSQL ones are server-side limits on
+    # every connection of the replica: a wait for a row lock, a statement, and a
+    # transaction left idle, which the server ends (releasing its locks) well before the
+    # leases it was writing under expire.
+    db_lock_timeout_seconds: float | None = Field(default=None, ge=0)
+    db_statement_timeout_seconds: float | None = Field(default=None, ge=0)
+    db_idle_in_transaction_timeout_seconds: float | None = Field(default=None, ge=0)
+    # The AMQP heartbeat, whole seconds: RabbitMQ closes a connection 2 to 3 heartbeats
+    # after the last bytes it received, and gives the unacked messages of a frozen
+    # replica to the others.
+    amqp_heartbeat_seconds: int | None = Field(default=None, ge=0, le=65_534)
     log_level: LogLevel = "INFO"
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_case_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    def postgres_timeouts(self) -> PostgresTimeouts:
+        """The settings given, or: a lock wait and an idle transaction half the lease, at
+        most 1 s (what a frozen replica may cost the others), a statement the lease, at
+        most 5 s."""
+        half_lease = self.lease_seconds / 2
+        return PostgresTimeouts(
+            lock_seconds=_given_or(self.db_lock_timeout_seconds, min(1.0, half_lease)),
+            statement_seconds=_given_or(
+                self.db_statement_timeout_seconds, min(5.0, self.lease_seconds)
+            ),
+            idle_in_transaction_seconds=_given_or(
+                self.db_idle_in_transaction_timeout_seconds, min(1.0, half_lease)
+            ),
+        )
+
+    @property
+    def amqp_heartbeat(self) -> int:
+        """The setting given, or a third of the lease, at least 1 s: a frozen replica's
+        connection is then closed within the lease (within 3 s when the lease is shorter)."""
+        if self.amqp_heartbeat_seconds is not None:
+            return self.amqp_heartbeat_seconds
+        return max(1, int(self.lease_seconds // 3))
 
     def __repr_args__(self) -> Any:
         # repr() and str() end up in logs and tracebacks: never with a password.
@@ -65,3 +102,7 @@ class NexusSettings(BaseSettings):
                 yield name, redact_url(value)
             else:
                 yield name, value
+
+
+def _given_or(value: float | None, default: float) -> float:
+    return default if value is None else value

@@ -174,12 +174,16 @@ class Transport:
         require_user_id: bool = True,
         retry_first_seconds: float = FIRST_DELAY_SECONDS,
         retry_max_seconds: float = MAX_DELAY_SECONDS,
+        heartbeat: int | None = None,
     ) -> None:
         """``retry_first_seconds`` and ``retry_max_seconds``: the backoff between runs of
         a handler that failed on a transient error (doubling from the first, with
-        jitter)."""
+        jitter). ``heartbeat``: the AMQP heartbeat in seconds (0: none; None: the URL's,
+        else aio-pika's 60 s); the broker closes a connection it heard nothing on for 2
+        to 3 heartbeats and hands its unacked messages to other consumers."""
         self._url = url
         self._name = name
+        self._heartbeat = heartbeat
         # The user the broker authenticates (aio-pika's default when the URL names none).
         self.user = URL(url).user or "guest"
         self._require_user_id = require_user_id
@@ -204,6 +208,7 @@ class Transport:
             self._url,
             client_properties={"connection_name": self._name},
             timeout=timeout,
+            heartbeat=self._heartbeat,
         )
         self._publish_channel = await self._connection.channel(publisher_confirms=True)
         self._notice_exchange = None

@@ -1,10 +1,13 @@
-"""A Nexus replica that SIGKILLs itself inside a saga node, for the crash tests.
+"""A Nexus replica that SIGKILLs or SIGSTOPs itself inside a saga node, for the fault tests.
 
     python -m tests.crashing_nexus --crash-in-node NODE
+    python -m tests.crashing_nexus --freeze-in-node NODE
 
-The kill comes inside the node's transaction, before its action (``Faults.before_action``),
-in whichever saga reaches a node named NODE first. Otherwise it is ``nexus run``: the
-same NEXUS_* settings, start and stop.
+The signal comes inside the node's transaction, before its action
+(``Faults.before_action``), in whichever saga reaches a node named NODE first. A frozen
+replica stays stopped, its transaction open, until the test sends SIGCONT; then it goes
+on as if nothing happened, and freezes no more. Otherwise it is ``nexus run``: the same
+NEXUS_* settings, start and stop.
 """
 
 from __future__ import annotations
@@ -32,12 +35,32 @@ def crash_in(node: str) -> Faults:
     return Faults(before_action=crash)
 
 
+def freeze_in(node: str) -> Faults:
+    frozen = False
+
+    def freeze(saga: str, name: str) -> None:
+        nonlocal frozen
+        if name == node and not frozen:
+            frozen = True
+            log.warning("fault injection: SIGSTOP inside node %s of %s", name, saga)
+            os.kill(os.getpid(), signal.SIGSTOP)
+            log.warning("fault injection: continued inside node %s of %s", name, saga)
+
+    return Faults(before_action=freeze)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.crashing_nexus")
-    parser.add_argument("--crash-in-node", required=True, metavar="NODE")
+    fault = parser.add_mutually_exclusive_group(required=True)
+    fault.add_argument("--crash-in-node", metavar="NODE")
+    fault.add_argument("--freeze-in-node", metavar="NODE")
     arguments = parser.parse_args()
     settings = settings_from("nexus", NexusSettings, {})
-    run_replica(NexusApp(settings, faults=crash_in(arguments.crash_in_node)))
+    if arguments.crash_in_node is not None:
+        faults = crash_in(arguments.crash_in_node)
+    else:
+        faults = freeze_in(arguments.freeze_in_node)
+    run_replica(NexusApp(settings, faults=faults))
 
 
 if __name__ == "__main__":

@@ -93,11 +93,14 @@ def nexus(
     amqp_url: str,
     workdir: Path,
     crash_in_node: str | None = None,
+    freeze_in_node: str | None = None,
     clock_skew: str | None = None,
     **settings: str,
 ) -> Service:
     """A Nexus replica; with ``crash_in_node``, one that SIGKILLs itself in that node;
-    with ``clock_skew`` (``+30s``, ``-30s``), one whose clock is off by that much."""
+    with ``freeze_in_node``, one that SIGSTOPs itself there (the first time), until
+    SIGCONT; with ``clock_skew`` (``+30s``, ``-30s``), one whose clock is off by that
+    much."""
     argv = [str(BIN / "nexus"), "run"]
     env = {
         "NEXUS_REPLICA_ID": replica_id,
@@ -106,10 +109,11 @@ def nexus(
         "NEXUS_LOG_LEVEL": "INFO",
     }
     env |= {f"NEXUS_{key.upper()}": value for key, value in settings.items()}
-    if crash_in_node is not None:
-        argv = [sys.executable, "-m", "tests.crashing_nexus", "--crash-in-node", crash_in_node]
-        # The tests of this checkout, whichever one the venv was installed from.
-        env["PYTHONPATH"] = str(REPO)
+    for flag, node in (("--crash-in-node", crash_in_node), ("--freeze-in-node", freeze_in_node)):
+        if node is not None:
+            argv = [sys.executable, "-m", "tests.crashing_nexus", flag, node]
+            # The tests of this checkout, whichever one the venv was installed from.
+            env["PYTHONPATH"] = str(REPO)
     if clock_skew is not None:
         # Preloaded into the replica itself (the faketime wrapper would stand between the
         # test and the process, and hide how it died).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,37 @@ SQLITE_BUSY_TIMEOUT_MS = 5_000
 SQLITE_CONNECTION_WAIT_SECONDS = 30
 
 
+@dataclass(frozen=True)
+class PostgresTimeouts:
+    """Limits the PostgreSQL server keeps on each of a replica's connections; 0 is none.
+
+    A replica that stops running (SIGSTOP, a paused VM, a stuck disk) keeps its open
+    transaction, and with it its row locks, until it runs again; whoever needs those rows
+    waits. The server ends such a transaction after ``idle_in_transaction_seconds``
+    (closing the connection, which releases the locks), gives up a wait for a lock after
+    ``lock_seconds`` and a statement after ``statement_seconds``. ``NexusSettings``
+    sizes them from the lease (RELIABILITY.md, "A frozen replica").
+    """
+
+    lock_seconds: float
+    statement_seconds: float
+    idle_in_transaction_seconds: float
+
+    def server_settings(self) -> dict[str, str]:
+        """The session settings, in milliseconds, as asyncpg sends them at connect."""
+        return {
+            "lock_timeout": _milliseconds(self.lock_seconds),
+            "statement_timeout": _milliseconds(self.statement_seconds),
+            "idle_in_transaction_session_timeout": _milliseconds(self.idle_in_transaction_seconds),
+        }
+
+
 def create_engine(
-    url: str | URL, *, echo: bool = False, sqlite_foreign_keys: bool = True
+    url: str | URL,
+    *,
+    echo: bool = False,
+    sqlite_foreign_keys: bool = True,
+    timeouts: PostgresTimeouts | None = None,
 ) -> AsyncEngine:
     """An engine for ``url``: one serialised connection for SQLite, a pool otherwise.
 
@@ -33,6 +64,10 @@ def create_engine(
 
     ``sqlite_foreign_keys=False`` is for migrations only: SQLite rebuilds a table to
     alter it, which must not cascade or fail on the rows that reference it.
+
+    ``timeouts`` are set on every PostgreSQL connection of the pool (a replica's; not a
+    migration's, whose statements may rightly run long). SQLite, for one replica, has no
+    such settings: a writer there waits for the file's lock up to ``busy_timeout``.
     """
     parsed = with_async_driver(url)
     if parsed.get_backend_name() != "sqlite":
@@ -41,7 +76,12 @@ def create_engine(
         # No pre-ping: it costs three round trips per checkout, on every transaction of
         # every saga step. A connection that died (server restart) fails its statement
         # once, is dropped from the pool, and the saga step is retried from its lease.
-        return _create_async_engine(parsed, echo=echo, pool_size=10, max_overflow=20)
+        connect_args: dict[str, Any] = {}
+        if timeouts is not None:
+            connect_args["server_settings"] = timeouts.server_settings()
+        return _create_async_engine(
+            parsed, echo=echo, pool_size=10, max_overflow=20, connect_args=connect_args
+        )
 
     _create_parent_directory(parsed)
     engine = _create_async_engine(
@@ -84,6 +124,11 @@ def upsert_for(dialect: str, table: Any) -> Any:
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     # Objects stay readable after commit: a handler commits, then publishes from them.
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def _milliseconds(seconds: float) -> str:
+    # Rounded up: a small positive limit must not become 0, which means none.
+    return str(math.ceil(seconds * 1000))
 
 
 def _create_parent_directory(url: URL) -> None:

@@ -9,11 +9,21 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from nexus.db.engine import create_engine, with_async_driver
+from nexus.db.engine import PostgresTimeouts, create_engine, with_async_driver
 from nexus.settings import NexusSettings
 from schemas.redact import redact_url, redact_urls_in
 
-FIELDS = ("REPLICA_ID", "DATABASE_URL", "AMQP_URL", "LEASE_SECONDS", "LOG_LEVEL")
+FIELDS = (
+    "REPLICA_ID",
+    "DATABASE_URL",
+    "AMQP_URL",
+    "LEASE_SECONDS",
+    "LOG_LEVEL",
+    "DB_LOCK_TIMEOUT_SECONDS",
+    "DB_STATEMENT_TIMEOUT_SECONDS",
+    "DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS",
+    "AMQP_HEARTBEAT_SECONDS",
+)
 
 
 @pytest.fixture
@@ -48,8 +58,80 @@ def test_environment_overrides(clean_environment: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(
+    ("lease", "lock", "statement", "idle", "heartbeat"),
+    [
+        # The default lease: a frozen replica costs the others at most 1 s of database
+        # waits, and its broker connection is closed within the lease.
+        (15.0, 1.0, 5.0, 1.0, 5),
+        # The tests' and the chaos test's short lease.
+        (2.0, 1.0, 2.0, 1.0, 1),
+        # Shorter still: half the lease, and the least heartbeat AMQP has.
+        (1.0, 0.5, 1.0, 0.5, 1),
+    ],
+)
+def test_the_frozen_replica_limits_are_sized_from_the_lease(
+    clean_environment: pytest.MonkeyPatch,
+    lease: float,
+    lock: float,
+    statement: float,
+    idle: float,
+    heartbeat: int,
+) -> None:
+    settings = NexusSettings(lease_seconds=lease)
+    assert settings.postgres_timeouts() == PostgresTimeouts(
+        lock_seconds=lock, statement_seconds=statement, idle_in_transaction_seconds=idle
+    )
+    assert settings.amqp_heartbeat == heartbeat
+
+
+def test_the_frozen_replica_limits_can_be_set_or_turned_off(
+    clean_environment: pytest.MonkeyPatch,
+) -> None:
+    clean_environment.setenv("NEXUS_DB_LOCK_TIMEOUT_SECONDS", "0.25")
+    clean_environment.setenv("NEXUS_DB_STATEMENT_TIMEOUT_SECONDS", "0")
+    clean_environment.setenv("NEXUS_DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS", "3")
+    clean_environment.setenv("NEXUS_AMQP_HEARTBEAT_SECONDS", "0")
+    settings = NexusSettings()
+    timeouts = settings.postgres_timeouts()
+    assert timeouts == PostgresTimeouts(
+        lock_seconds=0.25, statement_seconds=0, idle_in_transaction_seconds=3
+    )
+    assert settings.amqp_heartbeat == 0
+    # PostgreSQL takes milliseconds; 0 is no limit, and a positive one never rounds to 0.
+    assert timeouts.server_settings() == {
+        "lock_timeout": "250",
+        "statement_timeout": "0",
+        "idle_in_transaction_session_timeout": "3000",
+    }
+    assert PostgresTimeouts(0.0001, 0.0001, 0.0001).server_settings() == dict.fromkeys(
+        ("lock_timeout", "statement_timeout", "idle_in_transaction_session_timeout"), "1"
+    )
+
+
+async def test_sqlite_takes_no_postgres_timeouts(tmp_path: Path) -> None:
+    engine = create_engine(
+        f"sqlite+aiosqlite:///{tmp_path / 'nexus.sqlite3'}",
+        timeouts=NexusSettings(lease_seconds=2).postgres_timeouts(),
+    )
+    try:
+        async with engine.connect() as connection:
+            assert (await connection.exec_driver_sql("SELECT 1")).scalar_one() == 1
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize(
     ("field", "value"),
-    [("LEASE_SECONDS", "0"), ("LOG_LEVEL", "LOUD"), ("REGION_DEADLINE_SECONDS", "0")],
+    [
+        ("LEASE_SECONDS", "0"),
+        ("LOG_LEVEL", "LOUD"),
+        ("REGION_DEADLINE_SECONDS", "0"),
+        ("DB_LOCK_TIMEOUT_SECONDS", "-1"),
+        ("DB_STATEMENT_TIMEOUT_SECONDS", "-1"),
+        ("DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS", "-1"),
+        ("AMQP_HEARTBEAT_SECONDS", "-1"),
+        ("AMQP_HEARTBEAT_SECONDS", "1.5"),
+    ],
 )
 def test_invalid_values_are_refused(
     clean_environment: pytest.MonkeyPatch, field: str, value: str

@@ -14,8 +14,11 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError, ConnectionError, TimeoutError)
 
 # PostgreSQL's deadlock_detected and serialization_failure: the transaction lost a race
-# with another one and may simply run again.
-_CONTENTION_SQLSTATES = frozenset({"40P01", "40001"})
+# with another one and may simply run again. Likewise lock_not_available and
+# query_canceled, which lock_timeout and statement_timeout raise (nexus.db.engine): the
+# transaction waited too long for another one, often a frozen replica's, which the
+# server ends after idle_in_transaction_session_timeout.
+_CONTENTION_SQLSTATES = frozenset({"40P01", "40001", "55P03", "57014"})
 
 
 class LeaseLost(Exception):
@@ -28,6 +31,15 @@ class Unrecoverable(Exception):
 
 class Contended(Exception):
     """A step's transaction lost a race with another (deadlock, serialization): retry it."""
+
+
+def lost_connection(error: BaseException) -> bool:
+    """The database is down or closed this connection (a restart; the timeout that ends
+    the transaction of a replica that was frozen): the step rolled back, not the node's
+    fault."""
+    if isinstance(error, INFRASTRUCTURE_ERRORS):
+        return True
+    return isinstance(error, DBAPIError) and bool(error.connection_invalidated)
 
 
 def contention(error: BaseException) -> bool:
@@ -44,11 +56,9 @@ def raise_unless_the_node_failed(error: Exception, node: str | None) -> None:
     A lost race becomes :class:`Contended` (the step is run again); a lost lease, an
     unrunnable record and a database that is down propagate as they are.
     """
-    if isinstance(error, (LeaseLost, Unrecoverable, *INFRASTRUCTURE_ERRORS)):
+    if isinstance(error, (LeaseLost, Unrecoverable)) or lost_connection(error):
         raise error
     if contention(error):
         raise Contended(str(node)) from error
-    if isinstance(error, DBAPIError) and error.connection_invalidated:
-        raise error
     if node is None:
         raise error

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from nexus.saga.clock import Clock, SystemClock
 from nexus.saga.deadlines import Deadlines
 from nexus.saga.definition import SagaDefinition
-from nexus.saga.errors import INFRASTRUCTURE_ERRORS, Contended, LeaseLost, Unrecoverable
+from nexus.saga.errors import Contended, LeaseLost, Unrecoverable, lost_connection
 from nexus.saga.faults import Faults
 from nexus.saga.notices import Listener, Notices
 from nexus.saga.outbox import Outbox
@@ -145,7 +145,9 @@ class SagaExecutor:
                 saga_id,
                 extra={"saga_id": str(saga_id)},
             )
-        except INFRASTRUCTURE_ERRORS as error:
+        except Exception as error:
+            if not lost_connection(error):
+                raise
             # The lease expires and another replica (or this one) adopts the saga.
             log.error(
                 "saga %s paused by a database error: %r",

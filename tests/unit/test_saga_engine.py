@@ -343,12 +343,19 @@ async def test_parked_waits_hold_no_lease_and_show_their_deadline(database: Data
     assert row.deadline == clock.now() + timedelta(seconds=45)
 
 
-class _Deadlock(Exception):
-    sqlstate = "40P01"
+class _Contended(Exception):
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(f"sqlstate {sqlstate}")
+        self.sqlstate = sqlstate
 
 
-async def test_a_step_that_loses_a_database_race_runs_again(database: Database) -> None:
-    """A deadlock or serialization failure is not the node failing: the step reruns."""
+# Deadlock, serialization failure, lock_timeout, statement_timeout.
+@pytest.mark.parametrize("sqlstate", ["40P01", "40001", "55P03", "57014"])
+async def test_a_step_that_loses_a_database_race_runs_again(
+    database: Database, sqlstate: str
+) -> None:
+    """A deadlock, a serialization failure, or a wait for a lock or a statement that took
+    too long is not the node failing: the step reruns."""
     attempts: list[int] = []
 
     class Nothing(BaseModel):
@@ -357,7 +364,7 @@ async def test_a_step_that_loses_a_database_race_runs_again(database: Database) 
     async def racy(ctx: Ctx[Nothing]) -> None:
         attempts.append(1)
         if len(attempts) < 3:
-            raise DBAPIError("UPDATE datasets ...", {}, _Deadlock("deadlock detected"))
+            raise DBAPIError("UPDATE datasets ...", {}, _Contended(sqlstate))
 
     definition = SagaDefinition(
         name="test_racy", version=1, params=Nothing, stages=sequence(Node("racy", racy))
@@ -372,3 +379,32 @@ async def test_a_step_that_loses_a_database_race_runs_again(database: Database) 
         SagaLogEvent.STARTED,
         SagaLogEvent.SUCCEEDED,
     ]
+
+
+async def test_a_connection_the_server_closed_pauses_the_saga_and_fails_no_node(
+    database: Database,
+) -> None:
+    """A connection the database closed (a restart; the idle-in-transaction timeout that
+    ended the transaction of a replica that was frozen) rolls the step back: no node
+    failed, and the saga waits for its lease to expire, to be adopted."""
+
+    class Nothing(BaseModel):
+        pass
+
+    async def cut(ctx: Ctx[Nothing]) -> None:
+        raise DBAPIError(
+            "UPDATE datasets ...",
+            {},
+            ConnectionResetError("terminating connection due to idle-in-transaction timeout"),
+            connection_invalidated=True,
+        )
+
+    definition = SagaDefinition(
+        name="test_cut", version=1, params=Nothing, stages=sequence(Node("cut", cut))
+    )
+    a = Replica(database, "a", clock=ManualClock(), definitions=[definition])
+    saga_id = await a.executor.start(definition, Nothing())
+
+    saga = await database.saga(saga_id)
+    assert saga.state == SagaState.RUNNING and saga.lease_owner == "a"
+    assert await database.log(saga_id) == []

@@ -59,6 +59,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="seed of the chaos test, to replay a run (default: a new one, printed)",
     )
+    parser.addoption(
+        "--chaos-faults",
+        default="all",
+        help="the chaos test's faults beside its SIGKILLs, each done at least once: all "
+        "(default), none, or a comma-separated list of rabbitmq-restart, postgres-stop, "
+        "postgres-kill, sigstop, clock-skew, disk-full",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -73,6 +80,11 @@ def race_trials(request: pytest.FixtureRequest) -> int:
 @pytest.fixture(scope="session")
 def chaos_operations(request: pytest.FixtureRequest) -> int:
     return int(request.config.getoption("--chaos-operations"))
+
+
+@pytest.fixture(scope="session")
+def chaos_faults(request: pytest.FixtureRequest) -> str:
+    return str(request.config.getoption("--chaos-faults"))
 
 
 @pytest.fixture

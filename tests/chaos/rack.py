@@ -3,13 +3,18 @@
 The same processes as ``nexusctl dev run-all`` (``nexus.devstack.stack.plan``: 2 Nexus, 3
 crucible agents on distinct sleds, 2 sled agents) on PostgreSQL, each with its own
 least-privilege broker user in a vhost of its own, provisioned by an administrator
-before anything starts (``nexus.devstack.access``), as in production. Processes are
-SIGKILLed and started again; the RabbitMQ node is stopped and started keeping its data.
+before anything starts (``nexus.devstack.access``), as in production, on a PostgreSQL
+cluster of the rack's own. Processes are SIGKILLed and started again, a replica is
+frozen (SIGSTOP) and continued, or started again with its clock skewed (libfaketime);
+the RabbitMQ node is stopped and started keeping its data; PostgreSQL is stopped
+(immediate) or SIGKILLed and started again; a crucible agent's data directory, a small
+tmpfs, is filled and emptied.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 import uuid
@@ -30,8 +35,9 @@ from schemas.topology import (
     REASON_HEADER,
 )
 from schemas.transport import Transport
-from tests.harness.servers import RabbitMQServer
-from tests.processes import Service
+from tests.chaos.machine import SmallDisk
+from tests.harness.servers import PrivatePostgresCluster, RabbitMQServer
+from tests.processes import Service, libfaketime
 
 READY_TIMEOUT = 90.0
 
@@ -42,6 +48,12 @@ class RackSettings:
     sweep_seconds: float = 0.2
     # Regions take a little while, so sagas really park and are woken by events.
     create_delay: str = "uniform:0.05,0.6"
+    # Short, so that a PostgreSQL outage longer than it fits in a run: regions are
+    # asked for (the reconcile) once their deadline passed without a notification.
+    region_deadline_seconds: float = 5.0
+    # Each crucible agent's data directory is a tmpfs of this size, which the driver
+    # fills; room for the state database and the (sparse) regions of a long run.
+    agent_disk_bytes: int = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -63,10 +75,19 @@ class DeadLetter:
 @dataclass
 class Rack:
     server: RabbitMQServer
+    database: PrivatePostgresCluster
+    settings: RackSettings
     access: Access
     stack: StackPlan
     services: dict[str, Service]
+    # The crucible agents' data directories, by service name.
+    disks: dict[str, SmallDisk]
     unexpected_exits: list[str] = field(default_factory=list)
+    # Replicas whose clock is skewed (a libfaketime FAKETIME offset such as "+30s"): a
+    # machine's clock stays wrong across restarts of the process, so every start of
+    # the replica gets it.
+    skews: dict[str, str] = field(default_factory=dict)
+    frozen: set[str] = field(default_factory=set)
 
     @property
     def operator_url(self) -> str:
@@ -91,17 +112,25 @@ class Rack:
             return self.nexus_names
         return [name for name in self.agent_names if name.startswith(f"{kind}-")]
 
+    def start(self, name: str) -> None:
+        skew = self.skews.get(name)
+        extra = {"LD_PRELOAD": libfaketime(), "FAKETIME": skew} if skew else None
+        self.services[name].start(extra_env=extra)
+
     def start_all(self) -> None:
-        for service in self.services.values():
+        for name, service in self.services.items():
             if not service.running:
-                service.start()
+                self.start(name)
 
     def note_exits(self) -> None:
         """Record processes that exited although nobody killed them: each is a finding."""
         for name, service in self.services.items():
             if service.process is not None and not service.running:
                 code = service.process.returncode
-                self.unexpected_exits.append(f"{name} exited by itself with status {code}")
+                why = last_error(service.log_text())
+                self.unexpected_exits.append(
+                    f"{name} exited by itself with status {code}" + (f": {why}" if why else "")
+                )
                 service.exits.append(code)
                 service.process = None
 
@@ -113,9 +142,65 @@ class Rack:
         service.process = None
 
     def restart(self, name: str) -> None:
-        service = self.services[name]
-        if not service.running:
-            service.start()
+        if not self.services[name].running:
+            self.start(name)
+
+    async def restart_skewed(self, name: str, skew: str) -> None:
+        """SIGKILL a replica and start it with its clock off by ``skew`` (``+30s``)."""
+        self.skews[name] = skew
+        await self.kill(name)
+        self.start(name)
+
+    async def freeze(self, name: str, seconds: float) -> None:
+        """SIGSTOP the process for ``seconds``, then SIGCONT it (always, even if the test
+        is cancelled meanwhile)."""
+        process = self.services[name].process
+        assert process is not None and process.poll() is None, f"{name} is not running"
+        process.send_signal(signal.SIGSTOP)
+        self.frozen.add(name)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self.frozen.discard(name)
+            if process.poll() is None:
+                process.send_signal(signal.SIGCONT)
+
+    async def stop_postgres(self, down_seconds: float) -> float:
+        """``pg_ctl stop -m immediate``, then started again after ``down_seconds``; how
+        long it accepted no connection."""
+        began = time.monotonic()
+        await asyncio.to_thread(self.database.stop_immediately)
+        await asyncio.sleep(max(0.0, down_seconds - (time.monotonic() - began)))
+        await asyncio.to_thread(self.database.start)
+        return time.monotonic() - began
+
+    async def kill_postgres(self, down_seconds: float) -> tuple[float, str]:
+        """SIGKILL the postmaster, then start PostgreSQL again (crash recovery) after
+        ``down_seconds``; how long it was down, and what was killed."""
+        began = time.monotonic()
+        killed = await asyncio.to_thread(self.database.kill)
+        await asyncio.sleep(max(0.0, down_seconds - (time.monotonic() - began)))
+        await asyncio.to_thread(self.database.start)
+        return time.monotonic() - began, killed
+
+    def mount_disks(self) -> None:
+        for disk in self.disks.values():
+            disk.mount()
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.stack.health_files[0].parent / "logs"
+
+    def unmount_disks(self) -> None:
+        """After the agents stopped; their state databases are kept beside the logs."""
+        for name, disk in self.disks.items():
+            disk.unmount(keep=self.logs_dir / f"{name}-state")
+
+    async def fill_disk(self, name: str) -> int:
+        return await asyncio.to_thread(self.disks[name].fill)
+
+    async def empty_disk(self, name: str) -> None:
+        await asyncio.to_thread(self.disks[name].empty)
 
     async def restart_rabbitmq(self, down_seconds: float) -> None:
         # rabbitmqctl stop and the node's start block for seconds: off the event loop, so
@@ -141,6 +226,10 @@ class Rack:
                 await asyncio.sleep(0.1)
 
     async def stop_all(self) -> None:
+        for name in list(self.frozen):
+            process = self.services[name].process
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGCONT)
         await asyncio.gather(*(service.stop() for service in self.services.values()))
 
     async def dead_letters(self) -> list[DeadLetter]:
@@ -176,6 +265,18 @@ class Rack:
         return Counter({name: len(s.exits) for name, s in self.services.items()})
 
 
+def last_error(log: str) -> str | None:
+    """The message of the last error a service logged (its logs are JSON lines)."""
+    for line in reversed(log.splitlines()[-200:]):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("level") in ("error", "critical"):
+            return str(entry.get("msg", ""))[:300]
+    return None
+
+
 def _text(value: object) -> str:
     if isinstance(value, bytes):
         return value.decode(errors="replace")
@@ -183,9 +284,15 @@ def _text(value: object) -> str:
 
 
 def build_rack(
-    server: RabbitMQServer, database_url: str, state_dir: Path, seed: int, settings: RackSettings
+    server: RabbitMQServer,
+    database: PrivatePostgresCluster,
+    database_url: str,
+    state_dir: Path,
+    seed: int,
+    settings: RackSettings,
 ) -> Rack:
-    """Provision the vhost and users, and plan every process (nothing starts yet)."""
+    """Provision the vhost and users, and plan every process (nothing starts or is
+    mounted yet)."""
     vhost = f"chaos-{uuid.uuid4().hex[:10]}"
     config = StackConfig(
         state_dir=state_dir,
@@ -199,11 +306,13 @@ def build_rack(
     server.rabbitmqctl("set_permissions", "-p", vhost, _operator(server), ".*", ".*", ".*")
 
     services: dict[str, Service] = {}
+    disks: dict[str, SmallDisk] = {}
     for spec in stack.nexus:
         env = dict(spec.env) | {
             "NEXUS_AMQP_URL": access.url(server.url, NEXUS_USER),
             "NEXUS_LEASE_SECONDS": str(settings.lease_seconds),
             "NEXUS_SWEEP_SECONDS": str(settings.sweep_seconds),
+            "NEXUS_REGION_DEADLINE_SECONDS": str(settings.region_deadline_seconds),
         }
         services[spec.name] = _service(spec.name, list(spec.argv), env, spec.log_path)
     crucible_urls = {
@@ -216,10 +325,19 @@ def build_rack(
             env["CRUCIBLE_AMQP_URL"] = crucible_urls[env["CRUCIBLE_AGENT_ID"]]
             # Each agent draws its create delays from its own stream of the run's seed.
             env["CRUCIBLE_SEED"] = str(seed * 100 + number)
+            disks[spec.name] = SmallDisk(Path(env["CRUCIBLE_DATA_DIR"]), settings.agent_disk_bytes)
         else:
             env["SLED_AMQP_URL"] = sled_urls[env["SLED_SLED_ID"]]
         services[spec.name] = _service(spec.name, list(spec.argv), env, spec.log_path)
-    return Rack(server=server, access=access, stack=stack, services=services)
+    return Rack(
+        server=server,
+        database=database,
+        settings=settings,
+        access=access,
+        stack=stack,
+        services=services,
+        disks=disks,
+    )
 
 
 def _service(name: str, argv: list[str], env: dict[str, str], log_path: Path) -> Service:

@@ -1,16 +1,24 @@
-"""Chaos: the real rack keeps its books while its processes are SIGKILLed at random and
-RabbitMQ restarts once.
+"""Chaos: the real rack keeps its books while its processes are SIGKILLed at random,
+RabbitMQ restarts, PostgreSQL is stopped and killed, a replica is frozen past its lease
+or runs with its clock 30 s off, and a crucible agent's disk fills up.
 
-On PostgreSQL, 2 Nexus replicas (2 s leases, 0.2 s sweeps, so adoption is quick), 3
-crucible agents and 2 sled agents, each a real process with its own broker user: disk
-creates (some deleted again) and instance lifecycles (create with a disk attached, stop,
-start, reboot, delete, then the disk deleted) run while a driver kills and restarts
-services. Then the faults stop, every saga must end, and the books must balance:
+On a PostgreSQL cluster of its own, 2 Nexus replicas (2 s leases, 0.2 s sweeps, so
+adoption is quick; 5 s region deadlines, so a database outage outlasts one), 3 crucible
+agents (each on a small tmpfs) and 2 sled agents, each a real process with its own broker
+user: disk creates (some deleted again) and instance lifecycles (create with a disk
+attached, stop, start, reboot, delete, then the disk deleted) run while a driver
+(``tests/chaos/driver.py``) does its faults. Then the faults stop, every saga must end,
+and the books must balance:
 
 - every disk and instance is in a terminal state, and ``doctor`` finds Nexus's records
   and the agents' in agreement (no orphan region, no missing one, no instance astray);
-- no saga is ``stuck`` without a recorded error;
+- no saga is ``stuck`` without a recorded error, none unwound on Nexus's own exception,
+  and none unwound for want of space unless an agent's disk was full meanwhile;
+- no request was answered with Nexus's own error (a database that is down makes a
+  request wait; it is not the operator's problem);
+- a disk create after the faults succeeds (the rack recovered);
 - the dead-letter queue holds nothing (every producer here is a valid one);
+- no process exited by itself;
 - operations lost: 0.
 
 Loopback only, bounded in count (``--chaos-operations``, 36 disk creates by default;
@@ -23,6 +31,7 @@ import asyncio
 import json
 import random
 import re
+import shutil
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -34,19 +43,12 @@ import pytest
 from nexus.db.migrate import upgrade_async
 from schemas import api
 from schemas.transport import Transport
+from tests.chaos.driver import FaultDriver, FaultPlan, describe, parse_forced
+from tests.chaos.machine import MountFailed
 from tests.chaos.rack import Rack, RackSettings, build_rack, unprovision
-from tests.chaos.workload import (
-    ENDED,
-    SOURCE,
-    Api,
-    FaultDriver,
-    FaultPlan,
-    Ledger,
-    Unanswered,
-    Workload,
-)
-from tests.harness.servers import RabbitMQServer
-from tests.processes import BIN
+from tests.chaos.workload import ENDED, SOURCE, Api, Ledger, Unanswered, Workload
+from tests.harness.servers import PrivatePostgresCluster, RabbitMQServer
+from tests.processes import BIN, libfaketime
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 
@@ -55,6 +57,13 @@ TERMINAL_INSTANCE = frozenset({"running", "stopped", "failed"})
 SETTLE_SECONDS = 150.0
 # "node: DBAPIError('...')": a saga's error that is an exception's repr, not a node's refusal.
 INTERNAL_ERROR = re.compile(r"^(\w+: )?[A-Za-z_.]*(Error|Exception)\(")
+# A region (or its agent) out of space: how a disk create that landed on the full agent
+# may rightly end, undone. Matched loosely: the agent's words are its own.
+OUT_OF_SPACE = re.compile(
+    r"out of space|no space|disk is full|ENOSPC|database or disk is full", re.I
+)
+# After a disk was emptied, how long work that was on its way may still find it full.
+FULL_AFTERMATH_SECONDS = 10.0
 # One instance lifecycle per this many disk creates, each with this many power actions.
 DISKS_PER_INSTANCE = 8
 ACTIONS_PER_INSTANCE = 4
@@ -74,7 +83,9 @@ class Verdict:
     # Sagas that did not finish as asked, and why: legitimate outcomes under faults,
     # listed so that a run shows what the faults did.
     unwound: list[str] = field(default_factory=list)
+    unwound_by_cause: Counter[str] = field(default_factory=Counter)
     internal_unwinds: list[str] = field(default_factory=list)
+    internal_answers: list[str] = field(default_factory=list)
 
     def lose(self, what: str, why: str) -> None:
         self.lost.setdefault(what, why)
@@ -83,32 +94,59 @@ class Verdict:
 @pytest.fixture
 async def rack(
     restartable_rabbitmq: RabbitMQServer,
-    fresh_postgres_url: str,
+    restartable_postgres: PrivatePostgresCluster,
     tmp_path: Path,
     chaos_seed: int,
 ) -> AsyncIterator[Rack]:
-    await upgrade_async(fresh_postgres_url)
+    # Checked before anything starts: a replica is started under libfaketime mid-run.
+    try:
+        libfaketime()
+    except RuntimeError as exc:
+        pytest.fail(f"the chaos test skews a replica's clock: {exc}", pytrace=False)
+    # A cluster of the module's own, which the driver stops and kills (never the
+    # session's server, which other tests share).
+    database_url = restartable_postgres.create_database()
+    await upgrade_async(database_url)
     built = build_rack(
-        restartable_rabbitmq, fresh_postgres_url, tmp_path / "rack", chaos_seed, RackSettings()
+        restartable_rabbitmq,
+        restartable_postgres,
+        database_url,
+        tmp_path / "rack",
+        chaos_seed,
+        RackSettings(),
     )
     try:
+        try:
+            built.mount_disks()
+        except MountFailed as exc:
+            pytest.fail(str(exc), pytrace=False)
         built.start_all()
         await built.wait_until_ready()
         yield built
     finally:
         await built.stop_all()
-        # The node is started again even when the test failed while it was down.
+        built.unmount_disks()
+        if restartable_postgres.log_path.exists():
+            shutil.copyfile(restartable_postgres.log_path, built.logs_dir / "postgres.log")
+        if not restartable_postgres.running:
+            restartable_postgres.start()
+        # The servers are started again even when the test failed while they were down.
         restartable_rabbitmq.start()
         unprovision(built)
 
 
-async def test_the_books_balance_after_random_kills_and_a_broker_restart(
-    rack: Rack, chaos_seed: int, chaos_operations: int, capsys: pytest.CaptureFixture[str]
+async def test_the_books_balance_under_faults(
+    rack: Rack,
+    chaos_seed: int,
+    chaos_operations: int,
+    chaos_faults: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    plan = FaultPlan(forced=parse_forced(chaos_faults))
     with capsys.disabled():
         print(
-            f"\nchaos seed {chaos_seed} ({chaos_operations} disk creates); state in "
-            f"{rack.stack.health_files[0].parent}"
+            f"\nchaos seed {chaos_seed} ({chaos_operations} disk creates; forced faults: "
+            f"{describe(plan.forced)}); state in {rack.stack.health_files[0].parent}"
         )
     rng = random.Random(chaos_seed)
     ledger = Ledger()
@@ -116,14 +154,15 @@ async def test_the_books_balance_after_random_kills_and_a_broker_restart(
     started = time.monotonic()
     async with Transport(rack.cli_url, name="chaos-operator") as transport:
         client = Api(transport, ledger)
-        workload = Workload(client, ledger, random.Random(rng.random()))
+        workload_rng, driver_rng = random.Random(rng.random()), random.Random(rng.random())
         driver = FaultDriver(
             rack,
             ledger,
-            random.Random(rng.random()),
-            FaultPlan(),
+            driver_rng,
+            plan,
             progress=lambda: workload.disks_submitted / chaos_operations,
         )
+        workload = Workload(client, ledger, workload_rng, gate=driver.gate)
         stop_faults = asyncio.Event()
         faults = asyncio.create_task(driver.run(stop_faults))
         try:
@@ -136,16 +175,33 @@ async def test_the_books_balance_after_random_kills_and_a_broker_restart(
             await faults
         await driver.finish()
         chaos_seconds = time.monotonic() - started
+        # Once every fault has ended, the rack takes new work again.
+        probe = await workload.create_disk("after-the-faults")
         verdict = await settle_and_check(rack, client, ledger)
+    # A process that died while the books were checked counts too.
+    rack.note_exits()
     duration = time.monotonic() - started
+    if probe.final != "done":
+        verdict.problems.append(f"a disk create after the faults ended {probe.final}")
 
     report = figures(ledger, verdict, chaos_seed, chaos_operations, chaos_seconds, duration)
-    (rack.stack.health_files[0].parent / "chaos-report.json").write_text(
-        json.dumps(report, indent=2)
+    report |= {
+        "faults_forced": sorted(fault.value for fault in plan.forced),
+        "region_deadline_seconds": rack.settings.region_deadline_seconds,
+        "lease_seconds": rack.settings.lease_seconds,
+        "postgres_outages_seconds": [round(outage, 1) for outage in driver.postgres_outages],
+        "disk_full_seconds": [round(end - begin, 1) for _, begin, end in ledger.full_windows],
+    }
+    state_dir = rack.stack.health_files[0].parent
+    (state_dir / "chaos-report.json").write_text(
+        json.dumps(report | {"fault_log": ledger.fault_log}, indent=2)
     )
+    rendered = render(report, ledger, verdict, rack)
+    (state_dir / "chaos-report.txt").write_text(rendered)
     with capsys.disabled():
-        print(render(report, ledger, verdict, rack))
+        print(rendered)
 
+    assert not driver.forced_missing, f"forced faults that did not happen: {driver.forced_missing}"
     assert not rack.unexpected_exits, rack.unexpected_exits
     assert not verdict.lost, f"operations lost: {verdict.lost}"
     assert not verdict.dead_letters, verdict.dead_letters
@@ -157,6 +213,9 @@ async def test_the_books_balance_after_random_kills_and_a_broker_restart(
     )
     assert not ledger.retry_mismatches, (
         f"re-sent requests answered differently: {ledger.retry_mismatches}"
+    )
+    assert not verdict.internal_answers, (
+        f"requests answered with Nexus's own error: {verdict.internal_answers}"
     )
 
 
@@ -178,18 +237,27 @@ async def settle_and_check(rack: Rack, client: Api, ledger: Ledger) -> Verdict:
             verdict.lose(f"saga {saga.id}", f"{saga.name} stuck without a recorded error")
         if saga.state in ("undone", "stuck"):
             verdict.unwound.append(f"{saga.name} {saga.id} {saga.state}: {saga.error}")
-            if saga.error and INTERNAL_ERROR.match(saga.error):
+            cause = unwind_cause(saga)
+            verdict.unwound_by_cause[cause] += 1
+            if cause == "internal":
                 # A node's own refusal reads as a sentence (ActionFailed); an exception's
                 # repr means the operation failed for a reason of Nexus's, not the user's.
                 verdict.internal_unwinds.append(f"{saga.name} {saga.id}: {saga.error}")
+            elif cause == "out of space":
+                check_out_of_space(ledger, saga, verdict)
         if saga.state == "unrecoverable":
             verdict.problems.append(f"saga {saga.id} {saga.name} {saga.state}: {saga.error}")
 
-    known = {s.id for s in sagas}
+    known = {s.id: s.state for s in sagas}
     for operation in ledger.operations:
+        if operation.saga_id in known and operation.final not in ENDED:
+            # The workload stopped watching it before it ended; it has ended since.
+            operation.final = known[operation.saga_id]
         name = f"{operation.kind} {operation.resource}"
         if operation.answer == "unanswered":
             verdict.lose(name, f"request {operation.request_id} never answered")
+        elif operation.answer in ("rejected:internal", "rejected:unavailable"):
+            verdict.lose(name, f"request {operation.request_id} answered {operation.answer}")
         elif operation.saga_id is not None and operation.saga_id not in known:
             verdict.lose(name, f"saga {operation.saga_id} accepted but not in Nexus's records")
 
@@ -224,7 +292,55 @@ async def settle_and_check(rack: Rack, client: Api, ledger: Ledger) -> Verdict:
         verdict.problems.append(f"nexusctl doctor exited {doctor.returncode}: {output[-2000:]}")
 
     verdict.dead_letters = [letter.describe() for letter in await rack.dead_letters()]
+    verdict.internal_answers = [
+        what for code, what in ledger.error_answers if code is api.ErrorCode.INTERNAL
+    ]
     return verdict
+
+
+def tally(entries: list[str]) -> list[str]:
+    """Equal entries once, with how many there were."""
+    return [
+        entry if count == 1 else f"{count} x {entry}" for entry, count in Counter(entries).items()
+    ]
+
+
+def unwind_cause(saga: api.SagaView) -> str:
+    """Why a saga unwound, in the words of the report."""
+    error = saga.error
+    if not error:
+        return "no error recorded"
+    if INTERNAL_ERROR.match(error):
+        return "internal"
+    if OUT_OF_SPACE.search(error):
+        return "out of space"
+    if "deadline passed" in error:
+        return "deadline"
+    if "insufficient capacity" in error:
+        return "insufficient capacity"
+    if "refused" in error:
+        return "refused by an agent"
+    if saga.name.startswith("instance_"):
+        # Its sled agent restarted under it (instances come back failed), or the
+        # instance was not in a state the action applies to.
+        return "instance not in a state for it"
+    return "other"
+
+
+def check_out_of_space(ledger: Ledger, saga: api.SagaView, verdict: Verdict) -> None:
+    """An operation may end undone for want of space only if it ran while an agent's
+    disk was full (or just after, while work on its way still found it so)."""
+    operation = next((op for op in ledger.operations if op.saga_id == saga.id), None)
+    if operation is None:
+        return
+    if not any(
+        operation.submitted_at <= emptied + FULL_AFTERMATH_SECONDS
+        for _, _, emptied in ledger.full_windows
+    ):
+        verdict.problems.append(
+            f"{operation.kind} {operation.resource} unwound out of space, though it was "
+            f"submitted after every full disk was emptied: {saga.error}"
+        )
 
 
 def check_outcomes(
@@ -292,12 +408,18 @@ def figures(
         "saga_states": dict(verdict.saga_states),
         "disk_states": dict(verdict.disk_states),
         "instance_states": dict(verdict.instance_states),
+        "sagas_unwound_by_cause": dict(verdict.unwound_by_cause),
+        "answers_to_try_again": dict(Counter(code.value for code, _ in ledger.error_answers)),
         "dead_letters": len(verdict.dead_letters),
         "retry_mismatches": len(ledger.retry_mismatches),
         "chaos_seconds": round(chaos_seconds, 1),
         "duration_seconds": round(duration, 1),
         "source": SOURCE,
     }
+
+
+def _without_id(letter: str) -> str:
+    return re.sub(r"^(\S+) [0-9a-f-]{36} ", r"\1 ", letter)
 
 
 def render(report: dict[str, object], ledger: Ledger, verdict: Verdict, rack: Rack) -> str:
@@ -309,7 +431,8 @@ def render(report: dict[str, object], ledger: Ledger, verdict: Verdict, rack: Ra
         ("problems", verdict.problems),
         ("sagas unwound", verdict.unwound),
         ("sagas unwound by Nexus's own errors", verdict.internal_unwinds),
-        ("dead letters", verdict.dead_letters),
+        ("requests answered with Nexus's own error", tally(verdict.internal_answers)),
+        ("dead letters", tally([_without_id(letter) for letter in verdict.dead_letters])),
         ("re-sent requests answered differently", ledger.retry_mismatches),
         ("unexpected exits", rack.unexpected_exits),
     )

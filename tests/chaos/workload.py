@@ -1,6 +1,6 @@
-"""What the chaos test does to the rack: operations through the API as an operator
-would send them (each retried with the same request id until answered), and faults
-(SIGKILL of a service, a RabbitMQ restart) at seeded random times.
+"""What the chaos test asks of the rack: operations through the API as an operator
+would send them (each re-sent with the same request id until answered, and again while
+the answer is "try again"). The faults are in ``tests/chaos/driver.py``.
 
 Every operation and fault goes into a :class:`Ledger`, from which the test computes
 its figures: operations submitted, faults injected by kind, operations lost.
@@ -13,8 +13,9 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import aio_pika
 
@@ -23,7 +24,6 @@ from schemas.base import Envelope
 from schemas.messages import Message
 from schemas.topology import NEXUS_API_QUEUE
 from schemas.transport import PublishFailed, Transport
-from tests.chaos.rack import Rack
 
 PROJECT = "chaos"
 SOURCE = "cli/chaos"
@@ -42,6 +42,9 @@ _BROKER_TROUBLE = (
     aio_pika.exceptions.AMQPError,
     aio_pika.exceptions.ChannelInvalidStateError,
 )
+# Answers an operator meets with sending the same request again a little later.
+TRY_AGAIN = frozenset({api.ErrorCode.UNAVAILABLE, api.ErrorCode.INTERNAL})
+_Reply = TypeVar("_Reply", bound=Message)
 
 
 class Unanswered(Exception):
@@ -58,6 +61,7 @@ class Operation:
     resource_id: uuid.UUID | None = None
     final: str | None = None
     attempts: int = 0
+    submitted_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -68,11 +72,18 @@ class Ledger:
     # Requests answered differently when re-sent with the same id (the first answer was
     # lost): each one breaks "a re-sent command is recognisably the same request".
     retry_mismatches: list[str] = field(default_factory=list)
+    # Requests answered "unavailable" or "internal" (and re-sent): each internal one is a
+    # request that failed on Nexus's own exception, such as a database that was down.
+    error_answers: list[tuple[api.ErrorCode, str]] = field(default_factory=list)
+    # When a crucible agent's data directory was full: (service, filled, emptied).
+    full_windows: list[tuple[str, float, float]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
-    def fault(self, kind: str, what: str) -> None:
+    def fault(self, kind: str, what: str, at: float | None = None) -> None:
+        """Log a fault; ``at`` (monotonic) when it began, if not now."""
         self.faults[kind] += 1
-        self.fault_log.append(f"{time.monotonic() - self.started:7.2f}s {kind}: {what}")
+        began = time.monotonic() if at is None else at
+        self.fault_log.append(f"{began - self.started:7.2f}s {kind}: {what}")
 
     @property
     def submitted(self) -> int:
@@ -100,8 +111,30 @@ class Api:
                     raise Unanswered(f"{message.TYPE} {message.id}") from None
                 await asyncio.sleep(0.5)
 
+    async def call_until(self, message: Envelope, operation: Operation | None = None) -> Message:
+        """The reply; sent again while it is an error that says to try again (a replica
+        whose database is down), until ``ANSWER_BUDGET`` runs out."""
+        deadline = time.monotonic() + ANSWER_BUDGET
+        while True:
+            reply = await self.call(message, operation)
+            if not isinstance(reply, api.ApiError):
+                return reply
+            if reply.payload.code not in TRY_AGAIN or time.monotonic() > deadline:
+                return reply
+            what = f"{operation.kind} {operation.resource}" if operation else message.TYPE
+            self._ledger.error_answers.append(
+                (reply.payload.code, f"{what}: {reply.payload.message}")
+            )
+            await asyncio.sleep(1.0)
+
+    async def listing(self, message: Envelope, expected: type[_Reply]) -> _Reply:
+        reply = await self.call_until(message)
+        assert isinstance(reply, expected), reply
+        return reply
+
     async def saga(self, saga_id: uuid.UUID) -> api.SagaView | None:
-        reply = await self.call(api.SagaGet(source=SOURCE, payload=api.SagaRef(saga_id=saga_id)))
+        request = api.SagaGet(source=SOURCE, payload=api.SagaRef(saga_id=saga_id))
+        reply = await self.call_until(request)
         return reply.payload if isinstance(reply, api.SagaReply) else None
 
     async def saga_end(self, saga_id: uuid.UUID, timeout: float) -> str:
@@ -122,42 +155,41 @@ class Api:
             await asyncio.sleep(0.3)
 
     async def sagas(self) -> tuple[api.SagaView, ...]:
-        reply = await self.call(api.SagaList(source=SOURCE, payload=api.SagaFilter(limit=10_000)))
-        assert isinstance(reply, api.SagaListReply), reply
-        return reply.payload
+        request = api.SagaList(source=SOURCE, payload=api.SagaFilter(limit=10_000))
+        return (await self.listing(request, api.SagaListReply)).payload
 
     async def disks(self) -> tuple[api.DiskView, ...]:
-        reply = await self.call(
-            api.DiskList(source=SOURCE, payload=api.ProjectFilter(project=PROJECT))
-        )
-        assert isinstance(reply, api.DiskListReply), reply
-        return reply.payload
+        request = api.DiskList(source=SOURCE, payload=api.ProjectFilter(project=PROJECT))
+        return (await self.listing(request, api.DiskListReply)).payload
 
     async def instances(self) -> tuple[api.InstanceView, ...]:
-        reply = await self.call(
-            api.InstanceList(source=SOURCE, payload=api.ProjectFilter(project=PROJECT))
-        )
-        assert isinstance(reply, api.InstanceListReply), reply
-        return reply.payload
+        request = api.InstanceList(source=SOURCE, payload=api.ProjectFilter(project=PROJECT))
+        return (await self.listing(request, api.InstanceListReply)).payload
 
     async def instance(self, instance_id: uuid.UUID) -> api.InstanceView | None:
         return next((i for i in await self.instances() if i.id == instance_id), None)
 
     async def doctor(self) -> api.DoctorReport:
-        reply = await self.call(
-            api.Doctor(source=SOURCE, payload=api.DoctorRequest(timeout_seconds=10.0))
-        )
-        assert isinstance(reply, api.DoctorReply), reply
-        return reply.payload
+        request = api.Doctor(source=SOURCE, payload=api.DoctorRequest(timeout_seconds=10.0))
+        return (await self.listing(request, api.DoctorReply)).payload
 
 
 class Workload:
     """Disk creates (some deleted again) and instance lifecycles, side by side."""
 
-    def __init__(self, client: Api, ledger: Ledger, rng: random.Random) -> None:
+    def __init__(
+        self,
+        client: Api,
+        ledger: Ledger,
+        rng: random.Random,
+        gate: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """``gate``: awaited before each disk create of ``disk_creates`` (the fault
+        driver holds the workload there until a fault that is due has begun)."""
         self._api = client
         self._ledger = ledger
         self._rng = rng
+        self._gate = gate
         self.disks_submitted = 0
 
     async def submit(
@@ -172,7 +204,7 @@ class Workload:
         operation = Operation(kind=kind, resource=resource, request_id=message.id)
         self._ledger.operations.append(operation)
         try:
-            reply = await self._api.call(message, operation)
+            reply = await self._api.call_until(message, operation)
         except Unanswered:
             operation.answer = "unanswered"
             return operation
@@ -207,6 +239,8 @@ class Workload:
 
         async def worker() -> None:
             for number in names:
+                if self._gate is not None:
+                    await self._gate()
                 self.disks_submitted += 1
                 await self._disk_lifecycle(f"d{number}")
 
@@ -303,82 +337,3 @@ class Workload:
             return api.Accepted(saga_id=found.saga_id, resource_id=found.id)
 
         return recover
-
-
-@dataclass(frozen=True)
-class FaultPlan:
-    gap_seconds: tuple[float, float] = (0.5, 2.5)
-    down_seconds: tuple[float, float] = (0.3, 3.0)
-    # Sometimes two processes at once, which may be both replicas: a total outage of
-    # Nexus, during which requests and events wait in their queues.
-    double_fault_chance: float = 0.15
-    rabbitmq_down_seconds: float = 2.0
-    # Which kind of process dies: Nexus most often, as its recovery (lease expiry,
-    # adoption, fencing) is the most intricate.
-    weights: Mapping[str, float] = field(
-        default_factory=lambda: {"nexus": 0.4, "crucible": 0.35, "sled": 0.25}
-    )
-
-
-class FaultDriver:
-    """SIGKILLs services at random and starts them again; restarts RabbitMQ once, when
-    a seeded fraction of the disk creates has been submitted."""
-
-    def __init__(
-        self,
-        rack: Rack,
-        ledger: Ledger,
-        rng: random.Random,
-        plan: FaultPlan,
-        progress: Callable[[], float],
-    ) -> None:
-        self._rack = rack
-        self._ledger = ledger
-        self._rng = rng
-        self._plan = plan
-        self._progress = progress
-        self._rabbitmq_at = rng.uniform(0.3, 0.6)
-        self._rabbitmq_done = False
-
-    async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            gap = self._rng.uniform(*self._plan.gap_seconds)
-            try:
-                await asyncio.wait_for(stop.wait(), gap)
-                return
-            except TimeoutError:
-                pass
-            self._restart_the_unexpectedly_dead()
-            if not self._rabbitmq_done and self._progress() >= self._rabbitmq_at:
-                self._rabbitmq_done = True
-                self._ledger.fault("rabbitmq restart", self._rack.server.describe())
-                await self._rack.restart_rabbitmq(self._plan.rabbitmq_down_seconds)
-                continue
-            await self._kill_and_restart()
-
-    async def _kill_and_restart(self) -> None:
-        count = 2 if self._rng.random() < self._plan.double_fault_chance else 1
-        victims: list[str] = []
-        while len(victims) < count:
-            kind = self._rng.choices(list(self._plan.weights), list(self._plan.weights.values()))[0]
-            victim = self._rng.choice(
-                [name for name in self._rack.of_kind(kind) if name not in victims]
-            )
-            victims.append(victim)
-            self._ledger.fault(f"sigkill {kind}", victim)
-            await self._rack.kill(victim)
-        await asyncio.sleep(self._rng.uniform(*self._plan.down_seconds))
-        for victim in victims:
-            self._rack.restart(victim)
-
-    def _restart_the_unexpectedly_dead(self) -> None:
-        self._rack.note_exits()
-        self._rack.start_all()
-
-    async def finish(self) -> None:
-        """The restart of RabbitMQ happens once even if the workload ended early."""
-        if not self._rabbitmq_done:
-            self._rabbitmq_done = True
-            self._ledger.fault("rabbitmq restart", self._rack.server.describe())
-            await self._rack.restart_rabbitmq(self._plan.rabbitmq_down_seconds)
-        self._restart_the_unexpectedly_dead()

@@ -18,9 +18,12 @@ from __future__ import annotations
 import abc
 import functools
 import os
+import signal
+import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy import text
@@ -314,6 +317,83 @@ class PrivatePostgresCluster(PostgresCluster, PostgresServer):
         client off without a checkpoint. ``start()`` brings it back on the same port and
         data directory, through crash recovery."""
         self._run("pg_ctl", "-D", str(self._data), "-m", "immediate", "-w", "stop")
+
+    def kill(self) -> str:
+        """SIGKILL the postmaster, as the OOM killer would; what was killed.
+
+        Its backends find their postmaster gone and exit by themselves; any still there
+        after the wait are killed too, since a new postmaster cannot start while they
+        hold the old shared memory. ``start()`` then brings it back through crash
+        recovery.
+        """
+        pid = self.postmaster_pid()
+        if pid is None or not _alive(pid):
+            raise RuntimeError(f"no postmaster to kill (its pid file says {pid})")
+        children = _children_of(pid)
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + POSTMASTER_GONE_TIMEOUT
+        while (_exists(pid) or any(_alive(child) for child in children)) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+        stragglers = [child for child in children if _alive(child)]
+        for child in stragglers:
+            with suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        if _exists(pid):
+            raise RuntimeError(
+                f"the killed postmaster {pid} was not reaped within "
+                f"{POSTMASTER_GONE_TIMEOUT:g}s; PostgreSQL cannot start again until it is"
+            )
+        return f"postmaster {pid} and {len(children)} children" + (
+            f" ({len(stragglers)} killed after it)" if stragglers else ""
+        )
+
+    def postmaster_pid(self) -> int | None:
+        try:
+            return int((self._data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    @property
+    def running(self) -> bool:
+        pid = self.postmaster_pid()
+        return pid is not None and _alive(pid)
+
+    @property
+    def log_path(self) -> Path:
+        return self._dir / "log"
+
+
+# Orphaned backends notice their postmaster's death within moments, and the machine's
+# init reaps the dead postmaster within a few seconds (until it does, the postmaster
+# still "exists", and a new one refuses its lock file).
+POSTMASTER_GONE_TIMEOUT = 30.0
+
+
+def _exists(pid: int) -> bool:
+    """The process exists, if only as a zombie not yet reaped."""
+    return Path(f"/proc/{pid}").exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _children_of(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
 
 
 def provide_postgres() -> PostgresServer:

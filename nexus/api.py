@@ -48,6 +48,7 @@ from schemas.base import Envelope
 from schemas.messages import Message, MessageRejected
 from schemas.progress import DiskState as WireDiskState
 from schemas.topology import REPLIES_EXCHANGE, is_reply_queue_of
+from schemas.transient import is_transient
 from schemas.transport import Delivery, Refused, Transport
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,11 @@ class Api:
                 return await handler(request)
         except ApiProblem as problem:
             return self._error(request, problem.code, problem.message)
-        except Exception:
+        except Exception as error:
+            if is_transient(error):
+                # The database (or the broker) is down: the transport holds the request
+                # and runs it again once it is back, rather than answering "internal".
+                raise
             log.exception(
                 "API request %s failed", request.TYPE, extra={"message_id": str(request.id)}
             )

@@ -29,12 +29,23 @@ A state change whose generation is implausibly far ahead of the one Nexus record
 its object (more than ``max_generation_lead``) is refused before anything is written:
 applied, it would leave the record where no real event could ever update it again. It
 is dead-lettered with reason ``implausible_generation``, logged and counted.
+
+Cheap discards: each replica remembers, in a bounded LRU (:class:`Recorded`), the
+generation of every region/instance state change it has committed, per wait key (the
+object and its state), and the owner it read for the object. A later change from that
+same owner for that key whose generation is not newer is acked without a transaction:
+every write it would make (the object's row, the rendezvous row of its key) is guarded
+by that generation, so it could change nothing. The cache is filled only after a commit,
+from what Nexus's own records said (the owner) and what it committed (the generation),
+never from a message alone; an event from anyone but the cached owner takes the full
+path, so a refusal (``not_owner``) is always decided on the database.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
+import time
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -118,6 +129,73 @@ class Nobody(Enum):
 Owner = str | None | Nobody
 
 
+# How many wait keys (and objects) a replica remembers for cheap discards.
+RECORDED_CAPACITY = 100_000
+# At most one log line per this many seconds about discards.
+DISCARD_LOG_SECONDS = 10.0
+
+
+class Recorded:
+    """This replica's committed facts about regions and instances, bounded (LRU): the
+    owner Nexus's records name for an object, and the highest generation committed per
+    wait key (object id and state)."""
+
+    def __init__(self, capacity: int = RECORDED_CAPACITY) -> None:
+        self._capacity = capacity
+        self._owners: OrderedDict[Any, str] = OrderedDict()
+        self._generations: OrderedDict[tuple[Any, str], int] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._generations)
+
+    def owner(self, subject: Any) -> str | None:
+        owner = self._owners.get(subject)
+        if owner is not None:
+            self._owners.move_to_end(subject)
+        return owner
+
+    def generation(self, subject: Any, state: str) -> int | None:
+        generation = self._generations.get((subject, state))
+        if generation is not None:
+            self._generations.move_to_end((subject, state))
+        return generation
+
+    def committed(self, subject: Any, state: str, owner: str, generation: int) -> None:
+        """Remember an event committed for ``subject`` from ``owner`` (by Nexus's records)."""
+        self._owners[subject] = owner
+        self._owners.move_to_end(subject)
+        key = (subject, state)
+        if self._generations.get(key, -1) < generation:
+            self._generations[key] = generation
+        self._generations.move_to_end(key)
+        for cache in (self._owners, self._generations):
+            while len(cache) > self._capacity:
+                cache.popitem(last=False)
+
+
+def _state_change(message: Message) -> tuple[Any, str, int, str] | None:
+    """A region or instance state change's object id, state, generation and the agent
+    its payload names as the speaker; None for any other message."""
+    match message:
+        case RegionStateChanged(payload=change):
+            region = change.region
+            return (
+                region.id,
+                region.state.value,
+                region.generation,
+                crucible_source(change.agent_id),
+            )
+        case InstanceStateChanged(payload=change):
+            instance = change.instance
+            return (
+                instance.id,
+                instance.state.value,
+                instance.generation,
+                sled_source(instance.sled_id),
+            )
+    return None
+
+
 class EventIngest:
     def __init__(
         self,
@@ -125,10 +203,17 @@ class EventIngest:
         clock: Callable[[], datetime],
         *,
         max_generation_lead: int = MAX_GENERATION_LEAD,
+        recorded_capacity: int = RECORDED_CAPACITY,
     ) -> None:
         self._sessions = sessions
         self._clock = clock
         self._max_generation_lead = max_generation_lead
+        self.recorded = Recorded(recorded_capacity)
+        # Stale or duplicate state changes acked without a transaction, since this
+        # replica started.
+        self.discarded = 0
+        self._discards_logged_at = time.monotonic()
+        self._discards_logged = 0
         # Events refused here, by reason, since this replica started.
         self.refused: Counter[str] = Counter()
         # Events dropped as about objects nobody owns, by type, since this replica started.
@@ -145,10 +230,13 @@ class EventIngest:
                 extra={"message_id": str(message.id)},
             )
             return Ingested(woken=None)
+        change = _state_change(message)
+        if change is not None and self._discardable(message, *change):
+            return Ingested(woken=None)
         now = self._clock()
         async with self._sessions.begin() as session:
             try:
-                await authorize(session, message)
+                owner = await authorize(session, message)
                 await check_generation(session, message, self._max_generation_lead)
             except Unowned as unowned:
                 self.unowned[message.TYPE] += 1
@@ -181,17 +269,49 @@ class EventIngest:
                     },
                 )
                 raise
-            return Ingested(woken=await handler(session, message, now))
+            woken = await handler(session, message, now)
+        if change is not None and isinstance(owner, str):
+            subject, state, generation, _ = change
+            self.recorded.committed(subject, state, owner, generation)
+        return Ingested(woken=woken)
+
+    def _discardable(
+        self, message: Message, subject: Any, state: str, generation: int, named: str
+    ) -> bool:
+        """True (and counted) when this replica committed, for the same object and
+        state, a generation at least this one's, from this same sender, the owner by
+        Nexus's records: the event could change nothing."""
+        owner = self.recorded.owner(subject)
+        if owner is None or owner != message.source or named != message.source:
+            return False  # unknown, or not the owner: the full path decides
+        known = self.recorded.generation(subject, state)
+        if known is None or generation > known:
+            return False
+        self.discarded += 1
+        now = time.monotonic()
+        if now - self._discards_logged_at >= DISCARD_LOG_SECONDS:
+            log.info(
+                "discarded %d stale or duplicate state changes without a transaction "
+                "(%d in the last %.0f s)",
+                self.discarded,
+                self.discarded - self._discards_logged,
+                now - self._discards_logged_at,
+                extra={"discarded_so_far": self.discarded},
+            )
+            self._discards_logged_at = now
+            self._discards_logged = self.discarded
+        return True
 
 
-async def authorize(session: AsyncSession, message: Message) -> None:
-    """Let ``message`` through only if its sender may say it, by Nexus's records.
+async def authorize(session: AsyncSession, message: Message) -> Owner | None:
+    """Let ``message`` through only if its sender may say it, by Nexus's records; returns
+    the owner of a region's or instance's state change (None for other messages).
 
     Raises :class:`MessageRejected` (``not_owner``) when another agent owns its object
     or it speaks for another agent, :class:`Unowned` when Nexus records the object with
     no owner.
     """
-    owner: Owner
+    owner: Owner = None
     match message:
         case RegionStateChanged(payload=change):
             dataset = await session.scalar(_REGION_DATASET, {"b_id": change.region.id})
@@ -219,6 +339,7 @@ async def authorize(session: AsyncSession, message: Message) -> None:
             check_speaker(message, sled_source(info.sled_id), f"sled {info.sled_id}")
         case SledHeartbeat(payload=beat):
             check_speaker(message, sled_source(beat.sled_id), f"sled {beat.sled_id}")
+    return owner if isinstance(message, RegionStateChanged | InstanceStateChanged) else None
 
 
 def check_speaker(message: Envelope, owner: Owner, about: str, *named: str) -> None:

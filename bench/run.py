@@ -41,10 +41,12 @@ from nexus.devstack.supervisor import ChildSpec, Supervisor
 from nexus.saga.executor import SWEEP_CONCURRENCY
 from nexus.sagas.disk_create import REPLICAS
 from schemas import api
+from schemas.base import Envelope
 from schemas.instance import InstanceState, InstanceStateChanged
+from schemas.messages import encode
 from schemas.progress import SagaProgressed
 from schemas.region import RegionState, RegionStateChanged
-from schemas.topology import NEXUS_API_QUEUE
+from schemas.topology import EVENTS_EXCHANGE, NEXUS_API_QUEUE, NEXUS_EVENTS_QUEUE
 from schemas.transport import Delivery, Transport
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,6 +71,8 @@ class Scale:
     # which pollers (polling_scale phase).
     polling_window_seconds: float = 120
     polling_strategies: tuple[str, ...] = ("disk_create_backoff", "disk_create_fixed")
+    # Disks created while one agent floods Nexus with stale duplicates (discards phase).
+    discard_disks: int = 30
 
 
 QUICK = Scale(
@@ -83,6 +87,7 @@ QUICK = Scale(
     polling_window_seconds=5,
     # One poller, one window: the quick run stays under 3 minutes.
     polling_strategies=("disk_create_fixed",),
+    discard_disks=8,
 )
 FULL = Scale(
     strategy_disks=20,
@@ -919,7 +924,150 @@ def plot(results: dict[str, Any], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-PHASES = ("floor", "strategies", "throughput", "half_load", "scale", "polling_scale")
+# Stale duplicates one agent publishes in the discards phase (issue #12 item 6).
+FLOOD = 5_000
+
+
+async def discards_phase(servers: Servers, scale: Scale, seed: int) -> dict[str, Any]:
+    """One Nexus replica (PostgreSQL); one agent publishes FLOOD stale duplicates of a
+    region event it owns (half at the recorded generation, half one below), as fast as
+    it can, while other disks' regions become ready. The discard rate is the flood over
+    the time from its first publish until ``nexus.events`` holds no ready message (a
+    lower bound: it includes publishing); the wake overhead is that of the disks
+    created at the flood's start, their regions ready 0.5 s after their ensure."""
+    print(f"- discards: {FLOOD} stale duplicates from one agent, {scale.discard_disks} disks")
+    async with stack(
+        servers, database="postgresql", replicas=1, create_delay="fixed:0.5", seed=seed
+    ) as running:
+        created: list[RegionStateChanged] = []
+
+        async def capture(delivery: Delivery) -> None:
+            if isinstance(delivery.message, RegionStateChanged):
+                created.append(delivery.message)
+
+        await running.transport.subscribe(["region.created"], capture)
+        warm = await running.create_disks(1)
+        await running.all_finished(warm, timeout=120)
+        original = created[0]
+        region = original.payload.region
+
+        def duplicate(n: int) -> RegionStateChanged:
+            stale = region.model_copy(update={"generation": region.generation - n % 2})
+            return original.model_copy(
+                update={
+                    "id": uuid.uuid4(),
+                    "payload": original.payload.model_copy(update={"region": stale}),
+                }
+            )
+
+        # Encoded beforehand and published on several connections at once, so that the
+        # broker holds a backlog and the replica, not this publisher, sets the pace.
+        flood = [(message, encode(message)) for message in map(duplicate, range(FLOOD))]
+        publishers = [Transport(running.amqp_url, name=f"bench-flood-{n}") for n in range(4)]
+        for publisher in publishers:
+            await publisher.connect()
+
+        async def publish(publisher: Transport, share: Sequence[tuple[Envelope, bytes]]) -> None:
+            gate = asyncio.Semaphore(128)
+
+            async def one(message: Envelope, body: bytes) -> None:
+                async with gate:
+                    await publisher.publish_bytes(
+                        body,
+                        exchange=EVENTS_EXCHANGE,
+                        routing_key=original.routing_key(),
+                        message_id=message.id,
+                        message_type=message.TYPE,
+                        mandatory=False,
+                    )
+
+            await asyncio.gather(*(one(message, body) for message, body in share))
+
+        vhost = running.amqp_url.rsplit("/", 1)[1]
+
+        async def backlog() -> int:
+            """Messages in ``nexus.events``, ready or unacked (rabbitmqctl: ~0.3 s a call;
+            the passive declare of a quorum queue answers 0 here)."""
+            listing = await asyncio.to_thread(
+                servers.rabbitmq.rabbitmqctl, "list_queues", "-q", "-p", vhost, "name", "messages"
+            )
+            for line in listing.splitlines():
+                name, _, count = line.partition("\t")
+                if name == NEXUS_EVENTS_QUEUE:
+                    return int(count)
+            return 0
+
+        async def flood_and_drain() -> tuple[float, float]:
+            started = time.monotonic()
+            await asyncio.gather(
+                *(publish(p, flood[n :: len(publishers)]) for n, p in enumerate(publishers))
+            )
+            published = time.monotonic() - started
+            while await backlog() > 0:
+                pass
+            return published, time.monotonic() - started
+
+        # The replica's own pace: the flood queued while it is stopped, then drained.
+        replica = psutil.Process(
+            next(pid for name, pid in running.pids().items() if name.startswith("nexus"))
+        )
+        replica.suspend()
+        try:
+            await asyncio.gather(
+                *(publish(p, flood[n :: len(publishers)]) for n, p in enumerate(publishers))
+            )
+        finally:
+            replica.resume()
+        queued = await backlog()  # counted after the resume: a lower bound
+        started = time.monotonic()
+        while await backlog() > 0:
+            pass
+        backlog_drained = time.monotonic() - started
+
+        # The wake overhead of other disks while the flood arrives as fast as it can.
+        flood_start = datetime.now(UTC)
+        flooding = asyncio.create_task(flood_and_drain())
+        sagas = await running.create_disks(scale.discard_disks)
+        published, drained = await flooding
+        flood_end = datetime.now(UTC)
+        for publisher in publishers:
+            await publisher.close()
+        await running.all_finished(sagas, timeout=300)
+        stats = await saga_stats(running, sagas)
+    during = [wake for at, wake in stats.wakes_at if flood_start <= at <= flood_end]
+    rate = queued / backlog_drained
+    result: dict[str, Any] = {
+        "flood": FLOOD,
+        "backlog": queued,
+        "disks": scale.discard_disks,
+        "backlog_drain_seconds": backlog_drained,
+        "discards_per_second": rate,
+        "live_flood_publish_seconds": published,
+        "live_flood_drain_seconds": drained,
+        "live_flood_per_second": FLOOD / drained,
+        "wake_ms": summary(stats.wakes_ms),
+        "wakes_during_flood": len(during),
+        "wake_ms_during_flood": summary(during) if during else None,
+        "states": stats.states,
+    }
+    print(
+        f"  {rate:.0f} discards/s (a backlog of {queued} drained in {backlog_drained:.2f} s); "
+        f"live flood: published in {published:.2f} s, drained in {drained:.2f} s; "
+        f"wake p50 {result['wake_ms']['p50']:.0f} ms, p99 {result['wake_ms']['p99']:.0f} ms "
+        f"({len(during)} of {len(stats.wakes_ms)} wakes during the flood), {stats.states}"
+    )
+    return result
+
+
+PHASES = (
+    "floor",
+    "strategies",
+    "throughput",
+    "half_load",
+    "scale",
+    "polling_scale",
+    "discards",
+)
 
 
 async def main(scale: Scale, out: Path, seed: int, only: Sequence[str] = PHASES) -> dict[str, Any]:
@@ -957,6 +1105,8 @@ async def main(scale: Scale, out: Path, seed: int, only: Sequence[str] = PHASES)
             results["scale"] = await scale_phase(servers, scale, seed)
         if "polling_scale" in only:
             results["polling_scale"] = await polling_scale_phase(servers, scale, seed)
+        if "discards" in only:
+            results["discards"] = await discards_phase(servers, scale, seed)
     finally:
         rabbitmq.close()
         postgres.close()

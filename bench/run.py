@@ -929,12 +929,12 @@ FLOOD = 5_000
 
 
 async def discards_phase(servers: Servers, scale: Scale, seed: int) -> dict[str, Any]:
-    """One Nexus replica (PostgreSQL); one agent publishes FLOOD stale duplicates of a
-    region event it owns (half at the recorded generation, half one below), as fast as
-    it can, while other disks' regions become ready. The discard rate is the flood over
-    the time from its first publish until ``nexus.events`` holds no ready message (a
-    lower bound: it includes publishing); the wake overhead is that of the disks
-    created at the flood's start, their regions ready 0.5 s after their ensure."""
+    """One Nexus replica (PostgreSQL); one agent's FLOOD stale duplicates of a region
+    event it owns (half at the recorded generation, half one below). The discard rate:
+    the flood queued while the replica is stopped, then the backlog counted after the
+    resume over the time to drain it (``rabbitmqctl``, ~0.3 s a call: a lower bound).
+    The wake overhead: the flood published again as fast as this process can while
+    other disks are created, their regions ready 0.5 s after their ensure."""
     print(f"- discards: {FLOOD} stale duplicates from one agent, {scale.discard_disks} disks")
     async with stack(
         servers, database="postgresql", replicas=1, create_delay="fixed:0.5", seed=seed

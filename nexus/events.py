@@ -93,19 +93,17 @@ _REGION_UPDATE = (
 
 
 _instances = cast(Table, Instance.__table__)
-# The generation Nexus recorded for the object of a state change (built once, as above).
-_RECORDED_GENERATION = {
-    RegionStateChanged: select(_regions.c.generation).where(_regions.c.id == bindparam("b_id")),
-    InstanceStateChanged: select(_instances.c.generation).where(
-        _instances.c.id == bindparam("b_id")
-    ),
-}
 
 
 _outbox = cast(Table, OutboxMessage.__table__)
 # Who owns what, by Nexus's records (built once, as above).
-_REGION_DATASET = select(_regions.c.dataset_id).where(_regions.c.id == bindparam("b_id"))
-_INSTANCE_SLED = select(_instances.c.sled_id).where(_instances.c.id == bindparam("b_id"))
+# One read of the object's row gives its owner and the generation Nexus recorded.
+_REGION_DATASET = select(_regions.c.dataset_id, _regions.c.generation).where(
+    _regions.c.id == bindparam("b_id")
+)
+_INSTANCE_SLED = select(_instances.c.sled_id, _instances.c.generation).where(
+    _instances.c.id == bindparam("b_id")
+)
 _COMMAND_QUEUE = select(_outbox.c.routing_key).where(
     _outbox.c.message_id == bindparam("b_id"), _outbox.c.exchange == COMMANDS_EXCHANGE
 )
@@ -236,8 +234,8 @@ class EventIngest:
         now = self._clock()
         async with self._sessions.begin() as session:
             try:
-                owner = await authorize(session, message)
-                await check_generation(session, message, self._max_generation_lead)
+                owner, recorded = await authorize(session, message)
+                check_generation(message, recorded, self._max_generation_lead)
             except Unowned as unowned:
                 self.unowned[message.TYPE] += 1
                 log.info(
@@ -303,19 +301,24 @@ class EventIngest:
         return True
 
 
-async def authorize(session: AsyncSession, message: Message) -> Owner | None:
+async def authorize(session: AsyncSession, message: Message) -> tuple[Owner, int | None]:
     """Let ``message`` through only if its sender may say it, by Nexus's records; returns
-    the owner of a region's or instance's state change (None for other messages).
+    the owner of a region's or instance's state change (None for other messages) and the
+    generation Nexus recorded for that object (None where it has no record).
 
     Raises :class:`MessageRejected` (``not_owner``) when another agent owns its object
     or it speaks for another agent, :class:`Unowned` when Nexus records the object with
     no owner.
     """
     owner: Owner = None
+    recorded: int | None = None
     match message:
         case RegionStateChanged(payload=change):
-            dataset = await session.scalar(_REGION_DATASET, {"b_id": change.region.id})
-            owner = crucible_source(dataset) if dataset is not None else Nobody.UNRECORDED
+            region = (await session.execute(_REGION_DATASET, {"b_id": change.region.id})).first()
+            if region is None:
+                owner = Nobody.UNRECORDED
+            else:
+                owner, recorded = crucible_source(region.dataset_id), region.generation
             about = f"region {change.region.id}"
             check_speaker(message, owner, about, crucible_source(change.agent_id))
         case InstanceStateChanged(payload=change):
@@ -324,6 +327,7 @@ async def authorize(session: AsyncSession, message: Message) -> Owner | None:
                 owner = Nobody.UNRECORDED
             else:
                 owner = sled_source(row.sled_id) if row.sled_id is not None else None
+                recorded = row.generation
             about = f"instance {change.instance.id}"
             check_speaker(message, owner, about, sled_source(change.instance.sled_id))
         case CommandRejected(payload=rejection):
@@ -339,7 +343,9 @@ async def authorize(session: AsyncSession, message: Message) -> Owner | None:
             check_speaker(message, sled_source(info.sled_id), f"sled {info.sled_id}")
         case SledHeartbeat(payload=beat):
             check_speaker(message, sled_source(beat.sled_id), f"sled {beat.sled_id}")
-    return owner if isinstance(message, RegionStateChanged | InstanceStateChanged) else None
+    if not isinstance(message, RegionStateChanged | InstanceStateChanged):
+        return None, None
+    return owner, recorded
 
 
 def check_speaker(message: Envelope, owner: Owner, about: str, *named: str) -> None:
@@ -361,21 +367,18 @@ def check_speaker(message: Envelope, owner: Owner, about: str, *named: str) -> N
         )
 
 
-async def check_generation(session: AsyncSession, message: Message, max_lead: int) -> None:
+def check_generation(message: Message, recorded: int | None, max_lead: int) -> None:
     """Raise MessageRejected (``implausible_generation``) when a region or instance state
-    change is more than ``max_lead`` generations ahead of the one Nexus recorded for the
-    object. An object Nexus has no record of is not judged here."""
-    statement = _RECORDED_GENERATION.get(type(message))
-    if statement is None:
+    change is more than ``max_lead`` generations ahead of ``recorded``, the one Nexus
+    recorded for the object. An object Nexus has no record of is not judged here."""
+    if recorded is None or not isinstance(message, RegionStateChanged | InstanceStateChanged):
         return
-    assert isinstance(message, RegionStateChanged | InstanceStateChanged)
     subject = (
         message.payload.region
         if isinstance(message, RegionStateChanged)
         else message.payload.instance
     )
-    recorded = (await session.execute(statement, {"b_id": subject.id})).scalar_one_or_none()
-    if recorded is not None and subject.generation - recorded > max_lead:
+    if subject.generation - recorded > max_lead:
         kind = "region" if isinstance(message, RegionStateChanged) else "instance"
         raise MessageRejected(
             "implausible_generation",

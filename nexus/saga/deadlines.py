@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import BaseModel
@@ -22,6 +23,7 @@ from nexus.saga.moves import DeadlineAnswer, Fail, Rearm, Resend, Resume, Run, n
 from nexus.saga.parts import Parts
 from nexus.saga.position import SagaRow
 from nexus.saga.runner import SagaRunner
+from nexus.saga.store import StepTx
 
 log = logging.getLogger(__name__)
 
@@ -76,50 +78,57 @@ class Deadlines:
         move: Resume,
         answer: Reconciled,
     ) -> SagaRow | None:
-        assert answer.key is not None
-        try:
-            async with self._parts.store.step(self._parts.clock.now()) as tx:
-                fenced = await tx.fence(row)
-                await tx.force_ready(answer.key, answer.payload, answer.generation)
-                wake = WakeUp(
-                    key=answer.key,
-                    payload=answer.payload,
-                    generation=answer.generation,
-                    message_id=None,
-                    by_reconcile=True,
-                    occurred_at=tx.now,
-                )
-                after = await self._runner.advance(
-                    tx, definition, params, fenced, move, limit=1, wake=wake
-                )
-        except Exception as error:
-            self._parts.notices.rolled_back(row.id)
-            # A lost race: the next sweep finds the deadline still passed and asks again.
-            raise_unless_the_node_failed(error, move.node)
-            return await self._runner.unwind.fail_node(row, move.node, error)
-        self._parts.notices.committed(fenced)
-        return after
+        """Record what the lost event would have said, and resume the node with it."""
+        key = answer.key
+        assert key is not None
+
+        async def found(tx: StepTx) -> WakeUp:
+            await tx.force_ready(key, answer.payload, answer.generation)
+            return WakeUp(
+                key=key,
+                payload=answer.payload,
+                generation=answer.generation,
+                message_id=None,
+                by_reconcile=True,
+                occurred_at=tx.now,
+            )
+
+        return await self._in_step(definition, params, row, move.node, move, found)
 
     async def _resend(
         self, definition: SagaDefinition[Any], params: BaseModel, row: SagaRow, move: Resend
     ) -> SagaRow | None:
         """Run the node's action again in a step of its own: it sends its command anew."""
+
+        async def logged(tx: StepTx) -> None:
+            data = {"rearmed": move.reason, "resent": True}
+            tx.log(row.id, move.node, SagaLogEvent.WAITING, tx.now, data)
+
+        again = Run(move.node, move.position)
+        return await self._in_step(definition, params, row, move.node, again, logged)
+
+    async def _in_step(
+        self,
+        definition: SagaDefinition[Any],
+        params: BaseModel,
+        row: SagaRow,
+        node: str,
+        first: Run | Resume,
+        prepare: Callable[[StepTx], Awaitable[WakeUp | None]],
+    ) -> SagaRow | None:
+        """One step that runs ``node`` alone (its ``first`` move, after ``prepare``);
+        the node's own failure fails it, a lost race is the next sweep's."""
         try:
             async with self._parts.store.step(self._parts.clock.now()) as tx:
                 fenced = await tx.fence(row)
-                tx.log(
-                    row.id,
-                    move.node,
-                    SagaLogEvent.WAITING,
-                    tx.now,
-                    {"rearmed": move.reason, "resent": True},
+                wake = await prepare(tx)
+                after = await self._runner.advance(
+                    tx, definition, params, fenced, first, limit=1, wake=wake
                 )
-                again = Run(move.node, move.position)
-                after = await self._runner.advance(tx, definition, params, fenced, again, limit=1)
         except Exception as error:
             self._parts.notices.rolled_back(row.id)
-            raise_unless_the_node_failed(error, move.node)
-            return await self._runner.unwind.fail_node(row, move.node, error)
+            raise_unless_the_node_failed(error, node)
+            return await self._runner.unwind.fail_node(row, node, error)
         self._parts.notices.committed(fenced)
         return after
 

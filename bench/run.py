@@ -46,7 +46,7 @@ from schemas.instance import InstanceState, InstanceStateChanged
 from schemas.messages import encode
 from schemas.progress import SagaProgressed
 from schemas.region import RegionState, RegionStateChanged
-from schemas.topology import EVENTS_EXCHANGE, NEXUS_API_QUEUE, NEXUS_EVENTS_QUEUE
+from schemas.topology import EVENTS_EXCHANGE, NEXUS_API_QUEUE
 from schemas.transport import Delivery, Transport
 
 REPO = Path(__file__).resolve().parent.parent
@@ -168,6 +168,9 @@ class Stack:
     database_url: str
     children: list[ChildSpec]
     ready_at: dict[uuid.UUID, datetime] = field(default_factory=dict)
+    # When this process got each region's ``created`` (the agent's event through the
+    # broker, to a consumer beside Nexus's queue): splits a wake into its two legs.
+    ready_seen_at: dict[uuid.UUID, datetime] = field(default_factory=dict)
     instance_ready_at: dict[uuid.UUID, datetime] = field(default_factory=dict)
     finished: dict[uuid.UUID, str] = field(default_factory=dict)
     finished_event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -188,6 +191,7 @@ class Stack:
         elif isinstance(message, RegionStateChanged):
             if message.payload.region.state is RegionState.CREATED:
                 self.ready_at.setdefault(message.payload.region.id, message.occurred_at)
+                self.ready_seen_at.setdefault(message.payload.region.id, datetime.now(UTC))
         elif isinstance(message, SagaProgressed) and message.payload.step.value in (
             "done",
             "undone",
@@ -345,6 +349,8 @@ class SagaStats:
     polls_per_disk: list[int]
     create_seconds: list[float]
     states: dict[str, int]
+    # Of each wake: the agent's event to this process through the broker, in ms.
+    delivered_ms: list[float] = field(default_factory=list)
 
 
 async def saga_stats(stack_: Stack, saga_ids: Sequence[uuid.UUID]) -> SagaStats:
@@ -352,6 +358,7 @@ async def saga_stats(stack_: Stack, saga_ids: Sequence[uuid.UUID]) -> SagaStats:
     sessions = create_sessionmaker(engine)
     wakes: list[float] = []
     wakes_at: list[tuple[datetime, float]] = []
+    delivered: list[float] = []
     polls: list[int] = []
     durations: list[float] = []
     states: dict[str, int] = {}
@@ -391,11 +398,14 @@ async def saga_stats(stack_: Stack, saga_ids: Sequence[uuid.UUID]) -> SagaStats:
                         wake_ms = (resumed[0]["at"] - ready).total_seconds() * 1000
                         wakes.append(wake_ms)
                         wakes_at.append((resumed[0]["at"], wake_ms))
+                        seen = stack_.ready_seen_at.get(uuid.UUID(placement["region_id"]))
+                        if seen is not None:
+                            delivered.append((seen - ready).total_seconds() * 1000)
             polls.append(disk_polls + len(regions))
             if saga.state.value == "done" and log:
                 durations.append((log[-1]["at"] - saga.created_at).total_seconds())
     await engine.dispose()
-    return SagaStats(wakes, wakes_at, polls, durations, states)
+    return SagaStats(wakes, wakes_at, polls, durations, states, delivered)
 
 
 # Phases.
@@ -868,6 +878,24 @@ def _group(name: str) -> str:
     return name.split("#")[0].rstrip("0123456789").rstrip("-")
 
 
+async def _wake_legs(stack_: Stack, saga_ids: Sequence[uuid.UUID]) -> dict[str, Any]:
+    """The region wakes of ``saga_ids`` in two legs, from their rendezvous rows: the
+    agent's event to the replica's commit of it, and that commit to the saga's resume."""
+    ids = ",".join(f"'{saga_id}'" for saga_id in saga_ids)
+    rows = await _rows(
+        stack_,
+        "SELECT event_occurred_at, event_arrived_at, resumed_at FROM wait_rendezvous "
+        f"WHERE saga_id IN ({ids}) AND wait_key LIKE 'region:%' AND resumed_at IS NOT NULL "
+        "AND event_arrived_at IS NOT NULL AND event_occurred_at IS NOT NULL",
+    )
+    queued = [(arrived - occurred).total_seconds() * 1000 for occurred, arrived, _ in rows]
+    resumed = [(resumed - arrived).total_seconds() * 1000 for _, arrived, resumed in rows]
+    return {
+        "event_to_commit": summary(queued) if queued else None,
+        "commit_to_resume": summary(resumed) if resumed else None,
+    }
+
+
 async def _commits(stack_: Stack) -> int:
     """Transactions committed in the stack's PostgreSQL database so far (0 on SQLite)."""
     if not stack_.database_url.startswith("postgresql"):
@@ -930,14 +958,25 @@ FLOOD = 5_000
 
 async def discards_phase(servers: Servers, scale: Scale, seed: int) -> dict[str, Any]:
     """One Nexus replica (PostgreSQL); one agent's FLOOD stale duplicates of a region
-    event it owns (half at the recorded generation, half one below). The discard rate:
-    the flood queued while the replica is stopped, then the backlog counted after the
-    resume over the time to drain it (``rabbitmqctl``, ~0.3 s a call: a lower bound).
-    The wake overhead: the flood published again as fast as this process can while
-    other disks are created, their regions ready 0.5 s after their ensure."""
+    event it owns (half at the recorded generation, half one below), then one newer
+    change of the same region: the sentinel. The queue is FIFO with one consumer, so
+    once the region's row holds the sentinel's generation the replica has taken every
+    duplicate before it (read from PostgreSQL every few ms on one connection: nothing
+    else is asked of the broker or the replica while it drains).
+
+    The discard rate: the flood and its sentinel queued while the replica is stopped
+    (SIGSTOP); FLOOD over the time from its resume to the sentinel in the row. The wake
+    overhead: the flood published again as fast as this process can, while other disks
+    are created, their regions ready 0.5 s after their ensure; the control, as many
+    disks created before, with no flood."""
     print(f"- discards: {FLOOD} stale duplicates from one agent, {scale.discard_disks} disks")
     async with stack(
-        servers, database="postgresql", replicas=1, create_delay="fixed:0.5", seed=seed
+        servers,
+        database="postgresql",
+        replicas=1,
+        create_delay="fixed:0.5",
+        seed=seed,
+        nexus_env={"NEXUS_EVENT_PREFETCH": os.environ.get("XP", "32")},
     ) as running:
         created: list[RegionStateChanged] = []
 
@@ -945,24 +984,30 @@ async def discards_phase(servers: Servers, scale: Scale, seed: int) -> dict[str,
             if isinstance(delivery.message, RegionStateChanged):
                 created.append(delivery.message)
 
-        await running.transport.subscribe(["region.created"], capture)
-        warm = await running.create_disks(1)
-        await running.all_finished(warm, timeout=120)
+        # Its own connection, closed once the warm-up disk is done: the flood is not
+        # consumed by this process more than the stack's own watcher needs.
+        async with Transport(running.amqp_url, name="bench-capture") as capturing:
+            await capturing.subscribe(["region.created"], capture)
+            warm = await running.create_disks(1)
+            await running.all_finished(warm, timeout=120)
         original = created[0]
         region = original.payload.region
 
-        def duplicate(n: int) -> RegionStateChanged:
-            stale = region.model_copy(update={"generation": region.generation - n % 2})
+        def at_generation(generation: int) -> RegionStateChanged:
+            changed = region.model_copy(update={"generation": generation})
             return original.model_copy(
                 update={
                     "id": uuid.uuid4(),
-                    "payload": original.payload.model_copy(update={"region": stale}),
+                    "payload": original.payload.model_copy(update={"region": changed}),
                 }
             )
 
         # Encoded beforehand and published on several connections at once, so that the
         # broker holds a backlog and the replica, not this publisher, sets the pace.
-        flood = [(message, encode(message)) for message in map(duplicate, range(FLOOD))]
+        flood = [
+            (message, encode(message))
+            for message in (at_generation(region.generation - n % 2) for n in range(FLOOD))
+        ]
         publishers = [Transport(running.amqp_url, name=f"bench-flood-{n}") for n in range(4)]
         for publisher in publishers:
             await publisher.connect()
@@ -983,65 +1028,88 @@ async def discards_phase(servers: Servers, scale: Scale, seed: int) -> dict[str,
 
             await asyncio.gather(*(one(message, body) for message, body in share))
 
-        vhost = running.amqp_url.rsplit("/", 1)[1]
-
-        async def backlog() -> int:
-            """Messages in ``nexus.events``, ready or unacked (rabbitmqctl: ~0.3 s a call;
-            the passive declare of a quorum queue answers 0 here)."""
-            listing = await asyncio.to_thread(
-                servers.rabbitmq.rabbitmqctl, "list_queues", "-q", "-p", vhost, "name", "messages"
-            )
-            for line in listing.splitlines():
-                name, _, count = line.partition("\t")
-                if name == NEXUS_EVENTS_QUEUE:
-                    return int(count)
-            return 0
-
-        async def flood_and_drain() -> tuple[float, float]:
-            started = time.monotonic()
+        async def publish_flood() -> None:
             await asyncio.gather(
                 *(publish(p, flood[n :: len(publishers)]) for n, p in enumerate(publishers))
             )
-            published = time.monotonic() - started
-            while await backlog() > 0:
-                pass
-            return published, time.monotonic() - started
 
-        # The replica's own pace: the flood queued while it is stopped, then drained.
-        replica = psutil.Process(
-            next(pid for name, pid in running.pids().items() if name.startswith("nexus"))
-        )
-        commits_before = await _commits(running)
-        replica.suspend()
+        async def publish_sentinel(generation: int) -> None:
+            sentinel = at_generation(generation)
+            await publishers[0].publish_bytes(
+                encode(sentinel),
+                exchange=EVENTS_EXCHANGE,
+                routing_key=original.routing_key(),
+                message_id=sentinel.id,
+                message_type=sentinel.TYPE,
+                mandatory=False,
+            )
+
+        engine = create_engine(running.database_url)
         try:
-            await asyncio.gather(
-                *(publish(p, flood[n :: len(publishers)]) for n, p in enumerate(publishers))
-            )
-        finally:
-            replica.resume()
-        queued = await backlog()  # counted after the resume: a lower bound
-        started = time.monotonic()
-        while await backlog() > 0:
-            pass
-        backlog_drained = time.monotonic() - started
-        # Heartbeats and announcements commit too: a few, against thousands of events.
-        commits_during_backlog = await _commits(running) - commits_before
+            async with engine.connect() as watching:
 
-        # The wake overhead of other disks while the flood arrives as fast as it can.
-        flood_start = datetime.now(UTC)
-        flooding = asyncio.create_task(flood_and_drain())
-        sagas = await running.create_disks(scale.discard_disks)
-        published, drained = await flooding
-        flood_end = datetime.now(UTC)
+                async def sentinel_seen(generation: int) -> float:
+                    """Wait until the region's row holds ``generation``; when, monotonic."""
+                    query = text("SELECT generation FROM regions WHERE id = :id")
+                    while True:
+                        recorded = await watching.scalar(query, {"id": region.id})
+                        await watching.rollback()
+                        if recorded is not None and recorded >= generation:
+                            return time.monotonic()
+                        await asyncio.sleep(0.005)
+
+                # The replica's own pace: flood and sentinel queued while it is stopped.
+                replica = psutil.Process(
+                    next(pid for name, pid in running.pids().items() if name.startswith("nexus"))
+                )
+                commits_before = await _commits(running)
+                replica.suspend()
+                try:
+                    await publish_flood()
+                    await publish_sentinel(region.generation + 1)
+                finally:
+                    resumed = time.monotonic()
+                    replica.resume()
+                backlog_drained = await sentinel_seen(region.generation + 1) - resumed
+                # Heartbeats and announcements commit too: a few, against thousands.
+                commits_during_backlog = await _commits(running) - commits_before - 1
+
+                # The control: as many disks with no flood, in the same stack.
+                quiet = await running.create_disks(scale.discard_disks)
+                await running.all_finished(quiet, timeout=300)
+                quiet_stats = await saga_stats(running, quiet)
+
+                # The wake overhead of other disks while the flood arrives as fast as
+                # this process can publish it.
+                watched = _processes(running, servers) | {"bench": psutil.Process()}
+                cpu_before = _cpu_by_process(watched)
+                flood_start = datetime.now(UTC)
+                started = time.monotonic()
+
+                async def flood_then_sentinel() -> float:
+                    await publish_flood()
+                    published = time.monotonic() - started
+                    await publish_sentinel(region.generation + 2)
+                    return published
+
+                flooding = asyncio.create_task(flood_then_sentinel())
+                sagas = await running.create_disks(scale.discard_disks)
+                published = await flooding
+                drained = await sentinel_seen(region.generation + 2) - started
+                flood_end = datetime.now(UTC)
+                flood_cpu = _cpu_delta(watched, cpu_before, drained)
+        finally:
+            await engine.dispose()
         for publisher in publishers:
             await publisher.close()
         await running.all_finished(sagas, timeout=300)
         stats = await saga_stats(running, sagas)
+        legs = await _wake_legs(running, sagas)
+        quiet_legs = await _wake_legs(running, quiet)
     during = [wake for at, wake in stats.wakes_at if flood_start <= at <= flood_end]
-    rate = queued / backlog_drained
+    rate = FLOOD / backlog_drained
     result: dict[str, Any] = {
         "flood": FLOOD,
-        "backlog": queued,
         "disks": scale.discard_disks,
         "backlog_drain_seconds": backlog_drained,
         "discards_per_second": rate,
@@ -1050,16 +1118,34 @@ async def discards_phase(servers: Servers, scale: Scale, seed: int) -> dict[str,
         "live_flood_drain_seconds": drained,
         "live_flood_per_second": FLOOD / drained,
         "wake_ms": summary(stats.wakes_ms),
+        "wake_ms_without_flood": summary(quiet_stats.wakes_ms),
+        # The first leg of each wake: the agent's event through the broker.
+        "delivered_ms": summary(stats.delivered_ms),
+        "delivered_ms_without_flood": summary(quiet_stats.delivered_ms),
+        "cores_during_flood": flood_cpu,
+        # Each wake's legs by the rendezvous row: the agent's event to the replica's
+        # commit of it (the queue), and that commit to the saga's resume.
+        "legs_ms": legs,
+        "legs_ms_without_flood": quiet_legs,
         "wakes_during_flood": len(during),
         "wake_ms_during_flood": summary(during) if during else None,
         "states": stats.states,
     }
     print(
-        f"  {rate:.0f} discards/s (a backlog of {queued} drained in {backlog_drained:.2f} s, "
-        f"{commits_during_backlog} commits meanwhile); "
+        f"  {rate:.0f} discards/s (a backlog of {FLOOD} drained in {backlog_drained:.2f} s, "
+        f"{commits_during_backlog} other commits meanwhile); "
         f"live flood: published in {published:.2f} s, drained in {drained:.2f} s; "
         f"wake p50 {result['wake_ms']['p50']:.0f} ms, p99 {result['wake_ms']['p99']:.0f} ms "
-        f"({len(during)} of {len(stats.wakes_ms)} wakes during the flood), {stats.states}"
+        f"({len(during)} of {len(stats.wakes_ms)} wakes during the flood; without a flood: "
+        f"p50 {result['wake_ms_without_flood']['p50']:.0f} ms, "
+        f"p99 {result['wake_ms_without_flood']['p99']:.0f} ms); of which agent → broker → "
+        f"a consumer p50 {result['delivered_ms']['p50']:.0f} ms, "
+        f"p99 {result['delivered_ms']['p99']:.0f} ms (without a flood: "
+        f"{result['delivered_ms_without_flood']['p50']:.0f} / "
+        f"{result['delivered_ms_without_flood']['p99']:.0f}); legs {legs} "
+        f"(without a flood: {quiet_legs}), {stats.states}; cores used "
+        f"during the flood: "
+        + ", ".join(f"{group} {cores:.2f}" for group, cores in sorted(flood_cpu.items()))
     )
     return result
 

@@ -42,7 +42,6 @@ from aio_pika.abc import (
 from pamqp.commands import Basic
 from yarl import URL
 
-from schemas.acks import Acks
 from schemas.base import Envelope
 from schemas.identity import NOT_OWNER, queue_agent, source_allowed
 from schemas.messages import Message, MessageRejected, decode, encode
@@ -207,8 +206,6 @@ class Transport:
             first_delay=retry_first_seconds, max_delay=retry_max_seconds
         )
         self._refusal_hooks: dict[str, RefusalHook] = {}
-        # Each consumer's acks, by queue name.
-        self._acks: dict[str, Acks] = {}
 
     # Lifecycle.
 
@@ -228,10 +225,6 @@ class Transport:
         their queue first (within ``CLOSE_RETRIES_SECONDS``); any other unacked message
         the broker requeues when the connection closes."""
         await self._retries.stop(CLOSE_RETRIES_SECONDS)
-        # Handled messages whose acks wait for the end of a loop pass: acked before the
-        # connection goes, or the broker would hand them to another consumer again.
-        for acks in self._acks.values():
-            await acks.send()
         if self._connection is not None:
             await self._connection.close()
         for future in self._pending.values():
@@ -505,10 +498,9 @@ class Transport:
         self._consumers[queue_name] = channel
         await channel.set_qos(prefetch_count=prefetch)
         queue = await channel.get_queue(queue_name, ensure=True)
-        acks = self._acks[queue_name] = Acks(batch=max(1, prefetch // 2))
 
         async def on_message(incoming: AbstractIncomingMessage) -> None:
-            await self._dispatch(queue_name, incoming, handler, acks)
+            await self._dispatch(queue_name, incoming, handler)
 
         await queue.consume(on_message, no_ack=False)
 
@@ -524,28 +516,24 @@ class Transport:
         events = await channel.get_exchange(EVENTS_EXCHANGE, ensure=True)
         for routing_key in routing_keys:
             await queue.bind(events, routing_key=routing_key)
-        acks = self._acks[queue.name] = Acks(batch=32)
 
         async def on_message(incoming: AbstractIncomingMessage) -> None:
-            await self._dispatch(queue.name, incoming, handler, acks)
+            await self._dispatch(queue.name, incoming, handler)
 
         await queue.consume(on_message, no_ack=False)
         return queue.name
 
     async def _dispatch(
-        self, queue_name: str, incoming: AbstractIncomingMessage, handler: Handler, acks: Acks
+        self, queue_name: str, incoming: AbstractIncomingMessage, handler: Handler
     ) -> None:
-        # First, before any await: deliveries start here in their tags' order, so a
-        # multiple ack never covers one that has not reached its handler yet.
-        acks.delivered(incoming)
         try:
             message = decode(incoming.body)
         except MessageRejected as rejected:
-            await self._dead_letter(queue_name, incoming, rejected.reason, rejected.detail, acks)
+            await self._dead_letter(queue_name, incoming, rejected.reason, rejected.detail)
             return
         refused = self._unverified_source(incoming.user_id, message.source)
         if refused is not None:
-            await self._dead_letter(queue_name, incoming, *refused, acks)
+            await self._dead_letter(queue_name, incoming, *refused)
             return
         delivery = Delivery(
             message=message,
@@ -564,26 +552,26 @@ class Transport:
                 go_on=lambda: _channel_open(incoming),
             )
         except asyncio.CancelledError:
-            await acks.nack(incoming)
+            await _settle(incoming.nack(requeue=True))
             raise
         except MessageRejected as rejected:
             # The handler judged the message itself bad: dead-lettered now, with its
             # reason, never redelivered toward the delivery limit.
-            await self._dead_letter(queue_name, incoming, rejected.reason, rejected.detail, acks)
+            await self._dead_letter(queue_name, incoming, rejected.reason, rejected.detail)
             return
         except Exception:
             log.exception(
                 "handler failed; message requeued",
                 extra={"message_id": str(message.id), "type": message.TYPE, "queue": queue_name},
             )
-            await acks.nack(incoming)
+            await _settle(incoming.nack(requeue=True))
             return
         if handled:
-            await acks.ack(incoming)
+            await _settle(incoming.ack())
         else:
             # Closing, or the channel is gone, while the handler was failing on a
             # transient error: back to the queue now (or with the channel).
-            await acks.nack(incoming)
+            await _settle(incoming.nack(requeue=True))
 
     def _unverified_source(self, user_id: str | None, source: str) -> tuple[str, str] | None:
         """Why a message's envelope source is not to be believed (reason, detail), if so."""
@@ -596,12 +584,7 @@ class Transport:
         return None
 
     async def _dead_letter(
-        self,
-        queue_name: str,
-        incoming: AbstractIncomingMessage,
-        reason: str,
-        detail: str,
-        acks: Acks,
+        self, queue_name: str, incoming: AbstractIncomingMessage, reason: str, detail: str
     ) -> None:
         log.warning(
             "dead-lettering message from %s: %s: %s",
@@ -615,7 +598,7 @@ class Transport:
         except PublishFailed:
             # Keep it on its queue rather than lose it; it is tried again on redelivery.
             log.exception("could not dead-letter; message requeued")
-            await acks.nack(incoming)
+            await _settle(incoming.nack(requeue=True))
             return
         hook = self._refusal_hooks.get(queue_name)
         if hook is not None:
@@ -632,7 +615,7 @@ class Transport:
                 await hook(refused)
             except Exception:
                 log.exception("the refusal hook of %s failed", queue_name)
-        await acks.ack_now(incoming)
+        await _settle(incoming.ack())
 
     async def _publish_dead_letter(
         self, queue_name: str, incoming: AbstractIncomingMessage, reason: str, detail: str
@@ -747,6 +730,14 @@ class Transport:
             await self._publish_dead_letter(queue_name, incoming, NOT_OWNER, detail)
         except PublishFailed:
             log.exception("could not dead-letter a refused reply; it is dropped")
+
+
+async def _settle(action: Awaitable[None]) -> None:
+    """Ack/nack on a channel that died is harmless: the broker redelivers."""
+    try:
+        await action
+    except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as error:
+        log.warning("could not settle a delivery (it will be redelivered): %r", error)
 
 
 def _channel_open(incoming: AbstractIncomingMessage) -> bool:

@@ -25,7 +25,6 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy import exc as sa
 
-from schemas.acks import Acks
 from schemas.messages import encode
 from schemas.tasks import Backoff, TransientRetries
 from schemas.topology import DEAD_LETTER_EXCHANGE, REASON_HEADER
@@ -142,9 +141,8 @@ class FakeIncoming:
     headers: dict[str, Any] = field(default_factory=dict)
     channel: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(is_closed=False))
     settled: list[str] = field(default_factory=list)
-    delivery_tag: int = 1
 
-    async def ack(self, multiple: bool = False) -> None:
+    async def ack(self) -> None:
         self.settled.append("ack")
 
     async def nack(self, requeue: bool = True) -> None:
@@ -181,10 +179,7 @@ class RecordingTransport(Transport):
 
 
 async def dispatch(transport: Transport, incoming: FakeIncoming, handler: Any) -> None:
-    # Acks sent as soon as handled (a batch of one), as the tests read them at once.
-    await transport._dispatch(
-        "test.queue", cast(AbstractIncomingMessage, incoming), handler, Acks(batch=1)
-    )
+    await transport._dispatch("test.queue", cast(AbstractIncomingMessage, incoming), handler)
 
 
 def a_message() -> FakeIncoming:

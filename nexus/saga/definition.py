@@ -188,9 +188,16 @@ class Ctx(Generic[P]):
         A command that reconcile has sent again (the agent had not heard of it) leaves
         under a new id, so the outbox does not take it for the one already sent.
         """
-        return command_id(
-            self.saga_id, f"{self.node}{':' + suffix if suffix else ''}", self.resends
-        )
+        return self._command_id(suffix, self.resends)
+
+    def resend_id(self, suffix: str = "") -> uuid.UUID:
+        """The id of a command this node sends again now (a failed destroy): the next
+        one ``command_id`` will give, once the wait that follows (``Wait(resent=True)``)
+        is counted."""
+        return self._command_id(suffix, self.resends + 1)
+
+    def _command_id(self, suffix: str, attempt: int) -> uuid.UUID:
+        return command_id(self.saga_id, f"{self.node}{':' + suffix if suffix else ''}", attempt)
 
     async def send(self, message: Envelope, queue: str) -> None:
         """Queue a command for an agent; it leaves when the node's transaction commits."""

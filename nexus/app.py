@@ -139,6 +139,7 @@ class NexusApp:
             clock=self.clock.now,
             replica_id=settings.replica_id,
             region_deadline=timedelta(seconds=settings.region_deadline_seconds),
+            region_max_rearms=settings.region_max_rearms,
         )
         if consume:
             await self.transport.consume(

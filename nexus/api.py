@@ -81,7 +81,9 @@ class Api:
         replica_id: str,
         region_deadline: timedelta = disk_create.REGION_DEADLINE,
         region_max_rearms: int | None = None,
+        delete_deadline: timedelta = disk_create.DELETE_DEADLINE,
     ) -> None:
+        self._delete_deadline = delete_deadline
         self._disk_create = disk_create_saga
         self._region_deadline = region_deadline
         self._region_max_rearms = region_max_rearms
@@ -207,6 +209,7 @@ class Api:
                 block_size=body.block_size,
                 region_deadline_seconds=self._region_deadline.total_seconds(),
                 region_max_rearms=self._region_max_rearms,
+                delete_deadline_seconds=self._delete_deadline.total_seconds(),
             )
             saga_id = self._record(session, request, self._disk_create)
             # The benchmark's baselines share disk_create's parameters.
@@ -282,7 +285,10 @@ class Api:
                 request,
                 session,
                 disk_delete.DEFINITION,
-                disk_delete.Params(disk_id=disk.id),
+                disk_delete.Params(
+                    disk_id=disk.id,
+                    region_deadline_seconds=self._delete_deadline.total_seconds(),
+                ),
                 disk.id,
             )
         self._executor.spawn(reply.payload.saga_id)

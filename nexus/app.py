@@ -140,6 +140,7 @@ class NexusApp:
             replica_id=settings.replica_id,
             region_deadline=timedelta(seconds=settings.region_deadline_seconds),
             region_max_rearms=settings.region_max_rearms,
+            delete_deadline=timedelta(seconds=settings.delete_deadline_seconds),
         )
         if consume:
             await self.transport.consume(

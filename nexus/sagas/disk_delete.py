@@ -35,16 +35,14 @@ from nexus.saga.definition import (
     sequence,
 )
 from nexus.sagas import region_deletion
-from nexus.sagas.disk_create import REPLICAS, announce_disk, disk_fault
+from nexus.sagas.disk_create import DELETE_DEADLINE, REPLICAS, announce_disk, disk_fault
 from schemas.progress import DiskState as WireDiskState
 from schemas.region import RegionState as WireRegionState
-
-REGION_DEADLINE = timedelta(minutes=2)
 
 
 class Params(BaseModel):
     disk_id: uuid.UUID
-    region_deadline_seconds: float = Field(default=REGION_DEADLINE.total_seconds(), gt=0)
+    region_deadline_seconds: float = Field(default=DELETE_DEADLINE.total_seconds(), gt=0)
 
 
 class DiskRegion(BaseModel):

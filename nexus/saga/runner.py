@@ -235,7 +235,13 @@ class SagaRunner:
             raise ActionFailed(f"injected failure at {node.name}")
         result = await node.action(ctx)
         if faults.repeat_actions:
-            result = await node.action(ctx)
+            first, result = result, await node.action(ctx)
+            if _decided(first) != _decided(result):
+                # A re-run (after a crash) must return what the first run decided.
+                raise ActionFailed(
+                    f"{node.name} decided differently when run again: "
+                    f"{_decided(first)!r} then {_decided(result)!r}"
+                )
         tx.log(row.id, node.name, SagaLogEvent.STARTED, started)
         return await self._settle(tx, row, node, result)
 
@@ -272,3 +278,8 @@ class SagaRunner:
 
     async def _wait(self, tx: StepTx, row: SagaRow, node: Node[Any], wait: Wait) -> WaitsOn:
         return WaitsOn(node.name, await self._parts.park(tx, row, node.name, wait))
+
+
+def _decided(result: BaseModel | Wait | None) -> object:
+    """What an action decided, comparable across two runs."""
+    return result.model_dump(mode="json") if isinstance(result, BaseModel) else result

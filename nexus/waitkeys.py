@@ -42,6 +42,11 @@ def region_key(region_id: uuid.UUID, state: RegionState) -> str:
     return f"region:{region_id}:{state.value}"
 
 
+def region_of(key: str) -> uuid.UUID:
+    """The region a ``region_key`` names."""
+    return uuid.UUID(key.split(":")[1])
+
+
 def instance_key(instance_id: uuid.UUID, state: InstanceState) -> str:
     return f"instance:{instance_id}:{state.value}"
 

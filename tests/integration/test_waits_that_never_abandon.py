@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import text
@@ -42,13 +43,28 @@ Rack = tuple[list[Crucible], ApiClient, Transport, str]
 
 
 async def _rack(
-    vhost_url: str, database_url: str, tmp_path: Path, agents_do: list[tuple[str, str]]
+    vhost_url: str,
+    database_url: str,
+    tmp_path: Path,
+    agents_do: list[tuple[str, str]],
+    **more: str,
 ) -> AsyncIterator[Rack]:
-    """A replica and one agent per (create delay, fail fraction)."""
+    """A replica and one agent per (create delay, fail fraction), each with ``more``
+    settings (the n-th agent's ``seed`` is ``more["seed"]`` plus n)."""
     await upgrade_async(database_url)
     agents = [
-        crucible(vhost_url, tmp_path, create_delay=delay, fail_fraction=fail)
-        for delay, fail in agents_do
+        crucible(
+            vhost_url,
+            tmp_path,
+            create_delay=delay,
+            fail_fraction=fail,
+            # Any: mypy cannot tell these str settings from the agent_id keyword.
+            **cast(
+                dict[str, Any],
+                more | ({"seed": str(int(more["seed"]) + n)} if "seed" in more else {}),
+            ),
+        )
+        for n, (delay, fail) in enumerate(agents_do)
     ]
     replica: Service = nexus(
         "replica-a",
@@ -89,6 +105,75 @@ async def slow_rack(vhost_url: str, fresh_postgres_url: str, tmp_path: Path) -> 
     settings = [(f"fixed:{3 * DEADLINE + 2.5}", "0.0")] * 3
     async for rack in _rack(vhost_url, fresh_postgres_url, tmp_path, settings):
         yield rack
+
+
+@pytest.fixture
+async def destroy_failing_rack(
+    vhost_url: str, fresh_postgres_url: str, tmp_path: Path
+) -> AsyncIterator[Rack]:
+    """Every agent's destroys fail half the time (seeded draws: the same every run)."""
+    settings = [("fixed:0.2", "0.0")] * 3
+    async for rack in _rack(
+        vhost_url,
+        fresh_postgres_url,
+        tmp_path,
+        settings,
+        destroy_fail_fraction="0.5",
+        seed="7",
+    ):
+        yield rack
+
+
+async def test_a_failed_destroy_is_sent_again_until_the_agent_destroys_the_region(
+    destroy_failing_rack: Rack, vhost_url: str
+) -> None:
+    """Real agents whose destroys fail (recorded ``failed``, as the real agent does):
+    disk_delete sends each failed delete again until the agent says ``destroyed``; the
+    disk is deleted, every region is recorded destroyed, and the doctor finds no orphan."""
+    _, client, _, database_url = destroy_failing_rack
+    engine = create_engine(database_url)
+    try:
+        await _until(engine, "SELECT count(*) = 3 FROM datasets")
+        name = f"d-{uuid.uuid4().hex[:8]}"
+        created = await client.create_disk(name)
+        assert (await client.saga_in(created.saga_id, {"done", "undone", "stuck"})).state == "done"
+        reply = await client.request(
+            api.DiskDelete(
+                source="cli/test", payload=api.ResourceRef(project="test", resource=name)
+            )
+        )
+        assert isinstance(reply, api.AcceptedReply), reply
+        deleted = await client.saga_in(
+            reply.payload.saga_id, {"done", "undone", "stuck"}, timeout=90
+        )
+        async with engine.connect() as connection:
+            # Woken by a failed destroy, then waiting again on a delete sent again.
+            failed_destroys = await _scalar(
+                connection,
+                "SELECT count(*) FROM saga_log WHERE saga_id = :saga AND event = 'resumed' "
+                "AND CAST(data AS TEXT) LIKE :woken_by_failed",
+                saga=reply.payload.saga_id,
+                woken_by_failed='%:failed"%',
+            )
+            # disk_delete keeps its regions' rows, as history, once destroyed.
+            live = await _scalar(
+                connection,
+                "SELECT count(*) FROM regions WHERE disk_id = :disk AND state != 'destroyed'",
+                disk=created.resource_id,
+            )
+        doctor = await client.request(
+            api.Doctor(source="cli/test", payload=api.DoctorRequest(timeout_seconds=10.0)),
+            timeout=30,
+        )
+    finally:
+        await engine.dispose()
+
+    assert deleted.state == "done", deleted.error
+    assert failed_destroys >= 1, "no destroy failed: the seeds no longer draw a failure"
+    assert live == 0
+    assert isinstance(doctor, api.DoctorReply), doctor
+    assert not doctor.payload.findings, doctor
+    assert await _nexusctl_doctor(vhost_url) == 0
 
 
 async def test_a_delete_lost_during_an_unwind_is_sent_again_until_destroyed(

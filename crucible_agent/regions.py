@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas.region import Region, RegionSpec, RegionState
+from schemas.region import Region, RegionSpec, RegionState, reservation_bytes
 
 # The real agent's downstairs ports: ``portbase`` 19000 (agent/smf/agent.xml) up to
 # ``lowport + 999`` (agent/src/main.rs), both included.
@@ -49,12 +49,6 @@ def out_of_space(why: str) -> str:
 def failed_out_of_space(failure: str) -> bool:
     """Whether a region's failure is for want of space (:func:`out_of_space`)."""
     return failure.startswith(out_of_space(""))
-
-
-def reservation_bytes(size_bytes: int) -> int:
-    """What a region reserves: 1.25 times its size, for metadata and snapshots
-    (``RESERVATION_FACTOR`` in agent/src/main.rs), rounded half up as Rust's ``round``."""
-    return (5 * size_bytes + 2) // 4
 
 
 def holds_port(region: Region | None) -> bool:

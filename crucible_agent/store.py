@@ -86,7 +86,7 @@ regions_table = Table(
     Column("state", String(16), nullable=False, index=True),
     Column("generation", Integer, nullable=False),
     Column("failure", String(2000)),
-    # The space the worker reserved for it (regions.reservation_bytes), 0 until then.
+    # The space the worker reserved for it (schemas.region.reservation_bytes), 0 until then.
     Column("reserved_bytes", Integer, nullable=False, server_default="0"),
     # The command behind the latest change: work that finishes later (even after a
     # restart) publishes its event in that command's correlation.
@@ -348,7 +348,7 @@ async def _add_reservations(connection: AsyncConnection) -> None:
         held.state == RegionState.CREATED.value,
         and_(held.state == RegionState.TOMBSTONED.value, held.failure.is_(None)),
     )
-    # regions.reservation_bytes, in SQL.
+    # schemas.region.reservation_bytes, in SQL.
     await connection.execute(
         update(regions_table).where(with_files).values(reserved_bytes=(5 * size + 2) // 4)
     )

@@ -32,6 +32,14 @@ class RegionState(StrEnum):
     FAILED = "failed"
 
 
+def reservation_bytes(size_bytes: int) -> int:
+    """What a region of ``size_bytes`` takes from its dataset: 1.25 times its size, for
+    metadata and snapshots (``RESERVATION_FACTOR`` in the real crucible agent's
+    agent/src/main.rs), rounded half up as Rust's ``round``. The agent reserves it, and
+    Nexus places and accounts regions by it, so the two agree on what fits."""
+    return (5 * size_bytes + 2) // 4
+
+
 class RegionSpec(Model):
     """What a caller asks for; create is idempotent on ``id`` with these fields."""
 

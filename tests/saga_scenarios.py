@@ -12,6 +12,7 @@ from typing import Any
 
 from nexus.db.states import DiskState, InstanceState, RegionState
 from nexus.sagas import disk_create, disk_delete, instance_create, instance_delete, instance_power
+from schemas.region import reservation_bytes
 from tests.saga_support import add_sleds
 from tests.saga_triad import Done, Scenario, Snapshot, World, as_before, assert_same
 
@@ -43,7 +44,7 @@ async def disk_create_prepare(world: World) -> disk_create.Params:
 
 
 async def disk_create_done(world: World, p: disk_create.Params, before: Snapshot) -> None:
-    """The disk is ready; three regions, created on three datasets, hold its space."""
+    """The disk is ready; three regions, created on three datasets, hold their space."""
     after = await world.snapshot()
     assert after.row("disks", p.disk_id)["state"] == DiskState.DETACHED
     regions = [r for r in after.rows["regions"].values() if r["disk_id"] == p.disk_id]
@@ -53,8 +54,10 @@ async def disk_create_done(world: World, p: disk_create.Params, before: Snapshot
         dataset_id: before.row("datasets", dataset_id)["free_bytes"] - dataset["free_bytes"]
         for dataset_id, dataset in after.rows["datasets"].items()
     }
-    assert [used[r["dataset_id"]] for r in regions] == [REGION_BYTES] * disk_create.REPLICAS
-    assert sum(used.values()) == REGION_BYTES * disk_create.REPLICAS
+    # Each takes what its agent reserves for it (1.25 times its size).
+    reserved = reservation_bytes(REGION_BYTES)
+    assert [used[r["dataset_id"]] for r in regions] == [reserved] * disk_create.REPLICAS
+    assert sum(used.values()) == reserved * disk_create.REPLICAS
 
 
 DISK_CREATE = Scenario(disk_create.DEFINITION, disk_create_prepare, disk_create_done)

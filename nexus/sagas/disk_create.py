@@ -66,6 +66,7 @@ from schemas.region import (
     RegionInfo,
     RegionRef,
     RegionSpec,
+    reservation_bytes,
 )
 from schemas.region import RegionState as WireRegionState
 
@@ -206,7 +207,8 @@ _GIVE_BACK = (
 async def regions_place(ctx: Ctx[Params]) -> Placed:
     p = ctx.params
     extent_size, extent_count = region_geometry(p.size_bytes, p.block_size)
-    region_bytes = extent_size * extent_count * p.block_size
+    # What each region takes from its dataset, as the agent reserves it.
+    region_bytes = reservation_bytes(extent_size * extent_count * p.block_size)
     region_ids = ctx.output("ids", Ids).region_ids
     placed_before = {
         row.id: row for row in await ctx.session.execute(_PLACED, {"b_disk_id": p.disk_id})
@@ -279,7 +281,9 @@ async def regions_place_undo(ctx: Ctx[Params]) -> None:
     deleted = await ctx.session.execute(_DELETE_REGIONS, {"b_disk_id": ctx.params.disk_id})
     freed: dict[uuid.UUID, int] = {}
     for region in deleted:
-        freed[region.dataset_id] = freed.get(region.dataset_id, 0) + region.size_bytes
+        freed[region.dataset_id] = freed.get(region.dataset_id, 0) + reservation_bytes(
+            region.size_bytes
+        )
     # Datasets in id order, as every saga locks them.
     for dataset_id in sorted(freed):
         await ctx.session.execute(_GIVE_BACK, {"b_id": dataset_id, "b_bytes": freed[dataset_id]})

@@ -38,6 +38,7 @@ from nexus.sagas import region_deletion
 from nexus.sagas.disk_create import DELETE_DEADLINE, REPLICAS, announce_disk, disk_fault
 from schemas.progress import DiskState as WireDiskState
 from schemas.region import RegionState as WireRegionState
+from schemas.region import reservation_bytes
 
 
 class Params(BaseModel):
@@ -174,7 +175,7 @@ async def disk_mark_deleted(ctx: Ctx[Params]) -> None:
         await ctx.session.execute(
             update(Dataset)
             .where(Dataset.id == region.dataset_id)
-            .values(free_bytes=Dataset.free_bytes + region.size_bytes)
+            .values(free_bytes=Dataset.free_bytes + reservation_bytes(region.size_bytes))
         )
     await announce_disk(ctx, ctx.params.disk_id, marked.project, marked.name, WireDiskState.DELETED)
 

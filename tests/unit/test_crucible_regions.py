@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from crucible_agent import regions
 from crucible_agent.delay import Fixed, InvalidDelay, LogNormal, Uniform, parse_delay
 from crucible_agent.settings import CrucibleSettings
-from schemas.region import Region, RegionSpec, RegionState
+from schemas.region import Region, RegionSpec, RegionState, reservation_bytes
 
 MIB = 1 << 20
 
@@ -111,8 +111,8 @@ def test_ensure_with_other_parameters_is_a_conflict_naming_the_difference(
 
 
 def test_the_reservation_is_a_quarter_more_than_the_size_rounded_half_up() -> None:
-    assert regions.reservation_bytes(4 * MIB) == 5 * MIB
-    assert [regions.reservation_bytes(n) for n in (1, 2, 3)] == [1, 3, 4]
+    assert reservation_bytes(4 * MIB) == 5 * MIB
+    assert [reservation_bytes(n) for n in (1, 2, 3)] == [1, 3, 4]
 
 
 def test_a_region_that_cannot_reserve_its_space_is_failed_with_the_reason() -> None:

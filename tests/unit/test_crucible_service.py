@@ -34,6 +34,7 @@ from schemas.region import (
     RegionSpec,
     RegionState,
     RegionStateChanged,
+    reservation_bytes,
 )
 from schemas.sled import AgentAnnounced
 from schemas.transport import Delivery
@@ -442,7 +443,7 @@ async def test_a_burst_of_changes_is_announced_once_after_the_wait_with_the_capa
     assert not await announcements(agent), "not before the wait is over"
     await settle(agent)
     (announced,) = await announcements(agent)
-    used = sum(regions.reservation_bytes(spec.size_bytes) for spec in asked)
+    used = sum(reservation_bytes(spec.size_bytes) for spec in asked)
     assert (announced.payload.free_bytes, announced.payload.regions) == (CAPACITY - used, 3)
 
 
@@ -456,7 +457,7 @@ async def test_a_change_after_an_announcement_is_announced_again(agents: BuildAg
     )
     await settle(agent)
     first, second = await announcements(agent)
-    reserved = regions.reservation_bytes(asked.size_bytes)
+    reserved = reservation_bytes(asked.size_bytes)
     assert (first.payload.free_bytes, first.payload.regions) == (CAPACITY - reserved, 1)
     assert (second.payload.free_bytes, second.payload.regions) == (CAPACITY, 0)
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from crucible_agent import regions
 from crucible_agent.store import AgentStore, Cause
-from schemas.region import Region, RegionState
+from schemas.region import Region, RegionState, reservation_bytes
 from tests.unit.test_crucible_regions import holding
 
 CAUSE = Cause(message_id=uuid.uuid4(), correlation_id=uuid.uuid4())
@@ -141,4 +141,4 @@ def test_a_database_from_before_reservations_gets_them(tmp_path: Path) -> None:
             "VALUES (?, 512, 2, 3, 1, 19000, 0, 'created', 2, ?, ?)",
             (uuid.uuid4().hex, CAUSE.message_id.hex, CAUSE.message_id.hex),
         )
-    assert asyncio.run(stored_holdings([], path)).used_bytes == regions.reservation_bytes(3072)
+    assert asyncio.run(stored_holdings([], path)).used_bytes == reservation_bytes(3072)

@@ -22,7 +22,7 @@ from nexus.saga.faults import Faults
 from nexus.sagas import disk_create, region_deletion
 from schemas.base import Envelope
 from schemas.identity import queue_agent
-from schemas.region import RegionFound, RegionGet, RegionInfo, RegionState
+from schemas.region import RegionFound, RegionGet, RegionInfo, RegionState, reservation_bytes
 from schemas.transport import Transport
 from tests.saga_support import Database, FakeCrucible, Replica, agent_of
 
@@ -176,6 +176,36 @@ async def test_no_room_fails_with_a_clear_reason(tmp_path: Path) -> None:
     saga = await database.saga(saga_id)
     assert saga.state == SagaState.UNDONE
     assert "insufficient capacity" in (saga.error or "")
+    await database.close()
+
+
+async def test_regions_take_what_the_agent_reserves_from_their_datasets(tmp_path: Path) -> None:
+    """Nexus places and accounts a region by the 1.25 times its size the agent reserves:
+    a dataset with room for the region but not its reservation is not chosen, and a
+    placed region takes its reservation from its dataset's free space."""
+    database = await Database.migrated(f"sqlite+aiosqlite:///{tmp_path / 'tight.sqlite3'}")
+    p = params()
+    extent_size, extent_count = disk_create.region_geometry(p.size_bytes, p.block_size)
+    region_bytes = extent_size * extent_count * p.block_size
+    reserved = reservation_bytes(region_bytes)
+    # Room for the region, not for its reservation.
+    await database.add_datasets(3, free_bytes=reserved - 1)
+    replica = Replica(database, "a", clock=ManualClock())
+    refused = await database.saga(await replica.executor.start(disk_create.DEFINITION, p))
+    assert refused.state == SagaState.UNDONE
+    assert "insufficient capacity" in (refused.error or "")
+    await database.close()
+
+    database = await Database.migrated(f"sqlite+aiosqlite:///{tmp_path / 'roomy.sqlite3'}")
+    datasets = await database.add_datasets(3, free_bytes=reserved + 10)
+    replica = Replica(database, "a", clock=ManualClock())
+    await replica.executor.start(disk_create.DEFINITION, params())
+    async with database.sessions() as session:
+        free = [
+            await session.scalar(select(Dataset.free_bytes).where(Dataset.id == d.id))
+            for d in datasets
+        ]
+    assert free == [10, 10, 10]
     await database.close()
 
 

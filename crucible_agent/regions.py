@@ -1,7 +1,7 @@
 """The region state machine and the agent's resource rules, with no I/O.
 
 Follows the real Crucible agent (``agent/src/datafile.rs`` and ``agent/src/main.rs`` in
-Oxide's crucible repository; docs/omicron-crucible-notes.md lists each rule with its
+Oxide's crucible repository; docs/omicron.md lists each rule with its
 source): a region is ``requested`` until its extent files exist, then ``created``;
 delete goes through ``tombstoned`` (files still on disk) to ``destroyed`` (files gone,
 record kept so that repeated calls stay idempotent). Every change of state is a new

@@ -266,7 +266,7 @@ async def test_get_and_list_answer_requests_and_sigterm_stops_cleanly(
     assert '"msg": "stopped"' in agent.log_tail(5)
 
 
-# How the real agent's worker, ports and failures behave (docs/omicron-crucible-notes.md).
+# How the real agent's worker, ports and failures behave (docs/omicron.md).
 
 
 def arrivals(events: Events, agent: AgentProcess) -> list[tuple[uuid.UUID, RegionState]]:

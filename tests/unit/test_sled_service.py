@@ -198,6 +198,8 @@ async def test_a_timed_transition_whose_commit_fails_transiently_is_made_once_it
         assert failures == []
         assert agent.work_problem(stuck_after=0) is None
         states = [
-            m.payload.vmm.state for m in await outbox_messages(store) if isinstance(m, VmmStateChanged)
+            m.payload.vmm.state
+            for m in await outbox_messages(store)
+            if isinstance(m, VmmStateChanged)
         ]
     assert states == [VmmState.STARTING, VmmState.RUNNING]

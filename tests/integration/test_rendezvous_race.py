@@ -23,8 +23,8 @@ from tests.saga_support import (
     Database,
     Replica,
     WaitParams,
-    vmm_event,
     placed_vmm,
+    vmm_event,
     wait_saga,
 )
 

@@ -5,22 +5,22 @@ Two thresholds, both on the database's clock:
 - silent past ``NEXUS_SLED_TIMEOUT_SECONDS`` (10 s): ``unreachable``. No new VMMs go
   there; its VMMs are left alone (a network blip must not fail every guest on a sled),
   and a heartbeat makes it active again.
-- silent past ``NEXUS_SLED_EXPUNGE_SECONDS`` (60 s), or expunged by an operator
-  (``nexusctl sled expunge``): ``expunged``, for good. In the same transaction every VMM
-  of the sled that has not ended is recorded ``failed`` (reason :data:`LOST_REASON`), its
-  instance becomes ``failed`` with no VMM, and the failure is filed for the sagas that
-  wait on those VMMs (a start waiting for ``running``, a stop for ``destroyed``), which
-  wake at once rather than at their deadline.
+- silent past ``NEXUS_SLED_EXPUNGE_SECONDS`` (60 s): ``expunged``, for good. In the
+  same transaction every VMM of the sled that has not ended is recorded ``failed``
+  (reason :data:`LOST_REASON`), its instance becomes ``failed`` with no VMM, and the
+  failure is filed for the sagas that wait on those VMMs (a start waiting for
+  ``running``, a stop for ``destroyed``), which wake at once rather than at their
+  deadline.
 
 Omicron does the last step in its instance watcher (``nexus/src/app/background/tasks/
 instance_watcher.rs``: a VMM on an expunged sled is marked ``Failed``, reason
 ``SledExpunged``), a background task that polls every sled agent for every VMM; here no
 sled is asked anything: the sweeper's pass reads heartbeat times already in the
 database, and the failure reaches waiting sagas by the rendezvous, like an agent's
-event. Omicron expunges only by an operator's decision; the threshold here stands in
-for that decision, and a sled that comes back after it stays expunged: its agent still
-runs the VMMs Nexus failed (nothing tells it to destroy them yet), and nothing it says
-about them changes Nexus's records.
+event. Omicron expunges only by an operator's decision; the threshold stands in for
+that decision here (an operator's ``expunge`` command is not built). A sled that comes
+back after it stays expunged: its agent still runs the VMMs Nexus failed (nothing tells
+it to destroy them yet), and nothing it says about them changes Nexus's records.
 """
 
 from __future__ import annotations
@@ -82,16 +82,6 @@ async def expunge_lost_sleds(
             woke for sled_id in list(lost) for woke in await fail_vmms_of(session, sled_id, now)
         ]
     return woken
-
-
-async def expunge_sled(
-    session: AsyncSession, sled_id: uuid.UUID, now: datetime
-) -> list[Woken] | None:
-    """An operator's expunge, in the caller's transaction; None when there is no such sled."""
-    if await session.get(Sled, sled_id, with_for_update=True) is None:
-        return None
-    await session.execute(update(Sled).where(Sled.id == sled_id).values(state=SledState.EXPUNGED))
-    return await fail_vmms_of(session, sled_id, now)
 
 
 async def fail_vmms_of(session: AsyncSession, sled_id: uuid.UUID, now: datetime) -> list[Woken]:

@@ -250,7 +250,7 @@ class Stack:
                 resumed = await connection.scalar(
                     select(SagaLogEntry.at).where(
                         SagaLogEntry.saga_id == saga_id,
-                        SagaLogEntry.node_name == "instance_ensure",
+                        SagaLogEntry.node_name == "vmm_ensure",
                         SagaLogEntry.event == "resumed",
                     )
                 )

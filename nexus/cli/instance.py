@@ -194,7 +194,7 @@ def delete(
     amqp_url: AmqpUrlOption = DEFAULT_AMQP_URL,
     timeout: TimeoutOption = 10.0,
 ) -> None:
-    """Delete an instance (its disks are detached, not deleted)."""
+    """Delete a stopped or failed instance (its disks are detached, not deleted)."""
     _act(
         api.InstanceAction.DELETE,
         instance,

@@ -252,6 +252,7 @@ class NexusApp:
             self.sessions,
             now=self.clock.now(),
             after=timedelta(seconds=settings.sled_expunge_seconds),
+            hearing=timedelta(seconds=settings.sled_timeout_seconds),
         ):
             self.executor.spawn(woke.saga_id)
         if self._sweeps % max(1, int(60 / settings.sweep_seconds)) == 0:

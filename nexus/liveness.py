@@ -5,12 +5,12 @@ Two thresholds, both on the database's clock:
 - silent past ``NEXUS_SLED_TIMEOUT_SECONDS`` (10 s): ``unreachable``. No new VMMs go
   there; its VMMs are left alone (a network blip must not fail every guest on a sled),
   and a heartbeat makes it active again.
-- silent past ``NEXUS_SLED_EXPUNGE_SECONDS`` (60 s): ``expunged``, for good. In the
-  same transaction every VMM of the sled that has not ended is recorded ``failed``
-  (reason :data:`LOST_REASON`), its instance becomes ``failed`` with no VMM, and the
-  failure is filed for the sagas that wait on those VMMs (a start waiting for
-  ``running``, a stop for ``destroyed``), which wake at once rather than at their
-  deadline.
+- silent past ``NEXUS_SLED_EXPUNGE_SECONDS`` (60 s) while Nexus hears other sleds:
+  ``expunged``, for good. In the same transaction every VMM of the sled that has not
+  ended is recorded ``failed`` (reason :data:`LOST_REASON`), its instance becomes
+  ``failed`` with no VMM, and the failure is filed for the sagas that wait on those
+  VMMs (a start waiting for ``running``, a stop for ``destroyed``), which wake at once
+  rather than at their deadline.
 
 Omicron does the last step in its instance watcher (``nexus/src/app/background/tasks/
 instance_watcher.rs``: a VMM on an expunged sled is marked ``Failed``, reason
@@ -18,9 +18,13 @@ instance_watcher.rs``: a VMM on an expunged sled is marked ``Failed``, reason
 sled is asked anything: the sweeper's pass reads heartbeat times already in the
 database, and the failure reaches waiting sagas by the rendezvous, like an agent's
 event. Omicron expunges only by an operator's decision; the threshold stands in for
-that decision here (an operator's ``expunge`` command is not built). A sled that comes
-back after it stays expunged: its agent still runs the VMMs Nexus failed (nothing tells
-it to destroy them yet), and nothing it says about them changes Nexus's records.
+that decision here (an operator's ``expunge`` command is not built). Nexus cannot tell a
+lost sled from its own deafness, hence the rule that another sled must be heard; it is
+not airtight: right after a broker outage longer than the threshold, a sled whose first
+heartbeat comes after another's (about a second) can be expunged though it lives. A
+sled that comes back after it stays expunged: its agent still runs the VMMs Nexus
+failed (nothing tells it to destroy them yet), and nothing it says about them changes
+Nexus's records.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import logging
 import uuid
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from nexus.db.models import Instance, Sled, Vmm
@@ -66,10 +70,24 @@ async def mark_silent_sleds(
 
 
 async def expunge_lost_sleds(
-    sessions: async_sessionmaker[AsyncSession], *, now: datetime, after: timedelta
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    now: datetime,
+    after: timedelta,
+    hearing: timedelta,
 ) -> list[Woken]:
-    """Expunge every sled silent for longer than ``after``; the sagas this woke."""
+    """Expunge every sled silent for longer than ``after``, provided Nexus hears another
+    sled (one beat within ``hearing``); the sagas this woke.
+
+    When no sled is heard at all, the silence is more likely Nexus's (the broker is
+    down, or its consumer is) than every sled's: nothing is expunged.
+    """
     async with sessions.begin() as session:
+        last_heard = await session.scalar(
+            select(func.max(Sled.last_heartbeat_at)).where(Sled.state != SledState.EXPUNGED)
+        )
+        if last_heard is None or last_heard < now - hearing:
+            return []
         lost = (
             await session.execute(
                 update(Sled)

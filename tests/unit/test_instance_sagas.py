@@ -234,6 +234,7 @@ async def test_a_lost_sled_fails_its_vmms_and_wakes_the_sagas_waiting_on_them(
     ensure = (await sled.commands(VmmEnsure))[-1]
     assert (await database.saga(waiting)).state == SagaState.WAITING
     lost = {sled.owners[booted.id], sled.owners[ensure.payload.id]}
+    await add_sleds(database, 1)  # Nexus hears another sled: a loss, not its own deafness
 
     async with database.sessions.begin() as session:
         for sled_id in lost:
@@ -241,7 +242,10 @@ async def test_a_lost_sled_fails_its_vmms_and_wakes_the_sagas_waiting_on_them(
             assert row is not None
             row.last_heartbeat_at = clock.now() - timedelta(seconds=120)
     woken = await expunge_lost_sleds(
-        database.sessions, now=clock.now(), after=timedelta(seconds=60)
+        database.sessions,
+        now=clock.now(),
+        after=timedelta(seconds=60),
+        hearing=timedelta(seconds=10),
     )
     assert [w.saga_id for w in woken] == [waiting]
 

@@ -16,7 +16,9 @@ from nexus.liveness import LOST_REASON, expunge_lost_sleds, mark_silent_sleds
 from nexus.saga.clock import ManualClock
 from schemas.instance import VmmState as Wire
 from schemas.sled import Heartbeat, SledHeartbeat
-from tests.saga_support import Database, Replica, placed_vmm, sled_of, vmm_event
+from tests.saga_support import Database, Replica, add_sleds, placed_vmm, sled_of, vmm_event
+
+AFTER = timedelta(seconds=60)
 
 
 @pytest.fixture
@@ -83,16 +85,20 @@ async def test_a_lost_sled_fails_its_instances_within_its_threshold_and_stays_lo
 ) -> None:
     clock = ManualClock()
     lost = await placed_vmm(database, state=VmmState.RUNNING, generation=2)
+    (beating,) = await add_sleds(database, 1)
     replica = Replica(database, "a", clock=clock)
 
+    async def expunge() -> None:
+        await replica.deliver(heartbeat(beating.id, clock))
+        await expunge_lost_sleds(
+            database.sessions, now=clock.now(), after=AFTER, hearing=timedelta(seconds=10)
+        )
+
     clock.advance(timedelta(seconds=59))
-    assert (
-        await expunge_lost_sleds(database.sessions, now=clock.now(), after=timedelta(seconds=60))
-        == []
-    )
+    await expunge()
     assert (await rows(database, lost))[1].state == InstanceState.RUNNING
     clock.advance(timedelta(seconds=2))
-    await expunge_lost_sleds(database.sessions, now=clock.now(), after=timedelta(seconds=60))
+    await expunge()
 
     vmm, instance, sled = await rows(database, lost)
     assert (vmm.state, vmm.generation, vmm.reason) == (VmmState.FAILED, 3, LOST_REASON)
@@ -108,6 +114,25 @@ async def test_a_lost_sled_fails_its_instances_within_its_threshold_and_stays_lo
         VmmState.FAILED,
         InstanceState.FAILED,
     )
+
+
+async def test_no_sled_is_expunged_while_nexus_hears_none(database: Database) -> None:
+    """Every sled silent at once (the broker down, say) is Nexus's deafness, not a rack
+    lost: nothing is expunged."""
+    clock = ManualClock()
+    vmms = [await placed_vmm(database, state=VmmState.RUNNING, generation=2) for _ in range(2)]
+    clock.advance(timedelta(seconds=600))
+    woken = await expunge_lost_sleds(
+        database.sessions, now=clock.now(), after=AFTER, hearing=timedelta(seconds=10)
+    )
+    assert woken == []
+    for vmm_id in vmms:
+        vmm, instance, sled = await rows(database, vmm_id)
+        assert (sled.state, vmm.state, instance.state) == (
+            SledState.ACTIVE,
+            VmmState.RUNNING,
+            InstanceState.RUNNING,
+        )
 
 
 async def test_an_unrequested_crash_is_applied_by_generation_and_ends_the_vmm(

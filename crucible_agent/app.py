@@ -85,6 +85,7 @@ async def build(settings: CrucibleSettings) -> Agent:
             delay=settings.delay,
             fail_fraction=settings.fail_fraction,
             crash_mid_create_fraction=settings.crash_mid_create_fraction,
+            destroy_fail_fraction=settings.destroy_fail_fraction,
         ),
         rng=random.Random(settings.seed),
         reserve=reserve,

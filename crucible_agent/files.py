@@ -55,7 +55,11 @@ class RegionFiles:
         partial.replace(directory / MANIFEST)
 
     def remove(self, region_id: uuid.UUID) -> None:
-        shutil.rmtree(self.directory(region_id), ignore_errors=True)
+        """Removes the region's directory, if there is one; raises OSError when it cannot
+        (a destroy that fails is recorded as such, not ignored)."""
+        directory = self.directory(region_id)
+        if directory.exists():
+            shutil.rmtree(directory)
 
     def extent_paths(self, region_id: uuid.UUID) -> list[Path]:
         return sorted(self.directory(region_id).glob("*.extent"))

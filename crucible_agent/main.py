@@ -67,6 +67,13 @@ def run(
             "halfway through the extent files (env CRUCIBLE_CRASH_MID_CREATE_FRACTION)."
         ),
     ] = None,
+    destroy_fail_fraction: Annotated[
+        float | None,
+        typer.Option(
+            help="Fraction (0..1) of destroys that fail, leaving the region failed "
+            "(env CRUCIBLE_DESTROY_FAIL_FRACTION)."
+        ),
+    ] = None,
     log_level: Annotated[
         str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR (env CRUCIBLE_LOG_LEVEL).")
     ] = None,
@@ -103,6 +110,7 @@ def run(
         "seed": seed,
         "fail_fraction": fail_fraction,
         "crash_mid_create_fraction": crash_mid_create_fraction,
+        "destroy_fail_fraction": destroy_fail_fraction,
         "log_level": log_level,
         "announce_seconds": announce_seconds,
         "announce_coalesce_seconds": announce_coalesce_seconds,

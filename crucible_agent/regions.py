@@ -1,15 +1,17 @@
-"""The region state machine and capacity rules, with no I/O.
+"""The region state machine and the agent's resource rules, with no I/O.
 
-Follows the real Crucible agent (docs/design.md, "Message contracts"): a region is
-``requested`` until its extent files exist, then ``created``; delete goes through
-``tombstoned`` (files still on disk) to ``destroyed`` (files gone, record kept so that
-repeated calls stay idempotent). Every change of state is a new generation.
+Follows the real Crucible agent (``agent/src/datafile.rs`` and ``agent/src/main.rs`` in
+Oxide's crucible repository; docs/omicron-crucible-notes.md lists each rule with its
+source): a region is ``requested`` until its extent files exist, then ``created``;
+delete goes through ``tombstoned`` (files still on disk) to ``destroyed`` (files gone,
+record kept so that repeated calls stay idempotent). Every change of state is a new
+generation.
 
-A region that does not fit the remaining capacity is recorded ``failed`` with the
-reason, as Crucible does, rather than refused: the caller asked for a region with that
-id, and the failure is its answer, visible to ``get`` and ``list`` like any other.
-A failed region holds no files and no capacity. So is one its data directory has no
-room for (:mod:`crucible_agent.space`): its failure starts with "out of space".
+A create is recorded ``requested`` with a port, or refused with no record when no port
+is free. Whether it fits is decided later, by the one worker, when it reserves the
+region's space (:func:`reserve`): a region that cannot reserve is ``failed`` with the
+reason, and keeps its port until it is destroyed. A destroy that cannot remove the
+files makes the region ``failed`` too, so that a delete sent again tombstones it again.
 
 The functions here decide; the caller (``crucible_agent.service``) reads the records,
 applies the decision in one transaction and performs the file work.
@@ -21,15 +23,22 @@ from dataclasses import dataclass
 
 from schemas.region import Region, RegionSpec, RegionState
 
-# Crucible's agents hand out downstairs ports from here upwards (Omicron starts at 19000).
+# The real agent's downstairs ports: ``portbase`` 19000 (agent/smf/agent.xml) up to
+# ``lowport + 999`` (agent/src/main.rs), both included.
 FIRST_PORT = 19000
-LAST_PORT = 65535
+LAST_PORT = 19999
+
+# The real worker takes tombstoned regions before requested ones (``first_in_states``
+# in agent/src/main.rs), so a delete never waits behind a queue of creates.
+WORK_ORDER = (RegionState.TOMBSTONED, RegionState.REQUESTED)
 
 DELETABLE = frozenset({RegionState.REQUESTED, RegionState.CREATED, RegionState.FAILED})
 
 # The code of a rejection for want of space, for a create that could not even be
-# recorded failed.
+# recorded.
 OUT_OF_SPACE = "out_of_space"
+# The code of a create refused because every port in the range is taken.
+NO_FREE_PORT = "no_free_port"
 
 
 def out_of_space(why: str) -> str:
@@ -37,15 +46,21 @@ def out_of_space(why: str) -> str:
     return f"out of space: {why}"
 
 
-def holds_space(region: Region | None) -> bool:
-    """Whether the region holds (or is about to hold, or still holds) files on disk, and
-    so counts against capacity and keeps its port. A failed region never does, even once
-    tombstoned: its files were removed when it failed, or never written."""
-    if region is None:
-        return False
-    if region.state is RegionState.TOMBSTONED:
-        return region.failure is None
-    return region.state in {RegionState.REQUESTED, RegionState.CREATED}
+def failed_out_of_space(failure: str) -> bool:
+    """Whether a region's failure is for want of space (:func:`out_of_space`)."""
+    return failure.startswith(out_of_space(""))
+
+
+def reservation_bytes(size_bytes: int) -> int:
+    """What a region reserves: 1.25 times its size, for metadata and snapshots
+    (``RESERVATION_FACTOR`` in agent/src/main.rs), rounded half up as Rust's ``round``."""
+    return (5 * size_bytes + 2) // 4
+
+
+def holds_port(region: Region | None) -> bool:
+    """Every region keeps its port until it is destroyed, a failed one too: its
+    downstairs may still be bound to it (``get_free_port`` in agent/src/datafile.rs)."""
+    return region is not None and region.state is not RegionState.DESTROYED
 
 
 # What a command or a finished piece of work does to a region.
@@ -64,7 +79,10 @@ class Changed:
 
     @property
     def capacity_changed(self) -> bool:
-        return holds_space(self.previous) != holds_space(self.region)
+        """Whether the announced capacity moves: a new region counts, a destroyed one no
+        longer holds its reservation. A reservation taken or given back without a change
+        of state is announced by whoever changes it."""
+        return self.previous is None or self.region.state is RegionState.DESTROYED
 
 
 @dataclass(frozen=True)
@@ -83,22 +101,39 @@ class Conflict:
 
 
 @dataclass(frozen=True)
+class Refused:
+    """A new region that cannot even be recorded: no record, a rejection with ``code``."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
 class NotFound:
     message: str
 
 
-EnsureOutcome = Changed | Unchanged | Conflict
+@dataclass(frozen=True)
+class Reserve:
+    """The worker may create the region: record that it holds ``bytes``."""
+
+    bytes: int
+
+
+EnsureOutcome = Changed | Unchanged | Conflict | Refused
 DeleteOutcome = Changed | Unchanged | NotFound
 
 
 @dataclass(frozen=True)
 class Holdings:
-    """What the regions that hold space (:func:`holds_space`) add up to. The store sums
-    them in SQL, so that a decision does not read every region record."""
+    """What the agent's regions add up to. The store sums them in SQL, so that a
+    decision does not read every region record."""
 
+    # The reservations of the regions whose space is reserved and not yet destroyed.
     used_bytes: int
+    # Regions not destroyed (each holds a port).
     regions: int
-    # The lowest port none of them uses; None when every port is taken.
+    # The lowest port no region holds (:func:`holds_port`); None when every one is.
     free_port: int | None
 
 
@@ -113,48 +148,59 @@ class Capacity:
 
 
 def ensure(
-    existing: Region | None,
-    spec: RegionSpec,
-    *,
-    holdings: Holdings | None,
-    total_bytes: int,
-    shortage: str | None = None,
+    existing: Region | None, spec: RegionSpec, *, holdings: Holdings | None
 ) -> EnsureOutcome:
     """Create is idempotent by id: the same parameters give back the existing record,
-    whatever its state; different ones are a conflict. ``holdings`` are those of the
-    agent's other regions, for capacity and ports: needed only for a new region (a
-    repeated ensure, as a poller or a redelivery sends, need not add them up).
-    ``shortage``: why the data directory has no room for a new region now, if so."""
+    whatever its state; different ones are a conflict. ``holdings`` are the agent's, for
+    the port: needed only for a new region (a repeated ensure, as a poller or a
+    redelivery sends, need not add them up). With no free port nothing is recorded, as
+    the real agent answers an error and records nothing (``create_region_request``)."""
     if existing is not None:
         if existing.spec() == spec:
             return Unchanged(existing)
         return Conflict(existing, _difference(existing.spec(), spec))
     if holdings is None:
         raise ValueError(f"region {spec.id} is new: placing it needs the agent's holdings")
-    room = Capacity(total_bytes=total_bytes, used_bytes=holdings.used_bytes)
-    failure: str | None = None
-    if shortage is not None:
-        failure = out_of_space(shortage)
-    elif spec.size_bytes > room.free_bytes:
-        failure = (
-            f"does not fit: needs {spec.size_bytes} bytes, {room.free_bytes} of "
-            f"{room.total_bytes} free"
-        )
-    elif holdings.free_port is None:
-        failure = f"no free port in {FIRST_PORT}-{LAST_PORT}"
+    if holdings.free_port is None:
+        return Refused(NO_FREE_PORT, f"no free port in {FIRST_PORT}-{LAST_PORT}")
     region = Region(
         **spec.model_dump(),
-        port_number=holdings.free_port or 0,
-        state=RegionState.FAILED if failure else RegionState.REQUESTED,
+        port_number=holdings.free_port,
+        # A region cloned from another downstairs is served read-only.
+        read_only=spec.source is not None,
+        state=RegionState.REQUESTED,
         generation=1,
-        failure=failure,
     )
     return Changed(region, previous=None)
 
 
+def reserve(
+    region: Region, *, others: Holdings, total_bytes: int, shortage: str | None
+) -> Reserve | Changed:
+    """The worker is about to create ``region``: it reserves 1.25 times the region's size
+    among what ``others`` hold, or fails with the reason and without files, as the real
+    agent does when it cannot create the region's dataset with its reservation.
+    ``shortage``: why the data directory has no room for a new region now, if so."""
+    need = reservation_bytes(region.size_bytes)
+    room = Capacity(total_bytes=total_bytes, used_bytes=others.used_bytes)
+    if shortage is not None:
+        return _move(region, RegionState.FAILED, failure=out_of_space(shortage))
+    if need > room.free_bytes:
+        return _move(
+            region,
+            RegionState.FAILED,
+            failure=(
+                f"cannot reserve {need} bytes (1.25 x {region.size_bytes}): "
+                f"{room.free_bytes} of {room.total_bytes} free"
+            ),
+        )
+    return Reserve(need)
+
+
 def delete(existing: Region | None) -> DeleteOutcome:
     """``requested``/``created``/``failed`` become ``tombstoned``; a region already on
-    its way out (or gone) is left as it is, so a repeated delete is harmless."""
+    its way out (or gone) is left as it is, so a repeated delete is harmless. A region
+    whose destroy failed is ``failed``: deleting it again tries the destroy again."""
     if existing is None:
         return NotFound("no such region")
     if existing.state in DELETABLE:
@@ -171,21 +217,20 @@ def create_finished(region: Region, failure: str | None) -> Changed | Unchanged:
     return _move(region, RegionState.CREATED)
 
 
-def destroy_finished(region: Region) -> Changed | Unchanged:
-    """The files of a tombstoned region are gone."""
+def destroy_finished(region: Region, failure: str | None) -> Changed | Unchanged:
+    """The worker tried to remove a tombstoned region's files. Removed: ``destroyed``.
+    Not removed: ``failed`` with the reason, as the real worker records it (``df.fail``
+    after a failed ``worker_region_destroy``); the region keeps its port and files."""
     if region.state is not RegionState.TOMBSTONED:
         return Unchanged(region)
+    if failure is not None:
+        return _move(region, RegionState.FAILED, failure=f"destroy failed: {failure}")
     return _move(region, RegionState.DESTROYED)
 
 
 def needs_files(region: Region) -> bool:
-    """After a restart: a region whose extent files are still to be written."""
+    """A region whose extent files are still to be written."""
     return region.state is RegionState.REQUESTED
-
-
-def needs_removal(region: Region) -> bool:
-    """After a restart: a region whose files are still to be removed."""
-    return region.state is RegionState.TOMBSTONED
 
 
 def _move(region: Region, state: RegionState, *, failure: str | None = None) -> Changed:

@@ -7,14 +7,20 @@ the transport only after its handler returned, so after that commit: a command t
 arrives twice (redelivery, or a saga re-sending it) finds the work done and changes
 nothing.
 
-The slow part of a create (the configured delay, then writing the extent files) runs
-in a background task after the command was acked. If the process dies, the region is
-still ``requested`` in the database and :meth:`RegionService.resume` starts the work
-again; if a delete arrives meanwhile, the create's outcome is not recorded and the
-region stays ``tombstoned``. Background work that fails on a transient error (the
-state database cannot be written: :func:`schemas.transient.is_transient`) is run again
-in place with backoff; any other failure ends the agent (:meth:`RegionService.failed`),
-whose next start resumes the work.
+The file work runs after the command was acked, in one worker, as in the real agent
+(``worker`` in agent/src/main.rs): it takes tombstoned regions before requested ones,
+and creates one region at a time (the configured delay, reserving the space, writing
+the extent files), so creates queue behind each other as on real hardware and a delete
+waits for at most the create under way. The worker reads its next region from the
+records, so after a restart it simply carries on: a region still ``requested`` is
+created, a ``tombstoned`` one removed. If a delete arrives while a region is created,
+the create's outcome is not recorded and the region stays ``tombstoned``. A destroy
+that cannot remove the files makes the region ``failed`` with the reason, as the real
+agent does; a delete sent again tries once more. Background work that fails on a
+transient error (the state database cannot be written:
+:func:`schemas.transient.is_transient`) is run again in place with backoff; any other
+failure ends the agent (:meth:`RegionService.failed`), whose next start resumes the
+work.
 
 Capacity is announced at start, every ``announce_seconds``, and ``coalesce_seconds``
 after a change of free space: one announcement, read after the wait, covers every
@@ -24,8 +30,8 @@ the process dies is made up for by the announcement at the next start.
 
 A full data directory (:mod:`crucible_agent.space`) stops no one: reads are answered
 from the records as ever; a write that does not fit is tried once more in the room the
-released space reserve leaves. A new region is then recorded ``failed``, "out of space",
-without writing files; one that cannot even be recorded is refused with the code
+released space reserve leaves. The worker then fails a new region "out of space"
+without writing files; a create that cannot even be recorded is refused with the code
 ``out_of_space``, published directly rather than through the outbox. Background work
 whose outcome cannot be recorded tries again later; a skipped announcement is made up
 for by the next one.
@@ -34,7 +40,6 @@ for by the next one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import random
@@ -63,6 +68,7 @@ from schemas.region import (
     RegionList,
     RegionListed,
     RegionListing,
+    RegionState,
     RegionStateChanged,
 )
 from schemas.sled import AgentAnnounced, CrucibleAgentInfo
@@ -94,11 +100,13 @@ class Replier(Protocol):
 
 @dataclass(frozen=True)
 class Faults:
-    """How long creates take and how they go wrong, drawn from one seeded generator."""
+    """How long creates take and how creates and destroys go wrong, drawn from one seeded
+    generator."""
 
     delay: Delay
     fail_fraction: float = 0.0
     crash_mid_create_fraction: float = 0.0
+    destroy_fail_fraction: float = 0.0
 
 
 def kill_this_process() -> None:
@@ -141,9 +149,10 @@ class RegionService:
         self._rng = rng
         self._reserve = reserve
         self._crash = crash
-        # File work is serialised: a destroy must not remove a directory that a create
-        # is still writing. Sparse extents make the work itself short.
-        self._file_lock = asyncio.Lock()
+        # The one worker, while it runs; it ends when it finds no work, and a new record
+        # starts it again.
+        self._worker: asyncio.Task[None] | None = None
+        self._work_ready = asyncio.Event()
         self._stopping = asyncio.Event()
         self._workers: set[asyncio.Task[None]] = set()
         self._retries = TransientRetries()
@@ -199,27 +208,20 @@ class RegionService:
                 )
 
     async def _ensure(self, delivery: Delivery, command: RegionEnsure) -> None:
-        shortage = self._shortage()
-        outcome: regions.EnsureOutcome | None
         try:
-            outcome = await self._ensure_recorded(delivery, command, shortage)
+            # On a full disk, once more in the room the released reserve left; the worker
+            # then fails the region for want of space.
+            outcome = await self._writing(lambda: self._ensure_recorded(delivery, command))
         except OutOfSpace as full:
-            # Nothing was recorded. A new region fails for want of space, recorded in the
-            # room the released reserve left, or else refused without a record.
-            shortage = self._shortage() or str(full)
-            outcome = None
-            if full.freed:
-                with contextlib.suppress(OutOfSpace):
-                    outcome = await self._ensure_recorded(delivery, command, shortage)
-            if outcome is None:
-                await self._answer_unrecorded(delivery, command, shortage)
-                return
+            # Nothing was recorded: refused without a record.
+            await self._answer_unrecorded(delivery, command, self._shortage() or str(full))
+            return
         self._relay.notify()
-        if isinstance(outcome, regions.Changed) and regions.needs_files(outcome.region):
-            self._start(self._create(outcome.region.id))
+        if isinstance(outcome, regions.Changed):
+            self._wake_worker()
 
     async def _ensure_recorded(
-        self, delivery: Delivery, command: RegionEnsure, shortage: str | None
+        self, delivery: Delivery, command: RegionEnsure
     ) -> regions.EnsureOutcome:
         spec = command.payload
         async with self._store.transaction() as tx:
@@ -229,14 +231,15 @@ class RegionService:
                 spec,
                 # Adding up the holdings reads every region held: only a new one needs it.
                 holdings=await tx.holdings() if existing is None else None,
-                total_bytes=self._capacity_bytes,
-                shortage=shortage,
             )
             match outcome:
                 case regions.Changed():
                     await self._record(tx, outcome, Cause.of(command))
                 case regions.Conflict():
                     await self._send_rejection(tx, delivery, command, "conflict", outcome.message)
+                    _log_rejection(command, outcome.message)
+                case regions.Refused():
+                    await self._send_rejection(tx, delivery, command, outcome.code, outcome.message)
                     _log_rejection(command, outcome.message)
                 case regions.Unchanged():
                     log.info(
@@ -245,7 +248,7 @@ class RegionService:
                         outcome.region.state.value,
                         extra=_ids(command, spec.id),
                     )
-            if not isinstance(outcome, regions.Conflict):
+            if isinstance(outcome, regions.Changed | regions.Unchanged):
                 await self._send_info(tx, delivery, command, outcome.region)
         return outcome
 
@@ -260,7 +263,7 @@ class RegionService:
                 delivery, command, regions.OUT_OF_SPACE, regions.out_of_space(shortage)
             )
         elif existing.spec() != spec:
-            decided = regions.ensure(existing, spec, holdings=None, total_bytes=0)
+            decided = regions.ensure(existing, spec, holdings=None)
             assert isinstance(decided, regions.Conflict)
             await self._reject_directly(delivery, command, "conflict", decided.message)
         else:
@@ -279,7 +282,7 @@ class RegionService:
             return
         self._relay.notify()
         if isinstance(outcome, regions.Changed):
-            self._start(self._destroy(region_id))
+            self._wake_worker()
 
     async def _delete_recorded(
         self, delivery: Delivery, command: RegionDelete
@@ -351,23 +354,47 @@ class RegionService:
         """Why the data directory has no room for a new region now, if so."""
         return None if self._reserve is None else self._reserve.shortage()
 
-    # Background work: creating and destroying the files.
+    # Background work: the one worker, creating and destroying the files.
 
     async def resume(self) -> None:
-        """After a start: take the space reserve, finish what a previous run left half
-        done, announce capacity."""
+        """After a start: take the space reserve, start the worker on what a previous run
+        left half done, announce capacity."""
         if self._reserve is not None and not self._reserve.hold():
             log.warning("data directory nearly full: no space reserve, new regions fail")
-        for region in await self._store.regions():
-            if regions.needs_files(region):
-                log.info("resuming the create of region %s", region.id, extra=_ids(None, region.id))
-                self._start(self._create(region.id))
-            elif regions.needs_removal(region):
-                log.info(
-                    "resuming the removal of region %s", region.id, extra=_ids(None, region.id)
-                )
-                self._start(self._destroy(region.id))
+        self._wake_worker()
         await self.announce()
+
+    def _wake_worker(self) -> None:
+        """There may be new work: the worker looks again, and starts if it is not running."""
+        self._work_ready.set()
+        if self._worker is None or self._worker.done():
+            self._worker = self._start(self._work())
+
+    async def _work(self) -> None:
+        """The worker: one region at a time, in :data:`regions.WORK_ORDER`, until none is
+        left. It reads the records after clearing ``_work_ready``, so a record committed
+        meanwhile either is read or sets it again."""
+        while not self._stopping.is_set():
+            self._work_ready.clear()
+            region = await self._next_work()
+            if region is None:
+                if self._work_ready.is_set():
+                    continue
+                return
+            if region.state is RegionState.TOMBSTONED:
+                await self._destroy(region.id)
+            else:
+                await self._create(region.id)
+
+    async def _next_work(self) -> Region | None:
+        found: list[Region | None] = [None]
+
+        async def read() -> None:
+            async with self._store.transaction() as tx:
+                found[0] = await tx.next_work(regions.WORK_ORDER)
+
+        await self._until_done("reading the next region work", read)
+        return found[0]
 
     async def _create(self, region_id: uuid.UUID) -> None:
         delay = self._faults.delay.sample(self._rng)
@@ -378,38 +405,64 @@ class RegionService:
         )
 
     async def _create_once(self, region_id: uuid.UUID) -> None:
-        """The files of a create, then its outcome recorded; each attempt starts from the
+        """Reserve, write the files, record the outcome; each attempt starts from the
         records, so it may run again after a failure."""
-        async with self._file_lock:
-            region = await self._store.region(region_id)
-            # Deleted while it waited: a create that finishes after a delete records nothing.
-            if region is None or not regions.needs_files(region):
-                return
-            # No room for the records: the files would take what is left of it.
-            shortage = self._shortage()
-            if shortage is not None:
-                failure: str | None = regions.out_of_space(shortage)
-            else:
-                failure = await self._write_files(region)
-            if failure is None and self._stopping.is_set():
-                return
-            if failure is not None:
-                self._files.remove(region_id)
-            await self._writing(lambda: self._record_create_finished(region_id, failure))
+        region = await self._writing(lambda: self._reserve_space(region_id))
+        self._relay.notify()
+        if region is None:
+            return
+        failure = await self._write_files(region)
+        if failure is None and self._stopping.is_set():
+            return
+        # Files that did not fit are removed, and their reservation given back: the room
+        # is what the agent's own records need (the real agent keeps them, and would
+        # keep a failed dataset).
+        release = failure is not None and regions.failed_out_of_space(failure)
+        if release:
+            self._files.remove(region_id)
+        await self._writing(lambda: self._record_create_finished(region_id, failure, release))
+        if release:
+            self._announce_soon()
         self._relay.notify()
 
-    async def _record_create_finished(self, region_id: uuid.UUID, failure: str | None) -> None:
+    async def _reserve_space(self, region_id: uuid.UUID) -> Region | None:
+        """The region, its space reserved; None when it is no longer to be created or
+        failed for want of space (recorded, with its event)."""
+        shortage = self._shortage()
+        async with self._store.transaction() as tx:
+            region = await tx.region(region_id)
+            # Deleted while it waited: a create that finishes after a delete records nothing.
+            if region is None or not regions.needs_files(region):
+                return None
+            decided = regions.reserve(
+                region,
+                others=await tx.holdings(except_id=region_id),
+                total_bytes=self._capacity_bytes,
+                shortage=shortage,
+            )
+            if isinstance(decided, regions.Changed):
+                await self._record(tx, decided, await tx.cause(region_id))
+                return None
+            await tx.set_reserved(region_id, decided.bytes)
+        self._announce_soon()
+        return region
+
+    async def _record_create_finished(
+        self, region_id: uuid.UUID, failure: str | None, release: bool
+    ) -> None:
         async with self._store.transaction() as tx:
             current = await tx.region(region_id)
             assert current is not None, "region records are never deleted"
+            if release:
+                await tx.set_reserved(region_id, 0)
             outcome = regions.create_finished(current, failure)
             if isinstance(outcome, regions.Changed):
                 await self._record(tx, outcome, await tx.cause(region_id))
 
     async def _write_files(self, region: Region) -> str | None:
-        """Writes the extents and returns None, or why the create failed."""
-        if self._rng.random() < self._faults.fail_fraction:
-            return f"injected failure (fail fraction {self._faults.fail_fraction:g})"
+        """Writes the extents and returns None, or why the create failed. An injected
+        failure comes after the files, which stay, as a failed real create keeps its
+        dataset until the region is deleted."""
         crash_at = (
             region.extent_count // 2
             if self._rng.random() < self._faults.crash_mid_create_fraction
@@ -430,6 +483,8 @@ class RegionService:
         except OSError as error:
             failure = f"could not write the extent files: {error}"
             return regions.out_of_space(failure) if is_out_of_space(error) else failure
+        if self._rng.random() < self._faults.fail_fraction:
+            return f"injected failure (fail fraction {self._faults.fail_fraction:g})"
         return None
 
     async def _destroy(self, region_id: uuid.UUID) -> None:
@@ -438,27 +493,41 @@ class RegionService:
         )
 
     async def _destroy_once(self, region_id: uuid.UUID) -> None:
-        async with self._file_lock:
-            self._files.remove(region_id)
-            await self._writing(lambda: self._record_destroy_finished(region_id))
+        failure = self._remove_files(region_id)
+        await self._writing(lambda: self._record_destroy_finished(region_id, failure))
         self._relay.notify()
 
-    async def _record_destroy_finished(self, region_id: uuid.UUID) -> None:
+    def _remove_files(self, region_id: uuid.UUID) -> str | None:
+        """Removes the region's files and returns None, or why they could not be."""
+        if self._rng.random() < self._faults.destroy_fail_fraction:
+            return (
+                f"injected failure (destroy fail fraction {self._faults.destroy_fail_fraction:g})"
+            )
+        try:
+            self._files.remove(region_id)
+        except OSError as error:
+            if is_out_of_space(error):
+                raise
+            return f"could not remove the region's files: {error}"
+        return None
+
+    async def _record_destroy_finished(self, region_id: uuid.UUID, failure: str | None) -> None:
         async with self._store.transaction() as tx:
             region = await tx.region(region_id)
             assert region is not None, "region records are never deleted"
-            outcome = regions.destroy_finished(region)
+            outcome = regions.destroy_finished(region, failure)
             if isinstance(outcome, regions.Changed):
                 await self._record(tx, outcome, await tx.cause(region_id))
 
-    def _start(self, work: Coroutine[Any, Any, None]) -> None:
+    def _start(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
         if self._stopping.is_set():
             # Not started now, still recorded: the next start resumes it.
             work.close()
-            return
+            return None
         task = asyncio.create_task(work)
         self._workers.add(task)
         task.add_done_callback(self._worker_done)
+        return task
 
     async def _until_done(self, what: str, work: Callable[[], Awaitable[None]]) -> None:
         """``work``, again in place after each transient failure until done or stopped."""

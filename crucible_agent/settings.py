@@ -36,6 +36,11 @@ class CrucibleSettings(BaseSettings):
         description="fraction of creates during which the process SIGKILLs itself "
         "halfway through writing the extent files",
     )
+    destroy_fail_fraction: Fraction = Field(
+        default=0.0,
+        description="fraction of destroys that fail: the region is recorded failed, as the "
+        "real agent records a destroy it could not carry out, until a delete is sent again",
+    )
     log_level: str = "INFO"
     announce_seconds: float = Field(
         default=30.0, gt=0, description="how often it re-announces its capacity"

@@ -6,9 +6,12 @@ serves the whole process, one transaction at a time: SQLite has one writer anywa
 queueing on a lock here is cheaper than contending for the file lock (docs/design.md,
 "Measured facts").
 
-What the live regions add up to (used bytes, count, the lowest free port) is summed in
+What the regions add up to (reserved bytes, count, the lowest free port) is summed in
 SQL by :meth:`Transaction.holdings`, not by reading every region record into Python on
 each create and announcement (that made a create's CPU grow with the regions held).
+A region's reservation is a column of its own (``reserved_bytes``), not part of the
+wire's region: the worker sets it when it reserves the space, and gives it back when it
+removes the files of a create that failed for want of space.
 
 A sent outbox row is deleted rather than flagged: the broker has the message, and the
 table stays as small as what is still in flight.
@@ -38,6 +41,7 @@ from sqlalchemy import (
     Table,
     Uuid,
     and_,
+    bindparam,
     delete,
     event,
     func,
@@ -82,6 +86,8 @@ regions_table = Table(
     Column("state", String(16), nullable=False, index=True),
     Column("generation", Integer, nullable=False),
     Column("failure", String(2000)),
+    # The space the worker reserved for it (regions.reservation_bytes), 0 until then.
+    Column("reserved_bytes", Integer, nullable=False, server_default="0"),
     # The command behind the latest change: work that finishes later (even after a
     # restart) publishes its event in that command's correlation.
     Column("cause_id", Uuid, nullable=False),
@@ -105,32 +111,33 @@ outbox_table = Table(
 )
 
 
-# regions.holds_space in SQL; the two must agree (tests/unit/test_crucible_store.py).
-_holds_space = or_(
-    regions_table.c.state.in_([RegionState.REQUESTED.value, RegionState.CREATED.value]),
-    and_(regions_table.c.state == RegionState.TOMBSTONED.value, regions_table.c.failure.is_(None)),
-)
+# regions.holds_port in SQL; the two must agree (tests/unit/test_crucible_store.py).
+_holds_port = regions_table.c.state != RegionState.DESTROYED.value
+# No region has this id: the holdings of every region.
+_NOBODY = uuid.UUID(int=0)
 
 
 def _holdings_query() -> Select[int, int, int | None]:
-    """Used bytes, count and the lowest free port of the regions that hold space, in
-    one statement. The lowest free port is the first one, or one above a port in use;
-    SQLite builds the set of ports in use once for the ``NOT IN``."""
+    """Reserved bytes, count and the lowest free port of the regions not destroyed but
+    one (``b_except``), in one statement. The lowest free port is the first one, or one
+    above a port in use; SQLite builds the set of ports in use once for the ``NOT IN``."""
     held = regions_table.c
+    counted = and_(_holds_port, held.id != bindparam("b_except", type_=Uuid))
     candidates = union_all(
         select(literal(FIRST_PORT).label("port")),
         select((held.port_number + 1).label("port")).where(
-            _holds_space, held.port_number >= FIRST_PORT, held.port_number < LAST_PORT
+            counted, held.port_number >= FIRST_PORT, held.port_number < LAST_PORT
         ),
     ).subquery()
-    in_use = select(held.port_number).where(_holds_space)
+    in_use = select(held.port_number).where(counted)
     free_port = (
         select(func.min(candidates.c.port))
         .where(candidates.c.port.not_in(in_use))
         .scalar_subquery()
     )
-    size = held.block_size * held.extent_size * held.extent_count
-    return select(func.coalesce(func.sum(size), 0), func.count(), free_port).where(_holds_space)
+    return select(func.coalesce(func.sum(held.reserved_bytes), 0), func.count(), free_port).where(
+        counted
+    )
 
 
 # Built once: the statement is the same on every call.
@@ -166,11 +173,34 @@ class Transaction:
             query = query.where(regions_table.c.id != except_id)
         return [_region(row) for row in await self._connection.execute(query)]
 
-    async def holdings(self) -> Holdings:
-        """What the regions that hold space add up to."""
-        result = await self._connection.execute(_HOLDINGS)
+    async def holdings(self, *, except_id: uuid.UUID = _NOBODY) -> Holdings:
+        """What the regions not destroyed add up to, but ``except_id``."""
+        result = await self._connection.execute(_HOLDINGS, {"b_except": except_id})
         used_bytes, count, free_port = result.one()
         return Holdings(used_bytes=used_bytes, regions=count, free_port=free_port)
+
+    async def next_work(self, order: Sequence[RegionState]) -> Region | None:
+        """The first region, by id as the real agent's map is ordered, in the first of
+        ``order``'s states that has one."""
+        for state in order:
+            result = await self._connection.execute(
+                select(regions_table)
+                .where(regions_table.c.state == state.value)
+                .order_by(regions_table.c.id)
+                .limit(1)
+            )
+            row = result.one_or_none()
+            if row is not None:
+                return _region(row)
+        return None
+
+    async def set_reserved(self, region_id: uuid.UUID, reserved_bytes: int) -> None:
+        """Records the space ``region_id`` holds; no change of state, so no event."""
+        await self._connection.execute(
+            update(regions_table)
+            .where(regions_table.c.id == region_id)
+            .values(reserved_bytes=reserved_bytes)
+        )
 
     async def cause(self, region_id: uuid.UUID) -> Cause:
         result = await self._connection.execute(
@@ -248,6 +278,7 @@ class AgentStore:
         connection = await engine.connect()
         async with connection.begin():
             await connection.run_sync(metadata.create_all)
+            await _add_reservations(connection)
         return cls(engine, connection, reserve)
 
     async def close(self) -> None:
@@ -300,6 +331,27 @@ class AgentStore:
             await self._connection.execute(
                 delete(outbox_table).where(outbox_table.c.message_id.in_(message_ids))
             )
+
+
+async def _add_reservations(connection: AsyncConnection) -> None:
+    """A database from before reservations were recorded gets the column, and its
+    regions with files the reservation they would have taken."""
+    columns = await connection.exec_driver_sql("PRAGMA table_info(regions)")
+    if "reserved_bytes" in {row.name for row in columns}:
+        return
+    await connection.exec_driver_sql(
+        "ALTER TABLE regions ADD COLUMN reserved_bytes INTEGER NOT NULL DEFAULT 0"
+    )
+    held = regions_table.c
+    size = held.block_size * held.extent_size * held.extent_count
+    with_files = or_(
+        held.state == RegionState.CREATED.value,
+        and_(held.state == RegionState.TOMBSTONED.value, held.failure.is_(None)),
+    )
+    # regions.reservation_bytes, in SQL.
+    await connection.execute(
+        update(regions_table).where(with_files).values(reserved_bytes=(5 * size + 2) // 4)
+    )
 
 
 def _pragmas(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:

@@ -42,6 +42,7 @@ from nexus.db.states import DiskState, InstanceState, SagaState, SledState, Wait
 from nexus.doctor import run_doctor
 from nexus.saga.definition import SagaDefinition
 from nexus.saga.executor import SagaExecutor
+from nexus.saga.position import Position, WaitingNode
 from nexus.sagas import disk_create, disk_delete, instance_create, instance_delete, instance_power
 from nexus.unclaimed import summarise
 from schemas import api
@@ -80,9 +81,13 @@ class Api:
         clock: Callable[[], datetime],
         replica_id: str,
         region_deadline: timedelta = disk_create.REGION_DEADLINE,
+        region_max_rearms: int | None = None,
+        delete_deadline: timedelta = disk_create.DELETE_DEADLINE,
     ) -> None:
+        self._delete_deadline = delete_deadline
         self._disk_create = disk_create_saga
         self._region_deadline = region_deadline
+        self._region_max_rearms = region_max_rearms
         self._sessions = sessions
         self._executor = executor
         self._transport = transport
@@ -204,6 +209,8 @@ class Api:
                 size_bytes=body.size_bytes,
                 block_size=body.block_size,
                 region_deadline_seconds=self._region_deadline.total_seconds(),
+                region_max_rearms=self._region_max_rearms,
+                delete_deadline_seconds=self._delete_deadline.total_seconds(),
             )
             saga_id = self._record(session, request, self._disk_create)
             # The benchmark's baselines share disk_create's parameters.
@@ -279,7 +286,10 @@ class Api:
                 request,
                 session,
                 disk_delete.DEFINITION,
-                disk_delete.Params(disk_id=disk.id),
+                disk_delete.Params(
+                    disk_id=disk.id,
+                    region_deadline_seconds=self._delete_deadline.total_seconds(),
+                ),
                 disk.id,
             )
         self._executor.spawn(reply.payload.saga_id)
@@ -546,15 +556,10 @@ async def saga_view(session: AsyncSession, saga: Saga, *, with_log: bool) -> api
             WaitRendezvous.saga_id == saga.id, WaitRendezvous.state == WaitState.PARKED
         )
     )
-    waiting = tuple(
-        api.WaitView(
-            wait_key=w.wait_key,
-            node=w.node_name or "",
-            since=w.parked_at or saga.updated_at,
-            deadline=w.deadline or saga.updated_at,
-        )
-        for w in waits.scalars()
-    )
+    # The position knows since when a node waits (re-arms and re-sends keep it) and how
+    # often its deadline was reconciled; a wait row only knows its latest park.
+    nodes = Position.of(saga.state, saga.progress or {}).waiting
+    waiting = tuple(_wait_view(w, nodes.get(w.node_name or ""), saga) for w in waits.scalars())
     return api.SagaView(
         id=saga.id,
         name=saga.name,
@@ -566,6 +571,16 @@ async def saga_view(session: AsyncSession, saga: Saga, *, with_log: bool) -> api
         updated_at=saga.updated_at,
         log=log_entries,
         waiting_for=waiting,
+    )
+
+
+def _wait_view(row: WaitRendezvous, node: WaitingNode | None, saga: Saga) -> api.WaitView:
+    return api.WaitView(
+        wait_key=row.wait_key,
+        node=row.node_name or "",
+        since=node.since if node is not None else (row.parked_at or saga.updated_at),
+        deadline=row.deadline or saga.updated_at,
+        reconciles=node.asked if node is not None else 0,
     )
 
 

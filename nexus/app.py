@@ -139,6 +139,8 @@ class NexusApp:
             clock=self.clock.now,
             replica_id=settings.replica_id,
             region_deadline=timedelta(seconds=settings.region_deadline_seconds),
+            region_max_rearms=settings.region_max_rearms,
+            delete_deadline=timedelta(seconds=settings.delete_deadline_seconds),
         )
         if consume:
             await self.transport.consume(

@@ -50,6 +50,12 @@ class NexusSettings(BaseSettings):
     # How long a region may take before its saga asks the agent once (the reconcile
     # query); notifications, not this, resume the saga. Raise it when regions are slow.
     region_deadline_seconds: float = Field(default=300.0, gt=0)
+    # At each deadline the agent is asked; while it says the region is still being
+    # created the wait re-arms, this many times at most. Unset: for as long as it says so.
+    region_max_rearms: int | None = Field(default=None, ge=0)
+    # How long a region delete (a disk delete, or a create that unwinds) may take before
+    # Nexus asks the agent; notifications, not this, resume the saga.
+    delete_deadline_seconds: float = Field(default=120.0, gt=0)
     # Unacked events in flight per replica.
     event_prefetch: int = Field(default=32, gt=0, le=10_000)
     # A region or instance state change more than this many generations ahead of the one

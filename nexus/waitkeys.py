@@ -35,6 +35,11 @@ def region_key(region_id: uuid.UUID, state: RegionState) -> str:
     return f"region:{region_id}:{state.value}"
 
 
+def region_of(key: str) -> uuid.UUID:
+    """The region a ``region_key`` names."""
+    return uuid.UUID(key.split(":")[1])
+
+
 def vmm_key(vmm_id: uuid.UUID, state: VmmState) -> str:
     return f"vmm:{vmm_id}:{state.value}"
 

@@ -211,8 +211,11 @@ class SagaLogEntry(Model):
 class WaitView(Model):
     wait_key: str
     node: str
+    # Since when the node waits: a re-armed or re-sent wait keeps it.
     since: AwareDatetime
     deadline: AwareDatetime
+    # How many times the wait's deadline passed and Nexus asked the agent.
+    reconciles: NonNegativeInt32 = 0
 
 
 class SagaView(Model):

@@ -228,6 +228,19 @@ class FakeCrucible:
             payload=RegionChange(agent_id=agent_id, region=region),
         )
 
+    def deleted(
+        self, command: RegionEnsure, state: RegionState = RegionState.DESTROYED
+    ) -> RegionStateChanged:
+        """The agent's event about a delete of the region ``command`` ensured:
+        ``destroyed``, or ``failed`` when its destroy failed."""
+        event = self.event(command, state)
+        if state is not RegionState.FAILED:
+            return event
+        region = event.payload.region.model_copy(update={"failure": "injected destroy failure"})
+        return event.model_copy(
+            update={"payload": event.payload.model_copy(update={"region": region})}
+        )
+
     async def created_events(
         self, commands: Iterable[RegionEnsure] | None = None
     ) -> list[RegionStateChanged]:

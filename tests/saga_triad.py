@@ -5,7 +5,9 @@ what the saga leaves behind. The helpers run it, each in a world of its own:
 
     succeeds                          it ends ``done``, in the scenario's end state
     failure_can_unwind                a failure injected at a node unwinds to a clean slate
-    actions_succeed_idempotently      every action run twice: still ``done``, same end state
+    actions_succeed_idempotently      every action run twice: each returns what its first
+                                      run decided (else the engine fails the node), still
+                                      ``done``, same end state
     failure_can_unwind_idempotently   a failure at a node, every undo run twice: clean slate
 
 The agents are played by ``Agents``: every command a saga writes to the outbox is carried

@@ -160,13 +160,16 @@ def timeline_table(saga: api.SagaView) -> Table:
 
 def waiting_table(saga: api.SagaView, now: datetime) -> Table:
     table = Table(title="waiting for", title_justify="left")
-    for column in ("node", "wait key", "since", "deadline", "deadline in"):
+    columns = ("node", "wait key", "waiting since", "for", "reconciles", "deadline", "deadline in")
+    for column in columns:
         table.add_column(column, overflow="fold")
     for wait in saga.waiting_for:
         table.add_row(
             wait.node,
             wait.wait_key,
             _clock(wait.since),
+            _seconds(max((now - wait.since).total_seconds(), 0.0)),
+            str(wait.reconciles),
             _clock(wait.deadline),
             _seconds(max((wait.deadline - now).total_seconds(), 0.0)),
         )

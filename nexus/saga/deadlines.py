@@ -3,8 +3,10 @@
 The node's reconcile query asks the agent for the object's current state (one request,
 outside any transaction: an agent may be slow). ``next_move`` turns the answer into a
 move: ``Resume`` with what the lost event would have said, ``Rearm`` the deadline
-(still on its way; a wait re-arms as often as its ``rearms`` allow), or ``Fail`` the
-node. This is the safety net under notifications, not a polling loop.
+(still on its way; a wait re-arms as often as its ``rearms`` allow, or for as long as
+the agent says so), ``Resend`` its command, or ``Fail`` the node. A wait of an undo asks
+its node's ``undo_reconcile``, and ends ``Stuck`` where a forward one would fail.
+This is the safety net under notifications, not a polling loop.
 """
 
 from __future__ import annotations
@@ -17,11 +19,22 @@ from typing import Any
 from pydantic import BaseModel
 
 from nexus.db.states import SagaLogEvent
-from nexus.saga.definition import ActionFailed, Node, Reconciled, SagaDefinition, WakeUp
+from nexus.saga.definition import ActionFailed, Reconcile, Reconciled, SagaDefinition, WakeUp
 from nexus.saga.errors import raise_unless_the_node_failed
-from nexus.saga.moves import DeadlineAnswer, Fail, Rearm, Resend, Resume, Run, next_move
+from nexus.saga.moves import (
+    DeadlineAnswer,
+    Fail,
+    Move,
+    Rearm,
+    Resend,
+    Resume,
+    Run,
+    Stuck,
+    Undo,
+    next_move,
+)
 from nexus.saga.parts import Parts
-from nexus.saga.position import SagaRow
+from nexus.saga.position import SagaRow, WaitingNode
 from nexus.saga.runner import SagaRunner
 from nexus.saga.store import StepTx
 
@@ -43,7 +56,9 @@ class Deadlines:
             if wait.deadline >= now:
                 continue
             node = self._parts.node(definition, node_name)
-            answer = await self._ask(definition, params, row, node, list(wait.keys), wait.asked)
+            unwinding = row.position.unwinding
+            query = node.undo_reconcile if unwinding else node.reconcile
+            answer = await self._ask(definition, params, row, node_name, query, wait)
             log.info(
                 "saga %s node %s deadline: reconcile says %s %s",
                 row.id,
@@ -53,6 +68,8 @@ class Deadlines:
                 extra={"saga_id": str(row.id)},
             )
             move = next_move((), row.position, DeadlineAnswer(node_name, answer, now))
+            if unwinding and not isinstance(move, Rearm):
+                return await self._in_undo(row, move, answer)
             match move:
                 case Resume():
                     resumed = await self._resume(definition, params, row, move, answer)
@@ -70,6 +87,31 @@ class Deadlines:
                     return await self._runner.unwind.fail_node(row, name, ActionFailed(error))
         return row
 
+    async def _in_undo(self, row: SagaRow, move: Move, answer: Reconciled) -> SagaRow | None:
+        """A deadline of an undo's wait: resume the undo with what reconcile found, run
+        the undo again (it re-sends its commands), or leave the saga stuck."""
+        match move:
+            case Resume(node=name):
+                key = answer.key
+                assert key is not None
+
+                async def found(tx: StepTx) -> WakeUp:
+                    await tx.force_ready(key, answer.payload, answer.generation)
+                    return _found(key, answer, tx)
+
+                return await self._runner.unwind.undo_step(row, move, found)
+            case Resend(node=name, reason=reason, position=position):
+
+                async def logged(tx: StepTx) -> None:
+                    data = {"rearmed": reason, "resent": True}
+                    tx.log(row.id, name, SagaLogEvent.WAITING, tx.now, data)
+
+                return await self._runner.unwind.undo_step(row, Undo(name, position), logged)
+            case Stuck(node=name, error=error):
+                await self._runner.unwind.stuck(row, name, error)
+                return None
+        raise AssertionError(f"an undo's deadline cannot {move!r}")
+
     async def _resume(
         self,
         definition: SagaDefinition[Any],
@@ -84,14 +126,7 @@ class Deadlines:
 
         async def found(tx: StepTx) -> WakeUp:
             await tx.force_ready(key, answer.payload, answer.generation)
-            return WakeUp(
-                key=key,
-                payload=answer.payload,
-                generation=answer.generation,
-                message_id=None,
-                by_reconcile=True,
-                occurred_at=tx.now,
-            )
+            return _found(key, answer, tx)
 
         return await self._in_step(definition, params, row, move.node, move, found)
 
@@ -151,19 +186,31 @@ class Deadlines:
         definition: SagaDefinition[Any],
         params: BaseModel,
         row: SagaRow,
-        node: Node[Any],
-        keys: list[str],
-        attempt: int,
+        node: str,
+        query: Reconcile[Any] | None,
+        wait: WaitingNode,
     ) -> Reconciled:
-        if node.reconcile is None:
+        if query is None:
             return Reconciled.fail("the node has no reconcile query")
         # Bounded by the lease: a slow agent must not outlast it, or another replica
         # claims the saga away from its reconciler again and again.
         bound = self._parts.store.lease.total_seconds() / 2
         async with self._parts.store.reading() as session:
-            ctx = self._parts.ctx(session, definition, params, row, node.name, attempt=attempt)
+            ctx = self._parts.ctx(session, definition, params, row, node, attempt=wait.asked)
             try:
                 async with asyncio.timeout(bound):
-                    return await node.reconcile(ctx, keys)
+                    return await query(ctx, list(wait.keys))
             except Exception as error:  # an unreachable agent: give the wait another term
                 return Reconciled.unanswered(f"reconcile query failed: {error!r}")
+
+
+def _found(key: str, answer: Reconciled, tx: StepTx) -> WakeUp:
+    """What the lost event would have said, as reconcile found it."""
+    return WakeUp(
+        key=key,
+        payload=answer.payload,
+        generation=answer.generation,
+        message_id=None,
+        by_reconcile=True,
+        occurred_at=tx.now,
+    )

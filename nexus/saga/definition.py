@@ -54,13 +54,17 @@ class Wait:
 
     ``min_generation``: only an event with a newer generation wakes the node, so a key
     that is reused (``instance:<id>:running``) is not satisfied by an old event.
-    ``rearms``: how many times reconcile may extend the deadline before the node fails.
+    ``rearms``: how many times reconcile may extend the deadline before the node fails
+    when the agent says "still working"; None: for as long as it says so.
+    ``resent``: this wait follows a command the node sent again (a failed destroy);
+    the engine counts it with the reconcile's re-sends in ``Ctx.resends``.
     """
 
     keys: tuple[str, ...]
     deadline: timedelta
     min_generation: int = 0
-    rearms: int = 1
+    rearms: int | None = 1
+    resent: bool = False
 
     def __post_init__(self) -> None:
         if not self.keys:
@@ -184,9 +188,16 @@ class Ctx(Generic[P]):
         A command that reconcile has sent again (the agent had not heard of it) leaves
         under a new id, so the outbox does not take it for the one already sent.
         """
-        return command_id(
-            self.saga_id, f"{self.node}{':' + suffix if suffix else ''}", self.resends
-        )
+        return self._command_id(suffix, self.resends)
+
+    def resend_id(self, suffix: str = "") -> uuid.UUID:
+        """The id of a command this node sends again now (a failed destroy): the next
+        one ``command_id`` will give, once the wait that follows (``Wait(resent=True)``)
+        is counted."""
+        return self._command_id(suffix, self.resends + 1)
+
+    def _command_id(self, suffix: str, attempt: int) -> uuid.UUID:
+        return command_id(self.saga_id, f"{self.node}{':' + suffix if suffix else ''}", attempt)
 
     async def send(self, message: Envelope, queue: str) -> None:
         """Queue a command for an agent; it leaves when the node's transaction commits."""
@@ -202,7 +213,10 @@ class Ctx(Generic[P]):
 
 Action = Callable[[Ctx[P]], Awaitable[BaseModel | Wait | None]]
 Resume = Callable[[Ctx[P], WakeUp], Awaitable[BaseModel | Wait | None]]
-Undo = Callable[[Ctx[P]], Awaitable[None]]
+# An undo may wait too (a delete until the agent confirms it): it returns a Wait.
+Undo = Callable[[Ctx[P]], Awaitable[Wait | None]]
+UndoResume = Callable[[Ctx[P], WakeUp], Awaitable[Wait | None]]
+OnStuck = Callable[[Ctx[P]], Awaitable[None]]
 Reconcile = Callable[[Ctx[P], Sequence[str]], Awaitable[Reconciled]]
 
 
@@ -220,6 +234,10 @@ class Node(Generic[P]):
     resume: Resume[P] | None = None
     # The one query made when a wait's deadline passes without its event.
     reconcile: Reconcile[P] | None = None
+    # The same two for a wait the undo returned: the event that woke it (it may wait
+    # again), and the query at its deadline. Without them the undo's wait cannot end.
+    undo_resume: UndoResume[P] | None = None
+    undo_reconcile: Reconcile[P] | None = None
 
 
 Stage = tuple[Node[Any], ...]
@@ -235,7 +253,7 @@ class SagaDefinition(Generic[P]):
     stages: tuple[Stage, ...]
     # Runs when an undo failed and the saga is left stuck: mark what it was building
     # faulted, so an operator sees it rather than a resource stuck in "creating".
-    on_stuck: Undo[P] | None = None
+    on_stuck: OnStuck[P] | None = None
 
     def __post_init__(self) -> None:
         names = [node.name for stage in self.stages for node in stage]

@@ -14,8 +14,13 @@ writes the position. ``docs/engine.md`` draws the same transitions.
     EventsIn(nodes)                  Resume the first that waits, or Park
     Failed(node, error)              Fail: unwinding starts
     Undone(node)                     Undo the next, or Finish(undone)
+    UndoWaits(node, wait)            CheckEvents (the undo parks unless its event is in)
     UndoFailed(node, error)          Stuck
     DeadlineAnswer(node, answer)     Resume (by reconcile), Rearm, Resend, or Fail
+                                     (Stuck, for a wait of an undo)
+
+An undo that waits parks the saga as ``waiting`` with its ``failed_node`` set: woken, it
+resumes the undo (``Position.unwinding``), never a forward node.
 """
 
 from __future__ import annotations
@@ -77,6 +82,14 @@ class Undone:
 
 
 @dataclass(frozen=True)
+class UndoWaits:
+    """The node's undo (or its undo resume) returned a wait."""
+
+    node: str
+    wait: WaitingNode
+
+
+@dataclass(frozen=True)
 class UndoFailed:
     node: str
     error: str
@@ -91,7 +104,7 @@ class DeadlineAnswer:
     now: datetime
 
 
-Outcome = Succeeded | WaitsOn | EventsIn | Failed | Undone | UndoFailed | DeadlineAnswer
+Outcome = Succeeded | WaitsOn | EventsIn | Failed | Undone | UndoWaits | UndoFailed | DeadlineAnswer
 
 
 # What to do. Every move carries the position to write when it is applied.
@@ -204,20 +217,30 @@ def next_move(shape: Shape, position: Position, outcome: Outcome | None = None) 
             ready = [node for node in nodes if node in position.waiting]
             if not ready:
                 return Park(position.but(state=SagaState.WAITING))
-            return Resume(ready[0], position.but(state=SagaState.RUNNING))
+            return Resume(ready[0], position.but(state=_moving(position)))
         case Failed(node, error):
             return _fail(position, node, error)
         case Undone(node):
-            return _decide(shape, position.but(undone=(*position.undone, node)))
+            undone = position.without_wait(node).but(undone=(*position.undone, node))
+            return _decide(shape, undone)
+        case UndoWaits(node, wait):
+            return CheckEvents(position.with_wait(node, wait))
         case UndoFailed(node, error):
-            return Stuck(node, error, position.but(state=SagaState.STUCK))
+            return _stuck(position, node, error)
         case DeadlineAnswer(node, answer, now):
             return _after_deadline(position, node, answer, now)
     raise AssertionError(f"not an outcome: {outcome!r}")
 
 
+def _moving(position: Position) -> SagaState:
+    """The state of a saga that acts again: forward, or still unwinding."""
+    return SagaState.UNWINDING if position.unwinding else SagaState.RUNNING
+
+
 def _decide(shape: Shape, position: Position) -> Move:
-    if position.state is SagaState.UNWINDING:
+    if position.unwinding:
+        if position.waiting:
+            return CheckEvents(position)
         remaining = [n for n in reversed(position.completed) if n not in position.undone]
         if remaining:
             return Undo(remaining[0], position)
@@ -245,22 +268,33 @@ def _fail(position: Position, node: str, error: str) -> Fail:
     )
 
 
+def _stuck(position: Position, node: str, error: str) -> Stuck:
+    return Stuck(node, error, position.but(state=SagaState.STUCK, waiting={}))
+
+
 def _after_deadline(position: Position, node: str, answer: Reconciled, now: datetime) -> Move:
     wait = position.waiting[node]
     asked = replace(wait, asked=wait.asked + 1)
     if answer.outcome is Answer.RESUME and answer.key is not None:
-        return Resume(node, position.but(state=SagaState.RUNNING), by_reconcile=True)
+        return Resume(node, position.but(state=_moving(position)), by_reconcile=True)
     if answer.outcome is Answer.RESEND:
         again = replace(asked, resends=wait.resends + 1)
         return Resend(node, answer.reason, position.with_wait(node, again))
     # Still on its way: another term, spending a re-arm; no answer at all spends none.
-    spends = answer.outcome is Answer.REARM
-    if answer.outcome is Answer.UNANSWERED or (spends and wait.rearms > 0):
+    # An unbounded wait (rearms None) re-arms for as long as the agent says so.
+    spends = answer.outcome is Answer.REARM and wait.rearms is not None
+    left = wait.rearms
+    if answer.outcome is Answer.UNANSWERED or (
+        answer.outcome is Answer.REARM and (left is None or left > 0)
+    ):
         rearmed = replace(
             asked,
             deadline=now + (answer.after or wait.timeout),
-            rearms=wait.rearms - int(spends),
+            rearms=None if left is None else left - int(spends),
         )
         return Rearm(node, answer.reason, position.with_wait(node, rearmed))
-    reason = answer.reason or "deadline passed without the event"
-    return _fail(position, node, f"deadline passed: {reason}")
+    reason = f"deadline passed: {answer.reason or 'deadline passed without the event'}"
+    if position.unwinding:
+        # An undo that cannot finish: the saga stops for an operator (on_stuck).
+        return _stuck(position, node, reason)
+    return _fail(position, node, reason)

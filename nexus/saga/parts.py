@@ -13,12 +13,14 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from nexus.db.states import SagaLogEvent
 from nexus.saga.clock import Clock
-from nexus.saga.definition import Ctx, Node, SagaDefinition
+from nexus.saga.definition import Ctx, Node, SagaDefinition, Wait, WakeUp
 from nexus.saga.errors import Unrecoverable
 from nexus.saga.faults import Faults
 from nexus.saga.notices import Notices
-from nexus.saga.position import SagaRow
+from nexus.saga.position import SagaRow, WaitingNode
+from nexus.saga.rendezvous import ReadyWait
 from nexus.saga.store import SagaStore, StepTx
 from schemas.base import Envelope
 from schemas.transport import Transport
@@ -87,3 +89,66 @@ class Parts:
             attempt=attempt,
             resends=waiting.resends if waiting is not None else 0,
         )
+
+    async def park(self, tx: StepTx, row: SagaRow, node: str, wait: Wait) -> WaitingNode:
+        """Park ``node`` (an action's, a resume's or an undo's wait) in ``tx``; the wait
+        as the position keeps it."""
+        now = self.clock.now()
+        previous = row.position.waiting.get(node)
+        waiting = WaitingNode(
+            keys=wait.keys,
+            since=previous.since if previous is not None else now,
+            deadline=now + wait.deadline,
+            rearms=wait.rearms,
+            min_generation=wait.min_generation,
+            timeout=wait.deadline,
+            asked=previous.asked if previous is not None else 0,
+            resends=(previous.resends if previous is not None else 0) + int(wait.resent),
+        )
+        await tx.park(row.id, node, wait.keys, waiting.deadline, wait.min_generation)
+        if previous is not None:
+            # Parked again (a resume that waits anew, a command sent again): keys of the
+            # earlier wait that are still parked take the new deadline too.
+            await tx.rearm(row.id, node, waiting.deadline)
+        self.notices.note(row.id, "waiting", node, ", ".join(wait.keys))
+        tx.log(
+            row.id,
+            node,
+            SagaLogEvent.WAITING,
+            now,
+            {"keys": list(wait.keys), "deadline": waiting.deadline.isoformat()},
+        )
+        return waiting
+
+    async def resumed(self, tx: StepTx, row: SagaRow, node: str, wake: WakeUp) -> None:
+        """Record that ``node`` resumes with ``wake``: its wait rows, the log, watchers."""
+        self.notices.note(
+            row.id,
+            "resumed",
+            node,
+            "by reconcile" if wake.by_reconcile else f"by event on {wake.key}",
+        )
+        await tx.resolve(row.id, node)
+        tx.log(
+            row.id,
+            node,
+            SagaLogEvent.RESUMED,
+            self.clock.now(),
+            {
+                "key": wake.key,
+                "message_id": str(wake.message_id) if wake.message_id else None,
+                "by_reconcile": wake.by_reconcile,
+                "event_occurred_at": wake.occurred_at.isoformat() if wake.occurred_at else None,
+            },
+        )
+
+
+def wake_up(wait: ReadyWait) -> WakeUp:
+    """What a node resumes with when its wait row is ready."""
+    return WakeUp(
+        key=wait.key,
+        payload=wait.payload,
+        generation=wait.generation,
+        message_id=wait.message_id,
+        occurred_at=wait.occurred_at,
+    )

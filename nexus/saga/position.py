@@ -28,8 +28,9 @@ class WaitingNode:
     # When the node first parked (a re-armed or re-parked wait keeps it).
     since: datetime
     deadline: datetime
-    # How many more times reconcile may extend the deadline before the node fails.
-    rearms: int
+    # How many more times reconcile may extend the deadline before the node fails
+    # (None: no bound, for as long as the agent says it is still working).
+    rearms: int | None
     # Only an event with a newer generation wakes the node.
     min_generation: int
     # The wait's own term: a re-arm without a term of its own extends by this much.
@@ -45,7 +46,7 @@ class WaitingNode:
             keys=tuple(data["keys"]),
             since=datetime.fromisoformat(data["since"]),
             deadline=datetime.fromisoformat(data["deadline"]),
-            rearms=int(data.get("rearms", 0)),
+            rearms=None if data.get("rearms", 0) is None else int(data.get("rearms", 0)),
             min_generation=int(data.get("min_generation", 0)),
             timeout=timedelta(seconds=float(data["timeout_seconds"])),
             asked=int(data.get("asked", 0)),
@@ -103,6 +104,13 @@ class Position:
             "undone": list(self.undone),
             "failed_node": self.failed_node,
         }
+
+    @property
+    def unwinding(self) -> bool:
+        """Undoing, or parked in an undo that waits (a saga that failed and is not ended)."""
+        return self.state is SagaState.UNWINDING or (
+            self.state is SagaState.WAITING and self.failed_node is not None
+        )
 
     def but(self, **changes: Any) -> Position:
         return replace(self, **changes)

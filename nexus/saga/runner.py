@@ -40,8 +40,8 @@ from nexus.saga.moves import (
     next_move,
     shape_of,
 )
-from nexus.saga.parts import Parts
-from nexus.saga.position import SagaRow, WaitingNode
+from nexus.saga.parts import Parts, wake_up
+from nexus.saga.position import SagaRow
 from nexus.saga.rendezvous import ReadyWait
 from nexus.saga.store import StepTx
 from nexus.saga.unwind import Unwinder
@@ -132,7 +132,7 @@ class SagaRunner:
 
     async def _step(self, row: SagaRow | None, saga_id: uuid.UUID, limit: int) -> _Stepped:
         """One transaction: fence (or claim) the saga, then run up to ``limit`` nodes."""
-        if row is not None and row.state is SagaState.UNWINDING:
+        if row is not None and row.position.unwinding:
             return _Stepped(None, await self.unwind.undo_step(row))
         tally = _Tally()
         try:
@@ -145,7 +145,7 @@ class SagaRunner:
                 else:
                     current = await tx.fence(row)
                 seen = current
-                if current.state is SagaState.UNWINDING:
+                if current.position.unwinding:
                     return _Stepped(seen, current)  # claimed while unwinding: next step
                 if current.state not in FORWARD:
                     return _Stepped(seen, None)
@@ -193,7 +193,7 @@ class SagaRunner:
                 case Resume(node):
                     tally.node = node
                     if wake is None:
-                        wake = _wake_up(next(w for w in ready if w.node == node))
+                        wake = wake_up(next(w for w in ready if w.node == node))
                     current = tx.write(current.at(move.position))
                     current, outcome = await self._resume(
                         tx, definition, params, current, definition.node(node), wake
@@ -235,7 +235,13 @@ class SagaRunner:
             raise ActionFailed(f"injected failure at {node.name}")
         result = await node.action(ctx)
         if faults.repeat_actions:
-            result = await node.action(ctx)
+            first, result = result, await node.action(ctx)
+            if _decided(first) != _decided(result):
+                # A re-run (after a crash) must return what the first run decided.
+                raise ActionFailed(
+                    f"{node.name} decided differently when run again: "
+                    f"{_decided(first)!r} then {_decided(result)!r}"
+                )
         tx.log(row.id, node.name, SagaLogEvent.STARTED, started)
         return await self._settle(tx, row, node, result)
 
@@ -248,25 +254,7 @@ class SagaRunner:
         node: Node[Any],
         wake: WakeUp,
     ) -> tuple[SagaRow, Outcome]:
-        self._parts.notices.note(
-            row.id,
-            "resumed",
-            node.name,
-            "by reconcile" if wake.by_reconcile else f"by event on {wake.key}",
-        )
-        await tx.resolve(row.id, node.name)
-        tx.log(
-            row.id,
-            node.name,
-            SagaLogEvent.RESUMED,
-            self._parts.clock.now(),
-            {
-                "key": wake.key,
-                "message_id": str(wake.message_id) if wake.message_id else None,
-                "by_reconcile": wake.by_reconcile,
-                "event_occurred_at": wake.occurred_at.isoformat() if wake.occurred_at else None,
-            },
-        )
+        await self._parts.resumed(tx, row, node.name, wake)
         if node.resume is None:
             output = _PayloadOutput.model_validate(dict(wake.payload))
             return await self._settle(tx, row, node, output)
@@ -289,39 +277,9 @@ class SagaRunner:
         )
 
     async def _wait(self, tx: StepTx, row: SagaRow, node: Node[Any], wait: Wait) -> WaitsOn:
-        now = self._parts.clock.now()
-        previous = row.position.waiting.get(node.name)
-        waiting = WaitingNode(
-            keys=wait.keys,
-            since=previous.since if previous is not None else now,
-            deadline=now + wait.deadline,
-            rearms=wait.rearms,
-            min_generation=wait.min_generation,
-            timeout=wait.deadline,
-            asked=previous.asked if previous is not None else 0,
-            resends=previous.resends if previous is not None else 0,
-        )
-        await tx.park(row.id, node.name, wait.keys, waiting.deadline, wait.min_generation)
-        if previous is not None:
-            # Parked again (a resume that waits anew, a command sent again): keys of the
-            # earlier wait that are still parked take the new deadline too.
-            await tx.rearm(row.id, node.name, waiting.deadline)
-        self._parts.notices.note(row.id, "waiting", node.name, ", ".join(wait.keys))
-        tx.log(
-            row.id,
-            node.name,
-            SagaLogEvent.WAITING,
-            now,
-            {"keys": list(wait.keys), "deadline": waiting.deadline.isoformat()},
-        )
-        return WaitsOn(node.name, waiting)
+        return WaitsOn(node.name, await self._parts.park(tx, row, node.name, wait))
 
 
-def _wake_up(wait: ReadyWait) -> WakeUp:
-    return WakeUp(
-        key=wait.key,
-        payload=wait.payload,
-        generation=wait.generation,
-        message_id=wait.message_id,
-        occurred_at=wait.occurred_at,
-    )
+def _decided(result: BaseModel | Wait | None) -> object:
+    """What an action decided, comparable across two runs."""
+    return result.model_dump(mode="json") if isinstance(result, BaseModel) else result

@@ -1,7 +1,10 @@
 """Failure and unwinding: a failed node starts the undos of completed nodes, newest first.
 
 The failed node's own undo is never run (a step that can half-succeed puts its undo on a
-no-op node before it). Each undo is a step of its own. An undo that fails leaves the
+no-op node before it). Each undo is a step of its own. An undo may wait (a delete until
+the agent confirms it): it returns a ``Wait``, the saga parks as ``waiting`` with its
+``failed_node`` kept, and the event resumes the undo through its node's ``undo_resume``
+(its deadline through ``undo_reconcile``). An undo that fails leaves the
 saga ``stuck``: the definition's ``on_stuck`` marks what it was building faulted, and an
 operator sees it. A saga whose record this replica cannot run is marked
 ``unrecoverable`` and skipped; it never blocks the others.
@@ -11,26 +14,46 @@ from __future__ import annotations
 
 import logging
 import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel
+
 from nexus.db.states import SagaLogEvent, SagaState
-from nexus.saga.definition import ActionFailed
+from nexus.saga.definition import ActionFailed, SagaDefinition, Wait, WakeUp
 from nexus.saga.errors import raise_unless_the_node_failed
 from nexus.saga.moves import (
+    CheckEvents,
+    EventsIn,
     Fail,
     Failed,
     Finish,
+    Move,
+    Outcome,
+    Park,
+    Resume,
     Stuck,
     Undo,
     UndoFailed,
     Undone,
+    UndoWaits,
     next_move,
     shape_of,
 )
-from nexus.saga.parts import Parts
+from nexus.saga.parts import Parts, wake_up
 from nexus.saga.position import Position, SagaRow
+from nexus.saga.rendezvous import ReadyWait
+from nexus.saga.store import StepTx
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _At:
+    """The node an unwinding step is working on, for the error that may end it."""
+
+    node: str | None
 
 
 def describe(error: BaseException) -> str:
@@ -63,43 +86,130 @@ class Unwinder:
         self._parts.notices.tell(row, "failed", node, message)
         return unwinding
 
-    async def undo_step(self, row: SagaRow) -> SagaRow | None:
-        """Undo the newest completed node not yet undone; None when the saga is let go."""
+    async def undo_step(
+        self,
+        row: SagaRow,
+        first: Undo | Resume | None = None,
+        prepare: Callable[[StepTx], Awaitable[WakeUp | None]] | None = None,
+    ) -> SagaRow | None:
+        """Undo the newest completed node not yet undone, or resume the undo that waits
+        (its event is in); None when the saga is let go. ``first`` and ``prepare``: the
+        move a deadline decided, and what its step does first (``Deadlines``)."""
         definition, params = self._parts.resolve(row)
         shape = shape_of(definition)
-        move = next_move(shape, row.position)
+        move = first or next_move(shape, row.position)
         if isinstance(move, Finish):
             await self.finish(row, move.position)
             return None
-        assert isinstance(move, Undo), move
-        node = self._parts.node(definition, move.node)
-        faults = self._parts.faults
+        at = _At(getattr(move, "node", None))
         try:
             async with self._parts.store.step(self._parts.clock.now()) as tx:
                 fenced = await tx.fence(row)
-                if node.undo is not None:
-                    tx.log(row.id, node.name, SagaLogEvent.UNDO_STARTED, tx.now)
-                    if faults.fail_undo(definition.name, node.name):
-                        raise ActionFailed(f"injected undo failure at {node.name}")
-                    ctx = self._parts.ctx(tx, definition, params, fenced, node.name)
-                    await node.undo(ctx)
-                    if faults.repeat_undos:
-                        await node.undo(ctx)
-                    tx.log(row.id, node.name, SagaLogEvent.UNDO_FINISHED, self._parts.clock.now())
-                after = next_move(shape, fenced.position, Undone(node.name))
-                if isinstance(after, Finish):
-                    # The last undo ends the saga in the same transaction.
-                    ended = tx.write(fenced.at(after.position), release=True)
-                else:
-                    return tx.write(fenced.at(after.position))
+                wake = await prepare(tx) if prepare is not None else None
+                after, ended = await self._apply(tx, definition, params, fenced, move, at, wake)
         except Exception as error:
-            raise_unless_the_node_failed(error, node.name)
-            await self._stuck(row, node.name, describe(error))
+            raise_unless_the_node_failed(error, at.node)
+            assert at.node is not None
+            await self.stuck(row, at.node, describe(error))
             return None
-        self._ended(ended)
-        return None
+        if ended is not None:
+            self._ended(ended)
+        return after
 
-    async def _stuck(self, row: SagaRow, node: str, message: str) -> None:
+    async def _apply(
+        self,
+        tx: StepTx,
+        definition: SagaDefinition[Any],
+        params: BaseModel,
+        current: SagaRow,
+        move: Move,
+        at: _At,
+        wake: WakeUp | None,
+    ) -> tuple[SagaRow | None, SagaRow | None]:
+        """Apply unwinding moves in ``tx``: one undo (with what its wait brings), then
+        the row to go on from, or the ended row, or (None, None) when it parked."""
+        shape = shape_of(definition)
+        ready: list[ReadyWait] = []
+        undos = 0
+        while True:
+            outcome: Outcome
+            match move:
+                case Undo(node) if undos == 0:
+                    at.node, undos = node, 1
+                    current = current.at(move.position)
+                    outcome = await self._undo(tx, definition, params, current, node)
+                case Undo():
+                    # One undo per step: the next one has a step of its own.
+                    return tx.write(current.at(move.position)), None
+                case CheckEvents():
+                    current = tx.write(current.at(move.position))
+                    ready = await tx.ready(current.id)
+                    outcome = EventsIn(tuple(wait.node for wait in ready))
+                case Resume(node):
+                    at.node, undos = node, 1
+                    if wake is None:
+                        wake = wake_up(next(w for w in ready if w.node == node))
+                    current = tx.write(current.at(move.position))
+                    outcome = await self._undo_resume(tx, definition, params, current, node, wake)
+                    wake = None
+                case Park():
+                    log.info("saga %s parked in an undo", current.id)
+                    tx.write(current.at(move.position), release=True)
+                    return None, None
+                case Finish():
+                    return None, tx.write(current.at(move.position), release=True)
+                case _:
+                    raise AssertionError(f"unwinding cannot {move!r}")
+            move = next_move(shape, current.position, outcome)
+
+    async def _undo(
+        self,
+        tx: StepTx,
+        definition: SagaDefinition[Any],
+        params: BaseModel,
+        row: SagaRow,
+        name: str,
+    ) -> Undone | UndoWaits:
+        node = self._parts.node(definition, name)
+        if node.undo is None:
+            return Undone(name)
+        faults = self._parts.faults
+        tx.log(row.id, name, SagaLogEvent.UNDO_STARTED, tx.now)
+        if faults.fail_undo(definition.name, name):
+            raise ActionFailed(f"injected undo failure at {name}")
+        ctx = self._parts.ctx(tx, definition, params, row, name)
+        result = await node.undo(ctx)
+        if faults.repeat_undos:
+            result = await node.undo(ctx)
+        return await self._settle(tx, row, name, result)
+
+    async def _undo_resume(
+        self,
+        tx: StepTx,
+        definition: SagaDefinition[Any],
+        params: BaseModel,
+        row: SagaRow,
+        name: str,
+        wake: WakeUp,
+    ) -> Undone | UndoWaits:
+        node = self._parts.node(definition, name)
+        if node.undo_resume is None:
+            raise ActionFailed(f"the undo of {name} waited and has no undo_resume")
+        await self._parts.resumed(tx, row, name, wake)
+        ctx = self._parts.ctx(tx, definition, params, row, name)
+        return await self._settle(tx, row, name, await node.undo_resume(ctx, wake))
+
+    async def _settle(
+        self, tx: StepTx, row: SagaRow, name: str, result: Wait | None
+    ) -> Undone | UndoWaits:
+        if isinstance(result, Wait):
+            return UndoWaits(name, await self._parts.park(tx, row, name, result))
+        tx.log(row.id, name, SagaLogEvent.UNDO_FINISHED, self._parts.clock.now())
+        return Undone(name)
+
+    async def stuck(self, row: SagaRow, node: str, message: str) -> None:
+        """An undo cannot finish: the saga stops for an operator, and ``on_stuck`` marks
+        what it was building faulted."""
         log.error(
             "saga %s undo of %s failed; saga is stuck: %s",
             row.id,
@@ -112,6 +222,8 @@ class Unwinder:
             fenced = await tx.fence(row)
             move = next_move((), fenced.position, UndoFailed(node, message))
             assert isinstance(move, Stuck)
+            # An undo that waited holds its wait rows: let them go with the saga.
+            await tx.release_waits(row.id)
             tx.log(
                 row.id, node, SagaLogEvent.UNDO_FAILED, self._parts.clock.now(), {"error": message}
             )

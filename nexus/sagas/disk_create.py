@@ -4,7 +4,16 @@ The fix for the problem this project exists for: Omicron's disk-create saga re-r
 each region on an exponential backoff until it is created. Here the ensure command
 goes out through the outbox, the node *parks* on ``region:<id>:created`` (or
 ``:failed``), and whichever Nexus replica consumes the crucible agent's notification
-resumes it at once. The deadline is only a safety net: one reconcile query.
+resumes it at once. The deadline is only a safety net: a reconcile query, and while
+the agent says the region is still being created the wait re-arms (for as long as it
+says so, unless ``region_max_rearms`` bounds it).
+
+Unwinding waits too: ``regions_cleanup``'s undo deletes the regions and parks until each
+agent confirms ``destroyed`` (a failed destroy is requested again), as Omicron's
+``sdc_regions_ensure_undo`` does by polling (``nexus/src/app/sagas/disk_create.rs``,
+``delete_crucible_regions`` in ``nexus/src/app/crucible.rs``); only then does
+``regions_place``'s undo remove the region rows. An unwind that cannot destroy a region
+leaves the saga stuck and the disk ``faulted``.
 
 Nodes, in order (each action beside its undo):
 
@@ -12,7 +21,8 @@ Nodes, in order (each action beside its undo):
     disk_record      the disk row, ``creating``              undo: delete it
     regions_place    three datasets on distinct sleds        undo: delete region rows,
                                                              give back their space
-    regions_cleanup  no-op                                   undo: delete the regions
+    regions_cleanup  no-op                                   undo: delete the regions and
+                                                             wait until each is destroyed
     region_0..2      ensure one region, wait for it  (side by side)
     disk_finalize    the disk becomes ``detached`` (ready)
 """
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any, cast
 
@@ -42,14 +53,14 @@ from nexus.saga.definition import (
     parallel,
     sequence,
 )
-from nexus.waitkeys import is_rejection, region_key, rejection_key
+from nexus.sagas import region_deletion
+from nexus.waitkeys import is_rejection, region_key, region_of, rejection_key
 from schemas.common import Rejection
 from schemas.identity import crucible_source
 from schemas.progress import DiskProgress, DiskUpdated
 from schemas.progress import DiskState as WireDiskState
 from schemas.region import (
     RegionChange,
-    RegionDelete,
     RegionEnsure,
     RegionGet,
     RegionInfo,
@@ -68,6 +79,8 @@ EXTENT_BYTES = 64 << 20
 # How long a region may take before the one reconcile query; generous on purpose,
 # since notifications, not this deadline, are what resume the saga.
 REGION_DEADLINE = timedelta(minutes=5)
+# How long a region delete may take before its agent is asked.
+DELETE_DEADLINE = timedelta(minutes=2)
 # Agents announce themselves every 30 s by default: one silent for longer than this
 # is presumed gone and gets no new regions.
 DATASET_FRESHNESS = timedelta(minutes=2)
@@ -80,6 +93,11 @@ class Params(BaseModel):
     size_bytes: int = Field(gt=0)
     block_size: int
     region_deadline_seconds: float = Field(default=REGION_DEADLINE.total_seconds(), gt=0)
+    # Re-arms of a region's wait while its agent says "still being created"; None: no
+    # bound, the saga never abandons a live agent.
+    region_max_rearms: int | None = Field(default=None, ge=0)
+    # How long the unwind waits for a delete's confirmation before asking the agent.
+    delete_deadline_seconds: float = Field(default=DELETE_DEADLINE.total_seconds(), gt=0)
 
 
 class Ids(BaseModel):
@@ -108,7 +126,8 @@ class Ensured(BaseModel):
 
 
 async def ids(ctx: Ctx[Params]) -> Ids:
-    return Ids(region_ids=[uuid.uuid4() for _ in range(REPLICAS)])
+    # Derived from the saga: a re-run returns what the first run decided.
+    return Ids(region_ids=[uuid.uuid5(ctx.saga_id, f"region:{index}") for index in range(REPLICAS)])
 
 
 # disk_record
@@ -268,18 +287,106 @@ async def regions_place_undo(ctx: Ctx[Params]) -> None:
 
 # regions_cleanup: the undo of a step that can half-succeed sits on a no-op before it
 
+_REGION_ROWS = select(regions.c.id, regions.c.state, regions.c.generation).where(
+    regions.c.disk_id == bindparam("b_disk_id")
+)
+# A confirmation the event intake has not recorded (reconcile found it): by generation.
+_DESTROYED = (
+    update(regions)
+    .where(
+        regions.c.id == bindparam("b_id"),
+        regions.c.generation <= bindparam("b_generation"),
+        regions.c.state != RegionState.DESTROYED,
+    )
+    .values(state=RegionState.DESTROYED, generation=bindparam("b_generation"))
+)
 
-async def regions_cleanup_undo(ctx: Ctx[Params]) -> None:
-    """Ask every agent to delete its region, whether or not its ensure finished."""
-    for placement in ctx.output("regions_place", Placed).regions:
-        await ctx.send(
-            RegionDelete(
-                id=ctx.command_id(str(placement.region_id)),
-                payload=RegionRef(id=placement.region_id),
-                **ctx.envelope(),
-            ),
-            placement.queue,
-        )
+
+async def regions_cleanup_undo(ctx: Ctx[Params]) -> Wait | None:
+    """Ask every agent whose region is not yet confirmed destroyed to delete it, whether
+    or not its ensure finished; then wait for the confirmations. Run again by reconcile
+    (a delete lost, a failed destroy), it sends the deletes again under new ids."""
+    left = await _undestroyed(ctx)
+    if ctx.resends and left:
+        region_deletion.check_resend(ctx, left[0][0].region_id, "sent again by reconcile")
+    for placement, _ in left:
+        await region_deletion.send_delete(ctx, placement.region_id, placement.queue)
+    return _destroyed_wait(ctx, left)
+
+
+async def regions_cleanup_undo_resume(ctx: Ctx[Params], wake: WakeUp) -> Wait | None:
+    """An agent answered a delete: record a confirmation, re-send a failed destroy, and
+    wait for the next region until none is left."""
+    placements = ctx.output("regions_place", Placed).regions
+    change = region_deletion.woken_by(wake)
+    if change is None:
+        # The agent never had the region: nothing to delete, nothing to wait for.
+        region_id = _rejected_region(ctx, wake, placements)
+        known = {placement.region_id: gen for placement, gen in await _undestroyed(ctx)}
+        generation = known.get(region_id, 0)
+    else:
+        region_id, generation = change.region.id, change.region.generation
+        if change.region.state is WireRegionState.FAILED:
+            region_deletion.check_resend(ctx, region_id, change.region.failure or "destroy failed")
+            placement = next(p for p in placements if p.region_id == region_id)
+            again = await region_deletion.send_delete(ctx, region_id, placement.queue, again=True)
+            return region_deletion.destroyed_wait(
+                region_id, again, _delete_deadline(ctx), generation, resent=True
+            )
+    await ctx.session.execute(_DESTROYED, {"b_id": region_id, "b_generation": generation})
+    return _destroyed_wait(ctx, await _undestroyed(ctx))
+
+
+async def regions_cleanup_undo_reconcile(ctx: Ctx[Params], keys: Sequence[str]) -> Reconciled:
+    region_id = region_of(keys[0])
+    placement = next(
+        p for p in ctx.output("regions_place", Placed).regions if p.region_id == region_id
+    )
+    return await region_deletion.reconcile_delete(
+        ctx, region_id, placement.dataset_id, placement.queue
+    )
+
+
+async def _undestroyed(ctx: Ctx[Params]) -> list[tuple[Placement, int]]:
+    """The placed regions whose agent has not confirmed them destroyed, in placement
+    order, each with the generation Nexus knows of it."""
+    rows = {
+        row.id: row
+        for row in await ctx.session.execute(_REGION_ROWS, {"b_disk_id": ctx.params.disk_id})
+    }
+    return [
+        (placement, rows[placement.region_id].generation)
+        for placement in ctx.output("regions_place", Placed).regions
+        if placement.region_id in rows and rows[placement.region_id].state != RegionState.DESTROYED
+    ]
+
+
+def _destroyed_wait(ctx: Ctx[Params], left: list[tuple[Placement, int]]) -> Wait | None:
+    """Wait on the first region left, one at a time: the deletes are all out, so the
+    others' confirmations are usually in by then and resume at once."""
+    if not left:
+        return None
+    placement, generation = left[0]
+    return region_deletion.destroyed_wait(
+        placement.region_id,
+        ctx.command_id(str(placement.region_id)),
+        _delete_deadline(ctx),
+        generation,
+    )
+
+
+def _rejected_region(ctx: Ctx[Params], wake: WakeUp, placements: list[Placement]) -> uuid.UUID:
+    """The region whose delete (under any of its ids so far) the agent refused."""
+    refused = Rejection.model_validate(wake.payload).command_id
+    for placement in placements:
+        suffix = str(placement.region_id)
+        if refused in {ctx.command_id(suffix), ctx.resend_id(suffix)}:
+            return placement.region_id
+    raise ActionFailed(f"a refusal of command {refused}, which this undo did not send")
+
+
+def _delete_deadline(ctx: Ctx[Params]) -> timedelta:
+    return timedelta(seconds=ctx.params.delete_deadline_seconds)
 
 
 # region_0..2
@@ -309,6 +416,7 @@ async def region_ensure(ctx: Ctx[Params]) -> Wait:
             rejection_key(command.id),
         ),
         deadline=timedelta(seconds=ctx.params.region_deadline_seconds),
+        rearms=ctx.params.region_max_rearms,
     )
 
 
@@ -424,7 +532,13 @@ DEFINITION: SagaDefinition[Params] = SagaDefinition(
             Node("ids", ids),
             Node("disk_record", disk_record, undo=disk_record_undo),
             Node("regions_place", regions_place, undo=regions_place_undo),
-            Node("regions_cleanup", no_op, undo=regions_cleanup_undo),
+            Node(
+                "regions_cleanup",
+                no_op,
+                undo=regions_cleanup_undo,
+                undo_resume=regions_cleanup_undo_resume,
+                undo_reconcile=regions_cleanup_undo_reconcile,
+            ),
         ),
         *parallel(*(_region_node(index) for index in range(REPLICAS))),
         *sequence(Node("disk_finalize", disk_finalize)),

@@ -4,6 +4,7 @@ Nodes, in order:
 
     disk_mark_deleting   detached → deleting (an attached disk is refused)
     region_0..2          ask the region's agent to delete it; wait for ``destroyed``
+                         (a failed destroy is asked again, ``nexus/sagas/region_deletion.py``)
     disk_mark_deleted    the disk row stays, ``deleted``; the datasets get their space back
 
 Deleting cannot be undone: a region asked to delete is gone. A failure after the first
@@ -33,20 +34,15 @@ from nexus.saga.definition import (
     parallel,
     sequence,
 )
-from nexus.sagas.disk_create import REPLICAS, announce_disk, disk_fault
-from nexus.waitkeys import is_rejection, region_key, rejection_key
-from schemas.common import Rejection
-from schemas.identity import crucible_source
+from nexus.sagas import region_deletion
+from nexus.sagas.disk_create import DELETE_DEADLINE, REPLICAS, announce_disk, disk_fault
 from schemas.progress import DiskState as WireDiskState
-from schemas.region import RegionChange, RegionDelete, RegionGet, RegionInfo, RegionRef
 from schemas.region import RegionState as WireRegionState
-
-REGION_DEADLINE = timedelta(minutes=2)
 
 
 class Params(BaseModel):
     disk_id: uuid.UUID
-    region_deadline_seconds: float = Field(default=REGION_DEADLINE.total_seconds(), gt=0)
+    region_deadline_seconds: float = Field(default=DELETE_DEADLINE.total_seconds(), gt=0)
 
 
 class DiskRegion(BaseModel):
@@ -106,64 +102,46 @@ async def region_delete(ctx: Ctx[Params]) -> Wait | None:
     region = _region(ctx)
     if region is None:
         return None
-    command = RegionDelete(
-        id=ctx.command_id(), payload=RegionRef(id=region.region_id), **ctx.envelope()
-    )
-    await ctx.send(command, region.queue)
-    return Wait(
-        keys=(region_key(region.region_id, WireRegionState.DESTROYED), rejection_key(command.id)),
-        deadline=timedelta(seconds=ctx.params.region_deadline_seconds),
-    )
+    known = (
+        await ctx.session.execute(
+            select(Region.state, Region.generation).where(Region.id == region.region_id)
+        )
+    ).first()
+    if known is not None and known.state == RegionState.DESTROYED:
+        # Its agent confirmed it already (an earlier delete of this disk got this far).
+        return None
+    if ctx.resends:
+        region_deletion.check_resend(ctx, region.region_id, "sent again by reconcile")
+    command_id = await region_deletion.send_delete(ctx, region.region_id, region.queue)
+    generation = known.generation if known is not None else 0
+    return region_deletion.destroyed_wait(region.region_id, command_id, _deadline(ctx), generation)
 
 
-async def region_delete_resume(ctx: Ctx[Params], wake: WakeUp) -> None:
-    if is_rejection(wake.key):
-        rejection = Rejection.model_validate(wake.payload)
-        # An agent that never had the region has nothing to delete.
-        if rejection.code != "not_found":
-            raise ActionFailed(f"region delete refused: {rejection.message}")
-    else:
-        RegionChange.model_validate(wake.payload)
+async def region_delete_resume(ctx: Ctx[Params], wake: WakeUp) -> Wait | None:
+    """Destroyed, or never there: done. A failed destroy: ask again (Omicron re-requests
+    the delete too, ``delete_crucible_region`` in ``nexus/src/app/crucible.rs``)."""
+    region = _region(ctx)
+    assert region is not None
+    change = region_deletion.woken_by(wake)
+    if change is None or change.region.state is not WireRegionState.FAILED:
+        return None
+    region_deletion.check_resend(ctx, region.region_id, change.region.failure or "destroy failed")
+    again = await region_deletion.send_delete(ctx, region.region_id, region.queue, again=True)
+    return region_deletion.destroyed_wait(
+        region.region_id, again, _deadline(ctx), change.region.generation, resent=True
+    )
 
 
 async def region_delete_reconcile(ctx: Ctx[Params], keys: Sequence[str]) -> Reconciled:
     region = _region(ctx)
     assert region is not None
-    if ctx.transport is None:
-        return Reconciled.rearm("no broker connection to ask the agent")
-    # Only the agent of the region's dataset may answer.
-    reply = await ctx.transport.request(
-        RegionGet(payload=RegionRef(id=region.region_id), **ctx.envelope()),
-        routing_key=region.queue,
-        timeout=10,
-        answerer=crucible_source(region.dataset_id),
+    return await region_deletion.reconcile_delete(
+        ctx, region.region_id, region.dataset_id, region.queue
     )
-    if not isinstance(reply, RegionInfo):
-        return Reconciled.rearm(f"unexpected reply {reply.TYPE}")
-    found = reply.payload.region
-    if reply.payload.region_id != region.region_id or (
-        found is not None and found.id != region.region_id
-    ):
-        return Reconciled.rearm(f"agent {region.dataset_id} answered about another region")
-    if found is None:
-        return Reconciled.resume(
-            rejection_key(ctx.command_id()),
-            {
-                "command_id": str(ctx.command_id()),
-                "command_type": RegionDelete.TYPE,
-                "code": "not_found",
-                "message": "the agent has no such region",
-            },
-            1,
-        )
-    if found.state is WireRegionState.DESTROYED:
-        change = RegionChange(agent_id=reply.payload.agent_id, region=found)
-        return Reconciled.resume(
-            region_key(region.region_id, found.state),
-            change.model_dump(mode="json"),
-            found.generation,
-        )
-    return Reconciled.rearm(f"region {region.region_id} is {found.state.value}")
+
+
+def _deadline(ctx: Ctx[Params]) -> timedelta:
+    return timedelta(seconds=ctx.params.region_deadline_seconds)
 
 
 def _region_node(index: int) -> Node[Params]:

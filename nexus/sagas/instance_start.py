@@ -95,7 +95,8 @@ class Booted(BaseModel):
 
 
 async def vmm_ids(ctx: Ctx[Any]) -> VmmIds:
-    return VmmIds(vmm_id=uuid.uuid4())
+    # Derived from the saga: a re-run decides the same VMM (one VMM per start).
+    return VmmIds(vmm_id=uuid.uuid5(ctx.saga_id, "vmm"))
 
 
 # vmm_reserve

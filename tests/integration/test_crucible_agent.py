@@ -1,5 +1,7 @@
 """The crucible agent as a real process against a real RabbitMQ: idempotent commands,
-SIGKILL mid-create, delete flows, a broker outage, the reconcile queries, SIGTERM."""
+SIGKILL mid-create, delete flows, a broker outage, the reconcile queries, SIGTERM, and
+the real agent's rules (one worker, ports, reservations, read-only clones, destroys that
+fail)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
+from crucible_agent.store import AgentStore
 from schemas.common import CommandRejected
 from schemas.region import (
     RegionDelete,
@@ -32,6 +35,7 @@ from tests.integration.crucible_fixtures import (
     transport,
     watch_events,
 )
+from tests.unit.test_crucible_service import take_every_port
 
 pytestmark = pytest.mark.integration
 
@@ -260,3 +264,150 @@ async def test_get_and_list_answer_requests_and_sigterm_stops_cleanly(
     agent.signal(signal.SIGTERM)
     assert await agent.exited(timeout=10) == 0, agent.log_tail()
     assert '"msg": "stopped"' in agent.log_tail(5)
+
+
+# How the real agent's worker, ports and failures behave (docs/omicron-crucible-notes.md).
+
+
+def arrivals(events: Events, agent: AgentProcess) -> list[tuple[uuid.UUID, RegionState]]:
+    """Each region change the agent published, once, in the order it first arrived."""
+    seen: list[tuple[uuid.UUID, RegionState]] = []
+    for event in events.region_changes(agent.agent_id):
+        change = (event.payload.region.id, event.payload.region.state)
+        if change not in seen:
+            seen.append(change)
+    return seen
+
+
+async def test_one_worker_creates_one_region_at_a_time_and_takes_a_delete_first(
+    transport: Transport, events: Events, crucible_agents: MakeAgent
+) -> None:
+    agent = crucible_agents()
+    doomed = region_spec()
+    await send(transport, agent, ensure(doomed))
+    agent.start("--create-delay=fixed:1")
+    await events.reached(agent.agent_id, doomed.id, CREATED)
+
+    queued = [region_spec() for _ in range(3)]
+    await send(transport, agent, *(ensure(spec) for spec in queued))
+    for spec in queued:
+        await events.reached(agent.agent_id, spec.id, REQUESTED)
+    await send(transport, agent, delete(doomed.id))
+    for spec in queued:
+        await events.reached(agent.agent_id, spec.id, CREATED, timeout=30)
+
+    done = [change for change in arrivals(events, agent) if change[1] in {CREATED, DESTROYED}]
+    # The create under way when the delete came finishes first; the delete goes before
+    # the creates still queued, which the worker takes in id order, as the real one does.
+    first, *rest = sorted(spec.id for spec in queued)
+    assert done == [
+        (doomed.id, CREATED),
+        (first, CREATED),
+        (doomed.id, DESTROYED),
+        *((region_id, CREATED) for region_id in rest),
+    ]
+    # One at a time, each after its own one-second delay.
+    created_at = sorted(
+        event.occurred_at
+        for event in events.region_changes(agent.agent_id)
+        if event.payload.region.state is CREATED and event.payload.region.id in set(rest)
+    )
+    assert (created_at[1] - created_at[0]).total_seconds() >= 0.9
+
+
+async def test_with_every_port_taken_a_create_is_refused_with_no_record(
+    transport: Transport, events: Events, crucible_agents: MakeAgent
+) -> None:
+    agent = crucible_agents()
+    store = await AgentStore.open(agent.data_dir / "agent.sqlite")
+    await store.close()
+    take_every_port(agent.data_dir / "agent.sqlite")
+    await transport.declare_command_queue(agent.queue)
+    agent.start()
+
+    command = ensure(region_spec())
+    answer = await transport.request(command, routing_key=agent.queue, timeout=15)
+    assert isinstance(answer, CommandRejected), answer
+    assert (answer.payload.code, answer.payload.message) == (
+        "no_free_port",
+        "no free port in 19000-19999",
+    )
+    await events.until(lambda: bool(events.rejections(command.id)), "the rejection event")
+    assert len(agent.regions_rows()) == 1000, "no record of the refused region"
+    assert not agent.region_dir(command.payload.id).exists()
+    assert events.region_changes(agent.agent_id, command.payload.id) == []
+
+
+async def test_a_region_that_cannot_reserve_fails_from_the_worker_and_keeps_its_port(
+    transport: Transport, events: Events, crucible_agents: MakeAgent
+) -> None:
+    agent = crucible_agents()
+    big, small = region_spec(extent_count=4), region_spec(extent_count=1)
+    # 32 KiB reserves 40 KiB: more than the agent has.
+    await send(transport, agent, ensure(big))
+    agent.start("--capacity-bytes=36000")
+    await events.reached(agent.agent_id, big.id, RegionState.FAILED)
+    (failed,) = [
+        e.payload.region
+        for e in events.region_changes(agent.agent_id, big.id)
+        if e.payload.region.state is RegionState.FAILED
+    ]
+    assert failed.failure == "cannot reserve 40960 bytes (1.25 x 32768): 36000 of 36000 free"
+    assert failed.port_number == 19000
+    assert not agent.region_dir(big.id).exists()
+
+    answer = await transport.request(ensure(small), routing_key=agent.queue, timeout=15)
+    assert isinstance(answer, RegionInfo) and answer.payload.region is not None
+    assert answer.payload.region.port_number == 19001, "19000 is still the failed region's"
+    await events.reached(agent.agent_id, small.id, CREATED)
+
+
+async def test_read_only_is_set_whenever_a_source_is(
+    transport: Transport, crucible_agents: MakeAgent
+) -> None:
+    agent = crucible_agents()
+    await transport.declare_command_queue(agent.queue)
+    agent.start()
+    clone = region_spec().model_copy(update={"source": "[fd00:1122:3344:101::7]:19000"})
+    for spec, read_only in ((clone, True), (region_spec(), False)):
+        answer = await transport.request(ensure(spec), routing_key=agent.queue, timeout=15)
+        assert isinstance(answer, RegionInfo) and answer.payload.region is not None
+        assert answer.payload.region.read_only is read_only
+
+
+async def test_a_failed_destroy_is_recorded_failed_and_a_delete_sent_again_destroys(
+    transport: Transport, events: Events, crucible_agents: MakeAgent
+) -> None:
+    agent = crucible_agents()
+    spec = region_spec()
+    await send(transport, agent, ensure(spec))
+    agent.start("--destroy-fail-fraction=1")
+    await events.reached(agent.agent_id, spec.id, CREATED)
+    await send(transport, agent, delete(spec.id))
+    await events.reached(agent.agent_id, spec.id, RegionState.FAILED)
+
+    (failed,) = [
+        e
+        for e in events.region_changes(agent.agent_id, spec.id)
+        if e.payload.region.state is RegionState.FAILED
+    ]
+    assert failed.routing_key() == "region.failed"
+    assert (failed.payload.region.failure or "").startswith("destroy failed: injected")
+    assert failed.payload.region.port_number == 19000
+    assert len(list(agent.region_dir(spec.id).glob("*.extent"))) == 4, "the files remain"
+    agent.signal(signal.SIGTERM)
+    assert await agent.exited(timeout=10) == 0, agent.log_tail()
+
+    agent.start()
+    await send(transport, agent, delete(spec.id))
+    await events.reached(agent.agent_id, spec.id, DESTROYED)
+    assert events.states(agent.agent_id, spec.id) == [
+        (REQUESTED, 1),
+        (CREATED, 2),
+        (TOMBSTONED, 3),
+        (RegionState.FAILED, 4),
+        (TOMBSTONED, 5),
+        (DESTROYED, 6),
+    ]
+    assert_published_once_per_generation(events, agent, spec.id)
+    assert not agent.region_dir(spec.id).exists()

@@ -221,11 +221,15 @@ async def test_a_create_on_a_full_disk_fails_out_of_space_and_the_agent_recovers
     refused = region_spec()
     command = await ensure(agent, refused)
 
-    # Recorded failed, in the room the released reserve left, with its event; no files.
+    # Recorded in the room the released reserve left, then failed by the worker, which
+    # cannot reserve space for it; each with its event; no files.
     region = await stored(agent, refused.id)
     assert region.state is RegionState.FAILED
     assert (region.failure or "").startswith("out of space: ")
-    assert [e.payload.region.state for e in await agent.events(refused.id)] == [RegionState.FAILED]
+    assert [e.payload.region.state for e in await agent.events(refused.id)] == [
+        RegionState.REQUESTED,
+        RegionState.FAILED,
+    ]
     assert not agent.files.directory(refused.id).exists()
     assert not agent.reserve.held
     (answer,) = [
@@ -233,7 +237,8 @@ async def test_a_create_on_a_full_disk_fails_out_of_space_and_the_agent_recovers
         for m in await agent.outbox()
         if isinstance(m, RegionInfo) and m.causation_id == command.id
     ]
-    assert answer.payload.region == region
+    assert answer.payload.region is not None
+    assert answer.payload.region.state is RegionState.REQUESTED
 
     # Reads are answered, deletes recorded and carried out.
     get = RegionGet(source=SOURCE, payload=RegionRef(id=refused.id))
@@ -252,7 +257,7 @@ async def test_a_create_on_a_full_disk_fails_out_of_space_and_the_agent_recovers
     assert (await stored(agent, refused.id)).state is RegionState.DESTROYED
     assert not agent.files.directory(kept.id).exists()
 
-    # Still short of space: the next create fails at once, without touching files.
+    # Still short of space: the next create fails before any file is written.
     another = region_spec()
     await ensure(agent, another)
     assert ((await stored(agent, another.id)).failure or "").startswith("out of space: ")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -33,21 +34,21 @@ def spec(size_mib: int = 1, **fields: object) -> RegionSpec:
 NOTHING_HELD = regions.Holdings(used_bytes=0, regions=0, free_port=regions.FIRST_PORT)
 
 
-def holding(*held: Region) -> regions.Holdings:
+def holding(*held: Region, reserved: Mapping[uuid.UUID, int] | None = None) -> regions.Holdings:
     """What the store's SQL sums up, computed the obvious way (the store's tests compare
-    the two)."""
-    live = [region for region in held if regions.holds_space(region)]
+    the two); ``reserved``: the space each region reserved, none if not given."""
+    live = [region for region in held if regions.holds_port(region)]
     taken = {region.port_number for region in live}
     ports = range(regions.FIRST_PORT, regions.LAST_PORT + 1)
     return regions.Holdings(
-        used_bytes=sum(region.size_bytes for region in live),
+        used_bytes=sum((reserved or {}).get(region.id, 0) for region in live),
         regions=len(live),
         free_port=next((port for port in ports if port not in taken), None),
     )
 
 
 def created(requested: RegionSpec, **fields: object) -> Region:
-    outcome = regions.ensure(None, requested, holdings=NOTHING_HELD, total_bytes=1 << 40)
+    outcome = regions.ensure(None, requested, holdings=NOTHING_HELD)
     assert isinstance(outcome, regions.Changed)
     return outcome.region.model_copy(update=fields)
 
@@ -56,13 +57,24 @@ def created(requested: RegionSpec, **fields: object) -> Region:
 
 
 def test_a_new_region_is_requested_at_generation_one_on_the_first_port() -> None:
-    outcome = regions.ensure(None, spec(), holdings=NOTHING_HELD, total_bytes=10 * MIB)
+    outcome = regions.ensure(None, spec(), holdings=NOTHING_HELD)
     assert isinstance(outcome, regions.Changed)
     assert outcome.previous_state is None
     assert outcome.region.state is RegionState.REQUESTED
     assert outcome.region.generation == 1
     assert outcome.region.port_number == regions.FIRST_PORT
+    assert not outcome.region.read_only
     assert outcome.capacity_changed
+
+
+def test_a_region_with_a_source_is_read_only() -> None:
+    outcome = regions.ensure(None, spec(source="[fd00::1]:19001"), holdings=NOTHING_HELD)
+    assert isinstance(outcome, regions.Changed)
+    assert outcome.region.read_only
+
+
+def test_the_port_range_is_the_real_agents() -> None:
+    assert (regions.FIRST_PORT, regions.LAST_PORT) == (19000, 19999)
 
 
 @pytest.mark.parametrize("state", list(RegionState))
@@ -71,18 +83,16 @@ def test_ensure_with_the_same_parameters_returns_the_record_whatever_its_state(
 ) -> None:
     asked = spec()
     existing = created(asked, state=state, generation=3)
-    outcome = regions.ensure(existing, asked, holdings=holding(existing), total_bytes=0)
+    outcome = regions.ensure(existing, asked, holdings=holding(existing))
     assert outcome == regions.Unchanged(existing)
 
 
 def test_a_repeated_ensure_needs_no_holdings_but_a_new_region_does() -> None:
     asked = spec()
     existing = created(asked)
-    assert regions.ensure(existing, asked, holdings=None, total_bytes=0) == regions.Unchanged(
-        existing
-    )
+    assert regions.ensure(existing, asked, holdings=None) == regions.Unchanged(existing)
     with pytest.raises(ValueError, match="needs the agent's holdings"):
-        regions.ensure(None, asked, holdings=None, total_bytes=10 * MIB)
+        regions.ensure(None, asked, holdings=None)
 
 
 @pytest.mark.parametrize(
@@ -93,73 +103,74 @@ def test_ensure_with_other_parameters_is_a_conflict_naming_the_difference(
 ) -> None:
     asked = spec()
     existing = created(asked)
-    outcome = regions.ensure(
-        existing, asked.model_copy(update=change), holdings=holding(existing), total_bytes=1 << 40
-    )
+    outcome = regions.ensure(existing, asked.model_copy(update=change), holdings=holding(existing))
     assert isinstance(outcome, regions.Conflict)
     assert outcome.existing == existing
     (field,) = change
     assert field in outcome.message
 
 
-def test_a_region_that_does_not_fit_is_failed_with_the_reason() -> None:
-    held = created(spec(size_mib=6))
-    outcome = regions.ensure(None, spec(size_mib=5), holdings=holding(held), total_bytes=10 * MIB)
-    assert isinstance(outcome, regions.Changed)
-    assert outcome.region.state is RegionState.FAILED
-    assert outcome.region.generation == 1
-    assert outcome.region.failure is not None
-    assert "does not fit" in outcome.region.failure
-    assert f"{4 * MIB} of {10 * MIB} free" in outcome.region.failure
-    assert not outcome.capacity_changed
+def test_the_reservation_is_a_quarter_more_than_the_size_rounded_half_up() -> None:
+    assert regions.reservation_bytes(4 * MIB) == 5 * MIB
+    assert [regions.reservation_bytes(n) for n in (1, 2, 3)] == [1, 3, 4]
 
 
-def test_a_region_that_fills_capacity_exactly_fits() -> None:
-    held = created(spec(size_mib=6))
-    outcome = regions.ensure(None, spec(size_mib=4), holdings=holding(held), total_bytes=10 * MIB)
+def test_a_region_that_cannot_reserve_its_space_is_failed_with_the_reason() -> None:
+    region = created(spec(size_mib=4))
+    others = regions.Holdings(used_bytes=6 * MIB, regions=1, free_port=None)
+    outcome = regions.reserve(region, others=others, total_bytes=10 * MIB, shortage=None)
     assert isinstance(outcome, regions.Changed)
-    assert outcome.region.state is RegionState.REQUESTED
+    assert (outcome.region.state, outcome.region.generation) == (RegionState.FAILED, 2)
+    assert outcome.region.failure == (
+        f"cannot reserve {5 * MIB} bytes (1.25 x {4 * MIB}): {4 * MIB} of {10 * MIB} free"
+    )
+    assert outcome.region.port_number == region.port_number
+
+
+def test_a_reservation_that_fills_capacity_exactly_fits() -> None:
+    region = created(spec(size_mib=4))
+    others = regions.Holdings(used_bytes=5 * MIB, regions=1, free_port=None)
+    outcome = regions.reserve(region, others=others, total_bytes=10 * MIB, shortage=None)
+    assert outcome == regions.Reserve(5 * MIB)
+
+
+def test_a_full_data_directory_fails_the_region_out_of_space() -> None:
+    region = created(spec())
+    outcome = regions.reserve(region, others=NOTHING_HELD, total_bytes=10 * MIB, shortage="full")
+    assert isinstance(outcome, regions.Changed)
+    assert outcome.region.failure == "out of space: full"
+    assert regions.failed_out_of_space(outcome.region.failure)
 
 
 @pytest.mark.parametrize(
-    ("state", "counts"),
+    ("state", "holds"),
     [
         (RegionState.REQUESTED, True),
         (RegionState.CREATED, True),
         (RegionState.TOMBSTONED, True),
-        (RegionState.FAILED, False),
+        (RegionState.FAILED, True),
         (RegionState.DESTROYED, False),
     ],
 )
-def test_holdings_count_regions_that_hold_files(state: RegionState, counts: bool) -> None:
+def test_every_region_but_a_destroyed_one_keeps_its_port(state: RegionState, holds: bool) -> None:
     held = created(spec(size_mib=3), state=state)
-    assert holding(held).used_bytes == (3 * MIB if counts else 0)
-    outcome = regions.ensure(None, spec(), holdings=holding(held), total_bytes=10 * MIB)
+    assert regions.holds_port(held) is holds
+    outcome = regions.ensure(None, spec(), holdings=holding(held))
     assert isinstance(outcome, regions.Changed)
-    assert outcome.region.port_number == regions.FIRST_PORT + counts
-
-
-def test_a_failed_region_holds_no_capacity_once_tombstoned_either() -> None:
-    failed = created(spec(size_mib=3), state=RegionState.FAILED, failure="did not fit")
-    outcome = regions.delete(failed)
-    assert isinstance(outcome, regions.Changed)
-    assert not regions.holds_space(outcome.region)
-    assert not outcome.capacity_changed
+    assert outcome.region.port_number == regions.FIRST_PORT + holds
 
 
 def test_a_new_region_takes_the_free_port_it_is_given() -> None:
     held = regions.Holdings(used_bytes=MIB, regions=1, free_port=regions.FIRST_PORT + 7)
-    outcome = regions.ensure(None, spec(), holdings=held, total_bytes=10 * MIB)
+    outcome = regions.ensure(None, spec(), holdings=held)
     assert isinstance(outcome, regions.Changed)
     assert outcome.region.port_number == regions.FIRST_PORT + 7
 
 
-def test_a_region_with_no_free_port_is_failed_with_the_reason() -> None:
-    held = regions.Holdings(used_bytes=MIB, regions=1, free_port=None)
-    outcome = regions.ensure(None, spec(), holdings=held, total_bytes=10 * MIB)
-    assert isinstance(outcome, regions.Changed)
-    assert outcome.region.state is RegionState.FAILED
-    assert "no free port" in (outcome.region.failure or "")
+def test_with_no_free_port_a_create_is_refused_and_nothing_recorded() -> None:
+    held = regions.Holdings(used_bytes=MIB, regions=1000, free_port=None)
+    outcome = regions.ensure(None, spec(), holdings=held)
+    assert outcome == regions.Refused("no_free_port", "no free port in 19000-19999")
 
 
 # delete and the end of background work
@@ -174,7 +185,7 @@ def test_delete_tombstones_a_live_or_failed_region(state: RegionState) -> None:
     assert outcome.region.state is RegionState.TOMBSTONED
     assert outcome.region.generation == 3
     assert outcome.previous_state is state
-    assert not outcome.capacity_changed, "a tombstoned region holds its files until destroyed"
+    assert not outcome.capacity_changed, "a tombstoned region holds its space until destroyed"
 
 
 @pytest.mark.parametrize("state", [RegionState.TOMBSTONED, RegionState.DESTROYED])
@@ -194,12 +205,12 @@ def test_a_finished_create_makes_a_requested_region_created() -> None:
     assert not outcome.capacity_changed
 
 
-def test_a_failed_create_records_why_and_frees_capacity() -> None:
+def test_a_failed_create_records_why_and_keeps_its_space_until_destroyed() -> None:
     outcome = regions.create_finished(created(spec()), failure="disk on fire")
     assert isinstance(outcome, regions.Changed)
     assert outcome.region.state is RegionState.FAILED
     assert outcome.region.failure == "disk on fire"
-    assert outcome.capacity_changed
+    assert not outcome.capacity_changed
 
 
 def test_a_create_that_finishes_after_a_delete_stays_tombstoned() -> None:
@@ -209,11 +220,25 @@ def test_a_create_that_finishes_after_a_delete_stays_tombstoned() -> None:
 
 def test_destroy_finishes_a_tombstoned_region_only() -> None:
     tombstoned = created(spec(), state=RegionState.TOMBSTONED, generation=2)
-    outcome = regions.destroy_finished(tombstoned)
+    outcome = regions.destroy_finished(tombstoned, failure=None)
     assert isinstance(outcome, regions.Changed)
     assert (outcome.region.state, outcome.region.generation) == (RegionState.DESTROYED, 3)
+    assert outcome.capacity_changed
     destroyed = outcome.region
-    assert regions.destroy_finished(destroyed) == regions.Unchanged(destroyed)
+    assert regions.destroy_finished(destroyed, failure=None) == regions.Unchanged(destroyed)
+
+
+def test_a_failed_destroy_makes_the_region_failed_and_a_new_delete_tombstones_it() -> None:
+    tombstoned = created(spec(), state=RegionState.TOMBSTONED, generation=3)
+    outcome = regions.destroy_finished(tombstoned, failure="dataset busy")
+    assert isinstance(outcome, regions.Changed)
+    failed = outcome.region
+    assert (failed.state, failed.generation) == (RegionState.FAILED, 4)
+    assert failed.failure == "destroy failed: dataset busy"
+    assert regions.holds_port(failed)
+    again = regions.delete(failed)
+    assert isinstance(again, regions.Changed)
+    assert (again.region.state, again.region.generation) == (RegionState.TOMBSTONED, 5)
 
 
 Operation = tuple[str, int, int]
@@ -223,17 +248,18 @@ Operation = tuple[str, int, int]
 @given(
     st.lists(
         st.tuples(
-            st.sampled_from(["ensure", "delete", "create_ok", "create_fail", "destroyed"]),
+            st.sampled_from(
+                ["ensure", "delete", "create_ok", "create_fail", "destroyed", "destroy_fail"]
+            ),
             st.integers(0, 4),
             st.integers(1, 4),
         ),
         max_size=40,
     )
 )
-def test_any_sequence_keeps_capacity_and_steps_generations_by_one(
+def test_any_sequence_keeps_ports_apart_and_steps_generations_by_one(
     operations: list[Operation],
 ) -> None:
-    total = 8 * MIB
     ids = [uuid.UUID(int=n + 1) for n in range(5)]
     records: dict[uuid.UUID, Region] = {}
     for name, which, size in operations:
@@ -243,17 +269,15 @@ def test_any_sequence_keeps_capacity_and_steps_generations_by_one(
         if name == "ensure":
             others = [region for key, region in records.items() if key != region_id]
             outcome = regions.ensure(
-                existing,
-                spec(size_mib=size, id=region_id),
-                holdings=holding(*others),
-                total_bytes=total,
+                existing, spec(size_mib=size, id=region_id), holdings=holding(*others)
             )
         elif existing is None:
             continue
         elif name == "delete":
             outcome = regions.delete(existing)
-        elif name == "destroyed":
-            outcome = regions.destroy_finished(existing)
+        elif name in {"destroyed", "destroy_fail"}:
+            failure = "busy" if name == "destroy_fail" else None
+            outcome = regions.destroy_finished(existing, failure)
         else:
             outcome = regions.create_finished(existing, None if name == "create_ok" else "injected")
         if isinstance(outcome, regions.Changed):
@@ -262,7 +286,8 @@ def test_any_sequence_keeps_capacity_and_steps_generations_by_one(
             records[region_id] = outcome.region
         elif existing is not None:
             assert records[region_id] == existing
-        assert holding(*records.values()).used_bytes <= total
+        ports = [r.port_number for r in records.values() if regions.holds_port(r)]
+        assert len(ports) == len(set(ports))
         if existing is not None and existing.state is RegionState.DESTROYED:
             assert records[region_id].state is RegionState.DESTROYED
 

@@ -15,6 +15,7 @@ from typing import Protocol
 import pytest
 from sqlalchemy.exc import OperationalError
 
+from crucible_agent import regions
 from crucible_agent.delay import Fixed
 from crucible_agent.files import MANIFEST, RegionFiles
 from crucible_agent.service import Faults, RegionService, event_id
@@ -92,6 +93,7 @@ class BuildAgent(Protocol):
         crash_fraction: float = ...,
         capacity: int = ...,
         coalesce: float = ...,
+        destroy_fail_fraction: float = ...,
     ) -> Agent: ...
 
 
@@ -107,6 +109,7 @@ async def agents(tmp_path: Path) -> AsyncIterator[BuildAgent]:
         crash_fraction: float = 0.0,
         capacity: int = CAPACITY,
         coalesce: float = 0.0,
+        destroy_fail_fraction: float = 0.0,
     ) -> Agent:
         store = await AgentStore.open(tmp_path / "agent.sqlite")
         files = RegionFiles(tmp_path / "regions")
@@ -124,7 +127,7 @@ async def agents(tmp_path: Path) -> AsyncIterator[BuildAgent]:
             files=files,
             relay=CountingRelay(),
             replier=replier,
-            faults=Faults(Fixed(delay), fail_fraction, crash_fraction),
+            faults=Faults(Fixed(delay), fail_fraction, crash_fraction, destroy_fail_fraction),
             rng=random.Random(1),
             crash=crash,
         )
@@ -231,18 +234,198 @@ async def test_delete_of_an_unknown_region_is_rejected_as_not_found(
     assert rejected.payload.code == "not_found"
 
 
-async def test_a_region_too_big_for_the_capacity_fails_and_announces_nothing_new(
+async def test_a_region_that_cannot_reserve_its_space_fails_from_the_worker_and_keeps_its_port(
     agents: BuildAgent,
 ) -> None:
-    agent = await agents(capacity=10_000)
-    asked = region_spec(extent_count=3)  # 12 KiB
+    agent = await agents(capacity=15_000)
+    asked = region_spec(extent_count=3)  # 12 KiB, which reserves 15 KiB
+    command = RegionEnsure(source=SOURCE, payload=asked)
+    await agent.service.handle(delivery(command, reply_to="amq.gen-test"))
+    (answer,) = [m for m in await agent.outbox() if isinstance(m, RegionInfo)]
+    assert answer.payload.region is not None
+    assert answer.payload.region.state is RegionState.REQUESTED, "accepted, then decided"
+    await settle(agent)
+
+    requested, failed = (e.payload.region for e in await agent.events(asked.id))
+    assert (requested.state, failed.state) == (RegionState.REQUESTED, RegionState.FAILED)
+    assert failed.failure == "cannot reserve 15360 bytes (1.25 x 12288): 15000 of 15000 free"
+    assert failed.port_number == regions.FIRST_PORT
+    assert not agent.files.directory(asked.id).exists()
+
+    # The failed region keeps its port until it is destroyed.
+    second = region_spec(extent_count=1)
+    await agent.service.handle(delivery(RegionEnsure(source=SOURCE, payload=second)))
+    await agent.service.handle(
+        delivery(RegionDelete(source=SOURCE, payload=RegionRef(id=asked.id)))
+    )
+    await settle(agent)
+    third = region_spec(extent_count=1)
+    await agent.service.handle(delivery(RegionEnsure(source=SOURCE, payload=third)))
+    await settle(agent)
+    ports = {region.id: region.port_number for region in await agent.store.regions()}
+    assert ports[second.id] == regions.FIRST_PORT + 1
+    assert ports[third.id] == regions.FIRST_PORT, "given back by the destroyed region"
+
+
+async def test_read_only_is_set_whenever_a_source_is(agents: BuildAgent) -> None:
+    agent = await agents()
+    plain = region_spec()
+    clone = region_spec().model_copy(update={"source": "[fd00:1122:3344:101::7]:19000"})
+    for spec in (plain, clone):
+        await agent.service.handle(delivery(RegionEnsure(source=SOURCE, payload=spec)))
+    await settle(agent)
+    read_only = {region.id: region.read_only for region in await agent.store.regions()}
+    assert read_only == {plain.id: False, clone.id: True}
+    (event,) = [e for e in await agent.events(clone.id) if e.payload.region.generation == 1]
+    assert event.payload.region.read_only
+
+
+async def test_creates_run_one_at_a_time_so_their_delays_queue(agents: BuildAgent) -> None:
+    agent = await agents(delay=0.3)
+    asked = [region_spec() for _ in range(3)]
+    started = asyncio.get_running_loop().time()
+    for spec in asked:
+        await agent.service.handle(delivery(RegionEnsure(source=SOURCE, payload=spec)))
+    await asyncio.sleep(0.45)
+    states = [region.state for region in await agent.store.regions()]
+    assert states.count(RegionState.CREATED) == 1, states
+    await settle(agent)
+    assert asyncio.get_running_loop().time() - started >= 0.9
+    assert {region.state for region in await agent.store.regions()} == {RegionState.CREATED}
+
+
+async def test_a_delete_queued_behind_creates_is_carried_out_before_them(
+    agents: BuildAgent,
+) -> None:
+    agent = await agents(delay=0.2)
+    doomed = region_spec()
+    await agent.service.handle(delivery(RegionEnsure(source=SOURCE, payload=doomed)))
+    await settle(agent)
+    queued = [region_spec() for _ in range(3)]
+    for spec in queued:
+        await agent.service.handle(delivery(RegionEnsure(source=SOURCE, payload=spec)))
+    await asyncio.sleep(0.05)  # the worker is in the first create's delay
+    await agent.service.handle(
+        delivery(RegionDelete(source=SOURCE, payload=RegionRef(id=doomed.id)))
+    )
+    await settle(agent)
+
+    changes = [
+        (m.payload.region.id, m.payload.region.state)
+        for m in await agent.outbox()
+        if isinstance(m, RegionStateChanged)
+    ]
+    done = [
+        change for change in changes if change[1] in {RegionState.CREATED, RegionState.DESTROYED}
+    ]
+    # The create under way finishes; the delete goes before the two still queued, which
+    # the worker takes in id order, as the real agent's map is ordered.
+    first, *rest = sorted(spec.id for spec in queued)
+    assert done == [
+        (doomed.id, RegionState.CREATED),
+        (first, RegionState.CREATED),
+        (doomed.id, RegionState.DESTROYED),
+        *((region_id, RegionState.CREATED) for region_id in rest),
+    ]
+
+
+async def test_a_failed_destroy_leaves_the_region_failed_until_a_delete_is_sent_again(
+    agents: BuildAgent,
+) -> None:
+    agent = await agents(destroy_fail_fraction=1.0)
+    asked = region_spec()
     await agent.service.handle(delivery(RegionEnsure(source=SOURCE, payload=asked)))
     await settle(agent)
-    (event,) = await agent.events(asked.id)
-    assert event.payload.region.state is RegionState.FAILED
-    assert "does not fit" in (event.payload.region.failure or "")
+    delete = RegionDelete(source=SOURCE, payload=RegionRef(id=asked.id))
+    await agent.service.handle(delivery(delete))
+    await settle(agent)
+
+    events = await agent.events(asked.id)
+    assert [(e.payload.region.state, e.payload.region.generation) for e in events] == [
+        (RegionState.REQUESTED, 1),
+        (RegionState.CREATED, 2),
+        (RegionState.TOMBSTONED, 3),
+        (RegionState.FAILED, 4),
+    ]
+    failed = events[-1]
+    assert failed.routing_key() == "region.failed"
+    assert failed.causation_id == delete.id
+    assert (failed.payload.region.failure or "").startswith("destroy failed: injected")
+    assert len(agent.files.extent_paths(asked.id)) == 3, "the files are still there"
+    await agent.service.stop()
+    await agent.store.close()
+
+    # The fault is gone; the delete, sent again, tombstones the region again and the
+    # worker destroys it.
+    restarted = await agents()
+    await restarted.service.resume()
+    await restarted.service.handle(delivery(delete))
+    await settle(restarted)
+    (region,) = await restarted.store.regions()
+    assert (region.state, region.generation) == (RegionState.DESTROYED, 6)
+    assert not restarted.files.directory(asked.id).exists()
+
+
+async def test_files_that_cannot_be_removed_fail_the_destroy_with_the_reason(
+    agents: BuildAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent = await agents()
+    asked = region_spec()
+    await agent.service.handle(delivery(RegionEnsure(source=SOURCE, payload=asked)))
+    await settle(agent)
+
+    def busy(self: RegionFiles, region_id: uuid.UUID) -> None:
+        raise OSError(16, "Device or resource busy")
+
+    monkeypatch.setattr(RegionFiles, "remove", busy)
+    await agent.service.handle(
+        delivery(RegionDelete(source=SOURCE, payload=RegionRef(id=asked.id)))
+    )
+    await settle(agent)
+    (region,) = await agent.store.regions()
+    assert region.state is RegionState.FAILED
+    assert region.failure == (
+        "destroy failed: could not remove the region's files: [Errno 16] Device or resource busy"
+    )
+    assert region.port_number == regions.FIRST_PORT
+
+
+async def test_with_every_port_taken_a_create_is_refused_and_nothing_recorded(
+    agents: BuildAgent, tmp_path: Path
+) -> None:
+    agent = await agents()
+    await agent.store.close()
+    take_every_port(tmp_path / "agent.sqlite")
+    agent = await agents()
+    asked = region_spec()
+    command = RegionEnsure(source=SOURCE, payload=asked)
+    await agent.service.handle(delivery(command, reply_to="amq.gen-test"))
+    await settle(agent)
+
+    assert await agent.store.region(asked.id) is None
     assert not agent.files.directory(asked.id).exists()
-    assert not [m for m in await agent.outbox() if isinstance(m, AgentAnnounced)]
+    rejections = [m for m in await agent.outbox() if isinstance(m, CommandRejected)]
+    assert len(rejections) == 2, "one event, one reply"
+    assert {(r.payload.code, r.payload.message) for r in rejections} == {
+        ("no_free_port", "no free port in 19000-19999")
+    }
+    assert {r.causation_id for r in rejections} == {command.id}
+
+
+def take_every_port(database: Path) -> None:
+    """Regions on every port of the range, written directly (a thousand creates would
+    write a thousand sets of files)."""
+    cause = uuid.uuid4().hex
+    with sqlite3.connect(database) as db:
+        db.executemany(
+            "INSERT INTO regions (id, block_size, extent_size, extent_count, encrypted, "
+            "port_number, read_only, state, generation, cause_id, correlation_id) "
+            "VALUES (?, 512, 1, 1, 1, ?, 0, 'created', 1, ?, ?)",
+            [
+                (uuid.uuid4().hex, port, cause, cause)
+                for port in range(regions.FIRST_PORT, regions.LAST_PORT + 1)
+            ],
+        )
 
 
 async def announcements(agent: Agent) -> list[AgentAnnounced]:
@@ -259,7 +442,7 @@ async def test_a_burst_of_changes_is_announced_once_after_the_wait_with_the_capa
     assert not await announcements(agent), "not before the wait is over"
     await settle(agent)
     (announced,) = await announcements(agent)
-    used = sum(spec.size_bytes for spec in asked)
+    used = sum(regions.reservation_bytes(spec.size_bytes) for spec in asked)
     assert (announced.payload.free_bytes, announced.payload.regions) == (CAPACITY - used, 3)
 
 
@@ -273,7 +456,8 @@ async def test_a_change_after_an_announcement_is_announced_again(agents: BuildAg
     )
     await settle(agent)
     first, second = await announcements(agent)
-    assert (first.payload.free_bytes, first.payload.regions) == (CAPACITY - asked.size_bytes, 1)
+    reserved = regions.reservation_bytes(asked.size_bytes)
+    assert (first.payload.free_bytes, first.payload.regions) == (CAPACITY - reserved, 1)
     assert (second.payload.free_bytes, second.payload.regions) == (CAPACITY, 0)
 
 
@@ -290,10 +474,10 @@ async def test_an_announcement_still_waiting_at_a_stop_is_made_at_the_next_start
     restarted = await agents(coalesce=60.0)
     await restarted.service.resume()
     (announced,) = await announcements(restarted)
-    assert announced.payload.free_bytes == CAPACITY - asked.size_bytes
+    assert announced.payload.regions == 1
 
 
-async def test_injected_failures_fail_the_create_with_a_reason(
+async def test_injected_failures_fail_the_create_with_a_reason_and_keep_the_files(
     agents: BuildAgent,
 ) -> None:
     agent = await agents(fail_fraction=1.0)
@@ -303,6 +487,13 @@ async def test_injected_failures_fail_the_create_with_a_reason(
     (region,) = await agent.store.regions()
     assert region.state is RegionState.FAILED
     assert "injected" in (region.failure or "")
+    assert len(agent.files.extent_paths(asked.id)) == 3, "kept until the region is deleted"
+    await agent.service.handle(
+        delivery(RegionDelete(source=SOURCE, payload=RegionRef(id=asked.id)))
+    )
+    await settle(agent)
+    (region,) = await agent.store.regions()
+    assert region.state is RegionState.DESTROYED
     assert not agent.files.directory(asked.id).exists()
 
 

@@ -23,14 +23,18 @@ class RolledBack(Exception):
     pass
 
 
-async def stored_holdings(held: list[Region], path: Path | None = None) -> regions.Holdings:
-    """The store's holdings of ``held`` (inserted, then rolled back: no commit to wait for)."""
+async def stored_holdings(
+    held: list[Region], path: Path | None = None, reserved: dict[uuid.UUID, int] | None = None
+) -> regions.Holdings:
+    """The store's holdings of ``held`` with ``reserved`` (inserted, then rolled back: no
+    commit to wait for)."""
     with tempfile.TemporaryDirectory() as directory:
         store = await AgentStore.open(path or Path(directory) / "agent.sqlite")
         try:
             async with store.transaction() as tx:
                 for one in held:
                     await tx.insert(one, CAUSE)
+                    await tx.set_reserved(one.id, (reserved or {}).get(one.id, 0))
                 answer = await tx.holdings()
                 raise RolledBack
         except RolledBack:
@@ -66,9 +70,36 @@ regions_held = st.lists(
 
 
 @settings(max_examples=100, deadline=None)
-@given(regions_held)
-def test_holdings_sum_exactly_the_regions_that_hold_space(held: list[Region]) -> None:
-    assert asyncio.run(stored_holdings(held)) == holding(*held)
+@given(regions_held, st.lists(st.integers(0, 1 << 30), min_size=12, max_size=12))
+def test_holdings_sum_exactly_the_regions_not_destroyed(
+    held: list[Region], sizes: list[int]
+) -> None:
+    reserved = {region.id: size for region, size in zip(held, sizes, strict=False)}
+    assert asyncio.run(stored_holdings(held, reserved=reserved)) == holding(
+        *held, reserved=reserved
+    )
+
+
+def test_the_next_work_is_a_tombstoned_region_before_a_requested_one_in_id_order() -> None:
+    async def next_of(held: list[Region]) -> Region | None:
+        with tempfile.TemporaryDirectory() as directory:
+            store = await AgentStore.open(Path(directory) / "agent.sqlite")
+            try:
+                async with store.transaction() as tx:
+                    for one in held:
+                        await tx.insert(one, CAUSE)
+                    return await tx.next_work(regions.WORK_ORDER)
+            finally:
+                await store.close()
+
+    requested = sorted(
+        (region(RegionState.REQUESTED, 0, 1, failed=False) for _ in range(3)), key=lambda r: r.id
+    )
+    tombstoned = region(RegionState.TOMBSTONED, 0, 1, failed=False)
+    created = region(RegionState.CREATED, 0, 1, failed=False)
+    assert asyncio.run(next_of([*requested, tombstoned, created])) == tombstoned
+    assert asyncio.run(next_of([*reversed(requested), created])) == requested[0]
+    assert asyncio.run(next_of([created])) is None
 
 
 def test_ports_are_the_lowest_free_and_come_back_when_a_region_is_destroyed() -> None:
@@ -95,5 +126,19 @@ def test_no_free_port_when_every_one_is_taken(tmp_path: Path) -> None:
             ],
         )
     assert asyncio.run(stored_holdings([], path)) == regions.Holdings(
-        used_bytes=512 * len(ports), regions=len(ports), free_port=None
+        used_bytes=0, regions=len(ports), free_port=None
     )
+
+
+def test_a_database_from_before_reservations_gets_them(tmp_path: Path) -> None:
+    path = tmp_path / "agent.sqlite"
+    asyncio.run(stored_holdings([], path))
+    with sqlite3.connect(path) as db:
+        db.execute("ALTER TABLE regions DROP COLUMN reserved_bytes")
+        db.execute(
+            "INSERT INTO regions (id, block_size, extent_size, extent_count, encrypted, "
+            "port_number, read_only, state, generation, cause_id, correlation_id) "
+            "VALUES (?, 512, 2, 3, 1, 19000, 0, 'created', 2, ?, ?)",
+            (uuid.uuid4().hex, CAUSE.message_id.hex, CAUSE.message_id.hex),
+        )
+    assert asyncio.run(stored_holdings([], path)).used_bytes == regions.reservation_bytes(3072)

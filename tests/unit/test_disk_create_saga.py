@@ -19,7 +19,7 @@ from nexus.db.models import Dataset, Disk, Region
 from nexus.db.states import DiskState, SagaLogEvent, SagaState
 from nexus.saga.clock import ManualClock
 from nexus.saga.faults import Faults
-from nexus.sagas import disk_create
+from nexus.sagas import disk_create, region_deletion
 from schemas.base import Envelope
 from schemas.identity import queue_agent
 from schemas.region import RegionFound, RegionGet, RegionInfo, RegionState
@@ -71,18 +71,75 @@ async def test_a_region_that_fails_at_its_agent_unwinds(database: Database) -> N
     crucible = FakeCrucible.new(database)
     p = params()
     saga_id = await replica.executor.start(disk_create.DEFINITION, p)
-    first, *rest = await crucible.ensures()
+    ensures = await crucible.ensures()
+    first, *rest = ensures
     await replica.deliver(crucible.event(first, RegionState.FAILED))
+    # The other two regions' late notifications find no saga waiting for them.
+    for event in await crucible.created_events(rest):
+        ingested = await replica.deliver(event)
+        assert ingested.woken is None
+
+    # The unwind asked for the three deletes and waits for them: the rows stay until
+    # their agents confirm.
+    assert len(await crucible.deletes()) == 3
+    for ensure in ensures:
+        assert (await database.saga(saga_id)).state == SagaState.WAITING
+        assert await count(database, Region, Region.id == ensure.payload.id) == 1
+        await replica.deliver(crucible.deleted(ensure))
 
     saga = await database.saga(saga_id)
     assert saga.state == SagaState.UNDONE
     assert "failed" in (saga.error or "")
     assert await count(database, Disk) == 0
-    # The other two regions' late notifications find no saga and change nothing.
-    for event in await crucible.created_events(rest):
-        ingested = await replica.deliver(event)
-        assert ingested.woken is None
+    assert await count(database, Region) == 0
+
+
+async def test_a_failed_destroy_is_asked_again_until_destroyed(database: Database) -> None:
+    replica = Replica(database, "a", clock=ManualClock())
+    crucible = FakeCrucible.new(database)
+    saga_id = await replica.executor.start(disk_create.DEFINITION, params())
+    ensures = await crucible.ensures()
+    await replica.deliver(crucible.event(ensures[0], RegionState.FAILED))
+    for ensure in ensures[1:]:
+        await replica.deliver(crucible.deleted(ensure))
+    first_deletes = await crucible.deletes()
+
+    await replica.deliver(crucible.deleted(ensures[0], RegionState.FAILED))
+
+    deletes = await crucible.deletes()
+    assert len(deletes) == len(first_deletes) + 1, "the failed destroy's delete sent again"
+    assert deletes[-1].payload.id == ensures[0].payload.id
+    assert deletes[-1].id not in {d.id for d in first_deletes}, "under a new id"
+    assert (await database.saga(saga_id)).state == SagaState.WAITING
+    assert await count(database, Region, Region.state == RegionState.DESTROYED) == 2
+    assert await count(database, Region) == 3, "rows removed once every agent confirmed"
+    await replica.deliver(crucible.deleted(ensures[0]))
     assert (await database.saga(saga_id)).state == SagaState.UNDONE
+    assert await count(database, Region) == 0
+
+
+async def test_a_region_that_cannot_be_destroyed_faults_the_disk_with_the_reason(
+    database: Database,
+) -> None:
+    replica = Replica(database, "a", clock=ManualClock())
+    crucible = FakeCrucible.new(database)
+    p = params()
+    saga_id = await replica.executor.start(disk_create.DEFINITION, p)
+    ensures = await crucible.ensures()
+    await replica.deliver(crucible.event(ensures[0], RegionState.FAILED))
+
+    for _ in range(region_deletion.MAX_RESENDS + 1):
+        await replica.deliver(crucible.deleted(ensures[0], RegionState.FAILED))
+
+    saga = await database.saga(saga_id)
+    assert saga.state == SagaState.STUCK
+    assert "not destroyed after" in (saga.error or "")
+    assert "injected destroy failure" in (saga.error or "")
+    assert len(await crucible.deletes()) == 3 + region_deletion.MAX_RESENDS
+    async with database.sessions() as session:
+        disk = await session.get(Disk, p.disk_id)
+    assert disk is not None and disk.state == DiskState.FAULTED
+    assert await count(database, Region) == 3, "no row removed without a confirmation"
 
 
 async def test_a_failing_undo_leaves_the_saga_stuck_and_the_disk_faulted(
@@ -97,6 +154,8 @@ async def test_a_failing_undo_leaves_the_saga_stuck_and_the_disk_faulted(
     p = params()
 
     saga_id = await run_to_end(replica, crucible, p)
+    for ensure in await crucible.ensures():
+        await replica.deliver(crucible.deleted(ensure))
 
     saga = await database.saga(saga_id)
     assert saga.state == SagaState.STUCK

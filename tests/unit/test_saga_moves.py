@@ -35,6 +35,7 @@ from nexus.saga.moves import (
     Undo,
     UndoFailed,
     Undone,
+    UndoWaits,
     WaitsOn,
     next_move,
 )
@@ -45,7 +46,7 @@ NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 TERM = timedelta(seconds=60)
 
 
-def wait(*, rearms: int = 1, asked: int = 0) -> WaitingNode:
+def wait(*, rearms: int | None = 1, asked: int = 0) -> WaitingNode:
     return WaitingNode(
         keys=("region:1:created",),
         since=NOW - TERM,
@@ -273,6 +274,58 @@ TRANSITIONS |= {
             "b",
             "deadline passed: deadline passed without the event",
             at(UNWINDING, 1, "a", failed_node="b"),
+        ),
+    ),
+}
+
+
+# A wait of an undo: the saga parks as waiting with its failed node kept (here ``c``
+# failed and ``b``'s undo waits for the agent to confirm a delete).
+UNDO_WAITS = at(UNWINDING, 1, "ab", failed_node="c").with_wait("b", wait())
+UNDO_PARKED = UNDO_WAITS.but(state=WAITING)
+TRANSITIONS |= {
+    "an undo that waits checks the events": Row(
+        at(UNWINDING, 1, "ab", failed_node="c"),
+        UndoWaits("b", wait()),
+        CheckEvents(UNDO_WAITS),
+    ),
+    "an undo's event is not in: park, still unwinding": Row(
+        UNDO_WAITS,
+        EventsIn(()),
+        Park(UNDO_PARKED),
+    ),
+    "a woken undo checks the events": Row(UNDO_PARKED, None, CheckEvents(UNDO_PARKED)),
+    "an undo's event is in: resume the undo": Row(
+        UNDO_PARKED, EventsIn(("b",)), Resume("b", UNDO_WAITS)
+    ),
+    "an undo that waited and finished moves on to the next older node": Row(
+        UNDO_WAITS,
+        Undone("b"),
+        Undo("a", at(UNWINDING, 1, "ab", undone="b", failed_node="c")),
+    ),
+    "an undo's deadline, reconcile found the news: resume the undo": Row(
+        UNDO_PARKED,
+        DeadlineAnswer("b", Reconciled.resume("region:1:destroyed", {}, 3), NOW),
+        Resume("b", UNDO_WAITS, by_reconcile=True),
+    ),
+    "an undo's deadline, no re-arms left: the saga is stuck": Row(
+        UNDO_PARKED.with_wait("b", wait(rearms=0)),
+        DeadlineAnswer("b", Reconciled.rearm("still deleting"), NOW),
+        Stuck(
+            "b",
+            "deadline passed: still deleting",
+            at(SagaState.STUCK, 1, "ab", failed_node="c"),
+        ),
+    ),
+    "an unbounded wait re-arms for as long as the agent is still working": Row(
+        AT_DEADLINE.with_wait("b", wait(rearms=None, asked=7)),
+        DeadlineAnswer("b", Reconciled.rearm("still creating"), NOW),
+        Rearm(
+            "b",
+            "still creating",
+            AT_DEADLINE.with_wait(
+                "b", WaitingNode(**{**REARMED.__dict__, "rearms": None, "asked": 8})
+            ),
         ),
     ),
 }

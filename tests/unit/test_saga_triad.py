@@ -1,17 +1,24 @@
 """Every saga through the same triad (tests/saga_triad.py), on SQLite and on PostgreSQL:
 it succeeds; a failure at every node unwinds to a clean slate; every node run twice
-still succeeds; and a failure at every node, with every undo run twice, unwinds too."""
+still succeeds, each node returning what its first run decided; and a failure at every
+node, with every undo run twice, unwinds too."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
+from nexus.db.states import SagaState
+from nexus.saga.clock import ManualClock
+from nexus.saga.definition import Ctx, Node, SagaDefinition
+from nexus.saga.faults import Faults
 from nexus.sagas import ALL_SAGAS
 from tests import saga_triad
 from tests.saga_scenarios import SCENARIOS
-from tests.saga_support import Database
+from tests.saga_support import Database, Replica
 from tests.saga_triad import Scenario
 
 # Undos that are not idempotent: run twice, their effect is applied twice. The cases
@@ -67,3 +74,31 @@ async def test_a_failure_with_every_undo_run_twice_unwinds_to_a_clean_slate(
     database: Database, scenario: Scenario[Any], node: str
 ) -> None:
     await saga_triad.failure_can_unwind_idempotently(database, scenario, node)
+
+
+class _Picked(BaseModel):
+    value: uuid.UUID
+
+
+async def _pick_anew(ctx: Ctx[_Picked]) -> _Picked:
+    return _Picked(value=uuid.uuid4())
+
+
+async def test_a_node_that_decides_differently_when_run_again_fails_the_triad(
+    database: Database,
+) -> None:
+    """Run twice, a node must return what its first run decided, not only succeed."""
+    definition = SagaDefinition(
+        name="picks_anew", version=1, params=_Picked, stages=((Node("pick", _pick_anew),),)
+    )
+    replica = Replica(
+        database,
+        "triad",
+        clock=ManualClock(),
+        definitions=[definition],
+        faults=Faults(repeat_actions=True),
+    )
+    saga_id = await replica.executor.start(definition, _Picked(value=uuid.uuid4()))
+    saga = await database.saga(saga_id)
+    assert saga.state == SagaState.UNDONE
+    assert "pick decided differently when run again" in (saga.error or "")

@@ -42,7 +42,7 @@ from nexus.saga.executor import SWEEP_CONCURRENCY
 from nexus.sagas.disk_create import REPLICAS
 from schemas import api
 from schemas.base import Envelope
-from schemas.instance import InstanceState, InstanceStateChanged
+from schemas.instance import VmmState, VmmStateChanged
 from schemas.messages import encode
 from schemas.progress import SagaProgressed
 from schemas.region import RegionState, RegionStateChanged
@@ -184,10 +184,10 @@ class Stack:
 
     async def on_event(self, delivery: Delivery) -> None:
         message = delivery.message
-        if isinstance(message, InstanceStateChanged):
-            instance = message.payload.instance
-            if instance.state is InstanceState.RUNNING:
-                self.instance_ready_at.setdefault(instance.id, message.occurred_at)
+        if isinstance(message, VmmStateChanged):
+            vmm = message.payload.vmm
+            if vmm.state is VmmState.RUNNING:
+                self.instance_ready_at.setdefault(vmm.instance_id, message.occurred_at)
         elif isinstance(message, RegionStateChanged):
             if message.payload.region.state is RegionState.CREATED:
                 self.ready_at.setdefault(message.payload.region.id, message.occurred_at)
@@ -250,7 +250,7 @@ class Stack:
                 resumed = await connection.scalar(
                     select(SagaLogEntry.at).where(
                         SagaLogEntry.saga_id == saga_id,
-                        SagaLogEntry.node_name == "instance_ensure",
+                        SagaLogEntry.node_name == "vmm_ensure",
                         SagaLogEntry.event == "resumed",
                     )
                 )

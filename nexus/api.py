@@ -35,6 +35,7 @@ from nexus.db.models import (
     Saga,
     SagaLogEntry,
     Sled,
+    Vmm,
     WaitRendezvous,
 )
 from nexus.db.states import DiskState, InstanceState, SagaState, SledState, WaitState
@@ -390,8 +391,11 @@ class Api:
             if body.action is api.InstanceAction.DELETE:
                 definition: SagaDefinition[Any] = instance_delete.DEFINITION
                 params: BaseModel = instance_delete.Params(instance_id=instance.id)
-                if state is InstanceState.DELETING:
-                    raise ApiProblem(api.ErrorCode.CONFLICT, f"{instance.name} is being deleted")
+                if state not in instance_delete.DELETABLE:
+                    # No saga and no word to the sled: the instance still has a VMM.
+                    raise ApiProblem(
+                        api.ErrorCode.CONFLICT, instance_delete.refusal(instance.name, state)
+                    )
             else:
                 power = instance_power.POWER[body.action]
                 definition = power.saga
@@ -407,7 +411,7 @@ class Api:
                         api.ErrorCode.CONFLICT,
                         f"instance {instance.name} is {state.value}; cannot {body.action.value}",
                     )
-                params = instance_power.Params(instance_id=instance.id)
+                params = power.params(instance.id)
             reply = await self._start(request, session, definition, params, instance.id)
         self._executor.spawn(reply.payload.saga_id)
         return reply
@@ -493,8 +497,9 @@ class Api:
 
 async def instance_view(session: AsyncSession, instance: Instance) -> api.InstanceView:
     reachable = True
-    if instance.sled_id is not None:
-        sled = await session.get(Sled, instance.sled_id)
+    vmm = await session.get(Vmm, instance.active_vmm_id) if instance.active_vmm_id else None
+    if vmm is not None:
+        sled = await session.get(Sled, vmm.sled_id)
         reachable = sled is not None and sled.state is SledState.ACTIVE
     disk_ids = (
         await session.execute(select(Disk.id).where(Disk.attached_instance_id == instance.id))
@@ -506,7 +511,8 @@ async def instance_view(session: AsyncSession, instance: Instance) -> api.Instan
         ncpus=instance.ncpus,
         memory_bytes=instance.memory_bytes,
         state=instance.state.value,
-        sled_id=instance.sled_id,
+        sled_id=vmm.sled_id if vmm is not None else None,
+        vmm_id=vmm.id if vmm is not None else None,
         sled_reachable=reachable,
         disk_ids=tuple(disk_ids),
         created_at=instance.created_at,

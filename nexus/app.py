@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from nexus.api import Api
 from nexus.db.engine import create_engine, create_sessionmaker
 from nexus.events import EventIngest
-from nexus.liveness import mark_silent_sleds
+from nexus.liveness import expunge_lost_sleds, mark_silent_sleds
 from nexus.saga.clock import Clock, DatabaseClock
 from nexus.saga.definition import SagaDefinition
 from nexus.saga.executor import SagaExecutor
@@ -250,6 +250,13 @@ class NexusApp:
             now=self.clock.now(),
             timeout=timedelta(seconds=settings.sled_timeout_seconds),
         )
+        for woke in await expunge_lost_sleds(
+            self.sessions,
+            now=self.clock.now(),
+            after=timedelta(seconds=settings.sled_expunge_seconds),
+            hearing=timedelta(seconds=settings.sled_timeout_seconds),
+        ):
+            self.executor.spawn(woke.saga_id)
         if self._sweeps % max(1, int(60 / settings.sweep_seconds)) == 0:
             moved = await self.executor.sweep_unclaimed(
                 timedelta(seconds=settings.unclaimed_retention_seconds)

@@ -3,7 +3,7 @@ a person.
 
 Nexus's records say where it placed each region and what state it was in last; only
 the agents know what they hold. The doctor asks every crucible agent for all its regions
-and each sled for the instances Nexus places on it (all at once, each with a timeout),
+and each sled for the VMMs Nexus placed on it (all at once, each with a timeout),
 on the queue the agent's identity implies (``crucible.<dataset id>``, ``sled.<sled
 id>``) rather than the one Nexus recorded, and checks the answer came from that agent.
 Then it decides, with no I/O (:func:`region_findings`), what does not match:
@@ -21,8 +21,8 @@ Then it decides, with no I/O (:func:`region_findings`), what does not match:
   it on;
 - ``orphan_region``: a region live at its agent although its disk is deleted;
 - ``region_unknown``: a region live at an agent that Nexus never asked for;
-- ``instance_wrong_sled`` / ``instance_state_mismatch``: a sled that does not run the
-  instance Nexus places on it, or runs it in another state;
+- ``instance_wrong_sled`` / ``instance_state_mismatch``: a sled that does not have a live
+  VMM Nexus placed on it, or runs it in another state;
 - ``saga_stuck`` / ``saga_unrecoverable``: sagas an operator must look at.
 
 Run it on a quiet system: an operation in flight is legitimately between states, which
@@ -41,12 +41,12 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from nexus.db.models import Dataset, Disk, Instance, Region, Saga, Sled
-from nexus.db.states import DiskState, InstanceState, RegionState, SagaState
+from nexus.db.models import Dataset, Disk, Instance, Region, Saga, Sled, Vmm
+from nexus.db.states import DiskState, RegionState, SagaState, VmmState
 from nexus.sagas.disk_create import REPLICAS
 from schemas import api
-from schemas.instance import InstanceGet, InstanceInfo, InstanceRef
-from schemas.instance import InstanceState as WireInstanceState
+from schemas.instance import ENDED_VMM_STATES as WIRE_ENDED_VMM_STATES
+from schemas.instance import VmmGet, VmmInfo, VmmRef
 from schemas.region import Region as WireRegion
 from schemas.region import RegionList, RegionListed
 from schemas.region import RegionState as WireRegionState
@@ -55,8 +55,10 @@ from schemas.transport import PublishFailed, RequestTimedOut, Transport
 
 LIVE_REGION = {WireRegionState.REQUESTED, WireRegionState.CREATED}
 READY_DISK = {DiskState.DETACHED, DiskState.ATTACHED}
-# Nexus states the sled reports the same way.
-COMPARABLE = {InstanceState.RUNNING, InstanceState.STOPPED}
+# VMM states that stay put long enough to compare with the sled's.
+COMPARABLE = {VmmState.RUNNING}
+# VMMs whose sled has said something about them and that have not ended: the sled has them.
+HEARD_OF = [VmmState.STARTING, VmmState.RUNNING, VmmState.STOPPING, VmmState.REBOOTING]
 
 
 @dataclass(frozen=True)
@@ -120,15 +122,18 @@ async def run_doctor(
             ],
             sled_of_dataset={dataset.id: dataset.sled_id for dataset in datasets},
         )
-        placed = list(
-            (
+        # The VMMs a sled has heard of and that have not ended, by Nexus's records.
+        placed = [
+            (vmm, name, queue)
+            for vmm, name, queue in (
                 await session.execute(
-                    select(Instance, Sled.queue_name)
-                    .join(Sled, Sled.id == Instance.sled_id)
-                    .where(Instance.state.not_in([InstanceState.DELETED]))
+                    select(Vmm, Instance.name, Sled.queue_name)
+                    .join(Sled, Sled.id == Vmm.sled_id)
+                    .join(Instance, Instance.id == Vmm.instance_id)
+                    .where(Vmm.state.in_(HEARD_OF))
                 )
             ).all()
-        )
+        ]
         troubled = list(
             (
                 await session.execute(
@@ -176,7 +181,7 @@ async def run_doctor(
             )
         )
     return api.DoctorReport(
-        checked_agents=len(datasets) + len({instance.sled_id for instance, _ in placed}),
+        checked_agents=len(datasets) + len({vmm.sled_id for vmm, _, _ in placed}),
         unreachable_agents=tuple(sorted(set(unreachable))),
         findings=tuple(findings),
     )
@@ -351,29 +356,26 @@ async def _check_instances(
     transport: Transport,
     source: str,
     timeout: float,
-    placed: Sequence[tuple[Instance, str]],
+    placed: Sequence[tuple[Vmm, str, str]],
     unreachable: list[str],
 ) -> list[api.DoctorFinding]:
-    async def ask(instance: Instance) -> InstanceInfo | None:
-        # The query joins instances to their sleds: each has one.
-        assert instance.sled_id is not None
+    async def ask(vmm: Vmm) -> VmmInfo | None:
         try:
             reply = await transport.request(
-                InstanceGet(source=source, payload=InstanceRef(id=instance.id)),
-                routing_key=sled_queue(instance.sled_id),
+                VmmGet(source=source, payload=VmmRef(id=vmm.id)),
+                routing_key=sled_queue(vmm.sled_id),
                 timeout=timeout,
             )
         except (RequestTimedOut, PublishFailed):
             # No answer in time, or no queue to take the question: unreachable.
             return None
-        return reply if isinstance(reply, InstanceInfo) else None
+        return reply if isinstance(reply, VmmInfo) else None
 
-    answers = await asyncio.gather(*(ask(instance) for instance, _ in placed))
+    answers = await asyncio.gather(*(ask(vmm) for vmm, _, _ in placed))
     findings = []
     judged: set[uuid.UUID] = set()
-    for (instance, queue), answer in zip(placed, answers, strict=True):
-        sled_id = instance.sled_id
-        assert sled_id is not None
+    for (vmm, name, queue), answer in zip(placed, answers, strict=True):
+        sled_id = vmm.sled_id
         sled = f"sled {sled_id}"
         first = sled_id not in judged
         judged.add(sled_id)
@@ -387,23 +389,23 @@ async def _check_instances(
                 answered_by = f"{answer.source} (sled {answer.payload.sled_id})"
                 findings.append(_impostor(sled, sled_queue(sled_id), answered_by))
             continue
-        found = answer.payload.instance
-        if found is None or found.state is WireInstanceState.DESTROYED:
-            if instance.state is not InstanceState.DELETING:
-                findings.append(
-                    api.DoctorFinding(
-                        kind="instance_wrong_sled",
-                        object_id=str(instance.id),
-                        detail=f"{instance.name} is on sled {instance.sled_id} in Nexus, "
-                        "but that sled does not run it",
-                    )
+        found = answer.payload.vmm
+        if found is None or found.state in WIRE_ENDED_VMM_STATES:
+            findings.append(
+                api.DoctorFinding(
+                    kind="instance_wrong_sled",
+                    object_id=str(vmm.instance_id),
+                    detail=f"{name}: its VMM {vmm.id} is {vmm.state.value} on sled {sled_id} "
+                    "in Nexus, but that sled "
+                    + ("does not have it" if found is None else f"says {found.state.value}"),
                 )
-        elif instance.state in COMPARABLE and found.state.value != instance.state.value:
+            )
+        elif vmm.state in COMPARABLE and found.state.value != vmm.state.value:
             findings.append(
                 api.DoctorFinding(
                     kind="instance_state_mismatch",
-                    object_id=str(instance.id),
-                    detail=f"{instance.name}: Nexus says {instance.state.value}, "
+                    object_id=str(vmm.instance_id),
+                    detail=f"{name}: Nexus says its VMM {vmm.id} is {vmm.state.value}, "
                     f"the sled says {found.state.value}",
                 )
             )

@@ -9,21 +9,25 @@ No inbox row: every write here is guarded by the object's generation (a rejectio
 key is its command's id), so a redelivered or duplicated event changes nothing by
 itself, and an inbox insert would cost one statement more per event for nothing.
 
-Authority comes first: a message is believed only about what its sender owns, by
-Nexus's own records of what it placed where, never by what the message claims
+Authority comes first: a message is believed only about what its sender owns, by Nexus's
+own records of what it placed where, never by what the message claims
 (:func:`authorize`). The sender is the envelope's ``source``, which the transport has
 checked against the broker-validated ``user_id``. A region event must come from the
-agent of the region's dataset, an instance event from the sled Nexus placed the instance
-on, a rejection from the agent whose queue the command was sent to (its outbox row), and
-an announcement, a registration or a heartbeat from the agent it announces; the agent's
+agent of the region's dataset, a VMM event from the sled Nexus placed the VMM on, a
+rejection from the agent whose queue the command was sent to (its outbox row), and an
+announcement, a registration or a heartbeat from the agent it announces; the agent's
 queue is derived from its id, never taken from the message. Anything else is refused
 before anything is written, with reason ``not_owner``: dead-lettered, it changes no
 state and wakes no saga. An event about an object Nexus has no record of at all (a
 region it never placed or whose row an undo deleted, a rejection of a command it did not
 send through its outbox) has no record to change and is kept like any event no saga
 claims, for ``nexusctl events unclaimed`` to show; no saga can wait on it, since sagas
-wait only on objects they recorded before commanding them, under fresh ids. An event
-about an instance Nexus records on no sled (a create unwinding) is dropped.
+wait only on objects they recorded before commanding them, under fresh ids.
+
+A VMM's state goes through :func:`nexus.vmms.record_vmm_state`: an event about a VMM
+that has ended in Nexus's records (the sled's own ``destroyed`` or ``failed``, or a
+failure Nexus recorded for a lost sled) changes nothing and wakes no saga, and the
+instance follows only its active VMM.
 
 A state change whose generation is implausibly far ahead of the one Nexus recorded for
 its object (more than ``max_generation_lead``) is refused before anything is written:
@@ -31,7 +35,7 @@ applied, it would leave the record where no real event could ever update it agai
 is dead-lettered with reason ``implausible_generation``, logged and counted.
 
 Cheap discards: each replica remembers, in a bounded LRU (:class:`Recorded`), the
-generation of every region/instance state change it has committed, per wait key (the
+generation of every region/VMM state change it has committed, per wait key (the
 object and its state), and the owner it read for the object. A later change from that
 same owner for that key whose generation is not newer is acked without a transaction:
 every write it would make (the object's row, the rendezvous row of its key) is guarded
@@ -52,26 +56,27 @@ from datetime import datetime
 from enum import Enum
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Table, bindparam, case, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from nexus.db.engine import upsert_insert
-from nexus.db.models import Dataset, Instance, OutboxMessage, Region, Sled
-from nexus.db.states import SledState
+from nexus.db.models import Dataset, OutboxMessage, Region, Sled, Vmm
+from nexus.db.states import SledState, VmmState
 from nexus.saga import rendezvous
 from nexus.saga.rendezvous import Woken
 from nexus.settings import MAX_GENERATION_LEAD
+from nexus.vmms import record_vmm_state, vmm_is_recorded
 from nexus.waitkeys import (
-    AWAITED_INSTANCE_STATES,
     AWAITED_REGION_STATES,
-    instance_key,
+    AWAITED_VMM_STATES,
     region_key,
     rejection_key,
+    vmm_key,
 )
 from schemas.base import Envelope
 from schemas.common import CommandRejected
 from schemas.identity import NOT_OWNER, crucible_source, queue_agent, sled_source
-from schemas.instance import InstanceStateChanged
+from schemas.instance import VmmStateChanged
 from schemas.messages import Message, MessageRejected
 from schemas.region import RegionStateChanged
 from schemas.sled import AgentAnnounced, SledHeartbeat, SledRegistered
@@ -92,7 +97,8 @@ _REGION_UPDATE = (
 )
 
 
-_instances = cast(Table, Instance.__table__)
+_vmms = cast(Table, Vmm.__table__)
+_sleds = cast(Table, Sled.__table__)
 
 
 _outbox = cast(Table, OutboxMessage.__table__)
@@ -101,9 +107,7 @@ _outbox = cast(Table, OutboxMessage.__table__)
 _REGION_DATASET = select(_regions.c.dataset_id, _regions.c.generation).where(
     _regions.c.id == bindparam("b_id")
 )
-_INSTANCE_SLED = select(_instances.c.sled_id, _instances.c.generation).where(
-    _instances.c.id == bindparam("b_id")
-)
+_VMM_SLED = select(_vmms.c.sled_id, _vmms.c.generation).where(_vmms.c.id == bindparam("b_id"))
 _COMMAND_QUEUE = select(_outbox.c.routing_key).where(
     _outbox.c.message_id == bindparam("b_id"), _outbox.c.exchange == COMMANDS_EXCHANGE
 )
@@ -134,7 +138,7 @@ DISCARD_LOG_SECONDS = 10.0
 
 
 class Recorded:
-    """This replica's committed facts about regions and instances, bounded (LRU): the
+    """This replica's committed facts about regions and VMMs, bounded (LRU): the
     owner Nexus's records name for an object, and the highest generation committed per
     wait key (object id and state)."""
 
@@ -172,7 +176,7 @@ class Recorded:
 
 
 def _state_change(message: Message) -> tuple[Any, str, int, str] | None:
-    """A region or instance state change's object id, state, generation and the agent
+    """A region or VMM state change's object id, state, generation and the agent
     its payload names as the speaker; None for any other message."""
     match message:
         case RegionStateChanged(payload=change):
@@ -183,14 +187,9 @@ def _state_change(message: Message) -> tuple[Any, str, int, str] | None:
                 region.generation,
                 crucible_source(change.agent_id),
             )
-        case InstanceStateChanged(payload=change):
-            instance = change.instance
-            return (
-                instance.id,
-                instance.state.value,
-                instance.generation,
-                sled_source(instance.sled_id),
-            )
+        case VmmStateChanged(payload=change):
+            vmm = change.vmm
+            return (vmm.id, vmm.state.value, vmm.generation, sled_source(vmm.sled_id))
     return None
 
 
@@ -303,7 +302,7 @@ class EventIngest:
 
 async def authorize(session: AsyncSession, message: Message) -> tuple[Owner, int | None]:
     """Let ``message`` through only if its sender may say it, by Nexus's records; returns
-    the owner of a region's or instance's state change (None for other messages) and the
+    the owner of a region's or VMM's state change (None for other messages) and the
     generation Nexus recorded for that object (None where it has no record).
 
     Raises :class:`MessageRejected` (``not_owner``) when another agent owns its object
@@ -321,15 +320,14 @@ async def authorize(session: AsyncSession, message: Message) -> tuple[Owner, int
                 owner, recorded = crucible_source(region.dataset_id), region.generation
             about = f"region {change.region.id}"
             check_speaker(message, owner, about, crucible_source(change.agent_id))
-        case InstanceStateChanged(payload=change):
-            row = (await session.execute(_INSTANCE_SLED, {"b_id": change.instance.id})).first()
+        case VmmStateChanged(payload=change):
+            row = (await session.execute(_VMM_SLED, {"b_id": change.vmm.id})).first()
             if row is None:
                 owner = Nobody.UNRECORDED
             else:
-                owner = sled_source(row.sled_id) if row.sled_id is not None else None
-                recorded = row.generation
-            about = f"instance {change.instance.id}"
-            check_speaker(message, owner, about, sled_source(change.instance.sled_id))
+                owner, recorded = sled_source(row.sled_id), row.generation
+            about = f"VMM {change.vmm.id}"
+            check_speaker(message, owner, about, sled_source(change.vmm.sled_id))
         case CommandRejected(payload=rejection):
             # The command's addressee, from the outbox row it was sent from (Nexus keeps
             # sent rows); a command Nexus did not send through it (a query) has none.
@@ -343,7 +341,7 @@ async def authorize(session: AsyncSession, message: Message) -> tuple[Owner, int
             check_speaker(message, sled_source(info.sled_id), f"sled {info.sled_id}")
         case SledHeartbeat(payload=beat):
             check_speaker(message, sled_source(beat.sled_id), f"sled {beat.sled_id}")
-    if not isinstance(message, RegionStateChanged | InstanceStateChanged):
+    if not isinstance(message, RegionStateChanged | VmmStateChanged):
         return None, None
     return owner, recorded
 
@@ -368,18 +366,16 @@ def check_speaker(message: Envelope, owner: Owner, about: str, *named: str) -> N
 
 
 def check_generation(message: Message, recorded: int | None, max_lead: int) -> None:
-    """Raise MessageRejected (``implausible_generation``) when a region or instance state
+    """Raise MessageRejected (``implausible_generation``) when a region or VMM state
     change is more than ``max_lead`` generations ahead of ``recorded``, the one Nexus
     recorded for the object. An object Nexus has no record of is not judged here."""
-    if recorded is None or not isinstance(message, RegionStateChanged | InstanceStateChanged):
+    if recorded is None or not isinstance(message, RegionStateChanged | VmmStateChanged):
         return
     subject = (
-        message.payload.region
-        if isinstance(message, RegionStateChanged)
-        else message.payload.instance
+        message.payload.region if isinstance(message, RegionStateChanged) else message.payload.vmm
     )
     if subject.generation - recorded > max_lead:
-        kind = "region" if isinstance(message, RegionStateChanged) else "instance"
+        kind = "region" if isinstance(message, RegionStateChanged) else "VMM"
         raise MessageRejected(
             "implausible_generation",
             f"{kind} {subject.id} at generation {subject.generation} is "
@@ -410,34 +406,23 @@ async def region_state_changed(
     return await _file_for_saga(session, message, key, region.generation, now)
 
 
-async def instance_state_changed(
-    session: AsyncSession, message: InstanceStateChanged, now: datetime
+async def vmm_state_changed(
+    session: AsyncSession, message: VmmStateChanged, now: datetime
 ) -> Woken | None:
-    instance = message.payload.instance
-    # Nexus's instance record follows the sled's by generation; sagas that own a
-    # transition (start, stop, delete) also write it, and the higher generation wins.
-    await session.execute(
-        update(Instance)
-        .where(
-            Instance.id == instance.id,
-            Instance.generation < instance.generation,
-            Instance.state.not_in(["deleting", "deleted"]),
-        )
-        .values(
-            state=instance.state.value if instance.state.value != "destroyed" else "stopped",
-            generation=instance.generation,
-            updated_at=now,
-        )
-    )
-    if instance.state not in AWAITED_INSTANCE_STATES:
+    vmm = message.payload.vmm
+    state = VmmState(vmm.state.value)
+    applied = await record_vmm_state(session, vmm.id, state, vmm.generation, now, reason=vmm.reason)
+    if vmm.state not in AWAITED_VMM_STATES:
         return None  # no saga ever waits for it (nexus.waitkeys): nothing to keep
-    key = instance_key(instance.id, instance.state)
-    return await _file_for_saga(session, message, key, instance.generation, now)
+    if not applied and await vmm_is_recorded(session, vmm.id):
+        return None  # stale, repeated, or about a VMM that has ended: nothing to tell
+    key = vmm_key(vmm.id, vmm.state)
+    return await _file_for_saga(session, message, key, vmm.generation, now)
 
 
 async def _file_for_saga(
     session: AsyncSession,
-    message: RegionStateChanged | InstanceStateChanged,
+    message: RegionStateChanged | VmmStateChanged,
     key: str,
     generation: int,
     now: datetime,
@@ -490,7 +475,11 @@ async def sled_registered(session: AsyncSession, message: SledRegistered, now: d
                 "queue_name": queue,
                 "cpus": info.cpus,
                 "memory_bytes": info.memory_bytes,
-                "state": SledState.ACTIVE.value,
+                # An expunged sled stays expunged: Nexus has failed its VMMs.
+                "state": case(
+                    (_sleds.c.state == SledState.EXPUNGED.value, SledState.EXPUNGED.value),
+                    else_=SledState.ACTIVE.value,
+                ),
                 "last_heartbeat_at": now,
             },
         )
@@ -498,9 +487,10 @@ async def sled_registered(session: AsyncSession, message: SledRegistered, now: d
 
 
 async def sled_heartbeat(session: AsyncSession, message: SledHeartbeat, now: datetime) -> None:
+    # An expunged sled stays expunged: Nexus has failed its VMMs.
     await session.execute(
         update(Sled)
-        .where(Sled.id == message.payload.sled_id)
+        .where(Sled.id == message.payload.sled_id, Sled.state != SledState.EXPUNGED)
         .values(last_heartbeat_at=now, state=SledState.ACTIVE.value)
     )
 
@@ -538,7 +528,7 @@ Handler = Callable[[AsyncSession, Any, datetime], Awaitable[Woken | None]]
 
 HANDLERS: dict[type[Envelope], Handler] = {
     RegionStateChanged: region_state_changed,
-    InstanceStateChanged: instance_state_changed,
+    VmmStateChanged: vmm_state_changed,
     CommandRejected: command_rejected,
     SledRegistered: sled_registered,
     SledHeartbeat: sled_heartbeat,

@@ -1,20 +1,56 @@
-"""Sleds whose heartbeats stopped are marked unreachable; their instances show it.
+"""Sleds whose heartbeats stopped: unreachable first, then lost, with their VMMs failed.
 
-A heartbeat (applied in :mod:`nexus.events`) makes a sled active again.
+Two thresholds, both on the database's clock:
+
+- silent past ``NEXUS_SLED_TIMEOUT_SECONDS`` (10 s): ``unreachable``. No new VMMs go
+  there; its VMMs are left alone (a network blip must not fail every guest on a sled),
+  and a heartbeat makes it active again.
+- silent past ``NEXUS_SLED_EXPUNGE_SECONDS`` (60 s) while Nexus hears other sleds:
+  ``expunged``, for good. In the same transaction every VMM of the sled that has not
+  ended is recorded ``failed`` (reason :data:`LOST_REASON`), its instance becomes
+  ``failed`` with no VMM, and the failure is filed for the sagas that wait on those
+  VMMs (a start waiting for ``running``, a stop for ``destroyed``), which wake at once
+  rather than at their deadline.
+
+Omicron does the last step in its instance watcher (``nexus/src/app/background/tasks/
+instance_watcher.rs``: a VMM on an expunged sled is marked ``Failed``, reason
+``SledExpunged``), a background task that polls every sled agent for every VMM; here no
+sled is asked anything: the sweeper's pass reads heartbeat times already in the
+database, and the failure reaches waiting sagas by the rendezvous, like an agent's
+event. Omicron expunges only by an operator's decision; the threshold stands in for
+that decision here (an operator's ``expunge`` command is not built). Nexus cannot tell a
+lost sled from its own deafness, hence the rule that another sled must be heard; it is
+not airtight: right after a broker outage longer than the threshold, a sled whose first
+heartbeat comes after another's (about a second) can be expunged though it lives. A
+sled that comes back after it stays expunged: its agent still runs the VMMs Nexus
+failed (nothing tells it to destroy them yet), and nothing it says about them changes
+Nexus's records.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from datetime import datetime, timedelta
 
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from nexus.db.models import Sled
-from nexus.db.states import SledState
+from nexus.db.models import Instance, Sled, Vmm
+from nexus.db.states import SledState, VmmState
+from nexus.saga import rendezvous
+from nexus.saga.rendezvous import Woken
+from nexus.vmms import LIVE_VMM_STATES, record_vmm_state
+from nexus.waitkeys import vmm_key
+from schemas.instance import Vmm as WireVmm
+from schemas.instance import VmmChange
+from schemas.instance import VmmState as WireVmmState
 
 log = logging.getLogger(__name__)
+
+LOST_REASON = "sled lost: it was expunged"
+# The ids of the failures Nexus records for a lost sled's VMMs, one per VMM.
+LOST_NAMESPACE = uuid.UUID("5b0f3f0e-7a47-4d6b-9a2c-1f64a3c1e8d5")
 
 
 async def mark_silent_sleds(
@@ -31,3 +67,83 @@ async def mark_silent_sleds(
     for sled_id in silent:
         log.warning("sled %s missed its heartbeats for %s: unreachable", sled_id, timeout)
     return len(silent)
+
+
+async def expunge_lost_sleds(
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    now: datetime,
+    after: timedelta,
+    hearing: timedelta,
+) -> list[Woken]:
+    """Expunge every sled silent for longer than ``after``, provided Nexus hears another
+    sled (one beat within ``hearing``); the sagas this woke.
+
+    When no sled is heard at all, the silence is more likely Nexus's (the broker is
+    down, or its consumer is) than every sled's: nothing is expunged.
+    """
+    async with sessions.begin() as session:
+        last_heard = await session.scalar(
+            select(func.max(Sled.last_heartbeat_at)).where(Sled.state != SledState.EXPUNGED)
+        )
+        if last_heard is None or last_heard < now - hearing:
+            return []
+        lost = (
+            await session.execute(
+                update(Sled)
+                .where(Sled.state != SledState.EXPUNGED, Sled.last_heartbeat_at < now - after)
+                .values(state=SledState.EXPUNGED)
+                .returning(Sled.id)
+            )
+        ).scalars()
+        woken = [
+            woke for sled_id in list(lost) for woke in await fail_vmms_of(session, sled_id, now)
+        ]
+    return woken
+
+
+async def fail_vmms_of(session: AsyncSession, sled_id: uuid.UUID, now: datetime) -> list[Woken]:
+    """Record every VMM of an expunged sled that has not ended ``failed``, as if the sled
+    had said so at the next generation, and file that for the sagas waiting on it."""
+    rows = await session.execute(
+        select(Vmm, Instance.name)
+        .join(Instance, Instance.id == Vmm.instance_id)
+        .where(Vmm.sled_id == sled_id, Vmm.state.in_(LIVE_VMM_STATES))
+        .order_by(Vmm.id)
+    )
+    woken = []
+    for vmm, name in rows.all():
+        generation = vmm.generation + 1
+        failed = WireVmm(
+            id=vmm.id,
+            instance_id=vmm.instance_id,
+            sled_id=sled_id,
+            name=name,
+            ncpus=vmm.ncpus,
+            memory_bytes=vmm.memory_bytes,
+            state=WireVmmState.FAILED,
+            generation=generation,
+            reason=LOST_REASON,
+        )
+        await record_vmm_state(
+            session, vmm.id, VmmState.FAILED, generation, now, reason=LOST_REASON
+        )
+        woke = await rendezvous.record_event(
+            session,
+            key=vmm_key(vmm.id, WireVmmState.FAILED),
+            message_id=uuid.uuid5(LOST_NAMESPACE, str(vmm.id)),
+            payload=VmmChange(vmm=failed).model_dump(mode="json"),
+            generation=generation,
+            now=now,
+            occurred_at=now,
+        )
+        log.warning(
+            "VMM %s of instance %s failed: %s",
+            vmm.id,
+            vmm.instance_id,
+            LOST_REASON,
+            extra={"vmm_id": str(vmm.id), "instance_id": str(vmm.instance_id)},
+        )
+        if woke is not None:
+            woken.append(woke)
+    return woken

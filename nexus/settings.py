@@ -39,6 +39,9 @@ class NexusSettings(BaseSettings):
     sweep_seconds: float = Field(default=1.0, gt=0)
     # A sled silent for this long is marked unreachable (it beats every second or so).
     sled_timeout_seconds: float = Field(default=10.0, gt=0)
+    # A sled silent for this long is lost: expunged for good, its VMMs failed
+    # (nexus/liveness.py).
+    sled_expunge_seconds: float = Field(default=60.0, gt=0)
     # How long an event no saga claimed is kept before it moves to unclaimed_events.
     unclaimed_retention_seconds: float = Field(default=3600.0, gt=0)
     # Touched after every sweeper pass that reached the database while the broker

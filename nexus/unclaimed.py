@@ -5,12 +5,12 @@ An event that arrives before its saga parks waits on its rendezvous row; one tha
 saga claims within ``NEXUS_UNCLAIMED_RETENTION_SECONDS`` is moved to
 ``unclaimed_events`` (:func:`nexus.saga.rendezvous.sweep_unclaimed`). Events in a state
 no saga ever waits for are not kept at all (:mod:`nexus.waitkeys`), so what is here is
-worth a look: a region created after its saga gave up on it, an instance that crashed
+worth a look: a region created after its saga gave up on it, a VMM that crashed
 with no operation under way, a refusal nobody waited for.
 
 Each event is grouped by its type, as the routing key it came on names it (from its
 wait key), and its source: the agent the event names (a region event's ``agent_id``,
-an instance event's sled), or for a refusal the agent its command was sent to
+a VMM event's sled), or for a refusal the agent its command was sent to
 (Nexus's outbox). The envelope's own ``source`` is not kept with the event.
 """
 
@@ -77,7 +77,7 @@ async def summarise(
                     UnclaimedEvent.wait_key,
                     UnclaimedEvent.arrived_at,
                     UnclaimedEvent.payload["agent_id"].as_string().label("agent_id"),
-                    UnclaimedEvent.payload[("instance", "sled_id")].as_string().label("sled_id"),
+                    UnclaimedEvent.payload[("vmm", "sled_id")].as_string().label("sled_id"),
                     UnclaimedEvent.payload["command_id"].as_string().label("command_id"),
                 )
                 .order_by(UnclaimedEvent.id.desc())
@@ -196,7 +196,7 @@ def describe(wait_key: str, payload: Mapping[str, Any]) -> str:
             f"{payload.get('command_type', 'command')} {payload.get('command_id', '?')} "
             f"refused ({payload.get('code', '?')}): {payload.get('message', '')}"
         )
-    for kind in ("region", "instance"):
+    for kind in ("region", "vmm"):
         thing = payload.get(kind)
         if isinstance(thing, Mapping):
             line = (

@@ -5,7 +5,7 @@ a saga waits on the key built here for the outcome it expects; a key built any o
 way would never meet its event.
 
 Only some states are ever waited for (the two sets below). An event in any other state
-(a region ``tombstoned`` on its way to ``destroyed``, an instance ``starting``) has no
+(a region ``tombstoned`` on its way to ``destroyed``, a VMM ``starting``) has no
 saga to meet: the intake records the object's new state and keeps nothing for a saga,
 since what it kept would only ever become an unclaimed event. A saga that starts
 waiting for another state must add it here first;
@@ -17,7 +17,7 @@ from __future__ import annotations
 import uuid
 from typing import Final
 
-from schemas.instance import InstanceState
+from schemas.instance import VmmState
 from schemas.region import RegionState
 
 _REJECTED = "command:"
@@ -26,16 +26,9 @@ _REJECTED = "command:"
 AWAITED_REGION_STATES: Final = frozenset(
     {RegionState.CREATED, RegionState.FAILED, RegionState.DESTROYED}
 )
-# instance_create and start/reboot wait for running, stop for stopped, every power
-# change for failed, instance_delete for destroyed.
-AWAITED_INSTANCE_STATES: Final = frozenset(
-    {
-        InstanceState.RUNNING,
-        InstanceState.STOPPED,
-        InstanceState.FAILED,
-        InstanceState.DESTROYED,
-    }
-)
+# A start and a reboot wait for their VMM running, a stop for it destroyed, and each of
+# them for it failed.
+AWAITED_VMM_STATES: Final = frozenset({VmmState.RUNNING, VmmState.DESTROYED, VmmState.FAILED})
 
 
 def region_key(region_id: uuid.UUID, state: RegionState) -> str:
@@ -47,8 +40,8 @@ def region_of(key: str) -> uuid.UUID:
     return uuid.UUID(key.split(":")[1])
 
 
-def instance_key(instance_id: uuid.UUID, state: InstanceState) -> str:
-    return f"instance:{instance_id}:{state.value}"
+def vmm_key(vmm_id: uuid.UUID, state: VmmState) -> str:
+    return f"vmm:{vmm_id}:{state.value}"
 
 
 def rejection_key(command_id: uuid.UUID) -> str:
@@ -61,7 +54,7 @@ def is_rejection(key: str) -> bool:
 
 
 def event_type(key: str) -> str:
-    """What kind of event was filed under ``key``, as its routing key names it:
-    ``region.created``, ``instance.failed``, ``command.rejected``."""
+    """What kind of event was filed under ``key``: ``region.created``, ``vmm.failed``,
+    ``command.rejected``."""
     kind, _, rest = key.partition(":")
     return f"{kind}.{rest.rpartition(':')[2]}"

@@ -190,7 +190,9 @@ class InstanceView(Model):
     ncpus: PositiveInt32
     memory_bytes: PositiveInt
     state: str
+    # The sled of its active VMM, and that VMM: none while it is stopped or failed.
     sled_id: uuid.UUID | None = None
+    vmm_id: uuid.UUID | None = None
     sled_reachable: bool = True
     disk_ids: tuple[uuid.UUID, ...] = ()
     saga_id: uuid.UUID | None = None

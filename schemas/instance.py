@@ -1,4 +1,20 @@
-"""Sled agent: simulated VM instances, their commands and their state changes."""
+"""Sled agent: VMMs, their commands and their state changes.
+
+An instance is Nexus's record; what runs on a sled is a **VMM**, one run of the
+instance with an id of its own, as in Omicron (``nexus/db-model/src/vmm.rs``,
+``sled-agent/src/instance.rs``). A start makes a new VMM (``vmm.ensure``), a stop ends
+it, and an ended VMM (``destroyed`` or ``failed``) never runs again. Every command and
+event names the VMM, so a late or redelivered message about a run that has ended is
+recognisably about that run, and changes nothing.
+
+The states a sled publishes are Omicron's sled-agent VMM states
+(``sled-agent/types/versions/src/initial/instance.rs``, ``VmmState``) without
+``migrating`` (no migration here) and without ``stopped``: this agent releases a
+stopped VMM's resources at once, so ``stopping`` leads straight to ``destroyed``.
+
+State changes keep the routing key ``instance.<state>`` (the state of the instance's
+VMM), so the broker's bindings and each sled's topic permission are unchanged.
+"""
 
 from __future__ import annotations
 
@@ -11,119 +27,114 @@ from pydantic import Field
 from schemas.base import Envelope, Generation, Model, Name, PositiveInt, PositiveInt32
 
 
-class InstanceState(StrEnum):
-    CREATING = "creating"
+class VmmState(StrEnum):
     STARTING = "starting"
     RUNNING = "running"
     STOPPING = "stopping"
-    STOPPED = "stopped"
     REBOOTING = "rebooting"
-    FAILED = "failed"
+    # Ended: the VMM never runs again, and holds nothing on its sled.
     DESTROYED = "destroyed"
+    FAILED = "failed"
 
 
-class InstanceSpec(Model):
-    id: uuid.UUID
+ENDED_VMM_STATES = frozenset({VmmState.DESTROYED, VmmState.FAILED})
+
+
+class VmmSpec(Model):
+    id: uuid.UUID = Field(description="the VMM's own id, new for every start")
+    instance_id: uuid.UUID
     name: Name
     ncpus: PositiveInt32
     memory_bytes: PositiveInt
     disk_ids: tuple[uuid.UUID, ...] = ()
-    start: bool = Field(default=True, description="run it once created")
 
 
-class Instance(Model):
+class Vmm(Model):
     id: uuid.UUID
+    instance_id: uuid.UUID
     sled_id: uuid.UUID
     name: Name
     ncpus: PositiveInt32
     memory_bytes: PositiveInt
     disk_ids: tuple[uuid.UUID, ...] = ()
-    state: InstanceState
+    state: VmmState
     generation: Generation
     reason: str | None = Field(default=None, max_length=500, description="why, if unasked")
 
 
-class InstanceRef(Model):
+class VmmRef(Model):
     id: uuid.UUID
 
 
 # Commands (to the sled's own queue ``sled.<sled_id>``).
 
 
-class InstanceEnsure(Envelope):
+class VmmEnsure(Envelope):
+    """Create the VMM and boot it. A VMM that exists (running or ended) is left as it is."""
+
     IS_COMMAND = True
-    type: Literal["instance.ensure.v1"] = "instance.ensure.v1"
-    payload: InstanceSpec
+    type: Literal["vmm.ensure.v1"] = "vmm.ensure.v1"
+    payload: VmmSpec
 
 
-class InstanceStart(Envelope):
+class VmmStop(Envelope):
+    """End the VMM: stop it and release what it holds. An ended VMM is left as it is."""
+
     IS_COMMAND = True
-    type: Literal["instance.start.v1"] = "instance.start.v1"
-    payload: InstanceRef
+    type: Literal["vmm.stop.v1"] = "vmm.stop.v1"
+    payload: VmmRef
 
 
-class InstanceStop(Envelope):
+class VmmReboot(Envelope):
     IS_COMMAND = True
-    type: Literal["instance.stop.v1"] = "instance.stop.v1"
-    payload: InstanceRef
-
-
-class InstanceReboot(Envelope):
-    IS_COMMAND = True
-    type: Literal["instance.reboot.v1"] = "instance.reboot.v1"
-    payload: InstanceRef
-
-
-class InstanceDestroy(Envelope):
-    IS_COMMAND = True
-    type: Literal["instance.destroy.v1"] = "instance.destroy.v1"
-    payload: InstanceRef
+    type: Literal["vmm.reboot.v1"] = "vmm.reboot.v1"
+    payload: VmmRef
 
 
 class CrashRequest(Model):
-    id: uuid.UUID
+    id: uuid.UUID = Field(description="the VMM")
     reason: str = Field(default="injected crash", max_length=500)
 
 
-class InstanceCrash(Envelope):
-    """Fault injection: the hypervisor loses the instance, as a real host would."""
+class VmmCrash(Envelope):
+    """Fault injection: the hypervisor loses the VMM, as a real host would."""
 
     IS_COMMAND = True
-    type: Literal["instance.crash.v1"] = "instance.crash.v1"
+    type: Literal["vmm.crash.v1"] = "vmm.crash.v1"
     payload: CrashRequest
 
 
-class InstanceGet(Envelope):
-    """The reconcile query, answered on ``reply_to`` with ``instance.info.v1``."""
+class VmmGet(Envelope):
+    """The reconcile query, answered on ``reply_to`` with ``vmm.info.v1``."""
 
     IS_COMMAND = True
-    type: Literal["instance.get.v1"] = "instance.get.v1"
-    payload: InstanceRef
+    type: Literal["vmm.get.v1"] = "vmm.get.v1"
+    payload: VmmRef
 
 
 # Replies and events.
 
 
-class InstanceFound(Model):
+class VmmFound(Model):
     sled_id: uuid.UUID
-    instance_id: uuid.UUID
-    instance: Instance | None
+    vmm_id: uuid.UUID
+    vmm: Vmm | None
 
 
-class InstanceInfo(Envelope):
-    type: Literal["instance.info.v1"] = "instance.info.v1"
-    payload: InstanceFound
+class VmmInfo(Envelope):
+    type: Literal["vmm.info.v1"] = "vmm.info.v1"
+    payload: VmmFound
 
 
-class InstanceChange(Model):
-    instance: Instance
+class VmmChange(Model):
+    vmm: Vmm
 
 
-class InstanceStateChanged(Envelope):
+class VmmStateChanged(Envelope):
     """Published on every change, asked for or not (routing key ``instance.<state>``)."""
 
-    type: Literal["instance.state_changed.v1"] = "instance.state_changed.v1"
-    payload: InstanceChange
+    type: Literal["vmm.state_changed.v1"] = "vmm.state_changed.v1"
+    payload: VmmChange
 
     def routing_key(self) -> str:
-        return f"instance.{self.payload.instance.state.value}"
+        return f"instance.{self.payload.vmm.state.value}"

@@ -35,15 +35,13 @@ from schemas.api import (
 from schemas.base import Envelope
 from schemas.common import CommandRejected
 from schemas.instance import (
-    InstanceCrash,
-    InstanceDestroy,
-    InstanceEnsure,
-    InstanceGet,
-    InstanceInfo,
-    InstanceReboot,
-    InstanceStart,
-    InstanceStateChanged,
-    InstanceStop,
+    VmmCrash,
+    VmmEnsure,
+    VmmGet,
+    VmmInfo,
+    VmmReboot,
+    VmmStateChanged,
+    VmmStop,
 )
 from schemas.progress import DiskUpdated, InstanceUpdated, SagaProgressed
 from schemas.region import (
@@ -65,15 +63,13 @@ Message = Annotated[
     | RegionInfo
     | RegionListed
     | RegionStateChanged
-    | InstanceEnsure
-    | InstanceStart
-    | InstanceStop
-    | InstanceReboot
-    | InstanceDestroy
-    | InstanceCrash
-    | InstanceGet
-    | InstanceInfo
-    | InstanceStateChanged
+    | VmmEnsure
+    | VmmStop
+    | VmmReboot
+    | VmmCrash
+    | VmmGet
+    | VmmInfo
+    | VmmStateChanged
     | SledRegistered
     | SledHeartbeat
     | AgentAnnounced

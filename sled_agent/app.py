@@ -1,6 +1,6 @@
 """The composition root: the real store, transport, relay and agent, run until told to stop.
 
-Order of a start: the database first (recover the instances and apply the restart rule
+Order of a start: the database first (recover the VMMs and apply the restart rule
 even when the broker is down), then the broker (retried until it answers), then the
 outbox relay, the agent's timers and heartbeats, and last the command consumer.
 

@@ -14,8 +14,8 @@ from sled_agent.app import serve
 from sled_agent.settings import LogLevel, SledSettings
 
 app = typer.Typer(
-    help="A sled's agent: runs simulated VM instances with real timing and publishes "
-    "every state change to RabbitMQ.",
+    help="A sled's agent: runs simulated VMMs (one run of a VM instance each) with real "
+    "timing and publishes every state change to RabbitMQ.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -31,20 +31,17 @@ def run(
     sled_id: Annotated[
         uuid.UUID | None, typer.Option(help="This sled's id; commands arrive on sled.<id>.")
     ] = None,
-    data_dir: Annotated[
-        Path | None, typer.Option(help="Where the instance database lives.")
-    ] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Where the VMM database lives.")] = None,
     hostname: Annotated[str | None, typer.Option(help="Announced at registration.")] = None,
-    cpus: Annotated[int | None, typer.Option(help="vCPUs instances may reserve.")] = None,
-    memory_bytes: Annotated[int | None, typer.Option(help="Memory instances may reserve.")] = None,
+    cpus: Annotated[int | None, typer.Option(help="vCPUs VMMs may reserve.")] = None,
+    memory_bytes: Annotated[int | None, typer.Option(help="Memory VMMs may reserve.")] = None,
     amqp_url: Annotated[str | None, typer.Option(help="RabbitMQ URL.")] = None,
     heartbeat_seconds: Annotated[float | None, typer.Option(help="Time between beats.")] = None,
-    create_seconds: Annotated[float | None, typer.Option(help="Time in creating.")] = None,
     boot_seconds: Annotated[float | None, typer.Option(help="Time in starting.")] = None,
     stop_seconds: Annotated[float | None, typer.Option(help="Time in stopping.")] = None,
     reboot_seconds: Annotated[float | None, typer.Option(help="Time in rebooting.")] = None,
     crash_rate_per_hour: Annotated[
-        float | None, typer.Option(help="Unrequested crashes per running instance per hour.")
+        float | None, typer.Option(help="Unrequested crashes per running VMM per hour.")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the random crashes.")] = None,
     log_level: Annotated[LogLevel | None, typer.Option(help="Log level.")] = None,
@@ -64,7 +61,6 @@ def run(
         "memory_bytes": memory_bytes,
         "amqp_url": amqp_url,
         "heartbeat_seconds": heartbeat_seconds,
-        "create_seconds": create_seconds,
         "boot_seconds": boot_seconds,
         "stop_seconds": stop_seconds,
         "reboot_seconds": reboot_seconds,

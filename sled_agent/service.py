@@ -1,13 +1,13 @@
 """The sled agent's service layer: commands in, timed transitions, crashes, heartbeats.
 
-Every change to an instance, asked for or not, goes the same way: the hypervisor decides
-it, the store commits it together with its ``InstanceStateChanged`` event in one
+Every change to a VMM, asked for or not, goes the same way: the hypervisor decides
+it, the store commits it together with its ``VmmStateChanged`` event in one
 transaction, then the in-memory view applies it and the outbox relay is woken. A command
 is acked (by the transport, when :meth:`SledAgent.handle` returns) only after that commit.
 
 One lock serializes all changes, so commands, timers and crashes never decide on a stale
 view. Deliveries reach the lock in the order the broker delivered them (asyncio's lock is
-first come, first served), which keeps commands for one instance in order.
+first come, first served), which keeps commands for one VMM in order.
 
 A timed transition or a random crash whose commit fails on a transient error (the
 database cannot be written: :func:`schemas.transient.is_transient`) is tried again in
@@ -27,19 +27,17 @@ from typing import Protocol
 from schemas.base import Envelope, utcnow
 from schemas.common import CommandRejected, Rejection
 from schemas.instance import (
-    Instance,
-    InstanceChange,
-    InstanceCrash,
-    InstanceDestroy,
-    InstanceEnsure,
-    InstanceFound,
-    InstanceGet,
-    InstanceInfo,
-    InstanceReboot,
-    InstanceStart,
-    InstanceState,
-    InstanceStateChanged,
-    InstanceStop,
+    Vmm,
+    VmmChange,
+    VmmCrash,
+    VmmEnsure,
+    VmmFound,
+    VmmGet,
+    VmmInfo,
+    VmmReboot,
+    VmmState,
+    VmmStateChanged,
+    VmmStop,
 )
 from schemas.messages import Message
 from schemas.outbox import OutgoingMessage
@@ -77,13 +75,9 @@ def derived_id(source: uuid.UUID, purpose: str) -> uuid.UUID:
 
 
 def target_of(message: Message) -> uuid.UUID | None:
-    """The instance a command is about."""
+    """The VMM a command is about."""
     match message:
-        case InstanceEnsure(payload=spec):
-            return spec.id
-        case InstanceStart() | InstanceStop() | InstanceReboot() | InstanceDestroy():
-            return message.payload.id
-        case InstanceCrash() | InstanceGet():
+        case VmmEnsure() | VmmStop() | VmmReboot() | VmmCrash() | VmmGet():
             return message.payload.id
     return None
 
@@ -91,17 +85,13 @@ def target_of(message: Message) -> uuid.UUID | None:
 def decide(hypervisor: Hypervisor, message: Message, cause: Cause) -> Change | None:
     """The command table: each command type and what the hypervisor makes of it."""
     match message:
-        case InstanceEnsure(payload=spec):
+        case VmmEnsure(payload=spec):
             return hypervisor.ensure(spec, cause)
-        case InstanceStart(payload=ref):
-            return hypervisor.start(ref.id, cause)
-        case InstanceStop(payload=ref):
+        case VmmStop(payload=ref):
             return hypervisor.stop(ref.id, cause)
-        case InstanceReboot(payload=ref):
+        case VmmReboot(payload=ref):
             return hypervisor.reboot(ref.id, cause)
-        case InstanceDestroy(payload=ref):
-            return hypervisor.destroy(ref.id, cause)
-        case InstanceCrash(payload=request):
+        case VmmCrash(payload=request):
             return hypervisor.crash(request.id, request.reason, cause)
     raise Rejected("unsupported_command", f"a sled agent does not handle {message.TYPE}")
 
@@ -117,10 +107,9 @@ class SledAgent:
             settings.sled_id, Capacity(settings.cpus, settings.memory_bytes)
         )
         self._durations = {
-            InstanceState.CREATING: settings.create_seconds,
-            InstanceState.STARTING: settings.boot_seconds,
-            InstanceState.STOPPING: settings.stop_seconds,
-            InstanceState.REBOOTING: settings.reboot_seconds,
+            VmmState.STARTING: settings.boot_seconds,
+            VmmState.STOPPING: settings.stop_seconds,
+            VmmState.REBOOTING: settings.reboot_seconds,
         }
         self._lock = asyncio.Lock()
         self._tasks: asyncio.TaskGroup | None = None
@@ -136,7 +125,7 @@ class SledAgent:
     # Start.
 
     async def recover(self) -> None:
-        """Load the instances, apply the restart rule, and record the sled's registration."""
+        """Load the VMMs, apply the restart rule, and record the sled's registration."""
         vms = await self._store.load()
         self._hypervisor = Hypervisor(
             self._settings.sled_id, Capacity(self._settings.cpus, self._settings.memory_bytes), vms
@@ -154,7 +143,7 @@ class SledAgent:
         async with self._lock:
             await self._commit(self._hypervisor.after_restart(), [_event_row(registration)])
         log.info(
-            "sled %s recovered %d instances",
+            "sled %s recovered %d VMMs",
             self._settings.sled_id,
             len(vms),
             extra={"message_id": str(registration.id)},
@@ -168,10 +157,6 @@ class SledAgent:
         """
         async with asyncio.TaskGroup() as tasks:
             self._tasks = tasks
-            for vm in self._hypervisor:
-                # Only ``creating`` survives a restart in a transitional state.
-                if vm.transitional:
-                    self._schedule(vm.id, vm.generation, vm.state)
             if self._settings.crash_rate_per_hour > 0:
                 tasks.create_task(self._random_crashes())
             # Open until cancelled: timed transitions join the group as they are scheduled.
@@ -185,12 +170,12 @@ class SledAgent:
             "message_id": str(message.id),
             "correlation_id": str(message.correlation_id or message.id),
             "type": message.TYPE,
-            "instance_id": str(target_of(message)),
+            "vmm_id": str(target_of(message)),
         }
         log.info("command %s", message.TYPE, extra=extra)
-        if isinstance(message, InstanceGet):
+        if isinstance(message, VmmGet):
             current = self._hypervisor.get(message.payload.id)
-            reply = self._info(message, message.payload.id, current.instance if current else None)
+            reply = self._info(message, message.payload.id, current.vmm if current else None)
             await self._wire.reply(delivery, reply)
             return
         cause = Cause(message.correlation_id or message.id, message.id)
@@ -202,24 +187,20 @@ class SledAgent:
                 await self._commit([], self._rejection(delivery, message, rejected))
                 return
             replies = []
-            if delivery.reply_to is not None and (instance_id := target_of(message)):
-                vm = change.after if change else self._hypervisor.get(instance_id)
-                reply = self._info(message, instance_id, vm.instance if vm else None)
+            if delivery.reply_to is not None and (vmm_id := target_of(message)):
+                vm = change.after if change else self._hypervisor.get(vmm_id)
+                reply = self._info(message, vmm_id, vm.vmm if vm else None)
                 replies.append(_reply_row(reply, delivery.reply_to))
             if change is None:
-                log.info("no change: already as asked", extra=extra)
+                log.info("no change: already as asked, or the VMM has ended", extra=extra)
             await self._commit([change] if change else [], replies)
 
-    def _info(
-        self, command: Envelope, instance_id: uuid.UUID, instance: Instance | None
-    ) -> InstanceInfo:
-        return InstanceInfo(
+    def _info(self, command: Envelope, vmm_id: uuid.UUID, vmm: Vmm | None) -> VmmInfo:
+        return VmmInfo(
             id=derived_id(command.id, "reply"),
             source=self._source,
             **command.caused(),
-            payload=InstanceFound(
-                sled_id=self._settings.sled_id, instance_id=instance_id, instance=instance
-            ),
+            payload=VmmFound(sled_id=self._settings.sled_id, vmm_id=vmm_id, vmm=vmm),
         )
 
     def _rejection(
@@ -244,30 +225,28 @@ class SledAgent:
 
     # Changes nobody asked for.
 
-    def _schedule(self, instance_id: uuid.UUID, generation: int, state: InstanceState) -> None:
+    def _schedule(self, vmm_id: uuid.UUID, generation: int, state: VmmState) -> None:
         if self._tasks is None:
             raise RuntimeError("the agent is not running; call run() first")
         delay = self._durations[state]
-        self._tasks.create_task(self._finish_transition(instance_id, generation, delay))
+        self._tasks.create_task(self._finish_transition(vmm_id, generation, delay))
 
-    async def _finish_transition(
-        self, instance_id: uuid.UUID, generation: int, delay: float
-    ) -> None:
+    async def _finish_transition(self, vmm_id: uuid.UUID, generation: int, delay: float) -> None:
         await asyncio.sleep(delay)
         await self._retries.run(
             "timed transitions",
-            f"the transition of instance {instance_id} from generation {generation}",
-            lambda: self._advance(instance_id, generation),
+            f"the transition of VMM {vmm_id} from generation {generation}",
+            lambda: self._advance(vmm_id, generation),
         )
 
-    async def _advance(self, instance_id: uuid.UUID, generation: int) -> None:
+    async def _advance(self, vmm_id: uuid.UUID, generation: int) -> None:
         async with self._lock:
-            change = self._hypervisor.advance(instance_id, generation)
+            change = self._hypervisor.advance(vmm_id, generation)
             if change is not None:
                 await self._commit([change])
 
     async def _random_crashes(self) -> None:
-        """Each running instance crashes at ``crash_rate_per_hour`` (a Poisson process)."""
+        """Each running VMM crashes at ``crash_rate_per_hour`` (a Poisson process)."""
         rate_per_second = self._settings.crash_rate_per_hour / 3600
         probability = 1 - math.exp(-rate_per_second * CRASH_TICK_SECONDS)
         while True:
@@ -278,12 +257,13 @@ class SledAgent:
 
     async def _crash_at_random(self, probability: float) -> None:
         async with self._lock:
-            # Sorted, so that a seed replays the same crashes for the same instances.
+            # Sorted, so that a seed replays the same crashes for the same VMMs.
             running = sorted(self._hypervisor.running(), key=lambda vm: vm.id)
             victims = [vm for vm in running if self._random.random() < probability]
-            await self._commit(
-                [self._hypervisor.crash(vm.id, "crashed at random", Cause()) for vm in victims]
-            )
+            crashes = [
+                self._hypervisor.crash(vm.id, "crashed at random", Cause()) for vm in victims
+            ]
+            await self._commit([change for change in crashes if change is not None])
 
     def work_problem(self, *, stuck_after: float) -> str | None:
         """None, or which timed work has been failing on a transient error for over
@@ -319,7 +299,7 @@ class SledAgent:
         self, changes: Sequence[Change], messages: Sequence[OutgoingMessage] = ()
     ) -> None:
         """Persist changes with their events, then apply them. Hold ``self._lock``."""
-        events = [self._state_changed(change) for change in changes if change.state_changed]
+        events = [self._state_changed(change) for change in changes]
         if not changes and not messages:
             return
         await self._store.save(
@@ -328,36 +308,38 @@ class SledAgent:
         for change in changes:
             self._hypervisor.apply(change)
         for event in events:
-            instance = event.payload.instance
+            vmm = event.payload.vmm
             log.info(
-                "instance %s is %s (generation %d)",
-                instance.id,
-                instance.state,
-                instance.generation,
+                "VMM %s of instance %s is %s (generation %d)",
+                vmm.id,
+                vmm.instance_id,
+                vmm.state,
+                vmm.generation,
                 extra={
                     "message_id": str(event.id),
                     "correlation_id": str(event.correlation_id),
-                    "instance_id": str(instance.id),
-                    "reason": instance.reason,
+                    "vmm_id": str(vmm.id),
+                    "instance_id": str(vmm.instance_id),
+                    "reason": vmm.reason,
                 },
             )
-            if instance.state in self._durations:
-                self._schedule(instance.id, instance.generation, instance.state)
+            if vmm.state in self._durations:
+                self._schedule(vmm.id, vmm.generation, vmm.state)
         self._relay.notify()
 
-    def _state_changed(self, change: Change) -> InstanceStateChanged:
+    def _state_changed(self, change: Change) -> VmmStateChanged:
         vm = change.after
-        return InstanceStateChanged(
+        return VmmStateChanged(
             # One id per generation: however often it is sent, it is the same event.
             id=derived_id(vm.id, f"generation-{vm.generation}"),
             source=self._source,
             correlation_id=vm.cause.correlation_id,
             causation_id=vm.cause.causation_id,
-            payload=InstanceChange(instance=vm.instance),
+            payload=VmmChange(vmm=vm.vmm),
         )
 
 
-def _event_row(message: InstanceStateChanged | SledRegistered | CommandRejected) -> OutgoingMessage:
+def _event_row(message: VmmStateChanged | SledRegistered | CommandRejected) -> OutgoingMessage:
     # Nobody bound to an event yet is not an error: watchers come and go.
     return OutgoingMessage.of(
         message, exchange=EVENTS_EXCHANGE, routing_key=message.routing_key(), mandatory=False

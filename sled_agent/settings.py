@@ -18,23 +18,22 @@ class SledSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SLED_", frozen=True, extra="forbid")
 
     sled_id: uuid.UUID = Field(description="this sled's id; its command queue is sled.<id>")
-    data_dir: Path = Field(description="where the instance database (sled.sqlite3) lives")
+    data_dir: Path = Field(description="where the VMM database (sled.sqlite3) lives")
     hostname: str = Field(
         default_factory=socket.gethostname,
         min_length=1,
         max_length=255,
         description="announced in the sled's registration",
     )
-    cpus: int = Field(default=64, gt=0, description="vCPUs the instances may reserve")
+    cpus: int = Field(default=64, gt=0, description="vCPUs the VMMs may reserve")
     memory_bytes: int = Field(default=512 << 30, gt=0, description="memory they may reserve")
     amqp_url: str = "amqp://guest:guest@localhost:5672/"
     heartbeat_seconds: Seconds = Field(default=1.0, gt=0, description="time between heartbeats")
-    create_seconds: Seconds = Field(default=0.1, ge=0, description="time spent in creating")
     boot_seconds: Seconds = Field(default=0.2, ge=0, description="time spent in starting")
     stop_seconds: Seconds = Field(default=0.2, ge=0, description="time spent in stopping")
     reboot_seconds: Seconds = Field(default=0.2, ge=0, description="time spent in rebooting")
     crash_rate_per_hour: float = Field(
-        default=0.0, ge=0, description="unrequested crashes per running instance per hour"
+        default=0.0, ge=0, description="unrequested crashes per running VMM per hour"
     )
     seed: int | None = Field(default=None, description="seed of the random crashes")
     log_level: LogLevel = "INFO"

@@ -20,15 +20,16 @@ def a_region(state: region.RegionState = region.RegionState.CREATED) -> region.R
     return region.Region(**spec.model_dump(), port_number=19000, state=state, generation=2)
 
 
-def an_instance() -> instance.Instance:
-    return instance.Instance(
+def a_vmm() -> instance.Vmm:
+    return instance.Vmm(
         id=uuid.uuid4(),
+        instance_id=uuid.uuid4(),
         sled_id=uuid.uuid4(),
         name="web-1",
         ncpus=2,
         memory_bytes=1 << 30,
         disk_ids=(uuid.uuid4(),),
-        state=instance.InstanceState.RUNNING,
+        state=instance.VmmState.RUNNING,
         generation=3,
     )
 
@@ -120,36 +121,30 @@ BUILDERS: dict[str, Callable[[], Envelope]] = {
         causation_id=uuid.uuid4(),
         payload=region.RegionChange(agent_id=uuid.uuid4(), region=a_region()),
     ),
-    "instance.ensure.v1": lambda: instance.InstanceEnsure(
+    "vmm.ensure.v1": lambda: instance.VmmEnsure(
         source=NEXUS,
-        payload=instance.InstanceSpec(id=uuid.uuid4(), name="web-1", ncpus=2, memory_bytes=1 << 30),
-    ),
-    "instance.start.v1": lambda: instance.InstanceStart(
-        source=NEXUS, payload=instance.InstanceRef(id=uuid.uuid4())
-    ),
-    "instance.stop.v1": lambda: instance.InstanceStop(
-        source=NEXUS, payload=instance.InstanceRef(id=uuid.uuid4())
-    ),
-    "instance.reboot.v1": lambda: instance.InstanceReboot(
-        source=NEXUS, payload=instance.InstanceRef(id=uuid.uuid4())
-    ),
-    "instance.destroy.v1": lambda: instance.InstanceDestroy(
-        source=NEXUS, payload=instance.InstanceRef(id=uuid.uuid4())
-    ),
-    "instance.crash.v1": lambda: instance.InstanceCrash(
-        source=CLI, payload=instance.CrashRequest(id=uuid.uuid4())
-    ),
-    "instance.get.v1": lambda: instance.InstanceGet(
-        source=NEXUS, payload=instance.InstanceRef(id=uuid.uuid4())
-    ),
-    "instance.info.v1": lambda: instance.InstanceInfo(
-        source=SLED,
-        payload=instance.InstanceFound(
-            sled_id=uuid.uuid4(), instance_id=uuid.uuid4(), instance=an_instance()
+        payload=instance.VmmSpec(
+            id=uuid.uuid4(),
+            instance_id=uuid.uuid4(),
+            name="web-1",
+            ncpus=2,
+            memory_bytes=1 << 30,
         ),
     ),
-    "instance.state_changed.v1": lambda: instance.InstanceStateChanged(
-        source=SLED, payload=instance.InstanceChange(instance=an_instance())
+    "vmm.stop.v1": lambda: instance.VmmStop(source=NEXUS, payload=instance.VmmRef(id=uuid.uuid4())),
+    "vmm.reboot.v1": lambda: instance.VmmReboot(
+        source=NEXUS, payload=instance.VmmRef(id=uuid.uuid4())
+    ),
+    "vmm.crash.v1": lambda: instance.VmmCrash(
+        source=CLI, payload=instance.CrashRequest(id=uuid.uuid4())
+    ),
+    "vmm.get.v1": lambda: instance.VmmGet(source=NEXUS, payload=instance.VmmRef(id=uuid.uuid4())),
+    "vmm.info.v1": lambda: instance.VmmInfo(
+        source=SLED,
+        payload=instance.VmmFound(sled_id=uuid.uuid4(), vmm_id=uuid.uuid4(), vmm=a_vmm()),
+    ),
+    "vmm.state_changed.v1": lambda: instance.VmmStateChanged(
+        source=SLED, payload=instance.VmmChange(vmm=a_vmm())
     ),
     "sled.registered.v1": lambda: sled.SledRegistered(
         source=SLED,

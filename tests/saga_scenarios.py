@@ -10,11 +10,18 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from nexus.db.states import DiskState, InstanceState, RegionState
-from nexus.sagas import disk_create, disk_delete, instance_create, instance_delete, instance_power
+from nexus.db.states import DiskState, InstanceState, RegionState, VmmState
+from nexus.sagas import (
+    disk_create,
+    disk_delete,
+    instance_create,
+    instance_delete,
+    instance_power,
+    instance_start,
+)
 from schemas.region import reservation_bytes
 from tests.saga_support import add_sleds
-from tests.saga_triad import Done, Scenario, Snapshot, World, as_before, assert_same
+from tests.saga_triad import Scenario, Snapshot, World, as_before, assert_same
 
 DISK_BYTES = 3 << 30
 BLOCK_SIZE = 512
@@ -127,16 +134,18 @@ async def instance_create_prepare(world: World) -> instance_create.Params:
 
 
 async def instance_create_done(world: World, p: instance_create.Params, before: Snapshot) -> None:
-    """The instance runs on a sled, with its disk attached."""
+    """The instance runs as a VMM on a sled, with its disk attached."""
     after = await world.snapshot()
     instance = after.row("instances", p.instance_id)
     assert instance["state"] == InstanceState.RUNNING
-    assert instance["sled_id"] in after.rows["sleds"]
+    vmm = after.row("vmms", instance["active_vmm_id"])
+    assert (vmm["state"], vmm["instance_id"]) == (VmmState.RUNNING, p.instance_id)
+    assert vmm["sled_id"] in after.rows["sleds"]
     (disk_id,) = p.disk_ids
     disk = after.row("disks", disk_id)
     assert (disk["state"], disk["attached_instance_id"]) == (DiskState.ATTACHED, p.instance_id)
-    spec, state = world.agents.instances[p.instance_id]
-    assert (state.value, spec.disk_ids) == ("running", (disk_id,))
+    spec, state = world.agents.vmms[vmm["id"]]
+    assert (state.value, spec.instance_id, spec.disk_ids) == ("running", p.instance_id, (disk_id,))
 
 
 INSTANCE_CREATE = Scenario(
@@ -155,91 +164,125 @@ async def running_instance(world: World) -> uuid.UUID:
     return p.instance_id
 
 
+async def stopped_instance(world: World) -> uuid.UUID:
+    instance_id = await running_instance(world)
+    await world.run_to_done(instance_power.STOP, instance_power.Params(instance_id=instance_id))
+    return instance_id
+
+
+async def start_prepare(world: World) -> instance_start.Params:
+    return instance_start.Params(instance_id=await stopped_instance(world))
+
+
 async def power_prepare_running(world: World) -> instance_power.Params:
     return instance_power.Params(instance_id=await running_instance(world))
 
 
-async def power_prepare_stopped(world: World) -> instance_power.Params:
-    p = await power_prepare_running(world)
-    await world.run_to_done(instance_power.STOP, p)
-    return p
+def but_its_runs(snapshot: Snapshot, instance_id: uuid.UUID) -> Snapshot:
+    """Everything but where the instance is in its life and its VMMs, at Nexus and on
+    the sleds."""
+    rows = snapshot.without("instances", instance_id, "state", "generation", "active_vmm_id").rows
+    vmms = {i: v for i, v in rows["vmms"].items() if v["instance_id"] != instance_id}
+    held = {i: s for i, s in snapshot.held["vmms"].items() if i not in snapshot.rows["vmms"]}
+    return Snapshot({**rows, "vmms": vmms}, {**snapshot.held, "vmms": held})
 
 
-def but_its_power_state(snapshot: Snapshot, instance_id: uuid.UUID) -> Snapshot:
-    """Everything but where the instance is in its life, at Nexus and on the sled."""
-    rows = snapshot.without("instances", instance_id, "state", "generation").rows
-    instances = {i: s for i, s in snapshot.held["instances"].items() if i != instance_id}
-    return Snapshot(rows, {**snapshot.held, "instances": instances})
+async def start_done(world: World, p: instance_start.Params, before: Snapshot) -> None:
+    """A new VMM runs the instance; the one before it stays destroyed."""
+    after = await world.snapshot()
+    instance = after.row("instances", p.instance_id)
+    assert instance["state"] == InstanceState.RUNNING
+    vmm_id = instance["active_vmm_id"]
+    assert vmm_id not in before.rows["vmms"]
+    assert after.row("vmms", vmm_id)["state"] == VmmState.RUNNING
+    assert after.held["vmms"][vmm_id] == "running"
+    assert {v["state"] for i, v in after.rows["vmms"].items() if i != vmm_id} == {
+        VmmState.DESTROYED
+    }
+    assert_same(but_its_runs(before, p.instance_id), but_its_runs(after, p.instance_id))
 
 
-def power_done(target: InstanceState) -> Done[instance_power.Params]:
-    async def done(world: World, p: instance_power.Params, before: Snapshot) -> None:
-        """The sled moved the instance to the target, and Nexus's record says so, newer."""
-        after = await world.snapshot()
-        instance = after.row("instances", p.instance_id)
-        assert instance["state"] == target
-        assert instance["generation"] > before.row("instances", p.instance_id)["generation"]
-        assert after.held["instances"][p.instance_id] == target.value
-        assert_same(
-            but_its_power_state(before, p.instance_id), but_its_power_state(after, p.instance_id)
-        )
+async def start_unwound(
+    world: World, p: instance_start.Params, before: Snapshot, failed_node: str
+) -> None:
+    """The instance is stopped with no VMM again, and the VMM the start made has ended,
+    at Nexus and on its sled (the sled's room is free)."""
+    after = await world.snapshot()
+    instance = after.row("instances", p.instance_id)
+    assert (instance["state"], instance["active_vmm_id"]) == (InstanceState.STOPPED, None)
+    for vmm_id in after.rows["vmms"].keys() - before.rows["vmms"].keys():
+        assert after.row("vmms", vmm_id)["state"] == VmmState.SAGA_UNWOUND
+        assert vmm_id not in after.held["vmms"]
+    assert_same(but_its_runs(before, p.instance_id), but_its_runs(after, p.instance_id))
 
-    return done
+
+INSTANCE_START = Scenario(instance_start.DEFINITION, start_prepare, start_done, start_unwound)
+
+
+async def stop_done(world: World, p: instance_power.Params, before: Snapshot) -> None:
+    """The VMM is destroyed, its sled's room free, and the instance stopped with no VMM."""
+    after = await world.snapshot()
+    instance = after.row("instances", p.instance_id)
+    assert (instance["state"], instance["active_vmm_id"]) == (InstanceState.STOPPED, None)
+    vmm_id = before.row("instances", p.instance_id)["active_vmm_id"]
+    assert after.row("vmms", vmm_id)["state"] == VmmState.DESTROYED
+    assert vmm_id not in after.held["vmms"]
+    assert_same(but_its_runs(before, p.instance_id), but_its_runs(after, p.instance_id))
+
+
+async def reboot_done(world: World, p: instance_power.Params, before: Snapshot) -> None:
+    """The same VMM runs again, at a newer generation."""
+    after = await world.snapshot()
+    vmm_id = before.row("instances", p.instance_id)["active_vmm_id"]
+    instance = after.row("instances", p.instance_id)
+    assert (instance["state"], instance["active_vmm_id"]) == (InstanceState.RUNNING, vmm_id)
+    vmm = after.row("vmms", vmm_id)
+    assert vmm["state"] == VmmState.RUNNING
+    assert vmm["generation"] > before.row("vmms", vmm_id)["generation"]
+    assert_same(but_its_runs(before, p.instance_id), but_its_runs(after, p.instance_id))
 
 
 async def power_unwound(
     world: World, p: instance_power.Params, before: Snapshot, failed_node: str
 ) -> None:
-    """Nothing to undo: the instance is wherever the sled put it, and Nexus's record says so."""
+    """Nothing to undo: the VMM is wherever its sled put it, and Nexus's record says so."""
     after = await world.snapshot()
-    assert after.row("instances", p.instance_id)["state"] == after.held["instances"][p.instance_id]
-    assert_same(
-        but_its_power_state(before, p.instance_id), but_its_power_state(after, p.instance_id)
-    )
+    vmm_id = before.row("instances", p.instance_id)["active_vmm_id"]
+    held = after.held["vmms"].get(vmm_id, "destroyed")
+    assert after.row("vmms", vmm_id)["state"] == held
+    assert_same(but_its_runs(before, p.instance_id), but_its_runs(after, p.instance_id))
 
 
-INSTANCE_START = Scenario(
-    instance_power.START, power_prepare_stopped, power_done(InstanceState.RUNNING), power_unwound
-)
-INSTANCE_STOP = Scenario(
-    instance_power.STOP, power_prepare_running, power_done(InstanceState.STOPPED), power_unwound
-)
-INSTANCE_REBOOT = Scenario(
-    instance_power.REBOOT, power_prepare_running, power_done(InstanceState.RUNNING), power_unwound
-)
+INSTANCE_STOP = Scenario(instance_power.STOP, power_prepare_running, stop_done, power_unwound)
+INSTANCE_REBOOT = Scenario(instance_power.REBOOT, power_prepare_running, reboot_done, power_unwound)
 
 
 # instance_delete
 
 
 async def instance_delete_prepare(world: World) -> instance_delete.Params:
-    return instance_delete.Params(instance_id=await running_instance(world))
+    return instance_delete.Params(instance_id=await stopped_instance(world))
 
 
 async def instance_delete_done(world: World, p: instance_delete.Params, before: Snapshot) -> None:
-    """The instance is deleted, gone from its sled, and its disk is detached."""
+    """The instance is deleted and its disk is detached; no sled was asked anything."""
     after = await world.snapshot()
     assert after.row("instances", p.instance_id)["state"] == InstanceState.DELETED
-    assert p.instance_id not in after.held["instances"]
     disks = before.rows["disks"].values()
     (disk_id,) = [d["id"] for d in disks if d["attached_instance_id"] == p.instance_id]
     disk = after.row("disks", disk_id)
     assert (disk["state"], disk["attached_instance_id"]) == (DiskState.DETACHED, None)
+    assert after.held == before.held
 
 
 async def instance_delete_unwound(
     world: World, p: instance_delete.Params, before: Snapshot, failed_node: str
 ) -> None:
-    """The sled may have destroyed it: once marked deleting, a failure leaves the instance
-    failed, for an operator to delete again, and that delete finishes the job."""
-    if failed_node == "instance_mark_deleting":
-        await as_before(world, p, before, failed_node)
-        return
-    assert (await world.snapshot()).row("instances", p.instance_id)["state"] == (
-        InstanceState.FAILED
+    """The instance is as it was (its record's generation aside)."""
+    assert_same(
+        before.without("instances", p.instance_id, "generation"),
+        (await world.snapshot()).without("instances", p.instance_id, "generation"),
     )
-    await world.run_to_done(instance_delete.DEFINITION, p)
-    await instance_delete_done(world, p, before)
 
 
 INSTANCE_DELETE = Scenario(

@@ -8,8 +8,8 @@ they hold.
 
 Nexus believes an event only from the agent that owns its object (``nexus/events.py``),
 so the fakes speak as the agent each command went to (its outbox row's queue), and the
-engine's tests, whose waits are about no saga's object, place an instance on a sled of
-its own first (:func:`placed_instance`) and speak for that sled (:func:`instance_event`).
+engine's tests, whose waits are about no saga's object, place a VMM on a sled of its
+own first (:func:`placed_vmm`) and speak for that sled (:func:`vmm_event`).
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from nexus.db.engine import create_engine, create_sessionmaker
 from nexus.db.migrate import upgrade_async
 from nexus.db.models import Dataset, OutboxMessage, Saga, SagaLogEntry, Sled
 from nexus.db.models import Instance as InstanceRow
-from nexus.db.states import InstanceState as InstanceRowState
+from nexus.db.models import Vmm as VmmRow
 from nexus.db.states import SledState
+from nexus.db.states import VmmState as VmmRowState
 from nexus.events import EventIngest, Ingested
 from nexus.saga.clock import ManualClock
 from nexus.saga.definition import (
@@ -46,20 +47,19 @@ from nexus.saga.executor import SagaExecutor
 from nexus.saga.faults import Faults
 from nexus.saga.outbox import Outbox
 from nexus.sagas import ALL_SAGAS
+from nexus.vmms import INSTANCE_STATE_OF_VMM
 from schemas.base import Envelope
 from schemas.common import CommandRejected, Rejection
 from schemas.identity import crucible_source, queue_agent, sled_source
 from schemas.instance import (
-    Instance,
-    InstanceChange,
-    InstanceDestroy,
-    InstanceEnsure,
-    InstanceReboot,
-    InstanceSpec,
-    InstanceStart,
-    InstanceState,
-    InstanceStateChanged,
-    InstanceStop,
+    Vmm,
+    VmmChange,
+    VmmEnsure,
+    VmmReboot,
+    VmmSpec,
+    VmmState,
+    VmmStateChanged,
+    VmmStop,
 )
 from schemas.messages import decode
 from schemas.region import (
@@ -312,23 +312,25 @@ def wait_saga(reconciler: Reconciler | None = None, version: int = 1) -> SagaDef
 _PLAYED_SLEDS = uuid.UUID("0b8f4a52-63c1-4c55-9d43-2d7f0e2f6a01")
 
 
-def sled_of(instance_id: uuid.UUID) -> uuid.UUID:
-    """The sled :func:`placed_instance` puts an instance on, and :func:`instance_event`
-    speaks for by default."""
-    return uuid.uuid5(_PLAYED_SLEDS, str(instance_id))
+def sled_of(vmm_id: uuid.UUID) -> uuid.UUID:
+    """The sled :func:`placed_vmm` puts a VMM on, and :func:`vmm_event` speaks for by
+    default."""
+    return uuid.uuid5(_PLAYED_SLEDS, str(vmm_id))
 
 
-async def placed_instance(
+async def placed_vmm(
     database: Database,
-    instance_id: uuid.UUID | None = None,
+    vmm_id: uuid.UUID | None = None,
     *,
-    state: InstanceRowState = InstanceRowState.CREATING,
+    state: VmmRowState = VmmRowState.CREATING,
     generation: int = 0,
 ) -> uuid.UUID:
-    """An instance Nexus placed on :func:`sled_of` it (both rows), so that events about
-    it from that sled are believed; for tests whose waits are about no saga's object."""
-    instance_id = instance_id or uuid.uuid4()
-    sled_id = sled_of(instance_id)
+    """A VMM Nexus placed on :func:`sled_of` it, the active VMM of an instance of its own
+    (the three rows), so that events about it from that sled are believed; for tests
+    whose waits are about no saga's object. Returns the VMM's id."""
+    vmm_id = vmm_id or uuid.uuid4()
+    instance_id = uuid.uuid4()
+    sled_id = sled_of(vmm_id)
     now = ManualClock().now()
     async with database.sessions.begin() as session:
         session.add(
@@ -343,7 +345,6 @@ async def placed_instance(
                 generation=1,
             )
         )
-        await session.flush()
         session.add(
             InstanceRow(
                 id=instance_id,
@@ -351,31 +352,47 @@ async def placed_instance(
                 name=f"vm-{instance_id.hex[:8]}",
                 ncpus=1,
                 memory_bytes=1 << 30,
+                active_vmm_id=vmm_id,
+                state=INSTANCE_STATE_OF_VMM[state],
+                generation=1,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        await session.flush()
+        session.add(
+            VmmRow(
+                id=vmm_id,
+                instance_id=instance_id,
                 sled_id=sled_id,
+                ncpus=1,
+                memory_bytes=1 << 30,
                 state=state,
                 generation=generation,
                 created_at=now,
                 updated_at=now,
             )
         )
-    return instance_id
+    return vmm_id
 
 
-def instance_event(
-    instance_id: uuid.UUID,
-    state: InstanceState,
+def vmm_event(
+    vmm_id: uuid.UUID,
+    state: VmmState,
     generation: int,
     *,
     sled_id: uuid.UUID | None = None,
-) -> InstanceStateChanged:
-    """An instance event, whose wait key is ``instance:<id>:<state>``, from ``sled_id``
-    (by default :func:`sled_of` the instance)."""
-    sled_id = sled_id or sled_of(instance_id)
-    return InstanceStateChanged(
+    instance_id: uuid.UUID | None = None,
+) -> VmmStateChanged:
+    """A VMM event, whose wait key is ``vmm:<id>:<state>``, from ``sled_id`` (by default
+    :func:`sled_of` the VMM)."""
+    sled_id = sled_id or sled_of(vmm_id)
+    return VmmStateChanged(
         source=sled_source(sled_id),
-        payload=InstanceChange(
-            instance=Instance(
-                id=instance_id,
+        payload=VmmChange(
+            vmm=Vmm(
+                id=vmm_id,
+                instance_id=instance_id or uuid.uuid4(),
                 sled_id=sled_id,
                 name="vm",
                 ncpus=1,
@@ -408,12 +425,12 @@ async def add_sleds(database: Database, count: int, cpus: int = 16) -> list[Sled
 
 @dataclass
 class FakeSled:
-    """Answers instance commands found in the outbox with the sled's events, speaking
-    as the sled each instance's commands went to."""
+    """Answers VMM commands found in the outbox with the sled's events, speaking as the
+    sled each VMM's commands went to."""
 
     database: Database
     generations: dict[uuid.UUID, int]
-    # Instance id to the sled its commands went to (known once ``commands`` saw them).
+    # VMM id to the sled its commands went to (known once ``commands`` saw them).
     owners: dict[uuid.UUID, uuid.UUID] = field(default_factory=dict)
 
     @classmethod
@@ -429,30 +446,26 @@ class FakeSled:
                 found.append(message)
         return found
 
-    def event(self, instance_id: uuid.UUID, state: InstanceState) -> InstanceStateChanged:
-        """The event of the sled the instance's commands went to."""
-        generation = self.generations.get(instance_id, 0) + 1
-        self.generations[instance_id] = generation
-        return instance_event(instance_id, state, generation, sled_id=self.owners[instance_id])
+    def event(self, spec: VmmSpec, state: VmmState) -> VmmStateChanged:
+        """The event of the sled the VMM's commands went to."""
+        generation = self.generations.get(spec.id, 0) + 1
+        self.generations[spec.id] = generation
+        return vmm_event(
+            spec.id, state, generation, sled_id=self.owners[spec.id], instance_id=spec.instance_id
+        )
 
 
-# The states a sled agent moves an instance through for each command, by the state it is
-# in (None: the sled does not have it); a pair not listed is refused, as the real agent
-# refuses it. An empty tuple: nothing to do (a repeated command), so no event.
-_SLED_MOVES: dict[tuple[type[Envelope], InstanceState | None], tuple[InstanceState, ...]] = {
-    (InstanceEnsure, None): (InstanceState.CREATING, InstanceState.STARTING, InstanceState.RUNNING),
-    **{(InstanceEnsure, state): () for state in InstanceState},
-    (InstanceStart, InstanceState.STOPPED): (InstanceState.STARTING, InstanceState.RUNNING),
-    (InstanceStart, InstanceState.FAILED): (InstanceState.STARTING, InstanceState.RUNNING),
-    (InstanceStart, InstanceState.RUNNING): (),
-    (InstanceStop, InstanceState.RUNNING): (InstanceState.STOPPING, InstanceState.STOPPED),
-    (InstanceStop, InstanceState.FAILED): (InstanceState.STOPPED,),
-    (InstanceStop, InstanceState.STOPPED): (),
-    (InstanceReboot, InstanceState.RUNNING): (InstanceState.REBOOTING, InstanceState.RUNNING),
-    (InstanceDestroy, InstanceState.RUNNING): (InstanceState.STOPPING, InstanceState.DESTROYED),
-    (InstanceDestroy, InstanceState.STOPPED): (InstanceState.DESTROYED,),
-    (InstanceDestroy, InstanceState.FAILED): (InstanceState.DESTROYED,),
-    (InstanceDestroy, InstanceState.DESTROYED): (),
+# The states a sled agent moves a VMM through for each command, by the state it is in
+# (None: the sled does not have it); a pair not listed is refused, as the real agent
+# refuses it. An empty tuple: nothing to do (a repeated command, or a VMM that has
+# ended), so no event.
+_SLED_MOVES: dict[tuple[type[Envelope], VmmState | None], tuple[VmmState, ...]] = {
+    (VmmEnsure, None): (VmmState.STARTING, VmmState.RUNNING),
+    **{(VmmEnsure, state): () for state in VmmState},
+    (VmmStop, VmmState.RUNNING): (VmmState.STOPPING, VmmState.DESTROYED),
+    (VmmStop, VmmState.FAILED): (),
+    (VmmStop, VmmState.DESTROYED): (),
+    (VmmReboot, VmmState.RUNNING): (VmmState.REBOOTING, VmmState.RUNNING),
 }
 _SLED_COMMANDS = frozenset(kind for kind, _ in _SLED_MOVES)
 
@@ -470,7 +483,7 @@ class Agents:
     crucible: FakeCrucible
     sled: FakeSled
     regions: dict[uuid.UUID, tuple[RegionEnsure, RegionState]] = field(default_factory=dict)
-    instances: dict[uuid.UUID, tuple[InstanceSpec, InstanceState]] = field(default_factory=dict)
+    vmms: dict[uuid.UUID, tuple[VmmSpec, VmmState]] = field(default_factory=dict)
     taken: set[uuid.UUID] = field(default_factory=set)
 
     @classmethod
@@ -491,17 +504,17 @@ class Agents:
                     await replica.deliver(event)
 
     def held(self) -> dict[str, dict[uuid.UUID, str]]:
-        """What the agents hold: regions and instances that are not destroyed."""
+        """What the agents hold: regions that are not destroyed, VMMs that have not ended."""
         return {
             "regions": {
                 region_id: state.value
                 for region_id, (_, state) in self.regions.items()
                 if state is not RegionState.DESTROYED
             },
-            "instances": {
-                instance_id: state.value
-                for instance_id, (_, state) in self.instances.items()
-                if state is not InstanceState.DESTROYED
+            "vmms": {
+                vmm_id: state.value
+                for vmm_id, (_, state) in self.vmms.items()
+                if state not in (VmmState.DESTROYED, VmmState.FAILED)
             },
         }
 
@@ -526,15 +539,15 @@ class Agents:
                     self.crucible.event(ensure, RegionState.DESTROYED),
                 ]
             case _ if type(command) in _SLED_COMMANDS:
-                return self._move_instance(queue, command)
+                return self._move_vmm(queue, command)
             case _:
                 raise AssertionError(f"no agent takes a {command.TYPE}")
 
-    def _move_instance(self, queue: str, command: Envelope) -> list[Envelope]:
-        instance_id: uuid.UUID = command.payload.id  # type: ignore[attr-defined]
-        self.sled.owners[instance_id] = agent_of(queue)
-        spec, state = self.instances.get(instance_id, (None, None))
-        if isinstance(command, InstanceEnsure):
+    def _move_vmm(self, queue: str, command: Envelope) -> list[Envelope]:
+        vmm_id: uuid.UUID = command.payload.id  # type: ignore[attr-defined]
+        self.sled.owners[vmm_id] = agent_of(queue)
+        spec, state = self.vmms.get(vmm_id, (None, None))
+        if isinstance(command, VmmEnsure) and spec is None:
             spec = command.payload
         moves = _SLED_MOVES.get((type(command), state))
         if moves is None:
@@ -543,8 +556,8 @@ class Agents:
         assert spec is not None
         events: list[Envelope] = []
         for next_state in moves:
-            self.instances[instance_id] = (spec, next_state)
-            events.append(self.sled.event(instance_id, next_state))
+            self.vmms[vmm_id] = (spec, next_state)
+            events.append(self.sled.event(spec, next_state))
         return events
 
     @staticmethod

@@ -41,7 +41,7 @@ P = TypeVar("P", bound=BaseModel)
 
 # The tables of what sagas build; the engine's own (sagas, log, outbox, rendezvous)
 # are checked through the saga's state instead.
-RESOURCE_TABLES = ("sleds", "datasets", "disks", "regions", "instances")
+RESOURCE_TABLES = ("sleds", "datasets", "disks", "regions", "instances", "vmms")
 # Written by every change; says when, not what.
 _VOLATILE_COLUMNS = frozenset({"updated_at"})
 

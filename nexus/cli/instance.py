@@ -54,7 +54,7 @@ def create(
     amqp_url: AmqpUrlOption = DEFAULT_AMQP_URL,
     timeout: TimeoutOption = 10.0,
 ) -> None:
-    """Create an instance on a sled with room, attach its disks, and boot it."""
+    """Create an instance, attach its disks, and start it as a VMM on a sled with room."""
     try:
         memory_bytes = parse_size(memory)
     except ValueError as error:
@@ -194,7 +194,7 @@ def delete(
     amqp_url: AmqpUrlOption = DEFAULT_AMQP_URL,
     timeout: TimeoutOption = 10.0,
 ) -> None:
-    """Delete an instance (its disks are detached, not deleted)."""
+    """Delete a stopped or failed instance (its disks are detached, not deleted)."""
     _act(
         api.InstanceAction.DELETE,
         instance,
@@ -231,7 +231,7 @@ def list_instances(
         emit_json([instance.model_dump(mode="json") for instance in instances])
         return
     table = Table()
-    for column in ("name", "id", "cpus", "memory", "state", "sled", "disks", "project"):
+    for column in ("name", "id", "cpus", "memory", "state", "sled", "vmm", "disks", "project"):
         table.add_column(column, overflow="fold")
     for instance in instances:
         sled = str(instance.sled_id or "")
@@ -244,6 +244,7 @@ def list_instances(
             format_size(instance.memory_bytes),
             instance.state,
             sled,
+            str(instance.vmm_id or ""),
             "\n".join(str(disk) for disk in instance.disk_ids),
             instance.project,
         )

@@ -37,6 +37,7 @@ from nexus.db.states import (
     SagaLogEvent,
     SagaState,
     SledState,
+    VmmState,
     WaitState,
 )
 
@@ -200,11 +201,41 @@ class Instance(Base):
     name: Mapped[str] = mapped_column(String(NAME_LENGTH))
     ncpus: Mapped[int] = mapped_column(Integer)
     memory_bytes: Mapped[int] = mapped_column(BigInteger)
-    sled_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("sleds.id"), index=True)
+    # The VMM now running it, if any (Omicron's ``propolis_id``). No foreign key: the
+    # VMM row points back at its instance, and a cycle of keys buys nothing here.
+    active_vmm_id: Mapped[uuid.UUID | None]
     state: Mapped[InstanceState] = mapped_column(
         _state_column_type(InstanceState, "instance_state")
     )
+    # Nexus's own: bumped by every write to the record, so that a saga's undo can tell
+    # whether anything changed the instance since it wrote it (as Omicron's
+    # ``sis_move_to_starting_undo`` does).
     generation: Mapped[int] = mapped_column(BigInteger, default=1)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Vmm(Base):
+    """One run of an instance on one sled, as Omicron's ``vmm`` table. While its state
+    has not ended it holds its CPUs and memory on its sled: the row is the reservation
+    (Omicron keeps those apart, in ``sled_resource_vmm``)."""
+
+    __tablename__ = "vmms"
+    __table_args__ = (
+        # Placement sums the live VMMs of each sled.
+        Index("ix_vmms_sled_id_state", "sled_id", "state"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    instance_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("instances.id"), index=True)
+    sled_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("sleds.id"))
+    ncpus: Mapped[int] = mapped_column(Integer)
+    memory_bytes: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[VmmState] = mapped_column(_state_column_type(VmmState, "vmm_state"))
+    # The sled's generation of this VMM; 0 until the sled has said anything about it.
+    generation: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Why it failed, when it did.
+    reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

@@ -12,7 +12,11 @@ from enum import StrEnum
 
 class SledState(StrEnum):
     ACTIVE = "active"
+    # Silent past NEXUS_SLED_TIMEOUT_SECONDS: no new VMMs; a heartbeat makes it active.
     UNREACHABLE = "unreachable"
+    # Lost for good (silent past NEXUS_SLED_EXPUNGE_SECONDS, or expunged by an operator):
+    # its VMMs have failed, and it never becomes active again (Omicron's expunged policy).
+    EXPUNGED = "expunged"
 
 
 class DiskState(StrEnum):
@@ -34,6 +38,10 @@ class RegionState(StrEnum):
 
 
 class InstanceState(StrEnum):
+    """What people see of an instance: while it has an active VMM, that VMM's state;
+    otherwise ``stopped`` or ``failed`` (Omicron's ``no_vmm`` and ``failed``,
+    ``nexus/db-model/src/instance_state.rs``); or ``creating`` and ``deleted``."""
+
     CREATING = "creating"
     STARTING = "starting"
     RUNNING = "running"
@@ -41,8 +49,28 @@ class InstanceState(StrEnum):
     STOPPED = "stopped"
     REBOOTING = "rebooting"
     FAILED = "failed"
-    DELETING = "deleting"
     DELETED = "deleted"
+
+
+class VmmState(StrEnum):
+    """Nexus's record of one VMM, after Omicron's ``nexus/db-model/src/vmm_state.rs``
+    (without ``migrating`` and ``stopped``, which this sled agent never reports)."""
+
+    # Recorded by Nexus, not yet heard of from its sled.
+    CREATING = "creating"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    REBOOTING = "rebooting"
+    DESTROYED = "destroyed"
+    FAILED = "failed"
+    # The start saga that made it unwound: it never ran, or was stopped by the unwind.
+    SAGA_UNWOUND = "saga_unwound"
+
+
+# A VMM in one of these has ended: it holds nothing on its sled, and nothing its sled
+# says about it later changes it.
+ENDED_VMM_STATES = frozenset({VmmState.DESTROYED, VmmState.FAILED, VmmState.SAGA_UNWOUND})
 
 
 class SagaState(StrEnum):

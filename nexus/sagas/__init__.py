@@ -5,13 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 from nexus.saga.definition import SagaDefinition
-from nexus.sagas import disk_create, disk_delete, instance_create, instance_delete, instance_power
+from nexus.sagas import (
+    disk_create,
+    disk_delete,
+    instance_create,
+    instance_delete,
+    instance_power,
+    instance_start,
+)
 
 ALL_SAGAS: tuple[SagaDefinition[Any], ...] = (
     disk_create.DEFINITION,
     disk_delete.DEFINITION,
     instance_create.DEFINITION,
-    instance_power.START,
+    instance_start.DEFINITION,
     instance_power.STOP,
     instance_power.REBOOT,
     instance_delete.DEFINITION,

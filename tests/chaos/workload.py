@@ -308,6 +308,10 @@ class Workload:
                 continue
             await self.act(name, action)
         if self._rng.random() < 0.7:
+            # Only a stopped or failed instance can be deleted: stop it first.
+            view = await self._api.instance(created.resource_id)
+            if view is not None and view.state not in ("stopped", "failed"):
+                await self.act(name, api.InstanceAction.STOP)
             deleted = await self.act(name, api.InstanceAction.DELETE)
             if deleted.final == "done":
                 await self.delete_disk(f"{name}-boot")

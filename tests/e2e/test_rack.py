@@ -66,7 +66,8 @@ def test_disks_and_instances_through_the_cli(rack: Rack) -> None:
             assert attached[disk_id]["name"] in disks[2 * n : 2 * n + 2]
             assert attached[disk_id]["state"] == "attached"
 
-    for action, state in (("stop", "stopped"), ("start", "running")):
+    # Back to stopped at the end: only a stopped (or failed) instance can be deleted.
+    for action, state in (("stop", "stopped"), ("start", "running"), ("stop", "stopped")):
         rack.all_ok([["instance", action, vm, "-p", PROJECT, "--wait"] for vm in vms])
         listed_instances = rack.ok("instance", "list", "-p", PROJECT)
         assert {i["state"] for i in listed_instances} == {state}

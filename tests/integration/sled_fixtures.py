@@ -17,7 +17,7 @@ from typing import TypeVar
 import pytest
 
 from schemas.base import Envelope
-from schemas.instance import Instance, InstanceState, InstanceStateChanged
+from schemas.instance import Vmm, VmmState, VmmStateChanged
 from schemas.messages import Message
 from schemas.sled import SledHeartbeat, SledRegistered
 from schemas.topology import EVENTS_EXCHANGE, sled_queue
@@ -65,38 +65,38 @@ class Watcher:
         assert message is not None
         return message
 
-    def instance_events(self, instance_id: uuid.UUID) -> list[Instance]:
-        """The instance's state changes in arrival order, each message once."""
+    def vmm_events(self, vmm_id: uuid.UUID) -> list[Vmm]:
+        """The VMM's state changes in arrival order, each message once."""
         seen: set[uuid.UUID] = set()
         changes = []
         for message in self.received:
             if (
-                isinstance(message, InstanceStateChanged)
+                isinstance(message, VmmStateChanged)
                 and message.id not in seen
-                and message.payload.instance.id == instance_id
+                and message.payload.vmm.id == vmm_id
             ):
                 seen.add(message.id)
-                changes.append(message.payload.instance)
+                changes.append(message.payload.vmm)
         return changes
 
-    async def wait_for_instance(
+    async def wait_for_vmm(
         self,
-        instance_id: uuid.UUID,
-        state: InstanceState,
+        vmm_id: uuid.UUID,
+        state: VmmState,
         generation: int | None = None,
         *,
         timeout: float = 10.0,
-    ) -> Instance:
-        def matches(message: InstanceStateChanged) -> bool:
-            instance = message.payload.instance
+    ) -> Vmm:
+        def matches(message: VmmStateChanged) -> bool:
+            vmm = message.payload.vmm
             return (
-                instance.id == instance_id
-                and instance.state is state
-                and (generation is None or instance.generation == generation)
+                vmm.id == vmm_id
+                and vmm.state is state
+                and (generation is None or vmm.generation == generation)
             )
 
-        event = await self.wait_for(InstanceStateChanged, matches, timeout=timeout)
-        return event.payload.instance
+        event = await self.wait_for(VmmStateChanged, matches, timeout=timeout)
+        return event.payload.vmm
 
     async def wait_registered(
         self, sled_id: uuid.UUID, *, after: int = 0, timeout: float = 15.0

@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nexus.db.engine import create_engine
 from nexus.db.migrate import upgrade_async
-from nexus.db.models import Base, Dataset, Instance, OutboxMessage, Region, Sled
+from nexus.db.models import Base, Dataset, Instance, OutboxMessage, Region, Sled, Vmm
 from nexus.devstack.access import Access, provision
 from schemas import api
 from schemas.base import Envelope, utcnow
@@ -48,15 +48,15 @@ from schemas.identity import (
     sled_source,
     sled_user,
 )
-from schemas.instance import Instance as WireInstance
+from schemas.instance import Vmm as WireVmm
 from schemas.instance import (
-    InstanceChange,
-    InstanceEnsure,
-    InstanceFound,
-    InstanceGet,
-    InstanceInfo,
-    InstanceState,
-    InstanceStateChanged,
+    VmmChange,
+    VmmEnsure,
+    VmmFound,
+    VmmGet,
+    VmmInfo,
+    VmmState,
+    VmmStateChanged,
 )
 from schemas.messages import MESSAGE_TYPES
 from schemas.region import Region as WireRegion
@@ -105,6 +105,7 @@ BOOKS = (
     "regions",
     "datasets",
     "instances",
+    "vmms",
     "sleds",
     "disks",
     "sagas",
@@ -232,7 +233,7 @@ class PlayedCrucible(PlayedAgent):
 @dataclass
 class PlayedSled(PlayedAgent):
     sled_id: uuid.UUID = field(default_factory=uuid.uuid4)
-    instances: dict[uuid.UUID, WireInstance] = field(default_factory=dict)
+    vmms: dict[uuid.UUID, WireVmm] = field(default_factory=dict)
 
     @property
     def source(self) -> str:
@@ -240,43 +241,40 @@ class PlayedSled(PlayedAgent):
 
     async def on_command(self, delivery: Delivery) -> None:
         message = delivery.message
-        if isinstance(message, InstanceEnsure):
+        if isinstance(message, VmmEnsure):
             spec = message.payload
-            self.instances.setdefault(
+            self.vmms.setdefault(
                 spec.id,
-                WireInstance(
+                WireVmm(
                     id=spec.id,
+                    instance_id=spec.instance_id,
                     sled_id=self.sled_id,
                     name=spec.name,
                     ncpus=spec.ncpus,
                     memory_bytes=spec.memory_bytes,
                     disk_ids=spec.disk_ids,
-                    state=InstanceState.CREATING,
+                    state=VmmState.STARTING,
                     generation=1,
                 ),
             )
-        if isinstance(message, InstanceGet) and not self.hold(message):
+        if isinstance(message, VmmGet) and not self.hold(message):
             await self.answer(delivery)
         else:
             await self.received.put(delivery)
 
     async def answer(self, request: Delivery) -> None:
         message = request.message
-        assert isinstance(message, InstanceGet)
-        found = InstanceFound(
-            sled_id=self.sled_id,
-            instance_id=message.payload.id,
-            instance=self.instances.get(message.payload.id),
+        assert isinstance(message, VmmGet)
+        found = VmmFound(
+            sled_id=self.sled_id, vmm_id=message.payload.id, vmm=self.vmms.get(message.payload.id)
         )
-        await self.reply_to(request, InstanceInfo(source=self.source, payload=found))
+        await self.reply_to(request, VmmInfo(source=self.source, payload=found))
 
-    async def run(self, instance_id: uuid.UUID) -> None:
-        """The instance is running here, and the sled says so."""
-        instance = self.instances[instance_id].model_copy(
-            update={"state": InstanceState.RUNNING, "generation": 3}
-        )
-        self.instances[instance_id] = instance
-        event = InstanceStateChanged(source=self.source, payload=InstanceChange(instance=instance))
+    async def run(self, vmm_id: uuid.UUID) -> None:
+        """The VMM is running here, and the sled says so."""
+        vmm = self.vmms[vmm_id].model_copy(update={"state": VmmState.RUNNING, "generation": 2})
+        self.vmms[vmm_id] = vmm
+        event = VmmStateChanged(source=self.source, payload=VmmChange(vmm=vmm))
         await self.publish_event(event, event.routing_key())
 
     def registration(self, **changes: Any) -> SledRegistered:
@@ -309,6 +307,7 @@ class DiskInFlight:
 class InstanceInFlight:
     saga_id: uuid.UUID
     instance_id: uuid.UUID
+    vmm_id: uuid.UUID
     owner: PlayedSled
     other: PlayedSled
     ensure: Delivery
@@ -530,23 +529,27 @@ class Stack:
         assert self.engine is not None
 
         async def placed() -> bool:
-            found = Instance.id == instance_id, Instance.sled_id.is_not(None)
-            return await self.count(Instance, *found) == 1
+            return await self.count(Vmm, Vmm.instance_id == instance_id) == 1
 
         await until(placed)
         async with self.engine.connect() as connection:
-            sled_id = await connection.scalar(
-                select(Instance.sled_id).where(Instance.id == instance_id)
-            )
+            vmm_id, sled_id = (
+                await connection.execute(
+                    select(Vmm.id, Vmm.sled_id).where(Vmm.instance_id == instance_id)
+                )
+            ).one()
         owner, other = sorted(self.sleds, key=lambda sled: sled.sled_id != sled_id)
-        ensure = await owner.next(InstanceEnsure)
-        assert isinstance(ensure.message, InstanceEnsure)
-        assert ensure.message.payload.id == instance_id
+        ensure = await owner.next(VmmEnsure)
+        assert isinstance(ensure.message, VmmEnsure)
+        assert (ensure.message.payload.id, ensure.message.payload.instance_id) == (
+            vmm_id,
+            instance_id,
+        )
         await self.settled()
-        return InstanceInFlight(reply.payload.saga_id, instance_id, owner, other, ensure)
+        return InstanceInFlight(reply.payload.saga_id, instance_id, vmm_id, owner, other, ensure)
 
     async def finish_instance(self, instance: InstanceInFlight) -> None:
-        await instance.owner.run(instance.instance_id)
+        await instance.owner.run(instance.vmm_id)
         await self.saga_done(instance.saga_id)
         assert self.engine is not None
         async with self.engine.connect() as connection:
@@ -555,7 +558,9 @@ class Stack:
                     select(Instance).where(Instance.id == instance.instance_id)
                 )
             ).one()
-        assert (row.sled_id, row.state, row.generation) == (instance.owner.sled_id, "running", 3)
+            vmm = (await connection.execute(select(Vmm).where(Vmm.id == instance.vmm_id))).one()
+        assert (row.active_vmm_id, row.state) == (instance.vmm_id, "running")
+        assert (vmm.sled_id, vmm.state, vmm.generation) == (instance.owner.sled_id, "running", 2)
 
     async def saga_done(self, saga_id: uuid.UUID) -> None:
         view = await self.client.saga_in(saga_id, {"done", "undone", "stuck"})
@@ -674,18 +679,17 @@ async def region_command_rejected(stack: Stack) -> None:
     await stack.finish_disk(disk)
 
 
-def instance_event(state: InstanceState) -> Run:
-    """The other sled reports on an instance Nexus placed on the first one."""
+def vmm_event(state: VmmState) -> Run:
+    """The other sled reports on a VMM Nexus placed on the first one."""
 
     async def run(stack: Stack) -> None:
         instance = await stack.instance_in_flight()
         forger = instance.other
-        forged = instance.owner.instances[instance.instance_id].model_copy(
+        forged = instance.owner.vmms[instance.vmm_id].model_copy(
             update={"state": state, "generation": FORGED_GENERATION, "sled_id": forger.sled_id}
         )
         await stack.forge(
-            forger,
-            InstanceStateChanged(source=forger.source, payload=InstanceChange(instance=forged)),
+            forger, VmmStateChanged(source=forger.source, payload=VmmChange(vmm=forged))
         )
         await stack.finish_instance(instance)
 
@@ -840,25 +844,23 @@ async def rejection_to_the_doctor(stack: Stack) -> None:
 
 
 async def instance_info_to_the_doctor(stack: Stack) -> None:
-    """The doctor asks the sled of a running instance about it; the other sled answers
-    first that it has no such instance (the doctor would report it astray)."""
+    """The doctor asks the sled of a running instance about its VMM; the other sled
+    answers first that it has no such VMM (the doctor would report it astray)."""
     instance = await stack.instance_in_flight()
     await stack.finish_instance(instance)
     owner, forger = instance.owner, instance.other
     owner.hold = lambda message: (
-        isinstance(message, InstanceGet) and message.payload.id == instance.instance_id
+        isinstance(message, VmmGet) and message.payload.id == instance.vmm_id
     )
     try:
         report = await stack.doctor()
-        request = await owner.next(InstanceGet)
+        request = await owner.next(VmmGet)
         await stack.forge_reply(
             forger,
             request,
-            InstanceInfo(
+            VmmInfo(
                 source=forger.source,
-                payload=InstanceFound(
-                    sled_id=owner.sled_id, instance_id=instance.instance_id, instance=None
-                ),
+                payload=VmmFound(sled_id=owner.sled_id, vmm_id=instance.vmm_id, vmm=None),
             ),
         )
         await owner.answer(request)
@@ -873,10 +875,7 @@ CASES = [
         Case(RegionStateChanged.TYPE, f"region-{state.value}", region_event(state))
         for state in RegionState
     ),
-    *(
-        Case(InstanceStateChanged.TYPE, f"instance-{state.value}", instance_event(state))
-        for state in InstanceState
-    ),
+    *(Case(VmmStateChanged.TYPE, f"vmm-{state.value}", vmm_event(state)) for state in VmmState),
     Case(CommandRejected.TYPE, "region-command", region_command_rejected),
     Case(CommandRejected.TYPE, "instance-command", instance_command_rejected),
     Case(CommandRejected.TYPE, "reply-to-the-doctor", rejection_to_the_doctor),
@@ -885,7 +884,7 @@ CASES = [
     Case(AgentAnnounced.TYPE, "as-another-agent", agent_announced),
     Case(RegionInfo.TYPE, "reconcile-answer", region_info_to_a_reconcile_query),
     Case(RegionListed.TYPE, "reply-to-the-doctor", region_listed_to_the_doctor),
-    Case(InstanceInfo.TYPE, "reply-to-the-doctor", instance_info_to_the_doctor),
+    Case(VmmInfo.TYPE, "reply-to-the-doctor", instance_info_to_the_doctor),
 ]
 
 

@@ -30,13 +30,11 @@ from schemas import api
 from schemas.base import MAX_SAFE_INTEGER, Envelope
 from schemas.common import CommandRejected
 from schemas.instance import (
-    InstanceDestroy,
-    InstanceGet,
-    InstanceInfo,
-    InstanceReboot,
-    InstanceRef,
-    InstanceStart,
-    InstanceStop,
+    VmmGet,
+    VmmInfo,
+    VmmReboot,
+    VmmRef,
+    VmmStop,
 )
 from schemas.messages import MAX_BODY_BYTES, Message, MessageRejected, decode, encode
 from schemas.region import (
@@ -85,11 +83,11 @@ TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "sled": (
         COMMANDS_EXCHANGE,
-        ("instance.ensure.v1", "instance.start.v1", "instance.stop.v1", "instance.get.v1"),
+        ("vmm.ensure.v1", "vmm.stop.v1", "vmm.reboot.v1", "vmm.get.v1"),
     ),
     "nexus.events": (
         EVENTS_EXCHANGE,
-        ("region.state_changed.v1", "instance.state_changed.v1", "sled.heartbeat.v1"),
+        ("region.state_changed.v1", "vmm.state_changed.v1", "sled.heartbeat.v1"),
     ),
     "nexus.api": (
         COMMANDS_EXCHANGE,
@@ -218,9 +216,9 @@ class Stack:
         for service in self.services:
             assert service.running, f"{service.name} died:\n{service.log_text()[-3000:]}"
         missing = await self.ask(
-            InstanceGet(source=NEXUS_SOURCE, payload=InstanceRef(id=uuid.uuid4())), "sled"
+            VmmGet(source=NEXUS_SOURCE, payload=VmmRef(id=uuid.uuid4())), "sled"
         )
-        assert isinstance(missing, InstanceInfo) and missing.payload.instance is None
+        assert isinstance(missing, VmmInfo) and missing.payload.vmm is None
         await self.state()
         # Nexus consumed all the events it was sent (none left waiting or redelivered).
         async with asyncio.timeout(15):
@@ -420,19 +418,13 @@ def test_a_region_create_replayed_with_other_parameters_is_refused(stack: Stack)
 def test_commands_about_unknown_objects_are_answered_and_change_nothing(stack: Stack) -> None:
     before = stack.portal.call(stack.state())
     region_commands = {"get": RegionGet, "delete": RegionDelete}
-    instance_commands = {
-        "start": InstanceStart,
-        "stop": InstanceStop,
-        "reboot": InstanceReboot,
-        "destroy": InstanceDestroy,
-        "get": InstanceGet,
-    }
+    vmm_commands = {"stop": VmmStop, "reboot": VmmReboot, "get": VmmGet}
 
     @PROPERTY
     @given(
         object_id=st.uuids(),
         agent=st.sampled_from(["crucible", "sled"]),
-        command=st.sampled_from(sorted(instance_commands)),
+        command=st.sampled_from(sorted(vmm_commands)),
     )
     def property_(object_id: uuid.UUID, agent: str, command: str) -> None:
         message: Envelope
@@ -440,18 +432,16 @@ def test_commands_about_unknown_objects_are_answered_and_change_nothing(stack: S
             kind = region_commands.get(command, RegionGet)
             message = kind(source=NEXUS_SOURCE, payload=RegionRef(id=object_id))
         else:
-            message = instance_commands[command](
-                source=NEXUS_SOURCE, payload=InstanceRef(id=object_id)
-            )
+            message = vmm_commands[command](source=NEXUS_SOURCE, payload=VmmRef(id=object_id))
         answer = stack.portal.call(stack.ask(message, agent))
         if isinstance(answer, CommandRejected):
             assert answer.payload.code and answer.payload.message
-        elif isinstance(answer, RegionInfo | InstanceInfo):
+        elif isinstance(answer, RegionInfo | VmmInfo):
             # Deleting what never existed is a no-op that says so, as Crucible's API does.
             found = answer.payload.region if isinstance(answer, RegionInfo) else None
             assert found is None or found.state.value == "destroyed"
-            if isinstance(answer, InstanceInfo):
-                assert answer.payload.instance is None
+            if isinstance(answer, VmmInfo):
+                assert answer.payload.vmm is None
         else:
             raise AssertionError(f"unexpected answer {answer!r}")
 
@@ -465,13 +455,13 @@ def test_events_about_unknown_objects_at_any_generation_change_nothing(stack: St
 
     @PROPERTY
     @given(
-        kind=st.sampled_from(["region.state_changed.v1", "instance.state_changed.v1"]),
+        kind=st.sampled_from(["region.state_changed.v1", "vmm.state_changed.v1"]),
         generation=st.one_of(st.just(1), st.integers(1, 2**31), st.just(MAX_SAFE_INTEGER)),
     )
     def property_(kind: str, generation: int) -> None:
         event = example(kind)
         document = json.loads(encode(event))
-        subject = "region" if kind.startswith("region") else "instance"
+        subject = "region" if kind.startswith("region") else "vmm"
         document["payload"][subject]["generation"] = generation
         stack.portal.call(
             stack.transport.publish_event(

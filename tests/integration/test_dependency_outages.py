@@ -35,7 +35,7 @@ from nexus.db.models import Dataset, OutboxMessage
 from nexus.saga.outbox import Outbox
 from nexus.settings import NexusSettings
 from schemas.base import Envelope
-from schemas.instance import InstanceEnsure, InstanceSpec, InstanceStateChanged
+from schemas.instance import VmmEnsure, VmmSpec, VmmStateChanged
 from schemas.outbox import OutgoingMessage
 from schemas.region import RegionStateChanged
 from schemas.sled import AgentAnnounced
@@ -468,25 +468,29 @@ async def test_the_sled_agents_relay_survives_its_database_failing_and_health_sa
                 "the relay fails on its database",
             )
             await assert_not_touched(health_file, 0.5)
-            # A change made meanwhile: an instance, whose events wait in the outbox.
-            spec = InstanceSpec(id=uuid.uuid4(), name="web-1", ncpus=1, memory_bytes=1 << 30)
+            # A change made meanwhile: a VMM, whose events wait in the outbox.
+            spec = VmmSpec(
+                id=uuid.uuid4(),
+                instance_id=uuid.uuid4(),
+                name="web-1",
+                ncpus=1,
+                memory_bytes=1 << 30,
+            )
             await transport.send_command(
-                InstanceEnsure(source="test/outage", payload=spec), sled_queue(settings.sled_id)
+                VmmEnsure(source="test/outage", payload=spec), sled_queue(settings.sled_id)
             )
             await asyncio.sleep(1.0)
             assert not serving.done()
-            assert not [
-                m for m in seen.of(InstanceStateChanged) if m.payload.instance.id == spec.id
-            ]
+            assert not [m for m in seen.of(VmmStateChanged) if m.payload.vmm.id == spec.id]
             reads.broken = False
             await eventually(lambda: not sled.tasks.problems(), 15, "the relay recovers")
             await eventually(
                 lambda: any(
-                    m.payload.instance.id == spec.id and m.payload.instance.state == "running"
-                    for m in seen.of(InstanceStateChanged)
+                    m.payload.vmm.id == spec.id and m.payload.vmm.state == "running"
+                    for m in seen.of(VmmStateChanged)
                 ),
                 10,
-                "the instance's changes made meanwhile are sent",
+                "the VMM's changes made meanwhile are sent",
             )
             touched = time.time()
             await eventually(lambda: touched_since(health_file, touched), 5, "touched again")

@@ -18,13 +18,13 @@ import pytest
 
 from nexus.db.states import SagaLogEvent, SagaState
 from nexus.saga.clock import ManualClock
-from schemas.instance import InstanceState
+from schemas.instance import VmmState
 from tests.saga_support import (
     Database,
     Replica,
     WaitParams,
-    instance_event,
-    placed_instance,
+    placed_vmm,
+    vmm_event,
     wait_saga,
 )
 
@@ -51,8 +51,8 @@ async def replicas(fresh_postgres_url: str) -> AsyncIterator[tuple[Replica, Repl
 
 async def trial(a: Replica, b: Replica, rng: random.Random) -> tuple[uuid.UUID, str]:
     starter, consumer = (a, b) if rng.random() < 0.5 else (b, a)
-    instance_id = await placed_instance(a.database)
-    event = instance_event(instance_id, InstanceState.RUNNING, 2)
+    instance_id = await placed_vmm(a.database)
+    event = vmm_event(instance_id, VmmState.RUNNING, 2)
     saga_id = uuid.uuid4()
     # Parking takes a few milliseconds here; delays around it put the event before,
     # inside and after the parking transaction.
@@ -62,7 +62,7 @@ async def trial(a: Replica, b: Replica, rng: random.Random) -> tuple[uuid.UUID, 
     async def start() -> None:
         await asyncio.sleep(start_delay)
         await starter.executor.start(
-            wait_saga(), WaitParams(key=f"instance:{instance_id}:running"), saga_id
+            wait_saga(), WaitParams(key=f"vmm:{instance_id}:running"), saga_id
         )
 
     async def deliver(replica: Replica, delay: float) -> None:

@@ -39,7 +39,7 @@ from nexus.cli.client import cli_source
 from nexus.devstack.access import HASHING_ALGORITHM, VHOST, Access, password_hash
 from nexus.settings import NexusSettings
 from schemas.identity import CLI_USER, NEXUS_USER, crucible_user, sled_user, source_allowed
-from schemas.instance import InstanceState
+from schemas.instance import VmmState
 from schemas.region import RegionState
 from schemas.topology import (
     COMMANDS_EXCHANGE,
@@ -764,7 +764,7 @@ def test_topic_permissions_cover_what_each_agent_publishes(
 ) -> None:
     crucible_keys = [f"region.{state.value}" for state in RegionState]
     crucible_keys += ["agent.announced", "command.rejected"]
-    sled_keys = [f"instance.{state.value}" for state in InstanceState]
+    sled_keys = [f"instance.{state.value}" for state in VmmState]
     sled_keys += ["sled.registered", "sled.heartbeat", "command.rejected"]
     for entry_point, allowed, refused in [
         ("crucible-agent", crucible_keys, ["instance.running", "sled.heartbeat", "disk.ready"]),

@@ -34,6 +34,7 @@ from nexus.db.models import (
     SagaLogEntry,
     Sled,
     UnclaimedEvent,
+    Vmm,
     WaitRendezvous,
 )
 from nexus.db.states import (
@@ -43,6 +44,7 @@ from nexus.db.states import (
     SagaLogEvent,
     SagaState,
     SledState,
+    VmmState,
     WaitState,
 )
 
@@ -57,6 +59,7 @@ ALL_TABLES = {
     "sagas",
     "sleds",
     "unclaimed_events",
+    "vmms",
     "wait_rendezvous",
 }
 # Two hours east of UTC, so a lost offset would show.
@@ -133,9 +136,18 @@ async def scenario_records_round_trip(url: str) -> None:
             name="web",
             ncpus=2,
             memory_bytes=1 << 30,
-            sled_id=sled.id,
             state=InstanceState.RUNNING,
         )
+        vmm = Vmm(
+            id=uuid.uuid4(),
+            instance_id=instance.id,
+            sled_id=sled.id,
+            ncpus=2,
+            memory_bytes=1 << 30,
+            state=VmmState.RUNNING,
+            generation=(1 << 63) - 1,
+        )
+        instance.active_vmm_id = vmm.id
         disk = new_disk(instance.project, "data", saga_id=saga.id)
         disk.state = DiskState.ATTACHED
         disk.attached_instance_id = instance.id
@@ -155,7 +167,7 @@ async def scenario_records_round_trip(url: str) -> None:
         async with sessions() as session, session.begin():
             # The models declare no relationships, so the ORM does not order inserts
             # by foreign key: referenced rows are flushed first.
-            for parent in (sled, dataset, saga, instance, disk):
+            for parent in (sled, dataset, saga, instance, vmm, disk):
                 session.add(parent)
                 await session.flush()
             session.add(region)
@@ -216,6 +228,11 @@ async def scenario_records_round_trip(url: str) -> None:
             assert stored_disk.attached_instance_id == instance.id
             assert stored_disk.saga_id == saga.id
             assert stored_disk.created_at.tzinfo is UTC
+
+            stored_vmm = await session.get_one(Vmm, vmm.id)
+            assert (stored_vmm.state, stored_vmm.generation) == (VmmState.RUNNING, (1 << 63) - 1)
+            stored_instance = await session.get_one(Instance, instance.id)
+            assert stored_instance.active_vmm_id == vmm.id
 
             stored_region = await session.get_one(Region, region.id)
             assert (stored_region.dataset_id, stored_region.port_number) == (dataset.id, None)

@@ -14,15 +14,15 @@ from typing import Any
 import pytest
 from sqlalchemy import event, select
 
-from nexus.db.models import Instance, Region
+from nexus.db.models import Region, Vmm
 from nexus.events import Recorded
 from nexus.saga.clock import ManualClock
 from nexus.sagas import disk_create
 from schemas.identity import NOT_OWNER
-from schemas.instance import InstanceState as WireInstanceState
+from schemas.instance import VmmState as WireVmmState
 from schemas.messages import MessageRejected
 from schemas.region import RegionState, RegionStateChanged
-from tests.saga_support import Database, FakeCrucible, Replica, instance_event, placed_instance
+from tests.saga_support import Database, FakeCrucible, Replica, placed_vmm, vmm_event
 
 
 @pytest.fixture
@@ -96,23 +96,21 @@ async def test_duplicate_and_stale_region_events_are_discarded_without_a_stateme
 async def test_a_stale_event_of_another_state_is_not_discarded(database: Database) -> None:
     """The cache is per wait key: another state's rendezvous row may not hold it yet."""
     replica = Replica(database, "a", clock=ManualClock())
-    instance_id = await placed_instance(database)
-    await replica.intake.ingest(instance_event(instance_id, WireInstanceState.RUNNING, 5))
+    instance_id = await placed_vmm(database)
+    await replica.intake.ingest(vmm_event(instance_id, WireVmmState.RUNNING, 5))
 
     with statements(database) as seen:
-        await replica.intake.ingest(instance_event(instance_id, WireInstanceState.STARTING, 4))
+        await replica.intake.ingest(vmm_event(instance_id, WireVmmState.STARTING, 4))
     assert seen
     assert replica.intake.discarded == 0
 
     with statements(database) as seen:
-        await replica.intake.ingest(instance_event(instance_id, WireInstanceState.RUNNING, 5))
-        await replica.intake.ingest(instance_event(instance_id, WireInstanceState.RUNNING, 3))
+        await replica.intake.ingest(vmm_event(instance_id, WireVmmState.RUNNING, 5))
+        await replica.intake.ingest(vmm_event(instance_id, WireVmmState.RUNNING, 3))
     assert seen == []
     assert replica.intake.discarded == 2
     async with database.sessions() as session:
-        generation = await session.scalar(
-            select(Instance.generation).where(Instance.id == instance_id)
-        )
+        generation = await session.scalar(select(Vmm.generation).where(Vmm.id == instance_id))
     assert generation == 5
 
 
@@ -120,14 +118,12 @@ async def test_a_forged_stale_event_from_a_non_owner_is_still_refused(
     database: Database,
 ) -> None:
     replica = Replica(database, "a", clock=ManualClock())
-    instance_id = await placed_instance(database)
-    await replica.intake.ingest(instance_event(instance_id, WireInstanceState.RUNNING, 5))
+    instance_id = await placed_vmm(database)
+    await replica.intake.ingest(vmm_event(instance_id, WireVmmState.RUNNING, 5))
     other = uuid.uuid4()
 
     with statements(database) as seen, pytest.raises(MessageRejected) as refused:
-        await replica.intake.ingest(
-            instance_event(instance_id, WireInstanceState.RUNNING, 5, sled_id=other)
-        )
+        await replica.intake.ingest(vmm_event(instance_id, WireVmmState.RUNNING, 5, sled_id=other))
     assert refused.value.reason == NOT_OWNER
     assert seen, "the refusal is decided on the database, not on the cache"
     assert replica.intake.discarded == 0
@@ -136,13 +132,13 @@ async def test_a_forged_stale_event_from_a_non_owner_is_still_refused(
 
 async def test_an_event_that_was_not_committed_fills_nothing(database: Database) -> None:
     replica = Replica(database, "a", clock=ManualClock())
-    instance_id = await placed_instance(database)
-    forged = instance_event(instance_id, WireInstanceState.RUNNING, 5, sled_id=uuid.uuid4())
+    instance_id = await placed_vmm(database)
+    forged = vmm_event(instance_id, WireVmmState.RUNNING, 5, sled_id=uuid.uuid4())
     with pytest.raises(MessageRejected):
         await replica.intake.ingest(forged)
     assert len(replica.intake.recorded) == 0
     with statements(database) as seen:
-        await replica.intake.ingest(instance_event(instance_id, WireInstanceState.RUNNING, 5))
+        await replica.intake.ingest(vmm_event(instance_id, WireVmmState.RUNNING, 5))
     assert seen, "nothing was cached from the refused message"
 
 

@@ -12,10 +12,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select
 
-from nexus.db.models import Dataset, Instance, Region, Saga, SagaLogEntry, Sled, WaitRendezvous
-from nexus.db.states import InstanceState, SagaState
+from nexus.db.models import (
+    Dataset,
+    Instance,
+    Region,
+    Saga,
+    SagaLogEntry,
+    Sled,
+    Vmm,
+    WaitRendezvous,
+)
+from nexus.db.states import InstanceState, SagaState, VmmState
 from nexus.events import EventIngest
 from nexus.saga.clock import ManualClock
 from nexus.sagas import disk_create
@@ -23,8 +32,8 @@ from nexus.settings import MAX_GENERATION_LEAD, NexusSettings
 from schemas.base import Envelope
 from schemas.common import CommandRejected, Rejection
 from schemas.identity import NOT_OWNER, crucible_source, sled_source
-from schemas.instance import InstanceChange
-from schemas.instance import InstanceState as WireInstanceState
+from schemas.instance import VmmChange
+from schemas.instance import VmmState as WireVmmState
 from schemas.messages import MessageRejected
 from schemas.region import (
     RegionChange,
@@ -48,8 +57,8 @@ from tests.saga_support import (
     Database,
     FakeCrucible,
     Replica,
-    instance_event,
-    placed_instance,
+    placed_vmm,
+    vmm_event,
 )
 
 
@@ -131,32 +140,30 @@ async def test_a_region_event_far_ahead_of_the_record_is_refused_and_one_ahead_a
     assert await region_generation(database, region_id) == recorded + 1
 
 
-async def test_an_instance_event_at_most_the_lead_ahead_is_applied(database: Database) -> None:
-    instance_id = await placed_instance(database, state=InstanceState.RUNNING, generation=3)
+async def test_a_vmm_event_at_most_the_lead_ahead_is_applied(database: Database) -> None:
+    vmm_id = await placed_vmm(database, state=VmmState.RUNNING, generation=3)
     replica = Replica(database, "a", clock=ManualClock())
 
     with pytest.raises(MessageRejected, match="implausible_generation"):
         await replica.deliver(
-            instance_event(instance_id, WireInstanceState.STOPPED, 3 + MAX_GENERATION_LEAD + 1)
+            vmm_event(vmm_id, WireVmmState.DESTROYED, 3 + MAX_GENERATION_LEAD + 1)
         )
-    await replica.deliver(
-        instance_event(instance_id, WireInstanceState.STOPPED, 3 + MAX_GENERATION_LEAD)
-    )
+    await replica.deliver(vmm_event(vmm_id, WireVmmState.DESTROYED, 3 + MAX_GENERATION_LEAD))
     async with database.sessions() as session:
-        instance = await session.get(Instance, instance_id)
+        vmm = await session.get(Vmm, vmm_id)
+        assert vmm is not None
+        assert (vmm.state, vmm.generation) == (VmmState.DESTROYED, 3 + MAX_GENERATION_LEAD)
+        instance = await session.get(Instance, vmm.instance_id)
         assert instance is not None
-        assert (instance.state, instance.generation) == (
-            InstanceState.STOPPED,
-            3 + MAX_GENERATION_LEAD,
-        )
+        assert (instance.state, instance.active_vmm_id) == (InstanceState.STOPPED, None)
 
 
 async def test_the_lead_is_a_setting(database: Database) -> None:
-    instance_id = await placed_instance(database, state=InstanceState.RUNNING, generation=1)
+    vmm_id = await placed_vmm(database, state=VmmState.RUNNING, generation=1)
     intake = EventIngest(database.sessions, ManualClock().now, max_generation_lead=5)
     with pytest.raises(MessageRejected, match="implausible_generation"):
-        await intake.ingest(instance_event(instance_id, WireInstanceState.STOPPED, 7))
-    await intake.ingest(instance_event(instance_id, WireInstanceState.STOPPED, 6))
+        await intake.ingest(vmm_event(vmm_id, WireVmmState.DESTROYED, 7))
+    await intake.ingest(vmm_event(vmm_id, WireVmmState.DESTROYED, 6))
     assert NexusSettings(max_generation_lead=5).max_generation_lead == 5
     assert NexusSettings().max_generation_lead == MAX_GENERATION_LEAD == 1000
 
@@ -261,7 +268,7 @@ async def test_events_about_objects_nexus_has_no_record_of_change_no_record_and_
         RegionStateChanged(
             source=crucible_source(agent), payload=RegionChange(agent_id=agent, region=a_region())
         ),
-        instance_event(uuid.uuid4(), WireInstanceState.RUNNING, 2),
+        vmm_event(uuid.uuid4(), WireVmmState.RUNNING, 2),
         CommandRejected(
             source=crucible_source(agent),
             payload=Rejection(
@@ -278,53 +285,32 @@ async def test_events_about_objects_nexus_has_no_record_of_change_no_record_and_
     assert not replica.intake.refused and not replica.intake.unowned
 
 
-async def test_an_event_about_an_instance_on_no_sled_is_dropped(database: Database) -> None:
-    """A create unwinding has taken the instance off its sled: no sled speaks for it."""
-    replica = Replica(database, "a", clock=ManualClock())
-    instance_id = await placed_instance(database)
-    async with database.sessions.begin() as session:
-        await session.execute(
-            update(Instance).where(Instance.id == instance_id).values(sled_id=None)
-        )
-    before = await books(database)
-
-    ingested = await replica.deliver(instance_event(instance_id, WireInstanceState.RUNNING, 2))
-
-    assert ingested.woken is None
-    assert await books(database) == before
-    assert replica.intake.unowned == {"instance.state_changed.v1": 1}
-
-
-async def test_an_instance_event_is_believed_only_from_the_sled_nexus_placed_it_on(
+async def test_a_vmm_event_is_believed_only_from_the_sled_nexus_placed_it_on(
     database: Database,
 ) -> None:
     replica = Replica(database, "a", clock=ManualClock())
-    instance_id = await placed_instance(database)
+    instance_id = await placed_vmm(database)
     other = uuid.uuid4()
     before = await books(database)
 
     assert (
-        await refused(
-            replica, instance_event(instance_id, WireInstanceState.FAILED, 9, sled_id=other)
-        )
+        await refused(replica, vmm_event(instance_id, WireVmmState.FAILED, 9, sled_id=other))
         == NOT_OWNER
     )
     # The right sender naming another sled in its payload.
-    named = instance_event(instance_id, WireInstanceState.FAILED, 9)
+    named = vmm_event(instance_id, WireVmmState.FAILED, 9)
     named = named.model_copy(
-        update={
-            "payload": InstanceChange(
-                instance=named.payload.instance.model_copy(update={"sled_id": other})
-            )
-        }
+        update={"payload": VmmChange(vmm=named.payload.vmm.model_copy(update={"sled_id": other}))}
     )
     assert await refused(replica, named) == NOT_OWNER
     assert await books(database) == before
 
-    await replica.deliver(instance_event(instance_id, WireInstanceState.FAILED, 9))
+    await replica.deliver(vmm_event(instance_id, WireVmmState.FAILED, 9))
     async with database.sessions() as session:
-        instance = await session.get(Instance, instance_id)
-    assert instance is not None and (instance.state, instance.generation) == ("failed", 9)
+        vmm = await session.get(Vmm, instance_id)
+        assert vmm is not None and (vmm.state, vmm.generation) == ("failed", 9)
+        instance = await session.get(Instance, vmm.instance_id)
+    assert instance is not None and instance.state == "failed"
 
 
 async def test_an_agent_announces_only_itself_and_is_commanded_on_its_own_queue(

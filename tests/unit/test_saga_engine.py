@@ -18,23 +18,23 @@ from nexus.saga.clock import ManualClock
 from nexus.saga.definition import Ctx, Node, Reconciled, SagaDefinition, sequence
 from nexus.saga.errors import LeaseLost
 from nexus.saga.position import SagaRow
-from schemas.instance import InstanceState
+from schemas.instance import VmmState
 from tests.saga_support import (
     Database,
     Reconciler,
     Replica,
     WaitParams,
     Woke,
-    instance_event,
-    placed_instance,
+    placed_vmm,
+    vmm_event,
     wait_saga,
 )
 
 
 async def running_key(database: Database) -> tuple[uuid.UUID, str]:
-    """A wait key about an instance placed on a sled (events from that sled are believed)."""
-    instance_id = await placed_instance(database)
-    return instance_id, f"instance:{instance_id}:running"
+    """A wait key about a VMM placed on a sled (events from that sled are believed)."""
+    instance_id = await placed_vmm(database)
+    return instance_id, f"vmm:{instance_id}:running"
 
 
 async def resumed_count(database: Database, saga_id: uuid.UUID) -> int:
@@ -49,7 +49,7 @@ async def test_an_event_resumes_a_parked_saga(database: Database) -> None:
     saga_id = await a.executor.start(definition, WaitParams(key=key))
     assert (await database.saga(saga_id)).state == SagaState.WAITING
 
-    await a.deliver(instance_event(instance_id, InstanceState.RUNNING, 2))
+    await a.deliver(vmm_event(instance_id, VmmState.RUNNING, 2))
 
     saga = await database.saga(saga_id)
     assert saga.state == SagaState.DONE
@@ -62,7 +62,7 @@ async def test_an_event_that_arrives_before_the_saga_parks_is_not_lost(
     definition = wait_saga()
     a = Replica(database, "a", clock=ManualClock(), definitions=[definition])
     instance_id, key = await running_key(database)
-    ingested = await a.deliver(instance_event(instance_id, InstanceState.RUNNING, 2))
+    ingested = await a.deliver(vmm_event(instance_id, VmmState.RUNNING, 2))
     assert ingested.woken is None
 
     saga_id = await a.executor.start(definition, WaitParams(key=key))
@@ -77,11 +77,11 @@ async def test_a_duplicate_or_stale_event_changes_nothing(database: Database) ->
     instance_id, key = await running_key(database)
     saga_id = await a.executor.start(definition, WaitParams(key=key, min_generation=4))
 
-    stale = await a.deliver(instance_event(instance_id, InstanceState.RUNNING, 3))
+    stale = await a.deliver(vmm_event(instance_id, VmmState.RUNNING, 3))
     assert stale.woken is None
     assert (await database.saga(saga_id)).state == SagaState.WAITING
 
-    event = instance_event(instance_id, InstanceState.RUNNING, 5)
+    event = vmm_event(instance_id, VmmState.RUNNING, 5)
     first = await a.deliver(event)
     assert first.woken is not None
     after_first = await database.saga(saga_id)
@@ -89,7 +89,7 @@ async def test_a_duplicate_or_stale_event_changes_nothing(database: Database) ->
 
     again = await a.deliver(event)
     assert again.woken is None
-    older = await a.deliver(instance_event(instance_id, InstanceState.RUNNING, 4))
+    older = await a.deliver(vmm_event(instance_id, VmmState.RUNNING, 4))
     assert older.woken is None
     final = await database.saga(saga_id)
     assert final.version == after_first.version
@@ -103,12 +103,12 @@ async def test_a_reused_key_is_not_satisfied_by_an_old_event(database: Database)
     definition = wait_saga()
     a = Replica(database, "a", clock=ManualClock(), definitions=[definition])
     instance_id, key = await running_key(database)
-    await a.deliver(instance_event(instance_id, InstanceState.RUNNING, 2))
+    await a.deliver(vmm_event(instance_id, VmmState.RUNNING, 2))
 
     saga_id = await a.executor.start(definition, WaitParams(key=key, min_generation=2))
 
     assert (await database.saga(saga_id)).state == SagaState.WAITING
-    await a.deliver(instance_event(instance_id, InstanceState.RUNNING, 3))
+    await a.deliver(vmm_event(instance_id, VmmState.RUNNING, 3))
     assert (await database.saga(saga_id)).state == SagaState.DONE
 
 
@@ -121,7 +121,7 @@ async def test_a_lost_notification_is_recovered_at_the_deadline_by_one_query(
     a = Replica(database, "a", clock=clock, definitions=[definition])
     instance_id, key = await running_key(database)
     saga_id = await a.executor.start(definition, WaitParams(key=key, deadline_seconds=30))
-    found = instance_event(instance_id, InstanceState.RUNNING, 2)
+    found = vmm_event(instance_id, VmmState.RUNNING, 2)
     reconciler.answers.append(Reconciled.resume(key, found.payload.model_dump(mode="json"), 2))
 
     clock.advance(timedelta(seconds=29))
@@ -250,7 +250,7 @@ async def test_a_replica_that_lost_its_lease_cannot_write(database: Database) ->
 
     with pytest.raises(LeaseLost):
         await a.executor.runner.run(claimed, saga_id)
-    await b.deliver(instance_event(instance_id, InstanceState.RUNNING, 2))
+    await b.deliver(vmm_event(instance_id, VmmState.RUNNING, 2))
     assert (await database.saga(saga_id)).state == SagaState.DONE
     replicas = {entry.replica_id for entry in await database.log(saga_id)}
     assert replicas == {"b"}
@@ -315,7 +315,7 @@ async def test_an_event_no_saga_claims_is_moved_where_an_operator_sees_it(
     clock = ManualClock()
     a = Replica(database, "a", clock=clock, definitions=[wait_saga()])
     instance_id, _key = await running_key(database)
-    event = instance_event(instance_id, InstanceState.FAILED, 7)
+    event = vmm_event(instance_id, VmmState.FAILED, 7)
     await a.deliver(event)
 
     assert await a.executor.sweep_unclaimed(timedelta(hours=1)) == 0
@@ -325,9 +325,7 @@ async def test_an_event_no_saga_claims_is_moved_where_an_operator_sees_it(
     async with database.sessions() as session:
         moved = list((await session.execute(select(UnclaimedEvent))).scalars())
         left = await session.scalar(select(func.count()).select_from(WaitRendezvous))
-    assert [(m.wait_key, m.message_id) for m in moved] == [
-        (f"instance:{instance_id}:failed", event.id)
-    ]
+    assert [(m.wait_key, m.message_id) for m in moved] == [(f"vmm:{instance_id}:failed", event.id)]
     assert left == 0
 
 

@@ -16,7 +16,7 @@ from schemas import export
 from schemas.api import DiskCreateRequest, DiskView, InstanceCreateRequest
 from schemas.base import MAX_SAFE_INTEGER, command_id
 from schemas.identity import crucible_source, queue_agent, sled_source
-from schemas.instance import Instance
+from schemas.instance import Vmm
 from schemas.messages import MAX_BODY_BYTES, MESSAGE_TYPES, MessageRejected, decode, encode
 from schemas.region import Region, RegionEnsure, RegionSpec, RegionStateChanged
 from schemas.sled import CrucibleAgentInfo, SledInfo
@@ -146,7 +146,7 @@ def _maximum(model: type[BaseModel], field: str) -> int:
     ("model", "table"),
     [
         (Region, db.Region),
-        (Instance, db.Instance),
+        (Vmm, db.Vmm),
         (InstanceCreateRequest, db.Instance),
         (SledInfo, db.Sled),
         (CrucibleAgentInfo, db.Dataset),

@@ -17,12 +17,12 @@ from sqlalchemy.exc import OperationalError
 from schemas.base import Envelope
 from schemas.common import CommandRejected
 from schemas.instance import (
-    InstanceEnsure,
-    InstanceRef,
-    InstanceSpec,
-    InstanceStart,
-    InstanceState,
-    InstanceStateChanged,
+    VmmEnsure,
+    VmmRef,
+    VmmSpec,
+    VmmState,
+    VmmStateChanged,
+    VmmStop,
 )
 from schemas.messages import decode
 from schemas.sled import SledRegistered
@@ -96,38 +96,42 @@ def settings_in(tmp_path: Path) -> SledSettings:
         data_dir=tmp_path,
         cpus=4,
         memory_bytes=1 << 32,
-        create_seconds=0.01,
         boot_seconds=0.01,
+        stop_seconds=0.01,
     )
 
 
-async def until(
-    agent: SledAgent, relay: FakeRelay, instance_id: uuid.UUID, state: InstanceState
-) -> None:
+def a_spec() -> VmmSpec:
+    return VmmSpec(
+        id=uuid.uuid4(), instance_id=uuid.uuid4(), name="web-1", ncpus=1, memory_bytes=1 << 30
+    )
+
+
+async def until(agent: SledAgent, relay: FakeRelay, vmm_id: uuid.UUID, state: VmmState) -> None:
     async with asyncio.timeout(5):
-        while (vm := agent.hypervisor.get(instance_id)) is None or vm.state is not state:
+        while (vm := agent.hypervisor.get(vmm_id)) is None or vm.state is not state:
             relay.committed.clear()
             await relay.committed.wait()
 
 
 async def test_a_command_is_committed_with_its_event_before_it_returns(tmp_path: Path) -> None:
-    settings = settings_in(tmp_path).model_copy(update={"create_seconds": 60.0})
+    settings = settings_in(tmp_path).model_copy(update={"boot_seconds": 60.0})
     async with an_agent(settings) as (agent, store, relay):
-        spec = InstanceSpec(id=uuid.uuid4(), name="web-1", ncpus=1, memory_bytes=1 << 30)
-        await agent.handle(delivery(InstanceEnsure(source=SOURCE, payload=spec)))
+        spec = a_spec()
+        await agent.handle(delivery(VmmEnsure(source=SOURCE, payload=spec)))
         messages = await outbox_messages(store)
-        assert [type(m) for m in messages] == [SledRegistered, InstanceStateChanged]
+        assert [type(m) for m in messages] == [SledRegistered, VmmStateChanged]
         event = messages[1]
-        assert isinstance(event, InstanceStateChanged)
-        assert event.payload.instance.state is InstanceState.CREATING
+        assert isinstance(event, VmmStateChanged)
+        assert event.payload.vmm.state is VmmState.STARTING
         assert relay.notified == 2
         reloaded = await store.load()
-        assert [vm.instance for vm in reloaded] == [event.payload.instance]
+        assert [vm.vmm for vm in reloaded] == [event.payload.vmm]
 
 
 async def test_a_redelivered_refused_command_is_refused_once(tmp_path: Path) -> None:
     async with an_agent(settings_in(tmp_path)) as (agent, store, _):
-        start = InstanceStart(source=SOURCE, payload=InstanceRef(id=uuid.uuid4()))
+        start = VmmStop(source=SOURCE, payload=VmmRef(id=uuid.uuid4()))
         await agent.handle(delivery(start, reply_to="amq.gen-test"))
         await agent.handle(delivery(start, reply_to="amq.gen-test"))
         rejections = [m for m in await outbox_messages(store) if isinstance(m, CommandRejected)]
@@ -137,24 +141,37 @@ async def test_a_redelivered_refused_command_is_refused_once(tmp_path: Path) -> 
     assert all(r.causation_id == start.id for r in rejections)
 
 
-async def test_a_restart_fails_live_instances_with_the_next_generation(tmp_path: Path) -> None:
+async def test_a_restart_fails_live_vmms_with_the_next_generation(tmp_path: Path) -> None:
     settings = settings_in(tmp_path)
-    spec = InstanceSpec(id=uuid.uuid4(), name="web-1", ncpus=1, memory_bytes=1 << 30)
+    spec = a_spec()
     async with an_agent(settings) as (agent, _, relay):
-        await agent.handle(delivery(InstanceEnsure(source=SOURCE, payload=spec)))
-        await until(agent, relay, spec.id, InstanceState.RUNNING)
+        await agent.handle(delivery(VmmEnsure(source=SOURCE, payload=spec)))
+        await until(agent, relay, spec.id, VmmState.RUNNING)
 
     async with an_agent(settings) as (restarted, store, _):
         vm = restarted.hypervisor.get(spec.id)
         assert vm is not None
-        assert (vm.state, vm.generation, vm.instance.reason) == (
-            InstanceState.FAILED,
-            4,
-            RESTART_REASON,
-        )
-        events = [m for m in await outbox_messages(store) if isinstance(m, InstanceStateChanged)]
-    assert [e.payload.instance.generation for e in events] == [1, 2, 3, 4]
-    assert events[-1].payload.instance == vm.instance
+        assert (vm.state, vm.generation, vm.vmm.reason) == (VmmState.FAILED, 3, RESTART_REASON)
+        events = [m for m in await outbox_messages(store) if isinstance(m, VmmStateChanged)]
+    assert [e.payload.vmm.generation for e in events] == [1, 2, 3]
+    assert events[-1].payload.vmm == vm.vmm
+
+
+async def test_a_late_ensure_for_a_stopped_vmm_publishes_nothing(tmp_path: Path) -> None:
+    async with an_agent(settings_in(tmp_path)) as (agent, store, relay):
+        spec = a_spec()
+        ensure = VmmEnsure(source=SOURCE, payload=spec)
+        await agent.handle(delivery(ensure))
+        await until(agent, relay, spec.id, VmmState.RUNNING)
+        await agent.handle(delivery(VmmStop(source=SOURCE, payload=VmmRef(id=spec.id))))
+        await until(agent, relay, spec.id, VmmState.DESTROYED)
+        before = await outbox_messages(store)
+        await agent.handle(delivery(ensure))
+        await agent.handle(delivery(VmmEnsure(source=SOURCE, payload=spec)))
+        await asyncio.sleep(0.05)
+        assert await outbox_messages(store) == before
+        vm = agent.hypervisor.get(spec.id)
+        assert vm is not None and vm.state is VmmState.DESTROYED
 
 
 async def test_a_timed_transition_whose_commit_fails_transiently_is_made_once_it_can(
@@ -163,8 +180,8 @@ async def test_a_timed_transition_whose_commit_fails_transiently_is_made_once_it
     """The database fails under the agent's own timers (not a command, which the transport
     retries): the transition is tried again in place, and the agent runs on."""
     async with an_agent(settings_in(tmp_path)) as (agent, store, relay):
-        spec = InstanceSpec(id=uuid.uuid4(), name="web-1", ncpus=1, memory_bytes=1 << 30)
-        await agent.handle(delivery(InstanceEnsure(source=SOURCE, payload=spec)))
+        spec = a_spec()
+        await agent.handle(delivery(VmmEnsure(source=SOURCE, payload=spec)))
         real_save = store.save
         failures = [
             OperationalError("UPDATE", {}, sqlite3.OperationalError("database or disk is full"))
@@ -177,12 +194,12 @@ async def test_a_timed_transition_whose_commit_fails_transiently_is_made_once_it
             await real_save(*args, **kwargs)
 
         monkeypatch.setattr(store, "save", save)
-        await until(agent, relay, spec.id, InstanceState.RUNNING)
+        await until(agent, relay, spec.id, VmmState.RUNNING)
         assert failures == []
         assert agent.work_problem(stuck_after=0) is None
         states = [
-            m.payload.instance.state
+            m.payload.vmm.state
             for m in await outbox_messages(store)
-            if isinstance(m, InstanceStateChanged)
+            if isinstance(m, VmmStateChanged)
         ]
-    assert states == [InstanceState.CREATING, InstanceState.STARTING, InstanceState.RUNNING]
+    assert states == [VmmState.STARTING, VmmState.RUNNING]

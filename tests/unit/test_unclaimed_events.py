@@ -15,19 +15,19 @@ from nexus.db.states import RegionState
 from nexus.sagas import ALL_SAGAS, disk_create, disk_delete
 from nexus.unclaimed import summarise
 from nexus.waitkeys import (
-    AWAITED_INSTANCE_STATES,
     AWAITED_REGION_STATES,
-    instance_key,
+    AWAITED_VMM_STATES,
     is_rejection,
     region_key,
+    vmm_key,
 )
 from schemas.common import CommandRejected, Rejection
 from schemas.identity import queue_agent
-from schemas.instance import InstanceState
+from schemas.instance import VmmState
 from schemas.region import RegionEnsure
 from schemas.region import RegionState as WireRegionState
 from tests.saga_scenarios import SCENARIOS, disk_params
-from tests.saga_support import Agents, Database, instance_event, placed_instance
+from tests.saga_support import Agents, Database, placed_vmm, vmm_event
 from tests.saga_triad import Scenario, World
 
 RETENTION = timedelta(hours=1)
@@ -62,7 +62,7 @@ async def test_an_event_no_saga_waits_for_updates_its_object_and_keeps_nothing(
     await world.run_to_done(disk_create.DEFINITION, p)
     ensure = (await world.agents.crucible.ensures())[0]
     tombstoned = world.agents.crucible.event(ensure, WireRegionState.TOMBSTONED)
-    starting = instance_event(await placed_instance(database), InstanceState.STARTING, 3)
+    starting = vmm_event(await placed_vmm(database), VmmState.STARTING, 3)
     async with database.sessions() as session:
         keys_before = set((await session.execute(select(WaitRendezvous.wait_key))).scalars())
 
@@ -108,7 +108,7 @@ def kept_by_the_intake(key: str) -> bool:
         return True
     object_id = uuid.UUID(key.split(":")[1])
     return key in {region_key(object_id, state) for state in AWAITED_REGION_STATES} | {
-        instance_key(object_id, state) for state in AWAITED_INSTANCE_STATES
+        vmm_key(object_id, state) for state in AWAITED_VMM_STATES
     }
 
 
@@ -130,7 +130,7 @@ async def test_unclaimed_events_are_grouped_by_type_and_source_newest_first(
         await replica.deliver(crucible.event(ensure, WireRegionState.CREATED))
         world.clock.advance(timedelta(seconds=1))
     # An instance that crashed with no operation under way (on the sled Nexus put it on).
-    crashed = instance_event(await placed_instance(database), InstanceState.FAILED, 5)
+    crashed = vmm_event(await placed_vmm(database), VmmState.FAILED, 5)
     await replica.deliver(crashed)
     # A refusal of a command whose saga no longer waits, from the agent commanded.
     refused = ensures[0]
@@ -152,8 +152,8 @@ async def test_unclaimed_events_are_grouped_by_type_and_source_newest_first(
         region_key(ensure.payload.id, WireRegionState.CREATED) for ensure in ensures[:0:-1]
     ]
     assert created.examples[0].summary == (f"region {ensures[2].payload.id} created (generation 3)")
-    failed = by_type["instance.failed"]
-    assert (failed.source, failed.count) == (f"sled/{crashed.payload.instance.sled_id}", 1)
+    failed = by_type["vmm.failed"]
+    assert (failed.source, failed.count) == (f"sled/{crashed.payload.vmm.sled_id}", 1)
     assert failed.examples[0].message_id == crashed.id
     rejected = by_type["command.rejected"]
     queue = await queue_of(database, refused)

@@ -306,6 +306,11 @@ async def stack(
             {
                 **s.env,
                 "CRUCIBLE_SEED": str(seed + n),
+                # The workloads' delays are each region's own create time, drawn per
+                # region; the real agent's one worker would queue them, and the scale
+                # phases (thousands of regions of 12 s) could not run. 64 is the real
+                # agent's pool for clones (WORKER_COUNT in crucible's agent/src/main.rs).
+                "CRUCIBLE_WORKERS": "64",
                 # The code of this checkout, whichever one the venv was installed from.
                 "PYTHONPATH": str(REPO),
                 "CRUCIBLE_LOG_LEVEL": "WARNING",

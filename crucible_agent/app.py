@@ -89,6 +89,7 @@ async def build(settings: CrucibleSettings) -> Agent:
         ),
         rng=random.Random(settings.seed),
         reserve=reserve,
+        workers=settings.workers,
     )
     return Agent(settings, store, transport, relay, service, Tasks())
 

@@ -134,6 +134,7 @@ class RegionService:
         rng: random.Random,
         reserve: SpaceReserve | None = None,
         crash: Callable[[], None] = kill_this_process,
+        workers: int = 1,
     ) -> None:
         self.agent_id = agent_id
         self.source = f"crucible/{agent_id}"
@@ -149,9 +150,12 @@ class RegionService:
         self._rng = rng
         self._reserve = reserve
         self._crash = crash
-        # The one worker, while it runs; it ends when it finds no work, and a new record
-        # starts it again.
-        self._worker: asyncio.Task[None] | None = None
+        # The workers, while they run (one, as the real agent's; more only where a
+        # benchmark asks); each ends when it finds no work, and a new record starts them
+        # again. Regions a worker has taken, so that no two take the same one.
+        self._worker_count = workers
+        self._running_workers: set[asyncio.Task[None]] = set()
+        self._taken: set[uuid.UUID] = set()
         self._work_ready = asyncio.Event()
         self._stopping = asyncio.Event()
         self._workers: set[asyncio.Task[None]] = set()
@@ -365,10 +369,14 @@ class RegionService:
         await self.announce()
 
     def _wake_worker(self) -> None:
-        """There may be new work: the worker looks again, and starts if it is not running."""
+        """There may be new work: the workers look again, and start if they are not running."""
         self._work_ready.set()
-        if self._worker is None or self._worker.done():
-            self._worker = self._start(self._work())
+        while len(self._running_workers) < self._worker_count:
+            worker = self._start(self._work())
+            if worker is None:
+                return
+            self._running_workers.add(worker)
+            worker.add_done_callback(self._running_workers.discard)
 
     async def _work(self) -> None:
         """The worker: one region at a time, in :data:`regions.WORK_ORDER`, until none is
@@ -381,17 +389,21 @@ class RegionService:
                 if self._work_ready.is_set():
                     continue
                 return
-            if region.state is RegionState.TOMBSTONED:
-                await self._destroy(region.id)
-            else:
-                await self._create(region.id)
+            self._taken.add(region.id)
+            try:
+                if region.state is RegionState.TOMBSTONED:
+                    await self._destroy(region.id)
+                else:
+                    await self._create(region.id)
+            finally:
+                self._taken.discard(region.id)
 
     async def _next_work(self) -> Region | None:
         found: list[Region | None] = [None]
 
         async def read() -> None:
             async with self._store.transaction() as tx:
-                found[0] = await tx.next_work(regions.WORK_ORDER)
+                found[0] = await tx.next_work(regions.WORK_ORDER, taken=self._taken)
 
         await self._until_done("reading the next region work", read)
         return found[0]

@@ -41,6 +41,14 @@ class CrucibleSettings(BaseSettings):
         description="fraction of destroys that fail: the region is recorded failed, as the "
         "real agent records a destroy it could not carry out, until a delete is sent again",
     )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="regions created or destroyed at once; the real agent has one worker "
+        "for new regions, so 1 unless a benchmark needs regions that each take their own "
+        "delay in parallel",
+    )
     log_level: str = "INFO"
     announce_seconds: float = Field(
         default=30.0, gt=0, description="how often it re-announces its capacity"

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,13 +179,18 @@ class Transaction:
         used_bytes, count, free_port = result.one()
         return Holdings(used_bytes=used_bytes, regions=count, free_port=free_port)
 
-    async def next_work(self, order: Sequence[RegionState]) -> Region | None:
+    async def next_work(
+        self, order: Sequence[RegionState], taken: Collection[uuid.UUID] = ()
+    ) -> Region | None:
         """The first region, by id as the real agent's map is ordered, in the first of
-        ``order``'s states that has one."""
+        ``order``'s states that has one, other than those ``taken`` by a worker."""
         for state in order:
             result = await self._connection.execute(
                 select(regions_table)
-                .where(regions_table.c.state == state.value)
+                .where(
+                    regions_table.c.state == state.value,
+                    regions_table.c.id.not_in(list(taken)),
+                )
                 .order_by(regions_table.c.id)
                 .limit(1)
             )

@@ -95,6 +95,7 @@ class BuildAgent(Protocol):
         capacity: int = ...,
         coalesce: float = ...,
         destroy_fail_fraction: float = ...,
+        workers: int = ...,
     ) -> Agent: ...
 
 
@@ -111,6 +112,7 @@ async def agents(tmp_path: Path) -> AsyncIterator[BuildAgent]:
         capacity: int = CAPACITY,
         coalesce: float = 0.0,
         destroy_fail_fraction: float = 0.0,
+        workers: int = 1,
     ) -> Agent:
         store = await AgentStore.open(tmp_path / "agent.sqlite")
         files = RegionFiles(tmp_path / "regions")
@@ -131,6 +133,7 @@ async def agents(tmp_path: Path) -> AsyncIterator[BuildAgent]:
             faults=Faults(Fixed(delay), fail_fraction, crash_fraction, destroy_fail_fraction),
             rng=random.Random(1),
             crash=crash,
+            workers=workers,
         )
         agent = Agent(service, store, files, replier)
         opened.append(agent)
@@ -293,6 +296,32 @@ async def test_creates_run_one_at_a_time_so_their_delays_queue(agents: BuildAgen
     await settle(agent)
     assert asyncio.get_running_loop().time() - started >= 0.9
     assert {region.state for region in await agent.store.regions()} == {RegionState.CREATED}
+
+
+async def test_more_workers_create_regions_at_once_and_never_the_same_one_twice(
+    agents: BuildAgent,
+) -> None:
+    """The benchmark's setting (the real agent has one worker): with 3 workers, 6
+    creates of 0.3 s each take two rounds, and each region is created once."""
+    agent = await agents(delay=0.3, workers=3)
+    asked = [region_spec() for _ in range(6)]
+    started = asyncio.get_running_loop().time()
+    for spec in asked:
+        await agent.service.handle(delivery(RegionEnsure(source=SOURCE, payload=spec)))
+    await asyncio.sleep(0.45)
+    states = [region.state for region in await agent.store.regions()]
+    assert states.count(RegionState.CREATED) == 3, states
+    await settle(agent)
+    assert asyncio.get_running_loop().time() - started < 0.9
+    regions = await agent.store.regions()
+    assert {region.state for region in regions} == {RegionState.CREATED}
+    created = [
+        message.payload.region.id
+        for message in await agent.outbox()
+        if isinstance(message, RegionStateChanged)
+        and message.payload.region.state is RegionState.CREATED
+    ]
+    assert sorted(map(str, created)) == sorted(str(spec.id) for spec in asked)
 
 
 async def test_a_delete_queued_behind_creates_is_carried_out_before_them(

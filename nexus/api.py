@@ -530,6 +530,7 @@ def disk_view(disk: Disk) -> api.DiskView:
         state=WireDiskState(disk.state),
         instance_id=disk.attached_instance_id,
         saga_id=disk.saga_id,
+        fault_reason=disk.fault_reason if disk.state == DiskState.FAULTED else None,
         created_at=disk.created_at,
         updated_at=disk.updated_at,
     )

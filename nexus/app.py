@@ -39,7 +39,7 @@ from schemas.health import report_health
 from schemas.outbox import OutboxRelay
 from schemas.progress import SagaProgress, SagaProgressed, SagaStep
 from schemas.redact import redact_urls_in
-from schemas.tasks import Tasks
+from schemas.tasks import Tasks, until_up
 from schemas.topology import NEXUS_API_QUEUE, NEXUS_EVENTS_QUEUE
 from schemas.transport import Delivery, Transport
 
@@ -93,7 +93,8 @@ class NexusApp:
         self.engine = create_engine(settings.database_url, timeouts=settings.postgres_timeouts())
         self.sessions = create_sessionmaker(self.engine)
         if isinstance(self.clock, DatabaseClock):
-            await self.clock.measure(self.engine)
+            clock, engine = self.clock, self.engine
+            await until_up("the database's clock", lambda: clock.measure(engine))
         self.transport = Transport(
             settings.amqp_url,
             name=f"nexus/{settings.replica_id}",

@@ -14,6 +14,7 @@ from nexus.db import migrate
 from nexus.settings import NexusSettings
 from schemas.redact import redact_url
 from schemas.service import check_health, run_service, serve, settings_from
+from schemas.tasks import until_up
 
 app = typer.Typer(
     name="nexus",
@@ -63,9 +64,16 @@ def run_replica(nexus: NexusApp, *, migrate_first: bool = False) -> None:
     settings = nexus.settings
 
     async def replica(stop: asyncio.Event) -> None:
+        # A replica starting while its database restarts waits for it (a supervisor
+        # restarting it meanwhile would gain nothing).
+        database = redact_url(settings.database_url)
         if migrate_first:
-            await migrate.upgrade_async(settings.database_url)
-        at = await migrate.current_async(settings.database_url)
+            await until_up(database, lambda: migrate.upgrade_async(settings.database_url))
+        at = await until_up(
+            database, lambda: migrate.current_async(settings.database_url), stop=stop
+        )
+        if stop.is_set():
+            return
         head = migrate.head_revision()
         if at != head:
             raise RuntimeError(

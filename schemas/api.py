@@ -179,6 +179,9 @@ class DiskView(Model):
     state: DiskState
     instance_id: uuid.UUID | None = None
     saga_id: uuid.UUID | None = None
+    fault_reason: str | None = Field(
+        default=None, max_length=2000, description="why it is faulted, while it is"
+    )
     created_at: AwareDatetime
     updated_at: AwareDatetime
 

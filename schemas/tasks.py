@@ -25,11 +25,13 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from schemas.transient import is_transient
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 FIRST_DELAY_SECONDS = 0.1
 MAX_DELAY_SECONDS = 5.0
@@ -97,6 +99,36 @@ class TaskRecord:
     @property
     def task_done(self) -> bool:
         return self.task is not None and self.task.done()
+
+
+async def until_up(
+    what: str,
+    attempt: Callable[[], Awaitable[T]],
+    *,
+    stop: asyncio.Event | None = None,
+    first_delay: float = FIRST_DELAY_SECONDS,
+    max_delay: float = MAX_DELAY_SECONDS,
+) -> T | None:
+    """``attempt()``'s result once it succeeds, run again with backoff while it fails on
+    a dependency that is down (:func:`is_transient`): a process starting while its
+    database or broker restarts waits for it instead of exiting. Any other error is
+    raised. None if ``stop`` is set first (the process was asked to stop meanwhile)."""
+    backoff = Backoff(first_delay, max_delay)
+    while True:
+        try:
+            return await attempt()
+        except Exception as error:
+            if not is_transient(error):
+                raise
+            delay = backoff.next()
+            log.warning("waiting for %s: %r; trying again in %.1f s", what, error, delay)
+        if stop is None:
+            await asyncio.sleep(delay)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            if stop.is_set():
+                return None
 
 
 class Tasks:

@@ -142,6 +142,7 @@ def show_disk(
         ("state", view.state.value),
         ("instance", str(view.instance_id or "")),
         ("saga", str(view.saga_id or "")),
+        *((("fault", view.fault_reason),) if view.fault_reason else ()),
         ("created", view.created_at.isoformat()),
         ("updated", view.updated_at.isoformat()),
     ):

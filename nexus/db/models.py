@@ -137,6 +137,10 @@ class Dataset(Base):
     last_seen_at: Mapped[datetime]
 
 
+# How much of a fault's reason a disk keeps.
+FAULT_REASON_LENGTH = 2000
+
+
 class Disk(Base):
     __tablename__ = "disks"
     __table_args__ = (
@@ -158,6 +162,8 @@ class Disk(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     block_size: Mapped[int] = mapped_column(Integer)
     state: Mapped[DiskState] = mapped_column(_state_column_type(DiskState, "disk_state"))
+    # Why it is faulted (the undo that could not finish), while it is.
+    fault_reason: Mapped[str | None] = mapped_column(String(FAULT_REASON_LENGTH))
     attached_instance_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("instances.id"), index=True
     )

@@ -216,7 +216,8 @@ Resume = Callable[[Ctx[P], WakeUp], Awaitable[BaseModel | Wait | None]]
 # An undo may wait too (a delete until the agent confirms it): it returns a Wait.
 Undo = Callable[[Ctx[P]], Awaitable[Wait | None]]
 UndoResume = Callable[[Ctx[P], WakeUp], Awaitable[Wait | None]]
-OnStuck = Callable[[Ctx[P]], Awaitable[None]]
+# Told why: which undo could not finish, and its error.
+OnStuck = Callable[[Ctx[P], str], Awaitable[None]]
 Reconcile = Callable[[Ctx[P], Sequence[str]], Awaitable[Reconciled]]
 
 

@@ -228,7 +228,10 @@ class Unwinder:
                 row.id, node, SagaLogEvent.UNDO_FAILED, self._parts.clock.now(), {"error": message}
             )
             if definition.on_stuck is not None:
-                await definition.on_stuck(self._parts.ctx(tx, definition, params, fenced, node))
+                await definition.on_stuck(
+                    self._parts.ctx(tx, definition, params, fenced, node),
+                    f"undo of {node} failed: {message}",
+                )
             error = f"{row.error}; undo of {node} failed: {message}"
             tx.write(fenced.at(move.position, error=error), release=True)
         self._parts.notices.tell(row, SagaState.STUCK.value, node, message)

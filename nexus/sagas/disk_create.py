@@ -39,7 +39,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import Table, bindparam, delete, insert, select, update
 
 from nexus.db.engine import upsert_insert
-from nexus.db.models import Dataset, Disk, Region
+from nexus.db.models import FAULT_REASON_LENGTH, Dataset, Disk, Region
 from nexus.db.states import DiskState, RegionState
 from nexus.saga.definition import (
     ActionFailed,
@@ -491,13 +491,13 @@ async def disk_finalize(ctx: Ctx[Params]) -> None:
 # when an undo cannot finish
 
 
-async def disk_fault(ctx: Ctx[Any]) -> None:
-    """Cleanup is impossible: the disk is faulted, for an operator, not left half made
-    or half deleted (``disk_delete`` ends the same way)."""
+async def disk_fault(ctx: Ctx[Any], why: str) -> None:
+    """Cleanup is impossible: the disk is faulted with the reason, for an operator, not
+    left half made or half deleted (``disk_delete`` ends the same way)."""
     await ctx.session.execute(
         update(Disk)
         .where(Disk.id == ctx.params.disk_id)
-        .values(state=DiskState.FAULTED, updated_at=ctx.now)
+        .values(state=DiskState.FAULTED, fault_reason=why[:FAULT_REASON_LENGTH], updated_at=ctx.now)
     )
 
 

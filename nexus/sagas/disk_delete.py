@@ -182,7 +182,7 @@ async def disk_mark_deleted(ctx: Ctx[Params]) -> None:
 
 async def disk_mark_deleting_undo(ctx: Ctx[Params]) -> None:
     """Regions may be half gone: the disk is faulted, for an operator to delete again."""
-    await disk_fault(ctx)
+    await disk_fault(ctx, "its delete failed after its regions' deletes began; delete it again")
 
 
 DEFINITION: SagaDefinition[Params] = SagaDefinition(

@@ -303,8 +303,9 @@ async def vmm_running(ctx: Ctx[Any]) -> None:
 # helpers
 
 
-async def instance_fault(ctx: Ctx[Any]) -> None:
-    """An undo failed: the instance is ``failed``, with no VMM, for an operator."""
+async def instance_fault(ctx: Ctx[Any], why: str) -> None:
+    """An undo failed: the instance is ``failed``, with no VMM, for an operator. The
+    reason (``why``) stays in the saga's error: an instance records no fault reason."""
     await ctx.session.execute(
         update(Instance)
         .where(Instance.id == ctx.params.instance_id)

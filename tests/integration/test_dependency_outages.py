@@ -507,3 +507,57 @@ async def test_the_sled_agents_relay_survives_its_database_failing_and_health_sa
             stop.set()
             await asyncio.gather(serving, return_exceptions=True)
     assert reads.failures >= 3, "the relay kept trying"
+
+
+async def test_a_replica_started_while_postgresql_is_down_waits_for_it_then_serves(
+    restartable_postgres: PrivatePostgresCluster, vhost_url: str, tmp_path: Path
+) -> None:
+    """A replica (re)started during a database restart, as the chaos test's SIGKILLed
+    replicas are: it waits for PostgreSQL (its revision check, its clock) instead of
+    exiting, and once the database is back it is healthy and runs a disk create."""
+    database_url = restartable_postgres.create_database()
+    await upgrade_async(database_url)
+    agents = [crucible(vhost_url, tmp_path) for _ in range(3)]
+    health_file = tmp_path / "nexus.health"
+    replica = nexus(
+        "replica-a",
+        database_url=database_url,
+        amqp_url=vhost_url,
+        workdir=tmp_path,
+        health_file=str(health_file),
+        sweep_seconds="0.2",
+    )
+    async with Transport(vhost_url, name="test-observer") as transport:
+        await transport.declare_topology()
+        client = ApiClient(transport)
+        for agent in agents:
+            agent.service.start()
+        restartable_postgres.stop_immediately()
+        try:
+            replica.start()
+            await asyncio.sleep(4)
+            assert replica.running, replica.log_text()[-3000:]
+            restartable_postgres.start()
+
+            async def healthy() -> bool:
+                return (await health_command("nexus", health_file, 3))[0] == 0
+
+            await until(healthy, 30, "the replica is healthy once the database is back")
+
+            async def announced() -> bool:
+                return await datasets(database_url) == 3
+
+            await until(announced, 30, "the three agents are known")
+            accepted = await client.create_disk("after-the-wait")
+            view = await client.saga_in(accepted.saga_id, {"done", "undone", "stuck"}, timeout=60)
+            assert view.state == "done", view.error
+        finally:
+            if not restartable_postgres.running:
+                restartable_postgres.start()
+            await replica.stop()
+            for agent in agents:
+                await agent.service.stop()
+
+    log = replica.log_text()
+    assert replica.exits == [0], log[-3000:]
+    assert "waiting for" in log

@@ -15,6 +15,7 @@ from typing import Any, cast
 import pytest
 from sqlalchemy import ColumnElement, func, select
 
+from nexus.api import disk_view
 from nexus.db.models import Dataset, Disk, Region
 from nexus.db.states import DiskState, SagaLogEvent, SagaState
 from nexus.saga.clock import ManualClock
@@ -138,7 +139,14 @@ async def test_a_region_that_cannot_be_destroyed_faults_the_disk_with_the_reason
     assert len(await crucible.deletes()) == 3 + region_deletion.MAX_RESENDS
     async with database.sessions() as session:
         disk = await session.get(Disk, p.disk_id)
-    assert disk is not None and disk.state == DiskState.FAULTED
+        assert disk is not None
+        view = disk_view(disk)
+    assert disk.state == DiskState.FAULTED
+    # The disk says why, as the API and `nexusctl disk show` give it.
+    assert disk.fault_reason is not None
+    assert "undo of regions_cleanup failed" in disk.fault_reason
+    assert "injected destroy failure" in disk.fault_reason
+    assert view.fault_reason == disk.fault_reason
     assert await count(database, Region) == 3, "no row removed without a confirmation"
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from schemas.health import report_health
-from schemas.tasks import Tasks
+from schemas.tasks import Tasks, until_up
 
 
 async def until(condition: object, timeout: float = 5.0) -> None:
@@ -159,3 +159,41 @@ async def test_the_health_file_is_touched_only_while_there_is_no_problem(
     unhealthy = [r.getMessage() for r in caplog.records if "unhealthy" in r.getMessage()]
     assert len(unhealthy) == 1, "logged when it appears, not at every check"
     assert "outbox-relay is failing" in unhealthy[0]
+
+
+# until_up: a process starting while a dependency is down waits for it.
+
+
+async def test_until_up_runs_again_while_the_dependency_is_down_and_returns_its_result() -> None:
+    calls: list[int] = []
+
+    async def attempt() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionRefusedError("database down")
+        return "revision 0005"
+
+    assert await until_up("db", attempt, first_delay=0.001, max_delay=0.002) == "revision 0005"
+    assert len(calls) == 3
+
+
+async def test_until_up_raises_an_error_of_the_work_itself_at_once() -> None:
+    calls: list[int] = []
+
+    async def attempt() -> str:
+        calls.append(1)
+        raise ValueError("not a dependency being down")
+
+    with pytest.raises(ValueError):
+        await until_up("db", attempt, first_delay=0.001)
+    assert len(calls) == 1
+
+
+async def test_until_up_gives_up_when_asked_to_stop_while_waiting() -> None:
+    stop = asyncio.Event()
+
+    async def attempt() -> str:
+        stop.set()  # SIGTERM arrives while the database is still down
+        raise ConnectionRefusedError("database down")
+
+    assert await until_up("db", attempt, stop=stop, first_delay=10.0) is None

@@ -368,6 +368,10 @@ class RegionService:
         self._wake_worker()
         await self.announce()
 
+    def taken(self) -> frozenset[uuid.UUID]:
+        """The regions the workers are working on now."""
+        return frozenset(self._taken)
+
     def _wake_worker(self) -> None:
         """There may be new work: the workers look again, and start if they are not running."""
         self._work_ready.set()

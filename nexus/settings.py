@@ -5,14 +5,17 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from nexus.db.engine import PostgresTimeouts
 from schemas.base import MAX_SAFE_INTEGER
 from schemas.redact import redact_url
+
+if TYPE_CHECKING:
+    # SQLAlchemy comes with it: not for every `nexusctl` command that reads a default.
+    from nexus.db.engine import PostgresTimeouts
 
 # How far ahead of Nexus's record a region or instance state change may be.
 MAX_GENERATION_LEAD = 1000
@@ -85,6 +88,8 @@ class NexusSettings(BaseSettings):
         """The settings given, or: a lock wait and an idle transaction half the lease, at
         most 1 s (what a frozen replica may cost the others), a statement the lease, at
         most 5 s."""
+        from nexus.db.engine import PostgresTimeouts
+
         half_lease = self.lease_seconds / 2
         return PostgresTimeouts(
             lock_seconds=_given_or(self.db_lock_timeout_seconds, min(1.0, half_lease)),

@@ -32,9 +32,10 @@ every exception in it is.
 from __future__ import annotations
 
 import sqlite3
+import sys
+from types import ModuleType
 
 import aio_pika
-from sqlalchemy import exc as sa
 
 # SQLSTATE classes and codes of a server or session that failed, not the statement.
 _TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "53", "58"})
@@ -65,6 +66,13 @@ def is_transient(error: BaseException) -> bool:
     return False
 
 
+def _sqlalchemy_errors() -> ModuleType | None:
+    """``sqlalchemy.exc`` if SQLAlchemy was imported: otherwise no error can be one of
+    its, and a process that never uses a database (``nexusctl disk list``) does not pay
+    the 0.1 s of importing it."""
+    return sys.modules.get("sqlalchemy.exc")
+
+
 def _transient_itself(error: BaseException) -> bool:
     if isinstance(
         error,
@@ -72,11 +80,14 @@ def _transient_itself(error: BaseException) -> bool:
         | OSError
         | aio_pika.exceptions.ChannelClosed
         | aio_pika.exceptions.ChannelInvalidStateError
-        | sa.OperationalError
-        | sa.InterfaceError
-        | sa.DisconnectionError
-        | sa.TimeoutError
         | sqlite3.OperationalError,
+    ):
+        return True
+    sa = _sqlalchemy_errors()
+    if sa is None:
+        return _transient_sqlstate(error)
+    if isinstance(
+        error, sa.OperationalError | sa.InterfaceError | sa.DisconnectionError | sa.TimeoutError
     ):
         return True
     if isinstance(error, sa.DBAPIError):

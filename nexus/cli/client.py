@@ -5,13 +5,17 @@ from __future__ import annotations
 import re
 import socket
 from types import TracebackType
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from schemas import api
 from schemas.base import Envelope
 from schemas.redact import describe, redact_url
 from schemas.topology import NEXUS_API_QUEUE
-from schemas.transport import Handler, PublishFailed, RequestTimedOut, Transport
+
+if TYPE_CHECKING:
+    # aio-pika and every message model come with it: imported when a command connects,
+    # so that `nexusctl --help` starts without them.
+    from schemas.transport import Handler
 
 ReplyT = TypeVar("ReplyT", bound=Envelope)
 OtherT = TypeVar("OtherT", bound=Envelope)
@@ -45,6 +49,8 @@ class NexusClient:
         self._amqp_url = amqp_url
         self.timeout = timeout
         self.source = cli_source()
+        from schemas.transport import Transport
+
         self._transport = Transport(amqp_url, name=f"nexusctl {self.source}")
 
     async def __aenter__(self) -> NexusClient:
@@ -75,6 +81,8 @@ class NexusClient:
 
     async def call(self, request: Envelope, *expected: type[Any]) -> Any:
         """The reply to ``request``, one of the ``expected`` types; ApiFailure on an error."""
+        from schemas.transport import PublishFailed, RequestTimedOut
+
         try:
             reply = await self._transport.request(
                 request, routing_key=NEXUS_API_QUEUE, timeout=self.timeout

@@ -7,9 +7,10 @@ from typing import Annotated
 import typer
 
 from nexus.cli.console import errors_reported, say
-from nexus.db import migrate
-from nexus.settings import NexusSettings
 from schemas.redact import redact_url
+
+# nexus.db.migrate (alembic, SQLAlchemy) and nexus.settings are imported by the commands
+# that use them, so that `nexusctl --help` and every other command start without them.
 
 app = typer.Typer(
     help="Migrate Nexus's database schema and see where it stands.", no_args_is_help=True
@@ -26,11 +27,15 @@ UrlOption = Annotated[
 
 
 def _database_url(url: str | None) -> str:
+    from nexus.settings import NexusSettings
+
     with errors_reported():
         return url if url is not None else NexusSettings().database_url
 
 
 def _say_revision(database_url: str) -> None:
+    from nexus.db import migrate
+
     revision = migrate.current(database_url)
     head = migrate.head_revision()
     if revision is None:
@@ -48,6 +53,8 @@ def upgrade(
     url: UrlOption = None,
 ) -> None:
     """Migrate the schema up to REVISION (the latest by default)."""
+    from nexus.db import migrate
+
     database_url = _database_url(url)
     with errors_reported(redact_url(database_url)):
         migrate.upgrade(database_url, revision)
@@ -60,6 +67,8 @@ def downgrade(
     url: UrlOption = None,
 ) -> None:
     """Migrate the schema down to REVISION."""
+    from nexus.db import migrate
+
     database_url = _database_url(url)
     with errors_reported(redact_url(database_url)):
         migrate.downgrade(database_url, revision)
@@ -77,6 +86,8 @@ def current(url: UrlOption = None) -> None:
 @app.command()
 def check(url: UrlOption = None) -> None:
     """Fail if the database schema differs from what this version of Nexus expects."""
+    from nexus.db import migrate
+
     database_url = _database_url(url)
     with errors_reported(redact_url(database_url)):
         migrate.check(database_url)

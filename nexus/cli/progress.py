@@ -14,10 +14,13 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from schemas.messages import Message
 from schemas.progress import DiskUpdated, InstanceUpdated, SagaProgressed, SagaStep
-from schemas.transport import Delivery
+
+if TYPE_CHECKING:
+    from schemas.messages import Message
+    from schemas.transport import Delivery
 
 FINISHED_STEPS = frozenset({SagaStep.DONE, SagaStep.UNDONE, SagaStep.STUCK})
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from nexus.cli.dev import load_cli_url_hint
+from nexus.cli.dev_stack import load_cli_url_hint
 from nexus.cli.main import app
 from nexus.devstack.stack import StackConfig, plan, save_cli_url
 

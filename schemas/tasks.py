@@ -110,25 +110,17 @@ async def until_up(
     max_delay: float = MAX_DELAY_SECONDS,
 ) -> T | None:
     """``attempt()``'s result once it succeeds, run again with backoff while it fails on
-    a dependency that is down (:func:`is_transient`): a process starting while its
+    a dependency that is down (:class:`TransientRetries`): a process starting while its
     database or broker restarts waits for it instead of exiting. Any other error is
     raised. None if ``stop`` is set first (the process was asked to stop meanwhile)."""
-    backoff = Backoff(first_delay, max_delay)
-    while True:
-        try:
-            return await attempt()
-        except Exception as error:
-            if not is_transient(error):
-                raise
-            delay = backoff.next()
-            log.warning("waiting for %s: %r; trying again in %.1f s", what, error, delay)
-        if stop is None:
-            await asyncio.sleep(delay)
-        else:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
-            if stop.is_set():
-                return None
+    retries = TransientRetries(first_delay=first_delay, max_delay=max_delay, stopping=stop)
+    results: list[T] = []
+
+    async def once() -> None:
+        results.append(await attempt())
+
+    done = await retries.run("start-up", f"waiting for {what}", once)
+    return results[0] if done else None
 
 
 class Tasks:
@@ -287,12 +279,15 @@ class TransientRetries:
         first_delay: float = FIRST_DELAY_SECONDS,
         max_delay: float = MAX_DELAY_SECONDS,
         log_every: float = 10.0,
+        stopping: asyncio.Event | None = None,
     ) -> None:
+        """``stopping``: an event of the caller's that ends the retrying when set (by
+        default one of its own, set by :meth:`stop`)."""
         self._first_delay = first_delay
         self._max_delay = max_delay
         self._throttle = Throttle(log_every)
         self._retrying: set[_Retrying] = set()
-        self.stopping = asyncio.Event()
+        self.stopping = stopping or asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._retrying)

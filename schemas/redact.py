@@ -10,16 +10,26 @@ import re
 
 from pydantic import ValidationError
 
+from schemas.brokers import NEXT_URL
+
 _MASK = "***"
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
 
 
 def redact_url(url: str) -> str:
-    """The URL with its password (if any) replaced by ``***``, safe to print or log.
+    """The URL with its password (if any) replaced by ``***``, safe to print or log; each
+    URL of a comma-separated list of them (a broker's nodes, ``schemas.brokers``).
 
     Works on the raw text rather than a URL parser so that a password holding
     characters it should have percent-encoded (``/``, ``#``, ``?``) is still hidden.
     """
+    urls = NEXT_URL.split(url)
+    if len(urls) > 1:
+        return ",".join(_redact_one(each) for each in urls)
+    return _redact_one(url)
+
+
+def _redact_one(url: str) -> str:
     scheme, separator, rest = url.partition("://")
     if not separator:
         return _MASK if "@" in url else url

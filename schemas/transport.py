@@ -1,9 +1,15 @@
 """The one aio-pika transport every process uses to speak the messages in this package.
 
 - A robust connection: aio-pika reconnects and restores exchanges, queues, bindings and
-  consumers after a broker restart.
+  consumers after a broker restart. Given several URLs (the nodes of a cluster,
+  comma-separated: :mod:`schemas.brokers`), it connects to the first that answers and,
+  when that connection is lost, reconnects to the next (:mod:`schemas.failover`).
 - Publishing always uses publisher confirms and persistent delivery; ``publish``
-  returns only once the broker has taken responsibility for the message.
+  returns only once the broker has taken responsibility for the message. It has a
+  channel of its own, replaced by a new one after a publish the broker refused (nack)
+  or never confirmed: RabbitMQ 3.10 can leave a channel that published to a quorum queue
+  while the queue was electing a leader (its node just died) nacking every later
+  publish to that queue, while a new channel's go through.
 - Consuming acks only after the handler returned. A handler that fails because a
   dependency of its own is unavailable (:func:`schemas.transient.is_transient`: the
   database, the disk, the broker) is run again in place, with backoff, until it
@@ -25,6 +31,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -42,7 +49,9 @@ from aio_pika.abc import (
 from pamqp.commands import Basic
 from yarl import URL
 
+from schemas import failover
 from schemas.base import Envelope
+from schemas.brokers import address, broker_urls, same_identity
 from schemas.identity import NOT_OWNER, queue_agent, source_allowed
 from schemas.messages import Message, MessageRejected, decode, encode
 from schemas.tasks import FIRST_DELAY_SECONDS, MAX_DELAY_SECONDS, TransientRetries
@@ -179,21 +188,27 @@ class Transport:
         retry_max_seconds: float = MAX_DELAY_SECONDS,
         heartbeat: int | None = None,
     ) -> None:
-        """``retry_first_seconds`` and ``retry_max_seconds``: the backoff between runs of
+        """``url``: one broker URL, or several comma-separated (a cluster's nodes, all with
+        the same user and vhost). ``retry_first_seconds`` and ``retry_max_seconds``: the
+        backoff between runs of
         a handler that failed on a transient error (doubling from the first, with
         jitter). ``heartbeat``: the AMQP heartbeat in seconds (0: none; None: the URL's,
         else aio-pika's 60 s); the broker closes a connection it heard nothing on for 2
         to 3 heartbeats and hands its unacked messages to other consumers."""
-        self._url = url
+        self._urls = broker_urls(url)
+        same_identity(self._urls)
         self._name = name
         self._heartbeat = heartbeat
         # The user the broker authenticates (aio-pika's default when the URL names none).
-        self.user = URL(url).user or "guest"
+        self.user = URL(self._urls[0]).user or "guest"
         self._require_user_id = require_user_id
-        self._connection: AbstractRobustConnection | None = None
+        self._connection: aio_pika.RobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
         self._notice_exchange: AbstractExchange | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
+        # The channel publish_bytes uses, opened when first needed, and its exchanges.
+        self._publisher: AbstractChannel | None = None
+        self._published_to: dict[str, AbstractExchange] = {}
         self._reply_queue: AbstractQueue | None = None
         self._pending: dict[uuid.UUID, asyncio.Future[Message]] = {}
         # The only source that may answer a pending request (to an agent's queue).
@@ -211,14 +226,26 @@ class Transport:
 
     async def connect(self, *, timeout: float = 30.0) -> None:
         self._retries.stopping.clear()
-        self._connection = await aio_pika.connect_robust(
-            self._url,
-            client_properties={"connection_name": self._name},
-            timeout=timeout,
-            heartbeat=self._heartbeat,
+        self._connection = await failover.connect(
+            self._urls, name=self._name, timeout=timeout, heartbeat=self._heartbeat
         )
+        if len(self._urls) > 1:
+            log.info("connected to the broker node at %s", self.address)
+            self._connection.reconnect_callbacks.add(self._on_reconnected)
         self._publish_channel = await self._connection.channel(publisher_confirms=True)
         self._notice_exchange = None
+        self._publisher = None
+
+    def _on_reconnected(self, connection: AbstractRobustConnection | None, /) -> None:
+        log.info("reconnected to the broker node at %s", self.address)
+
+    @property
+    def address(self) -> str:
+        """The broker node this transport is connected (or reconnecting) to, as
+        ``host:port/vhost``."""
+        if self._connection is None:
+            raise RuntimeError("transport is not connected; call connect() first")
+        return address(str(self._connection.url))
 
     async def close(self) -> None:
         """Close the connection. Messages waiting to run their handler again go back to
@@ -391,7 +418,7 @@ class Transport:
         mandatory: bool = True,
     ) -> None:
         """Publish already-encoded bytes (the outbox relay stores them that way)."""
-        target = await self._exchange(exchange)
+        publisher, target = await self._publishing_exchange(exchange)
         amqp = amqp_message(
             body,
             message_id=message_id,
@@ -413,11 +440,37 @@ class Transport:
             aio_pika.exceptions.ChannelInvalidStateError,
             ConnectionError,
         ) as error:
+            # aiormq raises a nack as DeliveryError.
+            if isinstance(error, TimeoutError | aio_pika.exceptions.DeliveryError):
+                await self._renew_publisher(publisher)
             raise PublishFailed(f"{message_type} to {exchange}/{routing_key}: {error!r}") from error
         if not isinstance(confirmation, Basic.Ack):
+            await self._renew_publisher(publisher)
             raise PublishFailed(
                 f"{message_type} to {exchange}/{routing_key}: broker answered {confirmation!r}"
             )
+
+    async def _publishing_exchange(self, name: str) -> tuple[AbstractChannel, AbstractExchange]:
+        """The publishing channel (opened if there is none) and its exchange ``name``."""
+        if self._publisher is None:
+            self._publisher = await self.connection.channel(publisher_confirms=True)
+            self._published_to = {}
+        publisher = self._publisher
+        if name == "":
+            return publisher, publisher.default_exchange
+        if name not in self._published_to:
+            self._published_to[name] = await publisher.get_exchange(name, ensure=True)
+        return publisher, self._published_to[name]
+
+    async def _renew_publisher(self, failed: AbstractChannel) -> None:
+        """Publish on a new channel from now on, instead of ``failed`` (why: the module
+        docstring); once per channel, however many of its publishes failed."""
+        if self._publisher is not failed:
+            return
+        self._publisher = None
+        log.warning("a publish was refused or not confirmed; publishing on a new channel")
+        with contextlib.suppress(Exception):
+            await failed.close()
 
     async def send_command(
         self, message: Envelope, queue: str, *, reply_to: str | None = None

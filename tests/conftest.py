@@ -24,11 +24,13 @@ from tests.harness.servers import (
     NotSupportedInMode,
     PostgresServer,
     PrivatePostgresCluster,
+    PrivateRabbitMQCluster,
     PrivateRabbitMQNode,
     RabbitMQServer,
     ServerUnavailable,
     provide_postgres,
     provide_rabbitmq,
+    provide_rabbitmq_cluster,
 )
 from tests.saga_support import Database
 
@@ -37,7 +39,7 @@ from tests.saga_support import Database
 pytest.register_assert_rewrite("tests.saga_triad", "tests.saga_scenarios")
 
 _SERVERS_USED = pytest.StashKey[list[str]]()
-_Server = TypeVar("_Server", RabbitMQServer, PostgresServer)
+_Server = TypeVar("_Server", RabbitMQServer, PostgresServer, PrivateRabbitMQCluster)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -166,6 +168,13 @@ def restartable_rabbitmq(request: pytest.FixtureRequest) -> Iterator[RabbitMQSer
         yield shared
     else:
         yield from _serve(request, PrivateRabbitMQNode)
+
+
+@pytest.fixture(scope="module")
+def rabbitmq_cluster(request: pytest.FixtureRequest) -> Iterator[PrivateRabbitMQCluster]:
+    """A private 3-node RabbitMQ cluster of the module's own, whose nodes its tests may
+    kill, stop and start (three Erlang VMs: only the tests that need a cluster start one)."""
+    yield from _serve(request, provide_rabbitmq_cluster)
 
 
 @pytest.fixture(scope="session")

@@ -167,6 +167,33 @@ def crucible(
     return Crucible(agent_id=agent_id, sled_id=sled_id, service=service)
 
 
+@dataclass
+class Sled:
+    sled_id: uuid.UUID
+    service: Service
+
+
+def sled(
+    amqp_url: str, workdir: Path, *, sled_id: uuid.UUID | None = None, **settings: str
+) -> Sled:
+    """A sled agent; ``sled_id`` for one whose broker user was provisioned by id."""
+    sled_id = sled_id or uuid.uuid4()
+    env = {
+        "SLED_SLED_ID": str(sled_id),
+        "SLED_DATA_DIR": str(workdir / f"sled-{sled_id}"),
+        "SLED_AMQP_URL": amqp_url,
+        "SLED_HOSTNAME": f"sled-{str(sled_id)[:8]}",
+    }
+    env |= {f"SLED_{key.upper()}": value for key, value in settings.items()}
+    service = Service(
+        name=f"sled {sled_id}",
+        argv=[str(BIN / "sled-agent"), "run"],
+        env=env,
+        log_path=workdir / f"sled-{sled_id}.log",
+    )
+    return Sled(sled_id=sled_id, service=service)
+
+
 class ApiClient:
     """What ``nexusctl`` does, without its printing: requests on ``nexus.api``."""
 

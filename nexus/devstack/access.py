@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from schemas.brokers import broker_urls
 from schemas.identity import CLI_USER, NEXUS_USER, crucible_user, sled_user
 from schemas.topology import (
     COMMANDS_EXCHANGE,
@@ -173,7 +174,11 @@ class Access:
         return grants
 
     def url(self, base_url: str, user: str) -> str:
-        """``base_url`` (any scheme, host, port, query) as ``user`` in this vhost."""
+        """``base_url`` (any scheme, host, port, query) as ``user`` in this vhost; each of
+        several comma-separated URLs (a cluster's nodes, ``schemas.brokers``)."""
+        return ",".join(self._node_url(url, user) for url in broker_urls(base_url))
+
+    def _node_url(self, base_url: str, user: str) -> str:
         parts = urlsplit(base_url)
         host = parts.netloc.rpartition("@")[2]
         credentials = f"{quote(user, safe='')}:{quote(self.passwords[user], safe='')}"

@@ -11,9 +11,11 @@ loop in a worker thread, which works whether or not the calling thread has a loo
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pwd
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -28,6 +30,10 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aio_pika
+from pamqp.commands import Connection
+from pamqp.exceptions import UnmarshalingException
+from pamqp.frame import unmarshal
+from pamqp.header import ProtocolHeader
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -118,6 +124,45 @@ def wait_for_amqp(url: str, timeout: float, process: subprocess.Popen[bytes] | N
             time.sleep(0.2)
 
 
+def amqp_handshake(port: int, timeout: float = 2.0) -> str:
+    """The version that the AMQP server on 127.0.0.1:``port`` announces in its
+    ``Connection.Start``: it answers the protocol, whatever users it has."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(ProtocolHeader().marshal())
+        received = b""
+        while True:
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("the server closed the connection before Connection.Start")
+            received += chunk
+            try:
+                frame = unmarshal(received)[2]
+            except UnmarshalingException:
+                continue  # not the whole frame yet
+            break
+    if not isinstance(frame, Connection.Start):
+        raise ConnectionError(f"expected Connection.Start, the server sent {frame!r}")
+    version = (frame.server_properties or {}).get("version", "unknown")
+    return version.decode() if isinstance(version, bytes) else str(version)
+
+
+def wait_for_amqp_handshake(
+    port: int, timeout: float, process: subprocess.Popen[bytes] | None = None
+) -> str:
+    """The server's version, once 127.0.0.1:``port`` answers the AMQP protocol; with
+    ``process``, a server that exits meanwhile fails the wait at once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process is not None and process.poll() is not None:
+            raise ServerUnavailable(f"the server exited with status {process.returncode}")
+        try:
+            return amqp_handshake(port)
+        except (OSError, ConnectionError) as exc:
+            if time.monotonic() > deadline:
+                raise ServerUnavailable(f"127.0.0.1:{port} did not answer AMQP: {exc!r}") from exc
+            time.sleep(0.2)
+
+
 def rabbitmq_bin_dir() -> Path:
     # Debian's /usr/sbin/rabbitmq-server switches to the rabbitmq user, which could not
     # use our private directory; the scripts it wraps run as whoever calls them.
@@ -139,12 +184,32 @@ class RabbitMQNode:
 
     ``stop()`` and ``start()`` keep the port, the node name and the data directory, so
     durable queues and messages survive a restart as they would in production.
+
+    Alone (the default) it has its own directory, Erlang cookie and epmd. As a member of a
+    :class:`RabbitMQCluster` it is given a directory inside the cluster's, the cluster's
+    cookie and the cluster's epmd port (nodes find each other through epmd), and
+    ``start=False``: the cluster starts its nodes together and joins them.
     """
 
-    def __init__(self, port: int | None = None, *, extra_config: str = "") -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        extra_config: str = "",
+        directory: Path | None = None,
+        epmd_port: int | None = None,
+        cookie: str | None = None,
+        start: bool = True,
+    ) -> None:
         """``extra_config``: more rabbitmq.conf lines, e.g. a TLS listener."""
         self._bin = rabbitmq_bin_dir()
-        self._dir = Path(tempfile.mkdtemp(prefix="eventplane-rabbitmq-"))
+        self._owns_dir = directory is None
+        self._owns_epmd = epmd_port is None
+        if directory is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="eventplane-rabbitmq-"))
+        else:
+            directory.mkdir(parents=True)
+            self._dir = directory
         self.port = port if port is not None else free_port()
         self.version = "unknown"
         self._process: subprocess.Popen[bytes] | None = None
@@ -152,11 +217,17 @@ class RabbitMQNode:
             f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n" + extra_config
         )
         (self._dir / "enabled_plugins").write_text("[].\n")
+        if cookie is not None:
+            # The node and rabbitmqctl read it from HOME; nodes of a cluster share it.
+            cookie_file = self._dir / ".erlang.cookie"
+            cookie_file.write_text(cookie)
+            cookie_file.chmod(0o400)
+        self.name = f"rtest_{os.getpid()}_{self.port}@localhost"
         self._env = {
             **os.environ,
             # HOME holds the Erlang cookie that rabbitmqctl must share with the node.
             "HOME": str(self._dir),
-            "RABBITMQ_NODENAME": f"rtest_{os.getpid()}_{self.port}@localhost",
+            "RABBITMQ_NODENAME": self.name,
             "RABBITMQ_NODE_PORT": str(self.port),
             "RABBITMQ_DIST_PORT": str(free_port()),
             "RABBITMQ_MNESIA_BASE": str(self._dir / "mnesia"),
@@ -164,13 +235,14 @@ class RabbitMQNode:
             "RABBITMQ_CONFIG_FILE": str(self._dir / "rabbitmq"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(self._dir / "enabled_plugins"),
             # A private epmd keeps parallel runs from seeing each other's nodes.
-            "ERL_EPMD_PORT": str(free_port()),
+            "ERL_EPMD_PORT": str(epmd_port if epmd_port is not None else free_port()),
         }
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
+        if start:
+            try:
+                self.start()
+            except BaseException:
+                self.close()
+                raise
 
     @property
     def url(self) -> str:
@@ -190,6 +262,13 @@ class RabbitMQNode:
     def start(self) -> None:
         if self.running:
             return
+        self.spawn()
+        self.await_ready()
+
+    def spawn(self) -> None:
+        """Start the node's process without waiting for it (``await_ready`` waits)."""
+        if self.running:
+            return
         output = (self._dir / "server.out").open("ab")
         with output:
             self._process = subprocess.Popen(
@@ -202,8 +281,16 @@ class RabbitMQNode:
                 # which the parent stops in order once its clients are gone.
                 start_new_session=True,
             )
+
+    def await_ready(self) -> None:
+        """Return once the node accepts AMQP on its port; ServerUnavailable (the node
+        killed) if it exits first or does not within ``STARTUP_TIMEOUT``.
+
+        Readiness is the AMQP handshake, which needs no user: a node whose ``guest``
+        was deleted (least privilege) is still seen to be up when it restarts.
+        """
         try:
-            self.version = wait_for_amqp(self.url, STARTUP_TIMEOUT, self._process)
+            self.version = wait_for_amqp_handshake(self.port, STARTUP_TIMEOUT, self._process)
         except ServerUnavailable as exc:
             self._kill()
             raise ServerUnavailable(
@@ -225,6 +312,13 @@ class RabbitMQNode:
             )
         self._kill(grace=30.0)
 
+    def kill(self) -> None:
+        """SIGKILL the node and its helpers at once, as a crash (or the OOM killer) would;
+        ``start()`` brings it back on the same name, port and data directory."""
+        if not self.running:
+            raise RuntimeError(f"RabbitMQ node {self.name} is not running")
+        self._kill()
+
     def _kill(self, grace: float = 0.0) -> None:
         """Wait up to ``grace`` seconds for the node to exit, then kill what is left of it."""
         process, self._process = self._process, None
@@ -238,9 +332,23 @@ class RabbitMQNode:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
 
+    def join(self, seed: str) -> None:
+        """Join the cluster of node ``seed`` (a fresh node: what it held is reset), the
+        documented way: ``stop_app``, ``join_cluster``, ``start_app``."""
+        self.rabbitmqctl("stop_app")
+        self.rabbitmqctl("join_cluster", seed)
+        self.rabbitmqctl("start_app")
+        self.await_ready()
+
     def rabbitmqctl(self, *args: str) -> str:
+        return self._tool("rabbitmqctl", *args)
+
+    def rabbitmq_queues(self, *args: str) -> str:
+        return self._tool("rabbitmq-queues", *args)
+
+    def _tool(self, tool: str, *args: str) -> str:
         result = subprocess.run(
-            [str(self._bin / "rabbitmqctl"), *args],
+            [str(self._bin / tool), *args],
             env=self._env,
             stdin=subprocess.DEVNULL,
             capture_output=True,
@@ -249,23 +357,144 @@ class RabbitMQNode:
         )
         if result.returncode != 0:
             raise RuntimeError(
-                f"rabbitmqctl {' '.join(args)} failed ({result.returncode}): "
+                f"{tool} {' '.join(args)} failed ({result.returncode}): "
                 f"{result.stdout}{result.stderr}"
             )
         return result.stdout
 
     def close(self) -> None:
         self.stop()
-        # epmd daemonizes out of the node's process group, so it has to be told to go.
-        epmd = shutil.which("epmd") or "/usr/lib/erlang/bin/epmd"
-        with suppress(OSError, subprocess.SubprocessError):
-            subprocess.run(
-                [epmd, "-kill"],
-                env=self._env,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=10,
-            )
+        if self._owns_epmd:
+            _kill_epmd(self._env)
+        if self._owns_dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _kill_epmd(env: dict[str, str]) -> None:
+    # epmd daemonizes out of the node's process group, so it has to be told to go.
+    epmd = shutil.which("epmd") or "/usr/lib/erlang/bin/epmd"
+    with suppress(OSError, subprocess.SubprocessError):
+        subprocess.run(
+            [epmd, "-kill"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=10,
+        )
+
+
+class RabbitMQCluster:
+    """Several RabbitMQ nodes on this machine joined into one cluster, as production runs
+    them: distinct node names, AMQP ports and data directories, one Erlang cookie and one
+    (private) epmd, joined with ``rabbitmqctl join_cluster``.
+
+    Users, vhosts, exchanges and queues are the cluster's, not a node's: definitions
+    are loaded once, through any node (:meth:`rabbitmqctl`). Load them only once the
+    cluster is whole, as this class returns it: a quorum queue declared then has a
+    member on every node (its initial group size defaults to the cluster's size).
+
+    ``url`` is every node's URL, comma-separated, which is what the services' settings
+    take (``schemas.brokers``): a client connects to the first node that answers and
+    fails over to the next.
+    """
+
+    def __init__(self, size: int = 3, *, ports: list[int | None] | None = None) -> None:
+        """``ports``: the nodes' AMQP ports (None: a free one), ``size`` of them."""
+        ports = ports if ports is not None else [None] * size
+        if len(ports) != size or size < 1:
+            raise ValueError(f"{size} nodes need {size} ports, not {ports}")
+        self._dir = Path(tempfile.mkdtemp(prefix="eventplane-rabbitmq-cluster-"))
+        self._epmd_env = {**os.environ, "ERL_EPMD_PORT": str(free_port())}
+        self.version = "unknown"
+        cookie = secrets.token_hex(20)
+        self.nodes: list[RabbitMQNode] = []
+        try:
+            for number, port in enumerate(ports, start=1):
+                self.nodes.append(
+                    RabbitMQNode(
+                        port,
+                        directory=self._dir / f"node-{number}",
+                        epmd_port=int(self._epmd_env["ERL_EPMD_PORT"]),
+                        cookie=cookie,
+                        start=False,
+                    )
+                )
+            # Booting is most of the time; the nodes boot side by side.
+            for node in self.nodes:
+                node.spawn()
+            for node in self.nodes:
+                node.await_ready()
+            seed = self.nodes[0]
+            self.version = seed.version
+            for node in self.nodes[1:]:
+                node.join(seed.name)
+            self.await_running(self.nodes)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        return ",".join(self.urls)
+
+    @property
+    def restartable(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        ports = ", ".join(str(node.port) for node in self.nodes)
+        return (
+            f"real RabbitMQ {self.version} (private {len(self.nodes)}-node cluster, ports {ports})"
+        )
+
+    def node_named(self, name: str) -> RabbitMQNode:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(f"no node {name!r} in this cluster")
+
+    def running_nodes(self) -> list[str]:
+        """The cluster's running members, as a running node sees them."""
+        status = json.loads(self.rabbitmqctl("cluster_status", "--formatter", "json"))
+        return sorted(status["running_nodes"])
+
+    def await_running(self, nodes: list[RabbitMQNode], timeout: float = STARTUP_TIMEOUT) -> None:
+        """Return once every node of ``nodes`` is a running member of the cluster (a node
+        restarted after a crash rejoins by itself); ServerUnavailable otherwise."""
+        wanted = sorted(node.name for node in nodes)
+        deadline = time.monotonic() + timeout
+        while True:
+            running = self.running_nodes()
+            if set(wanted) <= set(running):
+                return
+            if time.monotonic() > deadline:
+                raise ServerUnavailable(
+                    f"nodes {wanted} are not all running members after {timeout:g}s: "
+                    f"running {running}"
+                )
+            time.sleep(0.5)
+
+    def rabbitmqctl(self, *args: str) -> str:
+        """``rabbitmqctl`` on the first running node (cluster-wide commands)."""
+        return self._running_node().rabbitmqctl(*args)
+
+    def rabbitmq_queues(self, *args: str) -> str:
+        return self._running_node().rabbitmq_queues(*args)
+
+    def _running_node(self) -> RabbitMQNode:
+        for node in self.nodes:
+            if node.running:
+                return node
+        raise ServerUnavailable("no node of the cluster is running")
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+        _kill_epmd(self._epmd_env)
         shutil.rmtree(self._dir, ignore_errors=True)
 
 

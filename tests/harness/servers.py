@@ -34,6 +34,7 @@ from sqlalchemy.pool import NullPool
 from nexus.devstack.servers import (
     STARTUP_TIMEOUT,
     PostgresCluster,
+    RabbitMQCluster,
     RabbitMQNode,
     amqp_server_version,
     postgres_server_version,
@@ -183,6 +184,28 @@ class ContainerRabbitMQ(RabbitMQServer):
 
 class PrivateRabbitMQNode(RabbitMQNode, RabbitMQServer):
     mode = "private node"
+
+
+class PrivateRabbitMQCluster(RabbitMQCluster, RabbitMQServer):
+    """A private cluster of RabbitMQ nodes (``nexus.devstack.servers.RabbitMQCluster``):
+    ``url`` names every node, comma-separated; ``nodes`` each may be killed, stopped and
+    started again."""
+
+    mode = "private cluster"
+
+
+CLUSTER_SIZE = 3
+
+
+def provide_rabbitmq_cluster() -> PrivateRabbitMQCluster:
+    """A private 3-node cluster on this machine; never an external server or a container,
+    since the tests kill its nodes."""
+    try:
+        return PrivateRabbitMQCluster(CLUSTER_SIZE)
+    except ServerUnavailable as exc:
+        raise _unavailable(
+            f"{CLUSTER_SIZE}-node RabbitMQ cluster", [f"private cluster: {exc}"]
+        ) from None
 
 
 def provide_rabbitmq() -> RabbitMQServer:

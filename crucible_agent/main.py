@@ -44,7 +44,10 @@ def run(
         typer.Option(help="Total size of the regions it may hold (env CRUCIBLE_CAPACITY_BYTES)."),
     ] = None,
     amqp_url: Annotated[
-        str | None, typer.Option(help="RabbitMQ to use (env CRUCIBLE_AMQP_URL).")
+        str | None,
+        typer.Option(
+            help="RabbitMQ URL, or a cluster's node URLs comma-separated (env CRUCIBLE_AMQP_URL)."
+        ),
     ] = None,
     create_delay: Annotated[
         str | None,

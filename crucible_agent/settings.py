@@ -23,6 +23,7 @@ class CrucibleSettings(BaseSettings):
     capacity_bytes: int = Field(
         default=1 << 40, gt=0, description="total size of the regions it may hold"
     )
+    # One RabbitMQ URL, or a cluster's node URLs comma-separated (schemas/brokers.py).
     amqp_url: str = "amqp://guest:guest@localhost:5672/"
     create_delay: str = Field(
         default="fixed:0",

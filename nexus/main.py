@@ -39,7 +39,11 @@ def run(
         str | None, typer.Option(help="Database URL (NEXUS_DATABASE_URL).", show_default=False)
     ] = None,
     amqp_url: Annotated[
-        str | None, typer.Option(help="RabbitMQ URL (NEXUS_AMQP_URL).", show_default=False)
+        str | None,
+        typer.Option(
+            help="RabbitMQ URL, or a cluster's node URLs comma-separated (NEXUS_AMQP_URL).",
+            show_default=False,
+        ),
     ] = None,
     migrate_first: Annotated[
         bool,

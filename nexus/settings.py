@@ -35,6 +35,7 @@ class NexusSettings(BaseSettings):
 
     replica_id: str = Field(default_factory=default_replica_id, min_length=1, max_length=200)
     database_url: str = "sqlite+aiosqlite:///./var/nexus.sqlite3"
+    # One RabbitMQ URL, or a cluster's node URLs comma-separated (schemas/brokers.py).
     amqp_url: str = "amqp://guest:guest@localhost:5672/"
     lease_seconds: float = Field(default=15.0, gt=0)
     # How often a replica looks for passed deadlines, expired leases and wake-ups whose

@@ -51,3 +51,11 @@ def address(url: str) -> str:
     """Where a URL points, without credentials: ``host:port/vhost``, for logs."""
     parsed = urlsplit(url)
     return f"{parsed.hostname}:{parsed.port}{parsed.path or '/'}"
+
+
+def rotated(value: str, by: int) -> str:
+    """A broker setting's URLs, the list begun ``by`` places later (round the list):
+    clients given rotations of one cluster's list spread their connections over it."""
+    urls = broker_urls(value)
+    start = by % len(urls)
+    return ",".join(urls[start:] + urls[:start])

@@ -35,7 +35,9 @@ def run(
     hostname: Annotated[str | None, typer.Option(help="Announced at registration.")] = None,
     cpus: Annotated[int | None, typer.Option(help="vCPUs VMMs may reserve.")] = None,
     memory_bytes: Annotated[int | None, typer.Option(help="Memory VMMs may reserve.")] = None,
-    amqp_url: Annotated[str | None, typer.Option(help="RabbitMQ URL.")] = None,
+    amqp_url: Annotated[
+        str | None, typer.Option(help="RabbitMQ URL, or a cluster's node URLs comma-separated.")
+    ] = None,
     heartbeat_seconds: Annotated[float | None, typer.Option(help="Time between beats.")] = None,
     boot_seconds: Annotated[float | None, typer.Option(help="Time in starting.")] = None,
     stop_seconds: Annotated[float | None, typer.Option(help="Time in stopping.")] = None,

@@ -27,6 +27,7 @@ class SledSettings(BaseSettings):
     )
     cpus: int = Field(default=64, gt=0, description="vCPUs the VMMs may reserve")
     memory_bytes: int = Field(default=512 << 30, gt=0, description="memory they may reserve")
+    # One RabbitMQ URL, or a cluster's node URLs comma-separated (schemas/brokers.py).
     amqp_url: str = "amqp://guest:guest@localhost:5672/"
     heartbeat_seconds: Seconds = Field(default=1.0, gt=0, description="time between heartbeats")
     boot_seconds: Seconds = Field(default=0.2, ge=0, description="time spent in starting")

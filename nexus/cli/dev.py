@@ -39,13 +39,24 @@ def run_all(
     create_delay: Annotated[
         str, typer.Option(help="How long a region takes at its agent (CRUCIBLE_CREATE_DELAY).")
     ] = "uniform:0.2,1.5",
+    broker_nodes: Annotated[
+        int,
+        typer.Option(
+            "--broker-nodes",
+            min=1,
+            max=9,
+            help="More than 1: start a private RabbitMQ cluster of this many nodes (and "
+            "ignore --amqp-url); every process is given every node and fails over.",
+        ),
+    ] = 1,
 ) -> None:
-    """Start RabbitMQ (a private node if none answers at --amqp-url), the database,
-    2 Nexus replicas, 3 crucible agents and 2 sled agents; stop them all on Ctrl-C.
+    """Start RabbitMQ (a private node if none answers at --amqp-url; a private cluster
+    with --broker-nodes 3), the database, 2 Nexus replicas, 3 crucible agents and 2 sled
+    agents; stop them all on Ctrl-C.
 
     Each run starts from an empty state directory; the previous run's files (logs
     included) stay there until then.
     """
     from nexus.cli import dev_stack
 
-    dev_stack.run_all(amqp_url, postgres, state_dir, demo, create_delay)
+    dev_stack.run_all(amqp_url, postgres, state_dir, demo, create_delay, broker_nodes)

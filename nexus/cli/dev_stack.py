@@ -27,6 +27,7 @@ from nexus.db import migrate
 from nexus.devstack.access import Access, provision
 from nexus.devstack.servers import (
     PostgresCluster,
+    RabbitMQCluster,
     RabbitMQNode,
     amqp_answers,
     port_is_free,
@@ -53,12 +54,21 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
+# What run-all administers with rabbitmqctl: its own node, or its own cluster.
+PrivateBroker = RabbitMQNode | RabbitMQCluster
+
+
 class Stopped(Exception):
     """SIGINT or SIGTERM while the stack was starting."""
 
 
 def run_all(
-    amqp_url: str, postgres: bool, state_dir: Path | None, demo: bool, create_delay: str
+    amqp_url: str,
+    postgres: bool,
+    state_dir: Path | None,
+    demo: bool,
+    create_delay: str,
+    broker_nodes: int = 1,
 ) -> None:
     """``nexusctl dev run-all`` (its options are in :mod:`nexus.cli.dev`)."""
     directory = (state_dir or Path("var/demo" if demo else "var/dev")).resolve()
@@ -69,7 +79,11 @@ def run_all(
         try:
             with _stop_signals_raise(), errors_reported():
                 _fresh(directory)
-                url, node = _rabbitmq(amqp_url, servers)
+                node: PrivateBroker | None
+                if broker_nodes > 1:
+                    url, node = _rabbitmq_cluster(broker_nodes, servers)
+                else:
+                    url, node = _rabbitmq(amqp_url, servers)
                 database_url = _database(directory, postgres, servers)
                 say("upgrading the database schema")
                 migrate.upgrade(database_url)
@@ -90,7 +104,7 @@ def run_all(
     raise typer.Exit(code)
 
 
-async def _run(config: StackConfig, demo: bool, node: RabbitMQNode | None) -> int:
+async def _run(config: StackConfig, demo: bool, node: PrivateBroker | None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in STOP_SIGNALS:
@@ -98,9 +112,10 @@ async def _run(config: StackConfig, demo: bool, node: RabbitMQNode | None) -> in
     stack = plan(config)
     cli_url = config.amqp_url
     if node is not None:
-        # Our own node: each process gets its own least-privilege user in the control
-        # plane's vhost (nexus.devstack.access), and the topology is provisioned with
-        # them; run-all administers the node with rabbitmqctl, and watches as nexusctl.
+        # Our own node (or cluster): each process gets its own least-privilege user in
+        # the control plane's vhost (nexus.devstack.access), and the topology is
+        # provisioned with them, once for a cluster (users and queues are the cluster's);
+        # run-all administers it with rabbitmqctl, and watches as nexusctl.
         access = Access.generate(crucible_agents=stack.crucible_ids, sleds=stack.sled_ids)
         provision(access, node.rabbitmqctl)
         # The node's built-in administrator, with a password everyone knows: gone.
@@ -209,6 +224,14 @@ def _fresh(directory: Path) -> None:
     )
 
 
+def _rabbitmq_cluster(size: int, servers: contextlib.ExitStack) -> tuple[str, RabbitMQCluster]:
+    """A private cluster: every node's URL (comma-separated) and the cluster."""
+    cluster = RabbitMQCluster(size)
+    servers.callback(_stop_server, f"{size}-node RabbitMQ cluster", cluster.close)
+    say(f"started a private RabbitMQ cluster: {cluster.describe()}")
+    return cluster.url, cluster
+
+
 def _rabbitmq(url: str, servers: contextlib.ExitStack) -> tuple[str, RabbitMQNode | None]:
     version = amqp_answers(url)
     if version is not None:
@@ -222,7 +245,7 @@ def _rabbitmq(url: str, servers: contextlib.ExitStack) -> tuple[str, RabbitMQNod
     # On the URL's own port when possible, so that the default URL just works.
     port = parts.port or 5672
     node = RabbitMQNode(port if local and port_is_free(port) else None)
-    servers.callback(_stop_server, "RabbitMQ", node.close)
+    servers.callback(_stop_server, "RabbitMQ server", node.close)
     say(f"nothing answers at {redact_url(url)}; started a private RabbitMQ node: {node.describe()}")
     return node.url, node
 
@@ -231,13 +254,13 @@ def _database(directory: Path, postgres: bool, servers: contextlib.ExitStack) ->
     if not postgres:
         return f"sqlite+aiosqlite:///{directory / 'nexus.sqlite3'}"
     cluster = PostgresCluster()
-    servers.callback(_stop_server, "PostgreSQL", cluster.close)
+    servers.callback(_stop_server, "PostgreSQL server", cluster.close)
     say(f"started a private PostgreSQL cluster: {cluster.describe()}")
     return cluster.url
 
 
 def _stop_server(name: str, close: Callable[[], None]) -> None:
-    say(f"stopping the private {name} server")
+    say(f"stopping the private {name}")
     close()
 
 

@@ -30,7 +30,8 @@ AmqpUrlOption = Annotated[
     typer.Option(
         "--amqp-url",
         envvar="NEXUS_AMQP_URL",
-        help="RabbitMQ that Nexus listens on (env NEXUS_AMQP_URL).",
+        help="RabbitMQ that Nexus listens on: a URL, or a cluster's node URLs "
+        "comma-separated (env NEXUS_AMQP_URL).",
         show_default=False,
     ),
 ]

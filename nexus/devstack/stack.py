@@ -18,6 +18,7 @@ from pathlib import Path
 
 from nexus.devstack.access import Access
 from nexus.devstack.supervisor import ChildSpec, Supervisor
+from schemas.brokers import rotated
 from schemas.identity import NEXUS_USER, crucible_user, sled_user
 from schemas.messages import Message
 from schemas.sled import AgentAnnounced, SledHeartbeat, SledRegistered
@@ -141,7 +142,9 @@ def plan(config: StackConfig) -> StackPlan:
 
 
 def with_users(layout: StackPlan, access: Access, base_url: str) -> StackPlan:
-    """The same processes, each connecting as its own least-privilege broker user."""
+    """The same processes, each connecting as its own least-privilege broker user; with
+    several nodes in ``base_url`` (a cluster), each process's list begins at another
+    node, so that the connections are spread over the cluster."""
 
     def user_of(spec: ChildSpec) -> tuple[str, str]:
         if "NEXUS_AMQP_URL" in spec.env:
@@ -150,15 +153,16 @@ def with_users(layout: StackPlan, access: Access, base_url: str) -> StackPlan:
             return "CRUCIBLE_AMQP_URL", crucible_user(uuid.UUID(spec.env["CRUCIBLE_AGENT_ID"]))
         return "SLED_AMQP_URL", sled_user(uuid.UUID(spec.env["SLED_SLED_ID"]))
 
-    def as_user(spec: ChildSpec) -> ChildSpec:
+    def as_user(spec: ChildSpec, index: int) -> ChildSpec:
         variable, user = user_of(spec)
-        env = {**spec.env, variable: access.url(base_url, user)}
+        env = {**spec.env, variable: access.url(rotated(base_url, index), user)}
         return dataclasses.replace(spec, env=env)
 
+    count = len(layout.nexus)
     return dataclasses.replace(
         layout,
-        nexus=[as_user(spec) for spec in layout.nexus],
-        agents=[as_user(spec) for spec in layout.agents],
+        nexus=[as_user(spec, index) for index, spec in enumerate(layout.nexus)],
+        agents=[as_user(spec, count + index) for index, spec in enumerate(layout.agents)],
     )
 
 

@@ -16,7 +16,7 @@ from yarl import URL
 from nexus.devstack.access import Access
 from nexus.settings import NexusSettings
 from schemas import failover
-from schemas.brokers import address, broker_urls, same_identity
+from schemas.brokers import address, broker_urls, rotated, same_identity
 from schemas.failover import ATTEMPT, FailoverConnection
 from schemas.redact import redact_url
 from schemas.transport import Transport
@@ -131,3 +131,9 @@ async def test_connect_raises_the_last_error_when_no_node_answers(
     monkeypatch.setattr(FailoverConnection, "connect", connect)
     with pytest.raises(ConnectionRefusedError, match="h3 is down"):
         await failover.connect(broker_urls(NODES), name="t", timeout=1, heartbeat=None)
+
+
+def test_rotated_lists_begin_at_each_node_in_turn() -> None:
+    firsts = [URL(broker_urls(rotated(NODES, index))[0]).host for index in range(4)]
+    assert firsts == ["h1", "h2", "h3", "h1"]
+    assert rotated("amqp://u:p@h/", 5) == "amqp://u:p@h/"

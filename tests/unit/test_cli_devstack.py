@@ -5,12 +5,15 @@ from __future__ import annotations
 import stat
 import subprocess
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from typer.testing import CliRunner
 
 from nexus.cli.dev_stack import load_cli_url_hint
 from nexus.cli.main import app
-from nexus.devstack.stack import StackConfig, plan, save_cli_url
+from nexus.devstack.access import Access
+from nexus.devstack.stack import StackConfig, plan, save_cli_url, with_users
+from schemas.brokers import broker_urls
 
 
 def test_the_rack_has_its_crucible_agents_on_distinct_sleds(tmp_path: Path) -> None:
@@ -26,6 +29,25 @@ def test_the_rack_has_its_crucible_agents_on_distinct_sleds(tmp_path: Path) -> N
     }
     assert len({spec.log_path for spec in [*stack.nexus, *stack.agents]}) == 7
     assert all(spec.env["NEXUS_HEALTH_FILE"].startswith(str(tmp_path)) for spec in stack.nexus)
+
+
+def test_on_a_cluster_every_process_has_every_node_and_they_begin_at_different_ones(
+    tmp_path: Path,
+) -> None:
+    nodes = ",".join(f"amqp://guest:guest@127.0.0.1:{port}/" for port in (5001, 5002, 5003))
+    stack = plan(StackConfig(state_dir=tmp_path, amqp_url=nodes, database_url="sqlite://"))
+    access = Access.generate(crucible_agents=stack.crucible_ids, sleds=stack.sled_ids)
+    stack = with_users(stack, access, nodes)
+    lists = [
+        broker_urls(value)
+        for spec in [*stack.nexus, *stack.agents]
+        for key, value in spec.env.items()
+        if key.endswith("_AMQP_URL")
+    ]
+    assert len(lists) == 7
+    ports = [[urlsplit(url).port for url in urls] for urls in lists]
+    assert all(sorted(each) == [5001, 5002, 5003] for each in ports)
+    assert sorted({each[0] for each in ports}) == [5001, 5002, 5003]
 
 
 def test_run_all_never_empties_a_directory_it_did_not_create(tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ def test_on_a_cluster_every_process_has_every_node_and_they_begin_at_different_o
         if key.endswith("_AMQP_URL")
     ]
     assert len(lists) == 7
-    ports = [[urlsplit(url).port for url in urls] for urls in lists]
+    ports = [[urlsplit(url).port or 0 for url in urls] for urls in lists]
     assert all(sorted(each) == [5001, 5002, 5003] for each in ports)
     assert sorted({each[0] for each in ports}) == [5001, 5002, 5003]
 

@@ -1,8 +1,9 @@
 """The benchmark: event-driven waits against polling, the floor, throughput and scale.
 
-    python -m bench.run [--quick] [--out bench/results]
+    python -m bench.run [--quick] [--out bench/results] [--broker-nodes 3]
 
-Runs the real stack as processes (a private RabbitMQ node and PostgreSQL cluster,
+Runs the real stack as processes (a private RabbitMQ node, or a cluster of
+``--broker-nodes`` nodes, and PostgreSQL cluster,
 Nexus replicas, 3 crucible agents, 2 sled agents) in phases that share those servers;
 each phase gets a fresh virtual host and database. Writes ``results.json`` and
 ``wake.png`` into ``--out``. See BENCHMARKS.md for what each number means.
@@ -35,13 +36,14 @@ from bench.polling import nova_fixed
 from nexus.db.engine import create_engine, create_sessionmaker
 from nexus.db.migrate import upgrade_async
 from nexus.db.models import Saga, SagaLogEntry
-from nexus.devstack.servers import PostgresCluster, RabbitMQNode
+from nexus.devstack.servers import PostgresCluster, RabbitMQCluster, RabbitMQNode
 from nexus.devstack.stack import READINESS_KEYS, Readiness, StackConfig, plan, wait_until_ready
 from nexus.devstack.supervisor import ChildSpec, Supervisor
 from nexus.saga.executor import SWEEP_CONCURRENCY
 from nexus.sagas.disk_create import REPLICAS
 from schemas import api
 from schemas.base import Envelope
+from schemas.brokers import broker_urls
 from schemas.instance import VmmState, VmmStateChanged
 from schemas.messages import encode
 from schemas.progress import SagaProgressed
@@ -124,7 +126,8 @@ def summary(values: Sequence[float]) -> dict[str, float]:
 
 @dataclass
 class Servers:
-    rabbitmq: RabbitMQNode
+    # One node, or a cluster (--broker-nodes): every service is then given every node.
+    rabbitmq: RabbitMQNode | RabbitMQCluster
     postgres: PostgresCluster
     workdir: Path
 
@@ -132,7 +135,7 @@ class Servers:
         name = f"bench-{uuid.uuid4().hex[:8]}"
         self.rabbitmq.rabbitmqctl("add_vhost", name)
         self.rabbitmq.rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        return f"{self.rabbitmq.url.rstrip('/')}/{name}"
+        return ",".join(f"{url.rstrip('/')}/{name}" for url in broker_urls(self.rabbitmq.url))
 
     async def database(self, kind: str) -> str:
         if kind == "sqlite":
@@ -154,10 +157,16 @@ class Servers:
             root = psutil.Process(pid)
             return [root.pid, *(child.pid for child in root.children(recursive=True))]
 
-        rabbit = getattr(self.rabbitmq, "_process", None)
+        nodes = (
+            self.rabbitmq.nodes if isinstance(self.rabbitmq, RabbitMQCluster) else [self.rabbitmq]
+        )
+        rabbits = [getattr(node, "_process", None) for node in nodes]
         pid_file = Path(str(self.postgres._data)) / "postmaster.pid"
         postmaster = int(pid_file.read_text().split()[0]) if pid_file.exists() else None
-        return {"rabbitmq": tree(rabbit.pid if rabbit else None), "postgresql": tree(postmaster)}
+        return {
+            "rabbitmq": [pid for rabbit in rabbits for pid in tree(rabbit.pid if rabbit else None)],
+            "postgresql": tree(postmaster),
+        }
 
 
 @dataclass
@@ -1180,10 +1189,12 @@ PHASES = (
 )
 
 
-async def main(scale: Scale, out: Path, seed: int, only: Sequence[str] = PHASES) -> dict[str, Any]:
+async def main(
+    scale: Scale, out: Path, seed: int, only: Sequence[str] = PHASES, broker_nodes: int = 1
+) -> dict[str, Any]:
     workdir = out / "work"
-    print("starting a private RabbitMQ node and PostgreSQL cluster")
-    rabbitmq = RabbitMQNode()
+    print(f"starting a private RabbitMQ {_broker(broker_nodes)} and PostgreSQL cluster")
+    rabbitmq = RabbitMQCluster(broker_nodes) if broker_nodes > 1 else RabbitMQNode()
     # Durable commits (fsync on), as in production; the dev stack's cluster skips fsync.
     postgres = PostgresCluster(durable=True)
     servers = Servers(rabbitmq, postgres, workdir)
@@ -1193,6 +1204,7 @@ async def main(scale: Scale, out: Path, seed: int, only: Sequence[str] = PHASES)
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "python": platform.python_version(),
             "rabbitmq": rabbitmq.version,
+            "rabbitmq_nodes": broker_nodes,
             "platform": platform.platform(),
         },
         "configuration": scale.__dict__,
@@ -1226,9 +1238,19 @@ async def main(scale: Scale, out: Path, seed: int, only: Sequence[str] = PHASES)
     return results
 
 
+def _broker(nodes: int) -> str:
+    return f"{nodes}-node cluster" if nodes > 1 else "node"
+
+
 def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--broker-nodes",
+        type=int,
+        default=1,
+        help="RabbitMQ nodes: more than 1 is a private cluster (every service given every node)",
     )
     parser.add_argument("--quick", action="store_true", help="a smaller run, under 3 minutes")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -1255,7 +1277,7 @@ def cli(argv: list[str] | None = None) -> int:
             parked=args.parked or scale.parked,
             parked_delay_seconds=args.parked_delay or scale.parked_delay_seconds,
         )
-    asyncio.run(main(scale, args.out, args.seed, args.only or PHASES))
+    asyncio.run(main(scale, args.out, args.seed, args.only or PHASES, args.broker_nodes))
     print(
         f"wrote {args.out / 'results.json'} and {args.out / 'wake.png'} "
         f"in {time.monotonic() - started:.0f} s"

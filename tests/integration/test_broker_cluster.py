@@ -10,7 +10,9 @@ while disk-create sagas are parked on their regions and the agents are still cre
 them (their notifications in flight): every client reconnects to a surviving node, the
 sagas resume exactly once each and finish, nothing is dead-lettered, ``nexusctl doctor``
 (given the dead node first) finds the books balanced. The node then restarts and
-rejoins, and its quorum queue members with it.
+rejoins, and its quorum queue members with it. Then the node the clients moved to is
+stopped cleanly, as a rolling restart does, under two more parked sagas: the clients
+move on to the last node of their list, and those sagas finish too.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from nexus.db.migrate import upgrade_async
 from nexus.db.models import Dataset, Disk, Region, Saga, SagaLogEntry
 from nexus.devstack.access import Access, provision
 from nexus.devstack.servers import RabbitMQNode
+from schemas.brokers import broker_urls, rotated
 from schemas.identity import CLI_USER, NEXUS_USER, crucible_user, sled_user
 from schemas.topology import DEAD_LETTER_QUEUE, NEXUS_EVENTS_QUEUE
 from schemas.transport import Transport
@@ -61,8 +64,11 @@ async def until(condition: Callable[[], Awaitable[bool]], timeout: float, what: 
 
 def starting_at(urls: list[str], node: RabbitMQNode) -> str:
     """Every node's URL, the list rotated to begin at ``node``'s."""
-    first = next(index for index, url in enumerate(urls) if f":{node.port}/" in url)
-    return ",".join(urls[first:] + urls[:first])
+    return rotated(",".join(urls), next(i for i, url in enumerate(urls) if f":{node.port}/" in url))
+
+
+def cluster_node_at(cluster: PrivateRabbitMQCluster, url: str) -> RabbitMQNode:
+    return next(node for node in cluster.nodes if f":{node.port}/" in url)
 
 
 def queues(cluster: PrivateRabbitMQCluster, vhost: str) -> dict[str, dict[str, Any]]:
@@ -134,8 +140,10 @@ async def test_the_leader_of_nexus_events_killed_under_parked_sagas(
     leader = cluster.node_named(declared[NEXUS_EVENTS_QUEUE]["leader"])
     survivors = [node for node in cluster.nodes if node is not leader]
     urls = cluster.urls
-    # Every service's list begins at the leader: all of them must fail over.
+    # Every service's list begins at the leader: all of them must fail over, to the
+    # next node of the list (then, when that one stops, to the last).
     via_leader = starting_at(urls, leader)
+    _, second, third = [cluster_node_at(cluster, url) for url in broker_urls(via_leader)]
     database_url = f"sqlite+aiosqlite:///{tmp_path / 'nexus.sqlite3'}"
     await upgrade_async(database_url)
     replicas = [
@@ -166,9 +174,9 @@ async def test_the_leader_of_nexus_events_killed_under_parked_sagas(
     clients |= {f"crucible-agent/{agent_id}" for agent_id in crucible_ids}
     clients |= {f"sled-agent/{sled_id}"}
     books = Books(database_url)
-    # The test's own client starts on a node that survives, and so sees the others
-    # through the failover rather than going through one itself.
-    observer_url = access.url(starting_at(urls, survivors[0]), CLI_USER)
+    # The test's own client is on the node that is never stopped, and so watches the
+    # failovers rather than going through one itself.
+    observer_url = access.url(starting_at(urls, third), CLI_USER)
     async with Transport(observer_url, name="test-observer") as transport:
         api = ApiClient(transport)
         for service in services:
@@ -257,10 +265,23 @@ async def test_the_leader_of_nexus_events_killed_under_parked_sagas(
                 return sorted(online) == names
 
             await until(member_back, RECOVERY_SECONDS, "the restarted node's member online")
+            # A second failover, from a node stopped cleanly (a rolling restart): the
+            # clients, all on the second node of their list by now, move to the third.
             more = [await api.create_disk(f"after-{index}") for index in range(2)]
+            for reply in more:
+                await api.saga_in(reply.saga_id, {"waiting"})
+            second.stop()
+
+            async def on_third() -> bool:
+                now = connections(cluster, vhost)
+                return all(now.get(name) == [third.port] for name in clients)
+
+            await until(on_third, RECOVERY_SECONDS, "every client on the third node")
             for reply in more:
                 view = await api.saga_in(reply.saga_id, {"done", "undone", "stuck"}, 60)
                 assert view.state == "done", view.error
+            second.start()
+            await asyncio.to_thread(cluster.await_running, cluster.nodes)
         finally:
             for service in services:
                 await service.stop()

@@ -29,6 +29,10 @@ from schemas.api import (
     SagaList,
     SagaListReply,
     SagaReply,
+    SledExpunge,
+    SledExpungeReply,
+    SledList,
+    SledListReply,
     UnclaimedEventsList,
     UnclaimedEventsReply,
 )
@@ -88,6 +92,8 @@ Message = Annotated[
     | SagaGet
     | Doctor
     | UnclaimedEventsList
+    | SledList
+    | SledExpunge
     | DiskReply
     | DiskListReply
     | InstanceReply
@@ -97,6 +103,8 @@ Message = Annotated[
     | AcceptedReply
     | DoctorReply
     | UnclaimedEventsReply
+    | SledListReply
+    | SledExpungeReply
     | ApiError,
     Field(discriminator="type"),
 ]

@@ -267,11 +267,42 @@ BUILDERS: dict[str, Callable[[], Envelope]] = {
     "api.events.unclaimed_summary.v1": lambda: api.UnclaimedEventsReply(
         source=NEXUS, payload=unclaimed_summary()
     ),
+    "api.sled.list.v1": lambda: api.SledList(source=CLI),
+    "api.sled.expunge.v1": lambda: api.SledExpunge(
+        source=CLI, payload=api.SledRef(sled_id=uuid.uuid4())
+    ),
+    "api.sleds.v1": lambda: api.SledListReply(source=NEXUS, payload=(sled_view(),)),
+    "api.sled.expunged.v1": lambda: api.SledExpungeReply(
+        source=NEXUS,
+        payload=api.SledExpunged(
+            sled=sled_view(), changed=True, datasets_expunged=1, vmms_failed=2
+        ),
+    ),
     "api.error.v1": lambda: api.ApiError(
         source=NEXUS,
         payload=api.ApiErrorBody(code=api.ErrorCode.NOT_FOUND, message="no disk named x"),
     ),
 }
+
+
+def sled_view() -> api.SledView:
+    now = utcnow()
+    dataset = api.DatasetView(
+        id=uuid.uuid4(),
+        state="expunged",
+        capacity_bytes=1 << 36,
+        free_bytes=1 << 35,
+        last_seen_at=now,
+    )
+    return api.SledView(
+        id=uuid.uuid4(),
+        hostname="sled-1",
+        state="expunged",
+        cpus=32,
+        memory_bytes=1 << 37,
+        last_heartbeat_at=now,
+        datasets=(dataset,),
+    )
 
 
 def unclaimed_summary() -> api.UnclaimedSummary:

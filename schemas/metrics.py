@@ -40,6 +40,7 @@ from prometheus_client import (
 )
 
 from schemas.base import Envelope, utcnow
+from schemas.tasks import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,11 @@ LATENCY_BUCKETS = (
 # How long a request for /metrics may take to arrive, and its headers at most.
 REQUEST_TIMEOUT_SECONDS = 5.0
 MAX_REQUEST_BYTES = 16 * 1024
+# How long a scrape waits for the figures of a database before it serves the last ones
+# (under Prometheus's default scrape timeout, 10 s, and compose's, 4 s).
+READ_TIMEOUT_SECONDS = 2.0
+# How often a read that keeps failing (the database is down) is logged again.
+READ_FAILURE_LOG_SECONDS = 60.0
 
 
 def new_registry(service: str, instance: str) -> CollectorRegistry:
@@ -139,15 +145,24 @@ class Refresh:
     """Runs ``read`` (a database query for gauges) at most once per ``interval`` seconds.
 
     Called before every scrape: a scrape within ``interval`` of the last read serves
-    what that read found, and concurrent scrapes share one read. A read that fails is
-    logged and the previous figures are served.
+    what that read found, and concurrent scrapes share one read. A read that fails or
+    takes longer than ``timeout`` (the database is down) is logged, at most once a
+    minute, and the previous figures are served.
     """
 
-    def __init__(self, read: Callable[[], Awaitable[None]], interval: float) -> None:
+    def __init__(
+        self,
+        read: Callable[[], Awaitable[None]],
+        interval: float,
+        *,
+        timeout: float = READ_TIMEOUT_SECONDS,
+    ) -> None:
         self._read = read
         self._interval = interval
+        self._timeout = timeout
         self._last: float | None = None
         self._lock = asyncio.Lock()
+        self._throttle = Throttle(READ_FAILURE_LOG_SECONDS)
 
     async def __call__(self) -> None:
         async with self._lock:
@@ -155,9 +170,11 @@ class Refresh:
             if self._last is not None and now - self._last < self._interval:
                 return
             try:
-                await self._read()
+                async with asyncio.timeout(self._timeout):
+                    await self._read()
             except Exception as error:  # a scrape shows the last figures, never fails
-                log.warning("could not read the figures for /metrics: %r", error)
+                if self._throttle("read"):
+                    log.warning("serving the last figures for /metrics: %r", error)
             self._last = time.monotonic()
 
 

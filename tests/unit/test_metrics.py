@@ -202,6 +202,12 @@ async def test_refresh_reads_at_most_once_per_interval() -> None:
     await asyncio.gather(seldom(), seldom(), seldom())
     assert reads == 3
 
+    async def hangs() -> None:
+        await asyncio.Event().wait()
+
+    # A database that does not answer costs a scrape the timeout, not the scrape.
+    await Refresh(hangs, 0, timeout=0.01)()
+
 
 async def test_the_server_serves_the_registry_in_the_text_format(tmp_path: Path) -> None:
     registry = new_registry("nexus", "a")

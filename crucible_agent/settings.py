@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from crucible_agent.delay import Delay, parse_delay
+from schemas.base import Port
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
@@ -72,6 +73,15 @@ class CrucibleSettings(BaseSettings):
         description="touched every few seconds while the agent is healthy (its loops "
         "complete their passes, its broker connection is up); "
         "`crucible-agent health` (a container health check) reads its age",
+    )
+    metrics_port: Port | None = Field(
+        default=None,
+        description="serve Prometheus metrics at /metrics on this port (0: a free one, "
+        "logged and written to the metrics address file); unset: no metrics",
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="the metrics server's address")
+    metrics_address_file: Path | None = Field(
+        default=None, description="where the metrics URL is written once it is served"
     )
 
     @field_validator("create_delay")

@@ -313,6 +313,16 @@ class AgentStore:
         async with self.transaction() as tx:
             return await tx.regions()
 
+    async def figures(self) -> tuple[dict[str, int], int]:
+        """Regions by state, and the messages waiting in the outbox (for metrics)."""
+        async with self.transaction():
+            by_state = await self._connection.execute(
+                select(regions_table.c.state, func.count()).group_by(regions_table.c.state)
+            )
+            counts = {str(state): int(count) for state, count in by_state}
+            unsent = await self._connection.scalar(select(func.count()).select_from(outbox_table))
+        return counts, int(unsent or 0)
+
     # OutboxStore.
 
     async def unsent(self, limit: int) -> Sequence[OutgoingMessage]:

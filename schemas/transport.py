@@ -29,7 +29,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aio_pika
 from aio_pika.abc import (
@@ -63,6 +63,10 @@ from schemas.topology import (
     reply_queue,
 )
 from schemas.transient import Transient
+
+if TYPE_CHECKING:
+    # prometheus_client only in the processes that serve metrics, not in nexusctl.
+    from schemas.metrics import MessageMetrics
 
 log = logging.getLogger(__name__)
 
@@ -178,12 +182,14 @@ class Transport:
         retry_first_seconds: float = FIRST_DELAY_SECONDS,
         retry_max_seconds: float = MAX_DELAY_SECONDS,
         heartbeat: int | None = None,
+        metrics: MessageMetrics | None = None,
     ) -> None:
         """``retry_first_seconds`` and ``retry_max_seconds``: the backoff between runs of
         a handler that failed on a transient error (doubling from the first, with
         jitter). ``heartbeat``: the AMQP heartbeat in seconds (0: none; None: the URL's,
         else aio-pika's 60 s); the broker closes a connection it heard nothing on for 2
-        to 3 heartbeats and hands its unacked messages to other consumers."""
+        to 3 heartbeats and hands its unacked messages to other consumers. ``metrics``:
+        where consumed messages are counted (``schemas.metrics``), if anywhere."""
         self._url = url
         self._name = name
         self._heartbeat = heartbeat
@@ -206,6 +212,7 @@ class Transport:
             first_delay=retry_first_seconds, max_delay=retry_max_seconds
         )
         self._refusal_hooks: dict[str, RefusalHook] = {}
+        self._metrics = metrics
 
     # Lifecycle.
 
@@ -544,6 +551,8 @@ class Transport:
             headers=dict(incoming.headers or {}),
             user_id=incoming.user_id,
         )
+        if self._metrics is not None:
+            self._metrics.received(message, delivery.redelivered)
         try:
             handled = await self._retries.run(
                 queue_name,
@@ -565,9 +574,13 @@ class Transport:
                 extra={"message_id": str(message.id), "type": message.TYPE, "queue": queue_name},
             )
             await _settle(incoming.nack(requeue=True))
+            if self._metrics is not None:
+                self._metrics.outcome(message.TYPE, "requeued")
             return
         if handled:
             await _settle(incoming.ack())
+            if self._metrics is not None:
+                self._metrics.outcome(message.TYPE, "ok")
         else:
             # Closing, or the channel is gone, while the handler was failing on a
             # transient error: back to the queue now (or with the channel).
@@ -600,6 +613,9 @@ class Transport:
             log.exception("could not dead-letter; message requeued")
             await _settle(incoming.nack(requeue=True))
             return
+        if self._metrics is not None:
+            self._metrics.dead_lettered(reason)
+            self._metrics.outcome(incoming.type or "unknown", "dead_lettered")
         hook = self._refusal_hooks.get(queue_name)
         if hook is not None:
             refused = Refused(
@@ -730,6 +746,9 @@ class Transport:
             await self._publish_dead_letter(queue_name, incoming, NOT_OWNER, detail)
         except PublishFailed:
             log.exception("could not dead-letter a refused reply; it is dropped")
+            return
+        if self._metrics is not None:
+            self._metrics.dead_lettered(NOT_OWNER)
 
 
 async def _settle(action: Awaitable[None]) -> None:

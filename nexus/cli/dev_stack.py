@@ -36,6 +36,7 @@ from nexus.devstack.stack import (
     Readiness,
     StackConfig,
     StartupFailed,
+    metrics_urls,
     plan,
     save_cli_url,
     wait_until_ready,
@@ -173,12 +174,21 @@ def _say_ready(config: StackConfig, cli_url_file: Path, children: list[ChildSpec
         f"  database:  {redact_url(config.database_url)}\n"
         f"  processes: {', '.join(child.name for child in children)} "
         f"(logs: {config.state_dir / 'logs'})\n"
+        f"{_metrics_lines(config, children)}"
         f"to use it from another shell (nexusctl's credentials are in {cli_url_file}, "
         "readable by you only):\n"
         f"  {load_cli_url_hint(cli_url_file)}\n"
         f"  nexusctl disk create disk-1 --size 1GiB --wait\n"
         f"Ctrl-C stops everything."
     )
+
+
+def _metrics_lines(config: StackConfig, children: list[ChildSpec]) -> str:
+    """Where each process serves its Prometheus metrics, a line each."""
+    urls = metrics_urls(config.state_dir, [child.name for child in children])
+    width = max(len(name) for name in urls) + 1 if urls else 0
+    lines = "".join(f"    {name + ':':<{width}} {url}\n" for name, url in urls.items())
+    return f"  metrics (Prometheus text format, e.g. curl one):\n{lines}"
 
 
 def load_cli_url_hint(cli_url_file: Path) -> str:

@@ -59,6 +59,7 @@ class Deadlines:
             unwinding = row.position.unwinding
             query = node.undo_reconcile if unwinding else node.reconcile
             answer = await self._ask(definition, params, row, node_name, query, wait)
+            self._parts.metrics.reconciled(row.name, answer.outcome.value)
             log.info(
                 "saga %s node %s deadline: reconcile says %s %s",
                 row.id,

@@ -7,7 +7,7 @@ handler each take it, so none of them holds state of its own.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -18,6 +18,7 @@ from nexus.saga.clock import Clock
 from nexus.saga.definition import Ctx, Node, SagaDefinition, Wait, WakeUp
 from nexus.saga.errors import Unrecoverable
 from nexus.saga.faults import Faults
+from nexus.saga.metrics import EngineMetrics, NoMetrics
 from nexus.saga.notices import Notices
 from nexus.saga.position import SagaRow, WaitingNode
 from nexus.saga.rendezvous import ReadyWait
@@ -35,6 +36,7 @@ class Parts:
     notices: Notices
     replica_id: str
     transport: Transport | None
+    metrics: EngineMetrics = field(default_factory=NoMetrics)
 
     def resolve(self, row: SagaRow) -> tuple[SagaDefinition[Any], BaseModel]:
         """The saga's definition and its parameters, or :class:`Unrecoverable`."""
@@ -129,11 +131,16 @@ class Parts:
             "by reconcile" if wake.by_reconcile else f"by event on {wake.key}",
         )
         await tx.resolve(row.id, node)
+        now = self.clock.now()
+        if not wake.by_reconcile and wake.occurred_at is not None:
+            wake_seconds = max(0.0, (now - wake.occurred_at).total_seconds())
+            metrics, saga = self.metrics, row.name
+            self.notices.after_commit(row.id, lambda: metrics.resumed(saga, node, wake_seconds))
         tx.log(
             row.id,
             node,
             SagaLogEvent.RESUMED,
-            self.clock.now(),
+            now,
             {
                 "key": wake.key,
                 "message_id": str(wake.message_id) if wake.message_id else None,

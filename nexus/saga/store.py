@@ -14,7 +14,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -44,6 +44,9 @@ class Due:
     expired: list[uuid.UUID]
     # Sagas woken by an event, or whose lease expired, that nobody runs.
     runnable: set[uuid.UUID]
+    # Of those, the ones whose expired lease another replica held (a claim adopts
+    # them), with their saga names.
+    adoptable: Mapping[uuid.UUID, str] = field(default_factory=dict)
 
 
 class StepTx:
@@ -269,7 +272,7 @@ class SagaStore:
             woken = await rendezvous.woken_but_waiting(session, limit)
             orphaned = (
                 await session.execute(
-                    select(sagas.c.id)
+                    select(sagas.c.id, sagas.c.name, sagas.c.lease_owner)
                     .where(
                         sagas.c.state.in_([SagaState.RUNNING.value, SagaState.UNWINDING.value]),
                         or_(sagas.c.lease_owner.is_(None), sagas.c.lease_expires_at < now),
@@ -277,8 +280,16 @@ class SagaStore:
                     )
                     .limit(limit)
                 )
-            ).scalars()
-            return Due(expired=expired, runnable={*woken, *orphaned})
+            ).all()
+            return Due(
+                expired=expired,
+                runnable={*woken, *(row.id for row in orphaned)},
+                adoptable={
+                    row.id: row.name
+                    for row in orphaned
+                    if row.lease_owner is not None and row.lease_owner != self.replica_id
+                },
+            )
 
     async def sweep_unclaimed(self, *, older_than: datetime, now: datetime) -> int:
         async with self._sessions.begin() as session:

@@ -108,10 +108,12 @@ class Unwinder:
                 wake = await prepare(tx) if prepare is not None else None
                 after, ended = await self._apply(tx, definition, params, fenced, move, at, wake)
         except Exception as error:
+            self._parts.notices.rolled_back(row.id)
             raise_unless_the_node_failed(error, at.node)
             assert at.node is not None
             await self.stuck(row, at.node, describe(error))
             return None
+        self._parts.notices.run_after_commit(row.id)
         if ended is not None:
             self._ended(ended)
         return after

@@ -388,9 +388,6 @@ class PatroniCluster:
                     return members
         return []
 
-    def node(self, name: str) -> PatroniNode:
-        return next(node for node in self.nodes if node.name == name)
-
     def primary(self) -> PatroniNode | None:
         """The node that is the leader and runs as a primary, by its own Patroni."""
         for node in self.nodes:
@@ -403,15 +400,6 @@ class PatroniCluster:
                 and (status.get("state") == "running")
             ):
                 return node
-        return None
-
-    def sync_standby(self) -> PatroniNode | None:
-        for member in self.members():
-            if member.get("role") == "sync_standby" and member.get("state") in (
-                "running",
-                "streaming",
-            ):
-                return self.node(str(member["name"]))
         return None
 
     def wait_for_primary(self, timeout: float, *, other_than: str | None = None) -> PatroniNode:

@@ -73,6 +73,11 @@ class CrucibleSettings(BaseSettings):
         "complete their passes, its broker connection is up); "
         "`crucible-agent health` (a container health check) reads its age",
     )
+    trace_file: Path | None = Field(
+        default=None,
+        description="where finished trace spans are appended, one JSON object a line "
+        "(schemas/tracing.py); OTLP export is configured by the OTEL_* variables",
+    )
 
     @field_validator("create_delay")
     @classmethod

@@ -43,6 +43,11 @@ class SledSettings(BaseSettings):
         "complete their passes, its broker connection is up); "
         "`sled-agent health` (a container health check) reads its age",
     )
+    trace_file: Path | None = Field(
+        default=None,
+        description="where finished trace spans are appended, one JSON object a line "
+        "(schemas/tracing.py); OTLP export is configured by the OTEL_* variables",
+    )
 
     @property
     def database_path(self) -> Path:

@@ -7,6 +7,7 @@ handler each take it, so none of them holds state of its own.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from nexus.saga.notices import Notices
 from nexus.saga.position import SagaRow, WaitingNode
 from nexus.saga.rendezvous import ReadyWait
 from nexus.saga.store import SagaStore, StepTx
+from schemas import tracing
 from schemas.base import Envelope
 from schemas.transport import Transport
 
@@ -41,10 +43,30 @@ class Parts:
         definition = self.definitions.get((row.name, row.definition_version))
         if definition is None:
             raise Unrecoverable(f"no definition {row.name} v{row.definition_version}")
+        params = row.params
+        if tracing.SAGA_TRACE_PARAM in params:
+            params = {k: v for k, v in params.items() if k != tracing.SAGA_TRACE_PARAM}
         try:
-            return definition, definition.params.model_validate(row.params)
+            return definition, definition.params.model_validate(params)
         except ValidationError as error:
             raise Unrecoverable(str(error)) from error
+
+    def span(self, row: SagaRow, node: str, what: str) -> AbstractContextManager[None]:
+        """The span of a node's ``what`` (action, resume, undo, reconcile): in the saga's
+        trace, a child of the span that woke it when that is of the same trace."""
+        if not tracing.enabled():
+            return tracing.OFF
+        return tracing.span(
+            f"{row.name}.{node} {what}",
+            parent=tracing.headers_of(row.params.get(tracing.SAGA_TRACE_PARAM)),
+            attributes={
+                "saga.id": str(row.id),
+                "saga.name": row.name,
+                "saga.node": node,
+                "saga.step": what,
+                "nexus.replica": self.replica_id,
+            },
+        )
 
     def node(self, definition: SagaDefinition[Any], name: str) -> Node[Any]:
         """A node the saga's log names; one its definition lacks makes it unrecoverable."""

@@ -188,19 +188,21 @@ def span(
     name: str,
     *,
     parent: Headers | None = None,
+    via: Headers | None = None,
     kind: SpanKind = SpanKind.INTERNAL,
     attributes: Attributes | None = None,
 ) -> AbstractContextManager[None]:
     """A span around the block, current inside it (what the block sends carries it).
 
-    Its parent is the current span when that belongs to ``parent``'s trace (or when no
-    ``parent`` is given); otherwise ``parent`` itself, with a link to the current span
-    if there is one: work that belongs to a stored trace (a saga's, a region's) stays
-    in it whoever woke it. Without a parent or a current span it starts a trace.
+    Its parent is what caused the work, ``via`` (an event's handling) or else the
+    current span, when that belongs to ``parent``'s trace (or when no ``parent`` is
+    given); otherwise ``parent`` itself, with a link to the cause: work that belongs to
+    a stored trace (a saga's, a region's) stays in it whoever woke it. Without any of
+    them it starts a trace.
     """
     if _tracer is None:
         return OFF
-    return _span(_tracer, name, parent, kind, attributes)
+    return _span(_tracer, name, parent, via, kind, attributes)
 
 
 def consuming(
@@ -219,10 +221,11 @@ def _span(
     tracer: Tracer,
     name: str,
     parent: Headers | None,
+    via: Headers | None,
     kind: SpanKind,
     attributes: Attributes | None,
 ) -> Iterator[None]:
-    context, links = _parent_context(parent)
+    context, links = _parent_context(parent, via)
     with tracer.start_as_current_span(
         name, context=context, kind=kind, attributes=attributes, links=links
     ):
@@ -241,14 +244,22 @@ def _consuming(
         yield
 
 
-def _parent_context(parent: Headers | None) -> tuple[Context | None, list[Link]]:
-    current = trace.get_current_span().get_span_context()
+def _parent_context(
+    parent: Headers | None, via: Headers | None
+) -> tuple[Context | None, list[Link]]:
+    """The context a new span starts in (None: the current one), and its links."""
+    cause_context: Context | None = None  # the current one
+    if via:
+        extracted = _PROPAGATOR.extract(dict(via))
+        if trace.get_current_span(extracted).get_span_context().is_valid:
+            cause_context = extracted
+    cause = trace.get_current_span(cause_context).get_span_context()
     if not parent:
-        return None, []
+        return cause_context, []
     stored_context = _PROPAGATOR.extract(dict(parent))
     stored = trace.get_current_span(stored_context).get_span_context()
     if not stored.is_valid:
-        return None, []
-    if current.is_valid and current.trace_id == stored.trace_id:
-        return None, []
-    return stored_context, [Link(current)] if current.is_valid else []
+        return cause_context, []
+    if cause.is_valid and cause.trace_id == stored.trace_id:
+        return cause_context, []
+    return stored_context, [Link(cause)] if cause.is_valid else []

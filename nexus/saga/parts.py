@@ -6,9 +6,10 @@ handler each take it, so none of them holds state of its own.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -27,6 +28,9 @@ from schemas import tracing
 from schemas.base import Envelope
 from schemas.transport import Transport
 
+# Wake-ups remembered for their resume's span, at most (see Parts.woken).
+MAX_WAKES_KEPT = 4096
+
 
 @dataclass(frozen=True)
 class Parts:
@@ -37,6 +41,8 @@ class Parts:
     notices: Notices
     replica_id: str
     transport: Transport | None
+    # The trace context of the event that woke each (saga, node) here, while tracing.
+    wakes: dict[tuple[uuid.UUID, str], dict[str, str]] = field(default_factory=dict)
 
     def resolve(self, row: SagaRow) -> tuple[SagaDefinition[Any], BaseModel]:
         """The saga's definition and its parameters, or :class:`Unrecoverable`."""
@@ -53,12 +59,14 @@ class Parts:
 
     def span(self, row: SagaRow, node: str, what: str) -> AbstractContextManager[None]:
         """The span of a node's ``what`` (action, resume, undo, reconcile): in the saga's
-        trace, a child of the span that woke it when that is of the same trace."""
+        trace, a child of the handling of the event that woke the node on this replica
+        (:meth:`woken`), else of the current span, when that is of the same trace."""
         if not tracing.enabled():
             return tracing.OFF
         return tracing.span(
             f"{row.name}.{node} {what}",
             parent=tracing.headers_of(row.params.get(tracing.SAGA_TRACE_PARAM)),
+            via=self.wakes.pop((row.id, node), None),
             attributes={
                 "saga.id": str(row.id),
                 "saga.name": row.name,
@@ -67,6 +75,16 @@ class Parts:
                 "nexus.replica": self.replica_id,
             },
         )
+
+    def woken(self, saga_id: uuid.UUID, node: str) -> None:
+        """An event handled now woke ``node``: its resume's span is that handling's child
+        (one run resumes every node that is ready, whichever event started it)."""
+        if not tracing.enabled():
+            return
+        if len(self.wakes) >= MAX_WAKES_KEPT:
+            # Wakes that another replica resumed are never popped here: the oldest go.
+            del self.wakes[next(iter(self.wakes))]
+        self.wakes[(saga_id, node)] = tracing.current_headers()
 
     def node(self, definition: SagaDefinition[Any], name: str) -> Node[Any]:
         """A node the saga's log names; one its definition lacks makes it unrecoverable."""

@@ -302,3 +302,35 @@ async def test_a_saga_resumed_on_another_replica_continues_its_trace(
     assert by_replica == {"a", "b"}
     resumed = [s for s in nodes if s.name.endswith(" resume")]
     assert resumed and all(hex_ids(s)[2] == span_id(request) for s in resumed)
+
+
+async def test_each_resume_is_a_child_of_the_event_that_woke_its_node(
+    spans: InMemorySpanExporter, database: Database
+) -> None:
+    """One run resumes every node that is ready, whichever event started it: each
+    resume's parent is still the handling of its own node's event."""
+    await database.add_datasets(3)
+    a = Replica(database, "a", clock=ManualClock())
+    b = Replica(database, "b", clock=ManualClock())
+    crucible = FakeCrucible.new(database)
+    params = disk_create.Params(
+        disk_id=uuid.uuid4(), project="p", name="d", size_bytes=3 << 30, block_size=512
+    )
+    with tracing.span("api request"):
+        saga_id = await a.executor.start(disk_create.DEFINITION, params)
+        agent = tracing.current_headers()
+    handled: dict[str, str] = {}
+    for event in await crucible.created_events():
+        with tracing.consuming(agent, lambda: ("handle event", {})):
+            ingested = await b.intake.ingest(event)  # type: ignore[arg-type]
+            assert ingested.woken is not None
+            handled[ingested.woken.node] = span_id(tracing.current_headers())
+            b.executor.spawn(saga_id, woken=ingested.woken.node)
+    await b.executor.drain()
+    assert (await database.saga(saga_id)).state == "done"
+    resumed = {
+        str((s.attributes or {})["saga.node"]): hex_ids(s)[2]
+        for s in spans.get_finished_spans()
+        if s.name.endswith(" resume")
+    }
+    assert resumed == handled and len(set(handled.values())) == 3

@@ -74,7 +74,8 @@ def configure(service_name: str, *, trace_file: Path | None, role: str) -> bool:
 
     resource = Resource.create(
         {
-            "service.name": service_name,
+            # Given attributes win over the environment's: the variable is looked up here.
+            "service.name": os.environ.get("OTEL_SERVICE_NAME") or service_name,
             "service.namespace": "eventplane",
             "eventplane.role": role,
         }

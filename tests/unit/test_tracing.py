@@ -334,3 +334,19 @@ async def test_each_resume_is_a_child_of_the_event_that_woke_its_node(
         if s.name.endswith(" resume")
     }
     assert resumed == handled and len(set(handled.values())) == 3
+
+
+def test_otel_service_name_names_the_process_when_set(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "nexus-east")
+    path = tmp_path / "spans.jsonl"
+    assert tracing.configure("nexus/a", trace_file=path, role="nexus")
+    try:
+        with tracing.span("one"):
+            pass
+    finally:
+        tracing.shutdown()
+    assert json.loads(path.read_text())["service"] == "nexus-east"

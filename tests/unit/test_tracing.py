@@ -322,7 +322,7 @@ async def test_each_resume_is_a_child_of_the_event_that_woke_its_node(
     handled: dict[str, str] = {}
     for event in await crucible.created_events():
         with tracing.consuming(agent, lambda: ("handle event", {})):
-            ingested = await b.intake.ingest(event)  # type: ignore[arg-type]
+            ingested = await b.intake.ingest(event)
             assert ingested.woken is not None
             handled[ingested.woken.node] = span_id(tracing.current_headers())
             b.executor.spawn(saga_id, woken=ingested.woken.node)

@@ -117,7 +117,13 @@ def run(
         "space_reserve_bytes": space_reserve_bytes,
     }
     settings = settings_from("crucible-agent", CrucibleSettings, flags)
-    run_service("crucible-agent", settings.log_level, functools.partial(agent_app.run, settings))
+    run_service(
+        "crucible-agent",
+        settings.log_level,
+        functools.partial(agent_app.run, settings),
+        traced_as=f"crucible/{settings.agent_id}",
+        trace_file=settings.trace_file,
+    )
 
 
 @app.command()

@@ -40,12 +40,14 @@ for by the next one.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import random
 import signal
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol, TypeVar
 
@@ -54,6 +56,7 @@ from crucible_agent.delay import Delay
 from crucible_agent.files import RegionFiles
 from crucible_agent.space import SpaceReserve, is_out_of_space
 from crucible_agent.store import AgentStore, Cause, OutOfSpace, Transaction
+from schemas import tracing
 from schemas.base import Envelope
 from schemas.common import CommandRejected, Rejection
 from schemas.outbox import OutgoingMessage
@@ -413,11 +416,24 @@ class RegionService:
         return found[0]
 
     async def _create(self, region_id: uuid.UUID) -> None:
-        delay = self._faults.delay.sample(self._rng)
-        if await self._stopped_within(delay):
-            return
-        await self._until_done(
-            f"create of region {region_id}", lambda: self._create_once(region_id)
+        with await self._work_span(region_id, "create"):
+            delay = self._faults.delay.sample(self._rng)
+            if await self._stopped_within(delay):
+                return
+            await self._until_done(
+                f"create of region {region_id}", lambda: self._create_once(region_id)
+            )
+
+    async def _work_span(self, region_id: uuid.UUID, work: str) -> AbstractContextManager[None]:
+        """The span of the worker's ``work`` on a region, in the trace of the command
+        that asked for it (kept with the region's record, so also after a restart)."""
+        if not tracing.enabled():
+            return tracing.OFF
+        cause = await self._store.cause(region_id)
+        return tracing.span(
+            f"crucible region {work}",
+            parent=cause.trace_context,
+            attributes={"region.id": str(region_id), "crucible.agent_id": str(self.agent_id)},
         )
 
     async def _create_once(self, region_id: uuid.UUID) -> None:
@@ -504,9 +520,10 @@ class RegionService:
         return None
 
     async def _destroy(self, region_id: uuid.UUID) -> None:
-        await self._until_done(
-            f"removal of region {region_id}", lambda: self._destroy_once(region_id)
-        )
+        with await self._work_span(region_id, "destroy"):
+            await self._until_done(
+                f"removal of region {region_id}", lambda: self._destroy_once(region_id)
+            )
 
     async def _destroy_once(self, region_id: uuid.UUID) -> None:
         failure = self._remove_files(region_id)
@@ -540,7 +557,9 @@ class RegionService:
             # Not started now, still recorded: the next start resumes it.
             work.close()
             return None
-        task = asyncio.create_task(work)
+        # In a context of its own: background work is in no command's trace but the one
+        # its region's record names (_work_span).
+        task = asyncio.create_task(work, context=contextvars.Context())
         self._workers.add(task)
         task.add_done_callback(self._worker_done)
         return task

@@ -83,6 +83,11 @@ class CrucibleSettings(BaseSettings):
     metrics_address_file: Path | None = Field(
         default=None, description="where the metrics URL is written once it is served"
     )
+    trace_file: Path | None = Field(
+        default=None,
+        description="where finished trace spans are appended, one JSON object a line "
+        "(schemas/tracing.py); OTLP export is configured by the OTEL_* variables",
+    )
 
     @field_validator("create_delay")
     @classmethod

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
@@ -60,6 +60,7 @@ from sqlalchemy.sql import Select
 
 from crucible_agent.regions import FIRST_PORT, LAST_PORT, Holdings
 from crucible_agent.space import SpaceReserve, is_out_of_space
+from schemas import tracing
 from schemas.base import Envelope
 from schemas.outbox import OutgoingMessage
 from schemas.region import Region, RegionState
@@ -92,6 +93,8 @@ regions_table = Table(
     # restart) publishes its event in that command's correlation.
     Column("cause_id", Uuid, nullable=False),
     Column("correlation_id", Uuid, nullable=False),
+    # ... and that command's trace (schemas.tracing), which the worker's span continues.
+    Column("trace_context", String(1000)),
 )
 
 outbox_table = Table(
@@ -108,6 +111,13 @@ outbox_table = Table(
     Column("correlation_id", Uuid),
     Column("reply_to", String(255)),
     Column("mandatory", Boolean, nullable=False),
+    Column("trace_context", String(1000)),
+)
+
+# Columns added since the first release, with their DDL: a database from before gets them.
+_ADDED_COLUMNS = (
+    ("regions", "trace_context", "VARCHAR(1000)"),
+    ("outbox", "trace_context", "VARCHAR(1000)"),
 )
 
 
@@ -148,10 +158,16 @@ _HOLDINGS = _holdings_query()
 class Cause:
     message_id: uuid.UUID
     correlation_id: uuid.UUID
+    # The trace the command was handled in (empty when tracing is off).
+    trace_context: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def of(cls, command: Envelope) -> Cause:
-        return cls(message_id=command.id, correlation_id=command.correlation_id or command.id)
+        return cls(
+            message_id=command.id,
+            correlation_id=command.correlation_id or command.id,
+            trace_context=tracing.current_headers(),
+        )
 
 
 class Transaction:
@@ -209,12 +225,18 @@ class Transaction:
 
     async def cause(self, region_id: uuid.UUID) -> Cause:
         result = await self._connection.execute(
-            select(regions_table.c.cause_id, regions_table.c.correlation_id).where(
-                regions_table.c.id == region_id
-            )
+            select(
+                regions_table.c.cause_id,
+                regions_table.c.correlation_id,
+                regions_table.c.trace_context,
+            ).where(regions_table.c.id == region_id)
         )
         row = result.one()
-        return Cause(message_id=row.cause_id, correlation_id=row.correlation_id)
+        return Cause(
+            message_id=row.cause_id,
+            correlation_id=row.correlation_id,
+            trace_context=tracing.loads(row.trace_context),
+        )
 
     async def insert(self, region: Region, cause: Cause) -> None:
         await self._connection.execute(
@@ -244,6 +266,7 @@ class Transaction:
                 correlation_id=message.correlation_id,
                 reply_to=message.reply_to,
                 mandatory=message.mandatory,
+                trace_context=tracing.dumps(message.trace_context),
             )
         )
 
@@ -284,6 +307,7 @@ class AgentStore:
         async with connection.begin():
             await connection.run_sync(metadata.create_all)
             await _add_reservations(connection)
+            await _add_columns(connection)
         return cls(engine, connection, reserve)
 
     async def close(self) -> None:
@@ -322,6 +346,11 @@ class AgentStore:
             counts = {str(state): int(count) for state, count in by_state}
             unsent = await self._connection.scalar(select(func.count()).select_from(outbox_table))
         return counts, int(unsent or 0)
+
+    async def cause(self, region_id: uuid.UUID) -> Cause:
+        """The command behind the region's latest change (its record must exist)."""
+        async with self.transaction() as tx:
+            return await tx.cause(region_id)
 
     # OutboxStore.
 
@@ -369,6 +398,14 @@ async def _add_reservations(connection: AsyncConnection) -> None:
     )
 
 
+async def _add_columns(connection: AsyncConnection) -> None:
+    """The nullable columns added since the first release, on a database from before."""
+    for table, column, ddl in _ADDED_COLUMNS:
+        found = await connection.exec_driver_sql(f"PRAGMA table_info({table})")
+        if column not in {row.name for row in found}:
+            await connection.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
+
+
 def _pragmas(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
     cursor = dbapi_connection.cursor()
     # WAL: readers never block the writer. FULL: a commit survives power loss, not just
@@ -394,8 +431,12 @@ def _columns(region: Region) -> dict[str, Any]:
     }
 
 
-def _cause_columns(cause: Cause) -> dict[str, uuid.UUID]:
-    return {"cause_id": cause.message_id, "correlation_id": cause.correlation_id}
+def _cause_columns(cause: Cause) -> dict[str, uuid.UUID | str | None]:
+    return {
+        "cause_id": cause.message_id,
+        "correlation_id": cause.correlation_id,
+        "trace_context": tracing.dumps(cause.trace_context),
+    }
 
 
 def _region(row: Row[Any]) -> Region:
@@ -414,4 +455,5 @@ def _outgoing(row: Row[Any]) -> OutgoingMessage:
         correlation_id=row.correlation_id,
         reply_to=row.reply_to,
         mandatory=row.mandatory,
+        trace_context=tracing.loads(row.trace_context),
     )

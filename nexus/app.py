@@ -228,7 +228,7 @@ class NexusApp:
                     "correlation_id": str(delivery.message.correlation_id),
                 },
             )
-            self.executor.spawn(ingested.woken.saga_id)
+            self.executor.spawn(ingested.woken.saga_id, woken=ingested.woken.node)
 
     async def start_saga(
         self, definition: SagaDefinition[Any], params: Any, saga_id: uuid.UUID | None = None

@@ -50,6 +50,9 @@ class NexusSettings(BaseSettings):
     # Touched after every sweeper pass that reached the database while the broker
     # connection was up; `nexus health` (a container health check) reads its age.
     health_file: Path | None = None
+    # Where finished trace spans are appended, one JSON object a line (schemas/tracing.py);
+    # OTLP export is configured by the standard OTEL_* variables.
+    trace_file: Path | None = None
     # How long a region may take before its saga asks the agent once (the reconcile
     # query); notifications, not this, resume the saga. Raise it when regions are slow.
     region_deadline_seconds: float = Field(default=300.0, gt=0)

@@ -42,6 +42,7 @@ from aio_pika.abc import (
 from pamqp.commands import Basic
 from yarl import URL
 
+from schemas import tracing
 from schemas.base import Envelope
 from schemas.identity import NOT_OWNER, queue_agent, source_allowed
 from schemas.messages import Message, MessageRejected, decode, encode
@@ -381,6 +382,7 @@ class Transport:
             message_type=message.TYPE,
             correlation_id=message.correlation_id,
             reply_to=reply_to,
+            headers=tracing.current_headers() or None,
             mandatory=mandatory,
         )
 
@@ -554,12 +556,13 @@ class Transport:
         if self._metrics is not None:
             self._metrics.received(message, delivery.redelivered)
         try:
-            handled = await self._retries.run(
-                queue_name,
-                f"{message.TYPE} {message.id}",
-                lambda: handler(delivery),
-                go_on=lambda: _channel_open(incoming),
-            )
+            with tracing.consuming(delivery.headers, lambda: _handling_span(delivery)):
+                handled = await self._retries.run(
+                    queue_name,
+                    f"{message.TYPE} {message.id}",
+                    lambda: handler(delivery),
+                    go_on=lambda: _channel_open(incoming),
+                )
         except asyncio.CancelledError:
             await _settle(incoming.nack(requeue=True))
             raise
@@ -757,6 +760,21 @@ async def _settle(action: Awaitable[None]) -> None:
         await action
     except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as error:
         log.warning("could not settle a delivery (it will be redelivered): %r", error)
+
+
+def _handling_span(delivery: Delivery) -> tuple[str, dict[str, str | int | bool]]:
+    """The name and attributes of the span that handles ``delivery``."""
+    message = delivery.message
+    return f"handle {message.TYPE}", {
+        "messaging.system": "rabbitmq",
+        "messaging.destination.name": delivery.queue,
+        "messaging.rabbitmq.destination.routing_key": delivery.routing_key,
+        "messaging.message.id": str(message.id),
+        "messaging.message.conversation_id": str(message.correlation_id or ""),
+        "eventplane.message.type": message.TYPE,
+        "eventplane.message.source": message.source,
+        "messaging.rabbitmq.redelivered": delivery.redelivered,
+    }
 
 
 def _channel_open(incoming: AbstractIncomingMessage) -> bool:

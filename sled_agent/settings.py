@@ -54,6 +54,11 @@ class SledSettings(BaseSettings):
     metrics_address_file: Path | None = Field(
         default=None, description="where the metrics URL is written once it is served"
     )
+    trace_file: Path | None = Field(
+        default=None,
+        description="where finished trace spans are appended, one JSON object a line "
+        "(schemas/tracing.py); OTLP export is configured by the OTEL_* variables",
+    )
 
     @property
     def database_path(self) -> Path:

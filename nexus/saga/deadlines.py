@@ -200,7 +200,8 @@ class Deadlines:
             ctx = self._parts.ctx(session, definition, params, row, node, attempt=wait.asked)
             try:
                 async with asyncio.timeout(bound):
-                    return await query(ctx, list(wait.keys))
+                    with self._parts.span(row, node, "reconcile"):
+                        return await query(ctx, list(wait.keys))
             except Exception as error:  # an unreachable agent: give the wait another term
                 return Reconciled.unanswered(f"reconcile query failed: {error!r}")
 

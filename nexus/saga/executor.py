@@ -61,7 +61,7 @@ class SagaExecutor:
         self.store = SagaStore(
             sessions, replica_id=replica_id, lease=lease, outbox=outbox, runnable=list(by_version)
         )
-        parts = Parts(
+        self._parts = parts = Parts(
             store=self.store,
             definitions=by_version,
             clock=self._clock,
@@ -117,11 +117,16 @@ class SagaExecutor:
             now=self._clock.now(),
         )
 
-    def spawn(self, saga_id: uuid.UUID, created: SagaRow | None = None) -> None:
+    def spawn(
+        self, saga_id: uuid.UUID, created: SagaRow | None = None, *, woken: str | None = None
+    ) -> None:
         """Run a saga in the background (an event consumer must not wait for it).
 
         ``created``: the row :meth:`create` returned, committed since: run it as owned.
+        ``woken``: the node an event handled now woke (its resume continues the trace).
         """
+        if woken is not None:
+            self._parts.woken(saga_id, woken)
         task = asyncio.create_task(self.run(saga_id, created), name=f"saga-{saga_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -238,15 +238,16 @@ class SagaRunner:
             faults.before_action(definition.name, node.name)
         if faults.fail_node(definition.name, node.name):
             raise ActionFailed(f"injected failure at {node.name}")
-        result = await node.action(ctx)
-        if faults.repeat_actions:
-            first, result = result, await node.action(ctx)
-            if _decided(first) != _decided(result):
-                # A re-run (after a crash) must return what the first run decided.
-                raise ActionFailed(
-                    f"{node.name} decided differently when run again: "
-                    f"{_decided(first)!r} then {_decided(result)!r}"
-                )
+        with self._parts.span(row, node.name, "action"):
+            result = await node.action(ctx)
+            if faults.repeat_actions:
+                first, result = result, await node.action(ctx)
+                if _decided(first) != _decided(result):
+                    # A re-run (after a crash) must return what the first run decided.
+                    raise ActionFailed(
+                        f"{node.name} decided differently when run again: "
+                        f"{_decided(first)!r} then {_decided(result)!r}"
+                    )
         tx.log(row.id, node.name, SagaLogEvent.STARTED, started)
         return await self._settle(tx, row, node, result, started)
 
@@ -260,10 +261,13 @@ class SagaRunner:
         wake: WakeUp,
     ) -> tuple[SagaRow, Outcome]:
         await self._parts.resumed(tx, row, node.name, wake)
-        if node.resume is None:
-            output = _PayloadOutput.model_validate(dict(wake.payload))
-            return await self._settle(tx, row, node, output)
-        result = await node.resume(self._parts.ctx(tx, definition, params, row, node.name), wake)
+        result: BaseModel | Wait | None
+        with self._parts.span(row, node.name, "resume"):
+            if node.resume is None:
+                result = _PayloadOutput.model_validate(dict(wake.payload))
+            else:
+                ctx = self._parts.ctx(tx, definition, params, row, node.name)
+                result = await node.resume(ctx, wake)
         return await self._settle(tx, row, node, result)
 
     async def _settle(

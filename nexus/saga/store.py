@@ -27,6 +27,7 @@ from nexus.saga import rendezvous
 from nexus.saga.errors import LeaseLost
 from nexus.saga.outbox import Outbox
 from nexus.saga.position import Position, SagaRow
+from schemas import tracing
 from schemas.base import Envelope
 
 sagas = cast(Table, Saga.__table__)
@@ -237,8 +238,14 @@ class SagaStore:
         params: Mapping[str, Any],
         now: datetime,
     ) -> SagaRow:
-        """Insert a running saga leased to this replica, in the caller's transaction."""
+        """Insert a running saga leased to this replica, in the caller's transaction.
+
+        The trace it is created in (the API request's) is kept with its parameters, so
+        that its nodes continue that trace on whichever replica runs them."""
         position = Position()
+        trace = tracing.current_headers()
+        if trace:
+            params = {**params, tracing.SAGA_TRACE_PARAM: trace}
         await session.execute(
             insert(sagas).values(
                 id=saga_id,

@@ -180,9 +180,10 @@ class Unwinder:
         if faults.fail_undo(definition.name, name):
             raise ActionFailed(f"injected undo failure at {name}")
         ctx = self._parts.ctx(tx, definition, params, row, name)
-        result = await node.undo(ctx)
-        if faults.repeat_undos:
+        with self._parts.span(row, name, "undo"):
             result = await node.undo(ctx)
+            if faults.repeat_undos:
+                result = await node.undo(ctx)
         return await self._settle(tx, row, name, result)
 
     async def _undo_resume(
@@ -199,7 +200,9 @@ class Unwinder:
             raise ActionFailed(f"the undo of {name} waited and has no undo_resume")
         await self._parts.resumed(tx, row, name, wake)
         ctx = self._parts.ctx(tx, definition, params, row, name)
-        return await self._settle(tx, row, name, await node.undo_resume(ctx, wake))
+        with self._parts.span(row, name, "undo_resume"):
+            result = await node.undo_resume(ctx, wake)
+        return await self._settle(tx, row, name, result)
 
     async def _settle(
         self, tx: StepTx, row: SagaRow, name: str, result: Wait | None

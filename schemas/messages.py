@@ -54,6 +54,17 @@ from schemas.region import (
     RegionStateChanged,
 )
 from schemas.sled import AgentAnnounced, SledHeartbeat, SledRegistered
+from schemas.snapshot import (
+    RegionSnapshotCreate,
+    RegionSnapshotDelete,
+    RegionSnapshotGet,
+    RegionSnapshotList,
+    RegionSnapshotsInfo,
+    RegionSnapshotStateChanged,
+    RunningSnapshotRun,
+    RunningSnapshotStateChanged,
+    RunningSnapshotStop,
+)
 
 Message = Annotated[
     RegionEnsure
@@ -63,6 +74,15 @@ Message = Annotated[
     | RegionInfo
     | RegionListed
     | RegionStateChanged
+    | RegionSnapshotCreate
+    | RegionSnapshotDelete
+    | RegionSnapshotGet
+    | RegionSnapshotList
+    | RegionSnapshotsInfo
+    | RegionSnapshotStateChanged
+    | RunningSnapshotRun
+    | RunningSnapshotStop
+    | RunningSnapshotStateChanged
     | VmmEnsure
     | VmmStop
     | VmmReboot

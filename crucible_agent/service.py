@@ -649,29 +649,28 @@ class RegionService:
 
     async def _clone(self, region: Region) -> None:
         """A clone in the clone pool: the create's delay, plus the copy's (the clone
-        delay and the rate per GiB), then the create's reservation and files."""
-        try:
-            async with self._clone_slots:
-                delay = (
-                    self._faults.delay.sample(self._rng)
-                    + self._faults.clone_delay.sample(self._rng)
-                    + self._faults.clone_seconds_per_gib * region.size_bytes / GIB
-                )
-                log.info(
-                    "cloning region %s from %s (%.1f s)",
-                    region.id,
-                    region.source,
-                    delay,
-                    extra={"region_id": str(region.id)},
-                )
-                if await self._stopped_within(delay):
-                    return
+        delay and the rate per GiB), then the create's reservation and files. A clone
+        that fails on an error that is not transient stays taken: the agent stops, and
+        its next start copies it again (the worker must not hand it out again meanwhile)."""
+        async with self._clone_slots:
+            delay = (
+                self._faults.delay.sample(self._rng)
+                + self._faults.clone_delay.sample(self._rng)
+                + self._faults.clone_seconds_per_gib * region.size_bytes / GIB
+            )
+            log.info(
+                "cloning region %s from %s (%.1f s)",
+                region.id,
+                region.source,
+                delay,
+                extra={"region_id": str(region.id)},
+            )
+            if not await self._stopped_within(delay):
                 await self._until_done(
                     f"clone of region {region.id}", lambda: self._create_once(region.id)
                 )
-        finally:
-            self._cloning.discard(region.id)
-            self._taken.discard(region.id)
+        self._cloning.discard(region.id)
+        self._taken.discard(region.id)
 
     async def _create_once(self, region_id: uuid.UUID) -> None:
         """Reserve, write the files, record the outcome; each attempt starts from the

@@ -217,7 +217,7 @@ async def test_a_clone_of_a_running_snapshot_is_read_only_and_copied_in_the_clon
     clone = region_spec().model_copy(update={"source": address})
     plain = region_spec()
     await send(transport, agent, ensure(clone))
-    agent.start("--clone-delay=fixed:3")
+    agent.start("--clone-delay=fixed:6")
     for _ in range(2):
         started = await ask(transport, agent, ensure(clone))
         assert isinstance(started, RegionInfo) and started.payload.region is not None
@@ -238,7 +238,7 @@ async def test_a_clone_of_a_running_snapshot_is_read_only_and_copied_in_the_clon
         for event in events.region_changes(agent.agent_id, clone.id)
         if event.payload.region.state in {REQUESTED, CREATED}
     )
-    assert (created_at - requested_at).total_seconds() >= 2.9, "the configured clone delay"
+    assert (created_at - requested_at).total_seconds() >= 5.9, "the configured clone delay"
     assert events.states(agent.agent_id, clone.id) == [(REQUESTED, 1), (CREATED, 2)]
     assert_published_once_per_generation(events, agent, clone.id)
     manifest = (agent.region_dir(clone.id) / "region.json").read_text()

@@ -91,6 +91,8 @@ async def build(settings: CrucibleSettings) -> Agent:
         replier=transport,
         faults=Faults(
             delay=settings.delay,
+            clone_delay=settings.clone_extra_delay,
+            clone_seconds_per_gib=settings.clone_seconds_per_gib,
             fail_fraction=settings.fail_fraction,
             crash_mid_create_fraction=settings.crash_mid_create_fraction,
             destroy_fail_fraction=settings.destroy_fail_fraction,

@@ -30,6 +30,16 @@ class CrucibleSettings(BaseSettings):
         description="extra time a create takes: fixed:S | uniform:LO,HI | "
         "lognormal:MEDIAN,SIGMA,MIN,MAX (seconds)",
     )
+    clone_delay: str = Field(
+        default="fixed:0",
+        description="what a clone (a region ensured with a source) takes on top of "
+        "create_delay, for the copy from its source: the same forms as create_delay",
+    )
+    clone_seconds_per_gib: float = Field(
+        default=0.0,
+        ge=0,
+        description="and a further number of seconds per GiB of the clone's size",
+    )
     seed: int | None = Field(default=None, description="seed of the delay and fault draws")
     fail_fraction: Fraction = Field(default=0.0, description="fraction of creates that fail")
     crash_mid_create_fraction: Fraction = Field(
@@ -89,7 +99,7 @@ class CrucibleSettings(BaseSettings):
         "(schemas/tracing.py); OTLP export is configured by the OTEL_* variables",
     )
 
-    @field_validator("create_delay")
+    @field_validator("create_delay", "clone_delay")
     @classmethod
     def _delay_parses(cls, value: str) -> str:
         parse_delay(value)
@@ -106,6 +116,10 @@ class CrucibleSettings(BaseSettings):
     @property
     def delay(self) -> Delay:
         return parse_delay(self.create_delay)
+
+    @property
+    def clone_extra_delay(self) -> Delay:
+        return parse_delay(self.clone_delay)
 
     @property
     def database_path(self) -> Path:

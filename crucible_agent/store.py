@@ -1,7 +1,8 @@
 """The agent's own state: SQLite in its data directory, through SQLAlchemy Core.
 
-Two tables: ``regions`` (the records, destroyed ones included) and ``outbox`` (messages
-committed with the change that caused them, waiting for the relay). One connection
+Four tables: ``regions`` (the records, destroyed ones included), ``snapshots`` and
+``running_snapshots`` (the same, keyed by region and snapshot name), and ``outbox``
+(messages committed with the change that caused them, waiting for the relay). One connection
 serves the whole process, one transaction at a time: SQLite has one writer anyway, and
 queueing on a lock here is cheaper than contending for the file lock (docs/design.md,
 "Measured facts").
@@ -28,6 +29,7 @@ import uuid
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Self
 
@@ -64,6 +66,7 @@ from schemas import tracing
 from schemas.base import Envelope
 from schemas.outbox import OutgoingMessage
 from schemas.region import Region, RegionState
+from schemas.snapshot import RunningSnapshot, Snapshot, SnapshotState
 
 metadata = MetaData(
     naming_convention={
@@ -97,6 +100,31 @@ regions_table = Table(
     Column("trace_context", String(1000)),
 )
 
+snapshots_table = Table(
+    "snapshots",
+    metadata,
+    Column("region_id", Uuid, primary_key=True),
+    Column("name", String(128), primary_key=True),
+    # ISO 8601 with its offset: SQLite keeps no time zone in a DATETIME.
+    Column("created", String(40), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("generation", Integer, nullable=False),
+)
+
+running_snapshots_table = Table(
+    "running_snapshots",
+    metadata,
+    Column("region_id", Uuid, primary_key=True),
+    Column("name", String(128), primary_key=True),
+    Column("port_number", Integer, nullable=False),
+    Column("state", String(16), nullable=False, index=True),
+    Column("generation", Integer, nullable=False),
+    Column("failure", String(2000)),
+    # As a region's: the command behind the latest change, for the worker's events.
+    Column("cause_id", Uuid, nullable=False),
+    Column("correlation_id", Uuid, nullable=False),
+)
+
 outbox_table = Table(
     "outbox",
     metadata,
@@ -123,6 +151,8 @@ _ADDED_COLUMNS = (
 
 # regions.holds_port in SQL; the two must agree (tests/unit/test_crucible_store.py).
 _holds_port = regions_table.c.state != RegionState.DESTROYED.value
+# snapshots.holds_port in SQL.
+_running_holds_port = running_snapshots_table.c.state != RegionState.DESTROYED.value
 # No region has this id: the holdings of every region.
 _NOBODY = uuid.UUID(int=0)
 
@@ -130,16 +160,22 @@ _NOBODY = uuid.UUID(int=0)
 def _holdings_query() -> Select[int, int, int | None]:
     """Reserved bytes, count and the lowest free port of the regions not destroyed but
     one (``b_except``), in one statement. The lowest free port is the first one, or one
-    above a port in use; SQLite builds the set of ports in use once for the ``NOT IN``."""
+    above a port in use; SQLite builds the set of ports in use once for the ``NOT IN``.
+    Running snapshots hold ports too (``get_free_port`` in the real agent skips both)."""
     held = regions_table.c
+    running = running_snapshots_table.c
     counted = and_(_holds_port, held.id != bindparam("b_except", type_=Uuid))
+    ports = union_all(
+        select(held.port_number.label("port")).where(counted),
+        select(running.port_number.label("port")).where(_running_holds_port),
+    ).subquery()
     candidates = union_all(
         select(literal(FIRST_PORT).label("port")),
-        select((held.port_number + 1).label("port")).where(
-            counted, held.port_number >= FIRST_PORT, held.port_number < LAST_PORT
+        select((ports.c.port + 1).label("port")).where(
+            ports.c.port >= FIRST_PORT, ports.c.port < LAST_PORT
         ),
     ).subquery()
-    in_use = select(held.port_number).where(counted)
+    in_use = select(ports.c.port)
     free_port = (
         select(func.min(candidates.c.port))
         .where(candidates.c.port.not_in(in_use))
@@ -254,6 +290,112 @@ class Transaction:
         )
         if result.rowcount != 1:
             raise StaleRegion(f"region {region.id} is not at generation {region.generation - 1}")
+
+    # Snapshots and running snapshots.
+
+    async def snapshot(self, region_id: uuid.UUID, name: str) -> Snapshot | None:
+        snap = snapshots_table.c
+        result = await self._connection.execute(
+            select(snapshots_table).where(snap.region_id == region_id, snap.name == name)
+        )
+        row = result.one_or_none()
+        return None if row is None else _snapshot(row)
+
+    async def snapshots(self, region_id: uuid.UUID) -> list[Snapshot]:
+        """Every snapshot record of the region, deleted ones too, by name."""
+        snap = snapshots_table.c
+        result = await self._connection.execute(
+            select(snapshots_table).where(snap.region_id == region_id).order_by(snap.name)
+        )
+        return [_snapshot(row) for row in result]
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        """Inserts a new snapshot, or updates one guarded on the generation before it."""
+        snap = snapshots_table.c
+        columns = _snapshot_columns(snapshot)
+        if snapshot.generation == 1:
+            await self._connection.execute(insert(snapshots_table).values(**columns))
+            return
+        result = await self._connection.execute(
+            update(snapshots_table)
+            .where(
+                snap.region_id == snapshot.region_id,
+                snap.name == snapshot.name,
+                snap.generation == snapshot.generation - 1,
+            )
+            .values(**columns)
+        )
+        if result.rowcount != 1:
+            raise StaleRegion(
+                f"snapshot {snapshot.name} of region {snapshot.region_id} is not at "
+                f"generation {snapshot.generation - 1}"
+            )
+
+    async def running_snapshot(self, region_id: uuid.UUID, name: str) -> RunningSnapshot | None:
+        run = running_snapshots_table.c
+        result = await self._connection.execute(
+            select(running_snapshots_table).where(run.region_id == region_id, run.name == name)
+        )
+        row = result.one_or_none()
+        return None if row is None else _running(row)
+
+    async def running_snapshots(self, region_id: uuid.UUID) -> list[RunningSnapshot]:
+        run = running_snapshots_table.c
+        result = await self._connection.execute(
+            select(running_snapshots_table).where(run.region_id == region_id).order_by(run.name)
+        )
+        return [_running(row) for row in result]
+
+    async def save_running_snapshot(self, running: RunningSnapshot, cause: Cause) -> None:
+        """Inserts a new running snapshot, or updates one guarded on the generation
+        before it."""
+        run = running_snapshots_table.c
+        columns = {**_running_columns(running), **_cause_columns(cause)}
+        if running.generation == 1:
+            await self._connection.execute(insert(running_snapshots_table).values(**columns))
+            return
+        result = await self._connection.execute(
+            update(running_snapshots_table)
+            .where(
+                run.region_id == running.id,
+                run.name == running.name,
+                run.generation == running.generation - 1,
+            )
+            .values(**columns)
+        )
+        if result.rowcount != 1:
+            raise StaleRegion(
+                f"running snapshot {running.name} of region {running.id} is not at "
+                f"generation {running.generation - 1}"
+            )
+
+    async def running_cause(self, region_id: uuid.UUID, name: str) -> Cause:
+        run = running_snapshots_table.c
+        result = await self._connection.execute(
+            select(run.cause_id, run.correlation_id).where(
+                run.region_id == region_id, run.name == name
+            )
+        )
+        row = result.one()
+        return Cause(message_id=row.cause_id, correlation_id=row.correlation_id)
+
+    async def next_running_work(
+        self, order: Sequence[RegionState], taken: Collection[tuple[uuid.UUID, str]] = ()
+    ) -> RunningSnapshot | None:
+        """The first running snapshot, by region id and name, in the first of ``order``'s
+        states that has one, other than those ``taken``."""
+        run = running_snapshots_table.c
+        for state in order:
+            result = await self._connection.execute(
+                select(running_snapshots_table)
+                .where(run.state == state.value)
+                .order_by(run.region_id, run.name)
+            )
+            for row in result:
+                found = _running(row)
+                if (found.id, found.name) not in taken:
+                    return found
+        return None
 
     async def send(self, message: OutgoingMessage) -> None:
         await self._connection.execute(
@@ -443,6 +585,48 @@ def _region(row: Row[Any]) -> Region:
     fields = {column: row._mapping[column] for column in Region.model_fields}
     fields["state"] = RegionState(fields["state"])
     return Region(**fields)
+
+
+def _snapshot_columns(snapshot: Snapshot) -> dict[str, Any]:
+    return {
+        "region_id": snapshot.region_id,
+        "name": snapshot.name,
+        "created": snapshot.created.isoformat(),
+        "state": snapshot.state.value,
+        "generation": snapshot.generation,
+    }
+
+
+def _snapshot(row: Row[Any]) -> Snapshot:
+    return Snapshot(
+        region_id=row.region_id,
+        name=row.name,
+        created=datetime.fromisoformat(row.created),
+        state=SnapshotState(row.state),
+        generation=row.generation,
+    )
+
+
+def _running_columns(running: RunningSnapshot) -> dict[str, Any]:
+    return {
+        "region_id": running.id,
+        "name": running.name,
+        "port_number": running.port_number,
+        "state": running.state.value,
+        "generation": running.generation,
+        "failure": running.failure,
+    }
+
+
+def _running(row: Row[Any]) -> RunningSnapshot:
+    return RunningSnapshot(
+        id=row.region_id,
+        name=row.name,
+        port_number=row.port_number,
+        state=RegionState(row.state),
+        generation=row.generation,
+        failure=row.failure,
+    )
 
 
 def _outgoing(row: Row[Any]) -> OutgoingMessage:

@@ -58,6 +58,17 @@ from schemas.region import (
     RegionStateChanged,
 )
 from schemas.sled import AgentAnnounced, SledHeartbeat, SledRegistered
+from schemas.snapshot import (
+    RegionSnapshotCreate,
+    RegionSnapshotDelete,
+    RegionSnapshotGet,
+    RegionSnapshotList,
+    RegionSnapshotsInfo,
+    RegionSnapshotStateChanged,
+    RunningSnapshotRun,
+    RunningSnapshotStateChanged,
+    RunningSnapshotStop,
+)
 
 Message = Annotated[
     RegionEnsure
@@ -67,6 +78,15 @@ Message = Annotated[
     | RegionInfo
     | RegionListed
     | RegionStateChanged
+    | RegionSnapshotCreate
+    | RegionSnapshotDelete
+    | RegionSnapshotGet
+    | RegionSnapshotList
+    | RegionSnapshotsInfo
+    | RegionSnapshotStateChanged
+    | RunningSnapshotRun
+    | RunningSnapshotStop
+    | RunningSnapshotStateChanged
     | VmmEnsure
     | VmmStop
     | VmmReboot

@@ -41,6 +41,7 @@ from nexus.settings import NexusSettings
 from schemas.identity import CLI_USER, NEXUS_USER, crucible_user, sled_user, source_allowed
 from schemas.instance import VmmState
 from schemas.region import RegionState
+from schemas.snapshot import SnapshotState
 from schemas.topology import (
     COMMANDS_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
@@ -772,12 +773,18 @@ def test_topic_permissions_cover_what_each_agent_publishes(
     services: dict[str, dict[str, Any]], definitions: dict[str, Any]
 ) -> None:
     crucible_keys = [f"region.{state.value}" for state in RegionState]
+    crucible_keys += [f"region_snapshot.{state.value}" for state in SnapshotState]
+    crucible_keys += [f"running_snapshot.{state.value}" for state in RegionState]
     crucible_keys += ["agent.announced", "command.rejected"]
     sled_keys = [f"instance.{state.value}" for state in VmmState]
     sled_keys += ["sled.registered", "sled.heartbeat", "command.rejected"]
     for entry_point, allowed, refused in [
         ("crucible-agent", crucible_keys, ["instance.running", "sled.heartbeat", "disk.ready"]),
-        ("sled-agent", sled_keys, ["region.created", "disk.ready", "saga.done"]),
+        (
+            "sled-agent",
+            sled_keys,
+            ["region.created", "region_snapshot.created", "disk.ready", "saga.done"],
+        ),
     ]:
         for service in _by_entry_point(services, entry_point).values():
             user, _ = _service_identity(service)

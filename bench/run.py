@@ -32,6 +32,7 @@ import psutil
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from bench.load import load_phase
 from bench.polling import nova_fixed
 from nexus.db.engine import create_engine, create_sessionmaker
 from nexus.db.migrate import upgrade_async
@@ -1186,7 +1187,10 @@ PHASES = (
     "scale",
     "polling_scale",
     "discards",
+    "load",
 )
+# The quick run stays under 3 minutes: the load phase runs when asked for (--only load).
+QUICK_PHASES = tuple(phase for phase in PHASES if phase != "load")
 
 
 async def main(
@@ -1229,6 +1233,8 @@ async def main(
             results["polling_scale"] = await polling_scale_phase(servers, scale, seed)
         if "discards" in only:
             results["discards"] = await discards_phase(servers, scale, seed)
+        if "load" in only:
+            results["load"] = await load_phase(servers, scale, seed)
     finally:
         rabbitmq.close()
         postgres.close()
@@ -1277,7 +1283,8 @@ def cli(argv: list[str] | None = None) -> int:
             parked=args.parked or scale.parked,
             parked_delay_seconds=args.parked_delay or scale.parked_delay_seconds,
         )
-    asyncio.run(main(scale, args.out, args.seed, args.only or PHASES, args.broker_nodes))
+    phases = args.only or (QUICK_PHASES if args.quick else PHASES)
+    asyncio.run(main(scale, args.out, args.seed, phases, args.broker_nodes))
     print(
         f"wrote {args.out / 'results.json'} and {args.out / 'wake.png'} "
         f"in {time.monotonic() - started:.0f} s"

@@ -36,7 +36,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aio_pika
 from aio_pika.abc import (
@@ -49,7 +49,7 @@ from aio_pika.abc import (
 from pamqp.commands import Basic
 from yarl import URL
 
-from schemas import failover
+from schemas import failover, tracing
 from schemas.base import Envelope
 from schemas.brokers import address, broker_urls, same_identity
 from schemas.identity import NOT_OWNER, queue_agent, source_allowed
@@ -72,6 +72,10 @@ from schemas.topology import (
     reply_queue,
 )
 from schemas.transient import Transient
+
+if TYPE_CHECKING:
+    # prometheus_client only in the processes that serve metrics, not in nexusctl.
+    from schemas.metrics import MessageMetrics
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +191,7 @@ class Transport:
         retry_first_seconds: float = FIRST_DELAY_SECONDS,
         retry_max_seconds: float = MAX_DELAY_SECONDS,
         heartbeat: int | None = None,
+        metrics: MessageMetrics | None = None,
     ) -> None:
         """``url``: one broker URL, or several comma-separated (a cluster's nodes, all with
         the same user and vhost). ``retry_first_seconds`` and ``retry_max_seconds``: the
@@ -194,7 +199,8 @@ class Transport:
         a handler that failed on a transient error (doubling from the first, with
         jitter). ``heartbeat``: the AMQP heartbeat in seconds (0: none; None: the URL's,
         else aio-pika's 60 s); the broker closes a connection it heard nothing on for 2
-        to 3 heartbeats and hands its unacked messages to other consumers."""
+        to 3 heartbeats and hands its unacked messages to other consumers. ``metrics``:
+        where consumed messages are counted (``schemas.metrics``), if anywhere."""
         self._urls = broker_urls(url)
         same_identity(self._urls)
         self._name = name
@@ -221,6 +227,7 @@ class Transport:
             first_delay=retry_first_seconds, max_delay=retry_max_seconds
         )
         self._refusal_hooks: dict[str, RefusalHook] = {}
+        self._metrics = metrics
 
     # Lifecycle.
 
@@ -401,6 +408,7 @@ class Transport:
             message_type=message.TYPE,
             correlation_id=message.correlation_id,
             reply_to=reply_to,
+            headers=tracing.current_headers() or None,
             mandatory=mandatory,
         )
 
@@ -597,13 +605,16 @@ class Transport:
             headers=dict(incoming.headers or {}),
             user_id=incoming.user_id,
         )
+        if self._metrics is not None:
+            self._metrics.received(message, delivery.redelivered)
         try:
-            handled = await self._retries.run(
-                queue_name,
-                f"{message.TYPE} {message.id}",
-                lambda: handler(delivery),
-                go_on=lambda: _channel_open(incoming),
-            )
+            with tracing.consuming(delivery.headers, lambda: _handling_span(delivery)):
+                handled = await self._retries.run(
+                    queue_name,
+                    f"{message.TYPE} {message.id}",
+                    lambda: handler(delivery),
+                    go_on=lambda: _channel_open(incoming),
+                )
         except asyncio.CancelledError:
             await _settle(incoming.nack(requeue=True))
             raise
@@ -618,9 +629,13 @@ class Transport:
                 extra={"message_id": str(message.id), "type": message.TYPE, "queue": queue_name},
             )
             await _settle(incoming.nack(requeue=True))
+            if self._metrics is not None:
+                self._metrics.outcome(message.TYPE, "requeued")
             return
         if handled:
             await _settle(incoming.ack())
+            if self._metrics is not None:
+                self._metrics.outcome(message.TYPE, "ok")
         else:
             # Closing, or the channel is gone, while the handler was failing on a
             # transient error: back to the queue now (or with the channel).
@@ -653,6 +668,9 @@ class Transport:
             log.exception("could not dead-letter; message requeued")
             await _settle(incoming.nack(requeue=True))
             return
+        if self._metrics is not None:
+            self._metrics.dead_lettered(reason)
+            self._metrics.outcome(incoming.type or "unknown", "dead_lettered")
         hook = self._refusal_hooks.get(queue_name)
         if hook is not None:
             refused = Refused(
@@ -783,6 +801,9 @@ class Transport:
             await self._publish_dead_letter(queue_name, incoming, NOT_OWNER, detail)
         except PublishFailed:
             log.exception("could not dead-letter a refused reply; it is dropped")
+            return
+        if self._metrics is not None:
+            self._metrics.dead_lettered(NOT_OWNER)
 
 
 async def _settle(action: Awaitable[None]) -> None:
@@ -791,6 +812,21 @@ async def _settle(action: Awaitable[None]) -> None:
         await action
     except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as error:
         log.warning("could not settle a delivery (it will be redelivered): %r", error)
+
+
+def _handling_span(delivery: Delivery) -> tuple[str, dict[str, str | int | bool]]:
+    """The name and attributes of the span that handles ``delivery``."""
+    message = delivery.message
+    return f"handle {message.TYPE}", {
+        "messaging.system": "rabbitmq",
+        "messaging.destination.name": delivery.queue,
+        "messaging.rabbitmq.destination.routing_key": delivery.routing_key,
+        "messaging.message.id": str(message.id),
+        "messaging.message.conversation_id": str(message.correlation_id or ""),
+        "eventplane.message.type": message.TYPE,
+        "eventplane.message.source": message.source,
+        "messaging.rabbitmq.redelivered": delivery.redelivered,
+    }
 
 
 def _channel_open(incoming: AbstractIncomingMessage) -> bool:

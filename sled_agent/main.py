@@ -71,7 +71,13 @@ def run(
         "log_level": log_level,
     }
     settings = settings_from("sled-agent", SledSettings, flags)
-    run_service("sled-agent", settings.log_level, functools.partial(serve, settings))
+    run_service(
+        "sled-agent",
+        settings.log_level,
+        functools.partial(serve, settings),
+        traced_as=f"sled/{settings.sled_id}",
+        trace_file=settings.trace_file,
+    )
 
 
 @app.command()

@@ -22,12 +22,14 @@ import pytest
 from nexus.db.migrate import upgrade_async
 from tests.harness.servers import (
     NotSupportedInMode,
+    PatroniPostgres,
     PostgresServer,
     PrivatePostgresCluster,
     PrivateRabbitMQCluster,
     PrivateRabbitMQNode,
     RabbitMQServer,
     ServerUnavailable,
+    provide_ha_postgres,
     provide_postgres,
     provide_rabbitmq,
     provide_rabbitmq_cluster,
@@ -193,6 +195,21 @@ def restartable_postgres(request: pytest.FixtureRequest) -> Iterator[PrivatePost
     except ServerUnavailable as exc:
         pytest.fail(f"no private PostgreSQL cluster for the tests: {exc}", pytrace=False)
     request.config.stash[_SERVERS_USED].append(f"{cluster.describe()}, restartable")
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def ha_postgres(request: pytest.FixtureRequest) -> Iterator[PatroniPostgres]:
+    """A replicated PostgreSQL of the test's own (3 nodes under Patroni, one etcd), which
+    it may crash node by node; every process is killed afterwards, whatever happened."""
+    try:
+        cluster = provide_ha_postgres()
+    except ServerUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    request.config.stash[_SERVERS_USED].append(cluster.describe())
     try:
         yield cluster
     finally:

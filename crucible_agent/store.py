@@ -120,9 +120,11 @@ running_snapshots_table = Table(
     Column("state", String(16), nullable=False, index=True),
     Column("generation", Integer, nullable=False),
     Column("failure", String(2000)),
-    # As a region's: the command behind the latest change, for the worker's events.
+    # As a region's: the command behind the latest change, for the worker's events,
+    # and its trace.
     Column("cause_id", Uuid, nullable=False),
     Column("correlation_id", Uuid, nullable=False),
+    Column("trace_context", String(1000)),
 )
 
 outbox_table = Table(
@@ -372,12 +374,16 @@ class Transaction:
     async def running_cause(self, region_id: uuid.UUID, name: str) -> Cause:
         run = running_snapshots_table.c
         result = await self._connection.execute(
-            select(run.cause_id, run.correlation_id).where(
+            select(run.cause_id, run.correlation_id, run.trace_context).where(
                 run.region_id == region_id, run.name == name
             )
         )
         row = result.one()
-        return Cause(message_id=row.cause_id, correlation_id=row.correlation_id)
+        return Cause(
+            message_id=row.cause_id,
+            correlation_id=row.correlation_id,
+            trace_context=tracing.loads(row.trace_context),
+        )
 
     async def next_running_work(
         self, order: Sequence[RegionState], taken: Collection[tuple[uuid.UUID, str]] = ()

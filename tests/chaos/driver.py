@@ -24,6 +24,11 @@ servers are replicated, and no SIGKILLs of services between them:
 - ``db-primary-kill``: the primary PostgreSQL's machine lost (its Patroni and postmaster
   SIGKILLed at once); Patroni promotes the synchronous standby; the lost node is started
   again later and rejoins as a standby.
+- ``broker-node-kill``: the RabbitMQ node that leads ``nexus.events`` SIGKILLed; the
+  queue elects a leader among the others, every client fails over to a node of its
+  list; the node is started again later and rejoins.
+- ``broker-node-stop``: a node stopped cleanly (``rabbitmqctl stop``), started again
+  later: one step of a rolling restart.
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ class Fault(StrEnum):
     DISK_FULL = "disk-full"
     # Node loss: a rack whose database is replicated (tests/chaos/test_node_loss.py).
     DB_PRIMARY_KILL = "db-primary-kill"
+    # ... and whose broker is a 3-node cluster.
+    BROKER_NODE_KILL = "broker-node-kill"
+    BROKER_NODE_STOP = "broker-node-stop"
 
 
 POSTGRES_FAULTS = frozenset({Fault.POSTGRES_STOP, Fault.POSTGRES_KILL})
@@ -99,8 +107,9 @@ class FaultPlan:
     # Between forced faults, SIGKILLs of services (and draws of ``chances``); off for a
     # run about one kind of fault.
     process_kills: bool = True
-    # How long a lost database node stays down after its standby took over.
+    # How long a lost database or broker node stays down after the others took over.
     db_node_down_seconds: tuple[float, float] = (5.0, 15.0)
+    broker_node_down_seconds: tuple[float, float] = (3.0, 10.0)
     forced_window: tuple[float, float] = (0.1, 0.8)
     # At a tick with nothing forced due, the chance of each fault other than a SIGKILL
     # (of those in ``forced``; the RabbitMQ restart happens once).
@@ -222,6 +231,8 @@ class FaultDriver:
                 await self._kill_and_restart()
             case Fault.DB_PRIMARY_KILL:
                 await self._db_primary_kill()
+            case Fault.BROKER_NODE_KILL | Fault.BROKER_NODE_STOP:
+                await self._broker_node_loss(clean=fault is Fault.BROKER_NODE_STOP)
             case Fault.RABBITMQ_RESTART:
                 self._ledger.fault("rabbitmq restart", self._rack.server.describe())
                 await self._rack.restart_rabbitmq(self._plan.rabbitmq_down_seconds)
@@ -287,6 +298,21 @@ class FaultDriver:
             "database primary lost",
             f"{lost} SIGKILLed (Patroni and postmaster); {promoted} took writes after "
             f"{failover:.1f}s; the lost node started again after {down:.1f}s",
+            at=began,
+        )
+
+    async def _broker_node_loss(self, *, clean: bool) -> None:
+        lost_at = datetime.now(UTC)
+        began = time.monotonic()
+        down = self._rng.uniform(*self._plan.broker_node_down_seconds)
+        lost, leader, failover = await self._rack.lose_broker_node(
+            down, clean=clean, pick=self._rng.random()
+        )
+        self.failovers.append((lost_at, lost_at + timedelta(seconds=failover), "broker"))
+        self._ledger.fault(
+            "broker node stopped" if clean else "broker node killed",
+            f"{lost} {'stopped cleanly' if clean else 'SIGKILLed'}; nexus.events led by "
+            f"{leader} after {failover:.1f}s; started again after {down:.1f}s",
             at=began,
         )
 

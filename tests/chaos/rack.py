@@ -27,16 +27,23 @@ import aio_pika
 
 from nexus.devstack.access import Access, provision
 from nexus.devstack.stack import READINESS_KEYS, Readiness, StackConfig, StackPlan, plan
+from schemas.brokers import broker_urls
 from schemas.identity import CLI_USER, NEXUS_USER, crucible_user, sled_user
 from schemas.topology import (
     DEAD_LETTER_QUEUE,
     DETAIL_HEADER,
+    NEXUS_EVENTS_QUEUE,
     ORIGINAL_QUEUE_HEADER,
     REASON_HEADER,
 )
 from schemas.transport import Transport
 from tests.chaos.machine import SmallDisk
-from tests.harness.servers import PatroniPostgres, PrivatePostgresCluster, RabbitMQServer
+from tests.harness.servers import (
+    PatroniPostgres,
+    PrivatePostgresCluster,
+    PrivateRabbitMQCluster,
+    RabbitMQServer,
+)
 from tests.processes import Service, libfaketime
 
 READY_TIMEOUT = 90.0
@@ -95,8 +102,11 @@ class Rack:
 
     @property
     def operator_url(self) -> str:
-        """The server's own administrator in this vhost: to look behind the services."""
-        return self.server.url.rstrip("/") + f"/{self.access.vhost}"
+        """The server's own administrator in this vhost: to look behind the services (on
+        a cluster, every node's URL)."""
+        return ",".join(
+            url.rstrip("/") + f"/{self.access.vhost}" for url in broker_urls(self.server.url)
+        )
 
     @property
     def cli_url(self) -> str:
@@ -189,6 +199,42 @@ class Rack:
         await asyncio.to_thread(primary.start)
         return f"{primary.name} ({killed})", promoted.name, failover
 
+    async def lose_broker_node(
+        self, down_seconds: float, *, clean: bool, pick: float
+    ) -> tuple[str, str, float]:
+        """Lose a node of the RabbitMQ cluster: SIGKILL the one leading ``nexus.events``,
+        or stop one cleanly (``pick``, in [0, 1), chooses which), wait until the queue is
+        led by another, and start the lost node again ``down_seconds`` after it went:
+        (lost node, new leader, seconds until it led)."""
+        cluster = self.server
+        assert isinstance(cluster, PrivateRabbitMQCluster), "not a RabbitMQ cluster"
+        if clean:
+            node = cluster.nodes[min(len(cluster.nodes) - 1, int(pick * len(cluster.nodes)))]
+        else:
+            node = cluster.node_named(await asyncio.to_thread(self._events_leader))
+        began = time.monotonic()
+        await asyncio.to_thread(node.stop if clean else node.kill)
+        deadline = time.monotonic() + 60
+        while (leader := await asyncio.to_thread(self._events_leader)) in ("", node.name):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nexus.events has no leader but {node.name} after 60 s")
+            await asyncio.sleep(0.2)
+        failover = time.monotonic() - began
+        await asyncio.sleep(max(0.0, down_seconds - failover))
+        await asyncio.to_thread(node.start)
+        await asyncio.to_thread(cluster.await_running, [node])
+        return node.name, leader, failover
+
+    def _events_leader(self) -> str:
+        """The node leading the rack's ``nexus.events`` quorum queue ('' while none does)."""
+        listed = self.server.rabbitmqctl(
+            "list_queues", "-p", self.access.vhost, "name", "leader", "--formatter", "json"
+        )
+        for queue in json.loads(listed):
+            if queue["name"] == NEXUS_EVENTS_QUEUE:
+                return str(queue.get("leader") or "")
+        return ""
+
     async def stop_postgres(self, down_seconds: float) -> float:
         """``pg_ctl stop -m immediate``, then started again after ``down_seconds``; how
         long it accepted no connection."""
@@ -259,7 +305,7 @@ class Rack:
     async def dead_letters(self) -> list[DeadLetter]:
         """Everything in ``control.dead-letters``, read without removing it."""
         letters: list[DeadLetter] = []
-        connection = await aio_pika.connect(self.operator_url)
+        connection = await _connect_any(broker_urls(self.operator_url))
         async with connection:
             channel = await connection.channel()
             queue = await channel.get_queue(DEAD_LETTER_QUEUE)
@@ -372,7 +418,18 @@ def _service(name: str, argv: list[str], env: dict[str, str], log_path: Path) ->
 
 
 def _operator(server: RabbitMQServer) -> str:
-    return urlsplit(server.url).username or "guest"
+    return urlsplit(broker_urls(server.url)[0]).username or "guest"
+
+
+async def _connect_any(urls: list[str]) -> aio_pika.abc.AbstractConnection:
+    """A connection to the first node of ``urls`` that answers."""
+    failures = []
+    for url in urls:
+        try:
+            return await aio_pika.connect(url)
+        except (OSError, aio_pika.exceptions.AMQPError) as error:
+            failures.append(repr(error))
+    raise ConnectionError(f"no node answers: {'; '.join(failures)}")
 
 
 def unprovision(rack: Rack) -> None:

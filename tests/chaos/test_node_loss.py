@@ -8,6 +8,10 @@ servers are replicated and a node of one is lost while the workload runs (issue 
   ``target_session_attrs=read-write``). The primary's machine is lost (Patroni and
   postmaster SIGKILLed at once) while disk creates, deletes and instance lifecycles run;
   Patroni promotes the standby; the lost node starts again later and rejoins.
+- **broker nodes**: 3 Nexus replicas on a 3-node RabbitMQ cluster (every durable queue
+  a quorum queue with a member on each node; every process given every node's
+  address). The node leading ``nexus.events`` is SIGKILLed, and later another node is
+  stopped cleanly (a rolling restart's step); each starts again and rejoins.
 
 No service is SIGKILLed between the node faults: each run is about its fault. The
 audit is the classic one (``settle_and_check``): 0 operations lost, ``nexusctl doctor``
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -31,7 +36,12 @@ from tests.chaos.driver import Fault, FaultPlan
 from tests.chaos.machine import MountFailed
 from tests.chaos.rack import Rack, RackSettings, build_rack, unprovision
 from tests.chaos.test_chaos import assert_books_balance, run_chaos
-from tests.harness.servers import PatroniPostgres, RabbitMQServer
+from tests.harness.servers import (
+    PatroniPostgres,
+    PrivatePostgresCluster,
+    PrivateRabbitMQCluster,
+    RabbitMQServer,
+)
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 
@@ -47,11 +57,46 @@ async def ha_rack(
     tmp_path: Path,
     chaos_seed: int,
 ) -> AsyncIterator[Rack]:
-    database_url = ha_postgres.create_database()
+    try:
+        async with _rack(restartable_rabbitmq, ha_postgres, tmp_path, chaos_seed) as rack:
+            yield rack
+    finally:
+        _keep_database_logs(ha_postgres, tmp_path / "rack" / "logs")
+
+
+def _keep_database_logs(ha_postgres: PatroniPostgres, logs: Path) -> None:
+    for node in ha_postgres.nodes:
+        if node.log_path.exists():
+            shutil.copyfile(node.log_path, logs / f"{node.name}.log")
+
+
+@pytest.fixture
+async def cluster_rack(
+    rabbitmq_cluster: PrivateRabbitMQCluster,
+    restartable_postgres: PrivatePostgresCluster,
+    tmp_path: Path,
+    chaos_seed: int,
+) -> AsyncIterator[Rack]:
+    try:
+        async with _rack(rabbitmq_cluster, restartable_postgres, tmp_path, chaos_seed) as rack:
+            yield rack
+    finally:
+        # Every node runs again for the next test, even if this one failed with one down.
+        for node in rabbitmq_cluster.nodes:
+            node.start()
+        rabbitmq_cluster.await_running(rabbitmq_cluster.nodes)
+
+
+@asynccontextmanager
+async def _rack(
+    server: RabbitMQServer,
+    database: PatroniPostgres | PrivatePostgresCluster,
+    tmp_path: Path,
+    chaos_seed: int,
+) -> AsyncIterator[Rack]:
+    database_url = database.create_database()
     await upgrade_async(database_url)
-    built = build_rack(
-        restartable_rabbitmq, ha_postgres, database_url, tmp_path / "rack", chaos_seed, SETTINGS
-    )
+    built = build_rack(server, database, database_url, tmp_path / "rack", chaos_seed, SETTINGS)
     try:
         try:
             built.mount_disks()
@@ -63,9 +108,6 @@ async def ha_rack(
     finally:
         await built.stop_all()
         built.unmount_disks()
-        for node in ha_postgres.nodes:
-            if node.log_path.exists():
-                shutil.copyfile(node.log_path, built.logs_dir / f"{node.name}.log")
         unprovision(built)
 
 
@@ -79,5 +121,23 @@ async def test_the_books_balance_when_the_database_primary_is_lost(
     run = await run_chaos(ha_rack, plan, chaos_seed, chaos_operations, capsys)
     assert_books_balance(ha_rack, run)
     assert len(run.driver.failovers) == 1
+    wakes = run.report["wake_ms"]
+    assert isinstance(wakes, dict) and wakes["outside_failovers"] is not None
+
+
+async def test_the_books_balance_when_broker_nodes_are_lost(
+    cluster_rack: Rack,
+    chaos_seed: int,
+    chaos_operations: int,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    plan = FaultPlan(
+        forced=frozenset({Fault.BROKER_NODE_KILL, Fault.BROKER_NODE_STOP}),
+        process_kills=False,
+        chances={},
+    )
+    run = await run_chaos(cluster_rack, plan, chaos_seed, chaos_operations, capsys)
+    assert_books_balance(cluster_rack, run)
+    assert [what for _, _, what in run.driver.failovers] == ["broker", "broker"]
     wakes = run.report["wake_ms"]
     assert isinstance(wakes, dict) and wakes["outside_failovers"] is not None

@@ -32,7 +32,7 @@ COPY crucible_agent ./crucible_agent
 COPY sled_agent ./sled_agent
 RUN --mount=type=secret,id=hostconf \
     if [ -s /run/secrets/hostconf ]; then . /run/secrets/hostconf; fi \
-    && /opt/eventplane/bin/pip install --quiet . \
+    && /opt/eventplane/bin/pip install . \
     && rm -rf /tmp/hostconf
 
 FROM ${BASE_IMAGE}

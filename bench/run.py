@@ -31,6 +31,7 @@ import psutil
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from bench.load import load_phase
 from bench.polling import nova_fixed
 from nexus.db.engine import create_engine, create_sessionmaker
 from nexus.db.migrate import upgrade_async
@@ -1177,7 +1178,10 @@ PHASES = (
     "scale",
     "polling_scale",
     "discards",
+    "load",
 )
+# The quick run stays under 3 minutes: the load phase runs when asked for (--only load).
+QUICK_PHASES = tuple(phase for phase in PHASES if phase != "load")
 
 
 async def main(scale: Scale, out: Path, seed: int, only: Sequence[str] = PHASES) -> dict[str, Any]:
@@ -1217,6 +1221,8 @@ async def main(scale: Scale, out: Path, seed: int, only: Sequence[str] = PHASES)
             results["polling_scale"] = await polling_scale_phase(servers, scale, seed)
         if "discards" in only:
             results["discards"] = await discards_phase(servers, scale, seed)
+        if "load" in only:
+            results["load"] = await load_phase(servers, scale, seed)
     finally:
         rabbitmq.close()
         postgres.close()
@@ -1255,7 +1261,9 @@ def cli(argv: list[str] | None = None) -> int:
             parked=args.parked or scale.parked,
             parked_delay_seconds=args.parked_delay or scale.parked_delay_seconds,
         )
-    asyncio.run(main(scale, args.out, args.seed, args.only or PHASES))
+    asyncio.run(
+        main(scale, args.out, args.seed, args.only or (QUICK_PHASES if args.quick else PHASES))
+    )
     print(
         f"wrote {args.out / 'results.json'} and {args.out / 'wake.png'} "
         f"in {time.monotonic() - started:.0f} s"

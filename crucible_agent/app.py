@@ -33,11 +33,13 @@ from pathlib import Path
 import aio_pika
 
 from crucible_agent.files import RegionFiles
+from crucible_agent.metrics import REFRESH_SECONDS, CrucibleMetrics
 from crucible_agent.service import Faults, RegionService
 from crucible_agent.settings import CrucibleSettings
 from crucible_agent.space import SpaceReserve
 from crucible_agent.store import AgentStore
 from schemas.health import report_health
+from schemas.metrics import MetricsServer, Refresh, serve_metrics
 from schemas.outbox import OutboxRelay
 from schemas.tasks import Tasks
 from schemas.topology import crucible_queue
@@ -65,12 +67,18 @@ class Agent:
     relay: OutboxRelay
     service: RegionService
     tasks: Tasks
+    metrics: CrucibleMetrics
 
 
 async def build(settings: CrucibleSettings) -> Agent:
     reserve = SpaceReserve(settings.space_reserve_path, settings.space_reserve_bytes)
     store = await AgentStore.open(settings.database_path, reserve=reserve)
-    transport = Transport(settings.amqp_url, name=f"crucible-agent/{settings.agent_id}")
+    metrics = CrucibleMetrics(str(settings.agent_id))
+    transport = Transport(
+        settings.amqp_url,
+        name=f"crucible-agent/{settings.agent_id}",
+        metrics=metrics.messages,
+    )
     relay = OutboxRelay(store, transport)
     service = RegionService(
         agent_id=settings.agent_id,
@@ -83,6 +91,8 @@ async def build(settings: CrucibleSettings) -> Agent:
         replier=transport,
         faults=Faults(
             delay=settings.delay,
+            clone_delay=settings.clone_extra_delay,
+            clone_seconds_per_gib=settings.clone_seconds_per_gib,
             fail_fraction=settings.fail_fraction,
             crash_mid_create_fraction=settings.crash_mid_create_fraction,
             destroy_fail_fraction=settings.destroy_fail_fraction,
@@ -91,7 +101,8 @@ async def build(settings: CrucibleSettings) -> Agent:
         reserve=reserve,
         workers=settings.workers,
     )
-    return Agent(settings, store, transport, relay, service, Tasks())
+    metrics.watch(store, lambda: len(service.taken()))
+    return Agent(settings, store, transport, relay, service, Tasks(), metrics)
 
 
 async def run(settings: CrucibleSettings, stop: asyncio.Event) -> None:
@@ -112,6 +123,7 @@ async def serve(agent: Agent, stop: asyncio.Event) -> None:
     relay_task: asyncio.Task[None] | None = None
     announce_task: asyncio.Task[None] | None = None
     health_task: asyncio.Task[None] | None = None
+    metrics_server: MetricsServer | None = None
     failed_task = asyncio.create_task(agent.service.failed(), name="region-work")
     try:
         if not await _connect(agent.transport, stop):
@@ -127,6 +139,13 @@ async def serve(agent: Agent, stop: asyncio.Event) -> None:
             until=stop,
         )
         _watch(tasks, agent)
+        metrics_server = await serve_metrics(
+            agent.metrics.registry,
+            host=settings.metrics_host,
+            port=settings.metrics_port,
+            address_file=settings.metrics_address_file,
+            refresh=Refresh(agent.metrics.read, REFRESH_SECONDS),
+        )
         if settings.health_file is not None:
             health_task = asyncio.create_task(
                 _report_health(settings.health_file, tasks), name="health"
@@ -135,6 +154,8 @@ async def serve(agent: Agent, stop: asyncio.Event) -> None:
         await _until_stopped_or_failed(stop, relay_task, announce_task, failed_task)
         log.info("stopping")
     finally:
+        if metrics_server is not None:
+            await metrics_server.stop()
         if health_task is not None:
             # A stopping agent is no longer healthy: the file ages from here on.
             health_task.cancel()

@@ -14,8 +14,8 @@ from schemas.service import check_health, run_service, settings_from
 
 app = typer.Typer(
     help="A Crucible storage agent: creates and destroys regions (real files in its data "
-    "directory) on command from its queue crucible.<agent-id>, and publishes every region "
-    "state change through an outbox.",
+    "directory), their snapshots and the read-only downstairs that serve them, on command "
+    "from its queue crucible.<agent-id>, and publishes every change through an outbox.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -50,6 +50,19 @@ def run(
         typer.Option(
             help="Extra time a create takes, seconds: fixed:S, uniform:LO,HI or "
             "lognormal:MEDIAN,SIGMA,MIN,MAX (env CRUCIBLE_CREATE_DELAY)."
+        ),
+    ] = None,
+    clone_delay: Annotated[
+        str | None,
+        typer.Option(
+            help="What a clone (a region with a source) takes on top of the create delay, "
+            "in the same forms (env CRUCIBLE_CLONE_DELAY)."
+        ),
+    ] = None,
+    clone_seconds_per_gib: Annotated[
+        float | None,
+        typer.Option(
+            help="And further seconds per GiB of the clone (env CRUCIBLE_CLONE_SECONDS_PER_GIB)."
         ),
     ] = None,
     seed: Annotated[
@@ -106,6 +119,8 @@ def run(
         "capacity_bytes": capacity_bytes,
         "amqp_url": amqp_url,
         "create_delay": create_delay,
+        "clone_delay": clone_delay,
+        "clone_seconds_per_gib": clone_seconds_per_gib,
         "seed": seed,
         "fail_fraction": fail_fraction,
         "crash_mid_create_fraction": crash_mid_create_fraction,
@@ -120,7 +135,13 @@ def run(
     # seconds, needs none of the agent.
     from crucible_agent import app as agent_app
 
-    run_service("crucible-agent", settings.log_level, functools.partial(agent_app.run, settings))
+    run_service(
+        "crucible-agent",
+        settings.log_level,
+        functools.partial(agent_app.run, settings),
+        traced_as=f"crucible/{settings.agent_id}",
+        trace_file=settings.trace_file,
+    )
 
 
 @app.command()

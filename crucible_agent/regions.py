@@ -19,6 +19,7 @@ applies the decision in one transaction and performs the file work.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from schemas.region import Region, RegionSpec, RegionState, reservation_bytes
@@ -39,6 +40,9 @@ DELETABLE = frozenset({RegionState.REQUESTED, RegionState.CREATED, RegionState.F
 OUT_OF_SPACE = "out_of_space"
 # The code of a create refused because every port in the range is taken.
 NO_FREE_PORT = "no_free_port"
+# The codes of a delete refused: the region has snapshots; a clone is being copied.
+HAS_SNAPSHOTS = "has_snapshots"
+CLONING = "unavailable"
 
 
 def out_of_space(why: str) -> str:
@@ -96,7 +100,8 @@ class Conflict:
 
 @dataclass(frozen=True)
 class Refused:
-    """A new region that cannot even be recorded: no record, a rejection with ``code``."""
+    """A command that cannot be carried out (a new region that cannot even be recorded, a
+    delete the agent refuses): nothing changes, a rejection with ``code``."""
 
     code: str
     message: str
@@ -115,7 +120,7 @@ class Reserve:
 
 
 EnsureOutcome = Changed | Unchanged | Conflict | Refused
-DeleteOutcome = Changed | Unchanged | NotFound
+DeleteOutcome = Changed | Unchanged | NotFound | Refused
 
 
 @dataclass(frozen=True)
@@ -191,12 +196,33 @@ def reserve(
     return Reserve(need)
 
 
-def delete(existing: Region | None) -> DeleteOutcome:
+def delete(
+    existing: Region | None, *, snapshots: Sequence[str] = (), cloning: bool = False
+) -> DeleteOutcome:
     """``requested``/``created``/``failed`` become ``tombstoned``; a region already on
     its way out (or gone) is left as it is, so a repeated delete is harmless. A region
-    whose destroy failed is ``failed``: deleting it again tries the destroy again."""
+    whose destroy failed is ``failed``: deleting it again tries the destroy again.
+
+    Refused, changing nothing, as the real agent refuses them: a region with
+    ``snapshots`` (the names of those that exist; ``region_delete`` answers "must delete
+    snapshots first!"), and a clone the worker is copying now (``cloning``;
+    ``DataFile::destroy`` answers 503 for a region ``Creating``): its delete is sent
+    again once the region is ``created`` or ``failed``."""
     if existing is None:
         return NotFound("no such region")
+    if existing.state in DELETABLE and snapshots:
+        return Refused(
+            HAS_SNAPSHOTS,
+            f"must delete snapshots first: region {existing.id} has "
+            f"{len(snapshots)} ({', '.join(sorted(snapshots)[:5])}"
+            f"{', ...' if len(snapshots) > 5 else ''})",
+        )
+    if existing.state in DELETABLE and cloning:
+        return Refused(
+            CLONING,
+            f"cannot destroy region {existing.id} while it is being cloned; "
+            "delete it again once it is created or failed",
+        )
     if existing.state in DELETABLE:
         return _move(existing, RegionState.TOMBSTONED)
     return Unchanged(existing)

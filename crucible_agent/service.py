@@ -40,20 +40,24 @@ for by the next one.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import random
 import signal
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, NoReturn, Protocol, TypeVar
 
-from crucible_agent import regions
-from crucible_agent.delay import Delay
+from crucible_agent import regions, snapshots
+from crucible_agent.delay import Delay, Fixed
 from crucible_agent.files import RegionFiles
 from crucible_agent.space import SpaceReserve, is_out_of_space
 from crucible_agent.store import AgentStore, Cause, OutOfSpace, Transaction
+from schemas import tracing
 from schemas.base import Envelope
 from schemas.common import CommandRejected, Rejection
 from schemas.outbox import OutgoingMessage
@@ -72,6 +76,23 @@ from schemas.region import (
     RegionStateChanged,
 )
 from schemas.sled import AgentAnnounced, CrucibleAgentInfo
+from schemas.snapshot import (
+    RegionSnapshotChange,
+    RegionSnapshotCreate,
+    RegionSnapshotDelete,
+    RegionSnapshotGet,
+    RegionSnapshotList,
+    RegionSnapshots,
+    RegionSnapshotsInfo,
+    RegionSnapshotStateChanged,
+    RunningSnapshot,
+    RunningSnapshotChange,
+    RunningSnapshotRun,
+    RunningSnapshotStateChanged,
+    RunningSnapshotStop,
+    Snapshot,
+    SnapshotRef,
+)
 from schemas.tasks import TransientRetries
 from schemas.topology import EVENTS_EXCHANGE, REPLIES_EXCHANGE, crucible_queue
 from schemas.transport import Delivery
@@ -98,6 +119,9 @@ class Replier(Protocol):
     async def publish_event(self, message: Envelope) -> None: ...
 
 
+NO_DELAY = Fixed(0.0)
+
+
 @dataclass(frozen=True)
 class Faults:
     """How long creates take and how creates and destroys go wrong, drawn from one seeded
@@ -107,6 +131,10 @@ class Faults:
     fail_fraction: float = 0.0
     crash_mid_create_fraction: float = 0.0
     destroy_fail_fraction: float = 0.0
+    # What a clone (a region with a ``source``) takes on top of ``delay``: a sampled
+    # delay and a rate per GiB of the region, for the copy from its source.
+    clone_delay: Delay = NO_DELAY
+    clone_seconds_per_gib: float = 0.0
 
 
 def kill_this_process() -> None:
@@ -116,6 +144,25 @@ def kill_this_process() -> None:
 
 def event_id(agent_id: uuid.UUID, region: Region) -> uuid.UUID:
     return uuid.uuid5(EVENT_NAMESPACE, f"{agent_id}:{region.id}:{region.generation}")
+
+
+def snapshot_event_id(agent_id: uuid.UUID, snapshot: Snapshot) -> uuid.UUID:
+    return uuid.uuid5(
+        EVENT_NAMESPACE,
+        f"{agent_id}:{snapshot.region_id}:snapshot:{snapshot.name}:{snapshot.generation}",
+    )
+
+
+def running_event_id(agent_id: uuid.UUID, running: RunningSnapshot) -> uuid.UUID:
+    return uuid.uuid5(
+        EVENT_NAMESPACE,
+        f"{agent_id}:{running.id}:running:{running.name}:{running.generation}",
+    )
+
+
+# The real agent copies clones in a pool of this many tasks (``WORKER_COUNT``).
+CLONE_SLOTS = 64
+GIB = 1 << 30
 
 
 class RegionService:
@@ -156,6 +203,12 @@ class RegionService:
         self._worker_count = workers
         self._running_workers: set[asyncio.Task[None]] = set()
         self._taken: set[uuid.UUID] = set()
+        self._taken_running: set[tuple[uuid.UUID, str]] = set()
+        # Clones handed to the clone pool and not finished: a delete is refused while
+        # they are (the real agent's ``Creating``; like it, kept in memory only, so a
+        # restart takes the region, still ``requested``, from the start).
+        self._cloning: set[uuid.UUID] = set()
+        self._clone_slots = asyncio.Semaphore(CLONE_SLOTS)
         self._work_ready = asyncio.Event()
         self._stopping = asyncio.Event()
         self._workers: set[asyncio.Task[None]] = set()
@@ -203,6 +256,12 @@ class RegionService:
                 await self._get(delivery, message)
             case RegionList():
                 await self._list(delivery, message)
+            case RegionSnapshotCreate() | RegionSnapshotDelete():
+                await self._snapshot_command(delivery, message)
+            case RunningSnapshotRun() | RunningSnapshotStop():
+                await self._running_command(delivery, message)
+            case RegionSnapshotGet() | RegionSnapshotList():
+                await self._snapshot_query(delivery, message)
             case _:
                 await self._reject(
                     delivery,
@@ -293,7 +352,10 @@ class RegionService:
     ) -> regions.DeleteOutcome:
         region_id = command.payload.id
         async with self._store.transaction() as tx:
-            outcome = regions.delete(await tx.region(region_id))
+            taken = [s.name for s in await tx.snapshots(region_id) if snapshots.exists(s)]
+            outcome = regions.delete(
+                await tx.region(region_id), snapshots=taken, cloning=region_id in self._cloning
+            )
             match outcome:
                 case regions.Changed():
                     await self._record(tx, outcome, Cause.of(command))
@@ -302,6 +364,9 @@ class RegionService:
                     await self._send_info(tx, delivery, command, outcome.region)
                 case regions.NotFound():
                     await self._send_rejection(tx, delivery, command, "not_found", outcome.message)
+                    _log_rejection(command, outcome.message)
+                case regions.Refused():
+                    await self._send_rejection(tx, delivery, command, outcome.code, outcome.message)
                     _log_rejection(command, outcome.message)
         return outcome
 
@@ -358,6 +423,159 @@ class RegionService:
         """Why the data directory has no room for a new region now, if so."""
         return None if self._reserve is None else self._reserve.shortage()
 
+    # Snapshots: taken and deleted by the command's handler (a ZFS snapshot is taken or
+    # destroyed at once; here the copy keeps the extents' holes, so it costs only their
+    # data), in the transaction that records it, so that no other command decides on
+    # the snapshot meanwhile. Running snapshots are recorded here and started or
+    # stopped by the worker.
+
+    async def _snapshot_command(
+        self, delivery: Delivery, command: RegionSnapshotCreate | RegionSnapshotDelete
+    ) -> None:
+        try:
+            await self._writing(lambda: self._snapshot_recorded(delivery, command))
+        except OutOfSpace as full:
+            await self._reject_directly(
+                delivery, command, regions.OUT_OF_SPACE, regions.out_of_space(str(full))
+            )
+            return
+        self._relay.notify()
+
+    async def _snapshot_recorded(
+        self, delivery: Delivery, command: RegionSnapshotCreate | RegionSnapshotDelete
+    ) -> None:
+        ref = command.payload
+        async with self._store.transaction() as tx:
+            region = await tx.region(ref.region_id)
+            existing = await tx.snapshot(ref.region_id, ref.name)
+            if isinstance(command, RegionSnapshotCreate):
+                outcome = snapshots.create(region, existing, ref, now=datetime.now(UTC))
+            else:
+                running = await tx.running_snapshot(ref.region_id, ref.name)
+                outcome = snapshots.delete(region, existing, running)
+            if isinstance(outcome, snapshots.SnapshotChanged):
+                failure = self._snapshot_files(outcome.snapshot)
+                if failure is not None:
+                    outcome = regions.Refused("snapshot_failed", failure)
+            await self._answer_snapshot(tx, delivery, command, ref, outcome)
+
+    def _snapshot_files(self, snapshot: Snapshot) -> str | None:
+        """Takes or removes the snapshot's files; None, or why they could not be."""
+        try:
+            if snapshots.exists(snapshot):
+                self._files.take_snapshot(snapshot)
+            else:
+                self._files.remove_snapshot(snapshot.region_id, snapshot.name)
+        except OSError as error:
+            if is_out_of_space(error):
+                self._files.remove_snapshot(snapshot.region_id, snapshot.name)
+                return regions.out_of_space(f"could not copy the region's files: {error}")
+            doing = "take" if snapshots.exists(snapshot) else "remove"
+            return f"could not {doing} the snapshot's files: {error}"
+        return None
+
+    async def _running_command(
+        self, delivery: Delivery, command: RunningSnapshotRun | RunningSnapshotStop
+    ) -> None:
+        try:
+            outcome = await self._writing(lambda: self._running_recorded(delivery, command))
+        except OutOfSpace as full:
+            await self._reject_directly(
+                delivery, command, regions.OUT_OF_SPACE, regions.out_of_space(str(full))
+            )
+            return
+        self._relay.notify()
+        if isinstance(outcome, snapshots.RunningChanged):
+            self._wake_worker()
+
+    async def _running_recorded(
+        self, delivery: Delivery, command: RunningSnapshotRun | RunningSnapshotStop
+    ) -> snapshots.RunningOutcome:
+        ref = command.payload
+        async with self._store.transaction() as tx:
+            region = await tx.region(ref.region_id)
+            existing = await tx.running_snapshot(ref.region_id, ref.name)
+            if isinstance(command, RunningSnapshotRun):
+                outcome = snapshots.run(
+                    region,
+                    await tx.snapshot(ref.region_id, ref.name),
+                    existing,
+                    ref,
+                    # Adding up the holdings reads every port held: only a new one needs it.
+                    free_port=(await tx.holdings()).free_port if existing is None else None,
+                )
+            else:
+                outcome = snapshots.stop(region, existing)
+            await self._answer_snapshot(tx, delivery, command, ref, outcome)
+        return outcome
+
+    async def _answer_snapshot(
+        self,
+        tx: Transaction,
+        delivery: Delivery,
+        command: Envelope,
+        ref: SnapshotRef,
+        outcome: snapshots.SnapshotOutcome | snapshots.RunningOutcome,
+    ) -> None:
+        """Records a change with its event and answers the command, in ``tx``."""
+        match outcome:
+            case snapshots.SnapshotChanged():
+                await self._record_snapshot(tx, outcome, Cause.of(command))
+            case snapshots.RunningChanged():
+                await self._record_running(tx, outcome, Cause.of(command))
+            case regions.Refused():
+                await self._send_rejection(tx, delivery, command, outcome.code, outcome.message)
+                _log_rejection(command, outcome.message)
+                return
+            case regions.NotFound():
+                await self._send_rejection(tx, delivery, command, "not_found", outcome.message)
+                _log_rejection(command, outcome.message)
+                return
+        if delivery.reply_to is not None:
+            info = await self._snapshots_info(tx, command, ref.region_id)
+            await tx.send(
+                OutgoingMessage.of(
+                    info, exchange=REPLIES_EXCHANGE, routing_key=delivery.reply_to, mandatory=False
+                )
+            )
+
+    async def _snapshot_query(
+        self, delivery: Delivery, command: RegionSnapshotGet | RegionSnapshotList
+    ) -> None:
+        """Answered directly, as region queries are: a read changes nothing."""
+        async with self._store.transaction() as tx:
+            if isinstance(command, RegionSnapshotGet):
+                ref = command.payload
+                info = await self._snapshots_info(tx, command, ref.region_id, only=ref.name)
+            else:
+                info = await self._snapshots_info(tx, command, command.payload.id)
+        await self._replier.reply(delivery, info)
+
+    async def _snapshots_info(
+        self,
+        tx: Transaction,
+        command: Envelope,
+        region_id: uuid.UUID,
+        *,
+        only: str | None = None,
+    ) -> RegionSnapshotsInfo:
+        """The region's snapshots that exist and all its running snapshots (as the real
+        ``region_get_snapshots``), or only those named ``only``."""
+        region = await tx.region(region_id)
+        taken = [s for s in await tx.snapshots(region_id) if snapshots.exists(s)]
+        running = await tx.running_snapshots(region_id)
+        if only is not None:
+            taken = [s for s in taken if s.name == only]
+            running = [r for r in running if r.name == only]
+        found = RegionSnapshots(
+            agent_id=self.agent_id,
+            region_id=region_id,
+            region_state=None if region is None else region.state,
+            snapshots=tuple(taken),
+            running_snapshots=tuple(running),
+        )
+        return RegionSnapshotsInfo(source=self.source, payload=found, **command.caused())
+
     # Background work: the one worker, creating and destroying the files.
 
     async def resume(self) -> None:
@@ -390,10 +608,22 @@ class RegionService:
             self._work_ready.clear()
             region = await self._next_work()
             if region is None:
+                running = await self._next_running_work()
+                if running is not None:
+                    await self._running_work(running)
+                    continue
                 if self._work_ready.is_set():
                     continue
                 return
             self._taken.add(region.id)
+            if region.state is RegionState.REQUESTED and region.source is not None:
+                # A clone copies from another downstairs and may take long: it goes to
+                # the clone pool and the worker carries on, as the real one does.
+                self._cloning.add(region.id)
+                if self._start(self._clone(region)) is None:
+                    self._cloning.discard(region.id)
+                    self._taken.discard(region.id)
+                continue
             try:
                 if region.state is RegionState.TOMBSTONED:
                     await self._destroy(region.id)
@@ -413,12 +643,50 @@ class RegionService:
         return found[0]
 
     async def _create(self, region_id: uuid.UUID) -> None:
-        delay = self._faults.delay.sample(self._rng)
-        if await self._stopped_within(delay):
-            return
-        await self._until_done(
-            f"create of region {region_id}", lambda: self._create_once(region_id)
+        with await self._work_span(region_id, "create"):
+            delay = self._faults.delay.sample(self._rng)
+            if await self._stopped_within(delay):
+                return
+            await self._until_done(
+                f"create of region {region_id}", lambda: self._create_once(region_id)
+            )
+
+    async def _work_span(self, region_id: uuid.UUID, work: str) -> AbstractContextManager[None]:
+        """The span of the worker's ``work`` on a region, in the trace of the command
+        that asked for it (kept with the region's record, so also after a restart)."""
+        if not tracing.enabled():
+            return tracing.OFF
+        cause = await self._store.cause(region_id)
+        return tracing.span(
+            f"crucible region {work}",
+            parent=cause.trace_context,
+            attributes={"region.id": str(region_id), "crucible.agent_id": str(self.agent_id)},
         )
+
+    async def _clone(self, region: Region) -> None:
+        """A clone in the clone pool: the create's delay, plus the copy's (the clone
+        delay and the rate per GiB), then the create's reservation and files. A clone
+        that fails on an error that is not transient stays taken: the agent stops, and
+        its next start copies it again (the worker must not hand it out again meanwhile)."""
+        async with self._clone_slots:
+            delay = (
+                self._faults.delay.sample(self._rng)
+                + self._faults.clone_delay.sample(self._rng)
+                + self._faults.clone_seconds_per_gib * region.size_bytes / GIB
+            )
+            log.info(
+                "cloning region %s from %s (%.1f s)",
+                region.id,
+                region.source,
+                delay,
+                extra={"region_id": str(region.id)},
+            )
+            if not await self._stopped_within(delay):
+                await self._until_done(
+                    f"clone of region {region.id}", lambda: self._create_once(region.id)
+                )
+        self._cloning.discard(region.id)
+        self._taken.discard(region.id)
 
     async def _create_once(self, region_id: uuid.UUID) -> None:
         """Reserve, write the files, record the outcome; each attempt starts from the
@@ -503,10 +771,65 @@ class RegionService:
             return f"injected failure (fail fraction {self._faults.fail_fraction:g})"
         return None
 
+    async def _next_running_work(self) -> RunningSnapshot | None:
+        found: list[RunningSnapshot | None] = [None]
+
+        async def read() -> None:
+            async with self._store.transaction() as tx:
+                found[0] = await tx.next_running_work(
+                    snapshots.WORK_ORDER, taken=self._taken_running
+                )
+
+        await self._until_done("reading the next running snapshot work", read)
+        return found[0]
+
+    async def _running_work(self, running: RunningSnapshot) -> None:
+        """Starts a requested running snapshot's downstairs, or stops a tombstoned one's,
+        and records the outcome (the real worker's ``apply_smf`` for running snapshots)."""
+        key = (running.id, running.name)
+        self._taken_running.add(key)
+        try:
+            await self._until_done(
+                f"{'stop' if running.state is RegionState.TOMBSTONED else 'start'} of "
+                f"running snapshot {running.name} of region {running.id}",
+                lambda: self._running_work_once(running),
+            )
+        finally:
+            self._taken_running.discard(key)
+
+    async def _running_work_once(self, running: RunningSnapshot) -> None:
+        failure: str | None = None
+        if running.state is RegionState.TOMBSTONED:
+            self._files.stop_downstairs(running)
+        else:
+            try:
+                self._files.start_downstairs(running)
+            except OSError as error:
+                if is_out_of_space(error):
+                    raise
+                failure = f"could not start the read-only downstairs: {error}"
+
+        async def record() -> None:
+            async with self._store.transaction() as tx:
+                current = await tx.running_snapshot(running.id, running.name)
+                assert current is not None, "running snapshot records are never deleted"
+                outcome = (
+                    snapshots.stop_finished(current)
+                    if running.state is RegionState.TOMBSTONED
+                    else snapshots.start_finished(current, failure)
+                )
+                if isinstance(outcome, snapshots.RunningChanged):
+                    cause = await tx.running_cause(running.id, running.name)
+                    await self._record_running(tx, outcome, cause)
+
+        await self._writing(record)
+        self._relay.notify()
+
     async def _destroy(self, region_id: uuid.UUID) -> None:
-        await self._until_done(
-            f"removal of region {region_id}", lambda: self._destroy_once(region_id)
-        )
+        with await self._work_span(region_id, "destroy"):
+            await self._until_done(
+                f"removal of region {region_id}", lambda: self._destroy_once(region_id)
+            )
 
     async def _destroy_once(self, region_id: uuid.UUID) -> None:
         failure = self._remove_files(region_id)
@@ -540,7 +863,9 @@ class RegionService:
             # Not started now, still recorded: the next start resumes it.
             work.close()
             return None
-        task = asyncio.create_task(work)
+        # In a context of its own: background work is in no command's trace but the one
+        # its region's record names (_work_span).
+        task = asyncio.create_task(work, context=contextvars.Context())
         self._workers.add(task)
         task.add_done_callback(self._worker_done)
         return task
@@ -670,6 +995,66 @@ class RegionService:
                 "message_id": str(event.id),
                 "correlation_id": _str(event.correlation_id),
                 "region_id": str(region.id),
+            },
+        )
+
+    async def _record_snapshot(
+        self, tx: Transaction, change: snapshots.SnapshotChanged, cause: Cause
+    ) -> None:
+        snapshot = change.snapshot
+        await tx.save_snapshot(snapshot)
+        event = RegionSnapshotStateChanged(
+            id=snapshot_event_id(self.agent_id, snapshot),
+            source=self.source,
+            payload=RegionSnapshotChange(agent_id=self.agent_id, snapshot=snapshot),
+            **_caused(cause),
+        )
+        await tx.send(
+            OutgoingMessage.of(
+                event, exchange=EVENTS_EXCHANGE, routing_key=event.routing_key(), mandatory=False
+            )
+        )
+        log.info(
+            "region %s snapshot %s: %s (generation %d)",
+            snapshot.region_id,
+            snapshot.name,
+            snapshot.state.value,
+            snapshot.generation,
+            extra={
+                "message_id": str(event.id),
+                "correlation_id": _str(event.correlation_id),
+                "region_id": str(snapshot.region_id),
+            },
+        )
+
+    async def _record_running(
+        self, tx: Transaction, change: snapshots.RunningChanged, cause: Cause
+    ) -> None:
+        running = change.running
+        await tx.save_running_snapshot(running, cause)
+        event = RunningSnapshotStateChanged(
+            id=running_event_id(self.agent_id, running),
+            source=self.source,
+            payload=RunningSnapshotChange(agent_id=self.agent_id, running_snapshot=running),
+            **_caused(cause),
+        )
+        await tx.send(
+            OutgoingMessage.of(
+                event, exchange=EVENTS_EXCHANGE, routing_key=event.routing_key(), mandatory=False
+            )
+        )
+        log.info(
+            "region %s running snapshot %s: %s -> %s (generation %d, port %d)",
+            running.id,
+            running.name,
+            change.previous.state.value if change.previous else "-",
+            running.state.value,
+            running.generation,
+            running.port_number,
+            extra={
+                "message_id": str(event.id),
+                "correlation_id": _str(event.correlation_id),
+                "region_id": str(running.id),
             },
         )
 

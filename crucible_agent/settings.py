@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from crucible_agent.delay import Delay, parse_delay
+from schemas.base import Port
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
@@ -28,6 +29,16 @@ class CrucibleSettings(BaseSettings):
         default="fixed:0",
         description="extra time a create takes: fixed:S | uniform:LO,HI | "
         "lognormal:MEDIAN,SIGMA,MIN,MAX (seconds)",
+    )
+    clone_delay: str = Field(
+        default="fixed:0",
+        description="what a clone (a region ensured with a source) takes on top of "
+        "create_delay, for the copy from its source: the same forms as create_delay",
+    )
+    clone_seconds_per_gib: float = Field(
+        default=0.0,
+        ge=0,
+        description="and a further number of seconds per GiB of the clone's size",
     )
     seed: int | None = Field(default=None, description="seed of the delay and fault draws")
     fail_fraction: Fraction = Field(default=0.0, description="fraction of creates that fail")
@@ -73,8 +84,22 @@ class CrucibleSettings(BaseSettings):
         "complete their passes, its broker connection is up); "
         "`crucible-agent health` (a container health check) reads its age",
     )
+    metrics_port: Port | None = Field(
+        default=None,
+        description="serve Prometheus metrics at /metrics on this port (0: a free one, "
+        "logged and written to the metrics address file); unset: no metrics",
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="the metrics server's address")
+    metrics_address_file: Path | None = Field(
+        default=None, description="where the metrics URL is written once it is served"
+    )
+    trace_file: Path | None = Field(
+        default=None,
+        description="where finished trace spans are appended, one JSON object a line "
+        "(schemas/tracing.py); OTLP export is configured by the OTEL_* variables",
+    )
 
-    @field_validator("create_delay")
+    @field_validator("create_delay", "clone_delay")
     @classmethod
     def _delay_parses(cls, value: str) -> str:
         parse_delay(value)
@@ -91,6 +116,10 @@ class CrucibleSettings(BaseSettings):
     @property
     def delay(self) -> Delay:
         return parse_delay(self.create_delay)
+
+    @property
+    def clone_extra_delay(self) -> Delay:
+        return parse_delay(self.clone_delay)
 
     @property
     def database_path(self) -> Path:

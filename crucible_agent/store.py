@@ -1,7 +1,8 @@
 """The agent's own state: SQLite in its data directory, through SQLAlchemy Core.
 
-Two tables: ``regions`` (the records, destroyed ones included) and ``outbox`` (messages
-committed with the change that caused them, waiting for the relay). One connection
+Four tables: ``regions`` (the records, destroyed ones included), ``snapshots`` and
+``running_snapshots`` (the same, keyed by region and snapshot name), and ``outbox``
+(messages committed with the change that caused them, waiting for the relay). One connection
 serves the whole process, one transaction at a time: SQLite has one writer anyway, and
 queueing on a lock here is cheaper than contending for the file lock (docs/design.md,
 "Measured facts").
@@ -25,9 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Self
 
@@ -60,9 +62,11 @@ from sqlalchemy.sql import Select
 
 from crucible_agent.regions import FIRST_PORT, LAST_PORT, Holdings
 from crucible_agent.space import SpaceReserve, is_out_of_space
+from schemas import tracing
 from schemas.base import Envelope
 from schemas.outbox import OutgoingMessage
 from schemas.region import Region, RegionState
+from schemas.snapshot import RunningSnapshot, Snapshot, SnapshotState
 
 metadata = MetaData(
     naming_convention={
@@ -92,6 +96,35 @@ regions_table = Table(
     # restart) publishes its event in that command's correlation.
     Column("cause_id", Uuid, nullable=False),
     Column("correlation_id", Uuid, nullable=False),
+    # ... and that command's trace (schemas.tracing), which the worker's span continues.
+    Column("trace_context", String(1000)),
+)
+
+snapshots_table = Table(
+    "snapshots",
+    metadata,
+    Column("region_id", Uuid, primary_key=True),
+    Column("name", String(128), primary_key=True),
+    # ISO 8601 with its offset: SQLite keeps no time zone in a DATETIME.
+    Column("created", String(40), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("generation", Integer, nullable=False),
+)
+
+running_snapshots_table = Table(
+    "running_snapshots",
+    metadata,
+    Column("region_id", Uuid, primary_key=True),
+    Column("name", String(128), primary_key=True),
+    Column("port_number", Integer, nullable=False),
+    Column("state", String(16), nullable=False, index=True),
+    Column("generation", Integer, nullable=False),
+    Column("failure", String(2000)),
+    # As a region's: the command behind the latest change, for the worker's events,
+    # and its trace.
+    Column("cause_id", Uuid, nullable=False),
+    Column("correlation_id", Uuid, nullable=False),
+    Column("trace_context", String(1000)),
 )
 
 outbox_table = Table(
@@ -108,11 +141,20 @@ outbox_table = Table(
     Column("correlation_id", Uuid),
     Column("reply_to", String(255)),
     Column("mandatory", Boolean, nullable=False),
+    Column("trace_context", String(1000)),
+)
+
+# Columns added since the first release, with their DDL: a database from before gets them.
+_ADDED_COLUMNS = (
+    ("regions", "trace_context", "VARCHAR(1000)"),
+    ("outbox", "trace_context", "VARCHAR(1000)"),
 )
 
 
 # regions.holds_port in SQL; the two must agree (tests/unit/test_crucible_store.py).
 _holds_port = regions_table.c.state != RegionState.DESTROYED.value
+# snapshots.holds_port in SQL.
+_running_holds_port = running_snapshots_table.c.state != RegionState.DESTROYED.value
 # No region has this id: the holdings of every region.
 _NOBODY = uuid.UUID(int=0)
 
@@ -120,16 +162,22 @@ _NOBODY = uuid.UUID(int=0)
 def _holdings_query() -> Select[int, int, int | None]:
     """Reserved bytes, count and the lowest free port of the regions not destroyed but
     one (``b_except``), in one statement. The lowest free port is the first one, or one
-    above a port in use; SQLite builds the set of ports in use once for the ``NOT IN``."""
+    above a port in use; SQLite builds the set of ports in use once for the ``NOT IN``.
+    Running snapshots hold ports too (``get_free_port`` in the real agent skips both)."""
     held = regions_table.c
+    running = running_snapshots_table.c
     counted = and_(_holds_port, held.id != bindparam("b_except", type_=Uuid))
+    ports = union_all(
+        select(held.port_number.label("port")).where(counted),
+        select(running.port_number.label("port")).where(_running_holds_port),
+    ).subquery()
     candidates = union_all(
         select(literal(FIRST_PORT).label("port")),
-        select((held.port_number + 1).label("port")).where(
-            counted, held.port_number >= FIRST_PORT, held.port_number < LAST_PORT
+        select((ports.c.port + 1).label("port")).where(
+            ports.c.port >= FIRST_PORT, ports.c.port < LAST_PORT
         ),
     ).subquery()
-    in_use = select(held.port_number).where(counted)
+    in_use = select(ports.c.port)
     free_port = (
         select(func.min(candidates.c.port))
         .where(candidates.c.port.not_in(in_use))
@@ -148,10 +196,16 @@ _HOLDINGS = _holdings_query()
 class Cause:
     message_id: uuid.UUID
     correlation_id: uuid.UUID
+    # The trace the command was handled in (empty when tracing is off).
+    trace_context: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def of(cls, command: Envelope) -> Cause:
-        return cls(message_id=command.id, correlation_id=command.correlation_id or command.id)
+        return cls(
+            message_id=command.id,
+            correlation_id=command.correlation_id or command.id,
+            trace_context=tracing.current_headers(),
+        )
 
 
 class Transaction:
@@ -209,12 +263,18 @@ class Transaction:
 
     async def cause(self, region_id: uuid.UUID) -> Cause:
         result = await self._connection.execute(
-            select(regions_table.c.cause_id, regions_table.c.correlation_id).where(
-                regions_table.c.id == region_id
-            )
+            select(
+                regions_table.c.cause_id,
+                regions_table.c.correlation_id,
+                regions_table.c.trace_context,
+            ).where(regions_table.c.id == region_id)
         )
         row = result.one()
-        return Cause(message_id=row.cause_id, correlation_id=row.correlation_id)
+        return Cause(
+            message_id=row.cause_id,
+            correlation_id=row.correlation_id,
+            trace_context=tracing.loads(row.trace_context),
+        )
 
     async def insert(self, region: Region, cause: Cause) -> None:
         await self._connection.execute(
@@ -233,6 +293,116 @@ class Transaction:
         if result.rowcount != 1:
             raise StaleRegion(f"region {region.id} is not at generation {region.generation - 1}")
 
+    # Snapshots and running snapshots.
+
+    async def snapshot(self, region_id: uuid.UUID, name: str) -> Snapshot | None:
+        snap = snapshots_table.c
+        result = await self._connection.execute(
+            select(snapshots_table).where(snap.region_id == region_id, snap.name == name)
+        )
+        row = result.one_or_none()
+        return None if row is None else _snapshot(row)
+
+    async def snapshots(self, region_id: uuid.UUID) -> list[Snapshot]:
+        """Every snapshot record of the region, deleted ones too, by name."""
+        snap = snapshots_table.c
+        result = await self._connection.execute(
+            select(snapshots_table).where(snap.region_id == region_id).order_by(snap.name)
+        )
+        return [_snapshot(row) for row in result]
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        """Inserts a new snapshot, or updates one guarded on the generation before it."""
+        snap = snapshots_table.c
+        columns = _snapshot_columns(snapshot)
+        if snapshot.generation == 1:
+            await self._connection.execute(insert(snapshots_table).values(**columns))
+            return
+        result = await self._connection.execute(
+            update(snapshots_table)
+            .where(
+                snap.region_id == snapshot.region_id,
+                snap.name == snapshot.name,
+                snap.generation == snapshot.generation - 1,
+            )
+            .values(**columns)
+        )
+        if result.rowcount != 1:
+            raise StaleRegion(
+                f"snapshot {snapshot.name} of region {snapshot.region_id} is not at "
+                f"generation {snapshot.generation - 1}"
+            )
+
+    async def running_snapshot(self, region_id: uuid.UUID, name: str) -> RunningSnapshot | None:
+        run = running_snapshots_table.c
+        result = await self._connection.execute(
+            select(running_snapshots_table).where(run.region_id == region_id, run.name == name)
+        )
+        row = result.one_or_none()
+        return None if row is None else _running(row)
+
+    async def running_snapshots(self, region_id: uuid.UUID) -> list[RunningSnapshot]:
+        run = running_snapshots_table.c
+        result = await self._connection.execute(
+            select(running_snapshots_table).where(run.region_id == region_id).order_by(run.name)
+        )
+        return [_running(row) for row in result]
+
+    async def save_running_snapshot(self, running: RunningSnapshot, cause: Cause) -> None:
+        """Inserts a new running snapshot, or updates one guarded on the generation
+        before it."""
+        run = running_snapshots_table.c
+        columns = {**_running_columns(running), **_cause_columns(cause)}
+        if running.generation == 1:
+            await self._connection.execute(insert(running_snapshots_table).values(**columns))
+            return
+        result = await self._connection.execute(
+            update(running_snapshots_table)
+            .where(
+                run.region_id == running.id,
+                run.name == running.name,
+                run.generation == running.generation - 1,
+            )
+            .values(**columns)
+        )
+        if result.rowcount != 1:
+            raise StaleRegion(
+                f"running snapshot {running.name} of region {running.id} is not at "
+                f"generation {running.generation - 1}"
+            )
+
+    async def running_cause(self, region_id: uuid.UUID, name: str) -> Cause:
+        run = running_snapshots_table.c
+        result = await self._connection.execute(
+            select(run.cause_id, run.correlation_id, run.trace_context).where(
+                run.region_id == region_id, run.name == name
+            )
+        )
+        row = result.one()
+        return Cause(
+            message_id=row.cause_id,
+            correlation_id=row.correlation_id,
+            trace_context=tracing.loads(row.trace_context),
+        )
+
+    async def next_running_work(
+        self, order: Sequence[RegionState], taken: Collection[tuple[uuid.UUID, str]] = ()
+    ) -> RunningSnapshot | None:
+        """The first running snapshot, by region id and name, in the first of ``order``'s
+        states that has one, other than those ``taken``."""
+        run = running_snapshots_table.c
+        for state in order:
+            result = await self._connection.execute(
+                select(running_snapshots_table)
+                .where(run.state == state.value)
+                .order_by(run.region_id, run.name)
+            )
+            for row in result:
+                found = _running(row)
+                if (found.id, found.name) not in taken:
+                    return found
+        return None
+
     async def send(self, message: OutgoingMessage) -> None:
         await self._connection.execute(
             insert(outbox_table).values(
@@ -244,6 +414,7 @@ class Transaction:
                 correlation_id=message.correlation_id,
                 reply_to=message.reply_to,
                 mandatory=message.mandatory,
+                trace_context=tracing.dumps(message.trace_context),
             )
         )
 
@@ -284,6 +455,7 @@ class AgentStore:
         async with connection.begin():
             await connection.run_sync(metadata.create_all)
             await _add_reservations(connection)
+            await _add_columns(connection)
         return cls(engine, connection, reserve)
 
     async def close(self) -> None:
@@ -312,6 +484,21 @@ class AgentStore:
     async def regions(self) -> list[Region]:
         async with self.transaction() as tx:
             return await tx.regions()
+
+    async def figures(self) -> tuple[dict[str, int], int]:
+        """Regions by state, and the messages waiting in the outbox (for metrics)."""
+        async with self.transaction():
+            by_state = await self._connection.execute(
+                select(regions_table.c.state, func.count()).group_by(regions_table.c.state)
+            )
+            counts = {str(state): int(count) for state, count in by_state}
+            unsent = await self._connection.scalar(select(func.count()).select_from(outbox_table))
+        return counts, int(unsent or 0)
+
+    async def cause(self, region_id: uuid.UUID) -> Cause:
+        """The command behind the region's latest change (its record must exist)."""
+        async with self.transaction() as tx:
+            return await tx.cause(region_id)
 
     # OutboxStore.
 
@@ -359,6 +546,14 @@ async def _add_reservations(connection: AsyncConnection) -> None:
     )
 
 
+async def _add_columns(connection: AsyncConnection) -> None:
+    """The nullable columns added since the first release, on a database from before."""
+    for table, column, ddl in _ADDED_COLUMNS:
+        found = await connection.exec_driver_sql(f"PRAGMA table_info({table})")
+        if column not in {row.name for row in found}:
+            await connection.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
+
+
 def _pragmas(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
     cursor = dbapi_connection.cursor()
     # WAL: readers never block the writer. FULL: a commit survives power loss, not just
@@ -384,14 +579,60 @@ def _columns(region: Region) -> dict[str, Any]:
     }
 
 
-def _cause_columns(cause: Cause) -> dict[str, uuid.UUID]:
-    return {"cause_id": cause.message_id, "correlation_id": cause.correlation_id}
+def _cause_columns(cause: Cause) -> dict[str, uuid.UUID | str | None]:
+    return {
+        "cause_id": cause.message_id,
+        "correlation_id": cause.correlation_id,
+        "trace_context": tracing.dumps(cause.trace_context),
+    }
 
 
 def _region(row: Row[Any]) -> Region:
     fields = {column: row._mapping[column] for column in Region.model_fields}
     fields["state"] = RegionState(fields["state"])
     return Region(**fields)
+
+
+def _snapshot_columns(snapshot: Snapshot) -> dict[str, Any]:
+    return {
+        "region_id": snapshot.region_id,
+        "name": snapshot.name,
+        "created": snapshot.created.isoformat(),
+        "state": snapshot.state.value,
+        "generation": snapshot.generation,
+    }
+
+
+def _snapshot(row: Row[Any]) -> Snapshot:
+    return Snapshot(
+        region_id=row.region_id,
+        name=row.name,
+        created=datetime.fromisoformat(row.created),
+        state=SnapshotState(row.state),
+        generation=row.generation,
+    )
+
+
+def _running_columns(running: RunningSnapshot) -> dict[str, Any]:
+    return {
+        "region_id": running.id,
+        "name": running.name,
+        "port_number": running.port_number,
+        "state": running.state.value,
+        "generation": running.generation,
+        "failure": running.failure,
+    }
+
+
+def _running(row: Row[Any]) -> RunningSnapshot:
+    return RunningSnapshot(
+        id=row.region_id,
+        name=row.name,
+        port_number=row.port_number,
+        state=RegionState(row.state),
+        generation=row.generation,
+        failure=row.failure,
+    )
 
 
 def _outgoing(row: Row[Any]) -> OutgoingMessage:
@@ -404,4 +645,5 @@ def _outgoing(row: Row[Any]) -> OutgoingMessage:
         correlation_id=row.correlation_id,
         reply_to=row.reply_to,
         mandatory=row.mandatory,
+        trace_context=tracing.loads(row.trace_context),
     )

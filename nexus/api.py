@@ -40,10 +40,12 @@ from nexus.db.models import (
 )
 from nexus.db.states import DiskState, InstanceState, SagaState, SledState, WaitState
 from nexus.doctor import run_doctor
+from nexus.liveness import expunge_sled
 from nexus.saga.definition import SagaDefinition
 from nexus.saga.executor import SagaExecutor
 from nexus.saga.position import Position, WaitingNode
 from nexus.sagas import disk_create, disk_delete, instance_create, instance_delete, instance_power
+from nexus.sleds import sled_views
 from nexus.unclaimed import summarise
 from schemas import api
 from schemas.base import Envelope
@@ -105,6 +107,8 @@ class Api:
             api.UnclaimedEventsList: self.unclaimed_events,
             api.SagaGet: self.saga_get,
             api.SagaList: self.saga_list,
+            api.SledList: self.sled_list,
+            api.SledExpunge: self.sled_expunge,
         }
 
     @property
@@ -454,6 +458,41 @@ class Api:
             if found is not None:
                 return found
         raise not_found("instance", f"{ref.resource} in project {ref.project}")
+
+    # Sleds.
+
+    async def sled_list(self, request: api.SledList) -> Envelope:
+        async with self._sessions() as session:
+            views = await sled_views(session)
+        return api.SledListReply(source=self.source, payload=tuple(views), **request.caused())
+
+    async def sled_expunge(self, request: api.SledExpunge) -> Envelope:
+        sled_id = request.payload.sled_id
+        async with self._sessions.begin() as session:
+            expunged = await expunge_sled(session, sled_id, self._clock())
+            views = await sled_views(session, only=sled_id)
+            if not views:
+                # Nothing names it: a typo, not a sled. The transaction changed nothing.
+                raise not_found("sled", sled_id)
+        for woke in expunged.woken:
+            self._executor.spawn(woke.saga_id)
+        if expunged.changed:
+            log.warning(
+                "sled %s expunged by an operator: %d datasets expunged, %d VMMs failed",
+                sled_id,
+                expunged.datasets,
+                expunged.failed_vmms,
+            )
+        return api.SledExpungeReply(
+            source=self.source,
+            payload=api.SledExpunged(
+                sled=views[0],
+                changed=expunged.changed,
+                datasets_expunged=expunged.datasets,
+                vmms_failed=expunged.failed_vmms,
+            ),
+            **request.caused(),
+        )
 
     # Doctor.
 

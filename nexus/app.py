@@ -9,6 +9,9 @@ fails (the database or the broker is down) is logged and run again after a backo
 never ending its loop. The health file (``NEXUS_HEALTH_FILE``) is touched only while
 both complete their passes, the broker connection is up and no consumed message has
 been waiting on a transient failure for long (:meth:`NexusApp.problems`).
+
+With ``NEXUS_METRICS_PORT`` set it serves Prometheus metrics (``nexus.metrics``) from a
+registry of its own, so that several apps in one process keep their figures apart.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from nexus.api import Api
 from nexus.db.engine import create_engine, create_sessionmaker
 from nexus.events import EventIngest
 from nexus.liveness import expunge_lost_sleds, mark_silent_sleds
+from nexus.metrics import DatabaseFigures, NexusMetrics
 from nexus.saga.clock import Clock, DatabaseClock
 from nexus.saga.definition import SagaDefinition
 from nexus.saga.executor import SagaExecutor
@@ -36,6 +40,7 @@ from nexus.saga.position import SagaRow
 from nexus.sagas import ALL_SAGAS, disk_create
 from nexus.settings import NexusSettings
 from schemas.health import report_health
+from schemas.metrics import MetricsServer, Refresh, serve_metrics
 from schemas.outbox import OutboxRelay
 from schemas.progress import SagaProgress, SagaProgressed, SagaStep
 from schemas.redact import redact_urls_in
@@ -83,6 +88,10 @@ class NexusApp:
         self.relay: OutboxRelay | None = None
         self.ingest: EventIngest | None = None
         self.api: Api | None = None
+        # Its own registry: several apps in one process (tests) keep their figures apart.
+        self.metrics = NexusMetrics(settings.replica_id)
+        self.metrics_server: MetricsServer | None = None
+        self._figures: DatabaseFigures | None = None
 
     @property
     def replica_id(self) -> str:
@@ -99,6 +108,7 @@ class NexusApp:
             settings.amqp_url,
             name=f"nexus/{settings.replica_id}",
             heartbeat=settings.amqp_heartbeat,
+            metrics=self.metrics.messages,
         )
         await self.transport.connect()
         await self.transport.declare_topology()
@@ -117,6 +127,7 @@ class NexusApp:
             lease=timedelta(seconds=settings.lease_seconds),
             faults=self._faults,
             on_progress=self._saga_progress,
+            metrics=self.metrics,
         )
         self.ingest = EventIngest(
             self.sessions, self.clock.now, max_generation_lead=settings.max_generation_lead
@@ -155,13 +166,39 @@ class NexusApp:
                 report_health(settings.health_file, self.problems, HEALTH_SECONDS),
                 name="health",
             )
+        await self._serve_metrics()
         log.info(
             "nexus replica %s up (database %s)",
             settings.replica_id,
             redact_urls_in(settings.database_url),
         )
 
+    async def _serve_metrics(self) -> None:
+        """/metrics when NEXUS_METRICS_PORT is set; the database's figures are read at
+        scrape time, at most every NEXUS_METRICS_REFRESH_SECONDS."""
+        settings = self.settings
+        if settings.metrics_port is None:
+            return
+        assert self.sessions is not None
+        self._figures = figures = DatabaseFigures(
+            self.sessions, self.clock, self.replica_id, (d.name for d in self._definitions)
+        )
+        self.metrics.registry.register(figures)
+        self.metrics_server = await serve_metrics(
+            self.metrics.registry,
+            host=settings.metrics_host,
+            port=settings.metrics_port,
+            address_file=settings.metrics_address_file,
+            refresh=Refresh(figures.read, settings.metrics_refresh_seconds),
+        )
+
     async def stop(self) -> None:
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
+            self.metrics_server = None
+        if self._figures is not None:
+            self.metrics.registry.unregister(self._figures)
+            self._figures = None
         if self._health_task is not None:
             # A stopping replica is no longer healthy: the file ages from here on.
             self._health_task.cancel()
@@ -191,7 +228,7 @@ class NexusApp:
                     "correlation_id": str(delivery.message.correlation_id),
                 },
             )
-            self.executor.spawn(ingested.woken.saga_id)
+            self.executor.spawn(ingested.woken.saga_id, woken=ingested.woken.node)
 
     async def start_saga(
         self, definition: SagaDefinition[Any], params: Any, saga_id: uuid.UUID | None = None

@@ -13,7 +13,8 @@ Authority comes first: a message is believed only about what its sender owns, by
 own records of what it placed where, never by what the message claims
 (:func:`authorize`). The sender is the envelope's ``source``, which the transport has
 checked against the broker-validated ``user_id``. A region event must come from the
-agent of the region's dataset, a VMM event from the sled Nexus placed the VMM on, a
+agent of the region's dataset (and so must a snapshot or running snapshot event, about
+one of its regions), a VMM event from the sled Nexus placed the VMM on, a
 rejection from the agent whose queue the command was sent to (its outbox row), and an
 announcement, a registration or a heartbeat from the agent it announces; the agent's
 queue is derived from its id, never taken from the message. Anything else is refused
@@ -80,6 +81,7 @@ from schemas.instance import VmmStateChanged
 from schemas.messages import Message, MessageRejected
 from schemas.region import RegionStateChanged
 from schemas.sled import AgentAnnounced, SledHeartbeat, SledRegistered
+from schemas.snapshot import RegionSnapshotStateChanged, RunningSnapshotStateChanged
 from schemas.topology import COMMANDS_EXCHANGE, crucible_queue, sled_queue
 
 log = logging.getLogger(__name__)
@@ -335,6 +337,24 @@ async def authorize(session: AsyncSession, message: Message) -> tuple[Owner, int
             owner = queue_agent(queue) if queue is not None else Nobody.UNRECORDED
             about = f"command {rejection.command_id} ({rejection.command_type})"
             check_speaker(message, owner, about)
+        case RegionSnapshotStateChanged(payload=change):
+            snapshot = change.snapshot
+            await _check_region_owner(
+                session,
+                message,
+                snapshot.region_id,
+                f"snapshot {snapshot.name} of region {snapshot.region_id}",
+                change.agent_id,
+            )
+        case RunningSnapshotStateChanged(payload=change):
+            running = change.running_snapshot
+            await _check_region_owner(
+                session,
+                message,
+                running.id,
+                f"running snapshot {running.name} of region {running.id}",
+                change.agent_id,
+            )
         case AgentAnnounced(payload=agent):
             check_speaker(message, crucible_source(agent.agent_id), f"dataset {agent.agent_id}")
         case SledRegistered(payload=info):
@@ -344,6 +364,20 @@ async def authorize(session: AsyncSession, message: Message) -> tuple[Owner, int
     if not isinstance(message, RegionStateChanged | VmmStateChanged):
         return None, None
     return owner, recorded
+
+
+async def _check_region_owner(
+    session: AsyncSession,
+    message: Envelope,
+    region_id: Any,
+    about: str,
+    agent_id: Any,
+) -> None:
+    """A snapshot or running snapshot is its region's: only the agent of the region's
+    dataset, by Nexus's records, may speak of it."""
+    region = (await session.execute(_REGION_DATASET, {"b_id": region_id})).first()
+    owner: Owner = Nobody.UNRECORDED if region is None else crucible_source(region.dataset_id)
+    check_speaker(message, owner, about, crucible_source(agent_id))
 
 
 def check_speaker(message: Envelope, owner: Owner, about: str, *named: str) -> None:
@@ -453,6 +487,24 @@ async def command_rejected(
     )
 
 
+async def snapshot_changed(
+    session: AsyncSession,
+    message: RegionSnapshotStateChanged | RunningSnapshotStateChanged,
+    now: datetime,
+) -> None:
+    """Taken, after :func:`authorize` let it through, and nothing more: Nexus keeps no
+    record of the agents' snapshots yet, and no saga waits on them. The snapshot sagas of
+    issue #15 give these events their wait keys; until then they are acked, never
+    dead-lettered (a consumer that refused them would fill the dead-letter queue with
+    every agent's honest reports)."""
+    log.debug(
+        "%s from %s: no saga waits on it yet",
+        message.TYPE,
+        message.source,
+        extra={"message_id": str(message.id)},
+    )
+
+
 async def sled_registered(session: AsyncSession, message: SledRegistered, now: datetime) -> None:
     info = message.payload
     # Its queue follows from its id; the message's ``queue`` is not believed.
@@ -530,6 +582,8 @@ HANDLERS: dict[type[Envelope], Handler] = {
     RegionStateChanged: region_state_changed,
     VmmStateChanged: vmm_state_changed,
     CommandRejected: command_rejected,
+    RegionSnapshotStateChanged: snapshot_changed,
+    RunningSnapshotStateChanged: snapshot_changed,
     SledRegistered: sled_registered,
     SledHeartbeat: sled_heartbeat,
     AgentAnnounced: agent_announced,

@@ -17,8 +17,10 @@ instance_watcher.rs``: a VMM on an expunged sled is marked ``Failed``, reason
 ``SledExpunged``), a background task that polls every sled agent for every VMM; here no
 sled is asked anything: the sweeper's pass reads heartbeat times already in the
 database, and the failure reaches waiting sagas by the rendezvous, like an agent's
-event. Omicron expunges only by an operator's decision; the threshold stands in for
-that decision here (an operator's ``expunge`` command is not built). Nexus cannot tell a
+event. Omicron expunges only by an operator's decision (``omdb nexus sled expunge``);
+here both exist: ``nexusctl sled expunge`` (:func:`expunge_sled`) and the threshold.
+Either way the sled's datasets are expunged with it: no new region is placed there.
+Nexus cannot tell a
 lost sled from its own deafness, hence the rule that another sled must be heard; it is
 not airtight: right after a broker outage longer than the threshold, a sled whose first
 heartbeat comes after another's (about a second) can be expunged though it lives. A
@@ -32,12 +34,13 @@ from __future__ import annotations
 import logging
 import uuid
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from nexus.db.models import Instance, Sled, Vmm
-from nexus.db.states import SledState, VmmState
+from nexus.db.models import Dataset, Instance, Sled, Vmm
+from nexus.db.states import DatasetState, SledState, VmmState
 from nexus.saga import rendezvous
 from nexus.saga.rendezvous import Woken
 from nexus.vmms import LIVE_VMM_STATES, record_vmm_state
@@ -96,22 +99,74 @@ async def expunge_lost_sleds(
                 .returning(Sled.id)
             )
         ).scalars()
-        woken = [
-            woke for sled_id in list(lost) for woke in await fail_vmms_of(session, sled_id, now)
-        ]
+        woken = [woke for sled_id in list(lost) for woke in await _expunge(session, sled_id, now)]
     return woken
 
 
-async def fail_vmms_of(session: AsyncSession, sled_id: uuid.UUID, now: datetime) -> list[Woken]:
+class Expunged(NamedTuple):
+    """What an operator's expunge did: nothing the second time."""
+
+    changed: bool
+    datasets: int
+    failed_vmms: int
+    woken: list[Woken]
+
+
+async def expunge_sled(session: AsyncSession, sled_id: uuid.UUID, now: datetime) -> Expunged:
+    """An operator's decision that ``sled_id`` is gone for good (Omicron's ``sled
+    expunge``): the sled, whatever it last said, and its datasets are expunged, and its
+    VMMs fail as when it is lost by silence. Run again, it changes nothing."""
+    sled = await session.execute(
+        update(Sled)
+        .where(Sled.id == sled_id, Sled.state != SledState.EXPUNGED)
+        .values(state=SledState.EXPUNGED)
+        .returning(Sled.id)
+    )
+    changed = sled.scalar_one_or_none() is not None
+    datasets = await _expunge_datasets(session, sled_id)
+    failed = await fail_vmms_of(session, sled_id, now)
+    return Expunged(
+        changed or datasets > 0 or bool(failed),
+        datasets,
+        len(failed),
+        [woke for woke in failed if woke is not None],
+    )
+
+
+async def _expunge(session: AsyncSession, sled_id: uuid.UUID, now: datetime) -> list[Woken]:
+    await _expunge_datasets(session, sled_id)
+    return [woke for woke in await fail_vmms_of(session, sled_id, now) if woke is not None]
+
+
+async def _expunge_datasets(session: AsyncSession, sled_id: uuid.UUID) -> int:
+    expunged = (
+        await session.execute(
+            update(Dataset)
+            .where(Dataset.sled_id == sled_id, Dataset.state != DatasetState.EXPUNGED)
+            .values(state=DatasetState.EXPUNGED)
+            .returning(Dataset.id)
+        )
+    ).scalars()
+    count = 0
+    for dataset_id in expunged:
+        count += 1
+        log.warning("dataset %s expunged with its sled %s", dataset_id, sled_id)
+    return count
+
+
+async def fail_vmms_of(
+    session: AsyncSession, sled_id: uuid.UUID, now: datetime
+) -> list[Woken | None]:
     """Record every VMM of an expunged sled that has not ended ``failed``, as if the sled
-    had said so at the next generation, and file that for the sagas waiting on it."""
+    had said so at the next generation, and file that for the sagas waiting on it; one
+    entry per VMM failed, with the saga that woke if one waited."""
     rows = await session.execute(
         select(Vmm, Instance.name)
         .join(Instance, Instance.id == Vmm.instance_id)
         .where(Vmm.sled_id == sled_id, Vmm.state.in_(LIVE_VMM_STATES))
         .order_by(Vmm.id)
     )
-    woken = []
+    woken: list[Woken | None] = []
     for vmm, name in rows.all():
         generation = vmm.generation + 1
         failed = WireVmm(
@@ -144,6 +199,5 @@ async def fail_vmms_of(session: AsyncSession, sled_id: uuid.UUID, now: datetime)
             LOST_REASON,
             extra={"vmm_id": str(vmm.id), "instance_id": str(vmm.instance_id)},
         )
-        if woke is not None:
-            woken.append(woke)
+        woken.append(woke)
     return woken

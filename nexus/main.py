@@ -90,7 +90,13 @@ def run_replica(nexus: NexusApp, *, migrate_first: bool = False) -> None:
             )
         await serve(nexus, stop)
 
-    run_service("nexus", settings.log_level, replica)
+    run_service(
+        "nexus",
+        settings.log_level,
+        replica,
+        traced_as=f"nexus/{settings.replica_id}",
+        trace_file=settings.trace_file,
+    )
     log.info("nexus replica %s stopped", settings.replica_id)
 
 

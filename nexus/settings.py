@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from schemas.base import MAX_SAFE_INTEGER
+from schemas.base import MAX_SAFE_INTEGER, Port
 from schemas.redact import redact_url
 
 if TYPE_CHECKING:
@@ -50,6 +50,9 @@ class NexusSettings(BaseSettings):
     # Touched after every sweeper pass that reached the database while the broker
     # connection was up; `nexus health` (a container health check) reads its age.
     health_file: Path | None = None
+    # Where finished trace spans are appended, one JSON object a line (schemas/tracing.py);
+    # OTLP export is configured by the standard OTEL_* variables.
+    trace_file: Path | None = None
     # How long a region may take before its saga asks the agent once (the reconcile
     # query); notifications, not this, resume the saga. Raise it when regions are slow.
     region_deadline_seconds: float = Field(default=300.0, gt=0)
@@ -78,6 +81,14 @@ class NexusSettings(BaseSettings):
     # replica to the others.
     amqp_heartbeat_seconds: int | None = Field(default=None, ge=0, le=65_534)
     log_level: LogLevel = "INFO"
+    # Prometheus metrics (README, "Metrics"): served on this port at /metrics when set
+    # (0: a free port, logged and written to NEXUS_METRICS_ADDRESS_FILE); off when unset.
+    metrics_port: Port | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_address_file: Path | None = None
+    # Figures read from the database (sagas by state, outbox depth, leases) are read at
+    # most this often, however often the metrics are scraped.
+    metrics_refresh_seconds: float = Field(default=5.0, ge=0)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -154,6 +154,23 @@ class Doctor(Envelope):
     payload: DoctorRequest = DoctorRequest()
 
 
+class SledList(Envelope):
+    IS_COMMAND = True
+    type: Literal["api.sled.list.v1"] = "api.sled.list.v1"
+
+
+class SledRef(Model):
+    sled_id: uuid.UUID
+
+
+class SledExpunge(Envelope):
+    """An operator's decision that a sled is gone for good, with its storage."""
+
+    IS_COMMAND = True
+    type: Literal["api.sled.expunge.v1"] = "api.sled.expunge.v1"
+    payload: SledRef
+
+
 class UnclaimedFilter(Model):
     groups: int = Field(default=20, gt=0, le=100, description="at most this many groups")
     examples: int = Field(default=3, ge=0, le=5, description="newest examples per group")
@@ -201,6 +218,34 @@ class InstanceView(Model):
     saga_id: uuid.UUID | None = None
     created_at: AwareDatetime
     updated_at: AwareDatetime
+
+
+class DatasetView(Model):
+    id: uuid.UUID
+    state: str
+    capacity_bytes: NonNegativeInt
+    free_bytes: NonNegativeInt
+    last_seen_at: AwareDatetime
+
+
+class SledView(Model):
+    id: uuid.UUID
+    # None for a sled known only from its datasets (no sled agent registered).
+    hostname: str | None = None
+    state: str | None = None
+    cpus: NonNegativeInt32 | None = None
+    memory_bytes: NonNegativeInt | None = None
+    last_heartbeat_at: AwareDatetime | None = None
+    live_vmms: NonNegativeInt = 0
+    datasets: tuple[DatasetView, ...] = ()
+
+
+class SledExpunged(Model):
+    sled: SledView
+    # What this request changed: nothing when the sled was already expunged.
+    changed: bool
+    datasets_expunged: NonNegativeInt
+    vmms_failed: NonNegativeInt
 
 
 class SagaLogEntry(Model):
@@ -300,6 +345,16 @@ class InstanceReply(Envelope):
 class InstanceListReply(Envelope):
     type: Literal["api.instances.v1"] = "api.instances.v1"
     payload: tuple[InstanceView, ...]
+
+
+class SledListReply(Envelope):
+    type: Literal["api.sleds.v1"] = "api.sleds.v1"
+    payload: tuple[SledView, ...]
+
+
+class SledExpungeReply(Envelope):
+    type: Literal["api.sled.expunged.v1"] = "api.sled.expunged.v1"
+    payload: SledExpunged
 
 
 class SagaReply(Envelope):

@@ -29,6 +29,10 @@ from schemas.api import (
     SagaList,
     SagaListReply,
     SagaReply,
+    SledExpunge,
+    SledExpungeReply,
+    SledList,
+    SledListReply,
     UnclaimedEventsList,
     UnclaimedEventsReply,
 )
@@ -54,6 +58,17 @@ from schemas.region import (
     RegionStateChanged,
 )
 from schemas.sled import AgentAnnounced, SledHeartbeat, SledRegistered
+from schemas.snapshot import (
+    RegionSnapshotCreate,
+    RegionSnapshotDelete,
+    RegionSnapshotGet,
+    RegionSnapshotList,
+    RegionSnapshotsInfo,
+    RegionSnapshotStateChanged,
+    RunningSnapshotRun,
+    RunningSnapshotStateChanged,
+    RunningSnapshotStop,
+)
 
 Message = Annotated[
     RegionEnsure
@@ -63,6 +78,15 @@ Message = Annotated[
     | RegionInfo
     | RegionListed
     | RegionStateChanged
+    | RegionSnapshotCreate
+    | RegionSnapshotDelete
+    | RegionSnapshotGet
+    | RegionSnapshotList
+    | RegionSnapshotsInfo
+    | RegionSnapshotStateChanged
+    | RunningSnapshotRun
+    | RunningSnapshotStop
+    | RunningSnapshotStateChanged
     | VmmEnsure
     | VmmStop
     | VmmReboot
@@ -88,6 +112,8 @@ Message = Annotated[
     | SagaGet
     | Doctor
     | UnclaimedEventsList
+    | SledList
+    | SledExpunge
     | DiskReply
     | DiskListReply
     | InstanceReply
@@ -97,6 +123,8 @@ Message = Annotated[
     | AcceptedReply
     | DoctorReply
     | UnclaimedEventsReply
+    | SledListReply
+    | SledExpungeReply
     | ApiError,
     Field(discriminator="type"),
 ]

@@ -19,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from schemas import tracing
 from schemas.base import Envelope
 from schemas.messages import encode
 from schemas.transport import PUBLISH_TIMEOUT_SECONDS, Transport
@@ -41,6 +42,9 @@ class OutgoingMessage:
     reply_to: str | None = None
     # Replies and events nobody may be bound to yet must not be refused as unroutable.
     mandatory: bool = True
+    # The trace the message belongs to, as it was when the row was written
+    # (schemas.tracing; empty when tracing is off).
+    trace_context: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def of(
@@ -61,6 +65,7 @@ class OutgoingMessage:
             correlation_id=message.correlation_id,
             reply_to=reply_to,
             mandatory=mandatory,
+            trace_context=tracing.current_headers(),
         )
 
 
@@ -157,13 +162,27 @@ class OutboxRelay:
         return len(sent)
 
     async def _publish(self, row: OutgoingMessage) -> None:
-        await self._transport.publish_bytes(
-            row.body,
-            exchange=row.exchange,
-            routing_key=row.routing_key,
-            message_id=row.message_id,
-            message_type=row.message_type,
-            correlation_id=row.correlation_id,
-            reply_to=row.reply_to,
-            mandatory=row.mandatory,
-        )
+        # A row written in a trace is published in a span of it: the time it waited in
+        # the outbox shows in the trace, and the consumer's span is this one's child.
+        with (
+            tracing.span(
+                f"publish {row.message_type}",
+                parent=row.trace_context or None,
+                kind=tracing.SpanKind.PRODUCER,
+                attributes={"messaging.destination.name": row.exchange},
+            )
+            if row.trace_context
+            else tracing.OFF
+        ):
+            await self._transport.publish_bytes(
+                row.body,
+                exchange=row.exchange,
+                routing_key=row.routing_key,
+                message_id=row.message_id,
+                message_type=row.message_type,
+                correlation_id=row.correlation_id,
+                reply_to=row.reply_to,
+                # Passed on as written when this process does not trace.
+                headers=tracing.current_headers() or dict(row.trace_context) or None,
+                mandatory=row.mandatory,
+            )

@@ -20,7 +20,7 @@ from typing import Protocol, TypeVar
 
 from pydantic import ValidationError
 
-from schemas import logs
+from schemas import logs, tracing
 from schemas.health import Unhealthy, health_file_age
 from schemas.redact import describe, redact_urls_in
 
@@ -51,12 +51,22 @@ def settings_from(
 
 
 def run_service(
-    service: str, log_level: str, main: Callable[[asyncio.Event], Awaitable[None]]
+    service: str,
+    log_level: str,
+    main: Callable[[asyncio.Event], Awaitable[None]],
+    *,
+    traced_as: str | None = None,
+    trace_file: Path | None = None,
 ) -> None:
     """Logs configured, then ``main`` given an event that SIGTERM or SIGINT sets; it
-    should return soon after. A failure ends the process: logged, exit status 1."""
+    should return soon after. A failure ends the process: logged, exit status 1.
+
+    Tracing (:mod:`schemas.tracing`) is turned on when the environment or ``trace_file``
+    asks for it, with ``traced_as`` (the process's identity) as its service name."""
     logs.configure(service, log_level)
     try:
+        if tracing.configure(traced_as or service, trace_file=trace_file, role=service):
+            log.info("tracing on as %s", traced_as or service)
         asyncio.run(_until_signalled(main))
     except Exception as error:
         # Redacted: the errors of a server that refuses or does not answer quote its URL.
@@ -67,6 +77,8 @@ def run_service(
             extra={"traceback": redact_urls_in("".join(traceback.format_exception(error)))},
         )
         raise SystemExit(1) from None
+    finally:
+        tracing.shutdown()
 
 
 async def _until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:

@@ -33,6 +33,10 @@ NEXUS_EVENT_BINDINGS: Final = (
     "region.failed",
     "region.tombstoned",
     "region.destroyed",
+    # Snapshots and the read-only downstairs serving them (schemas.snapshot): Nexus
+    # checks who sent them; the snapshot sagas (issue #15) will wait on them.
+    "region_snapshot.*",
+    "running_snapshot.*",
     "instance.*",
     "sled.*",
     "agent.*",

@@ -23,6 +23,13 @@ What counts as transient:
   timeout (55P03), an idle-in-transaction timeout (25P03), and a transaction that lost a
   race (40001, 40P01) and may simply run again. asyncpg's own exceptions, which
   SQLAlchemy does not wrap while it connects, carry the same SQLSTATEs.
+- a replicated database failing over (Patroni): a write refused by a server that is
+  not the primary (25006, read-only transaction: a standby, or a primary being
+  demoted), and asyncpg finding no server that accepts writes among those a
+  multi-host address names (``target_session_attrs=read-write`` while the standby is
+  not yet promoted). The new primary takes the same work moments later; Nexus's engine
+  also drops a connection that met a read-only server (``nexus.db.engine``), so the
+  next attempt connects afresh and finds the primary.
 
 Everything else (validation, a bug, an integrity violation, an agent's refusal) is not.
 An exception raised ``from`` a transient one is transient; a group is transient when
@@ -40,7 +47,7 @@ import aio_pika
 # SQLSTATE classes and codes of a server or session that failed, not the statement.
 _TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "53", "58"})
 _TRANSIENT_SQLSTATES = frozenset(
-    {"57P01", "57P02", "57P03", "57014", "55P03", "25P03", "40001", "40P01"}
+    {"57P01", "57P02", "57P03", "57014", "55P03", "25P03", "25006", "40001", "40P01"}
 )
 # How far along ``__cause__`` to look: a chain is a handful of links, never a cycle.
 _MAX_CAUSES = 8
@@ -73,7 +80,17 @@ def _sqlalchemy_errors() -> ModuleType | None:
     return sys.modules.get("sqlalchemy.exc")
 
 
+def _asyncpg_errors() -> ModuleType | None:
+    """``asyncpg.exceptions`` if asyncpg was imported (as :func:`_sqlalchemy_errors`)."""
+    return sys.modules.get("asyncpg.exceptions")
+
+
 def _transient_itself(error: BaseException) -> bool:
+    asyncpg_errors = _asyncpg_errors()
+    if asyncpg_errors is not None and isinstance(
+        error, asyncpg_errors.TargetServerAttributeNotMatched
+    ):
+        return True
     if isinstance(
         error,
         Transient

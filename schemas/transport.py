@@ -29,7 +29,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aio_pika
 from aio_pika.abc import (
@@ -42,6 +42,7 @@ from aio_pika.abc import (
 from pamqp.commands import Basic
 from yarl import URL
 
+from schemas import tracing
 from schemas.base import Envelope
 from schemas.identity import NOT_OWNER, queue_agent, source_allowed
 from schemas.messages import Message, MessageRejected, decode, encode
@@ -63,6 +64,10 @@ from schemas.topology import (
     reply_queue,
 )
 from schemas.transient import Transient
+
+if TYPE_CHECKING:
+    # prometheus_client only in the processes that serve metrics, not in nexusctl.
+    from schemas.metrics import MessageMetrics
 
 log = logging.getLogger(__name__)
 
@@ -178,12 +183,14 @@ class Transport:
         retry_first_seconds: float = FIRST_DELAY_SECONDS,
         retry_max_seconds: float = MAX_DELAY_SECONDS,
         heartbeat: int | None = None,
+        metrics: MessageMetrics | None = None,
     ) -> None:
         """``retry_first_seconds`` and ``retry_max_seconds``: the backoff between runs of
         a handler that failed on a transient error (doubling from the first, with
         jitter). ``heartbeat``: the AMQP heartbeat in seconds (0: none; None: the URL's,
         else aio-pika's 60 s); the broker closes a connection it heard nothing on for 2
-        to 3 heartbeats and hands its unacked messages to other consumers."""
+        to 3 heartbeats and hands its unacked messages to other consumers. ``metrics``:
+        where consumed messages are counted (``schemas.metrics``), if anywhere."""
         self._url = url
         self._name = name
         self._heartbeat = heartbeat
@@ -206,6 +213,7 @@ class Transport:
             first_delay=retry_first_seconds, max_delay=retry_max_seconds
         )
         self._refusal_hooks: dict[str, RefusalHook] = {}
+        self._metrics = metrics
 
     # Lifecycle.
 
@@ -374,6 +382,7 @@ class Transport:
             message_type=message.TYPE,
             correlation_id=message.correlation_id,
             reply_to=reply_to,
+            headers=tracing.current_headers() or None,
             mandatory=mandatory,
         )
 
@@ -544,13 +553,16 @@ class Transport:
             headers=dict(incoming.headers or {}),
             user_id=incoming.user_id,
         )
+        if self._metrics is not None:
+            self._metrics.received(message, delivery.redelivered)
         try:
-            handled = await self._retries.run(
-                queue_name,
-                f"{message.TYPE} {message.id}",
-                lambda: handler(delivery),
-                go_on=lambda: _channel_open(incoming),
-            )
+            with tracing.consuming(delivery.headers, lambda: _handling_span(delivery)):
+                handled = await self._retries.run(
+                    queue_name,
+                    f"{message.TYPE} {message.id}",
+                    lambda: handler(delivery),
+                    go_on=lambda: _channel_open(incoming),
+                )
         except asyncio.CancelledError:
             await _settle(incoming.nack(requeue=True))
             raise
@@ -565,9 +577,13 @@ class Transport:
                 extra={"message_id": str(message.id), "type": message.TYPE, "queue": queue_name},
             )
             await _settle(incoming.nack(requeue=True))
+            if self._metrics is not None:
+                self._metrics.outcome(message.TYPE, "requeued")
             return
         if handled:
             await _settle(incoming.ack())
+            if self._metrics is not None:
+                self._metrics.outcome(message.TYPE, "ok")
         else:
             # Closing, or the channel is gone, while the handler was failing on a
             # transient error: back to the queue now (or with the channel).
@@ -600,6 +616,9 @@ class Transport:
             log.exception("could not dead-letter; message requeued")
             await _settle(incoming.nack(requeue=True))
             return
+        if self._metrics is not None:
+            self._metrics.dead_lettered(reason)
+            self._metrics.outcome(incoming.type or "unknown", "dead_lettered")
         hook = self._refusal_hooks.get(queue_name)
         if hook is not None:
             refused = Refused(
@@ -730,6 +749,9 @@ class Transport:
             await self._publish_dead_letter(queue_name, incoming, NOT_OWNER, detail)
         except PublishFailed:
             log.exception("could not dead-letter a refused reply; it is dropped")
+            return
+        if self._metrics is not None:
+            self._metrics.dead_lettered(NOT_OWNER)
 
 
 async def _settle(action: Awaitable[None]) -> None:
@@ -738,6 +760,21 @@ async def _settle(action: Awaitable[None]) -> None:
         await action
     except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as error:
         log.warning("could not settle a delivery (it will be redelivered): %r", error)
+
+
+def _handling_span(delivery: Delivery) -> tuple[str, dict[str, str | int | bool]]:
+    """The name and attributes of the span that handles ``delivery``."""
+    message = delivery.message
+    return f"handle {message.TYPE}", {
+        "messaging.system": "rabbitmq",
+        "messaging.destination.name": delivery.queue,
+        "messaging.rabbitmq.destination.routing_key": delivery.routing_key,
+        "messaging.message.id": str(message.id),
+        "messaging.message.conversation_id": str(message.correlation_id or ""),
+        "eventplane.message.type": message.TYPE,
+        "eventplane.message.source": message.source,
+        "messaging.rabbitmq.redelivered": delivery.redelivered,
+    }
 
 
 def _channel_open(incoming: AbstractIncomingMessage) -> bool:

@@ -2,8 +2,8 @@
 # Make this machine ready to run the project, from a fresh Debian 12 on. Safe to run again:
 # each step is skipped when what it makes is already there.
 #
-# Only the RabbitMQ and PostgreSQL binaries are needed: the tests and the local stack start
-# private server processes of their own, so no system service is enabled or started.
+# Only the RabbitMQ, PostgreSQL, Patroni and etcd binaries are needed: the tests and the local
+# stack start private server processes of their own, so no system service is enabled or started.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -22,6 +22,11 @@ packages=()
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || packages+=(postgresql)
 # Tests start a Nexus replica with its clock skewed (tests/integration/test_skewed_clock.py).
 command -v faketime >/dev/null || packages+=(faketime)
+# The replicated database (tests/integration/test_ha_database.py, `dev run-all --ha-db`):
+# PostgreSQL with a synchronous standby, managed by Patroni, which keeps its leader in etcd.
+command -v patroni >/dev/null || packages+=(patroni)
+command -v etcd >/dev/null || packages+=(etcd-server)
+command -v etcdctl >/dev/null || packages+=(etcd-client)
 if ! venv_ok && ! command -v python3.11 >/dev/null; then
     packages+=(python3.11 python3.11-venv)
 fi

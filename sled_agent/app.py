@@ -24,10 +24,12 @@ from pathlib import Path
 import aio_pika
 
 from schemas.health import report_health
+from schemas.metrics import Refresh, serve_metrics
 from schemas.outbox import OutboxRelay
 from schemas.tasks import Tasks
 from schemas.topology import sled_queue
 from schemas.transport import Transport
+from sled_agent.metrics import REFRESH_SECONDS, SledMetrics
 from sled_agent.service import SledAgent
 from sled_agent.settings import SledSettings
 from sled_agent.store import SledStore
@@ -55,14 +57,19 @@ class Sled:
     relay: OutboxRelay
     agent: SledAgent
     tasks: Tasks
+    metrics: SledMetrics
 
 
 def build(settings: SledSettings) -> Sled:
     store = SledStore(settings.database_path)
-    transport = Transport(settings.amqp_url, name=f"sled-agent/{settings.sled_id}")
+    metrics = SledMetrics(str(settings.sled_id))
+    transport = Transport(
+        settings.amqp_url, name=f"sled-agent/{settings.sled_id}", metrics=metrics.messages
+    )
     relay = OutboxRelay(store, transport)
     agent = SledAgent(settings, store, transport, relay)
-    return Sled(settings, store, transport, relay, agent, Tasks())
+    metrics.watch(agent, store)
+    return Sled(settings, store, transport, relay, agent, Tasks(), metrics)
 
 
 async def serve(settings: SledSettings, shutdown: asyncio.Event) -> None:
@@ -99,8 +106,16 @@ async def run(sled: Sled, shutdown: asyncio.Event) -> None:
         ]
         tasks.watch("broker", lambda: transport.health_problem(stuck_after=STUCK_SECONDS))
         tasks.watch("timed work", lambda: agent.work_problem(stuck_after=STUCK_SECONDS))
+        metrics_server = None
         try:
             await transport.consume(queue, agent.handle)
+            metrics_server = await serve_metrics(
+                sled.metrics.registry,
+                host=settings.metrics_host,
+                port=settings.metrics_port,
+                address_file=settings.metrics_address_file,
+                refresh=Refresh(sled.metrics.read, REFRESH_SECONDS),
+            )
             if settings.health_file is not None:
                 # Never ends by itself: it is cancelled with the other workers.
                 workers.append(
@@ -122,6 +137,8 @@ async def run(sled: Sled, shutdown: asyncio.Event) -> None:
                 async with asyncio.timeout(DRAIN_SECONDS):
                     await relay.wait_drained()
         finally:
+            if metrics_server is not None:
+                await metrics_server.stop()
             for worker in workers:
                 worker.cancel()
             await asyncio.gather(*workers, return_exceptions=True)

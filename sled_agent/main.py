@@ -72,7 +72,13 @@ def run(
     # needs none of the agent.
     from sled_agent.app import serve
 
-    run_service("sled-agent", settings.log_level, functools.partial(serve, settings))
+    run_service(
+        "sled-agent",
+        settings.log_level,
+        functools.partial(serve, settings),
+        traced_as=f"sled/{settings.sled_id}",
+        trace_file=settings.trace_file,
+    )
 
 
 @app.command()

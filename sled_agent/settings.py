@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schemas.base import Port
+
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 Seconds = float
 
@@ -42,6 +44,20 @@ class SledSettings(BaseSettings):
         description="touched every few seconds while the agent is healthy (its loops "
         "complete their passes, its broker connection is up); "
         "`sled-agent health` (a container health check) reads its age",
+    )
+    metrics_port: Port | None = Field(
+        default=None,
+        description="serve Prometheus metrics at /metrics on this port (0: a free one, "
+        "logged and written to the metrics address file); unset: no metrics",
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="the metrics server's address")
+    metrics_address_file: Path | None = Field(
+        default=None, description="where the metrics URL is written once it is served"
+    )
+    trace_file: Path | None = Field(
+        default=None,
+        description="where finished trace spans are appended, one JSON object a line "
+        "(schemas/tracing.py); OTLP export is configured by the OTEL_* variables",
     )
 
     @property

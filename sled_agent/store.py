@@ -36,6 +36,7 @@ from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 
+from schemas import tracing
 from schemas.instance import Vmm, VmmSpec
 from schemas.outbox import OutgoingMessage
 from sled_agent.hypervisor import VM, Cause
@@ -73,6 +74,8 @@ outbox = Table(
     Column("correlation_id", String(36)),
     Column("reply_to", String(255)),
     Column("mandatory", Boolean, nullable=False),
+    # The trace the message was written in (schemas.tracing); added after the first release.
+    Column("trace_context", String(1000)),
 )
 
 
@@ -106,6 +109,11 @@ class SledStore:
             # anyway, and Nexus knows none of them by a VMM id, so there is nothing to keep.
             await connection.execute(text("DROP TABLE IF EXISTS instances"))
             await connection.run_sync(metadata.create_all)
+            columns = await connection.exec_driver_sql("PRAGMA table_info(outbox)")
+            if "trace_context" not in {row.name for row in columns}:
+                await connection.exec_driver_sql(
+                    "ALTER TABLE outbox ADD COLUMN trace_context VARCHAR(1000)"
+                )
 
     async def close(self) -> None:
         if self._connection is not None:
@@ -163,6 +171,7 @@ class SledStore:
                         correlation_id=_str_or_none(message.correlation_id),
                         reply_to=message.reply_to,
                         mandatory=message.mandatory,
+                        trace_context=tracing.dumps(message.trace_context),
                     )
                 )
                 await connection.execute(row)
@@ -184,6 +193,7 @@ class SledStore:
                 correlation_id=_uuid_or_none(row.correlation_id),
                 reply_to=row.reply_to,
                 mandatory=row.mandatory,
+                trace_context=tracing.loads(row.trace_context),
             )
             for row in rows
         ]

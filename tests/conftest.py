@@ -23,11 +23,13 @@ from nexus.db.migrate import upgrade_async
 from tests.harness.servers import (
     SERVERS_ENV,
     NotSupportedInMode,
+    PatroniPostgres,
     PostgresServer,
     PrivatePostgresCluster,
     PrivateRabbitMQNode,
     RabbitMQServer,
     ServerUnavailable,
+    provide_ha_postgres,
     provide_postgres,
     provide_rabbitmq,
     server_mode,
@@ -98,7 +100,7 @@ def chaos_seed(request: pytest.FixtureRequest) -> int:
 # Fixtures that stop, start or kill their server: always a private process of the test's
 # own, whatever TEST_SERVERS says. Tests that use them are marked `private_servers`, so a
 # run that must use other servers (TEST_SERVERS=testcontainers) deselects them by name.
-_PRIVATE_SERVER_FIXTURES = {"restartable_rabbitmq", "restartable_postgres"}
+_PRIVATE_SERVER_FIXTURES = {"restartable_rabbitmq", "restartable_postgres", "ha_postgres"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by markers
@@ -220,6 +222,22 @@ def restartable_postgres(request: pytest.FixtureRequest) -> Iterator[PrivatePost
     except ServerUnavailable as exc:
         pytest.fail(f"no private PostgreSQL cluster for the tests: {exc}", pytrace=False)
     request.config.stash[_SERVERS_USED].append(f"{cluster.describe()}, restartable")
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def ha_postgres(request: pytest.FixtureRequest) -> Iterator[PatroniPostgres]:
+    """A replicated PostgreSQL of the test's own (3 nodes under Patroni, one etcd), which
+    it may crash node by node; every process is killed afterwards, whatever happened."""
+    _refuse_private_in_containers_only_mode("ha_postgres")
+    try:
+        cluster = provide_ha_postgres()
+    except ServerUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    request.config.stash[_SERVERS_USED].append(cluster.describe())
     try:
         yield cluster
     finally:

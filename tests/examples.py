@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 
-from schemas import api, common, instance, progress, region, sled
+from schemas import api, common, instance, progress, region, sled, snapshot
 from schemas.base import Envelope, command_id, utcnow
 
 
@@ -18,6 +18,41 @@ def region_spec() -> region.RegionSpec:
 def a_region(state: region.RegionState = region.RegionState.CREATED) -> region.Region:
     spec = region_spec()
     return region.Region(**spec.model_dump(), port_number=19000, state=state, generation=2)
+
+
+def a_snapshot(region_id: uuid.UUID | None = None) -> snapshot.Snapshot:
+    return snapshot.Snapshot(
+        region_id=region_id or uuid.uuid4(),
+        name=str(uuid.uuid4()),
+        created=utcnow(),
+        state=snapshot.SnapshotState.CREATED,
+        generation=1,
+    )
+
+
+def a_running_snapshot(of: snapshot.Snapshot) -> snapshot.RunningSnapshot:
+    return snapshot.RunningSnapshot(
+        id=of.region_id,
+        name=of.name,
+        port_number=19001,
+        state=region.RegionState.CREATED,
+        generation=2,
+    )
+
+
+def a_snapshot_ref() -> snapshot.SnapshotRef:
+    return snapshot.SnapshotRef(region_id=uuid.uuid4(), name=str(uuid.uuid4()))
+
+
+def region_snapshots() -> snapshot.RegionSnapshots:
+    taken = a_snapshot()
+    return snapshot.RegionSnapshots(
+        agent_id=uuid.uuid4(),
+        region_id=taken.region_id,
+        region_state=region.RegionState.CREATED,
+        snapshots=(taken,),
+        running_snapshots=(a_running_snapshot(taken),),
+    )
 
 
 def a_vmm() -> instance.Vmm:
@@ -120,6 +155,39 @@ BUILDERS: dict[str, Callable[[], Envelope]] = {
         correlation_id=SAGA,
         causation_id=uuid.uuid4(),
         payload=region.RegionChange(agent_id=uuid.uuid4(), region=a_region()),
+    ),
+    "region_snapshot.create.v1": lambda: snapshot.RegionSnapshotCreate(
+        id=command_id(SAGA, "snapshot"), source=NEXUS, correlation_id=SAGA, payload=a_snapshot_ref()
+    ),
+    "region_snapshot.delete.v1": lambda: snapshot.RegionSnapshotDelete(
+        source=NEXUS, payload=a_snapshot_ref()
+    ),
+    "region_snapshot.get.v1": lambda: snapshot.RegionSnapshotGet(
+        source=NEXUS, payload=a_snapshot_ref()
+    ),
+    "region_snapshot.list.v1": lambda: snapshot.RegionSnapshotList(
+        source=NEXUS, payload=region.RegionRef(id=uuid.uuid4())
+    ),
+    "region_snapshot.info.v1": lambda: snapshot.RegionSnapshotsInfo(
+        source=CRUCIBLE, payload=region_snapshots()
+    ),
+    "region_snapshot.state_changed.v1": lambda: snapshot.RegionSnapshotStateChanged(
+        source=CRUCIBLE,
+        correlation_id=SAGA,
+        payload=snapshot.RegionSnapshotChange(agent_id=uuid.uuid4(), snapshot=a_snapshot()),
+    ),
+    "running_snapshot.run.v1": lambda: snapshot.RunningSnapshotRun(
+        source=NEXUS, payload=a_snapshot_ref()
+    ),
+    "running_snapshot.stop.v1": lambda: snapshot.RunningSnapshotStop(
+        source=NEXUS, payload=a_snapshot_ref()
+    ),
+    "running_snapshot.state_changed.v1": lambda: snapshot.RunningSnapshotStateChanged(
+        source=CRUCIBLE,
+        correlation_id=SAGA,
+        payload=snapshot.RunningSnapshotChange(
+            agent_id=uuid.uuid4(), running_snapshot=a_running_snapshot(a_snapshot())
+        ),
     ),
     "vmm.ensure.v1": lambda: instance.VmmEnsure(
         source=NEXUS,
@@ -267,11 +335,42 @@ BUILDERS: dict[str, Callable[[], Envelope]] = {
     "api.events.unclaimed_summary.v1": lambda: api.UnclaimedEventsReply(
         source=NEXUS, payload=unclaimed_summary()
     ),
+    "api.sled.list.v1": lambda: api.SledList(source=CLI),
+    "api.sled.expunge.v1": lambda: api.SledExpunge(
+        source=CLI, payload=api.SledRef(sled_id=uuid.uuid4())
+    ),
+    "api.sleds.v1": lambda: api.SledListReply(source=NEXUS, payload=(sled_view(),)),
+    "api.sled.expunged.v1": lambda: api.SledExpungeReply(
+        source=NEXUS,
+        payload=api.SledExpunged(
+            sled=sled_view(), changed=True, datasets_expunged=1, vmms_failed=2
+        ),
+    ),
     "api.error.v1": lambda: api.ApiError(
         source=NEXUS,
         payload=api.ApiErrorBody(code=api.ErrorCode.NOT_FOUND, message="no disk named x"),
     ),
 }
+
+
+def sled_view() -> api.SledView:
+    now = utcnow()
+    dataset = api.DatasetView(
+        id=uuid.uuid4(),
+        state="expunged",
+        capacity_bytes=1 << 36,
+        free_bytes=1 << 35,
+        last_seen_at=now,
+    )
+    return api.SledView(
+        id=uuid.uuid4(),
+        hostname="sled-1",
+        state="expunged",
+        cpus=32,
+        memory_bytes=1 << 37,
+        last_heartbeat_at=now,
+        datasets=(dataset,),
+    )
 
 
 def unclaimed_summary() -> api.UnclaimedSummary:

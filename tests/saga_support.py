@@ -45,6 +45,7 @@ from nexus.saga.definition import (
 )
 from nexus.saga.executor import SagaExecutor
 from nexus.saga.faults import Faults
+from nexus.saga.metrics import EngineMetrics
 from nexus.saga.outbox import Outbox
 from nexus.sagas import ALL_SAGAS
 from nexus.vmms import INSTANCE_STATE_OF_VMM
@@ -142,6 +143,7 @@ class Replica:
         faults: Faults | None = None,
         lease: timedelta = timedelta(seconds=15),
         transport: Transport | None = None,
+        metrics: EngineMetrics | None = None,
     ) -> None:
         self.database = database
         self.replica_id = replica_id
@@ -159,6 +161,7 @@ class Replica:
             faults=faults,
             transport=transport,
             on_progress=lambda row, step, node, detail: self.told.append((row.id, step, node)),
+            metrics=metrics,
         )
         self.intake = EventIngest(database.sessions, clock.now)
 

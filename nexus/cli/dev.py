@@ -24,6 +24,14 @@ def run_all(
         bool,
         typer.Option("--postgres", help="A private PostgreSQL cluster instead of SQLite."),
     ] = False,
+    ha_db: Annotated[
+        bool,
+        typer.Option(
+            "--ha-db",
+            help="A replicated PostgreSQL instead: 3 nodes under Patroni with etcd, a "
+            "synchronous standby, Nexus on a multi-host address that finds the primary.",
+        ),
+    ] = False,
     state_dir: Annotated[
         Path | None,
         typer.Option(
@@ -48,4 +56,4 @@ def run_all(
     """
     from nexus.cli import dev_stack
 
-    dev_stack.run_all(amqp_url, postgres, state_dir, demo, create_delay)
+    dev_stack.run_all(amqp_url, postgres, state_dir, demo, create_delay, ha_db=ha_db)

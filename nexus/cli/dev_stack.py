@@ -25,6 +25,7 @@ from nexus.cli.console import errors_reported, fail, say, stderr
 from nexus.cli.demo import run_demo
 from nexus.db import migrate
 from nexus.devstack.access import Access, provision
+from nexus.devstack.patroni import PatroniCluster
 from nexus.devstack.servers import (
     PostgresCluster,
     RabbitMQNode,
@@ -36,6 +37,7 @@ from nexus.devstack.stack import (
     Readiness,
     StackConfig,
     StartupFailed,
+    metrics_urls,
     plan,
     save_cli_url,
     wait_until_ready,
@@ -58,7 +60,13 @@ class Stopped(Exception):
 
 
 def run_all(
-    amqp_url: str, postgres: bool, state_dir: Path | None, demo: bool, create_delay: str
+    amqp_url: str,
+    postgres: bool,
+    state_dir: Path | None,
+    demo: bool,
+    create_delay: str,
+    *,
+    ha_db: bool = False,
 ) -> None:
     """``nexusctl dev run-all`` (its options are in :mod:`nexus.cli.dev`)."""
     directory = (state_dir or Path("var/demo" if demo else "var/dev")).resolve()
@@ -70,7 +78,7 @@ def run_all(
             with _stop_signals_raise(), errors_reported():
                 _fresh(directory)
                 url, node = _rabbitmq(amqp_url, servers)
-                database_url = _database(directory, postgres, servers)
+                database_url = _database(directory, postgres, servers, ha_db=ha_db)
                 say("upgrading the database schema")
                 migrate.upgrade(database_url)
             config = StackConfig(
@@ -173,12 +181,21 @@ def _say_ready(config: StackConfig, cli_url_file: Path, children: list[ChildSpec
         f"  database:  {redact_url(config.database_url)}\n"
         f"  processes: {', '.join(child.name for child in children)} "
         f"(logs: {config.state_dir / 'logs'})\n"
+        f"{_metrics_lines(config, children)}"
         f"to use it from another shell (nexusctl's credentials are in {cli_url_file}, "
         "readable by you only):\n"
         f"  {load_cli_url_hint(cli_url_file)}\n"
         f"  nexusctl disk create disk-1 --size 1GiB --wait\n"
         f"Ctrl-C stops everything."
     )
+
+
+def _metrics_lines(config: StackConfig, children: list[ChildSpec]) -> str:
+    """Where each process serves its Prometheus metrics, a line each."""
+    urls = metrics_urls(config.state_dir, [child.name for child in children])
+    width = max(len(name) for name in urls) + 1 if urls else 0
+    lines = "".join(f"    {name + ':':<{width}} {url}\n" for name, url in urls.items())
+    return f"  metrics (Prometheus text format, e.g. curl one):\n{lines}"
 
 
 def load_cli_url_hint(cli_url_file: Path) -> str:
@@ -227,7 +244,20 @@ def _rabbitmq(url: str, servers: contextlib.ExitStack) -> tuple[str, RabbitMQNod
     return node.url, node
 
 
-def _database(directory: Path, postgres: bool, servers: contextlib.ExitStack) -> str:
+def _database(
+    directory: Path, postgres: bool, servers: contextlib.ExitStack, *, ha_db: bool
+) -> str:
+    if ha_db:
+        replicated = PatroniCluster()
+        servers.callback(_stop_server, "replicated PostgreSQL", replicated.close)
+        primary = replicated.primary()
+        say(
+            f"started a replicated PostgreSQL: {replicated.describe()}; primary "
+            f"{primary.name if primary else '?'}. To see the nodes, or fail over:\n"
+            f"  patronictl -c {replicated.nodes[0].config_path} list\n"
+            f"  patronictl -c {replicated.nodes[0].config_path} failover"
+        )
+        return replicated.url
     if not postgres:
         return f"sqlite+aiosqlite:///{directory / 'nexus.sqlite3'}"
     cluster = PostgresCluster()

@@ -1,9 +1,10 @@
-"""``nexusctl saga``: list sagas, and show one as a timeline."""
+"""``nexusctl saga``: list sagas, show one as a timeline, or its trace as a span tree."""
 
 from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -99,3 +100,34 @@ def render_saga(saga: api.SagaView) -> None:
         show(waiting_table(saga, datetime.now(UTC)))
     if wakes(saga):
         show(wakes_table(saga, "woken by agents' notifications"))
+
+
+@app.command("trace")
+def trace_saga(
+    saga_id: Annotated[str, typer.Argument(help="The saga's id.", show_default=False)],
+    files: Annotated[
+        list[Path],
+        typer.Option(
+            "--file",
+            help="A trace file (NEXUS_TRACE_FILE, CRUCIBLE_TRACE_FILE, SLED_TRACE_FILE), or a "
+            "directory of *.jsonl; repeat for each process's.",
+            show_default=False,
+        ),
+    ],
+    output: OutputOption = Output.TEXT,
+) -> None:
+    """The saga's trace as a span tree, from the processes' trace files: the API request,
+    each node on the replica that ran it, each agent's handling and work, each event."""
+    from nexus.cli.trace_view import load, saga_trace, tree_lines
+
+    missing = [str(path) for path in files if not path.exists()]
+    if missing:
+        fail(f"no such trace file: {', '.join(missing)}")
+    spans = saga_trace(load(files), saga_id)
+    if not spans:
+        fail(f"no span of saga {saga_id} in {', '.join(str(path) for path in files)}")
+    if output is Output.JSON:
+        emit_json([vars(span) for span in spans])
+        return
+    for line in tree_lines(spans):
+        say(line)

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.engine import URL, Connection, ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
@@ -79,9 +79,11 @@ def create_engine(
         connect_args: dict[str, Any] = {}
         if timeouts is not None:
             connect_args["server_settings"] = timeouts.server_settings()
-        return _create_async_engine(
+        engine = _create_async_engine(
             parsed, echo=echo, pool_size=10, max_overflow=20, connect_args=connect_args
         )
+        _drop_connections_to_a_read_only_server(engine)
+        return engine
 
     _create_parent_directory(parsed)
     engine = _create_async_engine(
@@ -136,6 +138,28 @@ def _create_parent_directory(url: URL) -> None:
     if not database or database == ":memory:" or database.startswith("file:"):
         return
     Path(database).parent.mkdir(parents=True, exist_ok=True)
+
+
+# read_only_sql_transaction: a write on a server that is not (or no longer) the primary.
+_READ_ONLY_SQLSTATE = "25006"
+
+
+def _drop_connections_to_a_read_only_server(engine: AsyncEngine) -> None:
+    """A write refused as read-only counts as a lost connection: the pool discards it and
+    every connection older than it, so the next attempt connects afresh and the
+    multi-host address (``target_session_attrs=read-write``) finds the current primary.
+
+    With Patroni, a demoted primary restarts and so closes its connections; this covers a
+    connection that still reaches a server after it stopped accepting writes. The error
+    is transient either way (:mod:`schemas.transient`): the work runs again.
+    """
+
+    @event.listens_for(engine.sync_engine, "handle_error")
+    def _on_error(context: ExceptionContext) -> None:
+        error = context.original_exception
+        codes = {getattr(error, "sqlstate", None), getattr(error.__cause__, "sqlstate", None)}
+        if _READ_ONLY_SQLSTATE in codes:
+            context.is_disconnect = True
 
 
 def _use_sqlite_pragmas_and_immediate_transactions(

@@ -31,6 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from nexus.db.states import (
+    DatasetState,
     DiskState,
     InstanceState,
     RegionState,
@@ -135,6 +136,11 @@ class Dataset(Base):
     capacity_bytes: Mapped[int] = mapped_column(BigInteger)
     free_bytes: Mapped[int] = mapped_column(BigInteger)
     last_seen_at: Mapped[datetime]
+    state: Mapped[DatasetState] = mapped_column(
+        _state_column_type(DatasetState, "dataset_state"),
+        default=DatasetState.ACTIVE,
+        server_default=DatasetState.ACTIVE.value,
+    )
 
 
 # How much of a fault's reason a disk keeps.

@@ -19,6 +19,12 @@ class SledState(StrEnum):
     EXPUNGED = "expunged"
 
 
+class DatasetState(StrEnum):
+    ACTIVE = "active"
+    # Its sled was expunged: no new regions go there, and the regions it holds are lost.
+    EXPUNGED = "expunged"
+
+
 class DiskState(StrEnum):
     CREATING = "creating"
     # Created and ready to attach.

@@ -76,7 +76,9 @@ _SHARED_EXCHANGES = (COMMANDS_EXCHANGE, EVENTS_EXCHANGE, REPLIES_EXCHANGE, DEAD_
 _AGENT_PUBLISHES = (EVENTS_EXCHANGE, REPLIES_EXCHANGE, DEAD_LETTER_EXCHANGE)
 
 # Routing keys each kind of agent may publish on control.events (topic permissions).
-CRUCIBLE_EVENT_KEYS = r"^(region\.[a-z_]+|agent\.announced|command\.rejected)$"
+CRUCIBLE_EVENT_KEYS = (
+    r"^((region|region_snapshot|running_snapshot)\.[a-z_]+|agent\.announced|command\.rejected)$"
+)
 SLED_EVENT_KEYS = (
     r"^(instance\.[a-z_]+|sled\.(registered|heartbeat)|agent\.announced|command\.rejected)$"
 )

@@ -73,6 +73,31 @@ def tail(path: Path, lines: int = 30) -> str:
         return f"(cannot read {path}: {exc})"
 
 
+def process_exists(pid: int) -> bool:
+    """The process exists, if only as a zombie not yet reaped."""
+    return Path(f"/proc/{pid}").exists()
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def children_of(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
 # RabbitMQ ---------------------------------------------------------------------------------
 
 

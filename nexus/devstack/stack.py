@@ -2,7 +2,8 @@
 
 Three crucible agents on three distinct sleds (a disk's three regions must be on
 distinct sleds), two of which also run a sled agent for instances; two Nexus replicas
-sharing one database.
+sharing one database. Each serves Prometheus metrics on a free loopback port and writes
+its URL to ``<state dir>/metrics/<process>.url`` (:func:`metrics_urls`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,32 @@ HEARTBEAT_SECONDS = 1.0
 
 # Where run-all leaves nexusctl's broker URL, password included, for its owner only.
 CLI_URL_FILE = "nexusctl.url"
+# Where each process writes the URL of its /metrics.
+METRICS_DIR = "metrics"
+
+
+def metrics_file(state_dir: Path, process: str) -> Path:
+    return state_dir / METRICS_DIR / f"{process}.url"
+
+
+def metrics_urls(state_dir: Path, processes: list[str]) -> dict[str, str]:
+    """Each process's /metrics URL, from the file it wrote (processes yet to write one
+    are left out)."""
+    urls = {}
+    for process in processes:
+        path = metrics_file(state_dir, process)
+        if path.exists():
+            urls[process] = path.read_text().strip()
+    return urls
+
+
+def _metrics_env(prefix: str, state_dir: Path, process: str) -> dict[str, str]:
+    """A free loopback port for the process's metrics, and where it writes the URL."""
+    return {
+        f"{prefix}METRICS_PORT": "0",
+        f"{prefix}METRICS_HOST": "127.0.0.1",
+        f"{prefix}METRICS_ADDRESS_FILE": str(metrics_file(state_dir, process)),
+    }
 
 
 def save_cli_url(state_dir: Path, url: str) -> Path:
@@ -73,6 +100,8 @@ class StackPlan:
     crucible_ids: list[uuid.UUID]
     sled_ids: list[uuid.UUID]
     storage_sleds: list[uuid.UUID]
+    # Written by each process once it serves /metrics.
+    metrics_files: list[Path] = dataclasses.field(default_factory=list)
 
 
 def plan(config: StackConfig) -> StackPlan:
@@ -90,6 +119,7 @@ def plan(config: StackConfig) -> StackPlan:
                 "NEXUS_DATABASE_URL": config.database_url,
                 "NEXUS_AMQP_URL": config.amqp_url,
                 "NEXUS_HEALTH_FILE": str(health),
+                **_metrics_env("NEXUS_", config.state_dir, replica),
             },
             log_path=logs / f"{replica}.log",
         )
@@ -108,6 +138,7 @@ def plan(config: StackConfig) -> StackPlan:
                 "CRUCIBLE_AMQP_URL": config.amqp_url,
                 "CRUCIBLE_CREATE_DELAY": config.create_delay,
                 "CRUCIBLE_ANNOUNCE_SECONDS": str(ANNOUNCE_SECONDS),
+                **_metrics_env("CRUCIBLE_", config.state_dir, f"crucible-{n}"),
             },
             log_path=logs / f"crucible-{n}.log",
         )
@@ -124,6 +155,7 @@ def plan(config: StackConfig) -> StackPlan:
                 "SLED_AMQP_URL": config.amqp_url,
                 "SLED_HOSTNAME": f"sled-{n}",
                 "SLED_HEARTBEAT_SECONDS": str(HEARTBEAT_SECONDS),
+                **_metrics_env("SLED_", config.state_dir, f"sled-{n}"),
             },
             log_path=logs / f"sled-{n}.log",
         )
@@ -137,6 +169,7 @@ def plan(config: StackConfig) -> StackPlan:
         crucible_ids=crucible_ids,
         sled_ids=sled_ids,
         storage_sleds=sleds[: config.crucible_agents],
+        metrics_files=[metrics_file(config.state_dir, spec.name) for spec in [*nexus, *agents]],
     )
 
 
@@ -204,14 +237,15 @@ READINESS_KEYS = ("agent.announced", "sled.heartbeat", "sled.registered")
 async def wait_until_ready(
     supervisor: Supervisor, plan: StackPlan, readiness: Readiness, timeout: float
 ) -> None:
-    """Both replicas healthy, then every agent heard; StartupFailed if a process dies.
+    """Both replicas healthy, then every agent heard and every process serving its
+    metrics; StartupFailed if a process dies.
 
     A replica touches its health file after a sweeper pass with the broker connected;
     files and other processes' exits offer nothing to await, so while the stack starts
     (and only then) this looks at them every 100 ms.
     """
     deadline = time.monotonic() + timeout
-    while not readiness.complete:
+    while not (readiness.complete and all(path.exists() for path in plan.metrics_files)):
         dead = supervisor.dead()
         if dead:
             names = ", ".join(
@@ -222,6 +256,12 @@ async def wait_until_ready(
         if not readiness.armed and all(path.exists() for path in plan.health_files):
             readiness.arm()
         if time.monotonic() > deadline:
-            what = "agents to announce themselves" if readiness.armed else "Nexus health files"
+            what = (
+                "Nexus health files"
+                if not readiness.armed
+                else "agents to announce themselves"
+                if not readiness.complete
+                else "every process's metrics address file"
+            )
             raise StartupFailed(f"not ready after {timeout:g}s: still waiting for {what}")
         await asyncio.sleep(0.1)

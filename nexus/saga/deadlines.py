@@ -59,6 +59,7 @@ class Deadlines:
             unwinding = row.position.unwinding
             query = node.undo_reconcile if unwinding else node.reconcile
             answer = await self._ask(definition, params, row, node_name, query, wait)
+            self._parts.metrics.reconciled(row.name, answer.outcome.value)
             log.info(
                 "saga %s node %s deadline: reconcile says %s %s",
                 row.id,
@@ -199,7 +200,8 @@ class Deadlines:
             ctx = self._parts.ctx(session, definition, params, row, node, attempt=wait.asked)
             try:
                 async with asyncio.timeout(bound):
-                    return await query(ctx, list(wait.keys))
+                    with self._parts.span(row, node, "reconcile"):
+                        return await query(ctx, list(wait.keys))
             except Exception as error:  # an unreachable agent: give the wait another term
                 return Reconciled.unanswered(f"reconcile query failed: {error!r}")
 

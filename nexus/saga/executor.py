@@ -24,6 +24,7 @@ from nexus.saga.deadlines import Deadlines
 from nexus.saga.definition import SagaDefinition
 from nexus.saga.errors import Contended, LeaseLost, Unrecoverable, lost_connection
 from nexus.saga.faults import Faults
+from nexus.saga.metrics import EngineMetrics, NoMetrics
 from nexus.saga.notices import Listener, Notices
 from nexus.saga.outbox import Outbox
 from nexus.saga.parts import Parts
@@ -52,6 +53,7 @@ class SagaExecutor:
         lease: timedelta = timedelta(seconds=15),
         faults: Faults | None = None,
         on_progress: Listener | None = None,
+        metrics: EngineMetrics | None = None,
     ) -> None:
         by_version = {(d.name, d.version): d for d in definitions}
         self.replica_id = replica_id
@@ -59,7 +61,7 @@ class SagaExecutor:
         self.store = SagaStore(
             sessions, replica_id=replica_id, lease=lease, outbox=outbox, runnable=list(by_version)
         )
-        parts = Parts(
+        self._parts = parts = Parts(
             store=self.store,
             definitions=by_version,
             clock=self._clock,
@@ -67,7 +69,9 @@ class SagaExecutor:
             notices=Notices(on_progress),
             replica_id=replica_id,
             transport=transport,
+            metrics=metrics or NoMetrics(),
         )
+        self._metrics = parts.metrics
         self.runner = SagaRunner(parts)
         self._deadlines = Deadlines(parts, self.runner)
         # Sagas this replica is running now.
@@ -113,11 +117,16 @@ class SagaExecutor:
             now=self._clock.now(),
         )
 
-    def spawn(self, saga_id: uuid.UUID, created: SagaRow | None = None) -> None:
+    def spawn(
+        self, saga_id: uuid.UUID, created: SagaRow | None = None, *, woken: str | None = None
+    ) -> None:
         """Run a saga in the background (an event consumer must not wait for it).
 
         ``created``: the row :meth:`create` returned, committed since: run it as owned.
+        ``woken``: the node an event handled now woke (its resume continues the trace).
         """
+        if woken is not None:
+            self._parts.woken(saga_id, woken)
         task = asyncio.create_task(self.run(saga_id, created), name=f"saga-{saga_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -126,12 +135,19 @@ class SagaExecutor:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
-    async def run(self, saga_id: uuid.UUID, created: SagaRow | None = None) -> None:
-        """Claim the saga and run it until it parks, ends or gets stuck."""
+    async def run(
+        self, saga_id: uuid.UUID, created: SagaRow | None = None, *, adopting: str | None = None
+    ) -> None:
+        """Claim the saga and run it until it parks, ends or gets stuck.
+
+        ``adopting``: the saga's name, when the sweeper found its lease, held by another
+        replica, expired; a claim that succeeds is an adoption (counted in the metrics)."""
         if not self._enter(saga_id):
             return
         try:
-            await self.runner.run(created, saga_id)
+            claimed = await self.runner.run(created, saga_id)
+            if adopting is not None and claimed:
+                self._metrics.adopted(adopting)
         except Contended:
             log.warning(
                 "saga %s kept losing races in the database; its lease will expire "
@@ -219,7 +235,10 @@ class SagaExecutor:
 
         await asyncio.gather(
             *(gated(self.handle_deadline(saga_id)) for saga_id in due.expired),
-            *(gated(self.run(saga_id)) for saga_id in due.runnable),
+            *(
+                gated(self.run(saga_id, adopting=due.adoptable.get(saga_id)))
+                for saga_id in due.runnable
+            ),
         )
         return len(due.expired) + len(due.runnable)
 

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from nexus.db.engine import upsert_for
 from nexus.db.models import OutboxMessage
+from schemas import tracing
 from schemas.base import Envelope
 from schemas.messages import encode
 from schemas.outbox import OutgoingMessage
@@ -64,6 +65,9 @@ class Outbox:
                 "correlation_id": str(message.correlation_id) if message.correlation_id else None,
                 "mandatory": mandatory,
                 "reply_to": reply_to,
+                # The trace of the node that sent it (schemas.tracing): no migration, the
+                # headers are JSON.
+                **tracing.current_headers(),
             },
             "created_at": self._clock(),
             "attempts": 0,
@@ -138,6 +142,7 @@ class NexusOutboxStore:
                 else None,
                 reply_to=row.headers.get("reply_to"),
                 mandatory=bool(row.headers.get("mandatory", True)),
+                trace_context=tracing.headers_of(row.headers),
             )
             for row in found
         ]

@@ -6,8 +6,10 @@ handler each take it, so none of them holds state of its own.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -18,12 +20,17 @@ from nexus.saga.clock import Clock
 from nexus.saga.definition import Ctx, Node, SagaDefinition, Wait, WakeUp
 from nexus.saga.errors import Unrecoverable
 from nexus.saga.faults import Faults
+from nexus.saga.metrics import EngineMetrics, NoMetrics
 from nexus.saga.notices import Notices
 from nexus.saga.position import SagaRow, WaitingNode
 from nexus.saga.rendezvous import ReadyWait
 from nexus.saga.store import SagaStore, StepTx
+from schemas import tracing
 from schemas.base import Envelope
 from schemas.transport import Transport
+
+# Wake-ups remembered for their resume's span, at most (see Parts.woken).
+MAX_WAKES_KEPT = 4096
 
 
 @dataclass(frozen=True)
@@ -35,16 +42,51 @@ class Parts:
     notices: Notices
     replica_id: str
     transport: Transport | None
+    metrics: EngineMetrics = field(default_factory=NoMetrics)
+    # The trace context of the event that woke each (saga, node) here, while tracing.
+    wakes: dict[tuple[uuid.UUID, str], dict[str, str]] = field(default_factory=dict)
 
     def resolve(self, row: SagaRow) -> tuple[SagaDefinition[Any], BaseModel]:
         """The saga's definition and its parameters, or :class:`Unrecoverable`."""
         definition = self.definitions.get((row.name, row.definition_version))
         if definition is None:
             raise Unrecoverable(f"no definition {row.name} v{row.definition_version}")
+        params = row.params
+        if tracing.SAGA_TRACE_PARAM in params:
+            params = {k: v for k, v in params.items() if k != tracing.SAGA_TRACE_PARAM}
         try:
-            return definition, definition.params.model_validate(row.params)
+            return definition, definition.params.model_validate(params)
         except ValidationError as error:
             raise Unrecoverable(str(error)) from error
+
+    def span(self, row: SagaRow, node: str, what: str) -> AbstractContextManager[None]:
+        """The span of a node's ``what`` (action, resume, undo, reconcile): in the saga's
+        trace, a child of the handling of the event that woke the node on this replica
+        (:meth:`woken`), else of the current span, when that is of the same trace."""
+        if not tracing.enabled():
+            return tracing.OFF
+        return tracing.span(
+            f"{row.name}.{node} {what}",
+            parent=tracing.headers_of(row.params.get(tracing.SAGA_TRACE_PARAM)),
+            via=self.wakes.pop((row.id, node), None),
+            attributes={
+                "saga.id": str(row.id),
+                "saga.name": row.name,
+                "saga.node": node,
+                "saga.step": what,
+                "nexus.replica": self.replica_id,
+            },
+        )
+
+    def woken(self, saga_id: uuid.UUID, node: str) -> None:
+        """An event handled now woke ``node``: its resume's span is that handling's child
+        (one run resumes every node that is ready, whichever event started it)."""
+        if not tracing.enabled():
+            return
+        if len(self.wakes) >= MAX_WAKES_KEPT:
+            # Wakes that another replica resumed are never popped here: the oldest go.
+            del self.wakes[next(iter(self.wakes))]
+        self.wakes[(saga_id, node)] = tracing.current_headers()
 
     def node(self, definition: SagaDefinition[Any], name: str) -> Node[Any]:
         """A node the saga's log names; one its definition lacks makes it unrecoverable."""
@@ -129,11 +171,16 @@ class Parts:
             "by reconcile" if wake.by_reconcile else f"by event on {wake.key}",
         )
         await tx.resolve(row.id, node)
+        now = self.clock.now()
+        if not wake.by_reconcile and wake.occurred_at is not None:
+            wake_seconds = max(0.0, (now - wake.occurred_at).total_seconds())
+            metrics, saga = self.metrics, row.name
+            self.notices.after_commit(row.id, lambda: metrics.resumed(saga, node, wake_seconds))
         tx.log(
             row.id,
             node,
             SagaLogEvent.RESUMED,
-            self.clock.now(),
+            now,
             {
                 "key": wake.key,
                 "message_id": str(wake.message_id) if wake.message_id else None,

@@ -18,6 +18,7 @@ import logging
 import random
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
@@ -88,9 +89,10 @@ class SagaRunner:
         self.notices = parts.notices
         self.unwind = Unwinder(parts)
 
-    async def run(self, row: SagaRow | None, saga_id: uuid.UUID) -> None:
+    async def run(self, row: SagaRow | None, saga_id: uuid.UUID) -> bool:
         """Run the saga from ``row`` (this replica owns it), or claim ``saga_id`` first,
-        in the same transaction as the first nodes it runs."""
+        in the same transaction as the first nodes it runs; False when the claim found
+        the saga not ours to run."""
         notices = self._parts.notices
         current = row
         claiming = row is None
@@ -119,16 +121,19 @@ class SagaRunner:
                 notices.rolled_back(saga_id)
                 if before is not None:
                     await self.unwind.mark_unrecoverable(before, str(error))
-                return
+                return True
             if stepped.seen is not None:
                 notices.committed(stepped.seen)
+            elif claiming:
+                return False
             if stepped.unrecoverable is not None and stepped.after is not None:
                 await self.unwind.mark_unrecoverable(stepped.after, stepped.unrecoverable)
-                return
+                return True
             claiming = False
             contended = 0
             limit = MAX_NODES_PER_STEP
             current = stepped.after
+        return True
 
     async def _step(self, row: SagaRow | None, saga_id: uuid.UUID, limit: int) -> _Stepped:
         """One transaction: fence (or claim) the saga, then run up to ``limit`` nodes."""
@@ -233,17 +238,18 @@ class SagaRunner:
             faults.before_action(definition.name, node.name)
         if faults.fail_node(definition.name, node.name):
             raise ActionFailed(f"injected failure at {node.name}")
-        result = await node.action(ctx)
-        if faults.repeat_actions:
-            first, result = result, await node.action(ctx)
-            if _decided(first) != _decided(result):
-                # A re-run (after a crash) must return what the first run decided.
-                raise ActionFailed(
-                    f"{node.name} decided differently when run again: "
-                    f"{_decided(first)!r} then {_decided(result)!r}"
-                )
+        with self._parts.span(row, node.name, "action"):
+            result = await node.action(ctx)
+            if faults.repeat_actions:
+                first, result = result, await node.action(ctx)
+                if _decided(first) != _decided(result):
+                    # A re-run (after a crash) must return what the first run decided.
+                    raise ActionFailed(
+                        f"{node.name} decided differently when run again: "
+                        f"{_decided(first)!r} then {_decided(result)!r}"
+                    )
         tx.log(row.id, node.name, SagaLogEvent.STARTED, started)
-        return await self._settle(tx, row, node, result)
+        return await self._settle(tx, row, node, result, started)
 
     async def _resume(
         self,
@@ -255,25 +261,51 @@ class SagaRunner:
         wake: WakeUp,
     ) -> tuple[SagaRow, Outcome]:
         await self._parts.resumed(tx, row, node.name, wake)
-        if node.resume is None:
-            output = _PayloadOutput.model_validate(dict(wake.payload))
-            return await self._settle(tx, row, node, output)
-        result = await node.resume(self._parts.ctx(tx, definition, params, row, node.name), wake)
+        result: BaseModel | Wait | None
+        with self._parts.span(row, node.name, "resume"):
+            if node.resume is None:
+                result = _PayloadOutput.model_validate(dict(wake.payload))
+            else:
+                ctx = self._parts.ctx(tx, definition, params, row, node.name)
+                result = await node.resume(ctx, wake)
         return await self._settle(tx, row, node, result)
 
     async def _settle(
-        self, tx: StepTx, row: SagaRow, node: Node[Any], result: BaseModel | Wait | None
+        self,
+        tx: StepTx,
+        row: SagaRow,
+        node: Node[Any],
+        result: BaseModel | Wait | None,
+        started: datetime | None = None,
     ) -> tuple[SagaRow, Outcome]:
-        """Record what an action or resume returned: an output, or a wait to park on."""
+        """Record what an action or resume returned: an output, or a wait to park on.
+
+        ``started``: when the action began (None for a resume: the wait's ``since``)."""
         now = self._parts.clock.now()
         notices = self._parts.notices
         if isinstance(result, Wait):
             return row, await self._wait(tx, row, node, result)
         output = result.model_dump(mode="json") if result is not None else {}
+        self._observe_duration(row, node.name, started, now)
         notices.note(row.id, "succeeded", node.name)
         tx.log(row.id, node.name, SagaLogEvent.SUCCEEDED, now)
         return row.at(row.position, outputs={**row.outputs, node.name: output}), Succeeded(
             node.name
+        )
+
+    def _observe_duration(
+        self, row: SagaRow, node: str, started: datetime | None, now: datetime
+    ) -> None:
+        """The node's duration, from its start (its first park, for a node that waited)
+        to now, for metrics once the step commits."""
+        waited = row.position.waiting.get(node)
+        begun = waited.since if waited is not None else started
+        if begun is None:
+            return
+        seconds = max(0.0, (now - begun).total_seconds())
+        metrics, saga = self._parts.metrics, row.name
+        self._parts.notices.after_commit(
+            row.id, lambda: metrics.node_succeeded(saga, node, seconds)
         )
 
     async def _wait(self, tx: StepTx, row: SagaRow, node: Node[Any], wait: Wait) -> WaitsOn:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -27,6 +27,7 @@ from nexus.saga import rendezvous
 from nexus.saga.errors import LeaseLost
 from nexus.saga.outbox import Outbox
 from nexus.saga.position import Position, SagaRow
+from schemas import tracing
 from schemas.base import Envelope
 
 sagas = cast(Table, Saga.__table__)
@@ -44,6 +45,9 @@ class Due:
     expired: list[uuid.UUID]
     # Sagas woken by an event, or whose lease expired, that nobody runs.
     runnable: set[uuid.UUID]
+    # Of those, the ones whose expired lease another replica held (a claim adopts
+    # them), with their saga names.
+    adoptable: Mapping[uuid.UUID, str] = field(default_factory=dict)
 
 
 class StepTx:
@@ -234,8 +238,14 @@ class SagaStore:
         params: Mapping[str, Any],
         now: datetime,
     ) -> SagaRow:
-        """Insert a running saga leased to this replica, in the caller's transaction."""
+        """Insert a running saga leased to this replica, in the caller's transaction.
+
+        The trace it is created in (the API request's) is kept with its parameters, so
+        that its nodes continue that trace on whichever replica runs them."""
         position = Position()
+        trace = tracing.current_headers()
+        if trace:
+            params = {**params, tracing.SAGA_TRACE_PARAM: trace}
         await session.execute(
             insert(sagas).values(
                 id=saga_id,
@@ -269,7 +279,7 @@ class SagaStore:
             woken = await rendezvous.woken_but_waiting(session, limit)
             orphaned = (
                 await session.execute(
-                    select(sagas.c.id)
+                    select(sagas.c.id, sagas.c.name, sagas.c.lease_owner)
                     .where(
                         sagas.c.state.in_([SagaState.RUNNING.value, SagaState.UNWINDING.value]),
                         or_(sagas.c.lease_owner.is_(None), sagas.c.lease_expires_at < now),
@@ -277,8 +287,16 @@ class SagaStore:
                     )
                     .limit(limit)
                 )
-            ).scalars()
-            return Due(expired=expired, runnable={*woken, *orphaned})
+            ).all()
+            return Due(
+                expired=expired,
+                runnable={*woken, *(row.id for row in orphaned)},
+                adoptable={
+                    row.id: row.name
+                    for row in orphaned
+                    if row.lease_owner is not None and row.lease_owner != self.replica_id
+                },
+            )
 
     async def sweep_unclaimed(self, *, older_than: datetime, now: datetime) -> int:
         async with self._sessions.begin() as session:

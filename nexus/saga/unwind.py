@@ -108,10 +108,12 @@ class Unwinder:
                 wake = await prepare(tx) if prepare is not None else None
                 after, ended = await self._apply(tx, definition, params, fenced, move, at, wake)
         except Exception as error:
+            self._parts.notices.rolled_back(row.id)
             raise_unless_the_node_failed(error, at.node)
             assert at.node is not None
             await self.stuck(row, at.node, describe(error))
             return None
+        self._parts.notices.run_after_commit(row.id)
         if ended is not None:
             self._ended(ended)
         return after
@@ -178,9 +180,10 @@ class Unwinder:
         if faults.fail_undo(definition.name, name):
             raise ActionFailed(f"injected undo failure at {name}")
         ctx = self._parts.ctx(tx, definition, params, row, name)
-        result = await node.undo(ctx)
-        if faults.repeat_undos:
+        with self._parts.span(row, name, "undo"):
             result = await node.undo(ctx)
+            if faults.repeat_undos:
+                result = await node.undo(ctx)
         return await self._settle(tx, row, name, result)
 
     async def _undo_resume(
@@ -197,7 +200,9 @@ class Unwinder:
             raise ActionFailed(f"the undo of {name} waited and has no undo_resume")
         await self._parts.resumed(tx, row, name, wake)
         ctx = self._parts.ctx(tx, definition, params, row, name)
-        return await self._settle(tx, row, name, await node.undo_resume(ctx, wake))
+        with self._parts.span(row, name, "undo_resume"):
+            result = await node.undo_resume(ctx, wake)
+        return await self._settle(tx, row, name, result)
 
     async def _settle(
         self, tx: StepTx, row: SagaRow, name: str, result: Wait | None

@@ -40,7 +40,7 @@ from sqlalchemy import Table, bindparam, delete, insert, select, update
 
 from nexus.db.engine import upsert_insert
 from nexus.db.models import FAULT_REASON_LENGTH, Dataset, Disk, Region
-from nexus.db.states import DiskState, RegionState
+from nexus.db.states import DatasetState, DiskState, RegionState
 from nexus.saga.definition import (
     ActionFailed,
     Ctx,
@@ -175,6 +175,7 @@ _CANDIDATES = (
     .where(
         datasets.c.free_bytes >= bindparam("b_bytes"),
         datasets.c.last_seen_at >= bindparam("b_seen"),
+        datasets.c.state == DatasetState.ACTIVE.value,
     )
     .order_by(datasets.c.free_bytes.desc(), datasets.c.id)
 )

@@ -141,7 +141,7 @@ for name in rabbitmq postgres; do
     tag_var="STANDIN_${name^^}_IMAGE"
     build "${!tag_var}" "$(hash_files "deploy/standin/$name")-$base_id" "deploy/standin/$name"
 done
-build "$PROMETHEUS_IMAGE" "$(hash_files deploy/prometheus/Dockerfile)-$base_id" deploy/prometheus
+build "$PROMETHEUS_IMAGE" "$(hash_files deploy/prometheus)-$base_id" deploy/prometheus
 
 # Superseded builds leave untagged images behind; only those go.
 docker image prune --force >/dev/null

@@ -17,6 +17,13 @@ and drawn now and then besides:
   or behind (libfaketime), which it keeps for the rest of the run.
 - ``disk-full``: a crucible agent's data directory (a small tmpfs) filled with a filler
   file, emptied again 4 to 10 s later while the driver carries on.
+
+The node-loss run (``tests/chaos/test_node_loss.py``) has its own, on a rack whose
+servers are replicated, and no SIGKILLs of services between them:
+
+- ``db-primary-kill``: the primary PostgreSQL's machine lost (its Patroni and postmaster
+  SIGKILLed at once); Patroni promotes the synchronous standby; the lost node is started
+  again later and rejoins as a standby.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 from tests.chaos.rack import Rack
@@ -39,16 +47,29 @@ class Fault(StrEnum):
     FREEZE = "sigstop"
     CLOCK_SKEW = "clock-skew"
     DISK_FULL = "disk-full"
+    # Node loss: a rack whose database is replicated (tests/chaos/test_node_loss.py).
+    DB_PRIMARY_KILL = "db-primary-kill"
 
 
 POSTGRES_FAULTS = frozenset({Fault.POSTGRES_STOP, Fault.POSTGRES_KILL})
+# The faults of the classic chaos run (a single PostgreSQL and RabbitMQ node): "all".
+CLASSIC_FAULTS = frozenset(
+    {
+        Fault.RABBITMQ_RESTART,
+        Fault.POSTGRES_STOP,
+        Fault.POSTGRES_KILL,
+        Fault.FREEZE,
+        Fault.CLOCK_SKEW,
+        Fault.DISK_FULL,
+    }
+)
 
 
 def parse_forced(text: str) -> frozenset[Fault]:
     """``all``, ``none``, or a comma-separated list of fault names."""
     text = text.strip()
     if text == "all":
-        return frozenset(Fault)
+        return CLASSIC_FAULTS
     if text in ("none", ""):
         return frozenset()
     names = [name.strip() for name in text.split(",") if name.strip()]
@@ -74,7 +95,12 @@ class FaultPlan:
     )
     # Done at least once each, when a seeded fraction (in ``forced_window``) of the disk
     # creates has been submitted, or after the workload if it ended first.
-    forced: frozenset[Fault] = frozenset(Fault)
+    forced: frozenset[Fault] = CLASSIC_FAULTS
+    # Between forced faults, SIGKILLs of services (and draws of ``chances``); off for a
+    # run about one kind of fault.
+    process_kills: bool = True
+    # How long a lost database node stays down after its standby took over.
+    db_node_down_seconds: tuple[float, float] = (5.0, 15.0)
     forced_window: tuple[float, float] = (0.1, 0.8)
     # At a tick with nothing forced due, the chance of each fault other than a SIGKILL
     # (of those in ``forced``; the RabbitMQ restart happens once).
@@ -113,13 +139,21 @@ class FaultDriver:
         self._rng = rng
         self._plan = plan
         self._progress = progress
-        # Drawn for every fault, forced or not, so that one seed gives one schedule.
-        self._forced_at = {fault: rng.uniform(*plan.forced_window) for fault in Fault}
+        # Drawn for every classic fault, forced or not, so that one seed gives one
+        # schedule (and the faults of other runs leave the classic schedule as it was).
+        self._forced_at = {
+            fault: rng.uniform(*plan.forced_window)
+            for fault in Fault
+            if fault in CLASSIC_FAULTS or fault in plan.forced
+        }
         self._pending = set(plan.forced)
         self._begun = asyncio.Condition()
         self._running = True
         self._emptying: list[asyncio.Task[None]] = []
         self.postgres_outages: list[float] = []
+        # Each failover of a replicated server: (lost at, replaced at), wall clock (to
+        # compare with the database's times), and what failed over.
+        self.failovers: list[tuple[datetime, datetime, str]] = []
 
     @property
     def forced_missing(self) -> list[Fault]:
@@ -182,8 +216,12 @@ class FaultDriver:
                 self._pending.discard(fault)
                 self._begun.notify_all()
         match fault:
+            case None if not self._plan.process_kills:
+                return
             case None:
                 await self._kill_and_restart()
+            case Fault.DB_PRIMARY_KILL:
+                await self._db_primary_kill()
             case Fault.RABBITMQ_RESTART:
                 self._ledger.fault("rabbitmq restart", self._rack.server.describe())
                 await self._rack.restart_rabbitmq(self._plan.rabbitmq_down_seconds)
@@ -236,6 +274,19 @@ class FaultDriver:
         self._ledger.fault(
             kind,
             f"{how}; down {outage:.1f}s, {longer} than the region deadline ({deadline:g}s)",
+            at=began,
+        )
+
+    async def _db_primary_kill(self) -> None:
+        lost_at = datetime.now(UTC)
+        began = time.monotonic()
+        down = self._rng.uniform(*self._plan.db_node_down_seconds)
+        lost, promoted, failover = await self._rack.kill_db_primary(down)
+        self.failovers.append((lost_at, lost_at + timedelta(seconds=failover), "database"))
+        self._ledger.fault(
+            "database primary lost",
+            f"{lost} SIGKILLed (Patroni and postmaster); {promoted} took writes after "
+            f"{failover:.1f}s; the lost node started again after {down:.1f}s",
             at=began,
         )
 

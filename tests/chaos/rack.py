@@ -36,7 +36,7 @@ from schemas.topology import (
 )
 from schemas.transport import Transport
 from tests.chaos.machine import SmallDisk
-from tests.harness.servers import PrivatePostgresCluster, RabbitMQServer
+from tests.harness.servers import PatroniPostgres, PrivatePostgresCluster, RabbitMQServer
 from tests.processes import Service, libfaketime
 
 READY_TIMEOUT = 90.0
@@ -54,6 +54,7 @@ class RackSettings:
     # Each crucible agent's data directory is a tmpfs of this size, which the driver
     # fills; room for the state database and the (sparse) regions of a long run.
     agent_disk_bytes: int = 32 << 20
+    nexus_replicas: int = 2
 
 
 @dataclass(frozen=True)
@@ -75,13 +76,16 @@ class DeadLetter:
 @dataclass
 class Rack:
     server: RabbitMQServer
-    database: PrivatePostgresCluster
+    # The single PostgreSQL the classic faults stop and kill, or a replicated one.
+    database: PrivatePostgresCluster | PatroniPostgres
     settings: RackSettings
     access: Access
     stack: StackPlan
     services: dict[str, Service]
     # The crucible agents' data directories, by service name.
     disks: dict[str, SmallDisk]
+    # Nexus's database (on a replicated server: an address that finds the primary).
+    database_url: str
     unexpected_exits: list[str] = field(default_factory=list)
     # Replicas whose clock is skewed (a libfaketime FAKETIME offset such as "+30s"): a
     # machine's clock stays wrong across restarts of the process, so every start of
@@ -165,22 +169,42 @@ class Rack:
             if process.poll() is None:
                 process.send_signal(signal.SIGCONT)
 
+    @property
+    def single_database(self) -> PrivatePostgresCluster:
+        assert isinstance(self.database, PrivatePostgresCluster), "a replicated database"
+        return self.database
+
+    async def kill_db_primary(self, down_seconds: float) -> tuple[str, str, float]:
+        """Lose the primary database node (its Patroni and postmaster SIGKILLed), wait for
+        a standby to take writes, and start the lost node again ``down_seconds`` after
+        the kill: (lost node, new primary, seconds until the new primary took writes)."""
+        cluster = self.database
+        assert isinstance(cluster, PatroniPostgres), "not a replicated database"
+        primary = await asyncio.to_thread(cluster.wait_for_primary, 30.0)
+        began = time.monotonic()
+        killed = await asyncio.to_thread(primary.crash)
+        promoted = await asyncio.to_thread(cluster.wait_for_primary, 60.0, other_than=primary.name)
+        failover = time.monotonic() - began
+        await asyncio.sleep(max(0.0, down_seconds - failover))
+        await asyncio.to_thread(primary.start)
+        return f"{primary.name} ({killed})", promoted.name, failover
+
     async def stop_postgres(self, down_seconds: float) -> float:
         """``pg_ctl stop -m immediate``, then started again after ``down_seconds``; how
         long it accepted no connection."""
         began = time.monotonic()
-        await asyncio.to_thread(self.database.stop_immediately)
+        await asyncio.to_thread(self.single_database.stop_immediately)
         await asyncio.sleep(max(0.0, down_seconds - (time.monotonic() - began)))
-        await asyncio.to_thread(self.database.start)
+        await asyncio.to_thread(self.single_database.start)
         return time.monotonic() - began
 
     async def kill_postgres(self, down_seconds: float) -> tuple[float, str]:
         """SIGKILL the postmaster, then start PostgreSQL again (crash recovery) after
         ``down_seconds``; how long it was down, and what was killed."""
         began = time.monotonic()
-        killed = await asyncio.to_thread(self.database.kill)
+        killed = await asyncio.to_thread(self.single_database.kill)
         await asyncio.sleep(max(0.0, down_seconds - (time.monotonic() - began)))
-        await asyncio.to_thread(self.database.start)
+        await asyncio.to_thread(self.single_database.start)
         return time.monotonic() - began, killed
 
     def mount_disks(self) -> None:
@@ -285,7 +309,7 @@ def _text(value: object) -> str:
 
 def build_rack(
     server: RabbitMQServer,
-    database: PrivatePostgresCluster,
+    database: PrivatePostgresCluster | PatroniPostgres,
     database_url: str,
     state_dir: Path,
     seed: int,
@@ -299,6 +323,7 @@ def build_rack(
         amqp_url=server.url,
         database_url=database_url,
         create_delay=settings.create_delay,
+        nexus_replicas=settings.nexus_replicas,
     )
     stack = plan(config)
     access = Access.generate(vhost, crucible_agents=stack.crucible_ids, sleds=stack.sled_ids)
@@ -337,6 +362,7 @@ def build_rack(
         stack=stack,
         services=services,
         disks=disks,
+        database_url=database_url,
     )
 
 

@@ -36,10 +36,13 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
+from nexus.db.engine import create_engine
 from nexus.db.migrate import upgrade_async
 from schemas import api
 from schemas.transport import Transport
@@ -143,6 +146,27 @@ async def test_the_books_balance_under_faults(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     plan = FaultPlan(forced=parse_forced(chaos_faults))
+    run = await run_chaos(rack, plan, chaos_seed, chaos_operations, capsys)
+    assert_books_balance(rack, run)
+
+
+@dataclass
+class ChaosRun:
+    report: dict[str, object]
+    verdict: Verdict
+    ledger: Ledger
+    driver: FaultDriver
+
+
+async def run_chaos(
+    rack: Rack,
+    plan: FaultPlan,
+    chaos_seed: int,
+    chaos_operations: int,
+    capsys: pytest.CaptureFixture[str],
+) -> ChaosRun:
+    """The workload beside the driver's faults, then the books audited and reported (in
+    the rack's state directory and on the terminal)."""
     with capsys.disabled():
         print(
             f"\nchaos seed {chaos_seed} ({chaos_operations} disk creates; forced faults: "
@@ -189,9 +213,18 @@ async def test_the_books_balance_under_faults(
         "faults_forced": sorted(fault.value for fault in plan.forced),
         "region_deadline_seconds": rack.settings.region_deadline_seconds,
         "lease_seconds": rack.settings.lease_seconds,
+        "nexus_replicas": rack.settings.nexus_replicas,
         "postgres_outages_seconds": [round(outage, 1) for outage in driver.postgres_outages],
         "disk_full_seconds": [round(end - begin, 1) for _, begin, end in ledger.full_windows],
     }
+    if driver.failovers:
+        report |= {
+            "failovers": [
+                f"{what} {(replaced - lost).total_seconds():.1f}s"
+                for lost, replaced, what in driver.failovers
+            ],
+            "wake_ms": await wakes_around_failovers(rack, driver.failovers),
+        }
     state_dir = rack.stack.health_files[0].parent
     (state_dir / "chaos-report.json").write_text(
         json.dumps(report | {"fault_log": ledger.fault_log}, indent=2)
@@ -200,7 +233,11 @@ async def test_the_books_balance_under_faults(
     (state_dir / "chaos-report.txt").write_text(rendered)
     with capsys.disabled():
         print(rendered)
+    return ChaosRun(report, verdict, ledger, driver)
 
+
+def assert_books_balance(rack: Rack, run: ChaosRun) -> None:
+    driver, verdict, ledger = run.driver, run.verdict, run.ledger
     assert not driver.forced_missing, f"forced faults that did not happen: {driver.forced_missing}"
     assert not rack.unexpected_exits, rack.unexpected_exits
     assert not verdict.lost, f"operations lost: {verdict.lost}"
@@ -217,6 +254,53 @@ async def test_the_books_balance_under_faults(
     assert not verdict.internal_answers, (
         f"requests answered with Nexus's own error: {verdict.internal_answers}"
     )
+
+
+# A wake whose event came this long after a failover ended still counts as "during": the
+# replicas' retries back off for up to 5 s (schemas.tasks) before they find the new server.
+FAILOVER_AFTERMATH = timedelta(seconds=5)
+
+
+async def wakes_around_failovers(
+    rack: Rack, failovers: list[tuple[datetime, datetime, str]]
+) -> dict[str, dict[str, float] | None]:
+    """Wake overhead (the agent's event → the saga resumed) of every resumed wait, split
+    by whether the wake overlapped a failover (or its aftermath) or not."""
+    engine = create_engine(rack.database_url)
+    try:
+        async with engine.connect() as connection:
+            rows = (
+                await connection.execute(
+                    text(
+                        "SELECT event_occurred_at, resumed_at FROM wait_rendezvous "
+                        "WHERE resumed_at IS NOT NULL AND event_occurred_at IS NOT NULL"
+                    )
+                )
+            ).all()
+    finally:
+        await engine.dispose()
+    during: list[float] = []
+    outside: list[float] = []
+    for occurred, resumed in rows:
+        wake = (resumed - occurred).total_seconds() * 1000
+        # During: the wake overlapped a failover (or its aftermath), whenever it began.
+        near = any(
+            occurred <= replaced + FAILOVER_AFTERMATH and resumed >= lost
+            for lost, replaced, _ in failovers
+        )
+        (during if near else outside).append(wake)
+    return {"during_failovers": _percentiles(during), "outside_failovers": _percentiles(outside)}
+
+
+def _percentiles(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))], 1)
+
+    return {"n": len(ordered), "p50": at(0.5), "p99": at(0.99), "max": round(ordered[-1], 1)}
 
 
 async def settle_and_check(rack: Rack, client: Api, ledger: Ledger) -> Verdict:

@@ -37,12 +37,16 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
+from nexus.devstack.patroni import PatroniCluster
 from nexus.devstack.servers import (
     STARTUP_TIMEOUT,
     PostgresCluster,
     RabbitMQNode,
     amqp_server_version,
+    children_of,
     postgres_server_version,
+    process_alive,
+    process_exists,
     run_sync,
     wait_for_amqp,
     wait_for_postgres,
@@ -377,20 +381,20 @@ class PrivatePostgresCluster(PostgresCluster, PostgresServer):
         recovery.
         """
         pid = self.postmaster_pid()
-        if pid is None or not _alive(pid):
+        if pid is None or not process_alive(pid):
             raise RuntimeError(f"no postmaster to kill (its pid file says {pid})")
-        children = _children_of(pid)
+        children = children_of(pid)
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + POSTMASTER_GONE_TIMEOUT
-        while (_exists(pid) or any(_alive(child) for child in children)) and (
+        while (process_exists(pid) or any(process_alive(child) for child in children)) and (
             time.monotonic() < deadline
         ):
             time.sleep(0.05)
-        stragglers = [child for child in children if _alive(child)]
+        stragglers = [child for child in children if process_alive(child)]
         for child in stragglers:
             with suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
-        if _exists(pid):
+        if process_exists(pid):
             raise RuntimeError(
                 f"the killed postmaster {pid} was not reaped within "
                 f"{POSTMASTER_GONE_TIMEOUT:g}s; PostgreSQL cannot start again until it is"
@@ -408,7 +412,7 @@ class PrivatePostgresCluster(PostgresCluster, PostgresServer):
     @property
     def running(self) -> bool:
         pid = self.postmaster_pid()
-        return pid is not None and _alive(pid)
+        return pid is not None and process_alive(pid)
 
     @property
     def log_path(self) -> Path:
@@ -419,31 +423,6 @@ class PrivatePostgresCluster(PostgresCluster, PostgresServer):
 # init reaps the dead postmaster within a few seconds (until it does, the postmaster
 # still "exists", and a new one refuses its lock file).
 POSTMASTER_GONE_TIMEOUT = 30.0
-
-
-def _exists(pid: int) -> bool:
-    """The process exists, if only as a zombie not yet reaped."""
-    return Path(f"/proc/{pid}").exists()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def _children_of(pid: int) -> list[int]:
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            children.append(int(stat.parent.name))
-    return children
 
 
 def provide_postgres() -> PostgresServer:
@@ -469,3 +448,19 @@ def provide_postgres() -> PostgresServer:
     except ServerUnavailable as exc:
         attempts.append(f"private cluster: {exc}")
     raise _unavailable("PostgreSQL", attempts)
+
+
+class PatroniPostgres(PatroniCluster, PostgresServer):
+    """A replicated PostgreSQL (``nexus.devstack.patroni``): its URLs name every node
+    and connect to whichever is the primary."""
+
+    mode = "private Patroni cluster"
+
+
+def provide_ha_postgres(nodes: int = 3) -> PatroniPostgres:
+    """A replicated PostgreSQL of private processes: Patroni needs to start, kill and
+    promote the servers itself, so no server named by URL or container stands in."""
+    try:
+        return PatroniPostgres(nodes)
+    except ServerUnavailable as exc:
+        raise _unavailable("replicated PostgreSQL (Patroni with etcd)", [str(exc)]) from exc

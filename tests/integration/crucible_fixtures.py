@@ -18,6 +18,7 @@ import pytest
 
 from schemas.common import CommandRejected
 from schemas.region import RegionState, RegionStateChanged
+from schemas.snapshot import RegionSnapshotStateChanged, RunningSnapshotStateChanged
 from schemas.topology import EVENTS_EXCHANGE, crucible_queue
 from schemas.transport import Delivery, Transport
 
@@ -164,6 +165,39 @@ class Events:
                 seen.append(key)
         return seen
 
+    def snapshot_changes(
+        self, agent_id: uuid.UUID, region_id: uuid.UUID
+    ) -> list[RegionSnapshotStateChanged]:
+        return [
+            delivery.message
+            for delivery in self.received
+            if isinstance(delivery.message, RegionSnapshotStateChanged)
+            and delivery.message.payload.agent_id == agent_id
+            and delivery.message.payload.snapshot.region_id == region_id
+        ]
+
+    def running_changes(
+        self, agent_id: uuid.UUID, region_id: uuid.UUID
+    ) -> list[RunningSnapshotStateChanged]:
+        return [
+            delivery.message
+            for delivery in self.received
+            if isinstance(delivery.message, RunningSnapshotStateChanged)
+            and delivery.message.payload.agent_id == agent_id
+            and delivery.message.payload.running_snapshot.id == region_id
+        ]
+
+    def running_states(
+        self, agent_id: uuid.UUID, region_id: uuid.UUID
+    ) -> list[tuple[RegionState, int]]:
+        """Each running snapshot (state, generation) once, in the order it first arrived."""
+        seen: list[tuple[RegionState, int]] = []
+        for event in self.running_changes(agent_id, region_id):
+            key = (event.payload.running_snapshot.state, event.payload.running_snapshot.generation)
+            if key not in seen:
+                seen.append(key)
+        return seen
+
     def rejections(self, command_id: uuid.UUID) -> list[CommandRejected]:
         return [
             delivery.message
@@ -199,7 +233,16 @@ async def watch_events(transport: Transport) -> Events:
     events = Events(queue=f"test.crucible.{uuid.uuid4()}")
     await transport.declare_queue(
         events.queue,
-        [(EVENTS_EXCHANGE, key) for key in ("region.*", "command.rejected", "agent.announced")],
+        [
+            (EVENTS_EXCHANGE, key)
+            for key in (
+                "region.*",
+                "region_snapshot.*",
+                "running_snapshot.*",
+                "command.rejected",
+                "agent.announced",
+            )
+        ],
     )
     await transport.consume(events.queue, events.on_delivery)
     return events

@@ -69,6 +69,7 @@ from schemas.region import (
     RegionList,
     RegionListed,
     RegionListing,
+    RegionRef,
     RegionState,
     RegionStateChanged,
 )
@@ -79,6 +80,18 @@ from schemas.sled import (
     SledHeartbeat,
     SledInfo,
     SledRegistered,
+)
+from schemas.snapshot import (
+    RegionSnapshotChange,
+    RegionSnapshotList,
+    RegionSnapshots,
+    RegionSnapshotsInfo,
+    RegionSnapshotStateChanged,
+    RunningSnapshot,
+    RunningSnapshotChange,
+    RunningSnapshotStateChanged,
+    Snapshot,
+    SnapshotState,
 )
 from schemas.topology import (
     DEAD_LETTER_QUEUE,
@@ -196,6 +209,16 @@ class PlayedCrucible(PlayedAgent):
                     agent_id=self.agent_id,
                     region=self.regions.get(message.payload.id),
                     region_id=message.payload.id,
+                ),
+            )
+        elif isinstance(message, RegionSnapshotList):
+            held = self.regions.get(message.payload.id)
+            answer = RegionSnapshotsInfo(
+                source=self.source,
+                payload=RegionSnapshots(
+                    agent_id=self.agent_id,
+                    region_id=message.payload.id,
+                    region_state=None if held is None else held.state,
                 ),
             )
         else:
@@ -679,6 +702,103 @@ async def region_command_rejected(stack: Stack) -> None:
     await stack.finish_disk(disk)
 
 
+def snapshot_of(region_id: uuid.UUID) -> Snapshot:
+    return Snapshot(
+        region_id=region_id,
+        name=str(uuid.uuid4()),
+        created=utcnow(),
+        state=SnapshotState.CREATED,
+        generation=1,
+    )
+
+
+async def region_snapshot_event(stack: Stack) -> None:
+    """Another agent reports, in its own name, a snapshot of a region placed on the first
+    agent; the owner's own report is taken (and, as no saga waits on it yet, only that)."""
+    disk = await stack.disk_in_flight()
+    await stack.finish_disk(disk)
+    owner, forger, _ = stack.crucibles
+    region_id = disk.region_of(owner)
+    honest = RegionSnapshotStateChanged(
+        source=owner.source,
+        payload=RegionSnapshotChange(agent_id=owner.agent_id, snapshot=snapshot_of(region_id)),
+    )
+    await owner.publish_event(honest, honest.routing_key())
+    await stack.forge(
+        forger,
+        RegionSnapshotStateChanged(
+            source=forger.source,
+            payload=RegionSnapshotChange(agent_id=forger.agent_id, snapshot=snapshot_of(region_id)),
+        ),
+    )
+
+
+async def running_snapshot_event(stack: Stack) -> None:
+    """As :func:`region_snapshot_event`, for the read-only downstairs of a snapshot."""
+    disk = await stack.disk_in_flight()
+    await stack.finish_disk(disk)
+    owner, forger, _ = stack.crucibles
+    running = RunningSnapshot(
+        id=disk.region_of(owner),
+        name=str(uuid.uuid4()),
+        port_number=19001,
+        state=RegionState.CREATED,
+        generation=2,
+    )
+    honest = RunningSnapshotStateChanged(
+        source=owner.source,
+        payload=RunningSnapshotChange(agent_id=owner.agent_id, running_snapshot=running),
+    )
+    await owner.publish_event(honest, honest.routing_key())
+    await stack.forge(
+        forger,
+        RunningSnapshotStateChanged(
+            source=forger.source,
+            payload=RunningSnapshotChange(
+                agent_id=forger.agent_id,
+                running_snapshot=running.model_copy(update={"generation": FORGED_GENERATION}),
+            ),
+        ),
+    )
+
+
+async def region_snapshots_info_to_a_query(stack: Stack) -> None:
+    """An operator asks an agent for a region's snapshots; another agent answers first.
+    The requester takes only the answer of the agent whose queue it asked."""
+    owner, forger, _ = stack.crucibles
+    region_id = uuid.uuid4()
+    asked = asyncio.create_task(
+        stack.cli.request(
+            RegionSnapshotList(source=CLI_SOURCE, payload=RegionRef(id=region_id)),
+            routing_key=crucible_queue(owner.agent_id),
+            timeout=60,
+        )
+    )
+    request = await owner.next(RegionSnapshotList)
+    forged = snapshot_of(region_id)
+    await stack.forge_reply(
+        forger,
+        request,
+        RegionSnapshotsInfo(
+            source=forger.source,
+            payload=RegionSnapshots(
+                agent_id=owner.agent_id,
+                region_id=region_id,
+                region_state=RegionState.CREATED,
+                snapshots=(forged,),
+            ),
+        ),
+    )
+    await owner.answer(request)
+    answer = await asked
+    assert isinstance(answer, RegionSnapshotsInfo), answer
+    assert (answer.source, answer.payload.region_state, answer.payload.snapshots) == (
+        owner.source,
+        None,
+        (),
+    )
+
+
 def vmm_event(state: VmmState) -> Run:
     """The other sled reports on a VMM Nexus placed on the first one."""
 
@@ -885,6 +1005,9 @@ CASES = [
     Case(RegionInfo.TYPE, "reconcile-answer", region_info_to_a_reconcile_query),
     Case(RegionListed.TYPE, "reply-to-the-doctor", region_listed_to_the_doctor),
     Case(VmmInfo.TYPE, "reply-to-the-doctor", instance_info_to_the_doctor),
+    Case(RegionSnapshotStateChanged.TYPE, "of-another-agents-region", region_snapshot_event),
+    Case(RunningSnapshotStateChanged.TYPE, "of-another-agents-region", running_snapshot_event),
+    Case(RegionSnapshotsInfo.TYPE, "reply-to-a-query", region_snapshots_info_to_a_query),
 ]
 
 

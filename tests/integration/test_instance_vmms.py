@@ -250,3 +250,48 @@ async def test_a_lost_sled_fails_its_instances_within_its_threshold(rack: Rack) 
     assert (await rack.act_to_end("lost", api.InstanceAction.START)).state == "done"
     again = await rack.instance("lost")
     assert again.state == "running" and again.sled_id != doomed.sled_id
+
+
+async def test_an_operator_expunges_a_live_sled_for_good(rack: Rack) -> None:
+    """``nexusctl sled expunge`` of a sled whose agent still runs: its instance fails at
+    once (no threshold), the sled stays expunged though its heartbeats go on, a second
+    expunge changes nothing, and the instance starts again on the other sled."""
+    await until_sleds_registered(rack)
+    assert (await rack.create("kept")).state == "done"
+    view = await rack.instance("kept")
+    assert view.sled_id is not None
+
+    reply = await rack.client.request(
+        api.SledExpunge(source=CLI, payload=api.SledRef(sled_id=view.sled_id))
+    )
+    assert isinstance(reply, api.SledExpungeReply), reply
+    assert (reply.payload.changed, reply.payload.vmms_failed) == (True, 1)
+    assert reply.payload.sled.state == "expunged" and reply.payload.sled.live_vmms == 0
+    failed = await rack.instance("kept")
+    assert (failed.state, failed.sled_id, failed.vmm_id) == ("failed", None, None)
+    (vmm,) = await rack.vmms_of(view.id)
+    assert (vmm.state, vmm.reason) == ("failed", LOST_REASON)
+
+    # Its agent lives and beats (every 0.3 s) through several sweeps: still expunged.
+    await asyncio.sleep(1.5)
+    listed = await rack.client.request(api.SledList(source=CLI))
+    assert isinstance(listed, api.SledListReply)
+    states = {sled.id: sled.state for sled in listed.payload}
+    assert states[view.sled_id] == "expunged"
+    assert {state for sled_id, state in states.items() if sled_id != view.sled_id} == {"active"}
+
+    again = await rack.client.request(
+        api.SledExpunge(source=CLI, payload=api.SledRef(sled_id=view.sled_id))
+    )
+    assert isinstance(again, api.SledExpungeReply)
+    assert (again.payload.changed, again.payload.vmms_failed) == (False, 0)
+    unknown = await rack.transport.request(
+        api.SledExpunge(source=CLI, payload=api.SledRef(sled_id=uuid.uuid4())),
+        routing_key=NEXUS_API_QUEUE,
+        timeout=10,
+    )
+    assert isinstance(unknown, api.ApiError) and unknown.payload.code == api.ErrorCode.NOT_FOUND
+
+    assert (await rack.act_to_end("kept", api.InstanceAction.START)).state == "done"
+    restarted = await rack.instance("kept")
+    assert restarted.state == "running" and restarted.sled_id != view.sled_id

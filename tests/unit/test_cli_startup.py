@@ -8,7 +8,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
-HEAVY = ("sqlalchemy", "alembic", "aio_pika", "schemas.transport", "nexus.devstack.servers")
+HEAVY = (
+    "sqlalchemy",
+    "alembic",
+    "aio_pika",
+    "schemas.transport",
+    "nexus.devstack.servers",
+    "opentelemetry",
+)
 
 
 def test_the_cli_imports_nothing_heavy_until_a_command_needs_it() -> None:

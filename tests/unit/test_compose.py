@@ -41,6 +41,7 @@ from nexus.settings import NexusSettings
 from schemas.identity import CLI_USER, NEXUS_USER, crucible_user, sled_user, source_allowed
 from schemas.instance import VmmState
 from schemas.region import RegionState
+from schemas.snapshot import SnapshotState
 from schemas.topology import (
     COMMANDS_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
@@ -60,6 +61,7 @@ COMPOSE = ROOT / "compose.yaml"
 DEFINITIONS = ROOT / "deploy" / "rabbitmq" / "definitions.json"
 DEFINITIONS_SCRIPT = ROOT / "deploy" / "rabbitmq" / "definitions.py"
 RABBITMQ_CONF = ROOT / "deploy" / "rabbitmq" / "rabbitmq.conf"
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 
 PROJECT_IMAGE = "oxide-eventplane:dev"
 # Image services (the official images by default, when no variable names a stand-in) and
@@ -72,7 +74,7 @@ SERVER_IMAGES = {
 SERVER_TOOLS = {
     "rabbitmq": {"rabbitmq-diagnostics"},
     "postgres": {"pg_isready"},
-    "prometheus": {"wget"},
+    "prometheus": {"promtool"},
 }
 # The variables that name the local stand-ins (scripts/docker/images.sh builds them).
 STANDIN_VARIABLES = {
@@ -806,12 +808,18 @@ def test_topic_permissions_cover_what_each_agent_publishes(
     services: dict[str, dict[str, Any]], definitions: dict[str, Any]
 ) -> None:
     crucible_keys = [f"region.{state.value}" for state in RegionState]
+    crucible_keys += [f"region_snapshot.{state.value}" for state in SnapshotState]
+    crucible_keys += [f"running_snapshot.{state.value}" for state in RegionState]
     crucible_keys += ["agent.announced", "command.rejected"]
     sled_keys = [f"instance.{state.value}" for state in VmmState]
     sled_keys += ["sled.registered", "sled.heartbeat", "command.rejected"]
     for entry_point, allowed, refused in [
         ("crucible-agent", crucible_keys, ["instance.running", "sled.heartbeat", "disk.ready"]),
-        ("sled-agent", sled_keys, ["region.created", "disk.ready", "saga.done"]),
+        (
+            "sled-agent",
+            sled_keys,
+            ["region.created", "region_snapshot.created", "disk.ready", "saga.done"],
+        ),
     ]:
         for service in _by_entry_point(services, entry_point).values():
             user, _ = _service_identity(service)
@@ -921,3 +929,33 @@ def test_dockerignore_keeps_what_the_build_copies() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     packages = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
     assert {"pyproject.toml", *(package.rstrip("*") for package in packages)} <= allowed
+
+
+# Metrics: every long-running service serves them, and Prometheus scrapes them all.
+
+
+def test_prometheus_scrapes_every_service_on_its_metrics_port(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    serving: set[str] = set()
+    for entry_point, prefix in [
+        ("nexus", "NEXUS_"),
+        ("crucible-agent", "CRUCIBLE_"),
+        ("sled-agent", "SLED_"),
+    ]:
+        for name, service in _by_entry_point(services, entry_point).items():
+            environment = _environment(service)
+            assert environment.get(f"{prefix}METRICS_HOST") == "0.0.0.0", name
+            serving.add(f"{name}:{environment[f'{prefix}METRICS_PORT']}")
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    targets = {
+        target
+        for job in config["scrape_configs"]
+        for static in job.get("static_configs", [])
+        for target in static["targets"]
+        if not target.startswith("localhost:")
+    }
+    assert targets == serving
+    prometheus = services["prometheus"]
+    assert prometheus["build"]["context"] == "deploy/prometheus"
+    assert (ROOT / "deploy" / "prometheus" / "Dockerfile").exists()

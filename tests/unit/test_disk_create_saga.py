@@ -17,7 +17,8 @@ from sqlalchemy import ColumnElement, func, select
 
 from nexus.api import disk_view
 from nexus.db.models import Dataset, Disk, Region
-from nexus.db.states import DiskState, SagaLogEvent, SagaState
+from nexus.db.states import DatasetState, DiskState, SagaLogEvent, SagaState
+from nexus.liveness import expunge_sled
 from nexus.saga.clock import ManualClock
 from nexus.saga.faults import Faults
 from nexus.sagas import disk_create, region_deletion
@@ -174,6 +175,30 @@ async def test_a_failing_undo_leaves_the_saga_stuck_and_the_disk_faulted(
     assert disk is not None and disk.state == DiskState.FAULTED
     log = await database.log(saga_id)
     assert [e.node_name for e in log if e.event == SagaLogEvent.UNDO_FAILED] == ["regions_place"]
+
+
+async def test_no_region_goes_to_a_dataset_of_an_expunged_sled(database: Database) -> None:
+    """Four datasets on four sleds; the sled of one is expunged by an operator: the
+    disk's three regions go to the other three, and asking again changes nothing."""
+    async with database.sessions() as session:
+        lost = (await session.execute(select(Dataset).order_by(Dataset.id))).scalars().first()
+    assert lost is not None
+    async with database.sessions.begin() as session:
+        first = await expunge_sled(session, lost.sled_id, ManualClock().now())
+    async with database.sessions.begin() as session:
+        again = await expunge_sled(session, lost.sled_id, ManualClock().now())
+    assert (first.changed, first.datasets, first.failed_vmms) == (True, 1, 0)
+    assert (again.changed, again.datasets, again.failed_vmms) == (False, 0, 0)
+
+    replica = Replica(database, "a", clock=ManualClock())
+    crucible = FakeCrucible.new(database)
+    await run_to_end(replica, crucible, params())
+    async with database.sessions() as session:
+        used = set((await session.execute(select(Region.dataset_id))).scalars())
+        states = dict((await session.execute(select(Dataset.id, Dataset.state))).tuples().all())
+    assert len(used) == 3 and lost.id not in used
+    assert states[lost.id] == DatasetState.EXPUNGED
+    assert all(states[dataset] == DatasetState.ACTIVE for dataset in used)
 
 
 async def test_no_room_fails_with_a_clear_reason(tmp_path: Path) -> None:

@@ -82,6 +82,21 @@ TRANSIENT: list[tuple[str, BaseException]] = [
     ("statement timeout", _wrapped(asyncpg_errors.QueryCanceledError("statement timeout"))),
     ("lock timeout", _wrapped(asyncpg_errors.LockNotAvailableError("lock timeout"))),
     ("deadlock", _wrapped(asyncpg_errors.DeadlockDetectedError("deadlock detected"))),
+    # A replicated database failing over (tests/integration/test_ha_database.py).
+    (
+        "write on a standby",
+        _wrapped(asyncpg_errors.ReadOnlySQLTransactionError("cannot execute INSERT")),
+    ),
+    ("raw write on a standby", asyncpg_errors.ReadOnlySQLTransactionError("read-only")),
+    (
+        "no server accepts writes yet",
+        asyncpg_errors.TargetServerAttributeNotMatched('None of the hosts match "read-write"'),
+    ),
+    (
+        "no server accepts writes yet, wrapped",
+        _caused_by(asyncpg_errors.TargetServerAttributeNotMatched("none")),
+    ),
+    ("recovering", _wrapped(asyncpg_errors.CannotConnectNowError("in recovery mode"))),
     ("caused by a transient one", _caused_by(OSError(5, "Input/output error"))),
     ("group of transient ones", ExceptionGroup("both", [OSError(), PublishFailed("x")])),
 ]

@@ -9,7 +9,6 @@ from typing import Annotated, Any
 
 import typer
 
-from crucible_agent import app as agent_app
 from crucible_agent.settings import CrucibleSettings
 from schemas.service import check_health, run_service, settings_from
 
@@ -135,6 +134,10 @@ def run(
         "space_reserve_bytes": space_reserve_bytes,
     }
     settings = settings_from("crucible-agent", CrucibleSettings, flags)
+    # Imported here: `crucible-agent health`, a container's health check every few
+    # seconds, needs none of the agent.
+    from crucible_agent import app as agent_app
+
     run_service(
         "crucible-agent",
         settings.log_level,

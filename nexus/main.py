@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from nexus.app import NexusApp
-from nexus.db import migrate
 from nexus.settings import NexusSettings
 from schemas.redact import redact_url
 from schemas.service import check_health, run_service, serve, settings_from
 from schemas.tasks import until_up
+
+# The replica itself (saga engine, database layer, transport) is imported by the commands
+# that run it: `nexus health`, a container's health check every few seconds, then costs a
+# fraction of the CPU.
+if TYPE_CHECKING:
+    from nexus.app import NexusApp
 
 app = typer.Typer(
     name="nexus",
@@ -56,6 +60,8 @@ def run(
     """Run until SIGTERM or SIGINT; then stop consuming, finish the step at hand, exit."""
     flags = {"replica_id": replica_id, "database_url": database_url, "amqp_url": amqp_url}
     settings = settings_from("nexus", NexusSettings, flags)
+    from nexus.app import NexusApp
+
     run_replica(NexusApp(settings), migrate_first=migrate_first)
 
 
@@ -65,6 +71,8 @@ def run_replica(nexus: NexusApp, *, migrate_first: bool = False) -> None:
     The benchmark's replica and the crash tests' run this too, with the definitions and
     faults they built their ``NexusApp`` with.
     """
+    from nexus.db import migrate
+
     settings = nexus.settings
 
     async def replica(stop: asyncio.Event) -> None:

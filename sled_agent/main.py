@@ -10,7 +10,6 @@ from typing import Annotated, Any
 import typer
 
 from schemas.service import check_health, run_service, settings_from
-from sled_agent.app import serve
 from sled_agent.settings import LogLevel, SledSettings
 
 app = typer.Typer(
@@ -71,6 +70,10 @@ def run(
         "log_level": log_level,
     }
     settings = settings_from("sled-agent", SledSettings, flags)
+    # Imported here: `sled-agent health`, a container's health check every few seconds,
+    # needs none of the agent.
+    from sled_agent.app import serve
+
     run_service(
         "sled-agent",
         settings.log_level,

@@ -21,6 +21,7 @@ import pytest
 
 from nexus.db.migrate import upgrade_async
 from tests.harness.servers import (
+    SERVERS_ENV,
     NotSupportedInMode,
     PatroniPostgres,
     PostgresServer,
@@ -33,6 +34,7 @@ from tests.harness.servers import (
     provide_postgres,
     provide_rabbitmq,
     provide_rabbitmq_cluster,
+    server_mode,
 )
 from tests.saga_support import Database
 
@@ -97,12 +99,49 @@ def chaos_seed(request: pytest.FixtureRequest) -> int:
     return int(given) if given is not None else random.SystemRandom().randrange(1 << 32)
 
 
+# Fixtures that stop, start or kill their server: always a private process of the test's
+# own, whatever TEST_SERVERS says. Tests that use them are marked `private_servers`, so a
+# run that must use other servers (TEST_SERVERS=testcontainers) deselects them by name.
+_PRIVATE_SERVER_FIXTURES = {
+    "restartable_rabbitmq",
+    "restartable_postgres",
+    "ha_postgres",
+    "rabbitmq_cluster",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by markers
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _PRIVATE_SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.private_servers)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     used = terminalreporter.config.stash.get(_SERVERS_USED, [])
     if used:
-        terminalreporter.write_sep("=", "servers used")
+        # Which source served the servers, by the mode that chose it and by each server.
+        try:
+            mode = server_mode()
+        except ServerUnavailable as exc:
+            mode = str(exc)
+        terminalreporter.write_sep("=", f"servers used ({SERVERS_ENV}={mode})")
         for line in used:
             terminalreporter.write_line(line)
+
+
+def _refuse_private_in_containers_only_mode(fixture: str) -> None:
+    try:
+        mode = server_mode()
+    except ServerUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    if mode == "testcontainers":
+        pytest.fail(
+            f"{fixture} is a private server the test stops or kills, which "
+            f"{SERVERS_ENV}=testcontainers rules out: deselect such tests with "
+            "-m 'not private_servers'",
+            pytrace=False,
+        )
 
 
 def _provide_or_fail(provide: Callable[[], _Server]) -> _Server:
@@ -165,6 +204,7 @@ def vhost_url(request: pytest.FixtureRequest) -> Iterator[str]:
 def restartable_rabbitmq(request: pytest.FixtureRequest) -> Iterator[RabbitMQServer]:
     """A RabbitMQ node that tests may stop and start: the session's own when it is a
     private node, otherwise a private node started for the tests that need one."""
+    _refuse_private_in_containers_only_mode("restartable_rabbitmq")
     shared: RabbitMQServer = request.getfixturevalue("rabbitmq_server")
     if shared.restartable:
         yield shared
@@ -190,6 +230,7 @@ def restartable_postgres(request: pytest.FixtureRequest) -> Iterator[PrivatePost
     """A private PostgreSQL cluster of the module's own, which its tests may stop (at
     once, as a crash would: ``stop_immediately``) and start again on the same port and
     data; never the session's server, which other tests share."""
+    _refuse_private_in_containers_only_mode("restartable_postgres")
     try:
         cluster = PrivatePostgresCluster()
     except ServerUnavailable as exc:
@@ -205,6 +246,7 @@ def restartable_postgres(request: pytest.FixtureRequest) -> Iterator[PrivatePost
 def ha_postgres(request: pytest.FixtureRequest) -> Iterator[PatroniPostgres]:
     """A replicated PostgreSQL of the test's own (3 nodes under Patroni, one etcd), which
     it may crash node by node; every process is killed afterwards, whatever happened."""
+    _refuse_private_in_containers_only_mode("ha_postgres")
     try:
         cluster = provide_ha_postgres()
     except ServerUnavailable as exc:

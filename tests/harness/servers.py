@@ -4,9 +4,14 @@ Each server comes from the first of these that works:
 
 1. an existing server named by an environment variable (``TEST_RABBITMQ_URL``,
    ``TEST_POSTGRES_URL``);
-2. a testcontainers container, when a Docker engine answers;
+2. a testcontainers container, when a Docker engine answers (images ``TEST_RABBITMQ_IMAGE``,
+   ``TEST_POSTGRES_IMAGE``, by default the official ones);
 3. a private server process on free loopback ports in a temporary directory
    (``nexus.devstack.servers``, which ``nexusctl dev run-all`` uses too).
+
+``TEST_SERVERS`` narrows the choice: ``testcontainers`` uses containers only (and fails
+when they cannot start, rather than fall back), ``private`` never uses containers (a
+Docker engine that happens to answer is ignored); unset or ``auto``, the order above.
 
 Everything here is synchronous so that pytest fixtures built on it are plain
 functions; the few asynchronous client calls run on their own event loop in a
@@ -21,9 +26,10 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy import text
@@ -52,8 +58,23 @@ from nexus.devstack.servers import (
 
 RABBITMQ_URL_ENV = "TEST_RABBITMQ_URL"
 POSTGRES_URL_ENV = "TEST_POSTGRES_URL"
-RABBITMQ_IMAGE = "rabbitmq:3.13"
-POSTGRES_IMAGE = "postgres:15"
+# Where no registry is reachable, scripts/docker/images.sh builds stand-ins from Debian's
+# packages (eventplane-rabbitmq:dev, eventplane-postgres:dev) and the testcontainers run
+# names them here.
+RABBITMQ_IMAGE = os.environ.get("TEST_RABBITMQ_IMAGE") or "rabbitmq:3.13"
+POSTGRES_IMAGE = os.environ.get("TEST_POSTGRES_IMAGE") or "postgres:15"
+
+SERVERS_ENV = "TEST_SERVERS"
+SERVER_MODES = ("auto", "testcontainers", "private")
+
+
+def server_mode() -> str:
+    """``TEST_SERVERS``: which sources the harness may use (module docstring)."""
+    mode = os.environ.get(SERVERS_ENV) or "auto"
+    if mode not in SERVER_MODES:
+        expected = ", ".join(SERVER_MODES)
+        raise ServerUnavailable(f"{SERVERS_ENV}={mode!r}: expected one of {expected}")
+    return mode
 
 
 class NotSupportedInMode(Exception):
@@ -212,14 +233,43 @@ def provide_rabbitmq_cluster() -> PrivateRabbitMQCluster:
         ) from None
 
 
+def _containers_only(what: str) -> None:
+    """In mode ``testcontainers``, a server URL variable would be a second source."""
+    for variable in (RABBITMQ_URL_ENV, POSTGRES_URL_ENV):
+        if os.environ.get(variable):
+            raise ServerUnavailable(
+                f"{SERVERS_ENV}=testcontainers, but {variable} names a {what} server: unset one"
+            )
+
+
+_Container = TypeVar("_Container", "ContainerRabbitMQ", "ContainerPostgres")
+
+
+def _only_container(start: Callable[[], _Container], image: str) -> _Container:
+    """A container, or why there is none: mode ``testcontainers`` has no fallback."""
+    reason = docker_unavailable_reason()
+    if reason is not None:
+        raise ServerUnavailable(f"{SERVERS_ENV}=testcontainers: {reason}")
+    try:
+        return start()
+    except Exception as exc:
+        raise ServerUnavailable(
+            f"{SERVERS_ENV}=testcontainers: {image} did not start: {exc!r}"
+        ) from exc
+
+
 def provide_rabbitmq() -> RabbitMQServer:
     """The first RabbitMQ server that works, in the order the module docstring gives."""
+    mode = server_mode()
+    if mode == "testcontainers":
+        _containers_only("RabbitMQ")
+        return _only_container(ContainerRabbitMQ, RABBITMQ_IMAGE)
     url = os.environ.get(RABBITMQ_URL_ENV)
     if url:
         # A server the user named explicitly is never silently replaced by another one.
         return ExternalRabbitMQ(url)
     attempts = [f"{RABBITMQ_URL_ENV}: not set"]
-    reason = docker_unavailable_reason()
+    reason = "not tried: TEST_SERVERS=private" if mode == "private" else docker_unavailable_reason()
     if reason is None:
         try:
             return ContainerRabbitMQ()
@@ -400,11 +450,15 @@ POSTMASTER_GONE_TIMEOUT = 30.0
 
 def provide_postgres() -> PostgresServer:
     """The first PostgreSQL server that works, in the order the module docstring gives."""
+    mode = server_mode()
+    if mode == "testcontainers":
+        _containers_only("PostgreSQL")
+        return _only_container(ContainerPostgres, POSTGRES_IMAGE)
     url = os.environ.get(POSTGRES_URL_ENV)
     if url:
         return ExternalPostgres(url)
     attempts = [f"{POSTGRES_URL_ENV}: not set"]
-    reason = docker_unavailable_reason()
+    reason = "not tried: TEST_SERVERS=private" if mode == "private" else docker_unavailable_reason()
     if reason is None:
         try:
             return ContainerPostgres()

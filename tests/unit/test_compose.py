@@ -64,7 +64,8 @@ RABBITMQ_CONF = ROOT / "deploy" / "rabbitmq" / "rabbitmq.conf"
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 
 PROJECT_IMAGE = "oxide-eventplane:dev"
-# Image services and the server tools their health checks may use.
+# Image services (the official images by default, when no variable names a stand-in) and
+# the server tools their health checks may use.
 SERVER_IMAGES = {
     "rabbitmq": "rabbitmq:3.13-management",
     "postgres": "postgres:15",
@@ -74,6 +75,11 @@ SERVER_TOOLS = {
     "rabbitmq": {"rabbitmq-diagnostics"},
     "postgres": {"pg_isready"},
     "prometheus": {"promtool"},
+}
+# The variables that name the local stand-ins (scripts/docker/images.sh builds them).
+STANDIN_VARIABLES = {
+    "rabbitmq": "EVENTPLANE_RABBITMQ_IMAGE",
+    "postgres": "EVENTPLANE_POSTGRES_IMAGE",
 }
 
 SETTINGS: dict[str, type[BaseSettings]] = {
@@ -265,6 +271,35 @@ def test_every_service_is_the_project_image_or_a_known_server(
             continue
         assert service.get("image") == PROJECT_IMAGE, name
         assert service.get("build", {}).get("context") == ".", f"{name}: not built from here"
+
+
+def test_server_images_can_be_the_local_stand_ins(raw_compose: str) -> None:
+    """Where no registry is reachable, a variable names the stand-in that
+    scripts/docker/images.sh builds, and the compose check sets it."""
+    raw = yaml.safe_load(raw_compose)["services"]
+    check = (ROOT / "scripts" / "compose_check.sh").read_text()
+    images = (ROOT / "scripts" / "docker" / "lib.sh").read_text()
+    for name, variable in STANDIN_VARIABLES.items():
+        assert raw[name]["image"] == f"${{{variable}:-{SERVER_IMAGES[name]}}}", name
+        assert f"{variable}=" in check, f"scripts/compose_check.sh does not set {variable}"
+        assert f"STANDIN_{name.upper()}_IMAGE=" in images, name
+
+
+def test_built_images_take_the_base_image_and_the_host_network(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """Every image built here starts FROM a Debian base given by BASE_IMAGE (official by
+    default, debootstrapped where no registry is reachable) and needs the package indexes."""
+    for name, service in services.items():
+        build = service.get("build")
+        if build is None:
+            continue
+        assert build.get("network") == "host", name
+        assert build.get("args", {}).get("BASE_IMAGE") == "debian:bookworm-slim", name
+        dockerfile = ROOT / build["context"] / build.get("dockerfile", "Dockerfile")
+        text = dockerfile.read_text()
+        assert "ARG BASE_IMAGE=debian:bookworm-slim" in text, dockerfile
+        assert "FROM ${BASE_IMAGE}" in text, dockerfile
 
 
 def test_commands_name_entry_points_and_subcommands(
@@ -826,7 +861,10 @@ def test_env_example_lists_every_variable_with_its_default(
     assert env_example.get(admin) == definitions_module.ADMIN_PASSWORD_DEFAULT
     assert set(env_example) == {*used, admin}, "a variable nothing uses"
     for name, default in env_example.items():
-        assert "dev-only" in default, f"{name}: a default that does not say it is for dev"
+        if "PASSWORD" in name:
+            assert "dev-only" in default, f"{name}: a default that does not say it is for dev"
+        else:
+            assert name.endswith("_IMAGE"), f"{name}: neither a password nor an image"
 
 
 def test_one_password_variable_per_broker_user(
@@ -861,7 +899,9 @@ def test_dockerfile_installs_the_project_as_a_non_root_user(scripts: dict[str, s
         if line.strip() and not line.lstrip().startswith("#")
     ]
     froms = [line.split()[1] for line in instructions if line.upper().startswith("FROM ")]
-    assert froms and all(image == "python:3.11-slim" for image in froms)
+    # Any Debian bookworm: official by default, debootstrapped where no registry answers.
+    assert froms and all(image == "${BASE_IMAGE}" for image in froms)
+    assert "ARG BASE_IMAGE=debian:bookworm-slim" in instructions
     assert any(
         line.startswith("RUN") and re.search(r"pip install \.(\s|$)", line) for line in instructions
     )

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import aio_pika
 
-from crucible_agent.files import RegionFiles
 from crucible_agent.service import Faults, RegionService
 from crucible_agent.settings import CrucibleSettings
 from crucible_agent.space import SpaceReserve
@@ -78,7 +77,7 @@ async def build(settings: CrucibleSettings) -> Agent:
         capacity_bytes=settings.capacity_bytes,
         coalesce_seconds=settings.announce_coalesce_seconds,
         store=store,
-        files=RegionFiles(settings.regions_dir),
+        files=settings.region_files(),
         relay=relay,
         replier=transport,
         faults=Faults(

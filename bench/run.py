@@ -73,6 +73,8 @@ class Scale:
     polling_strategies: tuple[str, ...] = ("disk_create_backoff", "disk_create_fixed")
     # Disks created while one agent floods Nexus with stale duplicates (discards phase).
     discard_disks: int = 30
+    # The peers phase: (disks in flight, disks) per level, for each engine.
+    peers_levels: tuple[tuple[int, int], ...] = ((1, 100), (8, 300), (32, 600))
 
 
 QUICK = Scale(
@@ -88,6 +90,7 @@ QUICK = Scale(
     # One poller, one window: the quick run stays under 3 minutes.
     polling_strategies=("disk_create_fixed",),
     discard_disks=8,
+    peers_levels=((1, 10), (8, 24), (32, 64)),
 )
 FULL = Scale(
     strategy_disks=20,
@@ -279,6 +282,7 @@ async def stack(
     seed: int,
     disk_create_saga: str = "disk_create",
     nexus_env: dict[str, str] | None = None,
+    agent_env: dict[str, str] | None = None,
 ) -> AsyncIterator[Stack]:
     amqp_url = servers.vhost()
     database_url = await servers.database(database)
@@ -315,6 +319,7 @@ async def stack(
                 "PYTHONPATH": str(REPO),
                 "CRUCIBLE_LOG_LEVEL": "WARNING",
                 "SLED_LOG_LEVEL": "WARNING",
+                **(agent_env or {}),
             },
             s.log_path,
         )
@@ -1177,10 +1182,17 @@ PHASES = (
     "scale",
     "polling_scale",
     "discards",
+    "peers",
 )
 
 
-async def main(scale: Scale, out: Path, seed: int, only: Sequence[str] = PHASES) -> dict[str, Any]:
+async def main(
+    scale: Scale,
+    out: Path,
+    seed: int,
+    only: Sequence[str] = PHASES,
+    profile: Path | None = None,
+) -> dict[str, Any]:
     workdir = out / "work"
     print("starting a private RabbitMQ node and PostgreSQL cluster")
     rabbitmq = RabbitMQNode()
@@ -1217,6 +1229,11 @@ async def main(scale: Scale, out: Path, seed: int, only: Sequence[str] = PHASES)
             results["polling_scale"] = await polling_scale_phase(servers, scale, seed)
         if "discards" in only:
             results["discards"] = await discards_phase(servers, scale, seed)
+        if "peers" in only:
+            # Imported here: bench.peers builds on this module.
+            from bench.peers import peers_phase
+
+            results["peers"] = await peers_phase(servers, scale.peers_levels, seed, profile)
     finally:
         rabbitmq.close()
         postgres.close()
@@ -1239,6 +1256,12 @@ def cli(argv: list[str] | None = None) -> int:
         choices=PHASES,
         help="run only this phase (repeatable; half_load needs throughput); for profiling",
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="peers phase: py-spy records (raw, collapsed stacks) of the Nexus replica at "
+        "the highest level and of the DBOS application, into this directory",
+    )
     parser.add_argument("--throughput-disks", type=int, help="disks per throughput configuration")
     parser.add_argument("--parked", type=int, help="sagas parked at once in the scale phase")
     parser.add_argument("--parked-delay", type=float, help="region delay (s) of the big scale run")
@@ -1255,7 +1278,7 @@ def cli(argv: list[str] | None = None) -> int:
             parked=args.parked or scale.parked,
             parked_delay_seconds=args.parked_delay or scale.parked_delay_seconds,
         )
-    asyncio.run(main(scale, args.out, args.seed, args.only or PHASES))
+    asyncio.run(main(scale, args.out, args.seed, args.only or PHASES, args.profile))
     print(
         f"wrote {args.out / 'results.json'} and {args.out / 'wake.png'} "
         f"in {time.monotonic() - started:.0f} s"

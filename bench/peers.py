@@ -36,7 +36,22 @@ import psutil
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from bench.run import REPO, Servers, Stack, _cpu, _processes, saga_stats, stack, summary
+from bench.run import (
+    REPO,
+    Servers,
+    Stack,
+    _commits,
+    _cpu,
+    _processes,
+    saga_stats,
+    stack,
+    summary,
+)
+from nexus.sagas.disk_create import REPLICAS
+
+# PostgreSQL's backends come and go with pool connections, and the CPU of one that
+# exited is lost to a before/after reading: commits per disk stand for the database.
+NOT_COUNTED = ("postgresql",)
 
 WARMUP = 8
 
@@ -58,6 +73,16 @@ async def closed_loop(running: Stack, in_flight: int, count: int) -> tuple[list[
     return sagas, time.monotonic() - began
 
 
+async def _until_seen(running: Stack, regions: int, timeout: float = 60) -> None:
+    """Until this process has consumed ``regions`` region.created events: a wake is
+    measured from the agent's event, which the benchmark's consumer may still have
+    queued under load (its time is the agent's ``occurred_at``, not its arrival)."""
+    for _ in range(int(timeout / 0.2)):
+        if len(running.ready_at) >= regions:
+            return
+        await asyncio.sleep(0.2)
+
+
 async def ours(
     servers: Servers, levels: Sequence[tuple[int, int]], seed: int, profile: Path | None
 ) -> dict[str, Any]:
@@ -74,6 +99,7 @@ async def ours(
         for in_flight, count in levels:
             watched = _processes(running, servers)
             before = _cpu(watched)
+            commits_before = await _commits(running)
             spy = None
             if profile is not None and in_flight == max(level for level, _ in levels):
                 replica = next(pid for name, pid in running.pids().items() if "nexus" in name)
@@ -85,15 +111,21 @@ async def ours(
                 name: after - before.get(name, 0.0)
                 for name, after in _cpu(_processes(running, servers)).items()
             }
+            commits = await _commits(running) - commits_before
+            await _until_seen(running, REPLICAS * len(running.finished))
             stats = await saga_stats(running, sagas)
             results[str(in_flight)] = {
+                # Includes heartbeats and announcements: a few per second.
+                "commits_per_disk": commits / count,
                 "in_flight": in_flight,
                 "disks": count,
                 "seconds": elapsed,
                 "per_second": count / elapsed,
                 "wake_ms": summary(stats.wakes_ms),
                 "states": stats.states,
-                "cpu_ms_per_disk": {k: 1000 * v / count for k, v in sorted(cpu.items())},
+                "cpu_ms_per_disk": {
+                    k: 1000 * v / count for k, v in sorted(cpu.items()) if k not in NOT_COUNTED
+                },
             }
             _print("ours", results[str(in_flight)])
     return results
@@ -171,11 +203,12 @@ async def dbos(
             "per_second": level["per_second"],
             "wake_ms": summary(level["wakes_ms"]),
             "app_cpu_ms_per_disk": 1000 * level["app_cpu_seconds"] / level["workflows"],
+            "commits_per_disk": level["commits"] / level["workflows"],
         }
         _print("DBOS", results[str(level["in_flight"])])
     # The agents, PostgreSQL and RabbitMQ over the whole app run (warm-up and all levels).
     results["cpu_ms_per_disk_whole_run"] = {
-        k: 1000 * v / total for k, v in sorted(cpu.items()) if not k.startswith("app")
+        k: 1000 * v / total for k, v in sorted(cpu.items()) if k not in NOT_COUNTED
     }
     return results
 
@@ -201,10 +234,20 @@ async def peers_phase(
     )
     if profile is not None:
         _mkdir(profile)
+    # The machine is shared: its load says how much of it the two engines had.
+    load_before = os.getloadavg()
+    ours_results = await ours(servers, levels, seed, profile)
+    load_between = os.getloadavg()
+    dbos_results = await dbos(servers, levels, profile)
     return {
         "levels": [{"in_flight": in_flight, "disks": count} for in_flight, count in levels],
-        "ours": await ours(servers, levels, seed, profile),
-        "dbos": await dbos(servers, levels, profile),
+        "ours": ours_results,
+        "dbos": dbos_results,
+        "load_average_1_5_15": {
+            "before": load_before,
+            "between": load_between,
+            "after": os.getloadavg(),
+        },
     }
 
 

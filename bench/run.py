@@ -54,7 +54,18 @@ STRATEGIES = {
     "event-driven": "disk_create",
     "backoff (Omicron)": "disk_create_backoff",
     "fixed 3 s (Nova)": "disk_create_fixed",
+    "long poll 30 s (omicron#996)": "disk_create_longpoll",
 }
+# The long-poll baseline's agents: the crucible agent with a long-poll endpoint.
+LONGPOLL_AGENT = (sys.executable, "-m", "bench.longpoll", "agent")
+
+
+POLLERS = ("disk_create_backoff", "disk_create_fixed")
+
+
+def crucible_argv(saga: str) -> tuple[str, ...] | None:
+    """The crucible agents' command for a disk-create saga (None: the usual one)."""
+    return LONGPOLL_AGENT if saga == "disk_create_longpoll" else None
 
 
 @dataclass(frozen=True)
@@ -283,6 +294,7 @@ async def stack(
     disk_create_saga: str = "disk_create",
     nexus_env: dict[str, str] | None = None,
     agent_env: dict[str, str] | None = None,
+    agent_argv: tuple[str, ...] | None = None,
 ) -> AsyncIterator[Stack]:
     amqp_url = servers.vhost()
     database_url = await servers.database(database)
@@ -306,7 +318,7 @@ async def stack(
     agents = [
         ChildSpec(
             s.name,
-            s.argv,
+            agent_argv if agent_argv and s.name.startswith("crucible") else s.argv,
             {
                 **s.env,
                 "CRUCIBLE_SEED": str(seed + n),
@@ -436,9 +448,11 @@ async def strategies_phase(servers: Servers, scale: Scale, seed: int) -> dict[st
             disk_create_saga=saga,
             nexus_env={
                 # A poll is a deadline the sweeper notices: it must look often enough
-                # not to slow the baselines down (event-driven sagas never need it).
-                "NEXUS_SWEEP_SECONDS": "0.05" if saga != "disk_create" else "1.0",
+                # not to slow the baselines down (event-driven sagas never need it, nor
+                # the long poll, whose loops run beside the engine).
+                "NEXUS_SWEEP_SECONDS": "0.05" if saga in POLLERS else "1.0",
             },
+            agent_argv=crucible_argv(saga),
         ) as running:
             started = time.monotonic()
             sagas = await running.create_disks(scale.strategy_disks)
@@ -1183,6 +1197,7 @@ PHASES = (
     "polling_scale",
     "discards",
     "peers",
+    "longpoll",
 )
 
 
@@ -1234,6 +1249,10 @@ async def main(
             from bench.peers import peers_phase
 
             results["peers"] = await peers_phase(servers, scale.peers_levels, seed, profile)
+        if "longpoll" in only and not scale.quick:
+            from bench.longpoll_phase import longpoll_phase
+
+            results["longpoll"] = await longpoll_phase(servers, scale, seed)
     finally:
         rabbitmq.close()
         postgres.close()
@@ -1262,6 +1281,10 @@ def cli(argv: list[str] | None = None) -> int:
         help="peers phase: py-spy records (raw, collapsed stacks) of the Nexus replica at "
         "the highest level and of the DBOS application, into this directory",
     )
+    parser.add_argument(
+        "--peers-levels",
+        help="peers phase: IN_FLIGHT:DISKS,... (default 1:100,8:300,32:600; quick 1:10,8:24,32:64)",
+    )
     parser.add_argument("--throughput-disks", type=int, help="disks per throughput configuration")
     parser.add_argument("--parked", type=int, help="sagas parked at once in the scale phase")
     parser.add_argument("--parked-delay", type=float, help="region delay (s) of the big scale run")
@@ -1278,6 +1301,12 @@ def cli(argv: list[str] | None = None) -> int:
             parked=args.parked or scale.parked,
             parked_delay_seconds=args.parked_delay or scale.parked_delay_seconds,
         )
+    if args.peers_levels:
+        levels = tuple(
+            (int(in_flight), int(disks))
+            for in_flight, disks in (level.split(":") for level in args.peers_levels.split(","))
+        )
+        scale = replace(scale, peers_levels=levels)
     asyncio.run(main(scale, args.out, args.seed, args.only or PHASES, args.profile))
     print(
         f"wrote {args.out / 'results.json'} and {args.out / 'wake.png'} "

@@ -43,11 +43,11 @@ from bench.run import (
     _commits,
     _cpu,
     _processes,
+    _rows,
     saga_stats,
     stack,
     summary,
 )
-from nexus.sagas.disk_create import REPLICAS
 
 # PostgreSQL's backends come and go with pool connections, and the CPU of one that
 # exited is lost to a before/after reading: commits per disk stand for the database.
@@ -73,14 +73,21 @@ async def closed_loop(running: Stack, in_flight: int, count: int) -> tuple[list[
     return sagas, time.monotonic() - began
 
 
-async def _until_seen(running: Stack, regions: int, timeout: float = 60) -> None:
-    """Until this process has consumed ``regions`` region.created events: a wake is
-    measured from the agent's event, which the benchmark's consumer may still have
-    queued under load (its time is the agent's ``occurred_at``, not its arrival)."""
-    for _ in range(int(timeout / 0.2)):
-        if len(running.ready_at) >= regions:
-            return
-        await asyncio.sleep(0.2)
+async def _wakes(running: Stack, sagas: Sequence[uuid.UUID]) -> list[float]:
+    """Each region wake of ``sagas``, in ms: the agent's ``occurred_at`` (kept in the
+    rendezvous row) → the node's ``resumed`` log entry. Read from the database, not
+    from the benchmark's own consumer of the agents' events, which falls behind on
+    this loaded machine (at 32 in flight it had taken only two thirds of them a
+    minute after the last disk was done)."""
+    ids = ",".join(f"'{saga_id}'" for saga_id in sagas)
+    rows = await _rows(
+        running,
+        "SELECT extract(epoch FROM l.at - r.event_occurred_at) * 1000 FROM wait_rendezvous r "
+        "JOIN saga_log l ON l.saga_id = r.saga_id AND l.node_name = r.node_name "
+        f"AND l.event = 'resumed' WHERE r.saga_id IN ({ids}) AND r.wait_key LIKE 'region:%' "
+        "AND r.event_occurred_at IS NOT NULL AND r.resumed_at IS NOT NULL",
+    )
+    return [float(wake) for (wake,) in rows]
 
 
 async def ours(
@@ -100,20 +107,22 @@ async def ours(
             watched = _processes(running, servers)
             before = _cpu(watched)
             commits_before = await _commits(running)
-            spy = None
+            spies = []
             if profile is not None and in_flight == max(level for level, _ in levels):
-                replica = next(pid for name, pid in running.pids().items() if "nexus" in name)
-                spy = _py_spy(replica, profile / f"ours-{in_flight}.txt")
+                # The replica, and one of the agents (where most of the CPU goes).
+                for name, pid in running.pids().items():
+                    if name.startswith("nexus") or name == "crucible-1":
+                        spies.append(_py_spy(pid, profile / f"ours-{name}-{in_flight}.txt"))
             sagas, elapsed = await closed_loop(running, in_flight, count)
-            if spy is not None:
+            for spy in spies:
                 _stop(spy)
             cpu = {
                 name: after - before.get(name, 0.0)
                 for name, after in _cpu(_processes(running, servers)).items()
             }
             commits = await _commits(running) - commits_before
-            await _until_seen(running, REPLICAS * len(running.finished))
             stats = await saga_stats(running, sagas)
+            wakes = await _wakes(running, sagas)
             results[str(in_flight)] = {
                 # Includes heartbeats and announcements: a few per second.
                 "commits_per_disk": commits / count,
@@ -121,7 +130,7 @@ async def ours(
                 "disks": count,
                 "seconds": elapsed,
                 "per_second": count / elapsed,
-                "wake_ms": summary(stats.wakes_ms),
+                "wake_ms": summary(wakes),
                 "states": stats.states,
                 "cpu_ms_per_disk": {
                     k: 1000 * v / count for k, v in sorted(cpu.items()) if k not in NOT_COUNTED

@@ -57,8 +57,8 @@ from schemas.region import RegionEnsure, RegionSpec
 from schemas.transport import Delivery, Transport
 
 SOURCE = "nexus/bench-dbos"
-# What disk_create asks for a 1 GiB disk.
-BLOCK_SIZE, EXTENT_SIZE, EXTENT_COUNT = 512, 131072, 16
+# What disk_create asks for a disk of one 64 MiB extent (the peers phase's disks).
+BLOCK_SIZE, EXTENT_SIZE = 512, 131072
 RECV_TIMEOUT_SECONDS = 120.0
 
 
@@ -144,12 +144,12 @@ async def place(disk_id: str) -> list[tuple[str, str]]:
 
 
 @DBOS.step()
-async def ensure(queue: str, region_id: str, workflow_id: str) -> None:
+async def ensure(queue: str, region_id: str, workflow_id: str, extent_count: int) -> None:
     spec = RegionSpec(
         id=uuid.UUID(region_id),
         block_size=BLOCK_SIZE,
         extent_size=EXTENT_SIZE,
-        extent_count=EXTENT_COUNT,
+        extent_count=extent_count,
         encrypted=True,
     )
     command = RegionEnsure(source=SOURCE, payload=spec, correlation_id=uuid.UUID(workflow_id))
@@ -189,7 +189,8 @@ async def disk_create(disk_id: str, name: str, size_bytes: int) -> str:
 
     async def send_ensures() -> None:
         for queue, region_id in placed:
-            await ensure(queue, region_id, workflow_id)
+            extents = max(1, size_bytes // (BLOCK_SIZE * EXTENT_SIZE))
+            await ensure(queue, region_id, workflow_id, extents)
 
     # The three waits start first (their step ids in order), then the commands go out.
     await asyncio.gather(*(wait_for(region_id) for _, region_id in placed), send_ensures())
@@ -200,7 +201,7 @@ async def disk_create(disk_id: str, name: str, size_bytes: int) -> str:
 # The load.
 
 
-async def run_level(in_flight: int, count: int) -> dict[str, Any]:
+async def run_level(in_flight: int, count: int, disk_bytes: int) -> dict[str, Any]:
     """``count`` workflows, ``in_flight`` at a time; throughput and wake overhead."""
     started_wakes = len(app().wakes)
     remaining = iter(range(count))
@@ -210,7 +211,7 @@ async def run_level(in_flight: int, count: int) -> dict[str, Any]:
             workflow = uuid.uuid4()
             with SetWorkflowID(str(workflow)):
                 handle = await DBOS.start_workflow_async(
-                    disk_create, str(uuid.uuid4()), f"d-{workflow.hex[:10]}", 1 << 30
+                    disk_create, str(uuid.uuid4()), f"d-{workflow.hex[:10]}", disk_bytes
                 )
             await handle.get_result()
 
@@ -263,11 +264,11 @@ async def run_app(args: argparse.Namespace) -> dict[str, Any]:
     DBOS.launch()
     try:
         # Warm-up: connections, the listener, the first statements of each kind.
-        await run_level(4, args.warmup)
+        await run_level(4, args.warmup, args.disk_bytes)
         levels = []
         for level in args.levels.split(","):
             in_flight, count = (int(part) for part in level.split(":"))
-            levels.append(await run_level(in_flight, count))
+            levels.append(await run_level(in_flight, count, args.disk_bytes))
         return {"dbos_version": _dbos_version(), "levels": levels}
     finally:
         DBOS.destroy()
@@ -322,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     load.add_argument("--queues", required=True, help="the agents' queues, comma-separated")
     load.add_argument("--levels", default="1:50,8:100,32:200", help="IN_FLIGHT:COUNT,...")
     load.add_argument("--warmup", type=int, default=8)
+    load.add_argument("--disk-bytes", type=int, default=64 << 20)
     load.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.command == "migrate":

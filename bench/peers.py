@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from bench.run import (
     REPO,
+    SCALE_DISK_BYTES,
     Servers,
     Stack,
     _commits,
@@ -54,6 +55,9 @@ from bench.run import (
 NOT_COUNTED = ("postgresql",)
 
 WARMUP = 8
+# One extent (64 MiB), as the scale phase's disks: ~1,000 disks of 1 GiB would fill the
+# agents' 1 TiB and the last ones unwind "no room" (two runs lost 189 of 600 that way).
+DISK_BYTES = SCALE_DISK_BYTES
 
 
 async def closed_loop(running: Stack, in_flight: int, count: int) -> tuple[list[uuid.UUID], float]:
@@ -64,7 +68,7 @@ async def closed_loop(running: Stack, in_flight: int, count: int) -> tuple[list[
 
     async def worker() -> None:
         for _ in remaining:
-            (saga_id,) = await running.create_disks(1)
+            (saga_id,) = await running.create_disks(1, size_bytes=DISK_BYTES)
             sagas.append(saga_id)
             await running.all_finished([saga_id], timeout=120)
 
@@ -181,6 +185,7 @@ async def dbos(
             [
                 *(python, *peer, "app", "--database", database, "--amqp", amqp),
                 *("--queues", ",".join(queues), "--levels", spec, "--warmup", str(WARMUP)),
+                *("--disk-bytes", str(DISK_BYTES)),
                 *("--out", str(out)),
             ],
             env,

@@ -2,7 +2,8 @@
 replica does to it (the strategies phase measures its wake overhead beside the others).
 
 - **scale (a model of Nexus's end)**: 3 long-poll agents (``bench.longpoll agent``,
-  trivial backend, regions that stay ``requested``) and one process,
+  trivial backend; the regions polled are unknown to them, see ``run_model``) and one
+  process,
   ``bench.longpoll model``, keeping ``regions`` long polls open through the same loop
   the saga uses, without the saga engine. Measured once every poll has been answered
   and asked again: requests per second, polls in flight, memory (RSS) of the model

@@ -84,8 +84,10 @@ class Scale:
     polling_strategies: tuple[str, ...] = ("disk_create_backoff", "disk_create_fixed")
     # Disks created while one agent floods Nexus with stale duplicates (discards phase).
     discard_disks: int = 30
-    # The peers phase: (disks in flight, disks) per level, for each engine.
-    peers_levels: tuple[tuple[int, int], ...] = ((1, 100), (8, 300), (32, 600))
+    # The peers phase: (disks in flight, disks) per level, for each engine. Disks are
+    # not deleted and a crucible agent has 1,000 ports (one per region): at most ~990
+    # disks in all, warm-up included.
+    peers_levels: tuple[tuple[int, int], ...] = ((1, 100), (8, 300), (32, 500))
     # The strategies phase's sagas (labels of STRATEGIES).
     strategies: tuple[str, ...] = tuple(STRATEGIES)
 
@@ -1289,7 +1291,7 @@ def cli(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--peers-levels",
-        help="peers phase: IN_FLIGHT:DISKS,... (default 1:100,8:300,32:600; quick 1:5,8:16,32:32)",
+        help="peers phase: IN_FLIGHT:DISKS,... (default 1:100,8:300,32:500; quick 1:5,8:16,32:32)",
     )
     parser.add_argument("--throughput-disks", type=int, help="disks per throughput configuration")
     parser.add_argument("--parked", type=int, help="sagas parked at once in the scale phase")

@@ -45,6 +45,7 @@ from bench.run import (
     _cpu,
     _processes,
     _rows,
+    _wake_legs,
     saga_stats,
     stack,
     summary,
@@ -127,6 +128,7 @@ async def ours(
             commits = await _commits(running) - commits_before
             stats = await saga_stats(running, sagas)
             wakes = await _wakes(running, sagas)
+            legs = await _wake_legs(running, sagas)
             results[str(in_flight)] = {
                 # Includes heartbeats and announcements: a few per second.
                 "commits_per_disk": commits / count,
@@ -135,6 +137,9 @@ async def ours(
                 "seconds": elapsed,
                 "per_second": count / elapsed,
                 "wake_ms": summary(wakes),
+                # The agent's event → the replica's commit of it (the agent's commit,
+                # relay and the broker), and that commit → the node resumed.
+                "wake_legs_ms": legs,
                 "states": stats.states,
                 "cpu_ms_per_disk": {
                     k: 1000 * v / count for k, v in sorted(cpu.items()) if k not in NOT_COUNTED

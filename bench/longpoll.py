@@ -346,6 +346,13 @@ async def run_model(args: argparse.Namespace) -> dict[str, Any]:
         no_news += 1
         return True
 
+    # One ordinary request first: the transport declares its reply queue on the first
+    # request, and 10,000 first requests at once would each declare one (a channel
+    # each, past the broker's 2,047 per connection).
+    await transport.request(
+        RegionGet(source=poller.source, payload=RegionRef(id=uuid.uuid4())),
+        routing_key=f"crucible.{agents[0]}",
+    )
     started = time.monotonic()
     for n, (agent_id, region_id) in enumerate(placed):
         poller.watch(str(region_id), agent_id, region_id, on_news, on_no_news)

@@ -89,6 +89,11 @@ async def _scale(servers: Servers, regions: int, seed: int) -> dict[str, Any]:
         if await model.wait() != 0:
             raise RuntimeError("the long-poll model failed")
         found = json.loads(out.read_text())
+    if found["loops_running"] < regions or found["unanswered"]:
+        print(
+            f"  ! {found['loops_running']} of {regions} loops running, "
+            f"{found['unanswered']} polls unanswered: the figures below are not of {regions}"
+        )
     result = {
         **found,
         "agent_rss_mib_before": rss_before,

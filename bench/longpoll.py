@@ -113,6 +113,9 @@ class WatchedService(RegionService):
 class Held:
     delivery: Delivery
     timer: asyncio.TimerHandle
+    # What the region was when the poll was held; a change since would have answered
+    # it, so the hold's end answers with this, without reading again.
+    region: Region | None = None
 
 
 @dataclass
@@ -151,6 +154,10 @@ class LongPolls:
             held = self._take(region_id, message.id)
             if held is not None:
                 await self._answer(held, region_id, region)
+            return
+        still = self.held.get(region_id, {}).get(message.id)
+        if still is not None:
+            still.region = region
 
     def changed(self, changed: list[Region]) -> None:
         """After a commit: answer every poll held on a region it changed."""
@@ -164,7 +171,7 @@ class LongPolls:
         held = self._take(region_id, poll_id)
         if held is not None:
             self.expired += 1
-            self._spawn(self._answer_current(held, region_id))
+            self._spawn(self._answer(held, region_id, held.region))
 
     def _take(self, region_id: uuid.UUID, poll_id: uuid.UUID) -> Held | None:
         polls = self.held.get(region_id)
@@ -174,9 +181,6 @@ class LongPolls:
         if held is not None:
             held.timer.cancel()
         return held
-
-    async def _answer_current(self, held: Held, region_id: uuid.UUID) -> None:
-        await self._answer(held, region_id, await self.store.region(region_id))
 
     async def _answer(self, held: Held, region_id: uuid.UUID, region: Region | None) -> None:
         found = RegionFound(agent_id=self.agent_id, region=region, region_id=region_id)

@@ -14,6 +14,10 @@ def _ms(value: float) -> str:
     return f"{value:,.1f}"
 
 
+def _ratio(value: float) -> str:
+    return f"{value:,.0f}" if value >= 10 else f"{value:.1f}"
+
+
 def render(results: dict[str, Any]) -> str:
     """Every phase the run has (``bench.run --only`` runs some of them)."""
     lines: list[str] = []
@@ -70,7 +74,7 @@ def _strategies(results: dict[str, Any]) -> list[str]:
         if label != "event-driven":
             lines.append(
                 f"- mean wake overhead, {label} / event-driven: "
-                f"**{data['wake_ms']['mean'] / event:,.0f}x**"
+                f"**{_ratio(data['wake_ms']['mean'] / event)}x**"
             )
     return lines
 

@@ -38,6 +38,7 @@ from bench.run import (
     _cpu_by_process,
     _cpu_delta,
     _rows,
+    _scalar,
     saga_stats,
     stack,
     summary,
@@ -141,6 +142,10 @@ async def _kill(servers: Servers, seed: int, saga: str) -> dict[str, Any]:
         pid = running.pids()[replica]
         psutil.Process(pid).kill()
         killed_at = time.monotonic()
+        # A region woken before the kill would make this a wake without one.
+        resumed_before_kill = await _resumed(running, victim)
+        if resumed_before_kill:
+            print(f"  ! {resumed_before_kill} regions had resumed before the kill")
         await running.all_finished([victim], timeout=KILL_DEADLINE * 4 + KILL_DELAY)
         finished_after = time.monotonic() - killed_at
         control_stats = await saga_stats(running, [control])
@@ -151,6 +156,7 @@ async def _kill(servers: Servers, seed: int, saga: str) -> dict[str, Any]:
         "wait_deadline_seconds": KILL_DEADLINE,
         "replica_killed": replica,
         "disk_finished_seconds_after_kill": finished_after,
+        "regions_resumed_before_kill": resumed_before_kill,
         "wake_ms_control": control_wake,
         "wake_ms_killed": killed_wake,
         "requests_per_disk_killed": killed_stats.polls_per_disk,
@@ -166,27 +172,29 @@ async def _kill(servers: Servers, seed: int, saga: str) -> dict[str, Any]:
 
 
 async def _parked_by(running: Stack, saga_id: uuid.UUID, saga: str) -> str:
-    """The replica that ran the disk's region nodes, once all three wait (for the long
-    poll: once each loop's first poll was answered and asked again)."""
+    """The replica that ran the disk's region nodes (its ``waiting`` entries, written
+    as the nodes parked), once all three wait; for the long poll, that replica runs
+    their loops, and a second more lets their first polls leave."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        if saga == "disk_create_longpoll":
-            rows = await _rows(
-                running,
-                "SELECT node_name, replica_id FROM saga_log WHERE saga_id = :id "
-                "AND data->>'rearmed' LIKE 'long poll answered%'",
-                id=saga_id,
-            )
-        else:
-            rows = await _rows(
-                running,
-                "SELECT node_name, replica_id FROM saga_log WHERE saga_id = :id "
-                "AND event = 'waiting' AND node_name LIKE 'region_%'",
-                id=saga_id,
-            )
-        nodes = {node for node, _ in rows}
-        if len(nodes) == 3:
+        rows = await _rows(
+            running,
+            "SELECT node_name, replica_id FROM saga_log WHERE saga_id = :id "
+            "AND event = 'waiting' AND node_name LIKE 'region_%' AND data->>'keys' IS NOT NULL",
+            id=saga_id,
+        )
+        if len({node for node, _ in rows}) == 3:
             (replica,) = {replica for _, replica in rows}
+            if saga == "disk_create_longpoll":
+                await asyncio.sleep(1.0)
             return str(replica)
         await asyncio.sleep(0.2)
     raise TimeoutError(f"saga {saga_id}'s regions did not all wait in 30 s")
+
+
+async def _resumed(running: Stack, saga_id: uuid.UUID) -> int:
+    return await _scalar(
+        running,
+        f"SELECT count(*) FROM saga_log WHERE saga_id = '{saga_id}' "
+        "AND event = 'resumed' AND node_name LIKE 'region_%'",
+    )

@@ -39,6 +39,8 @@ def main() -> None:
         definitions=[*ALL_SAGAS, *polling.DEFINITIONS],
         disk_create_saga=DISK_CREATE_SAGAS[arguments.disk_create_saga],
     )
+    # The long-poll baseline's loops run in this replica and need its parts.
+    polling.LONG_POLLS = polling.LongPolls(nexus)
     run_replica(nexus)
 
 

@@ -14,6 +14,10 @@ def _ms(value: float) -> str:
     return f"{value:,.1f}"
 
 
+def _ratio(value: float) -> str:
+    return f"{value:,.0f}" if value >= 10 else f"{value:.1f}"
+
+
 def render(results: dict[str, Any]) -> str:
     """Every phase the run has (``bench.run --only`` runs some of them)."""
     lines: list[str] = []
@@ -25,6 +29,10 @@ def render(results: dict[str, Any]) -> str:
         lines += _scale(results)
     if "polling_scale" in results:
         lines += _polling_scale(results)
+    if "longpoll" in results:
+        lines += _longpoll(results)
+    if "peers" in results:
+        lines += _peers(results)
     return "\n".join(lines) + "\n"
 
 
@@ -66,7 +74,7 @@ def _strategies(results: dict[str, Any]) -> list[str]:
         if label != "event-driven":
             lines.append(
                 f"- mean wake overhead, {label} / event-driven: "
-                f"**{data['wake_ms']['mean'] / event:,.0f}x**"
+                f"**{_ratio(data['wake_ms']['mean'] / event)}x**"
             )
     return lines
 
@@ -172,6 +180,91 @@ def _polling_scale(results: dict[str, Any]) -> list[str]:
     ]
     if on_schedule:
         lines += ["", "Every poll on time would be " + "; ".join(on_schedule) + "."]
+    return lines
+
+
+def _peers(results: dict[str, Any]) -> list[str]:
+    peers = results["peers"]
+    version = peers["dbos"].get("dbos_version", "?")
+    lines = [
+        "",
+        f"### Peers: this engine and DBOS Transact {version}, trivial agents, same run",
+        "",
+        "| in flight | disks | this engine: disks/s | DBOS: disks/s | this engine: wake p50 / "
+        "p99 | DBOS: wake p50 / p99 | this engine: CPU ms per disk |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for level in peers["levels"]:
+        key = str(level["in_flight"])
+        ours, dbos = peers["ours"][key], peers["dbos"][key]
+        cpu = ", ".join(f"{k} {v:.0f}" for k, v in ours["cpu_ms_per_disk"].items())
+        lines.append(
+            f"| {level['in_flight']} | {level['disks']} | {ours['per_second']:.1f} | "
+            f"{dbos['per_second']:.1f} | {_ms(ours['wake_ms']['p50'])} / "
+            f"{_ms(ours['wake_ms']['p99'])} ms | {_ms(dbos['wake_ms']['p50'])} / "
+            f"{_ms(dbos['wake_ms']['p99'])} ms | {cpu} |"
+        )
+    whole = peers["dbos"].get("cpu_ms_per_disk_whole_run", {})
+    dbos_levels = [peers["dbos"][str(level["in_flight"])] for level in peers["levels"]]
+    app = ", ".join(
+        f"{level['in_flight']} in flight {level['app_cpu_ms_per_disk']:.0f}"
+        for level in dbos_levels
+    )
+    commits = ", ".join(
+        f"{level['in_flight']} in flight: this engine "
+        f"{peers['ours'][str(level['in_flight'])].get('commits_per_disk', 0):.1f}, "
+        f"DBOS {level.get('commits_per_disk', 0):.1f}"
+        for level in dbos_levels
+    )
+    lines += [
+        "",
+        f"DBOS CPU ms per disk: the application {app}; over the whole run "
+        + ", ".join(f"{k} {v:.0f}" for k, v in whole.items())
+        + f". PostgreSQL commits per disk: {commits}"
+        + ". Load average (1, 5, 15 min) before, between, after: "
+        + "; ".join(
+            ", ".join(f"{x:.1f}" for x in values)
+            for values in peers.get("load_average_1_5_15", {}).values()
+        )
+        + ".",
+    ]
+    return lines
+
+
+def _longpoll(results: dict[str, Any]) -> list[str]:
+    data = results["longpoll"]
+    scale = data["scale"]
+    agents = ", ".join(
+        f"{name} {scale['agent_rss_mib_before'][name]:.0f} → {mib:.0f} MiB"
+        for name, mib in sorted(scale["agent_rss_mib_holding"].items())
+    )
+    cpu = ", ".join(f"{k} {v:.2f}" for k, v in sorted(scale["cpu_fraction_holding"].items()))
+    lines = [
+        "",
+        "### The long poll at scale (a model of Nexus's end, real agents)",
+        "",
+        "| regions waiting | polls in flight | requests/s | unanswered | Nexus-end RSS "
+        "(model) | agents' RSS, before → holding | CPU while holding (fraction of a core) |",
+        "|---|---|---|---|---|---|---|",
+        f"| {scale['regions']:,} | {scale['loops_running']:,} | "
+        f"{scale['requests_per_second']:,.0f} | {scale['unanswered']:,} | "
+        f"{scale['rss_mib_before']:.0f} → {scale['rss_mib_holding']:.0f} MiB | {agents} | "
+        f"{cpu} |",
+        "",
+        "### A replica SIGKILLed while it waits for a disk's regions",
+        "",
+        "| saga | region ready after | wait deadline | wake, no kill | wake, replica killed "
+        "| disk done after the kill |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, kill in data["kill"].items():
+        lines.append(
+            f"| {label} | {kill['region_delay_seconds']:.0f} s | "
+            f"{kill['wait_deadline_seconds']:.0f} s | {_ms(kill['wake_ms_control']['p50'])} ms "
+            f"| {_ms(kill['wake_ms_killed']['p50'])} ms (max "
+            f"{_ms(kill['wake_ms_killed']['max'])}) | "
+            f"{kill['disk_finished_seconds_after_kill']:.1f} s |"
+        )
     return lines
 
 

@@ -57,7 +57,18 @@ STRATEGIES = {
     "event-driven": "disk_create",
     "backoff (Omicron)": "disk_create_backoff",
     "fixed 3 s (Nova)": "disk_create_fixed",
+    "long poll 30 s (omicron#996)": "disk_create_longpoll",
 }
+# The long-poll baseline's agents: the crucible agent with a long-poll endpoint.
+LONGPOLL_AGENT = (sys.executable, "-m", "bench.longpoll", "agent")
+
+
+POLLERS = ("disk_create_backoff", "disk_create_fixed")
+
+
+def crucible_argv(saga: str) -> tuple[str, ...] | None:
+    """The crucible agents' command for a disk-create saga (None: the usual one)."""
+    return LONGPOLL_AGENT if saga == "disk_create_longpoll" else None
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,12 @@ class Scale:
     polling_strategies: tuple[str, ...] = ("disk_create_backoff", "disk_create_fixed")
     # Disks created while one agent floods Nexus with stale duplicates (discards phase).
     discard_disks: int = 30
+    # The peers phase: (disks in flight, disks) per level, for each engine. Disks are
+    # not deleted and a crucible agent has 1,000 ports (one per region): at most ~990
+    # disks in all, warm-up included.
+    peers_levels: tuple[tuple[int, int], ...] = ((1, 100), (8, 300), (32, 500))
+    # The strategies phase's sagas (labels of STRATEGIES).
+    strategies: tuple[str, ...] = tuple(STRATEGIES)
 
 
 QUICK = Scale(
@@ -91,6 +108,9 @@ QUICK = Scale(
     # One poller, one window: the quick run stays under 3 minutes.
     polling_strategies=("disk_create_fixed",),
     discard_disks=8,
+    peers_levels=((1, 5), (8, 16), (32, 32)),
+    # The long poll's stack would cost the quick run ~25 s: the full run has it.
+    strategies=("event-driven", "backoff (Omicron)", "fixed 3 s (Nova)"),
 )
 FULL = Scale(
     strategy_disks=20,
@@ -289,6 +309,8 @@ async def stack(
     seed: int,
     disk_create_saga: str = "disk_create",
     nexus_env: dict[str, str] | None = None,
+    agent_env: dict[str, str] | None = None,
+    agent_argv: tuple[str, ...] | None = None,
 ) -> AsyncIterator[Stack]:
     amqp_url = servers.vhost()
     database_url = await servers.database(database)
@@ -312,7 +334,7 @@ async def stack(
     agents = [
         ChildSpec(
             s.name,
-            s.argv,
+            agent_argv if agent_argv and s.name.startswith("crucible") else s.argv,
             {
                 **s.env,
                 "CRUCIBLE_SEED": str(seed + n),
@@ -325,6 +347,7 @@ async def stack(
                 "PYTHONPATH": str(REPO),
                 "CRUCIBLE_LOG_LEVEL": "WARNING",
                 "SLED_LOG_LEVEL": "WARNING",
+                **(agent_env or {}),
             },
             s.log_path,
         )
@@ -429,6 +452,8 @@ async def saga_stats(stack_: Stack, saga_ids: Sequence[uuid.UUID]) -> SagaStats:
 async def strategies_phase(servers: Servers, scale: Scale, seed: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for label, saga in STRATEGIES.items():
+        if label not in scale.strategies:
+            continue
         print(
             f"- strategy {label}: {scale.strategy_disks} disks, region delay {scale.region_delay}"
         )
@@ -441,9 +466,11 @@ async def strategies_phase(servers: Servers, scale: Scale, seed: int) -> dict[st
             disk_create_saga=saga,
             nexus_env={
                 # A poll is a deadline the sweeper notices: it must look often enough
-                # not to slow the baselines down (event-driven sagas never need it).
-                "NEXUS_SWEEP_SECONDS": "0.05" if saga != "disk_create" else "1.0",
+                # not to slow the baselines down (event-driven sagas never need it, nor
+                # the long poll, whose loops run beside the engine).
+                "NEXUS_SWEEP_SECONDS": "0.05" if saga in POLLERS else "1.0",
             },
+            agent_argv=crucible_argv(saga),
         ) as running:
             started = time.monotonic()
             sagas = await running.create_disks(scale.strategy_disks)
@@ -1188,13 +1215,20 @@ PHASES = (
     "polling_scale",
     "discards",
     "load",
+    "peers",
+    "longpoll",
 )
 # The quick run stays under 3 minutes: the load phase runs when asked for (--only load).
 QUICK_PHASES = tuple(phase for phase in PHASES if phase != "load")
 
 
 async def main(
-    scale: Scale, out: Path, seed: int, only: Sequence[str] = PHASES, broker_nodes: int = 1
+    scale: Scale,
+    out: Path,
+    seed: int,
+    only: Sequence[str] = PHASES,
+    broker_nodes: int = 1,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     workdir = out / "work"
     print(f"starting a private RabbitMQ {_broker(broker_nodes)} and PostgreSQL cluster")
@@ -1235,6 +1269,15 @@ async def main(
             results["discards"] = await discards_phase(servers, scale, seed)
         if "load" in only:
             results["load"] = await load_phase(servers, scale, seed)
+        if "peers" in only:
+            # Imported here: bench.peers builds on this module.
+            from bench.peers import peers_phase
+
+            results["peers"] = await peers_phase(servers, scale.peers_levels, seed, profile)
+        if "longpoll" in only and not scale.quick:
+            from bench.longpoll_phase import longpoll_phase
+
+            results["longpoll"] = await longpoll_phase(servers, scale, seed)
     finally:
         rabbitmq.close()
         postgres.close()
@@ -1267,6 +1310,16 @@ def cli(argv: list[str] | None = None) -> int:
         choices=PHASES,
         help="run only this phase (repeatable; half_load needs throughput); for profiling",
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="peers phase: py-spy records (raw, collapsed stacks) of the Nexus replica at "
+        "the highest level and of the DBOS application, into this directory",
+    )
+    parser.add_argument(
+        "--peers-levels",
+        help="peers phase: IN_FLIGHT:DISKS,... (default 1:100,8:300,32:500; quick 1:5,8:16,32:32)",
+    )
     parser.add_argument("--throughput-disks", type=int, help="disks per throughput configuration")
     parser.add_argument("--parked", type=int, help="sagas parked at once in the scale phase")
     parser.add_argument("--parked-delay", type=float, help="region delay (s) of the big scale run")
@@ -1283,8 +1336,14 @@ def cli(argv: list[str] | None = None) -> int:
             parked=args.parked or scale.parked,
             parked_delay_seconds=args.parked_delay or scale.parked_delay_seconds,
         )
+    if args.peers_levels:
+        levels = tuple(
+            (int(in_flight), int(disks))
+            for in_flight, disks in (level.split(":") for level in args.peers_levels.split(","))
+        )
+        scale = replace(scale, peers_levels=levels)
     phases = args.only or (QUICK_PHASES if args.quick else PHASES)
-    asyncio.run(main(scale, args.out, args.seed, phases, args.broker_nodes))
+    asyncio.run(main(scale, args.out, args.seed, phases, args.broker_nodes, args.profile))
     print(
         f"wrote {args.out / 'results.json'} and {args.out / 'wake.png'} "
         f"in {time.monotonic() - started:.0f} s"

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import aio_pika
 
-from crucible_agent.files import RegionFiles
 from crucible_agent.metrics import REFRESH_SECONDS, CrucibleMetrics
 from crucible_agent.service import Faults, RegionService
 from crucible_agent.settings import CrucibleSettings
@@ -86,7 +85,7 @@ async def build(settings: CrucibleSettings) -> Agent:
         capacity_bytes=settings.capacity_bytes,
         coalesce_seconds=settings.announce_coalesce_seconds,
         store=store,
-        files=RegionFiles(settings.regions_dir),
+        files=settings.region_files(),
         relay=relay,
         replier=transport,
         faults=Faults(

@@ -1,5 +1,10 @@
 """Regions as real files: ``regions/<id>/`` with one file per extent and a region.json.
 
+:class:`NoFiles` is the benchmark's ``trivial`` backend (``CRUCIBLE_BACKEND=trivial``):
+the same calls, no files, so that a benchmark can measure the control plane (the
+agent's protocol, records and outbox, Nexus's engine) without the cost of the
+extent files' system calls.
+
 Extent files are sparse (``truncate`` to ``extent_size * block_size``): the sizes are
 real, the disk usage is not, which lets a laptop hold a rack's worth of regions.
 ``region.json`` is written last and atomically, so its presence means every extent
@@ -168,3 +173,28 @@ def _copy_sparse(source: Path, target: Path) -> None:
         writing.truncate(size)
         writing.flush()
         os.fsync(writing.fileno())
+
+
+class NoFiles(RegionFiles):
+    """The ``trivial`` backend: every step succeeds at once and nothing is written.
+
+    For the benchmark's ``peers`` phase only (engine against engine, agents as cheap as
+    they can be while they keep their protocol): the agent still records every state
+    change in its database and publishes it through its outbox; a region it reports
+    ``created`` has no files, so nothing may use it as storage.
+    """
+
+    def prepare(self, region: Region) -> None:
+        pass
+
+    def write_extent(self, region: Region, index: int) -> None:
+        pass
+
+    def seal(self, region: Region) -> None:
+        pass
+
+    def remove(self, region_id: uuid.UUID) -> None:
+        pass
+
+    def extent_paths(self, region_id: uuid.UUID) -> list[Path]:
+        return []

@@ -89,6 +89,13 @@ def run(
             "(env CRUCIBLE_DESTROY_FAIL_FRACTION)."
         ),
     ] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(
+            help="files (the default): regions are sparse extent files; trivial: no files "
+            "are written, for the benchmark's peers phase only (env CRUCIBLE_BACKEND)."
+        ),
+    ] = None,
     log_level: Annotated[
         str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR (env CRUCIBLE_LOG_LEVEL).")
     ] = None,
@@ -128,6 +135,7 @@ def run(
         "fail_fraction": fail_fraction,
         "crash_mid_create_fraction": crash_mid_create_fraction,
         "destroy_fail_fraction": destroy_fail_fraction,
+        "backend": backend,
         "log_level": log_level,
         "announce_seconds": announce_seconds,
         "announce_coalesce_seconds": announce_coalesce_seconds,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from crucible_agent.delay import Delay, parse_delay
+from crucible_agent.files import NoFiles, RegionFiles
 from schemas.base import Port
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -52,6 +53,12 @@ class CrucibleSettings(BaseSettings):
         default=0.0,
         description="fraction of destroys that fail: the region is recorded failed, as the "
         "real agent records a destroy it could not carry out, until a delete is sent again",
+    )
+    backend: Literal["files", "trivial"] = Field(
+        default="files",
+        description="files: regions are sparse extent files (the default, and what every "
+        "deployment runs); trivial: no files are written, every other step (records, "
+        "outbox, events, replies) is the same; for the benchmark's peers phase only",
     )
     workers: int = Field(
         default=1,
@@ -129,6 +136,14 @@ class CrucibleSettings(BaseSettings):
     @property
     def space_reserve_path(self) -> Path:
         return self.data_dir / "space.reserve"
+
+    def region_files(self) -> RegionFiles:
+        """The backend named by ``backend``."""
+        return (
+            NoFiles(self.regions_dir)
+            if self.backend == "trivial"
+            else RegionFiles(self.regions_dir)
+        )
 
     @property
     def regions_dir(self) -> Path:

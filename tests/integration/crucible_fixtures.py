@@ -97,6 +97,11 @@ class AgentProcess:
         with sqlite3.connect(self.data_dir / "agent.sqlite") as db:
             return db.execute("SELECT * FROM regions ORDER BY id").fetchall()
 
+    def unsent_outbox(self) -> int:
+        """Messages in the agent's outbox not yet sent (a sent row is deleted)."""
+        with sqlite3.connect(self.data_dir / "agent.sqlite") as db:
+            return int(db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+
     def files(self) -> dict[str, int]:
         """Every file under the regions directory, with its size."""
         root = self.data_dir / "regions"

@@ -122,6 +122,39 @@ async def test_ensuring_twice_leaves_one_region_and_conflicts_change_nothing(
     assert events.states(agent.agent_id, spec.id) == [(REQUESTED, 1), (CREATED, 2)]
 
 
+async def test_the_trivial_backend_keeps_the_protocol_and_writes_no_files(
+    transport: Transport, events: Events, crucible_agents: MakeAgent
+) -> None:
+    """The benchmark's ``--backend=trivial``: the same states, generations, events through
+    the outbox and replies as with files, and not one file under ``regions/``."""
+    agent = crucible_agents()
+    spec = region_spec()
+    await send(transport, agent, ensure(spec))
+    agent.start("--backend=trivial")
+    await events.reached(agent.agent_id, spec.id, CREATED)
+    answer = await transport.request(
+        RegionGet(source=SOURCE, payload=RegionRef(id=spec.id)), routing_key=agent.queue
+    )
+    assert isinstance(answer, RegionInfo)
+    assert answer.payload.region is not None
+    assert (answer.payload.region.state, answer.payload.region.generation) == (CREATED, 2)
+
+    await send(transport, agent, delete(spec.id))
+    await events.reached(agent.agent_id, spec.id, DESTROYED)
+    assert events.states(agent.agent_id, spec.id) == [
+        (REQUESTED, 1),
+        (CREATED, 2),
+        (TOMBSTONED, 3),
+        (DESTROYED, 4),
+    ]
+    assert_published_once_per_generation(events, agent, spec.id)
+    assert len(agent.regions_rows()) == 1
+    assert agent.files() == {}
+    assert not agent.region_dir(spec.id).exists()
+    # Every event left through the outbox: nothing is left unsent once they arrived.
+    await events.until(lambda: agent.unsent_outbox() == 0, "the outbox drained")
+
+
 async def test_sigkill_while_requested_then_restart_finishes_the_region(
     transport: Transport, events: Events, crucible_agents: MakeAgent
 ) -> None:

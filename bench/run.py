@@ -201,6 +201,9 @@ class Stack:
     # When this process got each region's ``created`` (the agent's event through the
     # broker, to a consumer beside Nexus's queue): splits a wake into its two legs.
     ready_seen_at: dict[uuid.UUID, datetime] = field(default_factory=dict)
+    # When each region's agent recorded its ensure command (its ``requested`` event):
+    # the end of the command's relay, which begins when the node parks after sending it.
+    requested_at: dict[uuid.UUID, datetime] = field(default_factory=dict)
     instance_ready_at: dict[uuid.UUID, datetime] = field(default_factory=dict)
     finished: dict[uuid.UUID, str] = field(default_factory=dict)
     finished_event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -219,6 +222,8 @@ class Stack:
             if vmm.state is VmmState.RUNNING:
                 self.instance_ready_at.setdefault(vmm.instance_id, message.occurred_at)
         elif isinstance(message, RegionStateChanged):
+            if message.payload.region.state is RegionState.REQUESTED:
+                self.requested_at.setdefault(message.payload.region.id, message.occurred_at)
             if message.payload.region.state is RegionState.CREATED:
                 self.ready_at.setdefault(message.payload.region.id, message.occurred_at)
                 self.ready_seen_at.setdefault(message.payload.region.id, datetime.now(UTC))
@@ -361,7 +366,14 @@ async def stack(
     # Only the ends of sagas: every other progress notice would load the broker and
     # this process for nothing (unrouted notices are dropped by the exchange).
     await transport.subscribe(
-        ["region.created", "instance.running", "saga.done", "saga.undone", "saga.stuck"],
+        [
+            "region.requested",
+            "region.created",
+            "instance.running",
+            "saga.done",
+            "saga.undone",
+            "saga.stuck",
+        ],
         running.on_event,
     )
     readiness = Readiness(layout.crucible_ids, layout.sled_ids)
@@ -389,6 +401,9 @@ class SagaStats:
     states: dict[str, int]
     # Of each wake: the agent's event to this process through the broker, in ms.
     delivered_ms: list[float] = field(default_factory=list)
+    # Of each region's ensure: the node parked (its command committed to the outbox) →
+    # the agent recorded the command (the commit, the outbox relay, the broker).
+    relay_ms: list[float] = field(default_factory=list)
 
 
 async def saga_stats(stack_: Stack, saga_ids: Sequence[uuid.UUID]) -> SagaStats:
@@ -397,6 +412,7 @@ async def saga_stats(stack_: Stack, saga_ids: Sequence[uuid.UUID]) -> SagaStats:
     wakes: list[float] = []
     wakes_at: list[tuple[datetime, float]] = []
     delivered: list[float] = []
+    relay: list[float] = []
     polls: list[int] = []
     durations: list[float] = []
     states: dict[str, int] = {}
@@ -422,6 +438,10 @@ async def saga_stats(stack_: Stack, saga_ids: Sequence[uuid.UUID]) -> SagaStats:
             for index, placement in enumerate(regions):
                 node = f"region_{index}"
                 entries = [e for e in log if e["node_name"] == node]
+                parked = next((e["at"] for e in entries if e["event"] == "waiting"), None)
+                requested = stack_.requested_at.get(uuid.UUID(placement["region_id"]))
+                if parked is not None and requested is not None:
+                    relay.append((requested - parked).total_seconds() * 1000)
                 disk_polls += sum(
                     1
                     for e in entries
@@ -443,7 +463,7 @@ async def saga_stats(stack_: Stack, saga_ids: Sequence[uuid.UUID]) -> SagaStats:
             if saga.state.value == "done" and log:
                 durations.append((log[-1]["at"] - saga.created_at).total_seconds())
     await engine.dispose()
-    return SagaStats(wakes, wakes_at, polls, durations, states, delivered)
+    return SagaStats(wakes, wakes_at, polls, durations, states, delivered, relay)
 
 
 # Phases.
@@ -483,12 +503,14 @@ async def strategies_phase(servers: Servers, scale: Scale, seed: int) -> dict[st
             "wakes_ms": stats.wakes_ms,
             "disk_create_s": summary(stats.create_seconds),
             "requests_per_disk": summary([float(p) for p in stats.polls_per_disk]),
+            "relay_ms": summary(stats.relay_ms),
             "states": stats.states,
             "phase_seconds": elapsed,
         }
         print(
             f"  wake p50 {results[label]['wake_ms']['p50']:.1f} ms, "
             f"p99 {results[label]['wake_ms']['p99']:.1f} ms, "
+            f"command relay p50 {results[label]['relay_ms']['p50']:.1f} ms, "
             f"requests/disk {results[label]['requests_per_disk']['mean']:.1f}, {stats.states}"
         )
     return results
@@ -576,8 +598,13 @@ async def throughput_phase(servers: Servers, scale: Scale, seed: int) -> dict[st
                 name: seconds / len(sagas) for name, seconds in sorted(cpu.items())
             },
             "wake_ms": summary(stats.wakes_ms),
+            "relay_ms": summary(stats.relay_ms),
         }
-        print(f"  {rate:.0f} sagas/s, {stats.states}")
+        print(
+            f"  {rate:.0f} sagas/s, command relay (parked → agent) p50 "
+            f"{results[label]['relay_ms']['p50']:.1f} ms, p99 "
+            f"{results[label]['relay_ms']['p99']:.1f} ms, {stats.states}"
+        )
     return results
 
 
@@ -602,7 +629,14 @@ async def half_load_phase(
             sagas += await task
         await running.all_finished(sagas, timeout=600)
         stats = await saga_stats(running, sagas)
-    return {"offered_per_second": rate, "wake_ms": summary(stats.wakes_ms), "states": stats.states}
+    relay = summary(stats.relay_ms)
+    print(f"  command relay (parked → agent) p50 {relay['p50']:.1f} ms, p99 {relay['p99']:.1f} ms")
+    return {
+        "offered_per_second": rate,
+        "wake_ms": summary(stats.wakes_ms),
+        "relay_ms": relay,
+        "states": stats.states,
+    }
 
 
 async def scale_phase(servers: Servers, scale: Scale, seed: int) -> dict[str, Any]:

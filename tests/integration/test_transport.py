@@ -267,3 +267,25 @@ async def test_a_command_to_a_queue_that_does_not_exist_fails_loudly(
     message: Envelope = example("region.get.v1")
     with pytest.raises(PublishFailed):
         await transport.send_command(message, f"crucible.{uuid.uuid4()}")
+
+
+async def test_a_returned_command_fails_alone_not_the_publishes_beside_it(
+    transport: Transport,
+) -> None:
+    """The doctor asks every agent at once; one with no queue (a ghost dataset) must not
+    make the others unreachable: a message returned unroutable is that publish's failure,
+    not the channel's (renewing the channel failed every publish in flight on it)."""
+    queue = await private_queue(transport)
+    received = await collect(transport, queue)
+    ghost = f"crucible.{uuid.uuid4()}"
+    for _ in range(3):
+        messages = [example("region.get.v1") for _ in range(20)]
+        outcomes = await asyncio.gather(
+            transport.send_command(example("region.get.v1"), ghost),
+            *(transport.send_command(message, queue) for message in messages),
+            return_exceptions=True,
+        )
+        assert isinstance(outcomes[0], PublishFailed)
+        assert outcomes[1:] == [None] * len(messages), outcomes[1:]
+        got = {(await asyncio.wait_for(received.get(), 10)).message.id for _ in messages}
+        assert got == {message.id for message in messages}

@@ -200,7 +200,10 @@ class ApiClient:
     def __init__(self, transport: Transport) -> None:
         self._transport = transport
 
-    async def request(self, message: Envelope, timeout: float = 10.0) -> Message:
+    # Tests send their first request right after starting a replica; the request waits in
+    # nexus.api until the replica consumes, which on a loaded machine (CI's Docker builds
+    # beside the suite) took longer than 10 s: a timeout there measured start-up, not Nexus.
+    async def request(self, message: Envelope, timeout: float = 30.0) -> Message:
         reply = await self._transport.request(message, routing_key=NEXUS_API_QUEUE, timeout=timeout)
         if isinstance(reply, api.ApiError):
             raise RuntimeError(f"{reply.payload.code}: {reply.payload.message}")

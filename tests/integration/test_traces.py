@@ -44,8 +44,10 @@ async def test_a_disk_create_resumed_on_the_other_replica_is_one_trace(
 ) -> None:
     await upgrade_async(fresh_postgres_url)
     spans_dir = tmp_path / "spans"
-    # Creates take 2 s: A is stopped (SIGTERM) while the regions are still being made,
-    # so their events wait in nexus.events for B.
+    # Once A parked, the agents are frozen (SIGSTOP) until A has stopped (SIGTERM) and B
+    # runs: no region event can reach A, however slowly A stops, so B handles each one
+    # (A handling one while it stopped left B's resume without its event's span: a race
+    # seen under load).
     agents = [
         crucible(
             vhost_url,
@@ -80,10 +82,17 @@ async def test_a_disk_create_resumed_on_the_other_replica_is_one_trace(
             await until(announced, 30, "replica A knows the three agents")
             accepted = await client.create_disk(f"d-{uuid.uuid4().hex[:8]}")
             await client.saga_in(accepted.saga_id, {"waiting"})
+            for agent in agents:
+                agent.service.send(signal.SIGSTOP)
             assert await a.stop(signal.SIGTERM) == 0
             b.start()
+            for agent in agents:
+                agent.service.send(signal.SIGCONT)
             view = await client.saga_in(accepted.saga_id, {"done"}, timeout=60)
     finally:
+        for agent in agents:
+            if agent.service.running:
+                agent.service.send(signal.SIGCONT)
         await a.stop()
         await b.stop()
         for agent in agents:

@@ -157,7 +157,7 @@ async def dbos(
     async with admin.connect() as connection:
         await connection.execute(text(f'CREATE DATABASE "{name}"'))
     await admin.dispose()
-    database = servers.postgres.url.rsplit("/", 1)[0] + f"/{name}"
+    database = servers.database_url(name)
     amqp = servers.vhost()
     workdir = servers.workdir / name
     _mkdir(workdir)

@@ -37,6 +37,7 @@ from bench.polling import nova_fixed
 from nexus.db.engine import create_engine, create_sessionmaker
 from nexus.db.migrate import upgrade_async
 from nexus.db.models import Saga, SagaLogEntry
+from nexus.devstack.patroni import PatroniCluster
 from nexus.devstack.servers import PostgresCluster, RabbitMQCluster, RabbitMQNode
 from nexus.devstack.stack import READINESS_KEYS, Readiness, StackConfig, plan, wait_until_ready
 from nexus.devstack.supervisor import ChildSpec, Supervisor
@@ -149,8 +150,16 @@ def summary(values: Sequence[float]) -> dict[str, float]:
 class Servers:
     # One node, or a cluster (--broker-nodes): every service is then given every node.
     rabbitmq: RabbitMQNode | RabbitMQCluster
-    postgres: PostgresCluster
+    # One server, or a replicated one under Patroni (--ha-db): services are then given
+    # a multi-host address that finds the primary.
+    postgres: PostgresCluster | PatroniCluster
     workdir: Path
+
+    def database_url(self, name: str) -> str:
+        """The URL of database ``name`` on the benchmark's PostgreSQL."""
+        if isinstance(self.postgres, PatroniCluster):
+            return self.postgres.url_for(name).render_as_string(hide_password=False)
+        return self.postgres.url.rsplit("/", 1)[0] + f"/{name}"
 
     def vhost(self) -> str:
         name = f"bench-{uuid.uuid4().hex[:8]}"
@@ -167,7 +176,7 @@ class Servers:
             async with admin.connect() as connection:
                 await connection.execute(text(f'CREATE DATABASE "{name}"'))
             await admin.dispose()
-            url = self.postgres.url.rsplit("/", 1)[0] + f"/{name}"
+            url = self.database_url(name)
         await upgrade_async(url)
         return url
 
@@ -182,11 +191,14 @@ class Servers:
             self.rabbitmq.nodes if isinstance(self.rabbitmq, RabbitMQCluster) else [self.rabbitmq]
         )
         rabbits = [getattr(node, "_process", None) for node in nodes]
-        pid_file = Path(str(self.postgres._data)) / "postmaster.pid"
-        postmaster = int(pid_file.read_text().split()[0]) if pid_file.exists() else None
+        if isinstance(self.postgres, PatroniCluster):
+            postmasters = [node.postmaster_pid() for node in self.postgres.nodes]
+        else:
+            pid_file = Path(str(self.postgres._data)) / "postmaster.pid"
+            postmasters = [int(pid_file.read_text().split()[0]) if pid_file.exists() else None]
         return {
             "rabbitmq": [pid for rabbit in rabbits for pid in tree(rabbit.pid if rabbit else None)],
-            "postgresql": tree(postmaster),
+            "postgresql": [pid for postmaster in postmasters for pid in tree(postmaster)],
         }
 
 
@@ -1263,12 +1275,15 @@ async def main(
     only: Sequence[str] = PHASES,
     broker_nodes: int = 1,
     profile: Path | None = None,
+    ha_db: bool = False,
 ) -> dict[str, Any]:
     workdir = out / "work"
     print(f"starting a private RabbitMQ {_broker(broker_nodes)} and PostgreSQL cluster")
     rabbitmq = RabbitMQCluster(broker_nodes) if broker_nodes > 1 else RabbitMQNode()
     # Durable commits (fsync on), as in production; the dev stack's cluster skips fsync.
-    postgres = PostgresCluster(durable=True)
+    postgres: PostgresCluster | PatroniCluster = (
+        PatroniCluster(3, durable=True) if ha_db else PostgresCluster(durable=True)
+    )
     servers = Servers(rabbitmq, postgres, workdir)
     results: dict[str, Any] = {
         "machine": {
@@ -1277,6 +1292,7 @@ async def main(
             "python": platform.python_version(),
             "rabbitmq": rabbitmq.version,
             "rabbitmq_nodes": broker_nodes,
+            "postgresql": "3 nodes under Patroni (synchronous)" if ha_db else "one server",
             "platform": platform.platform(),
         },
         "configuration": scale.__dict__,
@@ -1335,6 +1351,12 @@ def cli(argv: list[str] | None = None) -> int:
         default=1,
         help="RabbitMQ nodes: more than 1 is a private cluster (every service given every node)",
     )
+    parser.add_argument(
+        "--ha-db",
+        action="store_true",
+        help="PostgreSQL replicated: 3 nodes under Patroni with a synchronous standby, the "
+        "services given a multi-host address that finds the primary",
+    )
     parser.add_argument("--quick", action="store_true", help="a smaller run, under 3 minutes")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--seed", type=int, default=20261124)
@@ -1377,7 +1399,9 @@ def cli(argv: list[str] | None = None) -> int:
         )
         scale = replace(scale, peers_levels=levels)
     phases = args.only or (QUICK_PHASES if args.quick else PHASES)
-    asyncio.run(main(scale, args.out, args.seed, phases, args.broker_nodes, args.profile))
+    asyncio.run(
+        main(scale, args.out, args.seed, phases, args.broker_nodes, args.profile, args.ha_db)
+    )
     print(
         f"wrote {args.out / 'results.json'} and {args.out / 'wake.png'} "
         f"in {time.monotonic() - started:.0f} s"

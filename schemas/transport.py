@@ -216,6 +216,9 @@ class Transport:
         self._publisher: AbstractChannel | None = None
         self._published_to: dict[str, AbstractExchange] = {}
         self._reply_queue: AbstractQueue | None = None
+        # Concurrent first requests would each declare a reply queue on a channel of its
+        # own (10,000 at once reached the broker's channel limit): one declares it.
+        self._reply_queue_lock = asyncio.Lock()
         self._pending: dict[uuid.UUID, asyncio.Future[Message]] = {}
         # The only source that may answer a pending request (to an agent's queue).
         self._answerers: dict[uuid.UUID, str] = {}
@@ -458,7 +461,10 @@ class Transport:
                 await self._renew_publisher(publisher)
             raise PublishFailed(f"{message_type} to {exchange}/{routing_key}: {error!r}") from error
         if not isinstance(confirmation, Basic.Ack):
-            await self._renew_publisher(publisher)
+            # A message returned unroutable comes back as the confirmation itself (the
+            # channel does not raise on returns): that publish failed, not the channel.
+            if not isinstance(getattr(confirmation, "delivery", None), Basic.Return):
+                await self._renew_publisher(publisher)
             raise PublishFailed(
                 f"{message_type} to {exchange}/{routing_key}: broker answered {confirmation!r}"
             )
@@ -751,18 +757,24 @@ class Transport:
             self._answerers.pop(message.id, None)
 
     async def _ensure_reply_queue(self) -> AbstractQueue:
-        if self._reply_queue is None:
-            channel = await self.connection.channel()
-            self._consumer_channels.append(channel)
-            queue = await channel.declare_queue(
-                reply_queue(self.user), exclusive=True, auto_delete=True
-            )
-            await queue.bind(
-                await channel.get_exchange(REPLIES_EXCHANGE, ensure=True), routing_key=queue.name
-            )
-            await queue.consume(self._on_reply, no_ack=True)
-            self._reply_queue = queue
+        if self._reply_queue is not None:
+            return self._reply_queue
+        async with self._reply_queue_lock:
+            if self._reply_queue is None:
+                self._reply_queue = await self._declare_reply_queue()
         return self._reply_queue
+
+    async def _declare_reply_queue(self) -> AbstractQueue:
+        channel = await self.connection.channel()
+        self._consumer_channels.append(channel)
+        queue = await channel.declare_queue(
+            reply_queue(self.user), exclusive=True, auto_delete=True
+        )
+        await queue.bind(
+            await channel.get_exchange(REPLIES_EXCHANGE, ensure=True), routing_key=queue.name
+        )
+        await queue.consume(self._on_reply, no_ack=True)
+        return queue
 
     async def _on_reply(self, incoming: AbstractIncomingMessage) -> None:
         try:

@@ -289,3 +289,21 @@ async def test_a_returned_command_fails_alone_not_the_publishes_beside_it(
         assert outcomes[1:] == [None] * len(messages), outcomes[1:]
         got = {(await asyncio.wait_for(received.get(), 10)).message.id for _ in messages}
         assert got == {message.id for message in messages}
+
+
+async def test_concurrent_first_requests_declare_one_reply_queue(rabbitmq_url: str) -> None:
+    """Requests sent at once before any other share one reply queue (each declared its
+    own on a channel of its own: 10,000 at once reached the broker's channel limit)."""
+    async with Transport(rabbitmq_url, name=f"test-{uuid.uuid4().hex[:8]}") as fresh:
+        await fresh.declare_topology()
+        queue = await private_queue(fresh)
+        channels = len(fresh._consumer_channels)
+        outcomes = await asyncio.gather(
+            *(
+                fresh.request(example("region.get.v1"), routing_key=queue, timeout=0.5)
+                for _ in range(50)
+            ),
+            return_exceptions=True,
+        )
+        assert all(isinstance(outcome, RequestTimedOut) for outcome in outcomes)
+        assert len(fresh._consumer_channels) == channels + 1

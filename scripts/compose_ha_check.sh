@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # compose.ha.yaml as its users run it, with a node of each cluster lost on the way. Not
-# part of scripts/test.sh (about 4 minutes more than the default compose step); run it
+# part of scripts/test.sh (it would add 132 s with the images built, measured); run it
 # by hand:
 #
 #   bash scripts/compose_ha_check.sh

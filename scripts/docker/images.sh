@@ -6,6 +6,8 @@
 #   eventplane-rabbitmq:dev      stand-in for rabbitmq:3.13(-management): Debian's rabbitmq-server
 #   eventplane-postgres:dev      stand-in for postgres:15: Debian's postgresql-15
 #   eventplane-prometheus:dev    Prometheus from Debian's package (deploy/prometheus/)
+#   eventplane-patroni:dev       with --ha only: PostgreSQL under Patroni, and etcd, from
+#                                Debian's packages, for compose.ha.yaml (deploy/standin/patroni/)
 #
 # Each image is labelled with a hash of what it is built from (its Dockerfile, its files,
 # the base image's id; for the project, its sources) and rebuilt only when that changes,
@@ -21,6 +23,13 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 source scripts/docker/lib.sh
+
+ha=false
+case ${1:-} in
+--ha) ha=true ;;
+"") ;;
+*) docker_die "usage: images.sh [--ha]" ;;
+esac
 
 LABEL=org.eventplane.inputs
 # Bump to rebuild the base image (its recipe changed).
@@ -142,6 +151,9 @@ for name in rabbitmq postgres; do
     build "${!tag_var}" "$(hash_files "deploy/standin/$name")-$base_id" "deploy/standin/$name"
 done
 build "$PROMETHEUS_IMAGE" "$(hash_files deploy/prometheus)-$base_id" deploy/prometheus
+if $ha; then
+    build "$PATRONI_IMAGE" "$(hash_files deploy/standin/patroni)-$base_id" deploy/standin/patroni
+fi
 
 # Superseded builds leave untagged images behind; only those go.
 docker image prune --force >/dev/null

@@ -29,6 +29,8 @@ BASE_IMAGE=eventplane-debian:bookworm
 APP_IMAGE=oxide-eventplane:dev
 STANDIN_RABBITMQ_IMAGE=eventplane-rabbitmq:dev
 STANDIN_POSTGRES_IMAGE=eventplane-postgres:dev
+# PostgreSQL under Patroni, and etcd: compose.ha.yaml's (images.sh --ha).
+PATRONI_IMAGE=eventplane-patroni:dev
 PROMETHEUS_IMAGE=eventplane-prometheus:dev
 
 # Debian mirror for the base image and the trixie plugins (the builds use the machine's

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from types import ModuleType
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 import typer
@@ -38,6 +38,7 @@ from crucible_agent.settings import CrucibleSettings
 from nexus.cli.client import cli_source
 from nexus.devstack.access import HASHING_ALGORITHM, VHOST, Access, password_hash
 from nexus.settings import NexusSettings
+from schemas.brokers import broker_urls
 from schemas.identity import CLI_USER, NEXUS_USER, crucible_user, sled_user, source_allowed
 from schemas.instance import VmmState
 from schemas.region import RegionState
@@ -58,6 +59,7 @@ from sled_agent.settings import SledSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
+COMPOSE_HA = ROOT / "compose.ha.yaml"
 DEFINITIONS = ROOT / "deploy" / "rabbitmq" / "definitions.json"
 DEFINITIONS_SCRIPT = ROOT / "deploy" / "rabbitmq" / "definitions.py"
 RABBITMQ_CONF = ROOT / "deploy" / "rabbitmq" / "rabbitmq.conf"
@@ -851,7 +853,11 @@ def test_rabbitmq_loads_the_mounted_definitions(services: dict[str, dict[str, An
 def test_env_example_lists_every_variable_with_its_default(
     raw_compose: str, env_example: dict[str, str], definitions_module: ModuleType
 ) -> None:
-    used = {m.group("name"): m.group("default") for m in _INTERPOLATION.finditer(raw_compose)}
+    used: dict[str, str] = {}
+    for text in (raw_compose, COMPOSE_HA.read_text()):
+        for match in _INTERPOLATION.finditer(text):
+            name, default = match.group("name"), match.group("default")
+            assert used.setdefault(name, default) == default, f"{name}: two defaults"
     for name, default in used.items():
         assert env_example.get(name) == default, (
             f"{name}: .env.example has {env_example.get(name)!r}"
@@ -861,7 +867,7 @@ def test_env_example_lists_every_variable_with_its_default(
     assert env_example.get(admin) == definitions_module.ADMIN_PASSWORD_DEFAULT
     assert set(env_example) == {*used, admin}, "a variable nothing uses"
     for name, default in env_example.items():
-        if "PASSWORD" in name:
+        if "PASSWORD" in name or "COOKIE" in name:
             assert "dev-only" in default, f"{name}: a default that does not say it is for dev"
         else:
             assert name.endswith("_IMAGE"), f"{name}: neither a password nor an image"
@@ -959,3 +965,235 @@ def test_prometheus_scrapes_every_service_on_its_metrics_port(
     prometheus = services["prometheus"]
     assert prometheus["build"]["context"] == "deploy/prometheus"
     assert (ROOT / "deploy" / "prometheus" / "Dockerfile").exists()
+
+
+# The variant on a broker cluster and a replicated database (compose.ha.yaml, an override).
+
+RABBITMQ_NODES = ("rabbitmq-1", "rabbitmq-2", "rabbitmq-3")
+POSTGRES_NODES = ("postgres-1", "postgres-2", "postgres-3")
+PATRONI_IMAGE = "eventplane-patroni:dev"
+
+
+class _Override:
+    """A value tagged ``!override``: it replaces the base's instead of merging into it."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+class _Reset:
+    """A value tagged ``!reset``: the base's is dropped."""
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML with Compose's merge tags."""
+
+
+def _construct_override(loader: yaml.SafeLoader, node: yaml.Node) -> _Override:
+    if isinstance(node, yaml.MappingNode):
+        return _Override(loader.construct_mapping(node, deep=True))
+    if isinstance(node, yaml.SequenceNode):
+        return _Override(loader.construct_sequence(node, deep=True))
+    return _Override(loader.construct_scalar(node))  # type: ignore[arg-type]
+
+
+_ComposeLoader.add_constructor("!override", _construct_override)
+_ComposeLoader.add_constructor("!reset", lambda loader, node: _Reset())
+
+
+def _merged(base: Any, override: Any) -> Any:
+    """Compose's merge of an override file into a base, for what these tests read:
+    mappings merge key by key, ``!override`` replaces, ``!reset`` drops, sequences of
+    ports and volumes add up, any other value replaces."""
+    if isinstance(override, _Override):
+        return override.value
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            if isinstance(value, _Reset):
+                merged.pop(key, None)
+            elif key in merged and key in {"ports", "volumes"}:
+                merged[key] = [*merged[key], *value]
+            else:
+                merged[key] = _merged(merged.get(key), value)
+        return merged
+    return override
+
+
+@pytest.fixture(scope="module")
+def ha_override() -> dict[str, Any]:
+    loaded = yaml.load(COMPOSE_HA.read_text(), Loader=_ComposeLoader)
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def ha_services(ha_override: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """compose.yaml with compose.ha.yaml over it, as `docker compose -f ... -f ...` sees
+    it: the services of the profiles enabled by hand (cli) kept, the others gone."""
+    base = yaml.safe_load(COMPOSE.read_text())
+    merged = _interpolate(_merged(base, ha_override))
+    return {
+        name: service
+        for name, service in merged["services"].items()
+        if set(service.get("profiles", [])) <= {"cli"}
+    }
+
+
+def test_ha_keeps_the_single_nodes_out(ha_services: dict[str, dict[str, Any]]) -> None:
+    assert not {"rabbitmq", "postgres"} & set(ha_services)
+    for name, service in ha_services.items():
+        assert not {"rabbitmq", "postgres"} & set(_depends_on(service)), name
+    assert set(RABBITMQ_NODES) | set(POSTGRES_NODES) | {"etcd", "rabbitmq-cluster"} <= set(
+        ha_services
+    )
+
+
+def test_ha_every_dependency_exists_and_servers_have_health_checks(
+    ha_services: dict[str, dict[str, Any]],
+) -> None:
+    test_dependencies_exist_and_can_be_met(ha_services)
+    one_shots = _one_shots(ha_services)
+    assert one_shots == {"migrate", "rabbitmq-cluster"}
+    for name, service in ha_services.items():
+        if name in one_shots or service.get("profiles"):
+            assert service.get("restart") == "no", name
+            continue
+        assert service.get("restart") == "unless-stopped", name
+        assert service.get("healthcheck", {}).get("test"), f"{name} has no health check"
+
+
+def test_ha_rabbitmq_nodes_form_one_cluster(ha_services: dict[str, dict[str, Any]]) -> None:
+    cookies = set()
+    for name in RABBITMQ_NODES:
+        node = ha_services[name]
+        # The node is rabbit@<hostname>, which cluster.sh names.
+        assert node["hostname"] == name
+        assert node["command"] == ["sh", "/etc/rabbitmq/cluster.sh", "server"]
+        assert node["healthcheck"]["test"][1] in SERVER_TOOLS["rabbitmq"]
+        cookies.add(_environment(node)["RABBITMQ_ERLANG_COOKIE"])
+        mounts = dict(_mounts(node))
+        assert mounts["./deploy/rabbitmq/cluster.conf"] == "/etc/rabbitmq/conf.d/20-eventplane.conf"
+        assert f"{name}-data" in mounts, f"{name}: no data volume of its own"
+    assert len(cookies) == 1, "the nodes of one cluster share one Erlang cookie"
+    script = (ROOT / "deploy" / "rabbitmq" / "cluster.sh").read_text()
+    for name in RABBITMQ_NODES:
+        assert f"rabbit@{name}" in script
+    # No node loads the definitions at boot (its quorum queues would live on it alone).
+    conf = (ROOT / "deploy" / "rabbitmq" / "cluster.conf").read_text()
+    assert not [line for line in conf.splitlines() if line.startswith("load_definitions")]
+
+
+def test_ha_definitions_are_loaded_once_the_cluster_is_whole(
+    ha_services: dict[str, dict[str, Any]],
+) -> None:
+    one_shot = ha_services["rabbitmq-cluster"]
+    assert one_shot["command"] == ["sh", "/etc/rabbitmq/cluster.sh", "cluster"]
+    assert (
+        _environment(one_shot)["RABBITMQ_ERLANG_COOKIE"]
+        == _environment(ha_services["rabbitmq-1"])["RABBITMQ_ERLANG_COOKIE"]
+    )
+    assert dict(_mounts(one_shot))["./deploy/rabbitmq/definitions.json"] == (
+        "/etc/rabbitmq/definitions.json"
+    )
+    depends_on = _depends_on(one_shot)
+    assert {n: depends_on[n]["condition"] for n in RABBITMQ_NODES} == dict.fromkeys(
+        RABBITMQ_NODES, "service_healthy"
+    )
+
+
+def test_ha_every_service_gets_every_broker_node(
+    services: dict[str, dict[str, Any]], ha_services: dict[str, dict[str, Any]]
+) -> None:
+    """Each broker setting lists the 3 nodes, as the same user, password and vhost as
+    compose.yaml's single URL; the services start at different nodes."""
+    firsts: Counter[str] = Counter()
+    checked: set[str] = set()
+    for name, service in ha_services.items():
+        for key, value in _environment(service).items():
+            if not key.endswith("_AMQP_URL"):
+                continue
+            urls = broker_urls(value)
+            hosts = [(urlsplit(url).hostname, urlsplit(url).port) for url in urls]
+            assert sorted(hosts) == [(node, 5672) for node in RABBITMQ_NODES], (name, hosts)
+            single = urlsplit(_environment(services[name])[key])
+            for url in urls:
+                parts = urlsplit(url)
+                assert (parts.username, parts.password, parts.path) == (
+                    single.username,
+                    single.password,
+                    single.path,
+                ), name
+            firsts[str(hosts[0][0])] += 1
+            checked.add(name)
+            depends_on = _depends_on(service)
+            for node in RABBITMQ_NODES:
+                assert depends_on.get(node, {}).get("condition") == "service_healthy", name
+            assert depends_on["rabbitmq-cluster"]["condition"] == (
+                "service_completed_successfully"
+            ), f"{name} may start before the definitions are loaded"
+    expected = {
+        n for n, s in services.items() if any(k.endswith("_AMQP_URL") for k in _environment(s))
+    }
+    assert checked == expected, "a service without the cluster's addresses"
+    assert set(firsts) == set(RABBITMQ_NODES), f"every service starts at one node: {firsts}"
+
+
+def test_ha_every_database_user_gets_every_node(ha_services: dict[str, dict[str, Any]]) -> None:
+    postgres = {name: _environment(ha_services[name]) for name in POSTGRES_NODES}
+    for name, environment in postgres.items():
+        assert environment["PATRONI_NAME"] == ha_services[name]["hostname"] == name
+    users = {
+        (e["POSTGRES_USER"], e["POSTGRES_PASSWORD"], e["POSTGRES_DB"]) for e in postgres.values()
+    }
+    assert len(users) == 1
+    user, password, database = users.pop()
+    with_database = {
+        name: _environment(s)["NEXUS_DATABASE_URL"]
+        for name, s in ha_services.items()
+        if "NEXUS_DATABASE_URL" in _environment(s)
+    }
+    assert set(with_database) == {"migrate", "nexus-1", "nexus-2"}
+    for name, url in with_database.items():
+        parts = urlsplit(url)
+        assert parts.scheme == "postgresql+asyncpg" and parts.hostname is None, name
+        assert (parts.username, unquote(parts.password or ""), parts.path) == (
+            user,
+            password,
+            f"/{database}",
+        ), name
+        query = parse_qs(parts.query)
+        assert query["host"] == [f"{node}:5432" for node in POSTGRES_NODES], name
+        assert query["target_session_attrs"] == ["read-write"], name
+        depends_on = _depends_on(ha_services[name])
+        for node in POSTGRES_NODES:
+            assert depends_on.get(node, {}).get("condition") == "service_healthy", name
+    # And the whole environment still makes valid settings.
+    test_environment_validates(ha_services)
+
+
+def test_ha_database_is_patroni_in_synchronous_mode(ha_services: dict[str, dict[str, Any]]) -> None:
+    etcd = ha_services["etcd"]
+    assert etcd["image"] == PATRONI_IMAGE and etcd["command"][0] == "etcd"
+    for name in POSTGRES_NODES:
+        node = ha_services[name]
+        assert node["image"] == PATRONI_IMAGE
+        assert node["healthcheck"]["test"] == ["CMD", "health.py", "patroni"]
+        assert _environment(node)["PATRONI_ETCD3_HOSTS"] == "etcd:2379"
+        assert _depends_on(node)["etcd"]["condition"] == "service_healthy"
+        assert f"{name}-data" in dict(_mounts(node))
+    entrypoint = (ROOT / "deploy" / "standin" / "patroni" / "entrypoint.sh").read_text()
+    assert '"synchronous_mode": true' in entrypoint
+    assert '"ttl": 10, "loop_wait": 1, "retry_timeout": 4' in entrypoint
+
+
+def test_ha_volumes_are_declared(
+    compose: dict[str, Any], ha_override: dict[str, Any], ha_services: dict[str, dict[str, Any]]
+) -> None:
+    declared = set(compose.get("volumes") or {}) | set(ha_override.get("volumes") or {})
+    for name, service in ha_services.items():
+        for source, _ in _mounts(service):
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), f"{name}: {source} does not exist"
+            else:
+                assert source in declared, f"{name}: volume {source} is not declared"

@@ -67,6 +67,21 @@ async def first_seen(database_url: str, query: str, timeout: float, **values: ob
         await engine.dispose()
 
 
+async def saga_of_disk(database_url: str, name: str) -> uuid.UUID:
+    """The disk_create saga of the disk named ``name`` (its row commits before the node runs)."""
+    engine = create_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            found = await connection.scalar(
+                text("SELECT id FROM sagas WHERE name = 'disk_create' AND params->>'name' = :name"),
+                {"name": name},
+            )
+    finally:
+        await engine.dispose()
+    assert found is not None, f"no disk_create saga for disk {name}"
+    return uuid.UUID(str(found))
+
+
 @pytest.mark.parametrize(
     ("owner_skew", "adopter_skew"),
     [(None, "+30s"), ("-30s", None)],
@@ -98,19 +113,24 @@ async def test_a_lease_is_adopted_when_it_expires_by_the_databases_clock(
         **SETTINGS,
     )
     owner.start()
+    name = f"d-{uuid.uuid4().hex[:8]}"
+    # The owner may die in the node before its reply leaves (the saga it spawned can
+    # outrun the reply's publish): the saga is found by its disk's name, not the reply.
+    create = asyncio.create_task(client.create_disk(name))
     try:
-        accepted = await client.create_disk(f"d-{uuid.uuid4().hex[:8]}")
         # The owner fenced the saga (its lease runs LEASE from then) and died in the node.
         assert await owner.wait_exit(timeout=30) == -signal.SIGKILL
+        saga_id = await saga_of_disk(database_url, name)
         adopter.start()
         adopted_after = await first_seen(
             database_url,
             "SELECT 1 FROM saga_log WHERE saga_id = :saga AND replica_id = 'replica-b'",
             timeout=LEASE + 20,
-            saga=accepted.saga_id,
+            saga=saga_id,
         )
-        view = await client.saga_in(accepted.saga_id, {"done", "undone", "stuck"}, timeout=60)
+        view = await client.saga_in(saga_id, {"done", "undone", "stuck"}, timeout=60)
     finally:
+        create.cancel()
         await adopter.stop()
         await owner.stop()
 

@@ -20,6 +20,7 @@ from nexus.sagas import disk_create
 from schemas.region import RegionStateChanged
 from schemas.topology import EVENTS_EXCHANGE
 from schemas.transport import Delivery, Transport
+from tests.integration.test_skewed_clock import saga_of_disk
 from tests.processes import BIN, ApiClient, Crucible, Service, crucible, nexus
 
 pytestmark = pytest.mark.integration
@@ -118,10 +119,17 @@ async def test_a_replica_killed_inside_any_node_is_replaced_and_effects_happen_o
     b = replica("replica-b", workdir, database_url, vhost_url)
     a.start()
     try:
-        accepted = await client.create_disk(f"d-{uuid.uuid4().hex[:8]}")
-        assert await a.wait_exit(timeout=30) == -signal.SIGKILL
+        name = f"d-{uuid.uuid4().hex[:8]}"
+        # A dies in its node, possibly before its reply leaves (the saga it spawned can
+        # outrun the reply's publish): the saga is found by its disk's name.
+        create = asyncio.create_task(client.create_disk(name))
+        try:
+            assert await a.wait_exit(timeout=30) == -signal.SIGKILL
+            saga_id = await saga_of_disk(database_url, name)
+        finally:
+            create.cancel()
         b.start()
-        view = await client.saga_in(accepted.saga_id, {"done", "undone", "stuck"}, timeout=60)
+        view = await client.saga_in(saga_id, {"done", "undone", "stuck"}, timeout=60)
     finally:
         await a.stop()
         await b.stop()

@@ -32,7 +32,6 @@ import contextlib
 import functools
 import json
 import logging
-import random
 import resource
 import sys
 import time
@@ -45,12 +44,9 @@ from typing import Any
 
 from crucible_agent import app as agent_app
 from crucible_agent import regions
-from crucible_agent.metrics import CrucibleMetrics
-from crucible_agent.service import Faults, RegionService
+from crucible_agent.service import RegionService
 from crucible_agent.settings import CrucibleSettings
-from crucible_agent.space import SpaceReserve
 from crucible_agent.store import AgentStore, Cause, Transaction
-from schemas.outbox import OutboxRelay
 from schemas.region import (
     Region,
     RegionFound,
@@ -60,7 +56,6 @@ from schemas.region import (
     RegionState,
 )
 from schemas.service import run_service, settings_from
-from schemas.tasks import Tasks
 from schemas.transport import Delivery, PublishFailed, RequestTimedOut, Transport
 
 log = logging.getLogger(__name__)
@@ -202,36 +197,7 @@ class LongPolls:
 
 async def build_agent(settings: CrucibleSettings) -> agent_app.Agent:
     """:func:`crucible_agent.app.build` with the watched store and service."""
-    reserve = SpaceReserve(settings.space_reserve_path, settings.space_reserve_bytes)
-    store = await WatchedStore.open(settings.database_path, reserve=reserve)
-    metrics = CrucibleMetrics(str(settings.agent_id))
-    transport = Transport(
-        settings.amqp_url, name=f"crucible-agent/{settings.agent_id}", metrics=metrics.messages
-    )
-    relay = OutboxRelay(store, transport)
-    service = WatchedService(
-        agent_id=settings.agent_id,
-        sled_id=settings.sled_id,
-        capacity_bytes=settings.capacity_bytes,
-        coalesce_seconds=settings.announce_coalesce_seconds,
-        store=store,
-        files=settings.region_files(),
-        relay=relay,
-        replier=transport,
-        faults=Faults(
-            delay=settings.delay,
-            clone_delay=settings.clone_extra_delay,
-            clone_seconds_per_gib=settings.clone_seconds_per_gib,
-            fail_fraction=settings.fail_fraction,
-            crash_mid_create_fraction=settings.crash_mid_create_fraction,
-            destroy_fail_fraction=settings.destroy_fail_fraction,
-        ),
-        rng=random.Random(settings.seed),
-        reserve=reserve,
-        workers=settings.workers,
-    )
-    metrics.watch(store, lambda: len(service.taken()))
-    return agent_app.Agent(settings, store, transport, relay, service, Tasks(), metrics)
+    return await agent_app.build(settings, store_class=WatchedStore, service_class=WatchedService)
 
 
 async def run_agent(settings: CrucibleSettings, stop: asyncio.Event) -> None:

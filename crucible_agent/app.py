@@ -69,9 +69,16 @@ class Agent:
     metrics: CrucibleMetrics
 
 
-async def build(settings: CrucibleSettings) -> Agent:
+async def build(
+    settings: CrucibleSettings,
+    *,
+    store_class: type[AgentStore] = AgentStore,
+    service_class: type[RegionService] = RegionService,
+) -> Agent:
+    """The agent's parts from its settings; the benchmark's long poll passes subclasses
+    of the store and the service that watch for changes (bench/longpoll.py)."""
     reserve = SpaceReserve(settings.space_reserve_path, settings.space_reserve_bytes)
-    store = await AgentStore.open(settings.database_path, reserve=reserve)
+    store = await store_class.open(settings.database_path, reserve=reserve)
     metrics = CrucibleMetrics(str(settings.agent_id))
     transport = Transport(
         settings.amqp_url,
@@ -79,7 +86,7 @@ async def build(settings: CrucibleSettings) -> Agent:
         metrics=metrics.messages,
     )
     relay = OutboxRelay(store, transport)
-    service = RegionService(
+    service = service_class(
         agent_id=settings.agent_id,
         sled_id=settings.sled_id,
         capacity_bytes=settings.capacity_bytes,

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -61,7 +62,7 @@ from sqlalchemy import Table, bindparam, case, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from nexus.db.engine import upsert_insert
-from nexus.db.models import Dataset, OutboxMessage, Region, Sled, Vmm
+from nexus.db.models import Dataset, OutboxMessage, Region, RegionSnapshot, Sled, Vmm
 from nexus.db.states import SledState, VmmState
 from nexus.saga import rendezvous
 from nexus.saga.rendezvous import Woken
@@ -69,9 +70,13 @@ from nexus.settings import MAX_GENERATION_LEAD
 from nexus.vmms import record_vmm_state, vmm_is_recorded
 from nexus.waitkeys import (
     AWAITED_REGION_STATES,
+    AWAITED_RUNNING_SNAPSHOT_STATES,
+    AWAITED_SNAPSHOT_STATES,
     AWAITED_VMM_STATES,
     region_key,
     rejection_key,
+    running_snapshot_key,
+    snapshot_key,
     vmm_key,
 )
 from schemas.base import Envelope
@@ -98,6 +103,34 @@ _REGION_UPDATE = (
     )
 )
 
+
+_region_snapshots = cast(Table, RegionSnapshot.__table__)
+# A region's snapshot and its running snapshot, by generation (as a region's state).
+_SNAPSHOT_UPDATE = (
+    update(_region_snapshots)
+    .where(
+        _region_snapshots.c.region_id == bindparam("b_region_id"),
+        _region_snapshots.c.snapshot_id == bindparam("b_snapshot_id"),
+        _region_snapshots.c.snapshot_generation < bindparam("b_generation"),
+    )
+    .values(
+        snapshot_state=bindparam("b_state", type_=_region_snapshots.c.snapshot_state.type),
+        snapshot_generation=bindparam("b_generation"),
+    )
+)
+_RUNNING_UPDATE = (
+    update(_region_snapshots)
+    .where(
+        _region_snapshots.c.region_id == bindparam("b_region_id"),
+        _region_snapshots.c.snapshot_id == bindparam("b_snapshot_id"),
+        _region_snapshots.c.running_generation < bindparam("b_generation"),
+    )
+    .values(
+        running_state=bindparam("b_state", type_=_region_snapshots.c.running_state.type),
+        running_generation=bindparam("b_generation"),
+        port_number=bindparam("b_port"),
+    )
+)
 
 _vmms = cast(Table, Vmm.__table__)
 _sleds = cast(Table, Sled.__table__)
@@ -456,7 +489,10 @@ async def vmm_state_changed(
 
 async def _file_for_saga(
     session: AsyncSession,
-    message: RegionStateChanged | VmmStateChanged,
+    message: RegionStateChanged
+    | VmmStateChanged
+    | RegionSnapshotStateChanged
+    | RunningSnapshotStateChanged,
     key: str,
     generation: int,
     now: datetime,
@@ -487,22 +523,62 @@ async def command_rejected(
     )
 
 
-async def snapshot_changed(
-    session: AsyncSession,
-    message: RegionSnapshotStateChanged | RunningSnapshotStateChanged,
-    now: datetime,
-) -> None:
-    """Taken, after :func:`authorize` let it through, and nothing more: Nexus keeps no
-    record of the agents' snapshots yet, and no saga waits on them. The snapshot sagas of
-    issue #15 give these events their wait keys; until then they are acked, never
-    dead-lettered (a consumer that refused them would fill the dead-letter queue with
-    every agent's honest reports)."""
-    log.debug(
-        "%s from %s: no saga waits on it yet",
-        message.TYPE,
-        message.source,
-        extra={"message_id": str(message.id)},
-    )
+def snapshot_id_of(name: str) -> uuid.UUID | None:
+    """The Nexus snapshot a region snapshot's name stands for (Nexus names them by the
+    snapshot's id); None for a name Nexus never gives."""
+    try:
+        return uuid.UUID(name)
+    except ValueError:
+        return None
+
+
+async def region_snapshot_changed(
+    session: AsyncSession, message: RegionSnapshotStateChanged, now: datetime
+) -> Woken | None:
+    """A region's snapshot taken or deleted: Nexus's ``region_snapshots`` row follows it
+    by generation, and the saga waiting for it (``nexus.waitkeys.snapshot_key``) wakes.
+    One Nexus has no row for is still filed, like a region event Nexus has no record of,
+    and ends among the unclaimed events if no saga claims it."""
+    snapshot = message.payload.snapshot
+    snapshot_id = snapshot_id_of(snapshot.name)
+    if snapshot_id is not None:
+        await session.execute(
+            _SNAPSHOT_UPDATE,
+            {
+                "b_region_id": snapshot.region_id,
+                "b_snapshot_id": snapshot_id,
+                "b_state": snapshot.state.value,
+                "b_generation": snapshot.generation,
+            },
+        )
+    if snapshot.state not in AWAITED_SNAPSHOT_STATES:
+        return None
+    key = snapshot_key(snapshot.region_id, snapshot.name, snapshot.state)
+    return await _file_for_saga(session, message, key, snapshot.generation, now)
+
+
+async def running_snapshot_changed(
+    session: AsyncSession, message: RunningSnapshotStateChanged, now: datetime
+) -> Woken | None:
+    """A running snapshot moved (requested, created, tombstoned, destroyed, failed): as
+    :func:`region_snapshot_changed`, keyed by ``nexus.waitkeys.running_snapshot_key``."""
+    running = message.payload.running_snapshot
+    snapshot_id = snapshot_id_of(running.name)
+    if snapshot_id is not None:
+        await session.execute(
+            _RUNNING_UPDATE,
+            {
+                "b_region_id": running.id,
+                "b_snapshot_id": snapshot_id,
+                "b_state": running.state.value,
+                "b_generation": running.generation,
+                "b_port": running.port_number,
+            },
+        )
+    if running.state not in AWAITED_RUNNING_SNAPSHOT_STATES:
+        return None
+    key = running_snapshot_key(running.id, running.name, running.state)
+    return await _file_for_saga(session, message, key, running.generation, now)
 
 
 async def sled_registered(session: AsyncSession, message: SledRegistered, now: datetime) -> None:
@@ -582,8 +658,8 @@ HANDLERS: dict[type[Envelope], Handler] = {
     RegionStateChanged: region_state_changed,
     VmmStateChanged: vmm_state_changed,
     CommandRejected: command_rejected,
-    RegionSnapshotStateChanged: snapshot_changed,
-    RunningSnapshotStateChanged: snapshot_changed,
+    RegionSnapshotStateChanged: region_snapshot_changed,
+    RunningSnapshotStateChanged: running_snapshot_changed,
     SledRegistered: sled_registered,
     SledHeartbeat: sled_heartbeat,
     AgentAnnounced: agent_announced,

@@ -40,6 +40,8 @@ from schemas.base import Envelope
 from schemas.common import CommandRejected
 from schemas.instance import (
     VmmCrash,
+    VmmDiskFlushed,
+    VmmDiskSnapshot,
     VmmEnsure,
     VmmGet,
     VmmInfo,
@@ -94,6 +96,8 @@ Message = Annotated[
     | VmmGet
     | VmmInfo
     | VmmStateChanged
+    | VmmDiskSnapshot
+    | VmmDiskFlushed
     | SledRegistered
     | SledHeartbeat
     | AgentAnnounced

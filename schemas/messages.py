@@ -33,6 +33,12 @@ from schemas.api import (
     SledExpungeReply,
     SledList,
     SledListReply,
+    SnapshotCreate,
+    SnapshotDelete,
+    SnapshotGet,
+    SnapshotList,
+    SnapshotListReply,
+    SnapshotReply,
     UnclaimedEventsList,
     UnclaimedEventsReply,
 )
@@ -109,6 +115,12 @@ Message = Annotated[
     | DiskGet
     | DiskDelete
     | DiskList
+    | SnapshotCreate
+    | SnapshotGet
+    | SnapshotDelete
+    | SnapshotList
+    | SnapshotReply
+    | SnapshotListReply
     | InstanceCreate
     | InstanceAct
     | InstanceList

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -61,7 +62,7 @@ from sqlalchemy import Table, bindparam, case, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from nexus.db.engine import upsert_insert
-from nexus.db.models import Dataset, OutboxMessage, Region, Sled, Vmm
+from nexus.db.models import Dataset, OutboxMessage, Region, RegionSnapshot, Sled, Vmm
 from nexus.db.states import SledState, VmmState
 from nexus.saga import rendezvous
 from nexus.saga.rendezvous import Woken
@@ -69,15 +70,20 @@ from nexus.settings import MAX_GENERATION_LEAD
 from nexus.vmms import record_vmm_state, vmm_is_recorded
 from nexus.waitkeys import (
     AWAITED_REGION_STATES,
+    AWAITED_RUNNING_SNAPSHOT_STATES,
+    AWAITED_SNAPSHOT_STATES,
     AWAITED_VMM_STATES,
+    disk_flush_key,
     region_key,
     rejection_key,
+    running_snapshot_key,
+    snapshot_key,
     vmm_key,
 )
 from schemas.base import Envelope
 from schemas.common import CommandRejected
 from schemas.identity import NOT_OWNER, crucible_source, queue_agent, sled_source
-from schemas.instance import VmmStateChanged
+from schemas.instance import VmmDiskFlushed, VmmStateChanged
 from schemas.messages import Message, MessageRejected
 from schemas.region import RegionStateChanged
 from schemas.sled import AgentAnnounced, SledHeartbeat, SledRegistered
@@ -98,6 +104,34 @@ _REGION_UPDATE = (
     )
 )
 
+
+_region_snapshots = cast(Table, RegionSnapshot.__table__)
+# A region's snapshot and its running snapshot, by generation (as a region's state).
+_SNAPSHOT_UPDATE = (
+    update(_region_snapshots)
+    .where(
+        _region_snapshots.c.region_id == bindparam("b_region_id"),
+        _region_snapshots.c.snapshot_id == bindparam("b_snapshot_id"),
+        _region_snapshots.c.snapshot_generation < bindparam("b_generation"),
+    )
+    .values(
+        snapshot_state=bindparam("b_state", type_=_region_snapshots.c.snapshot_state.type),
+        snapshot_generation=bindparam("b_generation"),
+    )
+)
+_RUNNING_UPDATE = (
+    update(_region_snapshots)
+    .where(
+        _region_snapshots.c.region_id == bindparam("b_region_id"),
+        _region_snapshots.c.snapshot_id == bindparam("b_snapshot_id"),
+        _region_snapshots.c.running_generation < bindparam("b_generation"),
+    )
+    .values(
+        running_state=bindparam("b_state", type_=_region_snapshots.c.running_state.type),
+        running_generation=bindparam("b_generation"),
+        port_number=bindparam("b_port"),
+    )
+)
 
 _vmms = cast(Table, Vmm.__table__)
 _sleds = cast(Table, Sled.__table__)
@@ -330,6 +364,11 @@ async def authorize(session: AsyncSession, message: Message) -> tuple[Owner, int
                 owner, recorded = sled_source(row.sled_id), row.generation
             about = f"VMM {change.vmm.id}"
             check_speaker(message, owner, about, sled_source(change.vmm.sled_id))
+        case VmmDiskFlushed(payload=flushed):
+            row = (await session.execute(_VMM_SLED, {"b_id": flushed.vmm_id})).first()
+            vmm_owner: Owner = Nobody.UNRECORDED if row is None else sled_source(row.sled_id)
+            about = f"VMM {flushed.vmm_id}"
+            check_speaker(message, vmm_owner, about, sled_source(flushed.sled_id))
         case CommandRejected(payload=rejection):
             # The command's addressee, from the outbox row it was sent from (Nexus keeps
             # sent rows); a command Nexus did not send through it (a query) has none.
@@ -456,7 +495,10 @@ async def vmm_state_changed(
 
 async def _file_for_saga(
     session: AsyncSession,
-    message: RegionStateChanged | VmmStateChanged,
+    message: RegionStateChanged
+    | VmmStateChanged
+    | RegionSnapshotStateChanged
+    | RunningSnapshotStateChanged,
     key: str,
     generation: int,
     now: datetime,
@@ -468,6 +510,23 @@ async def _file_for_saga(
         message_id=message.id,
         payload=message.payload.model_dump(mode="json"),
         generation=generation,
+        now=now,
+        occurred_at=message.occurred_at,
+    )
+
+
+async def disk_flushed(
+    session: AsyncSession, message: VmmDiskFlushed, now: datetime
+) -> Woken | None:
+    """A VMM flushed a disk for a snapshot: wakes the snapshot_create saga parked on it.
+    Nothing of Nexus's records changes (a flush changes no state)."""
+    flushed = message.payload
+    return await rendezvous.record_event(
+        session,
+        key=disk_flush_key(flushed.vmm_id, flushed.snapshot_id),
+        message_id=message.id,
+        payload=flushed.model_dump(mode="json"),
+        generation=1,
         now=now,
         occurred_at=message.occurred_at,
     )
@@ -487,22 +546,62 @@ async def command_rejected(
     )
 
 
-async def snapshot_changed(
-    session: AsyncSession,
-    message: RegionSnapshotStateChanged | RunningSnapshotStateChanged,
-    now: datetime,
-) -> None:
-    """Taken, after :func:`authorize` let it through, and nothing more: Nexus keeps no
-    record of the agents' snapshots yet, and no saga waits on them. The snapshot sagas of
-    issue #15 give these events their wait keys; until then they are acked, never
-    dead-lettered (a consumer that refused them would fill the dead-letter queue with
-    every agent's honest reports)."""
-    log.debug(
-        "%s from %s: no saga waits on it yet",
-        message.TYPE,
-        message.source,
-        extra={"message_id": str(message.id)},
-    )
+def snapshot_id_of(name: str) -> uuid.UUID | None:
+    """The Nexus snapshot a region snapshot's name stands for (Nexus names them by the
+    snapshot's id); None for a name Nexus never gives."""
+    try:
+        return uuid.UUID(name)
+    except ValueError:
+        return None
+
+
+async def region_snapshot_changed(
+    session: AsyncSession, message: RegionSnapshotStateChanged, now: datetime
+) -> Woken | None:
+    """A region's snapshot taken or deleted: Nexus's ``region_snapshots`` row follows it
+    by generation, and the saga waiting for it (``nexus.waitkeys.snapshot_key``) wakes.
+    One Nexus has no row for is still filed, like a region event Nexus has no record of,
+    and ends among the unclaimed events if no saga claims it."""
+    snapshot = message.payload.snapshot
+    snapshot_id = snapshot_id_of(snapshot.name)
+    if snapshot_id is not None:
+        await session.execute(
+            _SNAPSHOT_UPDATE,
+            {
+                "b_region_id": snapshot.region_id,
+                "b_snapshot_id": snapshot_id,
+                "b_state": snapshot.state.value,
+                "b_generation": snapshot.generation,
+            },
+        )
+    if snapshot.state not in AWAITED_SNAPSHOT_STATES:
+        return None
+    key = snapshot_key(snapshot.region_id, snapshot.name, snapshot.state)
+    return await _file_for_saga(session, message, key, snapshot.generation, now)
+
+
+async def running_snapshot_changed(
+    session: AsyncSession, message: RunningSnapshotStateChanged, now: datetime
+) -> Woken | None:
+    """A running snapshot moved (requested, created, tombstoned, destroyed, failed): as
+    :func:`region_snapshot_changed`, keyed by ``nexus.waitkeys.running_snapshot_key``."""
+    running = message.payload.running_snapshot
+    snapshot_id = snapshot_id_of(running.name)
+    if snapshot_id is not None:
+        await session.execute(
+            _RUNNING_UPDATE,
+            {
+                "b_region_id": running.id,
+                "b_snapshot_id": snapshot_id,
+                "b_state": running.state.value,
+                "b_generation": running.generation,
+                "b_port": running.port_number,
+            },
+        )
+    if running.state not in AWAITED_RUNNING_SNAPSHOT_STATES:
+        return None
+    key = running_snapshot_key(running.id, running.name, running.state)
+    return await _file_for_saga(session, message, key, running.generation, now)
 
 
 async def sled_registered(session: AsyncSession, message: SledRegistered, now: datetime) -> None:
@@ -582,8 +681,9 @@ HANDLERS: dict[type[Envelope], Handler] = {
     RegionStateChanged: region_state_changed,
     VmmStateChanged: vmm_state_changed,
     CommandRejected: command_rejected,
-    RegionSnapshotStateChanged: snapshot_changed,
-    RunningSnapshotStateChanged: snapshot_changed,
+    VmmDiskFlushed: disk_flushed,
+    RegionSnapshotStateChanged: region_snapshot_changed,
+    RunningSnapshotStateChanged: running_snapshot_changed,
     SledRegistered: sled_registered,
     SledHeartbeat: sled_heartbeat,
     AgentAnnounced: agent_announced,

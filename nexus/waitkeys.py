@@ -19,6 +19,7 @@ from typing import Final
 
 from schemas.instance import VmmState
 from schemas.region import RegionState
+from schemas.snapshot import SnapshotState
 
 _REJECTED = "command:"
 
@@ -29,6 +30,15 @@ AWAITED_REGION_STATES: Final = frozenset(
 # A start and a reboot wait for their VMM running, a stop for it destroyed, and each of
 # them for it failed.
 AWAITED_VMM_STATES: Final = frozenset({VmmState.RUNNING, VmmState.DESTROYED, VmmState.FAILED})
+
+# snapshot_create waits for a region's snapshot created, snapshot_delete (and its unwind)
+# for it destroyed.
+AWAITED_SNAPSHOT_STATES: Final = frozenset({SnapshotState.CREATED, SnapshotState.DESTROYED})
+# snapshot_create waits for a running snapshot created (or failed), the deletes for it
+# destroyed (or failed: a stop refused or a downstairs that failed to start).
+AWAITED_RUNNING_SNAPSHOT_STATES: Final = frozenset(
+    {RegionState.CREATED, RegionState.DESTROYED, RegionState.FAILED}
+)
 
 
 def region_key(region_id: uuid.UUID, state: RegionState) -> str:
@@ -42,6 +52,21 @@ def region_of(key: str) -> uuid.UUID:
 
 def vmm_key(vmm_id: uuid.UUID, state: VmmState) -> str:
     return f"vmm:{vmm_id}:{state.value}"
+
+
+def snapshot_key(region_id: uuid.UUID, name: str, state: SnapshotState) -> str:
+    """A region's snapshot named ``name`` (Nexus names them by the snapshot's id)."""
+    return f"region_snapshot:{region_id}:{name}:{state.value}"
+
+
+def running_snapshot_key(region_id: uuid.UUID, name: str, state: RegionState) -> str:
+    """The running snapshot (read-only downstairs) of a region's snapshot ``name``."""
+    return f"running_snapshot:{region_id}:{name}:{state.value}"
+
+
+def disk_flush_key(vmm_id: uuid.UUID, snapshot_id: uuid.UUID) -> str:
+    """A VMM's flush of a disk for the snapshot ``snapshot_id`` (snapshot_create)."""
+    return f"vmm_flush:{vmm_id}:{snapshot_id}:flushed"
 
 
 def rejection_key(command_id: uuid.UUID) -> str:

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Dialect,
     Enum,
@@ -31,6 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from nexus.db.states import (
+    AgentSnapshotState,
     DatasetState,
     DiskState,
     InstanceState,
@@ -38,6 +40,7 @@ from nexus.db.states import (
     SagaLogEvent,
     SagaState,
     SledState,
+    SnapshotState,
     VmmState,
     WaitState,
 )
@@ -193,6 +196,88 @@ class Region(Base):
     generation: Mapped[int] = mapped_column(BigInteger, default=1)
     # Known once the agent reports the region created.
     port_number: Mapped[int | None] = mapped_column(Integer)
+
+
+class Snapshot(Base):
+    """A disk's snapshot (Omicron's ``snapshot``): one snapshot of each of the disk's
+    regions, each served by a running snapshot (``region_snapshots``).
+
+    Omicron keeps a volume for it (``volume_id``, ``destination_volume_id``); here the
+    volume is the region geometry a clone needs (``extent_size``, ``extent_count``) and
+    the ``region_snapshots`` addresses.
+    """
+
+    __tablename__ = "snapshots"
+    __table_args__ = (
+        # Names are unique among a project's live snapshots, as disks' are.
+        Index(
+            "uq_snapshots_project_name_live",
+            "project",
+            "name",
+            unique=True,
+            sqlite_where=text(f"state != '{SnapshotState.DESTROYED.value}'"),
+            postgresql_where=text(f"state != '{SnapshotState.DESTROYED.value}'"),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    project: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    disk_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("disks.id"), index=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    block_size: Mapped[int] = mapped_column(Integer)
+    # The disk's regions' geometry, which a disk made from the snapshot copies.
+    extent_size: Mapped[int] = mapped_column(BigInteger)
+    extent_count: Mapped[int] = mapped_column(Integer)
+    state: Mapped[SnapshotState] = mapped_column(
+        _state_column_type(SnapshotState, "snapshot_state")
+    )
+    fault_reason: Mapped[str | None] = mapped_column(String(FAULT_REASON_LENGTH))
+    # The saga now working on it (create, delete), if any.
+    saga_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("sagas.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class RegionSnapshot(Base):
+    """One region's part of a snapshot, as Omicron's ``region_snapshot``
+    (``nexus/db-model/src/region_snapshot.rs``): the region's snapshot on its dataset and
+    the running snapshot (a read-only downstairs) serving it at ``snapshot_addr``.
+
+    Beyond Omicron's columns, Nexus's record of what the agent last said of each, by
+    generation, as for regions: the agent's snapshot (``snapshot_state``) and its
+    running snapshot (``running_state``, ``port_number``). The agent names the snapshot
+    ``str(snapshot_id)``. The row is written before the agent is asked, so every event
+    about it finds it, and an unwound saga's cleanup knows what to ask for.
+    """
+
+    __tablename__ = "region_snapshots"
+    __table_args__ = (
+        Index("ix_region_snapshots_region_id_snapshot_id", "region_id", "snapshot_id", unique=True),
+    )
+
+    dataset_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("datasets.id"), primary_key=True)
+    # No foreign key, as in Omicron: a region replaced later keeps its snapshots' rows.
+    region_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    snapshot_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("snapshots.id"), primary_key=True, index=True
+    )
+    # ``host:port`` of the running snapshot, once it runs.
+    snapshot_addr: Mapped[str | None] = mapped_column(String(255))
+    # How many volumes (disks made from the snapshot) read from it.
+    volume_references: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Its snapshot's delete has begun.
+    deleting: Mapped[bool] = mapped_column(Boolean, default=False)
+    snapshot_state: Mapped[AgentSnapshotState | None] = mapped_column(
+        _state_column_type(AgentSnapshotState, "agent_snapshot_state")
+    )
+    snapshot_generation: Mapped[int] = mapped_column(BigInteger, default=0)
+    running_state: Mapped[RegionState | None] = mapped_column(
+        _state_column_type(RegionState, "running_snapshot_state")
+    )
+    running_generation: Mapped[int] = mapped_column(BigInteger, default=0)
+    port_number: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Instance(Base):

@@ -43,6 +43,26 @@ class RegionState(StrEnum):
     FAILED = "failed"
 
 
+class SnapshotState(StrEnum):
+    """A disk's snapshot, as Omicron's ``SnapshotState`` (``nexus/db-model/src/snapshot.rs``)
+    plus ``deleting``: Omicron marks a snapshot ``destroyed`` as its delete saga starts;
+    here it is ``deleting`` while the saga works and ``destroyed`` once every agent has
+    confirmed (a delete that cannot finish leaves it ``faulted``)."""
+
+    CREATING = "creating"
+    READY = "ready"
+    FAULTED = "faulted"
+    DELETING = "deleting"
+    DESTROYED = "destroyed"
+
+
+class AgentSnapshotState(StrEnum):
+    """What a crucible agent last said of one region's snapshot (``schemas.snapshot``)."""
+
+    CREATED = "created"
+    DESTROYED = "destroyed"
+
+
 class InstanceState(StrEnum):
     """What people see of an instance: while it has an active VMM, that VMM's state;
     otherwise ``stopped`` or ``failed`` (Omicron's ``no_vmm`` and ``failed``,

@@ -714,7 +714,7 @@ def snapshot_of(region_id: uuid.UUID) -> Snapshot:
 
 async def region_snapshot_event(stack: Stack) -> None:
     """Another agent reports, in its own name, a snapshot of a region placed on the first
-    agent; the owner's own report is taken (and, as no saga waits on it yet, only that)."""
+    agent; the owner's own report is taken (filed for a saga, which none waits on here)."""
     disk = await stack.disk_in_flight()
     await stack.finish_disk(disk)
     owner, forger, _ = stack.crucibles

@@ -43,6 +43,7 @@ from nexus.db.states import (
     ReplacementState,
     SagaState,
 )
+from nexus.replacement_ids import request_id_for, saga_id_for
 from nexus.saga import rendezvous
 from nexus.saga.executor import SagaExecutor
 from nexus.saga.position import SagaRow
@@ -58,21 +59,11 @@ log = logging.getLogger(__name__)
 
 # The ids of the events Nexus files for the regions of a lost dataset, one per region.
 LOST_REGION_NAMESPACE = uuid.UUID("9c3c1b0e-2f57-4a0e-8d43-6a1d2e7c5b19")
-# The ids of requests and of their sagas, derived so that filing again finds the same.
-REQUEST_NAMESPACE = uuid.UUID("3f1d7c2a-8b6e-4e21-9a0f-5d4c3b2a1908")
 LOST_REASON = "its dataset was expunged"
 RETRY_FIRST = timedelta(seconds=5)
 RETRY_MOST = timedelta(minutes=1)
 READY_DISK = (DiskState.DETACHED, DiskState.ATTACHED)
 CLAIMABLE_SAGA = (SagaState.RUNNING, SagaState.WAITING, SagaState.UNWINDING)
-
-
-def request_id_for(region_id: uuid.UUID) -> uuid.UUID:
-    return uuid.uuid5(REQUEST_NAMESPACE, f"region:{region_id}")
-
-
-def saga_id_for(request_id: uuid.UUID, attempt: int) -> uuid.UUID:
-    return uuid.uuid5(REQUEST_NAMESPACE, f"{request_id}:attempt:{attempt}")
 
 
 def retry_delay(attempts: int) -> timedelta:

@@ -23,7 +23,7 @@ from nexus.cli.options import (
     WaitTimeoutOption,
 )
 from nexus.cli.progress import ProgressLine, ProgressWatch, Target
-from nexus.replacements import saga_id_for
+from nexus.replacement_ids import saga_id_for
 from schemas import api
 
 app = typer.Typer(

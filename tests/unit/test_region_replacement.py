@@ -20,7 +20,8 @@ from nexus.db.states import (
 )
 from nexus.doctor import DiskRecord, Records, RegionRecord, region_findings
 from nexus.liveness import expunge_sled
-from nexus.replacements import Replacements, in_flight_for, retry_delay, saga_id_for
+from nexus.replacement_ids import saga_id_for
+from nexus.replacements import Replacements, in_flight_for, retry_delay
 from nexus.sagas import disk_create, region_replacement
 from tests import saga_triad
 from tests.saga_scenarios import (

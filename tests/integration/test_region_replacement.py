@@ -113,7 +113,7 @@ async def rack(vhost_url: str, fresh_postgres_url: str, tmp_path: Path) -> Async
     async with Transport(vhost_url, name="test-observer") as transport:
         await transport.declare_topology()
         queue = f"test.repairs.{uuid.uuid4()}"
-        await transport.declare_queue(queue, [(EVENTS_EXCHANGE, "instance.repair_*")])
+        await transport.declare_queue(queue, [(EVENTS_EXCHANGE, "instance.*")])
         await transport.consume(queue, repairs.on)
         try:
             yield Rack(

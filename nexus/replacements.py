@@ -5,6 +5,9 @@ When a sled is expunged (``nexusctl sled expunge``, or silent past
 the transaction that expunges it, :meth:`Replacements.lose` decides, for every region
 on those datasets that is not destroyed, by its disk's state:
 
+- the new region of a replacement in flight, not yet created: ``failed`` is filed for
+  its wait, and that replacement unwinds and is tried again elsewhere (once created, it
+  is a region of its disk like the others);
 - a ready disk (``detached``, ``attached``): a replacement request (one per region,
   Omicron's ``region_replacement`` row) and its ``region_replacement`` saga, created in
   the same transaction; the caller runs the sagas once it commits. A replica that dies
@@ -117,8 +120,23 @@ class Replacements:
                 .order_by(Region.id)
             )
         ).all()
+        replacing = set(
+            (
+                await session.execute(
+                    select(RegionReplacement.new_region_id).where(
+                        RegionReplacement.new_region_id.in_([r.id for r, _ in rows]),
+                        RegionReplacement.state.in_(IN_FLIGHT_REPLACEMENT_STATES),
+                    )
+                )
+            ).scalars()
+        )
         for region, disk_state in rows:
-            if disk_state in READY_DISK and region.state != RegionState.TOMBSTONED:
+            if region.id in replacing and region.state == RegionState.REQUESTED:
+                # The new region of a replacement in flight, lost before it was created:
+                # that saga's wait ends (failed) and it unwinds; its retry places anew.
+                woke = await _file(session, region, WireRegionState.FAILED, now)
+                lost.woken += [woke] if woke is not None else []
+            elif disk_state in READY_DISK and region.state != RegionState.TOMBSTONED:
                 started = await self._request(session, region, now)
                 if started is not None:
                     lost.requested += 1

@@ -366,7 +366,8 @@ async def region_alloc_undo(ctx: Ctx[Params]) -> None:
 
 async def region_cleanup_undo(ctx: Ctx[Params]) -> Wait | None:
     """Delete the new region at its agent, whether or not its ensure finished, and wait
-    until the agent confirms it destroyed (Omicron's ``srrs_new_region_ensure_undo``)."""
+    until the agent confirms it destroyed (Omicron's ``srrs_new_region_ensure_undo``); a
+    region whose dataset was expunged meanwhile is gone, and no agent is asked."""
     new_id = ctx.output("claim", Claimed).new_region_id
     row = (
         await ctx.session.execute(
@@ -375,9 +376,17 @@ async def region_cleanup_undo(ctx: Ctx[Params]) -> Wait | None:
     ).first()
     if row is None or row.state == RegionState.DESTROYED:
         return None
+    allocated = ctx.output("region_alloc", Allocated)
+    dataset = await ctx.session.get(Dataset, allocated.dataset_id)
+    if dataset is not None and dataset.state == DatasetState.EXPUNGED:
+        # Its dataset was lost meanwhile: the region is gone with it, no agent to ask.
+        await ctx.session.execute(
+            update(Region).where(Region.id == new_id).values(state=RegionState.DESTROYED)
+        )
+        return None
     if ctx.resends:
         region_deletion.check_resend(ctx, new_id, "sent again by reconcile")
-    queue = ctx.output("region_alloc", Allocated).queue
+    queue = allocated.queue
     command_id = await region_deletion.send_delete(ctx, new_id, queue)
     return region_deletion.destroyed_wait(new_id, command_id, _delete_deadline(ctx), row.generation)
 

@@ -11,15 +11,17 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from nexus.db.models import Dataset, Disk, Region, RegionReplacement, Saga
+from nexus.db.models import Dataset, Disk, Region, RegionReplacement, Saga, Sled
 from nexus.db.states import (
+    DatasetState,
     DiskState,
     RegionState,
     ReplacementState,
     SagaState,
+    SledState,
 )
 from nexus.doctor import DiskRecord, Records, RegionRecord, region_findings
-from nexus.liveness import expunge_sled
+from nexus.liveness import expunge_lost_sleds, expunge_sled
 from nexus.replacement_ids import saga_id_for
 from nexus.replacements import Replacements, in_flight_for, retry_delay
 from nexus.sagas import disk_create, region_replacement
@@ -30,7 +32,7 @@ from tests.saga_scenarios import (
     new_disk,
     running_instance,
 )
-from tests.saga_support import Database
+from tests.saga_support import Database, add_sleds
 from tests.saga_triad import World
 
 NODES = region_replacement.DEFINITION.node_names
@@ -259,3 +261,81 @@ async def test_a_disk_with_a_replacement_in_flight_cannot_be_deleted_until_it_co
     await world.agents.answer(replica)
     async with database.sessions() as session:
         assert await in_flight_for(session, disk_id) is None
+
+
+async def test_a_sled_lost_by_silence_has_its_regions_replaced_too(database: Database) -> None:
+    """The sweeper's threshold (``expunge_lost_sleds``) files the requests and runs their
+    sagas as an operator's expunge does."""
+    world = World.for_saga(database, region_replacement.DEFINITION)
+    await database.add_datasets(4)
+    disk_id = await new_disk(world)
+    lost = await _lost_sled(world, disk_id)
+    (heard,) = await add_sleds(database, 1)
+    async with database.sessions.begin() as session:
+        session.add(
+            Sled(
+                id=lost,
+                hostname="lost",
+                queue_name=f"sled.{lost}",
+                cpus=1,
+                memory_bytes=1 << 30,
+                state=SledState.ACTIVE,
+                last_heartbeat_at=world.clock.now() - timedelta(minutes=5),
+                generation=1,
+            )
+        )
+    replica = world.replica()
+    await expunge_lost_sleds(
+        database.sessions,
+        now=world.clock.now(),
+        after=timedelta(seconds=60),
+        hearing=timedelta(seconds=10),
+        replacements=Replacements(replica.executor),
+    )
+    await replica.executor.drain()
+    await world.agents.answer(replica)
+    async with database.sessions() as session:
+        (request,) = (await session.execute(select(RegionReplacement))).scalars().all()
+    assert request.state == ReplacementState.COMPLETE
+    assert heard.id != lost
+
+
+async def test_a_new_region_lost_before_it_is_created_sends_its_replacement_elsewhere(
+    database: Database,
+) -> None:
+    """A second sled is lost while the first replacement waits for its new region there:
+    that wait ends at once (failed), the saga unwinds, and its retry places on a live sled."""
+    world = World.for_saga(database, region_replacement.DEFINITION)
+    await database.add_datasets(5)
+    disk_id = await new_disk(world)
+    replica = world.replica()
+    replacements = Replacements(replica.executor)
+    async with database.sessions.begin() as session:
+        first = await expunge_sled(
+            session, await _lost_sled(world, disk_id), world.clock.now(), replacements
+        )
+    (row,) = first.lost.sagas
+    await replica.executor.run(row.id, row)  # parks on the new region's ensure, unanswered
+    async with database.sessions() as session:
+        (request,) = (await session.execute(select(RegionReplacement))).scalars().all()
+        assert request.new_dataset_id is not None
+        new_sled = (await session.get(Dataset, request.new_dataset_id)).sled_id  # type: ignore[union-attr]
+    async with database.sessions.begin() as session:
+        second = await expunge_sled(session, new_sled, world.clock.now(), replacements)
+    assert (second.lost.requested, len(second.lost.woken)) == (0, 1)
+    sent_before = len(await database.sent())
+    await replica.executor.run(second.lost.woken[0].saga_id)
+    # The unwind asks the lost agent nothing: its region is gone with its dataset.
+    assert len(await database.sent()) == sent_before
+    async with database.sessions() as session:
+        (request,) = (await session.execute(select(RegionReplacement))).scalars().all()
+    assert request.state == ReplacementState.REQUESTED and request.last_failure
+    world.clock.advance(retry_delay(1) + timedelta(seconds=1))
+    assert await replacements.retry(database.sessions, world.clock.now()) == 1
+    await replica.executor.drain()
+    await world.agents.answer(replica)
+    async with database.sessions() as session:
+        (request,) = (await session.execute(select(RegionReplacement))).scalars().all()
+        dataset = await session.get(Dataset, request.new_dataset_id)
+    assert request.state == ReplacementState.COMPLETE and request.attempts == 2
+    assert dataset is not None and dataset.state == DatasetState.ACTIVE

@@ -219,6 +219,34 @@ class Stack:
     instance_ready_at: dict[uuid.UUID, datetime] = field(default_factory=dict)
     finished: dict[uuid.UUID, str] = field(default_factory=dict)
     finished_event: asyncio.Event = field(default_factory=asyncio.Event)
+    # Crucible agents planned but not started with the stack (see ``stack``).
+    held_back: list[ChildSpec] = field(default_factory=list)
+
+    async def start_held_back(self, timeout: float = 60) -> list[uuid.UUID]:
+        """Start the held-back crucible agents; return their ids once Nexus has
+        recorded each one's dataset (what placement reads), as the stack's readiness
+        does for the others: while starting, and only then, the database is looked at
+        every 100 ms."""
+        ids = [uuid.UUID(spec.env["CRUCIBLE_AGENT_ID"]) for spec in self.held_back]
+        for spec in self.held_back:
+            await self.supervisor.start(spec)
+        engine = create_engine(self.database_url)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    async with engine.connect() as connection:
+                        known = set(
+                            (
+                                await connection.execute(
+                                    text("SELECT id FROM datasets WHERE state = 'active'")
+                                )
+                            ).scalars()
+                        )
+                    if {str(i) for i in ids} <= {str(k) for k in known}:
+                        return ids
+                    await asyncio.sleep(0.1)
+        finally:
+            await engine.dispose()
 
     def pids(self) -> dict[str, int]:
         return {
@@ -328,7 +356,14 @@ async def stack(
     nexus_env: dict[str, str] | None = None,
     agent_env: dict[str, str] | None = None,
     agent_argv: tuple[str, ...] | None = None,
+    crucible_agents: int = 3,
+    held_back: int = 0,
+    held_back_env: dict[str, str] | None = None,
 ) -> AsyncIterator[Stack]:
+    """A stack of ``replicas`` Nexus replicas, ``crucible_agents`` crucible agents and 2
+    sled agents. The last ``held_back`` crucible agents are not started with it (their
+    settings overridden by ``held_back_env``): :meth:`Stack.start_held_back` starts them,
+    e.g. a spare sled that takes no region until the ones placed before it are lost."""
     amqp_url = servers.vhost()
     database_url = await servers.database(database)
     state_dir = servers.workdir / f"stack-{uuid.uuid4().hex[:6]}"
@@ -338,6 +373,7 @@ async def stack(
         database_url=database_url,
         nexus_replicas=replicas,
         create_delay=create_delay,
+        crucible_agents=crucible_agents,
     )
     layout = plan(config)
     extra_nexus = {
@@ -370,11 +406,21 @@ async def stack(
         )
         for n, s in enumerate(layout.agents)
     ]
+    later_ids = layout.crucible_ids[len(layout.crucible_ids) - held_back :] if held_back else []
+    later = [a for a in agents if a.env.get("CRUCIBLE_AGENT_ID") in {str(i) for i in later_ids}]
+    later = [replace(a, env={**a.env, **(held_back_env or {})}) for a in later]
+    agents = [a for a in agents if a.name not in {b.name for b in later}]
+    layout = replace(
+        layout,
+        agents=agents,
+        crucible_ids=[i for i in layout.crucible_ids if i not in later_ids],
+        metrics_files=[p for p in layout.metrics_files if p.stem not in {b.name for b in later}],
+    )
     supervisor = Supervisor(lambda spec, code: print(f"  ! {spec.name} exited {code}"))
     transport = Transport(amqp_url, name="bench")
     await transport.connect()
     await transport.declare_topology()
-    running = Stack(supervisor, transport, amqp_url, database_url, nexus + agents)
+    running = Stack(supervisor, transport, amqp_url, database_url, nexus + agents, held_back=later)
     # Only the ends of sagas: every other progress notice would load the broker and
     # this process for nothing (unrouted notices are dropped by the exchange).
     await transport.subscribe(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import uuid
 from typing import Final
 
-from schemas.instance import VmmState
+from schemas.instance import RepairState, VmmState
 from schemas.region import RegionState
 
 _REJECTED = "command:"
@@ -29,6 +29,9 @@ AWAITED_REGION_STATES: Final = frozenset(
 # A start and a reboot wait for their VMM running, a stop for it destroyed, and each of
 # them for it failed.
 AWAITED_VMM_STATES: Final = frozenset({VmmState.RUNNING, VmmState.DESTROYED, VmmState.FAILED})
+
+# A region replacement waits for its live repair finished, or failed.
+AWAITED_REPAIR_STATES: Final = frozenset({RepairState.FINISHED, RepairState.FAILED})
 
 
 def region_key(region_id: uuid.UUID, state: RegionState) -> str:
@@ -42,6 +45,10 @@ def region_of(key: str) -> uuid.UUID:
 
 def vmm_key(vmm_id: uuid.UUID, state: VmmState) -> str:
     return f"vmm:{vmm_id}:{state.value}"
+
+
+def repair_key(repair_id: uuid.UUID, state: RepairState) -> str:
+    return f"repair:{repair_id}:{state.value}"
 
 
 def rejection_key(command_id: uuid.UUID) -> str:

@@ -25,6 +25,10 @@ from schemas.api import (
     InstanceList,
     InstanceListReply,
     InstanceReply,
+    RegionReplacementGet,
+    RegionReplacementList,
+    RegionReplacementListReply,
+    RegionReplacementReply,
     SagaGet,
     SagaList,
     SagaListReply,
@@ -39,6 +43,8 @@ from schemas.api import (
 from schemas.base import Envelope
 from schemas.common import CommandRejected
 from schemas.instance import (
+    RepairChanged,
+    RepairInfo,
     VmmCrash,
     VmmEnsure,
     VmmGet,
@@ -46,6 +52,8 @@ from schemas.instance import (
     VmmReboot,
     VmmStateChanged,
     VmmStop,
+    VolumeRepair,
+    VolumeRepairGet,
 )
 from schemas.progress import DiskUpdated, InstanceUpdated, SagaProgressed
 from schemas.region import (
@@ -94,6 +102,10 @@ Message = Annotated[
     | VmmGet
     | VmmInfo
     | VmmStateChanged
+    | VolumeRepair
+    | VolumeRepairGet
+    | RepairInfo
+    | RepairChanged
     | SledRegistered
     | SledHeartbeat
     | AgentAnnounced
@@ -114,6 +126,8 @@ Message = Annotated[
     | UnclaimedEventsList
     | SledList
     | SledExpunge
+    | RegionReplacementList
+    | RegionReplacementGet
     | DiskReply
     | DiskListReply
     | InstanceReply
@@ -125,6 +139,8 @@ Message = Annotated[
     | UnclaimedEventsReply
     | SledListReply
     | SledExpungeReply
+    | RegionReplacementReply
+    | RegionReplacementListReply
     | ApiError,
     Field(discriminator="type"),
 ]

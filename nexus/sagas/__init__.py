@@ -12,6 +12,7 @@ from nexus.sagas import (
     instance_delete,
     instance_power,
     instance_start,
+    region_replacement,
 )
 
 ALL_SAGAS: tuple[SagaDefinition[Any], ...] = (
@@ -22,4 +23,5 @@ ALL_SAGAS: tuple[SagaDefinition[Any], ...] = (
     instance_power.STOP,
     instance_power.REBOOT,
     instance_delete.DEFINITION,
+    region_replacement.DEFINITION,
 )

@@ -16,9 +16,11 @@ from nexus.sagas import ALL_SAGAS, disk_create, disk_delete
 from nexus.unclaimed import summarise
 from nexus.waitkeys import (
     AWAITED_REGION_STATES,
+    AWAITED_REPAIR_STATES,
     AWAITED_VMM_STATES,
     is_rejection,
     region_key,
+    repair_key,
     vmm_key,
 )
 from schemas.common import CommandRejected, Rejection
@@ -107,9 +109,11 @@ def kept_by_the_intake(key: str) -> bool:
     if is_rejection(key):
         return True
     object_id = uuid.UUID(key.split(":")[1])
-    return key in {region_key(object_id, state) for state in AWAITED_REGION_STATES} | {
-        vmm_key(object_id, state) for state in AWAITED_VMM_STATES
-    }
+    return key in (
+        {region_key(object_id, state) for state in AWAITED_REGION_STATES}
+        | {vmm_key(object_id, state) for state in AWAITED_VMM_STATES}
+        | {repair_key(object_id, state) for state in AWAITED_REPAIR_STATES}
+    )
 
 
 async def test_unclaimed_events_are_grouped_by_type_and_source_newest_first(

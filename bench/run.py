@@ -94,6 +94,15 @@ class Scale:
     peers_levels: tuple[tuple[int, int], ...] = ((1, 100), (8, 300), (32, 500))
     # The strategies phase's sagas (labels of STRATEGIES).
     strategies: tuple[str, ...] = tuple(STRATEGIES)
+    # The replacement phase (bench/replacement_phase.py): regions on the lost sled (one
+    # per disk), how many of their disks are attached to running instances, how long a
+    # live repair takes, the Omicron model's task periods (start, driver) and how long
+    # either strategy may take in all.
+    replacement_disks: int = 24
+    replacement_attached: int = 8
+    replacement_repair_seconds: float = 5.0
+    replacement_periods: tuple[float, float] = (30.0, 10.0)
+    replacement_timeout_seconds: float = 900.0
 
 
 QUICK = Scale(
@@ -112,6 +121,12 @@ QUICK = Scale(
     peers_levels=((1, 5), (8, 16), (32, 32)),
     # The long poll's stack would cost the quick run ~25 s: the full run has it.
     strategies=("event-driven", "backoff (Omicron)", "fixed 3 s (Nova)"),
+    replacement_disks=6,
+    replacement_attached=2,
+    replacement_repair_seconds=1.0,
+    # Omicron's 30 s / 10 s scaled down tenfold (the phase says so in its output).
+    replacement_periods=(3.0, 1.0),
+    replacement_timeout_seconds=300.0,
 )
 FULL = Scale(
     strategy_disks=20,
@@ -1309,9 +1324,12 @@ PHASES = (
     "load",
     "peers",
     "longpoll",
+    "replacement",
 )
-# The quick run stays under 3 minutes: the load phase runs when asked for (--only load).
-QUICK_PHASES = tuple(phase for phase in PHASES if phase != "load")
+# The quick run stays under 3 minutes: the load and replacement phases run when asked
+# for (--only load, --only replacement). With the replacement phase (~40 s, two stacks)
+# --quick took 242 s here.
+QUICK_PHASES = tuple(phase for phase in PHASES if phase not in ("load", "replacement"))
 
 
 async def main(
@@ -1374,6 +1392,10 @@ async def main(
             from bench.longpoll_phase import longpoll_phase
 
             results["longpoll"] = await longpoll_phase(servers, scale, seed)
+        if "replacement" in only:
+            from bench.replacement_phase import replacement_phase
+
+            results["replacement"] = await replacement_phase(servers, scale, seed)
     finally:
         rabbitmq.close()
         postgres.close()
@@ -1423,6 +1445,14 @@ def cli(argv: list[str] | None = None) -> int:
         help="peers phase: IN_FLIGHT:DISKS,... (default 1:100,8:300,32:500; quick 1:5,8:16,32:32)",
     )
     parser.add_argument("--throughput-disks", type=int, help="disks per throughput configuration")
+    parser.add_argument(
+        "--replacement-periods",
+        help="replacement phase: the Omicron model's task periods START,DRIVER in seconds "
+        "(default Omicron's 30,10; --quick 3,1)",
+    )
+    parser.add_argument(
+        "--replacement-disks", type=int, help="replacement phase: regions on the lost sled"
+    )
     parser.add_argument("--parked", type=int, help="sagas parked at once in the scale phase")
     parser.add_argument("--parked-delay", type=float, help="region delay (s) of the big scale run")
     args = parser.parse_args(argv)
@@ -1437,6 +1467,15 @@ def cli(argv: list[str] | None = None) -> int:
             throughput_disks=args.throughput_disks or scale.throughput_disks,
             parked=args.parked or scale.parked,
             parked_delay_seconds=args.parked_delay or scale.parked_delay_seconds,
+        )
+    if args.replacement_periods:
+        start, driver = (float(part) for part in args.replacement_periods.split(","))
+        scale = replace(scale, replacement_periods=(start, driver))
+    if args.replacement_disks:
+        scale = replace(
+            scale,
+            replacement_disks=args.replacement_disks,
+            replacement_attached=min(scale.replacement_attached, args.replacement_disks),
         )
     if args.peers_levels:
         levels = tuple(

@@ -515,6 +515,7 @@ class Api:
                 datasets_expunged=expunged.datasets,
                 vmms_failed=expunged.failed_vmms,
                 replacements_requested=expunged.lost.requested,
+                replacement_sagas=tuple(row.id for row in expunged.lost.sagas),
             ),
             **request.caused(),
         )

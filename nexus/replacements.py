@@ -43,6 +43,7 @@ from nexus.db.states import (
     ReplacementState,
     SagaState,
 )
+from nexus.replacement_ids import request_id_for, saga_id_for
 from nexus.saga import rendezvous
 from nexus.saga.executor import SagaExecutor
 from nexus.saga.position import SagaRow
@@ -58,21 +59,11 @@ log = logging.getLogger(__name__)
 
 # The ids of the events Nexus files for the regions of a lost dataset, one per region.
 LOST_REGION_NAMESPACE = uuid.UUID("9c3c1b0e-2f57-4a0e-8d43-6a1d2e7c5b19")
-# The ids of requests and of their sagas, derived so that filing again finds the same.
-REQUEST_NAMESPACE = uuid.UUID("3f1d7c2a-8b6e-4e21-9a0f-5d4c3b2a1908")
 LOST_REASON = "its dataset was expunged"
 RETRY_FIRST = timedelta(seconds=5)
 RETRY_MOST = timedelta(minutes=1)
 READY_DISK = (DiskState.DETACHED, DiskState.ATTACHED)
 CLAIMABLE_SAGA = (SagaState.RUNNING, SagaState.WAITING, SagaState.UNWINDING)
-
-
-def request_id_for(region_id: uuid.UUID) -> uuid.UUID:
-    return uuid.uuid5(REQUEST_NAMESPACE, f"region:{region_id}")
-
-
-def saga_id_for(request_id: uuid.UUID, attempt: int) -> uuid.UUID:
-    return uuid.uuid5(REQUEST_NAMESPACE, f"{request_id}:attempt:{attempt}")
 
 
 def retry_delay(attempts: int) -> timedelta:
@@ -145,33 +136,9 @@ class Replacements:
     async def _request(
         self, session: AsyncSession, region: Region, now: datetime
     ) -> SagaRow | None:
-        request_id = request_id_for(region.id)
-        inserted = await session.execute(
-            upsert_insert(session, RegionReplacement.__table__)
-            .values(
-                id=request_id,
-                request_time=now,
-                old_region_id=region.id,
-                old_dataset_id=region.dataset_id,
-                disk_id=region.disk_id,
-                state=ReplacementState.REQUESTED.value,
-                attempts=1,
-                state_changed_at=now,
-                waiting_for="its saga to claim it",
-                history=[[ReplacementState.REQUESTED.value, now.isoformat(), None]],
-            )
-            .on_conflict_do_nothing(index_elements=["old_region_id"])
-        )
-        if not inserted.rowcount:  # type: ignore[attr-defined]
+        request_id = await file_request(session, region, now)
+        if request_id is None:
             return None
-        log.warning(
-            "region %s of disk %s lost with dataset %s: replacement %s requested",
-            region.id,
-            region.disk_id,
-            region.dataset_id,
-            request_id,
-            extra={"request_id": str(request_id)},
-        )
         return await self._create_saga(session, request_id, region.disk_id, region.id, 1)
 
     async def _create_saga(
@@ -219,28 +186,61 @@ class Replacements:
                     continue  # its saga has not claimed it yet
                 if request.state_changed_at > now - retry_delay(request.attempts):
                     continue
+                seen, attempt = request.attempts, request.attempts + 1
                 bumped = await session.execute(
                     update(RegionReplacement)
-                    .where(
-                        RegionReplacement.id == request.id,
-                        RegionReplacement.attempts == request.attempts,
-                    )
-                    .values(attempts=request.attempts + 1)
+                    .where(RegionReplacement.id == request.id, RegionReplacement.attempts == seen)
+                    .values(attempts=attempt)
+                    .execution_options(synchronize_session=False)
                 )
                 if not bumped.rowcount:  # type: ignore[attr-defined]
                     continue
+                log.info(
+                    "region replacement %s: attempt %d (the last one unwound: %s)",
+                    request.id,
+                    attempt,
+                    request.last_failure,
+                )
                 started.append(
                     await self._create_saga(
-                        session,
-                        request.id,
-                        request.disk_id,
-                        request.old_region_id,
-                        request.attempts + 1,
+                        session, request.id, request.disk_id, request.old_region_id, attempt
                     )
                 )
         for row in started:
             self._executor.spawn(row.id, row)
         return len(started)
+
+
+async def file_request(session: AsyncSession, region: Region, now: datetime) -> uuid.UUID | None:
+    """File the replacement of a lost region (no saga); its id, None if it was filed."""
+    request_id = request_id_for(region.id)
+    inserted = await session.execute(
+        upsert_insert(session, RegionReplacement.__table__)
+        .values(
+            id=request_id,
+            request_time=now,
+            old_region_id=region.id,
+            old_dataset_id=region.dataset_id,
+            disk_id=region.disk_id,
+            state=ReplacementState.REQUESTED.value,
+            attempts=1,
+            state_changed_at=now,
+            waiting_for="its saga to claim it",
+            history=[[ReplacementState.REQUESTED.value, now.isoformat(), None]],
+        )
+        .on_conflict_do_nothing(index_elements=["old_region_id"])
+    )
+    if not inserted.rowcount:  # type: ignore[attr-defined]
+        return None
+    log.warning(
+        "region %s of disk %s lost with dataset %s: replacement %s requested",
+        region.id,
+        region.disk_id,
+        region.dataset_id,
+        request_id,
+        extra={"request_id": str(request_id)},
+    )
+    return request_id
 
 
 async def _file(

@@ -270,6 +270,8 @@ class SledExpunged(Model):
     vmms_failed: NonNegativeInt
     # Region replacement requests filed (each with its saga started) by this request.
     replacements_requested: NonNegativeInt = 0
+    # Their sagas' ids, to follow (``nexusctl sled expunge --wait``).
+    replacement_sagas: tuple[uuid.UUID, ...] = ()
 
 
 class ReplacementPhase(Model):

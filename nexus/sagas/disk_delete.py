@@ -74,8 +74,11 @@ async def disk_mark_deleting(ctx: Ctx[Params]) -> Marked:
     rows = await ctx.session.execute(
         select(Region, Dataset.queue_name)
         .join(Dataset, Dataset.id == Region.dataset_id)
-        # A region a replacement took out of the disk is no longer its.
-        .where(Region.disk_id == disk.id, Region.state != RegionState.DESTROYED)
+        # A region lost with its dataset and replaced is no longer the disk's.
+        .where(
+            Region.disk_id == disk.id,
+            (Region.state != RegionState.DESTROYED) | (Dataset.state != DatasetState.EXPUNGED),
+        )
         .order_by(Region.id)
     )
     regions = [

@@ -667,6 +667,9 @@ async def old_region_delete_undo(ctx: Ctx[Params]) -> None:
 
 
 async def complete(ctx: Ctx[Params]) -> None:
+    request = await ctx.session.get(RegionReplacement, ctx.params.request_id)
+    if request is not None and request.state == S.COMPLETE:
+        return  # run again: this saga completed it
     await set_phase(ctx, S.COMPLETE, None, allowed=(S.COMPLETING,), operating_saga_id=None)
 
 

@@ -4,6 +4,7 @@ tasks, and real figures come out of both (not only exit 0)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -46,7 +47,7 @@ def test_the_replacement_phase_measures_both_strategies(tmp_path: Path) -> None:
         for milestone in MILESTONES:
             assert times[milestone]["n"] == REGIONS, (milestone, times)
         # Each region's phases in order, every one after the expunge.
-        for earlier, later in zip(MILESTONES, MILESTONES[1:], strict=False):
+        for earlier, later in itertools.pairwise(MILESTONES):
             assert 0 <= times[earlier]["p50"] <= times[later]["p50"], (earlier, times)
             assert times[earlier]["max"] <= times[later]["max"], (earlier, times)
         assert strategy["every_region_replaced_s"] == times["complete"]["max"]

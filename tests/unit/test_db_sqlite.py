@@ -54,6 +54,7 @@ ALL_TABLES = {
     "inbox",
     "instances",
     "outbox",
+    "region_replacement",
     "regions",
     "saga_log",
     "sagas",

@@ -303,7 +303,7 @@ _REGION_ROWS = select(regions.c.id, regions.c.state, regions.c.generation).where
     regions.c.disk_id == bindparam("b_disk_id")
 )
 # A confirmation the event intake has not recorded (reconcile found it): by generation.
-_DESTROYED = (
+RECORD_DESTROYED = (
     update(regions)
     .where(
         regions.c.id == bindparam("b_id"),
@@ -318,12 +318,12 @@ async def regions_cleanup_undo(ctx: Ctx[Params]) -> Wait | None:
     """Ask every agent whose region is not yet confirmed destroyed to delete it, whether
     or not its ensure finished; then wait for the confirmations. Run again by reconcile
     (a delete lost, a failed destroy), it sends the deletes again under new ids."""
-    left = await _undestroyed(ctx)
+    left = await undestroyed(ctx)
     if ctx.resends and left:
         region_deletion.check_resend(ctx, left[0][0].region_id, "sent again by reconcile")
     for placement, _ in left:
         await region_deletion.send_delete(ctx, placement.region_id, placement.queue)
-    return _destroyed_wait(ctx, left)
+    return next_destroyed_wait(ctx, left)
 
 
 async def regions_cleanup_undo_resume(ctx: Ctx[Params], wake: WakeUp) -> Wait | None:
@@ -334,7 +334,7 @@ async def regions_cleanup_undo_resume(ctx: Ctx[Params], wake: WakeUp) -> Wait | 
     if change is None:
         # The agent never had the region: nothing to delete, nothing to wait for.
         region_id = rejected_region(ctx, wake, placements)
-        known = {placement.region_id: gen for placement, gen in await _undestroyed(ctx)}
+        known = {placement.region_id: gen for placement, gen in await undestroyed(ctx)}
         generation = known.get(region_id, 0)
     else:
         region_id, generation = change.region.id, change.region.generation
@@ -345,8 +345,8 @@ async def regions_cleanup_undo_resume(ctx: Ctx[Params], wake: WakeUp) -> Wait | 
             return region_deletion.destroyed_wait(
                 region_id, again, _delete_deadline(ctx), generation, resent=True
             )
-    await ctx.session.execute(_DESTROYED, {"b_id": region_id, "b_generation": generation})
-    return _destroyed_wait(ctx, await _undestroyed(ctx))
+    await ctx.session.execute(RECORD_DESTROYED, {"b_id": region_id, "b_generation": generation})
+    return next_destroyed_wait(ctx, await undestroyed(ctx))
 
 
 async def regions_cleanup_undo_reconcile(ctx: Ctx[Params], keys: Sequence[str]) -> Reconciled:
@@ -359,7 +359,7 @@ async def regions_cleanup_undo_reconcile(ctx: Ctx[Params], keys: Sequence[str]) 
     )
 
 
-async def _undestroyed(ctx: Ctx[Params]) -> list[tuple[Placement, int]]:
+async def undestroyed(ctx: Ctx[Any]) -> list[tuple[Placement, int]]:
     """The placed regions whose agent has not confirmed them destroyed, in placement
     order, each with the generation Nexus knows of it."""
     rows = {
@@ -373,7 +373,7 @@ async def _undestroyed(ctx: Ctx[Params]) -> list[tuple[Placement, int]]:
     ]
 
 
-def _destroyed_wait(ctx: Ctx[Params], left: list[tuple[Placement, int]]) -> Wait | None:
+def next_destroyed_wait(ctx: Ctx[Any], left: list[tuple[Placement, int]]) -> Wait | None:
     """Wait on the first region left, one at a time: the deletes are all out, so the
     others' confirmations are usually in by then and resume at once."""
     if not left:
@@ -397,7 +397,7 @@ def rejected_region(ctx: Ctx[Any], wake: WakeUp, placements: list[Placement]) ->
     raise ActionFailed(f"a refusal of command {refused}, which this undo did not send")
 
 
-def _delete_deadline(ctx: Ctx[Params]) -> timedelta:
+def _delete_deadline(ctx: Ctx[Any]) -> timedelta:
     return timedelta(seconds=ctx.params.delete_deadline_seconds)
 
 

@@ -25,10 +25,11 @@ The snapshot is read while it is held (docs/omicron.md, "Disks from a snapshot")
 - ``snapshot_delete`` is refused while a reference is held (:func:`clones_in_progress`):
   a clone must not lose its source while it copies.
 
-Unwinding deletes all six regions and waits until each is destroyed. A clone still
-copying cannot be deleted (its agent refuses: ``unavailable``, as the real agent's
-``DataFile::destroy`` answers 503 for a region ``Creating``); the undo then parks until
-the clone is created or failed and sends its delete again.
+Unwinding deletes all six regions and waits until each is destroyed, as
+``disk_create``'s does. A clone still copying cannot be deleted: its agent refuses
+(``unavailable``, as the real agent's ``DataFile::destroy`` answers 503 for a region
+``Creating``). The undo then parks until the clone is created or failed (re-armed for
+as long as its agent says it is copying) and deletes it again, under an id of its own.
 
 Nodes, in order (each action beside its undo):
 
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any, cast
 
@@ -87,6 +89,7 @@ from schemas.progress import DiskState as WireDiskState
 from schemas.region import (
     CLONING_REFUSAL,
     RegionChange,
+    RegionDelete,
     RegionGet,
     RegionInfo,
     RegionRef,
@@ -366,29 +369,82 @@ async def release_references(ctx: Ctx[Params]) -> None:
 # regions_cleanup: the undo of the six ensures, on a no-op before them
 
 
+async def regions_cleanup_undo(ctx: Ctx[Params]) -> Wait | None:
+    """``disk_create``'s: delete every region not confirmed destroyed, and wait for each
+    in turn (:func:`_next_wait`)."""
+    return _for_clones(ctx, await disk_create.regions_cleanup_undo(_as_disk_create(ctx)))
+
+
 async def regions_cleanup_undo_resume(ctx: Ctx[Params], wake: WakeUp) -> Wait | None:
-    """``disk_create``'s, and a clone's two steps of its own: its delete refused while
-    it copies (wait for it created or failed), then created (delete it again)."""
+    """An agent answered: a clone copied (or failed) is deleted now; a failed destroy is
+    asked again; a region destroyed (or never there) is recorded, and the undo waits for
+    the next region until none is left."""
     placements = ctx.output("regions_place", Placed).regions
+    known = {p.region_id: g for p, g in await disk_create.undestroyed(_as_disk_create(ctx))}
     if is_rejection(wake.key):
         rejection = Rejection.model_validate(wake.payload)
+        region_id = _refused_region(ctx, rejection.command_id)
         if rejection.code == CLONING_REFUSAL:
-            region_id = disk_create.rejected_region(ctx, wake, placements)
             row = await ctx.session.get(Region, region_id)
             if row is not None and row.state is RowRegionState.REQUESTED:
                 return _copied_wait(ctx, region_id, row.generation)
             # Copied since it refused (its event recorded meanwhile): delete it now.
-            return await _delete_again(ctx, region_id, row.generation if row else 0)
+            placement = next(p for p in placements if p.region_id == region_id)
+            return await _delete_copied(ctx, placement, known.get(region_id, 0))
+    change = region_deletion.woken_by(wake)
+    if change is None:
+        # The agent never had the region: nothing to delete, nothing to wait for.
+        generation = known.get(region_id, 0)
     else:
-        change = RegionChange.model_validate(wake.payload)
-        if change.region.state is WireRegionState.CREATED:
-            return await _delete_again(ctx, change.region.id, change.region.generation)
-    return await disk_create.regions_cleanup_undo_resume(_as_disk_create(ctx), wake)
+        region_id, generation = change.region.id, change.region.generation
+        placement = next(p for p in placements if p.region_id == region_id)
+        match change.region.state:
+            case WireRegionState.CREATED:
+                return await _delete_copied(ctx, placement, generation)
+            case WireRegionState.FAILED:
+                region_deletion.check_resend(ctx, region_id, change.region.failure or "failed")
+                again = await region_deletion.send_delete(
+                    ctx, region_id, placement.queue, again=True
+                )
+                return region_deletion.destroyed_wait(
+                    region_id, again, _delete_deadline(ctx), generation, resent=True
+                )
+    await ctx.session.execute(
+        disk_create.RECORD_DESTROYED, {"b_id": region_id, "b_generation": generation}
+    )
+    base = _as_disk_create(ctx)
+    return _for_clones(
+        ctx, disk_create.next_destroyed_wait(base, await disk_create.undestroyed(base))
+    )
+
+
+def _for_clones(ctx: Ctx[Params], wait: Wait | None) -> Wait | None:
+    """The wait for the next region's delete; for a clone, one that any event about it
+    wakes, whatever its generation: its refusal (generation 1) came while it copied, and
+    the clone's ``created`` since then has raised what Nexus knows of it."""
+    clones = {p.region_id for p in ctx.output("regions_place", Placed).regions[REPLICAS:]}
+    if wait is None or region_of(wait.keys[0]) not in clones:
+        return wait
+    return replace(wait, min_generation=0)
+
+
+def _refused_region(ctx: Ctx[Params], command_id: uuid.UUID) -> uuid.UUID:
+    """The region whose delete (under any of its ids so far) the agent refused."""
+    for placement in ctx.output("regions_place", Placed).regions:
+        suffix = str(placement.region_id)
+        if command_id in {
+            ctx.command_id(suffix),
+            ctx.resend_id(suffix),
+            ctx.command_id(f"{suffix}:copied"),
+        }:
+            return placement.region_id
+    raise ActionFailed(f"a refusal of command {command_id}, which this undo did not send")
 
 
 def _copied_wait(ctx: Ctx[Params], region_id: uuid.UUID, known_generation: int) -> Wait:
-    """Wait for a clone still copying to be created or failed: either can be deleted.
-    For as long as its agent says it is copying (a clone may take long)."""
+    """Wait for a clone that refused its delete while it copied to be created or failed:
+    either can be deleted. For as long as its agent says it is copying (a clone may
+    take long)."""
     return Wait(
         keys=(
             region_key(region_id, WireRegionState.CREATED),
@@ -400,31 +456,25 @@ def _copied_wait(ctx: Ctx[Params], region_id: uuid.UUID, known_generation: int) 
     )
 
 
-async def _delete_again(ctx: Ctx[Params], region_id: uuid.UUID, generation: int) -> Wait:
-    """The clone that refused its delete while it copied is copied: delete it again."""
-    region_deletion.check_resend(ctx, region_id, "a clone refused its delete while it copied")
-    placement = next(
-        p for p in ctx.output("regions_place", Placed).regions if p.region_id == region_id
+async def _delete_copied(ctx: Ctx[Params], placement: Placement, generation: int) -> Wait:
+    """A clone is copied: delete it, under an id of its own, and wait for it destroyed."""
+    command = RegionDelete(
+        id=ctx.command_id(f"{placement.region_id}:copied"),
+        payload=RegionRef(id=placement.region_id),
+        **ctx.envelope(),
     )
-    again = await region_deletion.send_delete(ctx, region_id, placement.queue, again=True)
+    await ctx.send(command, placement.queue)
     return region_deletion.destroyed_wait(
-        region_id, again, _delete_deadline(ctx), generation, resent=True
+        placement.region_id, command.id, _delete_deadline(ctx), generation
     )
 
 
 async def regions_cleanup_undo_reconcile(ctx: Ctx[Params], keys: Sequence[str]) -> Reconciled:
-    """A clone's copy had no news by the deadline: re-arm while its agent says it is
-    still copying; anything else is ``disk_create``'s reconcile of a delete."""
+    """A clone's copy had no news by its deadline: ask its agent, re-arming while it
+    copies. Any other wait is ``disk_create``'s reconcile of a delete."""
     region_id = region_of(keys[0])
-    if keys[0] == region_key(region_id, WireRegionState.CREATED):
-        copying = await _still_copying(ctx, region_id)
-        if copying is not None:
-            return copying
-    return await disk_create.regions_cleanup_undo_reconcile(_as_disk_create(ctx), keys)
-
-
-async def _still_copying(ctx: Ctx[Params], region_id: uuid.UUID) -> Reconciled | None:
-    """A re-arm when the clone's agent says it is still ``requested``; else None."""
+    if keys[0] != region_key(region_id, WireRegionState.CREATED):
+        return await disk_create.regions_cleanup_undo_reconcile(_as_disk_create(ctx), keys)
     placement = next(
         p for p in ctx.output("regions_place", Placed).regions if p.region_id == region_id
     )
@@ -436,10 +486,21 @@ async def _still_copying(ctx: Ctx[Params], region_id: uuid.UUID) -> Reconciled |
         timeout=10,
         answerer=crucible_source(placement.dataset_id),
     )
-    found = reply.payload.region if isinstance(reply, RegionInfo) else None
-    if found is not None and found.id == region_id and found.state is WireRegionState.REQUESTED:
+    if not isinstance(reply, RegionInfo):
+        return Reconciled.unanswered(f"unexpected reply {reply.TYPE}")
+    found = reply.payload.region
+    if reply.payload.region_id != region_id or (found is not None and found.id != region_id):
+        return Reconciled.rearm(f"agent {placement.dataset_id} answered about another region")
+    if found is not None and found.state is WireRegionState.REQUESTED:
         return Reconciled.rearm(f"clone {region_id} is still copying")
-    return None
+    if found is not None and found.state in (WireRegionState.CREATED, WireRegionState.FAILED):
+        change = RegionChange(agent_id=reply.payload.agent_id, region=found)
+        return Reconciled.resume(
+            region_key(region_id, found.state), change.model_dump(mode="json"), found.generation
+        )
+    # Gone, or on its way: the undo runs again, and its delete says which.
+    state = "not there" if found is None else found.state.value
+    return Reconciled.resend(f"clone {region_id} is {state}")
 
 
 def _as_disk_create(ctx: Ctx[Params]) -> Ctx[disk_create.Params]:
@@ -543,7 +604,7 @@ DEFINITION: SagaDefinition[Params] = SagaDefinition(
             Node(
                 "regions_cleanup",
                 no_op,
-                undo=disk_create.regions_cleanup_undo,
+                undo=regions_cleanup_undo,
                 undo_resume=regions_cleanup_undo_resume,
                 undo_reconcile=regions_cleanup_undo_reconcile,
             ),

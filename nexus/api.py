@@ -35,10 +35,18 @@ from nexus.db.models import (
     Saga,
     SagaLogEntry,
     Sled,
+    Snapshot,
     Vmm,
     WaitRendezvous,
 )
-from nexus.db.states import DiskState, InstanceState, SagaState, SledState, WaitState
+from nexus.db.states import (
+    DiskState,
+    InstanceState,
+    SagaState,
+    SledState,
+    SnapshotState,
+    WaitState,
+)
 from nexus.doctor import run_doctor
 from nexus.liveness import expunge_sled
 from nexus.saga.definition import ActionFailed, SagaDefinition
@@ -51,8 +59,11 @@ from nexus.sagas import (
     instance_create,
     instance_delete,
     instance_power,
+    snapshot_create,
+    snapshot_delete,
 )
 from nexus.sleds import sled_views
+from nexus.snapshots import find_snapshot, live_snapshot, snapshot_view
 from nexus.unclaimed import summarise
 from schemas import api
 from schemas.base import Envelope
@@ -107,6 +118,10 @@ class Api:
             api.DiskGet: self.disk_get,
             api.DiskList: self.disk_list,
             api.DiskDelete: self.disk_delete,
+            api.SnapshotCreate: self.snapshot_create,
+            api.SnapshotGet: self.snapshot_get,
+            api.SnapshotList: self.snapshot_list,
+            api.SnapshotDelete: self.snapshot_delete,
             api.InstanceCreate: self.instance_create,
             api.InstanceAct: self.instance_act,
             api.InstanceList: self.instance_list,
@@ -242,7 +257,9 @@ class Api:
         async with self._sessions.begin() as session:
             if started := await self._started(session, request, definition, "disk_id"):
                 return started
-            snapshot = await disk_create_from_snapshot.find_snapshot(session, body.project, ref)
+            snapshot = await find_snapshot(
+                session, api.ResourceRef(project=body.project, resource=ref)
+            )
             if snapshot is None:
                 raise not_found("snapshot", f"{ref} in project {body.project}")
             try:
@@ -346,6 +363,10 @@ class Api:
                     api.ErrorCode.CONFLICT,
                     f"disk {disk.name} is {disk.state.value}; only a detached disk can be deleted",
                 )
+            if kept := await disk_delete.snapshots_of(session, disk.id):
+                raise ApiProblem(
+                    api.ErrorCode.CONFLICT, disk_delete.snapshots_block(disk.name, kept)
+                )
             reply = await self._start(
                 request,
                 session,
@@ -395,6 +416,94 @@ class Api:
             if found is not None:
                 return found
         raise not_found("disk", f"{ref.resource} in project {ref.project}")
+
+    # Snapshots.
+
+    async def snapshot_create(self, request: api.SnapshotCreate) -> Envelope:
+        body = request.payload
+        async with self._sessions.begin() as session:
+            if started := await self._started(
+                session, request, snapshot_create.DEFINITION, "snapshot_id"
+            ):
+                return started
+            disk = await self._find_disk(
+                session, api.ResourceRef(project=body.project, resource=body.disk)
+            )
+            if disk.state not in (DiskState.DETACHED, DiskState.ATTACHED):
+                raise ApiProblem(
+                    api.ErrorCode.CONFLICT,
+                    f"disk {disk.name} is {disk.state.value}; only a detached or attached disk "
+                    "can be snapshotted",
+                )
+            if await live_snapshot(session, body.project, body.name) is not None:
+                raise ApiProblem(
+                    api.ErrorCode.ALREADY_EXISTS,
+                    f"a snapshot named {body.name!r} already exists in project {body.project!r}",
+                )
+            snapshot_id = uuid.uuid4()
+            params = snapshot_create.Params(
+                snapshot_id=snapshot_id,
+                project=body.project,
+                name=body.name,
+                disk_id=disk.id,
+                part_deadline_seconds=self._region_deadline.total_seconds(),
+                part_max_rearms=self._region_max_rearms,
+                delete_deadline_seconds=self._delete_deadline.total_seconds(),
+            )
+            reply = await self._start(
+                request, session, snapshot_create.DEFINITION, params, snapshot_id
+            )
+        self._executor.spawn(reply.payload.saga_id)
+        return reply
+
+    async def snapshot_delete(self, request: api.SnapshotDelete) -> Envelope:
+        async with self._sessions.begin() as session:
+            if started := await self._started(
+                session, request, snapshot_delete.DEFINITION, "snapshot_id"
+            ):
+                return started
+            snapshot = await self._find_snapshot(session, request.payload)
+            if snapshot.state not in (SnapshotState.READY, SnapshotState.FAULTED):
+                raise ApiProblem(
+                    api.ErrorCode.CONFLICT,
+                    f"snapshot {snapshot.name} is {snapshot.state.value}; only a ready or "
+                    "faulted snapshot can be deleted",
+                )
+            reply = await self._start(
+                request,
+                session,
+                snapshot_delete.DEFINITION,
+                snapshot_delete.Params(
+                    snapshot_id=snapshot.id,
+                    delete_deadline_seconds=self._delete_deadline.total_seconds(),
+                ),
+                snapshot.id,
+            )
+        self._executor.spawn(reply.payload.saga_id)
+        return reply
+
+    async def snapshot_get(self, request: api.SnapshotGet) -> Envelope:
+        async with self._sessions() as session:
+            snapshot = await self._find_snapshot(session, request.payload)
+            view = await snapshot_view(session, snapshot)
+            return api.SnapshotReply(source=self.source, payload=view, **request.caused())
+
+    async def snapshot_list(self, request: api.SnapshotList) -> Envelope:
+        async with self._sessions() as session:
+            query = select(Snapshot).where(Snapshot.state != SnapshotState.DESTROYED)
+            if request.payload.project is not None:
+                query = query.where(Snapshot.project == request.payload.project)
+            found = (await session.execute(query.order_by(Snapshot.created_at))).scalars()
+            views = [await snapshot_view(session, snapshot) for snapshot in found]
+            return api.SnapshotListReply(
+                source=self.source, payload=tuple(views), **request.caused()
+            )
+
+    async def _find_snapshot(self, session: AsyncSession, ref: api.ResourceRef) -> Snapshot:
+        snapshot = await find_snapshot(session, ref)
+        if snapshot is None:
+            raise not_found("snapshot", f"{ref.resource} in project {ref.project}")
+        return snapshot
 
     # Instances.
 

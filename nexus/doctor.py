@@ -25,7 +25,10 @@ Then it decides, with no I/O (:func:`region_findings`), what does not match:
 - ``region_unknown``: a region live at an agent that Nexus never asked for;
 - ``instance_wrong_sled`` / ``instance_state_mismatch``: a sled that does not have a live
   VMM Nexus placed on it, or runs it in another state;
-- ``saga_stuck`` / ``saga_unrecoverable``: sagas an operator must look at.
+- ``saga_stuck`` / ``saga_unrecoverable``: sagas an operator must look at;
+- snapshots against what the agents hold (``nexus/doctor_snapshots.py``:
+  ``snapshot_part_count``, ``snapshot_missing``, ``running_snapshot_mismatch``,
+  ``orphan_snapshot``, ``orphan_running_snapshot``, ``snapshot_faulted``).
 
 Run it on a quiet system: an operation in flight is legitimately between states, which
 is why regions of disks being created, deleted or faulted are checked only for where
@@ -45,6 +48,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from nexus.db.models import Dataset, Disk, Instance, Region, Saga, Sled, Vmm
 from nexus.db.states import DiskState, RegionState, SagaState, VmmState
+from nexus.doctor_snapshots import ask_agents, read_records, snapshot_findings
 from nexus.sagas.disk_create import REPLICAS
 from schemas import api
 from schemas.instance import ENDED_VMM_STATES as WIRE_ENDED_VMM_STATES
@@ -143,6 +147,7 @@ async def run_doctor(
                 )
             ).all()
         ]
+        snapshot_records = await read_records(session)
         troubled = list(
             (
                 await session.execute(
@@ -180,6 +185,8 @@ async def run_doctor(
             held[dataset.id] = listing.payload.regions
 
     findings += region_findings(records, held)
+    snapshots_held = await ask_agents(transport, source, timeout, held, unreachable)
+    findings += snapshot_findings(snapshot_records, set(held), snapshots_held)
     findings += await _check_instances(transport, source, timeout, placed, unreachable)
     for saga in troubled:
         findings.append(

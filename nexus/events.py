@@ -73,6 +73,7 @@ from nexus.waitkeys import (
     AWAITED_RUNNING_SNAPSHOT_STATES,
     AWAITED_SNAPSHOT_STATES,
     AWAITED_VMM_STATES,
+    disk_flush_key,
     region_key,
     rejection_key,
     running_snapshot_key,
@@ -82,7 +83,7 @@ from nexus.waitkeys import (
 from schemas.base import Envelope
 from schemas.common import CommandRejected
 from schemas.identity import NOT_OWNER, crucible_source, queue_agent, sled_source
-from schemas.instance import VmmStateChanged
+from schemas.instance import VmmDiskFlushed, VmmStateChanged
 from schemas.messages import Message, MessageRejected
 from schemas.region import RegionStateChanged
 from schemas.sled import AgentAnnounced, SledHeartbeat, SledRegistered
@@ -363,6 +364,11 @@ async def authorize(session: AsyncSession, message: Message) -> tuple[Owner, int
                 owner, recorded = sled_source(row.sled_id), row.generation
             about = f"VMM {change.vmm.id}"
             check_speaker(message, owner, about, sled_source(change.vmm.sled_id))
+        case VmmDiskFlushed(payload=flushed):
+            row = (await session.execute(_VMM_SLED, {"b_id": flushed.vmm_id})).first()
+            vmm_owner: Owner = Nobody.UNRECORDED if row is None else sled_source(row.sled_id)
+            about = f"VMM {flushed.vmm_id}"
+            check_speaker(message, vmm_owner, about, sled_source(flushed.sled_id))
         case CommandRejected(payload=rejection):
             # The command's addressee, from the outbox row it was sent from (Nexus keeps
             # sent rows); a command Nexus did not send through it (a query) has none.
@@ -504,6 +510,23 @@ async def _file_for_saga(
         message_id=message.id,
         payload=message.payload.model_dump(mode="json"),
         generation=generation,
+        now=now,
+        occurred_at=message.occurred_at,
+    )
+
+
+async def disk_flushed(
+    session: AsyncSession, message: VmmDiskFlushed, now: datetime
+) -> Woken | None:
+    """A VMM flushed a disk for a snapshot: wakes the snapshot_create saga parked on it.
+    Nothing of Nexus's records changes (a flush changes no state)."""
+    flushed = message.payload
+    return await rendezvous.record_event(
+        session,
+        key=disk_flush_key(flushed.vmm_id, flushed.snapshot_id),
+        message_id=message.id,
+        payload=flushed.model_dump(mode="json"),
+        generation=1,
         now=now,
         occurred_at=message.occurred_at,
     )
@@ -658,6 +681,7 @@ HANDLERS: dict[type[Envelope], Handler] = {
     RegionStateChanged: region_state_changed,
     VmmStateChanged: vmm_state_changed,
     CommandRejected: command_rejected,
+    VmmDiskFlushed: disk_flushed,
     RegionSnapshotStateChanged: region_snapshot_changed,
     RunningSnapshotStateChanged: running_snapshot_changed,
     SledRegistered: sled_registered,

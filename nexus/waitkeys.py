@@ -64,6 +64,11 @@ def running_snapshot_key(region_id: uuid.UUID, name: str, state: RegionState) ->
     return f"running_snapshot:{region_id}:{name}:{state.value}"
 
 
+def disk_flush_key(vmm_id: uuid.UUID, snapshot_id: uuid.UUID) -> str:
+    """A VMM's flush of a disk for the snapshot ``snapshot_id`` (snapshot_create)."""
+    return f"vmm_flush:{vmm_id}:{snapshot_id}:flushed"
+
+
 def rejection_key(command_id: uuid.UUID) -> str:
     """Where an agent's refusal of the command ``command_id`` lands."""
     return f"{_REJECTED}{command_id}:rejected"

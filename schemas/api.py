@@ -102,6 +102,36 @@ class DiskList(Envelope):
     payload: ProjectFilter = ProjectFilter()
 
 
+class SnapshotCreateRequest(Model):
+    project: Name
+    name: Name
+    disk: NameOrId = Field(description="the disk to snapshot, in the same project")
+
+
+class SnapshotCreate(Envelope):
+    IS_COMMAND = True
+    type: Literal["api.snapshot.create.v1"] = "api.snapshot.create.v1"
+    payload: SnapshotCreateRequest
+
+
+class SnapshotGet(Envelope):
+    IS_COMMAND = True
+    type: Literal["api.snapshot.get.v1"] = "api.snapshot.get.v1"
+    payload: ResourceRef
+
+
+class SnapshotDelete(Envelope):
+    IS_COMMAND = True
+    type: Literal["api.snapshot.delete.v1"] = "api.snapshot.delete.v1"
+    payload: ResourceRef
+
+
+class SnapshotList(Envelope):
+    IS_COMMAND = True
+    type: Literal["api.snapshot.list.v1"] = "api.snapshot.list.v1"
+    payload: ProjectFilter = ProjectFilter()
+
+
 class InstanceCreateRequest(Model):
     project: Name
     name: Name
@@ -218,6 +248,32 @@ class DiskView(Model):
         default=None, max_length=2000, description="why it is faulted, while it is"
     )
     snapshot_id: uuid.UUID | None = Field(default=None, description="the snapshot it was made from")
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
+
+
+class SnapshotPartView(Model):
+    """One region's snapshot and the running snapshot serving it."""
+
+    region_id: uuid.UUID
+    dataset_id: uuid.UUID
+    snapshot_state: str | None = Field(default=None, description="as its agent last said")
+    running_state: str | None = Field(default=None, description="as its agent last said")
+    snapshot_addr: str | None = Field(default=None, description="host:port, once it runs")
+    deleting: bool = False
+
+
+class SnapshotView(Model):
+    id: uuid.UUID
+    project: Name
+    name: Name
+    disk_id: uuid.UUID
+    size_bytes: PositiveInt
+    block_size: BlockSize
+    state: str = Field(description="creating, ready, faulted, deleting or destroyed")
+    saga_id: uuid.UUID | None = None
+    fault_reason: str | None = Field(default=None, max_length=2000)
+    parts: tuple[SnapshotPartView, ...] = ()
     created_at: AwareDatetime
     updated_at: AwareDatetime
 
@@ -354,6 +410,16 @@ class DiskReply(Envelope):
 class DiskListReply(Envelope):
     type: Literal["api.disks.v1"] = "api.disks.v1"
     payload: tuple[DiskView, ...]
+
+
+class SnapshotReply(Envelope):
+    type: Literal["api.snapshot.v1"] = "api.snapshot.v1"
+    payload: SnapshotView
+
+
+class SnapshotListReply(Envelope):
+    type: Literal["api.snapshots.v1"] = "api.snapshots.v1"
+    payload: tuple[SnapshotView, ...]
 
 
 class InstanceReply(Envelope):

@@ -138,3 +138,43 @@ class VmmStateChanged(Envelope):
 
     def routing_key(self) -> str:
         return f"instance.{self.payload.vmm.state.value}"
+
+
+# A disk's flush for a snapshot (Omicron's ``vmm_issue_disk_snapshot_request``: the
+# propolis server sends the volume a flush with a snapshot name, so every downstairs
+# holds the same data when its snapshot is taken). Omicron's call is answered in place;
+# here the sled answers with an event, so the snapshot saga parks on it.
+
+
+class DiskSnapshotRequest(Model):
+    id: uuid.UUID = Field(description="the VMM")
+    disk_id: uuid.UUID
+    snapshot_id: uuid.UUID
+
+
+class VmmDiskSnapshot(Envelope):
+    """Flush a disk attached to a running VMM before its snapshot is taken; answered by
+    ``vmm.disk_flushed.v1``, or refused (``not_found``, ``not_running``,
+    ``disk_not_attached``). Asked again, it flushes again: a flush changes nothing."""
+
+    IS_COMMAND = True
+    type: Literal["vmm.disk_snapshot.v1"] = "vmm.disk_snapshot.v1"
+    payload: DiskSnapshotRequest
+
+
+class DiskFlushed(Model):
+    sled_id: uuid.UUID
+    vmm_id: uuid.UUID
+    disk_id: uuid.UUID
+    snapshot_id: uuid.UUID
+
+
+class VmmDiskFlushed(Envelope):
+    """The VMM flushed the disk for the snapshot (routing key ``instance.disk_flushed``,
+    within a sled's ``instance.*`` permission and Nexus's binding)."""
+
+    type: Literal["vmm.disk_flushed.v1"] = "vmm.disk_flushed.v1"
+    payload: DiskFlushed
+
+    def routing_key(self) -> str:
+        return "instance.disk_flushed"

@@ -33,6 +33,12 @@ from schemas.api import (
     SledExpungeReply,
     SledList,
     SledListReply,
+    SnapshotCreate,
+    SnapshotDelete,
+    SnapshotGet,
+    SnapshotList,
+    SnapshotListReply,
+    SnapshotReply,
     UnclaimedEventsList,
     UnclaimedEventsReply,
 )
@@ -40,6 +46,8 @@ from schemas.base import Envelope
 from schemas.common import CommandRejected
 from schemas.instance import (
     VmmCrash,
+    VmmDiskFlushed,
+    VmmDiskSnapshot,
     VmmEnsure,
     VmmGet,
     VmmInfo,
@@ -94,6 +102,8 @@ Message = Annotated[
     | VmmGet
     | VmmInfo
     | VmmStateChanged
+    | VmmDiskSnapshot
+    | VmmDiskFlushed
     | SledRegistered
     | SledHeartbeat
     | AgentAnnounced
@@ -105,6 +115,12 @@ Message = Annotated[
     | DiskGet
     | DiskDelete
     | DiskList
+    | SnapshotCreate
+    | SnapshotGet
+    | SnapshotDelete
+    | SnapshotList
+    | SnapshotReply
+    | SnapshotListReply
     | InstanceCreate
     | InstanceAct
     | InstanceList

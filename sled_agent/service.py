@@ -27,9 +27,13 @@ from typing import Protocol
 from schemas.base import Envelope, utcnow
 from schemas.common import CommandRejected, Rejection
 from schemas.instance import (
+    DiskFlushed,
+    DiskSnapshotRequest,
     Vmm,
     VmmChange,
     VmmCrash,
+    VmmDiskFlushed,
+    VmmDiskSnapshot,
     VmmEnsure,
     VmmFound,
     VmmGet,
@@ -77,7 +81,7 @@ def derived_id(source: uuid.UUID, purpose: str) -> uuid.UUID:
 def target_of(message: Message) -> uuid.UUID | None:
     """The VMM a command is about."""
     match message:
-        case VmmEnsure() | VmmStop() | VmmReboot() | VmmCrash() | VmmGet():
+        case VmmEnsure() | VmmStop() | VmmReboot() | VmmCrash() | VmmGet() | VmmDiskSnapshot():
             return message.payload.id
     return None
 
@@ -94,6 +98,24 @@ def decide(hypervisor: Hypervisor, message: Message, cause: Cause) -> Change | N
         case VmmCrash(payload=request):
             return hypervisor.crash(request.id, request.reason, cause)
     raise Rejected("unsupported_command", f"a sled agent does not handle {message.TYPE}")
+
+
+def disk_flush(
+    hypervisor: Hypervisor, request: DiskSnapshotRequest, sled_id: uuid.UUID
+) -> DiskFlushed:
+    """Whether a disk can be flushed for a snapshot: only one attached to a running VMM
+    (Omicron's propolis has a volume to flush only then); raises :class:`Rejected`."""
+    current = hypervisor.get(request.id)
+    if current is None:
+        raise Rejected("not_found", f"no VMM {request.id} on this sled")
+    vmm = current.vmm
+    if vmm.state is not VmmState.RUNNING:
+        raise Rejected("not_running", f"VMM {vmm.id} is {vmm.state.value}: nothing to flush")
+    if request.disk_id not in vmm.disk_ids:
+        raise Rejected("disk_not_attached", f"disk {request.disk_id} is not attached to {vmm.id}")
+    return DiskFlushed(
+        sled_id=sled_id, vmm_id=vmm.id, disk_id=request.disk_id, snapshot_id=request.snapshot_id
+    )
 
 
 class SledAgent:
@@ -179,6 +201,9 @@ class SledAgent:
             await self._wire.reply(delivery, reply)
             return
         cause = Cause(message.correlation_id or message.id, message.id)
+        if isinstance(message, VmmDiskSnapshot):
+            await self._flush(delivery, message, extra)
+            return
         async with self._lock:
             try:
                 change = decide(self._hypervisor, message, cause)
@@ -194,6 +219,34 @@ class SledAgent:
             if change is None:
                 log.info("no change: already as asked, or the VMM has ended", extra=extra)
             await self._commit([change] if change else [], replies)
+
+    async def _flush(
+        self, delivery: Delivery, command: VmmDiskSnapshot, extra: dict[str, str]
+    ) -> None:
+        """A disk's flush for a snapshot: answered by an event through the outbox (its id
+        derived from the command's, so a redelivery sends the same event), or refused."""
+        request = command.payload
+        async with self._lock:
+            try:
+                flushed = disk_flush(self._hypervisor, request, self._settings.sled_id)
+            except Rejected as rejected:
+                log.warning("rejected: %s: %s", rejected.code, rejected.message, extra=extra)
+                await self._commit([], self._rejection(delivery, command, rejected))
+                return
+            event = VmmDiskFlushed(
+                id=derived_id(command.id, "flushed"),
+                source=self._source,
+                **command.caused(),
+                payload=flushed,
+            )
+            log.info(
+                "VMM %s flushed disk %s for snapshot %s",
+                request.id,
+                request.disk_id,
+                request.snapshot_id,
+                extra=extra,
+            )
+            await self._commit([], [_event_row(event)])
 
     def _info(self, command: Envelope, vmm_id: uuid.UUID, vmm: Vmm | None) -> VmmInfo:
         return VmmInfo(
@@ -339,7 +392,9 @@ class SledAgent:
         )
 
 
-def _event_row(message: VmmStateChanged | SledRegistered | CommandRejected) -> OutgoingMessage:
+def _event_row(
+    message: VmmStateChanged | VmmDiskFlushed | SledRegistered | CommandRejected,
+) -> OutgoingMessage:
     # Nobody bound to an event yet is not an error: watchers come and go.
     return OutgoingMessage.of(
         message, exchange=EVENTS_EXCHANGE, routing_key=message.routing_key(), mandatory=False

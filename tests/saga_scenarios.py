@@ -12,8 +12,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from nexus.db.models import Region, RegionSnapshot
-from nexus.db.models import Snapshot as SnapshotRow
+from nexus.db.models import RegionSnapshot
 from nexus.db.states import (
     AgentSnapshotState,
     DiskState,
@@ -30,7 +29,10 @@ from nexus.sagas import (
     instance_delete,
     instance_power,
     instance_start,
+    snapshot_create,
+    snapshot_delete,
 )
+from schemas.instance import VmmDiskSnapshot
 from schemas.region import reservation_bytes
 from tests.saga_support import add_sleds
 from tests.saga_triad import Scenario, Snapshot, World, as_before, assert_same
@@ -86,47 +88,8 @@ DISK_CREATE = Scenario(disk_create.DEFINITION, disk_create_prepare, disk_create_
 
 
 async def ready_snapshot(world: World) -> uuid.UUID:
-    """A ready snapshot of a new disk, as ``snapshot_create`` leaves one: a region
-    snapshot of each of the disk's regions, each served by a running snapshot."""
-    disk_id = await new_disk(world)
-    snapshot_id = uuid.uuid4()
-    now = world.clock.now()
-    async with world.database.sessions.begin() as session:
-        session.add(
-            SnapshotRow(
-                id=snapshot_id,
-                project="triad",
-                name=f"snap-{snapshot_id.hex[:8]}",
-                disk_id=disk_id,
-                size_bytes=DISK_BYTES,
-                block_size=BLOCK_SIZE,
-                extent_size=_EXTENT_SIZE,
-                extent_count=_EXTENT_COUNT,
-                state=SnapshotState.READY,
-                created_at=now,
-                updated_at=now,
-            )
-        )
-        await session.flush()
-        regions = (await session.execute(select(Region).where(Region.disk_id == disk_id))).scalars()
-        for port, region in enumerate(regions, start=19500):
-            session.add(
-                RegionSnapshot(
-                    dataset_id=region.dataset_id,
-                    region_id=region.id,
-                    snapshot_id=snapshot_id,
-                    snapshot_addr=f"[fd00::{port - 19500 + 1}]:{port}",
-                    volume_references=0,
-                    deleting=False,
-                    snapshot_state=AgentSnapshotState.CREATED,
-                    snapshot_generation=1,
-                    running_state=RegionState.CREATED,
-                    running_generation=2,
-                    port_number=port,
-                    created_at=now,
-                )
-            )
-    return snapshot_id
+    """A ready snapshot of a new disk, made by ``snapshot_create``."""
+    return await new_snapshot(world, await new_disk(world))
 
 
 async def snapshot_references(world: World, snapshot_id: uuid.UUID) -> list[int]:
@@ -433,6 +396,111 @@ INSTANCE_DELETE = Scenario(
 )
 
 
+# snapshot_create: of a disk attached to a running instance, so that its VMM flushes it
+
+
+def snapshot_params(disk_id: uuid.UUID) -> snapshot_create.Params:
+    snapshot_id = uuid.uuid4()
+    return snapshot_create.Params(
+        snapshot_id=snapshot_id,
+        project="triad",
+        name=f"snap-{snapshot_id.hex[:8]}",
+        disk_id=disk_id,
+    )
+
+
+async def snapshot_create_prepare(world: World) -> snapshot_create.Params:
+    await world.database.add_datasets(3)
+    await add_sleds(world.database, 2)
+    p = instance_params([await new_disk(world)])
+    await world.run_to_done(instance_create.DEFINITION, p)
+    return snapshot_params(p.disk_ids[0])
+
+
+def parts_of(snapshot: Snapshot, snapshot_id: uuid.UUID) -> list[Any]:
+    return [
+        r for r in snapshot.rows["region_snapshots"].values() if r["snapshot_id"] == snapshot_id
+    ]
+
+
+async def snapshot_create_done(world: World, p: snapshot_create.Params, before: Snapshot) -> None:
+    """The snapshot is ready: the VMM flushed the disk first, and each of its three regions
+    has a snapshot served by a running snapshot whose address is recorded."""
+    after = await world.snapshot()
+    snapshot = after.row("snapshots", p.snapshot_id)
+    assert (snapshot["state"], snapshot["disk_id"]) == (SnapshotState.READY, p.disk_id)
+    parts = parts_of(after, p.snapshot_id)
+    regions = {r["id"] for r in after.rows["regions"].values() if r["disk_id"] == p.disk_id}
+    assert {part["region_id"] for part in parts} == regions
+    assert len(parts) == disk_create.REPLICAS
+    for part in parts:
+        assert (part["snapshot_state"], part["running_state"]) == (
+            AgentSnapshotState.CREATED,
+            RegionState.CREATED,
+        )
+        assert part["snapshot_addr"] == f"sled-of-{part['dataset_id']}:{part['port_number']}" or (
+            part["snapshot_addr"].endswith(f":{part['port_number']}")
+        )
+    name = str(p.snapshot_id)
+    assert set(after.held["snapshots"]) == {(r, name) for r in regions}
+    assert set(after.held["running_snapshots"]) == {(r, name) for r in regions}
+    flushes = [m for m in await world.database.outbox() if isinstance(m, VmmDiskSnapshot)]
+    assert [(f.payload.disk_id, f.payload.snapshot_id) for f in flushes] == [
+        (p.disk_id, p.snapshot_id)
+    ]
+
+
+SNAPSHOT_CREATE = Scenario(
+    snapshot_create.DEFINITION, snapshot_create_prepare, snapshot_create_done
+)
+
+
+# snapshot_delete
+
+
+async def new_snapshot(world: World, disk_id: uuid.UUID) -> uuid.UUID:
+    p = snapshot_params(disk_id)
+    await world.run_to_done(snapshot_create.DEFINITION, p)
+    return p.snapshot_id
+
+
+async def snapshot_delete_prepare(world: World) -> snapshot_delete.Params:
+    await world.database.add_datasets(3)
+    return snapshot_delete.Params(snapshot_id=await new_snapshot(world, await new_disk(world)))
+
+
+async def snapshot_delete_done(world: World, p: snapshot_delete.Params, before: Snapshot) -> None:
+    """The snapshot is destroyed, its parts' rows gone, and no agent holds anything of it."""
+    after = await world.snapshot()
+    assert after.row("snapshots", p.snapshot_id)["state"] == SnapshotState.DESTROYED
+    assert parts_of(after, p.snapshot_id) == []
+    assert after.held["snapshots"] == {}
+    assert after.held["running_snapshots"] == {}
+
+
+async def snapshot_delete_unwound(
+    world: World, p: snapshot_delete.Params, before: Snapshot, failed_node: str
+) -> None:
+    """Nothing torn down yet: the snapshot is ready as before. Once a running snapshot is
+    stopped it cannot be read: faulted, and deleting it again finishes the job."""
+    if failed_node in ("snapshot_mark_deleting", "running_stop"):
+        await as_before(world, p, before, failed_node)
+        return
+    assert (await world.snapshot()).row("snapshots", p.snapshot_id)["state"] == (
+        SnapshotState.FAULTED
+    )
+    await world.run_to_done(snapshot_delete.DEFINITION, p)
+    await snapshot_delete_done(world, p, before)
+
+
+SNAPSHOT_DELETE = Scenario(
+    snapshot_delete.DEFINITION,
+    snapshot_delete_prepare,
+    snapshot_delete_done,
+    snapshot_delete_unwound,
+)
+
+
 SCENARIOS: tuple[Scenario[Any], ...] = (
     DISK_CREATE,
     DISK_CREATE_FROM_SNAPSHOT,
@@ -442,4 +510,6 @@ SCENARIOS: tuple[Scenario[Any], ...] = (
     INSTANCE_STOP,
     INSTANCE_REBOOT,
     INSTANCE_DELETE,
+    SNAPSHOT_CREATE,
+    SNAPSHOT_DELETE,
 )

@@ -25,6 +25,8 @@ from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from crucible_agent import snapshots as snapshot_rules
+from crucible_agent.regions import NotFound, Refused
 from nexus.db.engine import create_engine, create_sessionmaker
 from nexus.db.migrate import upgrade_async
 from nexus.db.models import Dataset, OutboxMessage, Saga, SagaLogEntry, Sled
@@ -53,8 +55,11 @@ from schemas.base import Envelope
 from schemas.common import CommandRejected, Rejection
 from schemas.identity import crucible_source, queue_agent, sled_source
 from schemas.instance import (
+    DiskFlushed,
     Vmm,
     VmmChange,
+    VmmDiskFlushed,
+    VmmDiskSnapshot,
     VmmEnsure,
     VmmReboot,
     VmmSpec,
@@ -70,6 +75,19 @@ from schemas.region import (
     RegionEnsure,
     RegionState,
     RegionStateChanged,
+)
+from schemas.snapshot import (
+    RegionSnapshotChange,
+    RegionSnapshotCreate,
+    RegionSnapshotDelete,
+    RegionSnapshotStateChanged,
+    RunningSnapshot,
+    RunningSnapshotChange,
+    RunningSnapshotRun,
+    RunningSnapshotStateChanged,
+    RunningSnapshotStop,
+    Snapshot,
+    SnapshotRef,
 )
 from schemas.topology import crucible_queue, sled_queue
 from schemas.transport import Transport
@@ -471,6 +489,12 @@ _SLED_MOVES: dict[tuple[type[Envelope], VmmState | None], tuple[VmmState, ...]] 
     (VmmReboot, VmmState.RUNNING): (VmmState.REBOOTING, VmmState.RUNNING),
 }
 _SLED_COMMANDS = frozenset(kind for kind, _ in _SLED_MOVES)
+_SNAPSHOT_COMMANDS = (
+    RegionSnapshotCreate,
+    RegionSnapshotDelete,
+    RunningSnapshotRun,
+    RunningSnapshotStop,
+)
 
 
 @dataclass
@@ -488,6 +512,10 @@ class Agents:
     regions: dict[uuid.UUID, tuple[RegionEnsure, RegionState]] = field(default_factory=dict)
     vmms: dict[uuid.UUID, tuple[VmmSpec, VmmState]] = field(default_factory=dict)
     taken: set[uuid.UUID] = field(default_factory=set)
+    # A region's snapshots and running snapshots by (region, name), as the agent keeps
+    # them (``crucible_agent/snapshots.py`` decides each command, as in the real agent).
+    snapshots: dict[tuple[uuid.UUID, str], Snapshot] = field(default_factory=dict)
+    running: dict[tuple[uuid.UUID, str], RunningSnapshot] = field(default_factory=dict)
 
     @classmethod
     def new(cls, database: Database) -> Agents:
@@ -506,9 +534,20 @@ class Agents:
                 for event in self._carry_out(queue, command):
                     await replica.deliver(event)
 
-    def held(self) -> dict[str, dict[uuid.UUID, str]]:
-        """What the agents hold: regions that are not destroyed, VMMs that have not ended."""
+    def held(self) -> dict[str, dict[Any, str]]:
+        """What the agents hold: regions that are not destroyed, VMMs that have not ended,
+        snapshots that exist and running snapshots that are not destroyed."""
         return {
+            "snapshots": {
+                key: snapshot.state.value
+                for key, snapshot in self.snapshots.items()
+                if snapshot_rules.exists(snapshot)
+            },
+            "running_snapshots": {
+                key: running.state.value
+                for key, running in self.running.items()
+                if snapshot_rules.live(running)
+            },
             "regions": {
                 region_id: state.value
                 for region_id, (_, state) in self.regions.items()
@@ -533,6 +572,8 @@ class Agents:
             case RegionDelete(payload=ref):
                 if ref.id not in self.regions:
                     return [self._rejected(queue, command, "not_found")]
+                if any(region == ref.id for region, _ in self.held()["snapshots"]):
+                    return [self._rejected(queue, command, "has_snapshots")]
                 ensure, state = self.regions[ref.id]
                 if state in (RegionState.TOMBSTONED, RegionState.DESTROYED):
                     return []
@@ -543,6 +584,10 @@ class Agents:
                 ]
             case _ if type(command) in _SLED_COMMANDS:
                 return self._move_vmm(queue, command)
+            case VmmDiskSnapshot(payload=request):
+                return self._flush(queue, command, request.id, request.disk_id, request.snapshot_id)
+            case _ if isinstance(command, _SNAPSHOT_COMMANDS):
+                return self._snapshot_command(queue, command)
             case _:
                 raise AssertionError(f"no agent takes a {command.TYPE}")
 
@@ -562,6 +607,113 @@ class Agents:
             self.vmms[vmm_id] = (spec, next_state)
             events.append(self.sled.event(spec, next_state))
         return events
+
+    def _flush(
+        self,
+        queue: str,
+        command: Envelope,
+        vmm_id: uuid.UUID,
+        disk_id: uuid.UUID,
+        snapshot_id: uuid.UUID,
+    ) -> list[Envelope]:
+        """As the sled agent's ``disk_flush``: only a disk of a running VMM."""
+        spec, state = self.vmms.get(vmm_id, (None, None))
+        if spec is None:
+            return [self._rejected(queue, command, "not_found")]
+        if state is not VmmState.RUNNING:
+            return [self._rejected(queue, command, "not_running")]
+        if disk_id not in spec.disk_ids:
+            return [self._rejected(queue, command, "disk_not_attached")]
+        sled_id = agent_of(queue)
+        return [
+            VmmDiskFlushed(
+                source=sled_source(sled_id),
+                correlation_id=command.correlation_id,
+                causation_id=command.id,
+                payload=DiskFlushed(
+                    sled_id=sled_id, vmm_id=vmm_id, disk_id=disk_id, snapshot_id=snapshot_id
+                ),
+            )
+        ]
+
+    def _region(self, region_id: uuid.UUID) -> Region | None:
+        if region_id not in self.regions:
+            return None
+        ensure, state = self.regions[region_id]
+        return Region(
+            **ensure.payload.model_dump(),
+            port_number=19000,
+            state=state,
+            generation=self.crucible.generations.get(region_id, 1),
+        )
+
+    def _snapshot_command(self, queue: str, command: Envelope) -> list[Envelope]:
+        """The crucible agent's rules (``crucible_agent.snapshots``) on what it holds; a
+        run is started and a stop finished at once, each with its two events."""
+        ref: SnapshotRef = command.payload  # type: ignore[attr-defined]
+        key = (ref.region_id, ref.name)
+        region = self._region(ref.region_id)
+        existing = self.snapshots.get(key)
+        running = self.running.get(key)
+        outcome: Any
+        match command:
+            case RegionSnapshotCreate():
+                outcome = snapshot_rules.create(region, existing, ref, now=ManualClock().now())
+            case RegionSnapshotDelete():
+                outcome = snapshot_rules.delete(region, existing, running)
+            case RunningSnapshotRun():
+                ports = {
+                    r.port_number for r in self.running.values() if snapshot_rules.holds_port(r)
+                }
+                free = next(port for port in range(19100, 20000) if port not in ports)
+                outcome = snapshot_rules.run(region, existing, running, ref, free_port=free)
+            case _:
+                outcome = snapshot_rules.stop(region, running)
+        agent_id = agent_of(queue)
+        match outcome:
+            case snapshot_rules.SnapshotChanged(snapshot=snapshot):
+                self.snapshots[key] = snapshot
+                return [self._snapshot_event(agent_id, command, snapshot)]
+            case snapshot_rules.RunningChanged(running=moved):
+                events: list[Envelope] = [self._running_event(agent_id, command, moved)]
+                if moved.state is RegionState.REQUESTED:
+                    finished: Any = snapshot_rules.start_finished(moved, None)
+                else:
+                    finished = snapshot_rules.stop_finished(moved)
+                if isinstance(finished, snapshot_rules.RunningChanged):
+                    moved = finished.running
+                    events.append(self._running_event(agent_id, command, moved))
+                self.running[key] = moved
+                return events
+            case snapshot_rules.Unchanged():
+                return []
+            case NotFound():
+                return [self._rejected(queue, command, "not_found")]
+            case Refused(code=code):
+                return [self._rejected(queue, command, code)]
+        raise AssertionError(f"unexpected outcome {outcome!r}")
+
+    @staticmethod
+    def _snapshot_event(
+        agent_id: uuid.UUID, command: Envelope, snapshot: Snapshot
+    ) -> RegionSnapshotStateChanged:
+        return RegionSnapshotStateChanged(
+            source=crucible_source(agent_id),
+            correlation_id=command.correlation_id,
+            causation_id=command.id,
+            payload=RegionSnapshotChange(agent_id=agent_id, snapshot=snapshot),
+        )
+
+    @staticmethod
+    def _running_event(
+        agent_id: uuid.UUID, command: Envelope, running: RunningSnapshot
+    ) -> RunningSnapshotStateChanged:
+        return RunningSnapshotStateChanged(
+            source=crucible_source(agent_id),
+            correlation_id=command.correlation_id,
+            causation_id=command.id,
+            payload=RunningSnapshotChange(agent_id=agent_id, running_snapshot=running),
+        )
 
     @staticmethod
     def _rejected(queue: str, command: Envelope, code: str) -> CommandRejected:

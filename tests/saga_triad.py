@@ -41,11 +41,21 @@ P = TypeVar("P", bound=BaseModel)
 
 # The tables of what sagas build; the engine's own (sagas, log, outbox, rendezvous)
 # are checked through the saga's state instead.
-RESOURCE_TABLES = ("sleds", "datasets", "disks", "regions", "instances", "vmms")
+RESOURCE_TABLES = (
+    "sleds",
+    "datasets",
+    "disks",
+    "regions",
+    "instances",
+    "vmms",
+    "snapshots",
+    "region_snapshots",
+)
 # Written by every change; says when, not what.
 _VOLATILE_COLUMNS = frozenset({"updated_at"})
 
-Rows = Mapping[uuid.UUID, Mapping[str, Any]]
+# By id (a region snapshot, which has none, by its primary key).
+Rows = Mapping[Any, Mapping[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -53,7 +63,7 @@ class Snapshot:
     """The world at one moment: resource rows by table and id, and what the agents hold."""
 
     rows: Mapping[str, Rows]
-    held: Mapping[str, Mapping[uuid.UUID, str]]
+    held: Mapping[str, Mapping[Any, str]]
 
     def row(self, table: str, row_id: uuid.UUID) -> Mapping[str, Any]:
         return self.rows[table][row_id]
@@ -104,8 +114,11 @@ class World:
             for name in RESOURCE_TABLES:
                 table = Base.metadata.tables[name]
                 result = await session.execute(select(table))
+                key = [column.name for column in table.primary_key.columns]
                 rows[name] = {
-                    row.id: {k: v for k, v in row._mapping.items() if k not in _VOLATILE_COLUMNS}
+                    (row.id if key == ["id"] else tuple(row._mapping[k] for k in key)): {
+                        k: v for k, v in row._mapping.items() if k not in _VOLATILE_COLUMNS
+                    }
                     for row in result
                 }
         return Snapshot(rows, self.agents.held())

@@ -6,13 +6,13 @@ import logging
 
 import typer
 
-from nexus.cli import db, dev, disk, doctor, events, instance, saga, sled
+from nexus.cli import db, dev, disk, doctor, events, instance, saga, sled, snapshot
 
 app = typer.Typer(
     name="nexusctl",
     help=(
         "Administer the control plane: run a development stack, manage disks, "
-        "instances and sagas, see unclaimed events, check consistency, and migrate "
+        "snapshots, instances and sagas, see unclaimed events, check consistency, and migrate "
         "Nexus's database."
     ),
     no_args_is_help=True,
@@ -21,6 +21,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(disk.app, name="disk")
+app.add_typer(snapshot.app, name="snapshot")
 app.add_typer(instance.app, name="instance")
 app.add_typer(saga.app, name="saga")
 app.add_typer(sled.app, name="sled")

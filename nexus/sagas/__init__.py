@@ -13,6 +13,8 @@ from nexus.sagas import (
     instance_delete,
     instance_power,
     instance_start,
+    snapshot_create,
+    snapshot_delete,
 )
 
 ALL_SAGAS: tuple[SagaDefinition[Any], ...] = (
@@ -24,4 +26,6 @@ ALL_SAGAS: tuple[SagaDefinition[Any], ...] = (
     instance_power.STOP,
     instance_power.REBOOT,
     instance_delete.DEFINITION,
+    snapshot_create.DEFINITION,
+    snapshot_delete.DEFINITION,
 )

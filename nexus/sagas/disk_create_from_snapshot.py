@@ -22,8 +22,9 @@ The snapshot is read while it is held (docs/omicron.md, "Disks from a snapshot")
   (Omicron's ``volume_references``) in the same transaction;
 - ``disk_finalize`` (the clones have copied everything) and ``regions_place``'s undo
   give the references back;
-- ``snapshot_delete`` is refused while a reference is held (:func:`clones_in_progress`):
-  a clone must not lose its source while it copies.
+- ``snapshot_delete`` is refused while a reference is held (its first node, which
+  locks the snapshot's row as ``regions_place`` does): a clone must not lose its source
+  while it copies.
 
 Unwinding deletes all six regions and waits until each is destroyed, as
 ``disk_create``'s does. A clone still copying cannot be deleted: its agent refuses
@@ -194,24 +195,6 @@ async def read_source(session: AsyncSession, snapshot_id: uuid.UUID) -> Source:
             for part in serving
         ],
     )
-
-
-async def find_snapshot(
-    session: AsyncSession, project: str, ref: str | uuid.UUID
-) -> Snapshot | None:
-    """A project's snapshot by id, or by name among those not destroyed."""
-    if isinstance(ref, uuid.UUID):
-        found = await session.get(Snapshot, ref)
-        return found if found is not None and found.project == project else None
-    return (
-        await session.execute(
-            select(Snapshot).where(
-                Snapshot.project == project,
-                Snapshot.name == ref,
-                Snapshot.state != SnapshotState.DESTROYED,
-            )
-        )
-    ).scalar_one_or_none()
 
 
 # disk_record
@@ -575,20 +558,6 @@ async def disk_finalize(ctx: Ctx[Params]) -> None:
     if ready.rowcount:  # type: ignore[attr-defined]
         await release_references(ctx)
     await announce_disk(ctx, p.disk_id, p.project, p.name, WireDiskState.DETACHED)
-
-
-# what snapshot_delete asks
-
-
-async def clones_in_progress(session: AsyncSession, snapshot_id: uuid.UUID) -> int:
-    """How many disks are being made from the snapshot now (the most references any of
-    its region snapshots holds): ``snapshot_delete`` is refused while there are any."""
-    held = await session.scalar(
-        select(func.max(RegionSnapshot.volume_references)).where(
-            RegionSnapshot.snapshot_id == snapshot_id
-        )
-    )
-    return int(held or 0)
 
 
 DEFINITION: SagaDefinition[Params] = SagaDefinition(

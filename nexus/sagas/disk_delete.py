@@ -2,7 +2,8 @@
 
 Nodes, in order:
 
-    disk_mark_deleting   detached → deleting (an attached disk is refused)
+    disk_mark_deleting   detached → deleting (an attached disk is refused, and so is
+                         one with snapshots: its regions hold them)
     region_0..5          ask the region's agent to delete it; wait for ``destroyed``
                          (a failed destroy is asked again, ``nexus/sagas/region_deletion.py``);
                          a disk has 3 regions, or 6 when made from a snapshot (3 of them
@@ -22,9 +23,10 @@ from datetime import timedelta
 
 from pydantic import BaseModel, Field
 from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from nexus.db.models import Dataset, Disk, Region
-from nexus.db.states import DiskState, RegionState
+from nexus.db.models import Dataset, Disk, Region, Snapshot
+from nexus.db.states import DiskState, RegionState, SnapshotState
 from nexus.saga.definition import (
     ActionFailed,
     Ctx,
@@ -73,6 +75,9 @@ async def disk_mark_deleting(ctx: Ctx[Params]) -> Marked:
         raise ActionFailed(f"no disk {ctx.params.disk_id}")
     if disk.state not in (DiskState.DETACHED, DiskState.FAULTED, DiskState.DELETING):
         raise ActionFailed(f"disk {disk.name} is {disk.state.value}; only a detached disk goes")
+    kept = await snapshots_of(ctx.session, disk.id)
+    if kept:
+        raise ActionFailed(snapshots_block(disk.name, kept))
     disk.state = DiskState.DELETING
     disk.saga_id = ctx.saga_id
     disk.updated_at = ctx.now
@@ -93,6 +98,24 @@ async def disk_mark_deleting(ctx: Ctx[Params]) -> Marked:
     ]
     await announce_disk(ctx, disk.id, disk.project, disk.name, WireDiskState.DELETING)
     return Marked(project=disk.project, name=disk.name, regions=regions)
+
+
+async def snapshots_of(session: AsyncSession, disk_id: uuid.UUID) -> list[str]:
+    """The names of the disk's snapshots that are not destroyed."""
+    rows = await session.execute(
+        select(Snapshot.name)
+        .where(Snapshot.disk_id == disk_id, Snapshot.state != SnapshotState.DESTROYED)
+        .order_by(Snapshot.name)
+    )
+    return list(rows.scalars())
+
+
+def snapshots_block(disk: str, names: list[str]) -> str:
+    """Why a disk with snapshots is not deleted. Its regions hold the snapshots, and an
+    agent refuses to delete a region with snapshots (Omicron's ``region_delete``: "must
+    delete snapshots first!"), so the saga would only get stuck: the delete is refused."""
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return f"disk {disk} has {len(names)} snapshot(s) ({shown}): delete them first"
 
 
 # region_0..5

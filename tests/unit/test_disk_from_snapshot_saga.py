@@ -17,7 +17,7 @@ from nexus.db.models import Disk, Region, RegionSnapshot
 from nexus.db.models import Snapshot as SnapshotRow
 from nexus.db.states import DiskState, SagaLogEvent, SagaState, SnapshotState
 from nexus.saga.definition import Ctx
-from nexus.sagas import disk_create_from_snapshot, disk_delete
+from nexus.sagas import disk_create_from_snapshot, disk_delete, snapshot_delete
 from schemas.region import CLONING_REFUSAL, RegionEnsure, RegionState
 from tests.saga_scenarios import from_snapshot_prepare, snapshot_references
 from tests.saga_support import Agents, Database, FakeCrucible, Replica
@@ -108,8 +108,7 @@ async def test_the_snapshot_is_referenced_while_its_clones_copy(database: Databa
     replica = Replica(database, "a", clock=world.clock, definitions=world.definitions)
     crucible = FakeCrucible.new(database)
     saga_id = await replica.executor.start(DEFINITION, p)
-    async with database.sessions() as session:
-        assert await disk_create_from_snapshot.clones_in_progress(session, p.snapshot_id) == 1
+    assert await snapshot_references(world, p.snapshot_id) == [1, 1, 1]
 
     ensures = [e for e in await crucible.ensures() if await owned(database, e, p.disk_id)]
     assert len(ensures) == 6
@@ -117,8 +116,7 @@ async def test_the_snapshot_is_referenced_while_its_clones_copy(database: Databa
         await replica.deliver(event)
 
     await assert_saga(database, saga_id, SagaState.DONE)
-    async with database.sessions() as session:
-        assert await disk_create_from_snapshot.clones_in_progress(session, p.snapshot_id) == 0
+    assert await snapshot_references(world, p.snapshot_id) == [0, 0, 0]
 
 
 async def owned(database: Database, ensure: RegionEnsure, disk_id: uuid.UUID) -> bool:
@@ -197,3 +195,29 @@ async def test_disk_delete_deletes_the_clones_too(database: Database) -> None:
             .where(RegionSnapshot.snapshot_id == p.snapshot_id)
         )
     assert held == 3
+
+
+async def test_a_snapshot_being_copied_is_not_deleted_until_its_disk_is_made(
+    database: Database,
+) -> None:
+    """Refused, not waited for (docs/omicron.md): snapshot_delete fails at its first node
+    while a disk's clones copy; once the disk is ready, the snapshot can go."""
+    world, p = await prepared(database)
+    replica = Replica(database, "a", clock=world.clock, definitions=world.definitions)
+    crucible = FakeCrucible.new(database)
+    saga_id = await replica.executor.start(DEFINITION, p)
+    delete_params = snapshot_delete.Params(snapshot_id=p.snapshot_id)
+
+    refused = await replica.executor.start(snapshot_delete.DEFINITION, delete_params)
+
+    saga = await assert_saga(database, refused, SagaState.UNDONE)
+    assert "being copied by 1 disk(s) being made from it" in (saga.error or "")
+    ensures = [e for e in await crucible.ensures() if await owned(database, e, p.disk_id)]
+    for event in await crucible.created_events(ensures):
+        await replica.deliver(event)
+    await assert_saga(database, saga_id, SagaState.DONE)
+    world.agents.taken |= {m.id for m in await database.outbox() if m.IS_COMMAND}
+    for ensure in ensures:
+        world.agents.regions[ensure.payload.id] = (ensure, RegionState.CREATED)
+    await world.run_to_done(snapshot_delete.DEFINITION, delete_params)
+    assert (await world.snapshot()).row("snapshots", p.snapshot_id)["state"] == "destroyed"

@@ -83,7 +83,7 @@ from nexus.sagas.disk_create import (
     disk_fault,
     region_geometry,
 )
-from nexus.waitkeys import is_rejection, region_key, region_of
+from nexus.waitkeys import is_rejection, region_key, region_of, rejection_key
 from schemas.common import Rejection
 from schemas.identity import crucible_source
 from schemas.progress import DiskState as WireDiskState
@@ -402,13 +402,23 @@ async def regions_cleanup_undo_resume(ctx: Ctx[Params], wake: WakeUp) -> Wait | 
 
 
 def _for_clones(ctx: Ctx[Params], wait: Wait | None) -> Wait | None:
-    """The wait for the next region's delete; for a clone, one that any event about it
-    wakes, whatever its generation: its refusal (generation 1) came while it copied, and
-    the clone's ``created`` since then has raised what Nexus knows of it."""
+    """The wait for the next region's delete; for a clone, one that any answer to any
+    delete sent to it wakes: its refusal may have come while it copied, under the id the
+    delete had then (generation 1, below the ``created`` Nexus may have learnt since)."""
     clones = {p.region_id for p in ctx.output("regions_place", Placed).regions[REPLICAS:]}
     if wait is None or region_of(wait.keys[0]) not in clones:
         return wait
-    return replace(wait, min_generation=0)
+    region_id = region_of(wait.keys[0])
+    refusals = tuple(rejection_key(i) for i in ctx.command_ids_so_far(str(region_id)))
+    return replace(
+        wait,
+        keys=(
+            region_key(region_id, WireRegionState.DESTROYED),
+            region_key(region_id, WireRegionState.FAILED),
+            *refusals,
+        ),
+        min_generation=0,
+    )
 
 
 def _refused_region(ctx: Ctx[Params], command_id: uuid.UUID) -> uuid.UUID:
@@ -416,9 +426,9 @@ def _refused_region(ctx: Ctx[Params], command_id: uuid.UUID) -> uuid.UUID:
     for placement in ctx.output("regions_place", Placed).regions:
         suffix = str(placement.region_id)
         if command_id in {
-            ctx.command_id(suffix),
+            *ctx.command_ids_so_far(suffix),
             ctx.resend_id(suffix),
-            ctx.command_id(f"{suffix}:copied"),
+            *ctx.command_ids_so_far(f"{suffix}:copied"),
         }:
             return placement.region_id
     raise ActionFailed(f"a refusal of command {command_id}, which this undo did not send")

@@ -8,20 +8,29 @@ deletes all six regions.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import replace
 
 from sqlalchemy import func, select, update
+from typer.testing import CliRunner
 
+from nexus.cli.main import app
 from nexus.db.models import Disk, Region, RegionSnapshot
 from nexus.db.models import Snapshot as SnapshotRow
 from nexus.db.states import DiskState, SagaLogEvent, SagaState, SnapshotState
+from nexus.db.states import RegionState as RowRegionState
+from nexus.doctor import DiskRecord, RegionRecord
 from nexus.saga.definition import Ctx
 from nexus.sagas import disk_create_from_snapshot, disk_delete, snapshot_delete
 from schemas.region import CLONING_REFUSAL, RegionEnsure, RegionState
+from schemas.region import RegionState as WireRegionState
 from tests.saga_scenarios import from_snapshot_prepare, snapshot_references
 from tests.saga_support import Agents, Database, FakeCrucible, Replica
 from tests.saga_triad import World, assert_saga
+from tests.unit.test_doctor import BLOCK, COUNT, EXTENT
+from tests.unit.test_doctor import Rack as DoctorRack
+from tests.unit.test_doctor import wire as doctor_wire
 
 DEFINITION = disk_create_from_snapshot.DEFINITION
 
@@ -221,3 +230,80 @@ async def test_a_snapshot_being_copied_is_not_deleted_until_its_disk_is_made(
         world.agents.regions[ensure.payload.id] = (ensure, RegionState.CREATED)
     await world.run_to_done(snapshot_delete.DEFINITION, delete_params)
     assert (await world.snapshot()).row("snapshots", p.snapshot_id)["state"] == "destroyed"
+
+
+# The doctor knows clones (nexus.doctor.region_findings, no I/O).
+
+
+def clone_rack() -> tuple[DoctorRack, DiskRecord, list[RegionRecord]]:
+    """A disk made from a snapshot: its three regions on the first three datasets (each
+    sled its own), its three clones on the last three."""
+    rack = DoctorRack.with_datasets(4)
+    plain = rack.disk()
+    disk = dataclasses.replace(plain, snapshot_id=uuid.uuid4())
+    rack.disks[disk.id] = disk
+    clones = []
+    for index, dataset_id in enumerate(rack.datasets[1:]):
+        record = RegionRecord(
+            id=uuid.uuid4(),
+            disk_id=disk.id,
+            dataset_id=dataset_id,
+            state=RowRegionState.CREATED,
+            generation=2,
+            block_size=BLOCK,
+            extent_size=EXTENT,
+            extent_count=COUNT,
+            read_only=True,
+            source=f"[fd00::{index}]:19500",
+        )
+        rack.regions.append(record)
+        held = doctor_wire(record.id, WireRegionState.CREATED, 2)
+        rack.held[dataset_id].append(
+            held.model_copy(update={"read_only": True, "source": record.source})
+        )
+        clones.append(record)
+    return rack, disk, clones
+
+
+def test_the_doctor_finds_nothing_wrong_with_three_regions_and_three_clones() -> None:
+    rack, _, _ = clone_rack()
+    assert rack.findings() == []
+
+
+def test_the_doctor_counts_clones_apart() -> None:
+    rack, disk, clones = clone_rack()
+    rack.regions.remove(clones[0])
+    assert rack.findings() == sorted(
+        [("disk_region_count", str(disk.id)), ("region_unknown", str(clones[0].id))]
+    )
+    blank = rack.disk()
+    rack.regions.append(dataclasses.replace(clones[1], id=uuid.uuid4(), disk_id=blank.id))
+    assert ("disk_region_count", str(blank.id)) in rack.findings()
+
+
+def test_the_doctor_finds_two_clones_on_one_sled_and_a_clone_not_read_only() -> None:
+    rack, disk, clones = clone_rack()
+    # The last dataset holds only a clone: on the first clone's sled, only clones share.
+    rack.sled_of_dataset[clones[2].dataset_id] = rack.sled_of_dataset[clones[0].dataset_id]
+    at_agent = rack.held[clones[1].dataset_id]
+    at_agent[-1] = at_agent[-1].model_copy(update={"read_only": False, "source": None})
+    assert rack.findings() == [
+        ("disk_regions_share_sled", str(disk.id)),
+        ("region_spec_mismatch", str(clones[1].id)),
+    ]
+
+
+# nexusctl disk create --from-snapshot: checked before anything is sent.
+
+
+def test_a_blank_disk_needs_a_size() -> None:
+    result = CliRunner().invoke(app, ["disk", "create", "data", "--amqp-url", "amqp://x/"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "error: --size is required for a disk not made from a snapshot"
+
+
+def test_a_snapshot_reference_must_be_a_name_or_an_id() -> None:
+    result = CliRunner().invoke(
+        app, ["disk", "create", "data", "--from-snapshot", "Not A Name", "--amqp-url", "amqp://x/"]
+    )
+    assert result.exit_code == 1 and "invalid resource name" in result.stderr

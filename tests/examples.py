@@ -84,6 +84,32 @@ def disk_view() -> api.DiskView:
     )
 
 
+def snapshot_view() -> api.SnapshotView:
+    now = utcnow()
+    return api.SnapshotView(
+        id=uuid.uuid4(),
+        project="demo",
+        name="snap-1",
+        disk_id=uuid.uuid4(),
+        size_bytes=1 << 30,
+        block_size=512,
+        state="ready",
+        saga_id=uuid.uuid4(),
+        parts=tuple(
+            api.SnapshotPartView(
+                region_id=uuid.uuid4(),
+                dataset_id=uuid.uuid4(),
+                snapshot_state="created",
+                running_state="created",
+                snapshot_addr=f"sled-{n}:{19100 + n}",
+            )
+            for n in range(3)
+        ),
+        created_at=now,
+        updated_at=now,
+    )
+
+
 def instance_view() -> api.InstanceView:
     now = utcnow()
     return api.InstanceView(
@@ -207,6 +233,21 @@ BUILDERS: dict[str, Callable[[], Envelope]] = {
         source=CLI, payload=instance.CrashRequest(id=uuid.uuid4())
     ),
     "vmm.get.v1": lambda: instance.VmmGet(source=NEXUS, payload=instance.VmmRef(id=uuid.uuid4())),
+    "vmm.disk_snapshot.v1": lambda: instance.VmmDiskSnapshot(
+        source=NEXUS,
+        payload=instance.DiskSnapshotRequest(
+            id=uuid.uuid4(), disk_id=uuid.uuid4(), snapshot_id=uuid.uuid4()
+        ),
+    ),
+    "vmm.disk_flushed.v1": lambda: instance.VmmDiskFlushed(
+        source=SLED,
+        payload=instance.DiskFlushed(
+            sled_id=uuid.uuid4(),
+            vmm_id=uuid.uuid4(),
+            disk_id=uuid.uuid4(),
+            snapshot_id=uuid.uuid4(),
+        ),
+    ),
     "vmm.info.v1": lambda: instance.VmmInfo(
         source=SLED,
         payload=instance.VmmFound(sled_id=uuid.uuid4(), vmm_id=uuid.uuid4(), vmm=a_vmm()),
@@ -297,6 +338,19 @@ BUILDERS: dict[str, Callable[[], Envelope]] = {
         source=CLI, payload=api.ResourceRef(project="demo", resource=uuid.uuid4())
     ),
     "api.disk.list.v1": lambda: api.DiskList(source=CLI, payload=api.ProjectFilter(project="demo")),
+    "api.snapshot.create.v1": lambda: api.SnapshotCreate(
+        source=CLI,
+        payload=api.SnapshotCreateRequest(project="demo", name="snap-1", disk="data-1"),
+    ),
+    "api.snapshot.get.v1": lambda: api.SnapshotGet(
+        source=CLI, payload=api.ResourceRef(project="demo", resource="snap-1")
+    ),
+    "api.snapshot.delete.v1": lambda: api.SnapshotDelete(
+        source=CLI, payload=api.ResourceRef(project="demo", resource=uuid.uuid4())
+    ),
+    "api.snapshot.list.v1": lambda: api.SnapshotList(source=CLI),
+    "api.snapshot.v1": lambda: api.SnapshotReply(source=NEXUS, payload=snapshot_view()),
+    "api.snapshots.v1": lambda: api.SnapshotListReply(source=NEXUS, payload=(snapshot_view(),)),
     "api.instance.create.v1": lambda: api.InstanceCreate(
         source=CLI,
         payload=api.InstanceCreateRequest(

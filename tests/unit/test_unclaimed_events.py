@@ -16,9 +16,14 @@ from nexus.sagas import ALL_SAGAS, disk_create, disk_delete
 from nexus.unclaimed import summarise
 from nexus.waitkeys import (
     AWAITED_REGION_STATES,
+    AWAITED_RUNNING_SNAPSHOT_STATES,
+    AWAITED_SNAPSHOT_STATES,
     AWAITED_VMM_STATES,
+    disk_flush_key,
     is_rejection,
     region_key,
+    running_snapshot_key,
+    snapshot_key,
     vmm_key,
 )
 from schemas.common import CommandRejected, Rejection
@@ -106,6 +111,17 @@ async def test_every_key_a_saga_parks_on_is_one_the_intake_keeps(
 def kept_by_the_intake(key: str) -> bool:
     if is_rejection(key):
         return True
+    kind, region, rest = key.split(":", 2)
+    name, _, _ = rest.rpartition(":")
+    if kind == "region_snapshot":
+        return key in {snapshot_key(uuid.UUID(region), name, s) for s in AWAITED_SNAPSHOT_STATES}
+    if kind == "running_snapshot":
+        return key in {
+            running_snapshot_key(uuid.UUID(region), name, s)
+            for s in AWAITED_RUNNING_SNAPSHOT_STATES
+        }
+    if kind == "vmm_flush":
+        return key == disk_flush_key(uuid.UUID(region), uuid.UUID(name))
     object_id = uuid.UUID(key.split(":")[1])
     return key in {region_key(object_id, state) for state in AWAITED_REGION_STATES} | {
         vmm_key(object_id, state) for state in AWAITED_VMM_STATES

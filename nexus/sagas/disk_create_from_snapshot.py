@@ -354,7 +354,7 @@ async def release_references(ctx: Ctx[Params]) -> None:
 
 async def regions_cleanup_undo(ctx: Ctx[Params]) -> Wait | None:
     """``disk_create``'s: delete every region not confirmed destroyed, and wait for each
-    in turn (:func:`_next_wait`)."""
+    in turn (a clone's wait: :func:`_for_clones`)."""
     return _for_clones(ctx, await disk_create.regions_cleanup_undo(_as_disk_create(ctx)))
 
 

@@ -90,6 +90,7 @@ class GroupCommit(Generic[TxT]):
         self._turn = asyncio.Lock()
         self._waiting = 0
         self._group: _Group[TxT] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
         self.counts = Counts()
 
     async def run(self, body: Callable[[TxT], Awaitable[T]]) -> T:
@@ -98,8 +99,15 @@ class GroupCommit(Generic[TxT]):
         self._waiting += 1
         try:
             await self._turn.acquire()
-        finally:
+        except BaseException:
             self._waiting -= 1
+            if self._waiting == 0 and self._group is not None:
+                # A member may have passed the open group on to this one: close it.
+                closing = asyncio.create_task(self._close_orphan())
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
+            raise
+        self._waiting -= 1
         try:
             group = self._group
             if group is None:
@@ -118,6 +126,14 @@ class GroupCommit(Generic[TxT]):
                 ran = False
             else:
                 ran = True
+                if self._waiting == 0 and group.members < self._max_members:
+                    # Deliveries that came in with this one are tasks ready to run: one
+                    # turn of the event loop lets them join before the commit.
+                    try:
+                        await asyncio.sleep(0)
+                    except asyncio.CancelledError:
+                        await self._end(group)
+                        raise
                 if self._waiting == 0 or group.members >= self._max_members:
                     await self._end(group)
         finally:
@@ -126,6 +142,11 @@ class GroupCommit(Generic[TxT]):
             return result
         self.counts.splits += 1
         return await self._storage.alone(body)
+
+    async def _close_orphan(self) -> None:
+        async with self._turn:
+            if self._group is not None and self._waiting == 0:
+                await self._end(self._group)
 
     async def _end(self, group: _Group[TxT]) -> None:
         """Commits the group (rolls it back if a member failed) and tells its members;

@@ -25,6 +25,7 @@ may try it once more in the room that leaves.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -74,6 +75,7 @@ from schemas.region import Region, RegionState
 from schemas.snapshot import RunningSnapshot, Snapshot, SnapshotState
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 metadata = MetaData(
     naming_convention={
@@ -477,6 +479,13 @@ class AgentStore:
         return cls(engine, connection, reserve)
 
     async def close(self) -> None:
+        counts = self.group.counts
+        log.info(
+            "group commit: %d transactions for %d writes, %d run again alone",
+            counts.groups,
+            counts.members,
+            counts.splits,
+        )
         async with self._lock:
             await self._connection.close()
             await self._engine.dispose()

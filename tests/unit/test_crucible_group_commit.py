@@ -305,3 +305,38 @@ async def test_a_member_cancelled_while_waiting_to_join_leaves_no_group_open(tur
         assert await group.run(writer("c", runs)) == "c"
     assert ["a"] in storage.committed or ["a", "b"] in storage.committed
     assert storage.committed[-1] == ["c"]
+
+
+async def test_a_command_handler_returns_only_after_its_groups_commit(
+    agents: BuildAgent,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The transport acks a command when its handler returns: that must be after the
+    commit that holds its record and its event."""
+    agent = await agents()
+    hold = asyncio.Event()
+    real_end = AgentStore.end
+    committing: list[bool] = []
+
+    async def end(self: AgentStore, tx: Transaction, *, commit: bool) -> None:
+        committing.append(commit)
+        await hold.wait()
+        await real_end(self, tx, commit=commit)
+
+    monkeypatch.setattr(AgentStore, "end", end)
+    asked = [region_spec() for _ in range(3)]
+    handlers = [
+        asyncio.create_task(agent.service.handle(delivery(RegionEnsure(source=SOURCE, payload=s))))
+        for s in asked
+    ]
+    async with asyncio.timeout(5):
+        while not committing:
+            await asyncio.sleep(0.001)
+    for _ in range(20):
+        await asyncio.sleep(0.001)
+    assert not any(handler.done() for handler in handlers), "returned before the commit"
+    hold.set()
+    async with asyncio.timeout(5):
+        await asyncio.gather(*handlers)
+    monkeypatch.setattr(AgentStore, "end", real_end)
+    assert {r.id for r in await agent.store.regions()} == {s.id for s in asked}

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from crucible_agent.regions import WORK_ORDER
@@ -46,6 +46,24 @@ class CrucibleMetrics(Collector):
         self.regions, self.unsent = await self._store.figures()
 
     def collect(self) -> Iterator[Metric]:
+        if self._store is not None:
+            counts = self._store.group.counts
+            yield CounterMetricFamily(
+                "crucible_group_commits",
+                "SQLite transactions committed or rolled back for grouped writes "
+                "(crucible_agent/group_commit.py).",
+                value=counts.groups,
+            )
+            yield CounterMetricFamily(
+                "crucible_group_commit_writes",
+                "Writes (a command's record, a worker's outcome, ...) run in those groups.",
+                value=counts.members,
+            )
+            yield CounterMetricFamily(
+                "crucible_group_commit_splits",
+                "Writes run again alone because their group failed.",
+                value=counts.splits,
+            )
         if self.regions is None:
             return
         regions = GaugeMetricFamily(

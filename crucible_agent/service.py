@@ -202,6 +202,8 @@ class RegionService:
         # again. Regions a worker has taken, so that no two take the same one.
         self._worker_count = workers
         self._running_workers: set[asyncio.Task[None]] = set()
+        # Workers reading the records for work right now (or about to).
+        self._looking = 0
         self._taken: set[uuid.UUID] = set()
         self._taken_running: set[tuple[uuid.UUID, str]] = set()
         # Clones handed to the clone pool and not finished: a delete is refused while
@@ -287,7 +289,8 @@ class RegionService:
         self, delivery: Delivery, command: RegionEnsure
     ) -> regions.EnsureOutcome:
         spec = command.payload
-        async with self._store.transaction() as tx:
+
+        async def record(tx: Transaction) -> regions.EnsureOutcome:
             existing = await tx.region(spec.id)
             outcome = regions.ensure(
                 existing,
@@ -313,7 +316,9 @@ class RegionService:
                     )
             if isinstance(outcome, regions.Changed | regions.Unchanged):
                 await self._send_info(tx, delivery, command, outcome.region)
-        return outcome
+            return outcome
+
+        return await self._store.grouped(record)
 
     async def _answer_unrecorded(
         self, delivery: Delivery, command: RegionEnsure, shortage: str
@@ -351,7 +356,8 @@ class RegionService:
         self, delivery: Delivery, command: RegionDelete
     ) -> regions.DeleteOutcome:
         region_id = command.payload.id
-        async with self._store.transaction() as tx:
+
+        async def record(tx: Transaction) -> regions.DeleteOutcome:
             taken = [s.name for s in await tx.snapshots(region_id) if snapshots.exists(s)]
             outcome = regions.delete(
                 await tx.region(region_id), snapshots=taken, cloning=region_id in self._cloning
@@ -368,7 +374,9 @@ class RegionService:
                 case regions.Refused():
                     await self._send_rejection(tx, delivery, command, outcome.code, outcome.message)
                     _log_rejection(command, outcome.message)
-        return outcome
+            return outcome
+
+        return await self._store.grouped(record)
 
     async def _get(self, delivery: Delivery, command: RegionGet) -> None:
         region_id = command.payload.id
@@ -393,8 +401,7 @@ class RegionService:
     async def _reject_recorded(
         self, delivery: Delivery, command: Envelope, code: str, why: str
     ) -> None:
-        async with self._store.transaction() as tx:
-            await self._send_rejection(tx, delivery, command, code, why)
+        await self._store.grouped(lambda tx: self._send_rejection(tx, delivery, command, code, why))
 
     async def _reject_directly(
         self, delivery: Delivery, command: Envelope, code: str, why: str
@@ -492,7 +499,8 @@ class RegionService:
         self, delivery: Delivery, command: RunningSnapshotRun | RunningSnapshotStop
     ) -> snapshots.RunningOutcome:
         ref = command.payload
-        async with self._store.transaction() as tx:
+
+        async def record(tx: Transaction) -> snapshots.RunningOutcome:
             region = await tx.region(ref.region_id)
             existing = await tx.running_snapshot(ref.region_id, ref.name)
             if isinstance(command, RunningSnapshotRun):
@@ -507,7 +515,9 @@ class RegionService:
             else:
                 outcome = snapshots.stop(region, existing)
             await self._answer_snapshot(tx, delivery, command, ref, outcome)
-        return outcome
+            return outcome
+
+        return await self._store.grouped(record)
 
     async def _answer_snapshot(
         self,
@@ -591,46 +601,76 @@ class RegionService:
         return frozenset(self._taken)
 
     def _wake_worker(self) -> None:
-        """There may be new work: the workers look again, and start if they are not running."""
+        """There may be new work: a worker looks again. A worker looking already sees it
+        (or looks once more: ``_work_ready``); otherwise one more starts, if there is
+        room. Not one per free slot: with many workers (the benchmark's), each waking
+        on every command to read the records and find nothing cost more than the
+        commands themselves (BENCHMARKS.md, "Group commit in the crucible agent")."""
         self._work_ready.set()
-        while len(self._running_workers) < self._worker_count:
-            worker = self._start(self._work())
-            if worker is None:
-                return
-            self._running_workers.add(worker)
-            worker.add_done_callback(self._running_workers.discard)
+        if self._looking == 0:
+            self._add_worker()
+
+    def _add_worker(self) -> None:
+        if len(self._running_workers) >= self._worker_count:
+            return
+        worker = self._start(self._work())
+        if worker is None:
+            return
+        # Looking from its start: a wake meanwhile needs no other worker.
+        self._looking += 1
+        self._running_workers.add(worker)
+        worker.add_done_callback(self._running_workers.discard)
 
     async def _work(self) -> None:
-        """The worker: one region at a time, in :data:`regions.WORK_ORDER`, until none is
+        """A worker: one region at a time, in :data:`regions.WORK_ORDER`, until none is
         left. It reads the records after clearing ``_work_ready``, so a record committed
-        meanwhile either is read or sets it again."""
-        while not self._stopping.is_set():
-            self._work_ready.clear()
-            region = await self._next_work()
-            if region is None:
-                running = await self._next_running_work()
-                if running is not None:
+        meanwhile either is read or sets it again. Once it found work it is no longer
+        looking, and another worker (if there is room) looks for more: work spreads
+        over the workers one find at a time. With one worker, as the real agent has, it
+        simply takes one region after the other."""
+        looking = True  # counted by _add_worker
+        try:
+            while not self._stopping.is_set():
+                if not looking:
+                    self._looking += 1
+                    looking = True
+                self._work_ready.clear()
+                region = await self._next_work()
+                running = None if region is not None else await self._next_running_work()
+                if region is None and running is None:
+                    if self._work_ready.is_set():
+                        continue
+                    return
+                self._looking -= 1
+                looking = False
+                if self._looking == 0:
+                    self._add_worker()
+                if region is None:
+                    assert running is not None
                     await self._running_work(running)
-                    continue
-                if self._work_ready.is_set():
-                    continue
-                return
-            self._taken.add(region.id)
-            if region.state is RegionState.REQUESTED and region.source is not None:
-                # A clone copies from another downstairs and may take long: it goes to
-                # the clone pool and the worker carries on, as the real one does.
-                self._cloning.add(region.id)
-                if self._start(self._clone(region)) is None:
-                    self._cloning.discard(region.id)
-                    self._taken.discard(region.id)
-                continue
-            try:
-                if region.state is RegionState.TOMBSTONED:
-                    await self._destroy(region.id)
                 else:
-                    await self._create(region.id)
-            finally:
+                    await self._region_work(region)
+        finally:
+            if looking:
+                self._looking -= 1
+
+    async def _region_work(self, region: Region) -> None:
+        self._taken.add(region.id)
+        if region.state is RegionState.REQUESTED and region.source is not None:
+            # A clone copies from another downstairs and may take long: it goes to the
+            # clone pool and the worker carries on, as the real one does.
+            self._cloning.add(region.id)
+            if self._start(self._clone(region)) is None:
+                self._cloning.discard(region.id)
                 self._taken.discard(region.id)
+            return
+        try:
+            if region.state is RegionState.TOMBSTONED:
+                await self._destroy(region.id)
+            else:
+                await self._create(region.id)
+        finally:
+            self._taken.discard(region.id)
 
     async def _next_work(self) -> Region | None:
         found: list[Region | None] = [None]
@@ -713,7 +753,8 @@ class RegionService:
         """The region, its space reserved; None when it is no longer to be created or
         failed for want of space (recorded, with its event)."""
         shortage = self._shortage()
-        async with self._store.transaction() as tx:
+
+        async def record(tx: Transaction) -> Region | None:
             region = await tx.region(region_id)
             # Deleted while it waited: a create that finishes after a delete records nothing.
             if region is None or not regions.needs_files(region):
@@ -728,13 +769,17 @@ class RegionService:
                 await self._record(tx, decided, await tx.cause(region_id))
                 return None
             await tx.set_reserved(region_id, decided.bytes)
-        self._announce_soon()
+            return region
+
+        region = await self._store.grouped(record)
+        if region is not None:
+            self._announce_soon()
         return region
 
     async def _record_create_finished(
         self, region_id: uuid.UUID, failure: str | None, release: bool
     ) -> None:
-        async with self._store.transaction() as tx:
+        async def record(tx: Transaction) -> None:
             current = await tx.region(region_id)
             assert current is not None, "region records are never deleted"
             if release:
@@ -742,6 +787,8 @@ class RegionService:
             outcome = regions.create_finished(current, failure)
             if isinstance(outcome, regions.Changed):
                 await self._record(tx, outcome, await tx.cause(region_id))
+
+        await self._store.grouped(record)
 
     async def _write_files(self, region: Region) -> str | None:
         """Writes the extents and returns None, or why the create failed. An injected
@@ -809,20 +856,19 @@ class RegionService:
                     raise
                 failure = f"could not start the read-only downstairs: {error}"
 
-        async def record() -> None:
-            async with self._store.transaction() as tx:
-                current = await tx.running_snapshot(running.id, running.name)
-                assert current is not None, "running snapshot records are never deleted"
-                outcome = (
-                    snapshots.stop_finished(current)
-                    if running.state is RegionState.TOMBSTONED
-                    else snapshots.start_finished(current, failure)
-                )
-                if isinstance(outcome, snapshots.RunningChanged):
-                    cause = await tx.running_cause(running.id, running.name)
-                    await self._record_running(tx, outcome, cause)
+        async def record(tx: Transaction) -> None:
+            current = await tx.running_snapshot(running.id, running.name)
+            assert current is not None, "running snapshot records are never deleted"
+            outcome = (
+                snapshots.stop_finished(current)
+                if running.state is RegionState.TOMBSTONED
+                else snapshots.start_finished(current, failure)
+            )
+            if isinstance(outcome, snapshots.RunningChanged):
+                cause = await tx.running_cause(running.id, running.name)
+                await self._record_running(tx, outcome, cause)
 
-        await self._writing(record)
+        await self._writing(lambda: self._store.grouped(record))
         self._relay.notify()
 
     async def _destroy(self, region_id: uuid.UUID) -> None:
@@ -851,12 +897,14 @@ class RegionService:
         return None
 
     async def _record_destroy_finished(self, region_id: uuid.UUID, failure: str | None) -> None:
-        async with self._store.transaction() as tx:
+        async def record(tx: Transaction) -> None:
             region = await tx.region(region_id)
             assert region is not None, "region records are never deleted"
             outcome = regions.destroy_finished(region, failure)
             if isinstance(outcome, regions.Changed):
                 await self._record(tx, outcome, await tx.cause(region_id))
+
+        await self._store.grouped(record)
 
     def _start(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
         if self._stopping.is_set():
@@ -926,8 +974,10 @@ class RegionService:
         self._relay.notify()
 
     async def _record_announcement(self) -> None:
-        async with self._store.transaction() as tx:
+        async def record(tx: Transaction) -> None:
             await tx.send(await self._announcement(tx))
+
+        await self._store.grouped(record)
 
     def _announce_soon(self) -> None:
         """Free space changed: announce it once ``coalesce_seconds`` have passed, unless an

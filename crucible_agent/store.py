@@ -25,13 +25,14 @@ may try it once more in the room that leaves.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from sqlalchemy import (
     Boolean,
@@ -56,10 +57,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    create_async_engine,
+)
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 from sqlalchemy.sql import Select
 
+from crucible_agent.group_commit import GroupCommit
 from crucible_agent.regions import FIRST_PORT, LAST_PORT, Holdings
 from crucible_agent.space import SpaceReserve, is_out_of_space
 from schemas import tracing
@@ -67,6 +73,9 @@ from schemas.base import Envelope
 from schemas.outbox import OutgoingMessage
 from schemas.region import Region, RegionState
 from schemas.snapshot import RunningSnapshot, Snapshot, SnapshotState
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 metadata = MetaData(
     naming_convention={
@@ -403,6 +412,11 @@ class Transaction:
                     return found
         return None
 
+    async def delete_sent(self, message_ids: Sequence[uuid.UUID]) -> None:
+        await self._connection.execute(
+            delete(outbox_table).where(outbox_table.c.message_id.in_(message_ids))
+        )
+
     async def send(self, message: OutgoingMessage) -> None:
         await self._connection.execute(
             insert(outbox_table).values(
@@ -417,6 +431,10 @@ class Transaction:
                 trace_context=tracing.dumps(message.trace_context),
             )
         )
+
+
+class _RollBack(Exception):
+    """Ends a group's transaction without committing it."""
 
 
 class StaleRegion(RuntimeError):
@@ -445,6 +463,8 @@ class AgentStore:
         self._connection = connection
         self._reserve = reserve
         self._lock = asyncio.Lock()
+        self._open: AbstractAsyncContextManager[Transaction] | None = None
+        self.group = GroupCommit(self)
 
     @classmethod
     async def open(cls, path: Path, *, reserve: SpaceReserve | None = None) -> Self:
@@ -459,6 +479,13 @@ class AgentStore:
         return cls(engine, connection, reserve)
 
     async def close(self) -> None:
+        counts = self.group.counts
+        log.info(
+            "group commit: %d transactions for %d writes, %d run again alone",
+            counts.groups,
+            counts.members,
+            counts.splits,
+        )
         async with self._lock:
             await self._connection.close()
             await self._engine.dispose()
@@ -476,6 +503,38 @@ class AgentStore:
                     raise
                 freed = self._reserve is not None and self._reserve.release()
                 raise OutOfSpace(f"data directory full: {error.orig}", freed=freed) from error
+
+    async def grouped(self, body: Callable[[Transaction], Awaitable[T]]) -> T:
+        """``body`` in a transaction shared with the writes that arrive with it, committed
+        before this returns (:mod:`crucible_agent.group_commit`). On a failure in the
+        group, ``body`` runs again alone, where a full disk raises OutOfSpace."""
+        return await self.group.run(body)
+
+    # group_commit.Storage: a group is one transaction of :meth:`transaction`, opened by
+    # its first member and closed by its last (so what a subclass adds to a transaction,
+    # the benchmark's change watch or a test's full disk, applies to groups too).
+
+    async def begin(self) -> Transaction:
+        opened = self.transaction()
+        tx = await opened.__aenter__()
+        self._open = opened
+        return tx
+
+    async def end(self, tx: Transaction, *, commit: bool) -> None:
+        opened, self._open = self._open, None
+        assert opened is not None, "end() without begin()"
+        if commit:
+            await opened.__aexit__(None, None, None)
+        else:
+            rollback = _RollBack()
+            await opened.__aexit__(_RollBack, rollback, None)
+
+    async def alone(self, body: Callable[[Transaction], Awaitable[T]]) -> T:
+        async with self.transaction() as tx:
+            return await body(tx)
+
+    def group_error(self, error: BaseException) -> bool:
+        return isinstance(error, DBAPIError)
 
     async def region(self, region_id: uuid.UUID) -> Region | None:
         async with self.transaction() as tx:
@@ -519,10 +578,8 @@ class AgentStore:
             await self._delete_sent(message_ids)
 
     async def _delete_sent(self, message_ids: Sequence[uuid.UUID]) -> None:
-        async with self.transaction():
-            await self._connection.execute(
-                delete(outbox_table).where(outbox_table.c.message_id.in_(message_ids))
-            )
+        # With the commands and the work being recorded meanwhile: one commit for all.
+        await self.grouped(lambda tx: tx.delete_sent(message_ids))
 
 
 async def _add_reservations(connection: AsyncConnection) -> None:

@@ -1,0 +1,185 @@
+"""What each saga of issue #15 needs for the triad on real processes (``tests/real_triad.py``):
+its inputs, the ``nexusctl`` command that starts it, and what it leaves.
+
+Uuids are read as SQLite stores them (32 hex digits); the agents' keys are uuids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from nexus.sagas import snapshot_create, snapshot_delete
+from nexus.sagas.disk_create import REPLICAS
+from tests.real_triad import (
+    PROJECT,
+    Rack,
+    RealScenario,
+    World,
+    as_before,
+    assert_changed_only,
+    changed,
+)
+
+SIZE = "64MiB"
+
+
+def by_name(world: World, table: str, name: str) -> dict[str, Any]:
+    (row,) = [r for r in world[table].values() if r["name"] == name and r["project"] == PROJECT]
+    return dict(row)
+
+
+def parts(world: World, snapshot_id: str) -> dict[Any, Any]:
+    return {k: r for k, r in world["region_snapshots"].items() if r["snapshot_id"] == snapshot_id}
+
+
+def agent_keys(rows: Mapping[Any, Any], snapshot_id: str) -> set[tuple[uuid.UUID, str]]:
+    """The (region, name) the agents know a snapshot's parts by."""
+    name = str(uuid.UUID(snapshot_id))
+    return {(uuid.UUID(r["region_id"]), name) for r in rows.values()}
+
+
+async def disk_with_instance(rack: Rack, disk: str, instance: str) -> None:
+    await rack.ok("disk", "create", disk, "--size", SIZE, "-p", PROJECT, "--wait")
+    await rack.ok("instance", "create", instance, "--disk", disk, "-p", PROJECT, "--wait")
+
+
+# snapshot_create: of a disk attached to a running instance, so that the sled agent's
+# VMM flushes it first. Every case snapshots the same disk under a name of its own.
+
+SC_DISK = "sc-disk"
+
+
+async def snapshot_create_prepare(rack: Rack, cases: Sequence[str]) -> Mapping[str, Any]:
+    await disk_with_instance(rack, SC_DISK, "sc-vm")
+    return {case: f"sc-{index}" for index, case in enumerate(cases)}
+
+
+def snapshot_create_start(name: str) -> Sequence[str]:
+    return ["snapshot", "create", name, "--disk", SC_DISK, "-p", PROJECT]
+
+
+async def snapshot_create_done(rack: Rack, name: str, before: World, after: World) -> None:
+    """Ready, a part per region of the disk, each taken and served at its agent; nothing
+    else changed (the VMM runs on)."""
+    snapshot = by_name(after, "snapshots", name)
+    disk = by_name(after, "disks", SC_DISK)
+    assert (snapshot["state"], snapshot["disk_id"]) == ("ready", disk["id"]), snapshot
+    made = parts(after, snapshot["id"])
+    assert len(made) == REPLICAS
+    regions = {k for k, r in after["regions"].items() if r["disk_id"] == disk["id"]}
+    assert {r["region_id"] for r in made.values()} == regions
+    for part in made.values():
+        assert (part["snapshot_state"], part["running_state"]) == ("created", "created"), part
+        assert part["snapshot_addr"].endswith(f":{part['port_number']}"), part
+    keys = agent_keys(made, snapshot["id"])
+    assert_changed_only(
+        before,
+        after,
+        {
+            "snapshots": {snapshot["id"]},
+            "region_snapshots": set(made),
+            "held:snapshots": keys,
+            "held:running_snapshots": keys,
+        },
+    )
+    for key in keys:
+        assert after["held:running_snapshots"][key][0] == "created"
+
+
+SNAPSHOT_CREATE = RealScenario(
+    snapshot_create.DEFINITION,
+    snapshot_create_prepare,
+    snapshot_create_start,
+    snapshot_create_done,
+)
+
+
+# snapshot_delete: each case deletes a snapshot of its own, all taken of one detached
+# disk beforehand.
+
+SD_DISK = "sd-disk"
+
+
+async def snapshot_delete_prepare(rack: Rack, cases: Sequence[str]) -> Mapping[str, Any]:
+    await rack.ok("disk", "create", SD_DISK, "--size", SIZE, "-p", PROJECT, "--wait")
+    names = {case: f"sd-{index}" for index, case in enumerate(cases)}
+    await asyncio.gather(
+        *(
+            rack.ok("snapshot", "create", name, "--disk", SD_DISK, "-p", PROJECT, "--wait")
+            for name in names.values()
+        )
+    )
+    return names
+
+
+def snapshot_delete_start(name: str) -> Sequence[str]:
+    return ["snapshot", "delete", name, "-p", PROJECT]
+
+
+async def snapshot_delete_done(rack: Rack, name: str, before: World, after: World) -> None:
+    """Destroyed: its row stays, its parts' rows are gone, and no agent holds anything
+    of it."""
+    snapshot = by_name(after, "snapshots", name)
+    assert snapshot["state"] == "destroyed", snapshot
+    gone = parts(before, snapshot["id"])
+    assert len(gone) == REPLICAS and parts(after, snapshot["id"]) == {}
+    keys = agent_keys(gone, snapshot["id"])
+    assert_changed_only(
+        before,
+        after,
+        {
+            "snapshots": {snapshot["id"]},
+            "region_snapshots": set(gone),
+            "held:snapshots": keys,
+            "held:running_snapshots": keys,
+        },
+    )
+
+
+async def snapshot_delete_unwound(
+    rack: Rack, name: str, before: World, after: World, node: str
+) -> None:
+    """Before any running snapshot is stopped the snapshot is ready as before. After, it
+    is ``faulted`` (its parts cannot all be read), which the doctor reports and nothing
+    else: deleting it again, on a Nexus without faults, finishes the job."""
+    if node in ("snapshot_mark_deleting", "running_stop"):
+        await as_before(rack, name, before, after, node)
+        return
+    snapshot = by_name(after, "snapshots", name)
+    assert snapshot["state"] == "faulted", snapshot
+    ours = parts(before, snapshot["id"])
+    keys = agent_keys(ours, snapshot["id"])
+    # Its running snapshots are stopped (and, failed later, its snapshots deleted).
+    assert not keys & set(after["held:running_snapshots"])
+    for kind, changes in changed(before, after).items():
+        allowed = {
+            "snapshots": {snapshot["id"]},
+            "region_snapshots": set(ours),
+            "held:snapshots": keys,
+            "held:running_snapshots": keys,
+        }.get(kind, set())
+        assert changes <= allowed, f"{kind} changed beyond the snapshot's own: {changes}"
+    report = await rack.doctor()
+    assert report.code == 1, report.output
+    findings = {(f["kind"], f["object_id"]) for f in report.document["findings"]}
+    assert findings == {("snapshot_faulted", str(uuid.UUID(snapshot["id"])))}, findings
+    await rack.nexus_with(())
+    again = await rack.ctl(*snapshot_delete_start(name), "--wait")
+    assert again.code == 0, again.output
+    await snapshot_delete_done(rack, name, before, await rack.world())
+    await rack.healthy()
+
+
+SNAPSHOT_DELETE = RealScenario(
+    snapshot_delete.DEFINITION,
+    snapshot_delete_prepare,
+    snapshot_delete_start,
+    snapshot_delete_done,
+    snapshot_delete_unwound,
+)
+
+
+SCENARIOS: tuple[RealScenario, ...] = (SNAPSHOT_CREATE, SNAPSHOT_DELETE)

@@ -52,9 +52,11 @@ PROJECT = "triad"
 SOURCE = "cli/triad"
 
 # Nexus's tables of what sagas build (those this database has); the engine's own are
-# judged through the saga's view instead. Sleds and datasets change with every
-# heartbeat and announcement, and no saga here changes them.
+# judged through the saga's view instead. A dataset's free space is Nexus's own account
+# (placement reserves it, an undo gives it back), so datasets are compared too.
 RESOURCE_TABLES = (
+    "sleds",
+    "datasets",
     "disks",
     "regions",
     "instances",
@@ -63,8 +65,8 @@ RESOURCE_TABLES = (
     "region_snapshots",
     "region_replacements",
 )
-# Written by every change; says when, not what.
-VOLATILE_COLUMNS = frozenset({"updated_at"})
+# Written by every change, heartbeat or announcement; say when, not what.
+VOLATILE_COLUMNS = frozenset({"updated_at", "last_seen_at", "last_heartbeat_at"})
 
 # kind ("disks", "held:regions", ...) -> key -> what it is.
 World = Mapping[str, Mapping[Any, Any]]

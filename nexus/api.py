@@ -32,6 +32,7 @@ from nexus.db.models import (
     Disk,
     InboxMessage,
     Instance,
+    RegionReplacement,
     Saga,
     SagaLogEntry,
     Sled,
@@ -42,6 +43,7 @@ from nexus.db.models import (
 from nexus.db.states import (
     DiskState,
     InstanceState,
+    ReplacementState,
     SagaState,
     SledState,
     SnapshotState,
@@ -49,6 +51,8 @@ from nexus.db.states import (
 )
 from nexus.doctor import run_doctor
 from nexus.liveness import expunge_sled
+from nexus.replacements import Replacements, in_flight_for
+from nexus.replacements import view as replacement_view
 from nexus.saga.definition import SagaDefinition
 from nexus.saga.executor import SagaExecutor
 from nexus.saga.position import Position, WaitingNode
@@ -97,6 +101,7 @@ class Api:
         sessions: async_sessionmaker[AsyncSession],
         executor: SagaExecutor,
         transport: Transport,
+        replacements: Replacements | None = None,
         clock: Callable[[], datetime],
         replica_id: str,
         region_deadline: timedelta = disk_create.REGION_DEADLINE,
@@ -109,6 +114,9 @@ class Api:
         self._region_max_rearms = region_max_rearms
         self._sessions = sessions
         self._executor = executor
+        self._replacements = replacements or Replacements(
+            executor, region_deadline=region_deadline, delete_deadline=delete_deadline
+        )
         self._transport = transport
         self._clock = clock
         self._replica_id = replica_id
@@ -130,6 +138,8 @@ class Api:
             api.SagaList: self.saga_list,
             api.SledList: self.sled_list,
             api.SledExpunge: self.sled_expunge,
+            api.RegionReplacementList: self.replacement_list,
+            api.RegionReplacementGet: self.replacement_get,
         }
 
     @property
@@ -310,6 +320,12 @@ class Api:
             if kept := await disk_delete.snapshots_of(session, disk.id):
                 raise ApiProblem(
                     api.ErrorCode.CONFLICT, disk_delete.snapshots_block(disk.name, kept)
+                )
+            if (replacing := await in_flight_for(session, disk.id)) is not None:
+                raise ApiProblem(
+                    api.ErrorCode.CONFLICT,
+                    f"disk {disk.name} has region replacement {replacing.id} in flight "
+                    f"({replacing.state.value}); delete it once that is complete",
                 )
             reply = await self._start(
                 request,
@@ -582,13 +598,15 @@ class Api:
     async def sled_expunge(self, request: api.SledExpunge) -> Envelope:
         sled_id = request.payload.sled_id
         async with self._sessions.begin() as session:
-            expunged = await expunge_sled(session, sled_id, self._clock())
+            expunged = await expunge_sled(session, sled_id, self._clock(), self._replacements)
             views = await sled_views(session, only=sled_id)
             if not views:
                 # Nothing names it: a typo, not a sled. The transaction changed nothing.
                 raise not_found("sled", sled_id)
         for woke in expunged.woken:
             self._executor.spawn(woke.saga_id)
+        # Committed: every lost region's replacement saga runs now.
+        self._replacements.run(expunged.lost)
         if expunged.changed:
             log.warning(
                 "sled %s expunged by an operator: %d datasets expunged, %d VMMs failed",
@@ -603,8 +621,46 @@ class Api:
                 changed=expunged.changed,
                 datasets_expunged=expunged.datasets,
                 vmms_failed=expunged.failed_vmms,
+                replacements_requested=expunged.lost.requested,
+                replacement_sagas=tuple(row.id for row in expunged.lost.sagas),
             ),
             **request.caused(),
+        )
+
+    # Region replacements.
+
+    async def replacement_list(self, request: api.RegionReplacementList) -> Envelope:
+        wanted = request.payload
+        query = (
+            select(RegionReplacement)
+            .order_by(RegionReplacement.request_time.desc(), RegionReplacement.id)
+            .limit(wanted.limit)
+        )
+        if wanted.state is not None:
+            if wanted.state not in {s.value for s in ReplacementState}:
+                raise ApiProblem(
+                    api.ErrorCode.INVALID_REQUEST,
+                    f"no replacement state {wanted.state!r}; one of "
+                    + ", ".join(s.value for s in ReplacementState),
+                )
+            query = query.where(RegionReplacement.state == wanted.state)
+        if wanted.disk_id is not None:
+            query = query.where(RegionReplacement.disk_id == wanted.disk_id)
+        async with self._sessions() as session:
+            found = (await session.execute(query)).scalars().all()
+        return api.RegionReplacementListReply(
+            source=self.source,
+            payload=tuple(replacement_view(r) for r in found),
+            **request.caused(),
+        )
+
+    async def replacement_get(self, request: api.RegionReplacementGet) -> Envelope:
+        async with self._sessions() as session:
+            found = await session.get(RegionReplacement, request.payload.id)
+        if found is None:
+            raise not_found("region replacement", request.payload.id)
+        return api.RegionReplacementReply(
+            source=self.source, payload=replacement_view(found), **request.caused()
         )
 
     # Doctor.

@@ -31,6 +31,7 @@ from nexus.db.engine import create_engine, create_sessionmaker
 from nexus.events import EventIngest
 from nexus.liveness import expunge_lost_sleds, mark_silent_sleds
 from nexus.metrics import DatabaseFigures, NexusMetrics
+from nexus.replacements import Replacements
 from nexus.saga.clock import Clock, DatabaseClock
 from nexus.saga.definition import SagaDefinition
 from nexus.saga.executor import SagaExecutor
@@ -88,6 +89,7 @@ class NexusApp:
         self.relay: OutboxRelay | None = None
         self.ingest: EventIngest | None = None
         self.api: Api | None = None
+        self.replacements: Replacements | None = None
         # Its own registry: several apps in one process (tests) keep their figures apart.
         self.metrics = NexusMetrics(settings.replica_id)
         self.metrics_server: MetricsServer | None = None
@@ -143,7 +145,13 @@ class NexusApp:
         self.tasks.watch(
             "broker", lambda: transport.health_problem(stuck_after=CONSUMER_STUCK_SECONDS)
         )
+        self.replacements = Replacements(
+            self.executor,
+            region_deadline=timedelta(seconds=settings.region_deadline_seconds),
+            delete_deadline=timedelta(seconds=settings.delete_deadline_seconds),
+        )
         self.api = Api(
+            replacements=self.replacements,
             disk_create_saga=self._disk_create_saga,
             sessions=self.sessions,
             executor=self.executor,
@@ -293,8 +301,12 @@ class NexusApp:
             now=self.clock.now(),
             after=timedelta(seconds=settings.sled_expunge_seconds),
             hearing=timedelta(seconds=settings.sled_timeout_seconds),
+            replacements=self.replacements,
         ):
             self.executor.spawn(woke.saga_id)
+        assert self.replacements is not None
+        # The one timer of region replacement: a request whose saga unwound, again.
+        await self.replacements.retry(self.sessions, self.clock.now())
         if self._sweeps % max(1, int(60 / settings.sweep_seconds)) == 0:
             moved = await self.executor.sweep_unclaimed(
                 timedelta(seconds=settings.unclaimed_retention_seconds)

@@ -10,9 +10,11 @@ Then it decides, with no I/O (:func:`region_findings`), what does not match:
 
 - ``agent_identity``: a dataset or sled whose recorded queue is not its own, or whose
   queue was answered by another agent;
-- ``disk_region_count``: a ready disk without exactly ``REPLICAS`` regions (any live
-  disk with more);
-- ``disk_regions_share_sled``: two regions of a live disk on one sled;
+- ``disk_region_count``: a ready disk without exactly ``REPLICAS`` live regions (any
+  live disk with more), unless a replacement of one of its regions is in flight;
+- ``disk_regions_share_sled``: two live regions of a live disk on one sled;
+- ``region_lost_unreplaced``: a live region of a ready disk on an expunged dataset with
+  no replacement in flight (``nexus.replacements`` files one with the expunge);
 - ``region_missing``: a ready disk's region that its dataset's agent does not have;
 - ``region_state_mismatch``: a ready disk's region in another state or generation at its
   agent than Nexus records (a deleted disk's: not ``destroyed``, and not live);
@@ -27,6 +29,9 @@ Then it decides, with no I/O (:func:`region_findings`), what does not match:
 - snapshots against what the agents hold (``nexus/doctor_snapshots.py``:
   ``snapshot_part_count``, ``snapshot_missing``, ``running_snapshot_mismatch``,
   ``orphan_snapshot``, ``orphan_running_snapshot``, ``snapshot_faulted``).
+
+An expunged dataset's agent is not asked (Nexus has written it off, as Omicron writes off
+an expunged disk), and regions on it are checked only by the rules above.
 
 Run it on a quiet system: an operation in flight is legitimately between states, which
 is why regions of disks being created, deleted or faulted are checked only for where
@@ -44,8 +49,15 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from nexus.db.models import Dataset, Disk, Instance, Region, Saga, Sled, Vmm
-from nexus.db.states import DiskState, RegionState, SagaState, VmmState
+from nexus.db.models import Dataset, Disk, Instance, Region, RegionReplacement, Saga, Sled, Vmm
+from nexus.db.states import (
+    IN_FLIGHT_REPLACEMENT_STATES,
+    DatasetState,
+    DiskState,
+    RegionState,
+    SagaState,
+    VmmState,
+)
 from nexus.doctor_snapshots import ask_agents, read_records, snapshot_findings
 from nexus.sagas.disk_create import REPLICAS
 from schemas import api
@@ -58,6 +70,8 @@ from schemas.topology import crucible_queue, sled_queue
 from schemas.transport import PublishFailed, RequestTimedOut, Transport
 
 LIVE_REGION = {WireRegionState.REQUESTED, WireRegionState.CREATED}
+# Regions out of their disk's volume: destroyed, or swapped out by a replacement.
+GONE_REGION = {RegionState.DESTROYED, RegionState.TOMBSTONED}
 READY_DISK = {DiskState.DETACHED, DiskState.ATTACHED}
 # VMM states that stay put long enough to compare with the sled's.
 COMPARABLE = {VmmState.RUNNING}
@@ -94,6 +108,10 @@ class Records:
     regions: Sequence[RegionRecord]
     # Each dataset's sled, as its agent announced it.
     sled_of_dataset: Mapping[uuid.UUID, uuid.UUID]
+    # Datasets lost with their sled.
+    expunged_datasets: frozenset[uuid.UUID] | set[uuid.UUID] = frozenset()
+    # Disks with a region replacement in flight.
+    replacing: frozenset[uuid.UUID] | set[uuid.UUID] = frozenset()
 
 
 async def run_doctor(
@@ -125,7 +143,19 @@ async def run_doctor(
                 for region in (await session.execute(select(Region))).scalars()
             ],
             sled_of_dataset={dataset.id: dataset.sled_id for dataset in datasets},
+            expunged_datasets={d.id for d in datasets if d.state == DatasetState.EXPUNGED},
+            replacing=set(
+                (
+                    await session.execute(
+                        select(RegionReplacement.disk_id).where(
+                            RegionReplacement.state.in_(IN_FLIGHT_REPLACEMENT_STATES)
+                        )
+                    )
+                ).scalars()
+            ),
         )
+        # An expunged dataset's agent is written off: not asked.
+        datasets = [d for d in datasets if d.state != DatasetState.EXPUNGED]
         # The VMMs a sled has heard of and that have not ended, by Nexus's records.
         placed = [
             (vmm, name, queue)
@@ -210,7 +240,7 @@ def region_findings(
         *(
             finding
             for record in records.regions
-            if record.dataset_id in held
+            if record.dataset_id in held and record.dataset_id not in records.expunged_datasets
             for finding in _region_at_its_agent(
                 records, record, at_agent.get((record.dataset_id, record.id))
             )
@@ -220,16 +250,32 @@ def region_findings(
 
 
 def _disks_placed_apart(records: Records) -> list[api.DoctorFinding]:
-    """Each live disk has its number of regions, each on a sled of its own."""
+    """Each live disk has its number of live regions, each on a sled of its own, none
+    lost (unless a replacement of one is in flight)."""
     findings: list[api.DoctorFinding] = []
     by_disk: dict[uuid.UUID, list[RegionRecord]] = defaultdict(list)
     for record in records.regions:
-        by_disk[record.disk_id].append(record)
+        if record.state not in GONE_REGION:
+            by_disk[record.disk_id].append(record)
     for disk in records.disks.values():
         if disk.state is DiskState.DELETED:
             continue
         own = by_disk.get(disk.id, [])
-        if len(own) > REPLICAS or (disk.state in READY_DISK and len(own) != REPLICAS):
+        replacing = disk.id in records.replacing
+        if disk.state in READY_DISK and not replacing:
+            findings += [
+                _finding(
+                    "region_lost_unreplaced",
+                    record.id,
+                    f"region {record.id} of disk {disk.name} is on expunged dataset "
+                    f"{record.dataset_id}, and no replacement of it is in flight",
+                )
+                for record in own
+                if record.dataset_id in records.expunged_datasets
+            ]
+        if not replacing and (
+            len(own) > REPLICAS or (disk.state in READY_DISK and len(own) != REPLICAS)
+        ):
             findings.append(
                 _finding(
                     "disk_region_count",

@@ -62,20 +62,30 @@ from sqlalchemy import Table, bindparam, case, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from nexus.db.engine import upsert_insert
-from nexus.db.models import Dataset, OutboxMessage, Region, RegionSnapshot, Sled, Vmm
-from nexus.db.states import SledState, VmmState
+from nexus.db.models import (
+    Dataset,
+    OutboxMessage,
+    Region,
+    RegionReplacement,
+    RegionSnapshot,
+    Sled,
+    Vmm,
+)
+from nexus.db.states import ReplacementState, SledState, VmmState
 from nexus.saga import rendezvous
 from nexus.saga.rendezvous import Woken
 from nexus.settings import MAX_GENERATION_LEAD
 from nexus.vmms import record_vmm_state, vmm_is_recorded
 from nexus.waitkeys import (
     AWAITED_REGION_STATES,
+    AWAITED_REPAIR_STATES,
     AWAITED_RUNNING_SNAPSHOT_STATES,
     AWAITED_SNAPSHOT_STATES,
     AWAITED_VMM_STATES,
     disk_flush_key,
     region_key,
     rejection_key,
+    repair_key,
     running_snapshot_key,
     snapshot_key,
     vmm_key,
@@ -83,7 +93,7 @@ from nexus.waitkeys import (
 from schemas.base import Envelope
 from schemas.common import CommandRejected
 from schemas.identity import NOT_OWNER, crucible_source, queue_agent, sled_source
-from schemas.instance import VmmDiskFlushed, VmmStateChanged
+from schemas.instance import RepairChanged, VmmDiskFlushed, VmmStateChanged
 from schemas.messages import Message, MessageRejected
 from schemas.region import RegionStateChanged
 from schemas.sled import AgentAnnounced, SledHeartbeat, SledRegistered
@@ -394,6 +404,17 @@ async def authorize(session: AsyncSession, message: Message) -> tuple[Owner, int
                 f"running snapshot {running.name} of region {running.id}",
                 change.agent_id,
             )
+        case RepairChanged(payload=change):
+            # A repair is its VMM's: only the sled Nexus placed the VMM on may speak of it.
+            repair = change.repair
+            row = (await session.execute(_VMM_SLED, {"b_id": repair.vmm_id})).first()
+            owner = Nobody.UNRECORDED if row is None else sled_source(row.sled_id)
+            check_speaker(
+                message,
+                owner,
+                f"repair {repair.id} of VMM {repair.vmm_id}",
+                sled_source(repair.sled_id),
+            )
         case AgentAnnounced(payload=agent):
             check_speaker(message, crucible_source(agent.agent_id), f"dataset {agent.agent_id}")
         case SledRegistered(payload=info):
@@ -604,6 +625,35 @@ async def running_snapshot_changed(
     return await _file_for_saga(session, message, key, running.generation, now)
 
 
+async def repair_changed(
+    session: AsyncSession, message: RepairChanged, now: datetime
+) -> Woken | None:
+    """A live repair's step: the replacement request shows its progress, and its end
+    (finished, failed) is filed for the saga that waits on it."""
+    repair = message.payload.repair
+    await session.execute(
+        update(RegionReplacement)
+        .where(
+            RegionReplacement.new_region_id == repair.new_region_id,
+            RegionReplacement.state == ReplacementState.DRIVING,
+            (RegionReplacement.repair_progress.is_(None))
+            | (RegionReplacement.repair_progress < repair.progress),
+        )
+        .values(repair_progress=repair.progress)
+    )
+    if repair.state not in AWAITED_REPAIR_STATES:
+        return None  # no saga ever waits for it (nexus.waitkeys): nothing to keep
+    return await rendezvous.record_event(
+        session,
+        key=repair_key(repair.id, repair.state),
+        message_id=message.id,
+        payload=message.payload.model_dump(mode="json"),
+        generation=repair.generation,
+        now=now,
+        occurred_at=message.occurred_at,
+    )
+
+
 async def sled_registered(session: AsyncSession, message: SledRegistered, now: datetime) -> None:
     info = message.payload
     # Its queue follows from its id; the message's ``queue`` is not believed.
@@ -684,6 +734,7 @@ HANDLERS: dict[type[Envelope], Handler] = {
     VmmDiskFlushed: disk_flushed,
     RegionSnapshotStateChanged: region_snapshot_changed,
     RunningSnapshotStateChanged: running_snapshot_changed,
+    RepairChanged: repair_changed,
     SledRegistered: sled_registered,
     SledHeartbeat: sled_heartbeat,
     AgentAnnounced: agent_announced,

@@ -19,7 +19,9 @@ sled is asked anything: the sweeper's pass reads heartbeat times already in the
 database, and the failure reaches waiting sagas by the rendezvous, like an agent's
 event. Omicron expunges only by an operator's decision (``omdb nexus sled expunge``);
 here both exist: ``nexusctl sled expunge`` (:func:`expunge_sled`) and the threshold.
-Either way the sled's datasets are expunged with it: no new region is placed there.
+Either way the sled's datasets are expunged with it: no new region is placed there, and
+in the same transaction each region they held gets a replacement request and its saga
+(``nexus.replacements``), which the caller runs once it commits.
 Nexus cannot tell a
 lost sled from its own deafness, hence the rule that another sled must be heard; it is
 not airtight: right after a broker outage longer than the threshold, a sled whose first
@@ -41,6 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from nexus.db.models import Dataset, Instance, Sled, Vmm
 from nexus.db.states import DatasetState, SledState, VmmState
+from nexus.replacements import Lost, Replacements
 from nexus.saga import rendezvous
 from nexus.saga.rendezvous import Woken
 from nexus.vmms import LIVE_VMM_STATES, record_vmm_state
@@ -78,9 +81,12 @@ async def expunge_lost_sleds(
     now: datetime,
     after: timedelta,
     hearing: timedelta,
+    replacements: Replacements | None = None,
 ) -> list[Woken]:
     """Expunge every sled silent for longer than ``after``, provided Nexus hears another
-    sled (one beat within ``hearing``); the sagas this woke.
+    sled (one beat within ``hearing``); the sagas its VMMs' failures woke. With
+    ``replacements``, the lost regions' replacement sagas (and the waits they woke) are
+    run here once the transaction commits.
 
     When no sled is heard at all, the silence is more likely Nexus's (the broker is
     down, or its consumer is) than every sled's: nothing is expunged.
@@ -99,7 +105,15 @@ async def expunge_lost_sleds(
                 .returning(Sled.id)
             )
         ).scalars()
-        woken = [woke for sled_id in list(lost) for woke in await _expunge(session, sled_id, now)]
+        woken: list[Woken] = []
+        datasets: list[uuid.UUID] = []
+        for sled_id in list(lost):
+            datasets += await _expunge_datasets(session, sled_id)
+            woken += [woke for woke in await fail_vmms_of(session, sled_id, now) if woke]
+        replaced = await replacements.lose(session, datasets, now) if replacements else Lost()
+    if replacements is not None:
+        # Committed: the replacement sagas run now, and the sagas the lost regions woke.
+        replacements.run(replaced)
     return woken
 
 
@@ -110,9 +124,15 @@ class Expunged(NamedTuple):
     datasets: int
     failed_vmms: int
     woken: list[Woken]
+    lost: Lost
 
 
-async def expunge_sled(session: AsyncSession, sled_id: uuid.UUID, now: datetime) -> Expunged:
+async def expunge_sled(
+    session: AsyncSession,
+    sled_id: uuid.UUID,
+    now: datetime,
+    replacements: Replacements | None = None,
+) -> Expunged:
     """An operator's decision that ``sled_id`` is gone for good (Omicron's ``sled
     expunge``): the sled, whatever it last said, and its datasets are expunged, and its
     VMMs fail as when it is lost by silence. Run again, it changes nothing."""
@@ -125,20 +145,18 @@ async def expunge_sled(session: AsyncSession, sled_id: uuid.UUID, now: datetime)
     changed = sled.scalar_one_or_none() is not None
     datasets = await _expunge_datasets(session, sled_id)
     failed = await fail_vmms_of(session, sled_id, now)
+    # The VMMs first: a disk attached to a VMM of this sled is then repaired by Nexus.
+    lost = await replacements.lose(session, datasets, now) if replacements else Lost()
     return Expunged(
-        changed or datasets > 0 or bool(failed),
-        datasets,
+        changed or bool(datasets) or bool(failed),
+        len(datasets),
         len(failed),
         [woke for woke in failed if woke is not None],
+        lost,
     )
 
 
-async def _expunge(session: AsyncSession, sled_id: uuid.UUID, now: datetime) -> list[Woken]:
-    await _expunge_datasets(session, sled_id)
-    return [woke for woke in await fail_vmms_of(session, sled_id, now) if woke is not None]
-
-
-async def _expunge_datasets(session: AsyncSession, sled_id: uuid.UUID) -> int:
+async def _expunge_datasets(session: AsyncSession, sled_id: uuid.UUID) -> list[uuid.UUID]:
     expunged = (
         await session.execute(
             update(Dataset)
@@ -147,11 +165,10 @@ async def _expunge_datasets(session: AsyncSession, sled_id: uuid.UUID) -> int:
             .returning(Dataset.id)
         )
     ).scalars()
-    count = 0
-    for dataset_id in expunged:
-        count += 1
+    ids = list(expunged)
+    for dataset_id in ids:
         log.warning("dataset %s expunged with its sled %s", dataset_id, sled_id)
-    return count
+    return ids
 
 
 async def fail_vmms_of(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import uuid
 from typing import Final
 
-from schemas.instance import VmmState
+from schemas.instance import RepairState, VmmState
 from schemas.region import RegionState
 from schemas.snapshot import SnapshotState
 
@@ -39,6 +39,8 @@ AWAITED_SNAPSHOT_STATES: Final = frozenset({SnapshotState.CREATED, SnapshotState
 AWAITED_RUNNING_SNAPSHOT_STATES: Final = frozenset(
     {RegionState.CREATED, RegionState.DESTROYED, RegionState.FAILED}
 )
+# A region replacement waits for its live repair finished, or failed.
+AWAITED_REPAIR_STATES: Final = frozenset({RepairState.FINISHED, RepairState.FAILED})
 
 
 def region_key(region_id: uuid.UUID, state: RegionState) -> str:
@@ -67,6 +69,10 @@ def running_snapshot_key(region_id: uuid.UUID, name: str, state: RegionState) ->
 def disk_flush_key(vmm_id: uuid.UUID, snapshot_id: uuid.UUID) -> str:
     """A VMM's flush of a disk for the snapshot ``snapshot_id`` (snapshot_create)."""
     return f"vmm_flush:{vmm_id}:{snapshot_id}:flushed"
+
+
+def repair_key(repair_id: uuid.UUID, state: RepairState) -> str:
+    return f"repair:{repair_id}:{state.value}"
 
 
 def rejection_key(command_id: uuid.UUID) -> str:

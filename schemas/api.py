@@ -201,6 +201,28 @@ class SledExpunge(Envelope):
     payload: SledRef
 
 
+class ReplacementFilter(Model):
+    state: str | None = Field(default=None, max_length=32, description="only in this phase")
+    disk_id: uuid.UUID | None = None
+    limit: int = Field(default=100, gt=0, le=1000)
+
+
+class RegionReplacementList(Envelope):
+    IS_COMMAND = True
+    type: Literal["api.region_replacement.list.v1"] = "api.region_replacement.list.v1"
+    payload: ReplacementFilter = ReplacementFilter()
+
+
+class ReplacementRef(Model):
+    id: uuid.UUID
+
+
+class RegionReplacementGet(Envelope):
+    IS_COMMAND = True
+    type: Literal["api.region_replacement.get.v1"] = "api.region_replacement.get.v1"
+    payload: ReplacementRef
+
+
 class UnclaimedFilter(Model):
     groups: int = Field(default=20, gt=0, le=100, description="at most this many groups")
     examples: int = Field(default=3, ge=0, le=5, description="newest examples per group")
@@ -302,6 +324,37 @@ class SledExpunged(Model):
     changed: bool
     datasets_expunged: NonNegativeInt
     vmms_failed: NonNegativeInt
+    # Region replacement requests filed (each with its saga started) by this request.
+    replacements_requested: NonNegativeInt = 0
+    # Their sagas' ids, to follow (``nexusctl sled expunge --wait``).
+    replacement_sagas: tuple[uuid.UUID, ...] = ()
+
+
+class ReplacementPhase(Model):
+    state: str
+    at: AwareDatetime
+    waiting_for: str | None = None
+
+
+class ReplacementView(Model):
+    """One region replacement request: its phase, since when, what it waits for."""
+
+    id: uuid.UUID
+    state: str
+    since: AwareDatetime
+    waiting_for: str | None
+    request_time: AwareDatetime
+    disk_id: uuid.UUID
+    old_region_id: uuid.UUID
+    old_dataset_id: uuid.UUID
+    new_region_id: uuid.UUID | None
+    new_dataset_id: uuid.UUID | None
+    operating_saga_id: uuid.UUID | None
+    attempts: NonNegativeInt32
+    repair_mode: str | None
+    repair_progress: int | None = Field(default=None, ge=0, le=100)
+    last_failure: str | None = None
+    history: tuple[ReplacementPhase, ...] = ()
 
 
 class SagaLogEntry(Model):
@@ -421,6 +474,16 @@ class SledListReply(Envelope):
 class SledExpungeReply(Envelope):
     type: Literal["api.sled.expunged.v1"] = "api.sled.expunged.v1"
     payload: SledExpunged
+
+
+class RegionReplacementReply(Envelope):
+    type: Literal["api.region_replacement.v1"] = "api.region_replacement.v1"
+    payload: ReplacementView
+
+
+class RegionReplacementListReply(Envelope):
+    type: Literal["api.region_replacements.v1"] = "api.region_replacements.v1"
+    payload: tuple[ReplacementView, ...]
 
 
 class SagaReply(Envelope):

@@ -178,3 +178,90 @@ class VmmDiskFlushed(Envelope):
 
     def routing_key(self) -> str:
         return "instance.disk_flushed"
+
+
+# Live repair: a region of an attached disk's volume is replaced while the VMM runs
+# (Crucible's upstairs "live repair", which Omicron's region replacement drive saga asks
+# a Propolis for). The sled agent copies to the new target and reports by event.
+
+
+class RepairState(StrEnum):
+    STARTED = "started"
+    # Still copying; ``progress`` says how far.
+    PROGRESS = "progress"
+    FINISHED = "finished"
+    # The VMM ended before the repair finished (or could not repair).
+    FAILED = "failed"
+
+
+ENDED_REPAIR_STATES = frozenset({RepairState.FINISHED, RepairState.FAILED})
+
+
+class RepairSpec(Model):
+    id: uuid.UUID = Field(description="the repair's own id, chosen by Nexus")
+    vmm_id: uuid.UUID
+    disk_id: uuid.UUID
+    old_region_id: uuid.UUID = Field(description="the target being replaced (lost)")
+    new_region_id: uuid.UUID = Field(description="the target that replaces it")
+    new_dataset_id: uuid.UUID = Field(description="the dataset serving the new target")
+
+
+class Repair(Model):
+    id: uuid.UUID
+    sled_id: uuid.UUID
+    vmm_id: uuid.UUID
+    disk_id: uuid.UUID
+    old_region_id: uuid.UUID
+    new_region_id: uuid.UUID
+    state: RepairState
+    progress: int = Field(ge=0, le=100)
+    generation: Generation
+    reason: str | None = Field(default=None, max_length=500)
+
+
+class RepairRef(Model):
+    id: uuid.UUID
+
+
+class VolumeRepair(Envelope):
+    """Start a live repair of a disk's volume in a running VMM, replacing the target
+    ``old_region_id`` by ``new_region_id``. A repair that exists is left as it is."""
+
+    IS_COMMAND = True
+    type: Literal["volume.repair.v1"] = "volume.repair.v1"
+    payload: RepairSpec
+
+
+class VolumeRepairGet(Envelope):
+    """The reconcile query, answered on ``reply_to`` with ``volume.repair_info.v1``."""
+
+    IS_COMMAND = True
+    type: Literal["volume.repair_get.v1"] = "volume.repair_get.v1"
+    payload: RepairRef
+
+
+class RepairFound(Model):
+    sled_id: uuid.UUID
+    repair_id: uuid.UUID
+    repair: Repair | None
+
+
+class RepairInfo(Envelope):
+    type: Literal["volume.repair_info.v1"] = "volume.repair_info.v1"
+    payload: RepairFound
+
+
+class RepairChange(Model):
+    repair: Repair
+
+
+class RepairChanged(Envelope):
+    """Published on every step of a live repair. Its routing key is under ``instance.``
+    (``instance.repair_<state>``): a repair is its VMM's, and the sled's topic
+    permission and Nexus's binding already cover it."""
+
+    type: Literal["volume.repair_changed.v1"] = "volume.repair_changed.v1"
+    payload: RepairChange
+
+    def routing_key(self) -> str:
+        return f"instance.repair_{self.payload.repair.state.value}"

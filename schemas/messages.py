@@ -25,6 +25,10 @@ from schemas.api import (
     InstanceList,
     InstanceListReply,
     InstanceReply,
+    RegionReplacementGet,
+    RegionReplacementList,
+    RegionReplacementListReply,
+    RegionReplacementReply,
     SagaGet,
     SagaList,
     SagaListReply,
@@ -45,6 +49,8 @@ from schemas.api import (
 from schemas.base import Envelope
 from schemas.common import CommandRejected
 from schemas.instance import (
+    RepairChanged,
+    RepairInfo,
     VmmCrash,
     VmmDiskFlushed,
     VmmDiskSnapshot,
@@ -54,6 +60,8 @@ from schemas.instance import (
     VmmReboot,
     VmmStateChanged,
     VmmStop,
+    VolumeRepair,
+    VolumeRepairGet,
 )
 from schemas.progress import DiskUpdated, InstanceUpdated, SagaProgressed
 from schemas.region import (
@@ -104,6 +112,10 @@ Message = Annotated[
     | VmmStateChanged
     | VmmDiskSnapshot
     | VmmDiskFlushed
+    | VolumeRepair
+    | VolumeRepairGet
+    | RepairInfo
+    | RepairChanged
     | SledRegistered
     | SledHeartbeat
     | AgentAnnounced
@@ -130,6 +142,8 @@ Message = Annotated[
     | UnclaimedEventsList
     | SledList
     | SledExpunge
+    | RegionReplacementList
+    | RegionReplacementGet
     | DiskReply
     | DiskListReply
     | InstanceReply
@@ -141,6 +155,8 @@ Message = Annotated[
     | UnclaimedEventsReply
     | SledListReply
     | SledExpungeReply
+    | RegionReplacementReply
+    | RegionReplacementListReply
     | ApiError,
     Field(discriminator="type"),
 ]

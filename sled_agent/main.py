@@ -41,6 +41,9 @@ def run(
     boot_seconds: Annotated[float | None, typer.Option(help="Time in starting.")] = None,
     stop_seconds: Annotated[float | None, typer.Option(help="Time in stopping.")] = None,
     reboot_seconds: Annotated[float | None, typer.Option(help="Time in rebooting.")] = None,
+    repair_seconds: Annotated[
+        float | None, typer.Option(help="How long a live repair of a disk's volume takes.")
+    ] = None,
     crash_rate_per_hour: Annotated[
         float | None, typer.Option(help="Unrequested crashes per running VMM per hour.")
     ] = None,
@@ -65,6 +68,7 @@ def run(
         "boot_seconds": boot_seconds,
         "stop_seconds": stop_seconds,
         "reboot_seconds": reboot_seconds,
+        "repair_seconds": repair_seconds,
         "crash_rate_per_hour": crash_rate_per_hour,
         "seed": seed,
         "log_level": log_level,

@@ -27,8 +27,14 @@ from typing import Protocol
 from schemas.base import Envelope, utcnow
 from schemas.common import CommandRejected, Rejection
 from schemas.instance import (
+    ENDED_REPAIR_STATES,
     DiskFlushed,
     DiskSnapshotRequest,
+    Repair,
+    RepairChange,
+    RepairChanged,
+    RepairFound,
+    RepairInfo,
     Vmm,
     VmmChange,
     VmmCrash,
@@ -42,6 +48,8 @@ from schemas.instance import (
     VmmState,
     VmmStateChanged,
     VmmStop,
+    VolumeRepair,
+    VolumeRepairGet,
 )
 from schemas.messages import Message
 from schemas.outbox import OutgoingMessage
@@ -50,6 +58,7 @@ from schemas.tasks import TransientRetries
 from schemas.topology import EVENTS_EXCHANGE, REPLIES_EXCHANGE, sled_queue
 from schemas.transport import Delivery
 from sled_agent.hypervisor import Capacity, Cause, Change, Hypervisor, Rejected
+from sled_agent.repairs import STEPS, Repairs
 from sled_agent.settings import SledSettings
 from sled_agent.store import SledStore
 
@@ -83,6 +92,8 @@ def target_of(message: Message) -> uuid.UUID | None:
     match message:
         case VmmEnsure() | VmmStop() | VmmReboot() | VmmCrash() | VmmGet() | VmmDiskSnapshot():
             return message.payload.id
+        case VolumeRepair():
+            return message.payload.vmm_id
     return None
 
 
@@ -133,6 +144,7 @@ class SledAgent:
             VmmState.STOPPING: settings.stop_seconds,
             VmmState.REBOOTING: settings.reboot_seconds,
         }
+        self._repairs = Repairs(settings.sled_id)
         self._lock = asyncio.Lock()
         self._tasks: asyncio.TaskGroup | None = None
         self._started_at = utcnow()
@@ -200,6 +212,12 @@ class SledAgent:
             reply = self._info(message, message.payload.id, current.vmm if current else None)
             await self._wire.reply(delivery, reply)
             return
+        if isinstance(message, VolumeRepairGet):
+            await self._wire.reply(delivery, self._repair_info(message))
+            return
+        if isinstance(message, VolumeRepair):
+            await self._start_repair(delivery, message, extra)
+            return
         cause = Cause(message.correlation_id or message.id, message.id)
         if isinstance(message, VmmDiskSnapshot):
             await self._flush(delivery, message, extra)
@@ -247,6 +265,85 @@ class SledAgent:
                 extra=extra,
             )
             await self._commit([], [_event_row(event)])
+
+    # Live repairs (sled_agent/repairs.py).
+
+    async def _start_repair(
+        self, delivery: Delivery, command: VolumeRepair, extra: dict[str, str]
+    ) -> None:
+        async with self._lock:
+            try:
+                repair = self._repairs.start(
+                    command.payload, self._hypervisor.get(command.payload.vmm_id)
+                )
+            except Rejected as rejected:
+                log.warning("rejected: %s: %s", rejected.code, rejected.message, extra=extra)
+                await self._commit([], self._rejection(delivery, command, rejected))
+                return
+            if repair is None:
+                log.info("no change: the repair exists", extra=extra)
+                return
+            await self._commit_repair(repair, command.correlation_id or command.id, command.id)
+
+    async def _commit_repair(
+        self, repair: Repair, correlation_id: uuid.UUID | None, causation_id: uuid.UUID | None
+    ) -> None:
+        """Persist the repair's event (its state lives in memory, with its VMM), then
+        apply it and time its next step. Hold ``self._lock``."""
+        event = RepairChanged(
+            # One id per generation: however often it is sent, it is the same event.
+            id=derived_id(repair.id, f"repair-generation-{repair.generation}"),
+            source=self._source,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+            payload=RepairChange(repair=repair),
+        )
+        await self._store.save([], [_event_row(event)])
+        self._repairs.apply(repair)
+        log.info(
+            "repair %s of disk %s (VMM %s) is %s, %d%%",
+            repair.id,
+            repair.disk_id,
+            repair.vmm_id,
+            repair.state.value,
+            repair.progress,
+            extra={"message_id": str(event.id), "vmm_id": str(repair.vmm_id)},
+        )
+        if repair.state not in ENDED_REPAIR_STATES:
+            if self._tasks is None:
+                raise RuntimeError("the agent is not running; call run() first")
+            delay = self._settings.repair_seconds / STEPS
+            self._tasks.create_task(
+                self._next_repair_step(repair.id, repair.generation, delay, correlation_id)
+            )
+        self._relay.notify()
+
+    async def _next_repair_step(
+        self, repair_id: uuid.UUID, generation: int, delay: float, correlation_id: uuid.UUID | None
+    ) -> None:
+        await asyncio.sleep(delay)
+
+        async def step() -> None:
+            async with self._lock:
+                repair = self._repairs.get(repair_id)
+                vm = self._hypervisor.get(repair.vmm_id) if repair is not None else None
+                moved = self._repairs.step(repair_id, generation, vm)
+                if moved is not None:
+                    await self._commit_repair(moved, correlation_id, None)
+
+        await self._retries.run("repairs", f"step {generation} of repair {repair_id}", step)
+
+    def _repair_info(self, query: VolumeRepairGet) -> RepairInfo:
+        return RepairInfo(
+            id=derived_id(query.id, "reply"),
+            source=self._source,
+            **query.caused(),
+            payload=RepairFound(
+                sled_id=self._settings.sled_id,
+                repair_id=query.payload.id,
+                repair=self._repairs.get(query.payload.id),
+            ),
+        )
 
     def _info(self, command: Envelope, vmm_id: uuid.UUID, vmm: Vmm | None) -> VmmInfo:
         return VmmInfo(
@@ -393,7 +490,7 @@ class SledAgent:
 
 
 def _event_row(
-    message: VmmStateChanged | VmmDiskFlushed | SledRegistered | CommandRejected,
+    message: VmmStateChanged | VmmDiskFlushed | SledRegistered | CommandRejected | RepairChanged,
 ) -> OutgoingMessage:
     # Nobody bound to an event yet is not an error: watchers come and go.
     return OutgoingMessage.of(

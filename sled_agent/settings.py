@@ -35,6 +35,9 @@ class SledSettings(BaseSettings):
     boot_seconds: Seconds = Field(default=0.2, ge=0, description="time spent in starting")
     stop_seconds: Seconds = Field(default=0.2, ge=0, description="time spent in stopping")
     reboot_seconds: Seconds = Field(default=0.2, ge=0, description="time spent in rebooting")
+    repair_seconds: Seconds = Field(
+        default=1.0, ge=0, description="how long a live repair of a disk's volume takes"
+    )
     crash_rate_per_hour: float = Field(
         default=0.0, ge=0, description="unrequested crashes per running VMM per hour"
     )

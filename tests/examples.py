@@ -400,11 +400,83 @@ BUILDERS: dict[str, Callable[[], Envelope]] = {
             sled=sled_view(), changed=True, datasets_expunged=1, vmms_failed=2
         ),
     ),
+    "api.region_replacement.list.v1": lambda: api.RegionReplacementList(
+        source=CLI, payload=api.ReplacementFilter(state="driving")
+    ),
+    "api.region_replacement.get.v1": lambda: api.RegionReplacementGet(
+        source=CLI, payload=api.ReplacementRef(id=uuid.uuid4())
+    ),
+    "api.region_replacement.v1": lambda: api.RegionReplacementReply(
+        source=NEXUS, payload=replacement_view()
+    ),
+    "api.region_replacements.v1": lambda: api.RegionReplacementListReply(
+        source=NEXUS, payload=(replacement_view(),)
+    ),
+    "volume.repair.v1": lambda: instance.VolumeRepair(source=NEXUS, payload=a_repair_spec()),
+    "volume.repair_get.v1": lambda: instance.VolumeRepairGet(
+        source=NEXUS, payload=instance.RepairRef(id=uuid.uuid4())
+    ),
+    "volume.repair_info.v1": lambda: instance.RepairInfo(
+        source=SLED,
+        payload=instance.RepairFound(
+            sled_id=uuid.uuid4(), repair_id=uuid.uuid4(), repair=a_repair()
+        ),
+    ),
+    "volume.repair_changed.v1": lambda: instance.RepairChanged(
+        source=SLED, payload=instance.RepairChange(repair=a_repair())
+    ),
     "api.error.v1": lambda: api.ApiError(
         source=NEXUS,
         payload=api.ApiErrorBody(code=api.ErrorCode.NOT_FOUND, message="no disk named x"),
     ),
 }
+
+
+def a_repair_spec() -> instance.RepairSpec:
+    return instance.RepairSpec(
+        id=uuid.uuid4(),
+        vmm_id=uuid.uuid4(),
+        disk_id=uuid.uuid4(),
+        old_region_id=uuid.uuid4(),
+        new_region_id=uuid.uuid4(),
+        new_dataset_id=uuid.uuid4(),
+    )
+
+
+def a_repair() -> instance.Repair:
+    spec = a_repair_spec()
+    return instance.Repair(
+        id=spec.id,
+        sled_id=uuid.uuid4(),
+        vmm_id=spec.vmm_id,
+        disk_id=spec.disk_id,
+        old_region_id=spec.old_region_id,
+        new_region_id=spec.new_region_id,
+        state=instance.RepairState.PROGRESS,
+        progress=50,
+        generation=3,
+    )
+
+
+def replacement_view() -> api.ReplacementView:
+    now = utcnow()
+    return api.ReplacementView(
+        id=uuid.uuid4(),
+        state="driving",
+        since=now,
+        waiting_for="sled s: live repair of disk d (50%)",
+        request_time=now,
+        disk_id=uuid.uuid4(),
+        old_region_id=uuid.uuid4(),
+        old_dataset_id=uuid.uuid4(),
+        new_region_id=uuid.uuid4(),
+        new_dataset_id=uuid.uuid4(),
+        operating_saga_id=uuid.uuid4(),
+        attempts=1,
+        repair_mode="live",
+        repair_progress=50,
+        history=(api.ReplacementPhase(state="requested", at=now),),
+    )
 
 
 def sled_view() -> api.SledView:

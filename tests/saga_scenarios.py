@@ -10,14 +10,20 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from sqlalchemy import select, update
+
+from nexus.db.models import Dataset, Disk, Region, RegionReplacement
 from nexus.db.states import (
     AgentSnapshotState,
+    DatasetState,
     DiskState,
     InstanceState,
     RegionState,
+    ReplacementState,
     SnapshotState,
     VmmState,
 )
+from nexus.replacements import file_request
 from nexus.sagas import (
     disk_create,
     disk_delete,
@@ -25,6 +31,7 @@ from nexus.sagas import (
     instance_delete,
     instance_power,
     instance_start,
+    region_replacement,
     snapshot_create,
     snapshot_delete,
 )
@@ -408,6 +415,113 @@ SNAPSHOT_DELETE = Scenario(
 )
 
 
+# region_replacement
+
+
+async def lose_a_region(world: World, disk_id: uuid.UUID) -> region_replacement.Params:
+    """Expunge the dataset of one of the disk's regions and file its replacement (the
+    saga is the one under test), as ``nexus.replacements`` does on an expunge."""
+    async with world.database.sessions.begin() as session:
+        region = (
+            await session.execute(
+                select(Region).where(Region.disk_id == disk_id).order_by(Region.id).limit(1)
+            )
+        ).scalar_one()
+        await session.execute(
+            update(Dataset)
+            .where(Dataset.id == region.dataset_id)
+            .values(state=DatasetState.EXPUNGED)
+        )
+        request_id = await file_request(session, region, world.clock.now())
+    assert request_id is not None
+    return region_replacement.Params(
+        request_id=request_id, disk_id=disk_id, old_region_id=region.id
+    )
+
+
+async def replacement_prepare_attached(world: World) -> region_replacement.Params:
+    """A disk attached to a running instance (live repair), with a fourth dataset free."""
+    instance_id = await running_instance(world)
+    await world.database.add_datasets(1)
+    async with world.database.sessions() as session:
+        disk_id = await session.scalar(
+            select(Disk.id).where(Disk.attached_instance_id == instance_id)
+        )
+    assert disk_id is not None
+    return await lose_a_region(world, disk_id)
+
+
+async def replacement_prepare_detached(world: World) -> region_replacement.Params:
+    await world.database.add_datasets(4)
+    return await lose_a_region(world, await new_disk(world))
+
+
+async def replacement_done(world: World, p: region_replacement.Params, before: Snapshot) -> None:
+    """Complete: the new region is created on a live dataset of a sled the disk did not
+    use, the disk's three live regions are on three sleds, none on the lost dataset, and
+    the old region is gone."""
+    after = await world.snapshot()
+    request = await replacement_request(world, p.request_id)
+    assert (request.state, request.operating_saga_id) == (ReplacementState.COMPLETE, None)
+    assert request.new_region_id is not None
+    assert [h[0] for h in request.history][-1] == "complete"
+    live = [
+        r
+        for r in after.rows["regions"].values()
+        if r["disk_id"] == p.disk_id and r["state"] != RegionState.DESTROYED
+    ]
+    assert {r["state"] for r in live} == {RegionState.CREATED}
+    sleds = {after.row("datasets", r["dataset_id"])["sled_id"] for r in live}
+    assert len(live) == len(sleds) == disk_create.REPLICAS
+    assert all(after.row("datasets", r["dataset_id"])["state"] == DatasetState.ACTIVE for r in live)
+    assert after.row("regions", p.old_region_id)["state"] == RegionState.DESTROYED
+    assert after.held["regions"][request.new_region_id] == "created"
+    new = after.row("regions", request.new_region_id)
+    used = (
+        before.row("datasets", new["dataset_id"])["free_bytes"]
+        - after.row("datasets", new["dataset_id"])["free_bytes"]
+    )
+    assert used == reservation_bytes(REGION_BYTES)
+
+
+async def replacement_unwound(
+    world: World, p: region_replacement.Params, before: Snapshot, failed_node: str
+) -> None:
+    """A clean slate: the request is requested again with no saga and no new region;
+    the new region is deleted at its agent, and every row is as it was."""
+    await as_before(world, p, before, failed_node)
+    request = await replacement_request(world, p.request_id)
+    assert (request.state, request.operating_saga_id, request.new_region_id) == (
+        ReplacementState.REQUESTED,
+        None,
+        None,
+    )
+    if failed_node != "claim":
+        assert request.last_failure is not None and failed_node in request.last_failure
+
+
+async def replacement_request(world: World, request_id: uuid.UUID) -> RegionReplacement:
+    async with world.database.sessions() as session:
+        request = await session.get(RegionReplacement, request_id)
+    assert request is not None
+    return request
+
+
+REGION_REPLACEMENT = Scenario(
+    region_replacement.DEFINITION,
+    replacement_prepare_attached,
+    replacement_done,
+    replacement_unwound,
+)
+# The same saga on a detached disk: Nexus's own repair step.
+REGION_REPLACEMENT_DETACHED = Scenario(
+    region_replacement.DEFINITION,
+    replacement_prepare_detached,
+    replacement_done,
+    replacement_unwound,
+)
+
+
 SCENARIOS: tuple[Scenario[Any], ...] = (
     DISK_CREATE,
     DISK_DELETE,
@@ -418,4 +532,5 @@ SCENARIOS: tuple[Scenario[Any], ...] = (
     INSTANCE_DELETE,
     SNAPSHOT_CREATE,
     SNAPSHOT_DELETE,
+    REGION_REPLACEMENT,
 )

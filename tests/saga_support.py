@@ -56,6 +56,11 @@ from schemas.common import CommandRejected, Rejection
 from schemas.identity import crucible_source, queue_agent, sled_source
 from schemas.instance import (
     DiskFlushed,
+    Repair,
+    RepairChange,
+    RepairChanged,
+    RepairSpec,
+    RepairState,
     Vmm,
     VmmChange,
     VmmDiskFlushed,
@@ -66,6 +71,7 @@ from schemas.instance import (
     VmmState,
     VmmStateChanged,
     VmmStop,
+    VolumeRepair,
 )
 from schemas.messages import decode
 from schemas.region import (
@@ -511,6 +517,8 @@ class Agents:
     sled: FakeSled
     regions: dict[uuid.UUID, tuple[RegionEnsure, RegionState]] = field(default_factory=dict)
     vmms: dict[uuid.UUID, tuple[VmmSpec, VmmState]] = field(default_factory=dict)
+    # Live repairs the sleds ran, by id: the command and its last state.
+    repairs: dict[uuid.UUID, tuple[VolumeRepair, RepairState]] = field(default_factory=dict)
     taken: set[uuid.UUID] = field(default_factory=set)
     # A region's snapshots and running snapshots by (region, name), as the agent keeps
     # them (``crucible_agent/snapshots.py`` decides each command, as in the real agent).
@@ -588,6 +596,8 @@ class Agents:
                 return self._flush(queue, command, request.id, request.disk_id, request.snapshot_id)
             case _ if isinstance(command, _SNAPSHOT_COMMANDS):
                 return self._snapshot_command(queue, command)
+            case VolumeRepair(payload=spec):
+                return self._repair(queue, command, spec)
             case _:
                 raise AssertionError(f"no agent takes a {command.TYPE}")
 
@@ -714,6 +724,43 @@ class Agents:
             causation_id=command.id,
             payload=RunningSnapshotChange(agent_id=agent_id, running_snapshot=running),
         )
+
+    def _repair(self, queue: str, command: VolumeRepair, spec: RepairSpec) -> list[Envelope]:
+        """A live repair, as the real sled runs it (sled_agent/repairs.py): started, half
+        way, finished; a repeated command changes nothing."""
+        if spec.id in self.repairs:
+            return []
+        vmm_spec, state = self.vmms.get(spec.vmm_id, (None, None))
+        if vmm_spec is None or state is not VmmState.RUNNING:
+            code = "not_found" if vmm_spec is None else "invalid_transition"
+            return [self._rejected(queue, command, code)]
+        sled_id = agent_of(queue)
+        events: list[Envelope] = []
+        for generation, (repair_state, progress) in enumerate(
+            [(RepairState.STARTED, 0), (RepairState.PROGRESS, 50), (RepairState.FINISHED, 100)],
+            start=1,
+        ):
+            repair = Repair(
+                id=spec.id,
+                sled_id=sled_id,
+                vmm_id=spec.vmm_id,
+                disk_id=spec.disk_id,
+                old_region_id=spec.old_region_id,
+                new_region_id=spec.new_region_id,
+                state=repair_state,
+                progress=progress,
+                generation=generation,
+            )
+            events.append(
+                RepairChanged(
+                    source=sled_source(sled_id),
+                    correlation_id=command.correlation_id,
+                    causation_id=command.id,
+                    payload=RepairChange(repair=repair),
+                )
+            )
+            self.repairs[spec.id] = (command, repair_state)
+        return events
 
     @staticmethod
     def _rejected(queue: str, command: Envelope, code: str) -> CommandRejected:

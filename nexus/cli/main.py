@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from nexus.cli import db, dev, disk, doctor, events, instance, saga, sled, snapshot
+from nexus.cli import db, dev, disk, doctor, events, instance, replacement, saga, sled, snapshot
 
 app = typer.Typer(
     name="nexusctl",
@@ -25,6 +25,7 @@ app.add_typer(snapshot.app, name="snapshot")
 app.add_typer(instance.app, name="instance")
 app.add_typer(saga.app, name="saga")
 app.add_typer(sled.app, name="sled")
+app.add_typer(replacement.app, name="region-replacement")
 app.add_typer(events.app, name="events")
 app.command("doctor")(doctor.doctor)
 app.add_typer(dev.app, name="dev")

@@ -37,6 +37,7 @@ from nexus.db.states import (
     DiskState,
     InstanceState,
     RegionState,
+    ReplacementState,
     SagaLogEvent,
     SagaState,
     SledState,
@@ -278,6 +279,49 @@ class RegionSnapshot(Base):
     running_generation: Mapped[int] = mapped_column(BigInteger, default=0)
     port_number: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# How much of a waited-for description or a failure a replacement request keeps.
+WAITING_FOR_LENGTH = 500
+
+
+class RegionReplacement(Base):
+    """A request to replace one region whose dataset was lost, as Omicron's
+    ``region_replacement`` table (``nexus/db-model/src/region_replacement.rs``): its
+    phase (``state``), the saga working on it, since when, and what it waits for.
+
+    One request per old region (unique): filing it again changes nothing. ``history``
+    is every phase change, ``[state, at, waiting_for]``, oldest first.
+    """
+
+    __tablename__ = "region_replacement"
+    __table_args__ = (Index("ix_region_replacement_state", "state"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    request_time: Mapped[datetime]
+    old_region_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("regions.id"), unique=True)
+    old_dataset_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("datasets.id"))
+    # The volume whose region is replaced: a disk's (a disk is its volume here).
+    disk_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("disks.id"), index=True)
+    new_region_id: Mapped[uuid.UUID | None]
+    new_dataset_id: Mapped[uuid.UUID | None]
+    state: Mapped[ReplacementState] = mapped_column(
+        _state_column_type(ReplacementState, "replacement_state")
+    )
+    # The saga now working on it (Omicron's ``operating_saga_id``); None in requested
+    # and complete.
+    operating_saga_id: Mapped[uuid.UUID | None]
+    # How many sagas were started for it (a saga's id is derived from it).
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    state_changed_at: Mapped[datetime]
+    waiting_for: Mapped[str | None] = mapped_column(String(WAITING_FOR_LENGTH))
+    # "live" (the sled agent of the running VMM repairs) or "nexus" (Nexus's own step).
+    repair_mode: Mapped[str | None] = mapped_column(String(STATE_LENGTH))
+    # The live repair's progress in percent, as its sled last reported.
+    repair_progress: Mapped[int | None] = mapped_column(Integer)
+    # Why the last saga for it unwound, if one did.
+    last_failure: Mapped[str | None] = mapped_column(String(FAULT_REASON_LENGTH))
+    history: Mapped[list[Any]] = mapped_column(JSON, default=list)
 
 
 class Instance(Base):

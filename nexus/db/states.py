@@ -131,3 +131,26 @@ class WaitState(StrEnum):
     # Both sides have met: the saga is runnable.
     READY = "ready"
     RESUMED = "resumed"
+
+
+class ReplacementState(StrEnum):
+    """A region replacement request's phase: Omicron's ``RegionReplacementState``
+    (``nexus/db-model/src/region_replacement.rs``), the same seven values."""
+
+    # Filed when its dataset was lost; no saga works on it.
+    REQUESTED = "requested"
+    # A saga claimed it: a new region is being placed and ensured.
+    ALLOCATING = "allocating"
+    # The new region is created; the volume's repair is about to start.
+    RUNNING = "running"
+    # The volume is being repaired (by the sled agent of the running VMM, or by Nexus).
+    DRIVING = "driving"
+    # The repair finished; the volume's target is about to be swapped.
+    REPLACEMENT_DONE = "replacement_done"
+    # The target is swapped; the old region is being deleted.
+    COMPLETING = "completing"
+    COMPLETE = "complete"
+
+
+# Phases in which a saga works on the request (a request in one of them is in flight).
+IN_FLIGHT_REPLACEMENT_STATES = frozenset(set(ReplacementState) - {ReplacementState.COMPLETE})

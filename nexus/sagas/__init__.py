@@ -12,6 +12,7 @@ from nexus.sagas import (
     instance_delete,
     instance_power,
     instance_start,
+    region_replacement,
     snapshot_create,
     snapshot_delete,
 )
@@ -26,4 +27,5 @@ ALL_SAGAS: tuple[SagaDefinition[Any], ...] = (
     instance_delete.DEFINITION,
     snapshot_create.DEFINITION,
     snapshot_delete.DEFINITION,
+    region_replacement.DEFINITION,
 )

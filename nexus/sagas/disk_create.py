@@ -292,8 +292,10 @@ async def regions_place_undo(ctx: Ctx[Params]) -> None:
 
 # regions_cleanup: the undo of a step that can half-succeed sits on a no-op before it
 
-_REGION_ROWS = select(regions.c.id, regions.c.state, regions.c.generation).where(
-    regions.c.disk_id == bindparam("b_disk_id")
+_REGION_ROWS = (
+    select(regions.c.id, regions.c.state, regions.c.generation, datasets.c.state.label("lost"))
+    .join(datasets, datasets.c.id == regions.c.dataset_id)
+    .where(regions.c.disk_id == bindparam("b_disk_id"))
 )
 # A confirmation the event intake has not recorded (reconcile found it): by generation.
 _DESTROYED = (
@@ -354,10 +356,12 @@ async def regions_cleanup_undo_reconcile(ctx: Ctx[Params], keys: Sequence[str]) 
 
 async def _undestroyed(ctx: Ctx[Params]) -> list[tuple[Placement, int]]:
     """The placed regions whose agent has not confirmed them destroyed, in placement
-    order, each with the generation Nexus knows of it."""
+    order, each with the generation Nexus knows of it. A region on an expunged dataset is
+    gone with it (as Omicron counts it): no lost agent is asked or waited for."""
     rows = {
         row.id: row
         for row in await ctx.session.execute(_REGION_ROWS, {"b_disk_id": ctx.params.disk_id})
+        if row.lost != DatasetState.EXPUNGED.value
     }
     return [
         (placement, rows[placement.region_id].generation)
@@ -480,6 +484,19 @@ def _region_node(index: int) -> Node[Params]:
 
 
 async def disk_finalize(ctx: Ctx[Params]) -> None:
+    lost = await ctx.session.scalar(
+        select(regions.c.id)
+        .join(datasets, datasets.c.id == regions.c.dataset_id)
+        .where(
+            regions.c.disk_id == ctx.params.disk_id,
+            datasets.c.state == DatasetState.EXPUNGED.value,
+        )
+        .limit(1)
+    )
+    if lost is not None:
+        # Expunged while the disk was being made: it unwinds, rather than come up ready
+        # with a region already lost.
+        raise ActionFailed(f"region {lost} was lost with its dataset before the disk was ready")
     await ctx.session.execute(
         update(Disk)
         .where(Disk.id == ctx.params.disk_id, Disk.state == DiskState.CREATING)

@@ -24,7 +24,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from nexus.db.models import Dataset, Disk, Region, Snapshot
-from nexus.db.states import DiskState, RegionState, SnapshotState
+from nexus.db.states import DatasetState, DiskState, RegionState, SnapshotState
 from nexus.saga.definition import (
     ActionFailed,
     Ctx,
@@ -79,7 +79,11 @@ async def disk_mark_deleting(ctx: Ctx[Params]) -> Marked:
     rows = await ctx.session.execute(
         select(Region, Dataset.queue_name)
         .join(Dataset, Dataset.id == Region.dataset_id)
-        .where(Region.disk_id == disk.id)
+        # A region lost with its dataset and replaced is no longer the disk's.
+        .where(
+            Region.disk_id == disk.id,
+            (Region.state != RegionState.DESTROYED) | (Dataset.state != DatasetState.EXPUNGED),
+        )
         .order_by(Region.id)
     )
     regions = [
@@ -133,6 +137,13 @@ async def region_delete(ctx: Ctx[Params]) -> Wait | None:
     ).first()
     if known is not None and known.state == RegionState.DESTROYED:
         # Its agent confirmed it already (an earlier delete of this disk got this far).
+        return None
+    dataset = await ctx.session.get(Dataset, region.dataset_id)
+    if dataset is not None and dataset.state == DatasetState.EXPUNGED:
+        # Lost with its dataset: gone, as Omicron counts it; no lost agent is asked.
+        await ctx.session.execute(
+            update(Region).where(Region.id == region.region_id).values(state=RegionState.DESTROYED)
+        )
         return None
     if ctx.resends:
         region_deletion.check_resend(ctx, region.region_id, "sent again by reconcile")

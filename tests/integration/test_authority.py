@@ -48,8 +48,14 @@ from schemas.identity import (
     sled_source,
     sled_user,
 )
-from schemas.instance import Vmm as WireVmm
 from schemas.instance import (
+    Repair,
+    RepairChange,
+    RepairChanged,
+    RepairFound,
+    RepairInfo,
+    RepairRef,
+    RepairState,
     VmmChange,
     VmmEnsure,
     VmmFound,
@@ -57,7 +63,9 @@ from schemas.instance import (
     VmmInfo,
     VmmState,
     VmmStateChanged,
+    VolumeRepairGet,
 )
+from schemas.instance import Vmm as WireVmm
 from schemas.messages import MESSAGE_TYPES
 from schemas.region import Region as WireRegion
 from schemas.region import (
@@ -990,6 +998,68 @@ async def instance_info_to_the_doctor(stack: Stack) -> None:
     assert str(instance.instance_id) not in {finding.object_id for finding in found.findings}
 
 
+def a_repair(vmm_id: uuid.UUID, sled_id: uuid.UUID, state: RepairState) -> Repair:
+    return Repair(
+        id=uuid.uuid4(),
+        sled_id=sled_id,
+        vmm_id=vmm_id,
+        disk_id=uuid.uuid4(),
+        old_region_id=uuid.uuid4(),
+        new_region_id=uuid.uuid4(),
+        state=state,
+        progress=100,
+        generation=FORGED_GENERATION,
+    )
+
+
+async def repair_event(stack: Stack) -> None:
+    """The other sled reports, in its own name, a finished live repair in a VMM Nexus
+    placed on the first sled (it would wake a replacement waiting on that repair)."""
+    instance = await stack.instance_in_flight()
+    await stack.finish_instance(instance)
+    forger = instance.other
+    forged = a_repair(instance.vmm_id, forger.sled_id, RepairState.FINISHED)
+    await stack.forge(
+        forger, RepairChanged(source=forger.source, payload=RepairChange(repair=forged))
+    )
+
+
+async def repair_info_to_a_query(stack: Stack) -> None:
+    """Nexus's reconcile asks a VMM's sled how its repair goes; the other sled answers
+    first that it finished. The requester takes only the answer of the sled it asked."""
+    owner, forger = stack.sleds
+    repair_id = uuid.uuid4()
+    asked = asyncio.create_task(
+        stack.cli.request(
+            VolumeRepairGet(source=CLI_SOURCE, payload=RepairRef(id=repair_id)),
+            routing_key=sled_queue(owner.sled_id),
+            timeout=60,
+        )
+    )
+    request = await owner.next(VolumeRepairGet)
+    forged = a_repair(uuid.uuid4(), owner.sled_id, RepairState.FINISHED).model_copy(
+        update={"id": repair_id}
+    )
+    await stack.forge_reply(
+        forger,
+        request,
+        RepairInfo(
+            source=forger.source,
+            payload=RepairFound(sled_id=owner.sled_id, repair_id=repair_id, repair=forged),
+        ),
+    )
+    await owner.reply_to(
+        request,
+        RepairInfo(
+            source=owner.source,
+            payload=RepairFound(sled_id=owner.sled_id, repair_id=repair_id, repair=None),
+        ),
+    )
+    answer = await asked
+    assert isinstance(answer, RepairInfo), answer
+    assert (answer.source, answer.payload.repair) == (owner.source, None)
+
+
 CASES = [
     *(
         Case(RegionStateChanged.TYPE, f"region-{state.value}", region_event(state))
@@ -1008,6 +1078,8 @@ CASES = [
     Case(RegionSnapshotStateChanged.TYPE, "of-another-agents-region", region_snapshot_event),
     Case(RunningSnapshotStateChanged.TYPE, "of-another-agents-region", running_snapshot_event),
     Case(RegionSnapshotsInfo.TYPE, "reply-to-a-query", region_snapshots_info_to_a_query),
+    Case(RepairChanged.TYPE, "in-another-sleds-vmm", repair_event),
+    Case(RepairInfo.TYPE, "reply-to-a-query", repair_info_to_a_query),
 ]
 
 

@@ -54,6 +54,7 @@ ALL_TABLES = {
     "inbox",
     "instances",
     "outbox",
+    "region_replacement",
     "regions",
     "region_snapshots",
     "saga_log",

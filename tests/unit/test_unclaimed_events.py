@@ -16,12 +16,14 @@ from nexus.sagas import ALL_SAGAS, disk_create, disk_delete
 from nexus.unclaimed import summarise
 from nexus.waitkeys import (
     AWAITED_REGION_STATES,
+    AWAITED_REPAIR_STATES,
     AWAITED_RUNNING_SNAPSHOT_STATES,
     AWAITED_SNAPSHOT_STATES,
     AWAITED_VMM_STATES,
     disk_flush_key,
     is_rejection,
     region_key,
+    repair_key,
     running_snapshot_key,
     snapshot_key,
     vmm_key,
@@ -123,9 +125,11 @@ def kept_by_the_intake(key: str) -> bool:
     if kind == "vmm_flush":
         return key == disk_flush_key(uuid.UUID(region), uuid.UUID(name))
     object_id = uuid.UUID(key.split(":")[1])
-    return key in {region_key(object_id, state) for state in AWAITED_REGION_STATES} | {
-        vmm_key(object_id, state) for state in AWAITED_VMM_STATES
-    }
+    return key in (
+        {region_key(object_id, state) for state in AWAITED_REGION_STATES}
+        | {vmm_key(object_id, state) for state in AWAITED_VMM_STATES}
+        | {repair_key(object_id, state) for state in AWAITED_REPAIR_STATES}
+    )
 
 
 async def test_unclaimed_events_are_grouped_by_type_and_source_newest_first(

@@ -1,0 +1,341 @@
+"""Region replacement: the saga on a detached disk (Nexus's repair) through the triad, as
+the attached one is in test_saga_triad.py; requests filed by an expunge with their sagas
+in its transaction; a disk being created when its dataset is lost; the retry of a
+request whose saga unwound; and the doctor's rules about lost regions."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from nexus.db.models import Dataset, Disk, Region, RegionReplacement, Saga, Sled
+from nexus.db.states import (
+    DatasetState,
+    DiskState,
+    RegionState,
+    ReplacementState,
+    SagaState,
+    SledState,
+)
+from nexus.doctor import DiskRecord, Records, RegionRecord, region_findings
+from nexus.liveness import expunge_lost_sleds, expunge_sled
+from nexus.replacement_ids import saga_id_for
+from nexus.replacements import Replacements, in_flight_for, retry_delay
+from nexus.sagas import disk_create, region_replacement
+from tests import saga_triad
+from tests.saga_scenarios import (
+    REGION_REPLACEMENT_DETACHED,
+    disk_params,
+    new_disk,
+    running_instance,
+)
+from tests.saga_support import Database, add_sleds
+from tests.saga_triad import World
+
+NODES = region_replacement.DEFINITION.node_names
+
+
+async def test_a_detached_disk_is_repaired_by_nexus(database: Database) -> None:
+    await saga_triad.succeeds(database, REGION_REPLACEMENT_DETACHED)
+
+
+@pytest.mark.parametrize("node", NODES)
+async def test_a_detached_disk_failure_unwinds_to_a_clean_slate(
+    database: Database, node: str
+) -> None:
+    await saga_triad.failure_can_unwind(database, REGION_REPLACEMENT_DETACHED, node)
+
+
+async def test_a_detached_disk_every_node_run_twice(database: Database) -> None:
+    await saga_triad.actions_succeed_idempotently(database, REGION_REPLACEMENT_DETACHED)
+
+
+@pytest.mark.parametrize("node", NODES)
+async def test_a_detached_disk_failure_with_every_undo_run_twice(
+    database: Database, node: str
+) -> None:
+    await saga_triad.failure_can_unwind_idempotently(database, REGION_REPLACEMENT_DETACHED, node)
+
+
+async def _lost_sled(world: World, disk_id: uuid.UUID) -> uuid.UUID:
+    async with world.database.sessions() as session:
+        sled_id = await session.scalar(
+            select(Dataset.sled_id)
+            .join(Region, Region.dataset_id == Dataset.id)
+            .where(Region.disk_id == disk_id)
+            .order_by(Region.id)
+            .limit(1)
+        )
+    assert sled_id is not None
+    return sled_id
+
+
+async def test_an_expunge_files_a_request_and_its_saga_in_one_transaction(
+    database: Database,
+) -> None:
+    """Every region of the lost sled gets a request, and its saga is created with it;
+    run, the sagas replace them all; expunging again files nothing."""
+    world = World.for_saga(database, region_replacement.DEFINITION)
+    await database.add_datasets(4)
+    disks = [await new_disk(world) for _ in range(2)]
+    sled_id = await _lost_sled(world, disks[0])
+    replica = world.replica()
+    replacements = Replacements(replica.executor)
+    async with database.sessions.begin() as session:
+        expunged = await expunge_sled(session, sled_id, world.clock.now(), replacements)
+    # Four datasets on four sleds, two disks of three regions: the lost sled held one or two.
+    assert expunged.lost.requested == len(expunged.lost.sagas) >= 1
+    for row in expunged.lost.sagas:
+        await replica.executor.run(row.id, row)
+    await world.agents.answer(replica)
+    async with database.sessions() as session:
+        requests = (await session.execute(select(RegionReplacement))).scalars().all()
+        sagas = {s.id: s.state for s in (await session.execute(select(Saga))).scalars()}
+    assert len(requests) == expunged.lost.requested
+    for request in requests:
+        assert request.state == ReplacementState.COMPLETE
+        assert sagas[saga_id_for(request.id, 1)] == SagaState.DONE
+        assert [phase[0] for phase in request.history] == [
+            "requested",
+            "allocating",
+            "running",
+            "replacement_done",
+            "completing",
+            "complete",
+        ]
+    async with database.sessions.begin() as session:
+        again = await expunge_sled(session, sled_id, world.clock.now(), replacements)
+    assert (again.changed, again.lost.requested) == (False, 0)
+
+
+async def test_an_attached_disk_drives_through_every_phase(database: Database) -> None:
+    """A disk of a running instance: the live repair's phase (driving) is recorded, and
+    its progress shows on the request."""
+    world = World.for_saga(database, region_replacement.DEFINITION)
+    instance_id = await running_instance(world)
+    await database.add_datasets(1)
+    async with database.sessions() as session:
+        disk_id = await session.scalar(
+            select(Disk.id).where(Disk.attached_instance_id == instance_id)
+        )
+    assert disk_id is not None
+    replica = world.replica()
+    async with database.sessions.begin() as session:
+        expunged = await expunge_sled(
+            session,
+            await _lost_sled(world, disk_id),
+            world.clock.now(),
+            Replacements(replica.executor),
+        )
+    (row,) = expunged.lost.sagas
+    await replica.executor.run(row.id, row)
+    await world.agents.answer(replica)
+    async with database.sessions() as session:
+        (request,) = (await session.execute(select(RegionReplacement))).scalars().all()
+    assert (request.state, request.repair_mode, request.repair_progress) == (
+        ReplacementState.COMPLETE,
+        "live",
+        100,
+    )
+    assert "driving" in [phase[0] for phase in request.history]
+    assert world.agents.repairs
+
+
+async def test_a_disk_being_created_when_its_dataset_is_lost_unwinds(database: Database) -> None:
+    """The create's wait on the lost region ends at once (failed is filed for it), and its
+    unwind asks no lost agent: the disk is gone, no request is filed for it."""
+    world = World.for_saga(database, disk_create.DEFINITION)
+    await database.add_datasets(4)
+    replica = world.replica()
+    p = disk_params()
+    saga_id = await replica.executor.start(disk_create.DEFINITION, p)
+    async with database.sessions() as session:
+        sled_id = await session.scalar(
+            select(Dataset.sled_id)
+            .join(Region, Region.dataset_id == Dataset.id)
+            .where(Region.disk_id == p.disk_id)
+            .limit(1)
+        )
+    assert sled_id is not None
+    async with database.sessions.begin() as session:
+        expunged = await expunge_sled(
+            session, sled_id, world.clock.now(), Replacements(replica.executor)
+        )
+    assert expunged.lost.requested == 0 and len(expunged.lost.woken) == 1
+    await replica.executor.run(expunged.lost.woken[0].saga_id)
+    await world.agents.answer(replica)
+    saga = await database.saga(saga_id)
+    assert saga.state == SagaState.UNDONE, saga.error
+    async with database.sessions() as session:
+        assert await session.get(Disk, p.disk_id) is None
+        assert not (await session.execute(select(RegionReplacement))).scalars().all()
+
+
+async def test_a_request_whose_saga_unwound_is_tried_again_after_its_backoff(
+    database: Database,
+) -> None:
+    """No dataset to place on: the saga unwinds and the request is requested again, with
+    why; the retry waits its backoff, then a second saga (attempt 2) runs and succeeds
+    once a dataset is there."""
+    world = World.for_saga(database, region_replacement.DEFINITION)
+    await database.add_datasets(3)
+    disk_id = await new_disk(world)
+    replica = world.replica()
+    replacements = Replacements(replica.executor)
+    async with database.sessions.begin() as session:
+        expunged = await expunge_sled(
+            session, await _lost_sled(world, disk_id), world.clock.now(), replacements
+        )
+    (row,) = expunged.lost.sagas
+    await replica.executor.run(row.id, row)
+    async with database.sessions() as session:
+        (request,) = (await session.execute(select(RegionReplacement))).scalars().all()
+    assert request.state == ReplacementState.REQUESTED
+    assert request.last_failure is not None and "insufficient capacity" in request.last_failure
+    assert await replacements.retry(database.sessions, world.clock.now()) == 0
+    await database.add_datasets(1)
+    world.clock.advance(retry_delay(1) + timedelta(seconds=1))
+    assert await replacements.retry(database.sessions, world.clock.now()) == 1
+    await replica.executor.drain()
+    await world.agents.answer(replica)
+    async with database.sessions() as session:
+        (request,) = (await session.execute(select(RegionReplacement))).scalars().all()
+        second = await session.get(Saga, saga_id_for(request.id, 2))
+    assert (request.state, request.attempts) == (ReplacementState.COMPLETE, 2)
+    assert second is not None and second.state == SagaState.DONE
+
+
+def test_the_doctor_flags_a_lost_region_without_a_request_and_not_one_in_flight() -> None:
+    disk = DiskRecord(uuid.uuid4(), "d", DiskState.DETACHED)
+    datasets = [uuid.uuid4() for _ in range(4)]
+    sled_of = {dataset: uuid.uuid4() for dataset in datasets}
+
+    def region(dataset: uuid.UUID, state: RegionState = RegionState.CREATED) -> RegionRecord:
+        return RegionRecord(uuid.uuid4(), disk.id, dataset, state, 2, 512, 1, 1)
+
+    three = [region(d) for d in datasets[:3]]
+    lost = {datasets[0]}
+
+    def kinds(regions: list[RegionRecord], in_flight: set[uuid.UUID]) -> set[str]:
+        records = Records(
+            disks={disk.id: disk},
+            regions=regions,
+            sled_of_dataset=sled_of,
+            expunged_datasets=lost,
+            replacing=in_flight,
+        )
+        return {f.kind for f in region_findings(records, {})}
+
+    assert kinds(three, set()) == {"region_lost_unreplaced"}
+    assert kinds(three, {disk.id}) == set()
+    # A replacement in flight: four regions, one new, are fine.
+    assert kinds([*three, region(datasets[3], RegionState.REQUESTED)], {disk.id}) == set()
+    # Complete: the old one destroyed, three live regions on three live sleds.
+    done = [region(datasets[0], RegionState.DESTROYED), *three[1:], region(datasets[3])]
+    assert kinds(done, set()) == set()
+    assert kinds(three[1:], set()) == {"disk_region_count"}
+
+
+async def test_a_disk_with_a_replacement_in_flight_cannot_be_deleted_until_it_completes(
+    database: Database,
+) -> None:
+    """The API refuses it (checked here on the rule it uses)."""
+    world = World.for_saga(database, region_replacement.DEFINITION)
+    await database.add_datasets(4)
+    disk_id = await new_disk(world)
+    replica = world.replica()
+    async with database.sessions.begin() as session:
+        expunged = await expunge_sled(
+            session,
+            await _lost_sled(world, disk_id),
+            world.clock.now(),
+            Replacements(replica.executor),
+        )
+    async with database.sessions() as session:
+        assert await in_flight_for(session, disk_id) is not None
+    (row,) = expunged.lost.sagas
+    await replica.executor.run(row.id, row)
+    await world.agents.answer(replica)
+    async with database.sessions() as session:
+        assert await in_flight_for(session, disk_id) is None
+
+
+async def test_a_sled_lost_by_silence_has_its_regions_replaced_too(database: Database) -> None:
+    """The sweeper's threshold (``expunge_lost_sleds``) files the requests and runs their
+    sagas as an operator's expunge does."""
+    world = World.for_saga(database, region_replacement.DEFINITION)
+    await database.add_datasets(4)
+    disk_id = await new_disk(world)
+    lost = await _lost_sled(world, disk_id)
+    (heard,) = await add_sleds(database, 1)
+    async with database.sessions.begin() as session:
+        session.add(
+            Sled(
+                id=lost,
+                hostname="lost",
+                queue_name=f"sled.{lost}",
+                cpus=1,
+                memory_bytes=1 << 30,
+                state=SledState.ACTIVE,
+                last_heartbeat_at=world.clock.now() - timedelta(minutes=5),
+                generation=1,
+            )
+        )
+    replica = world.replica()
+    await expunge_lost_sleds(
+        database.sessions,
+        now=world.clock.now(),
+        after=timedelta(seconds=60),
+        hearing=timedelta(seconds=10),
+        replacements=Replacements(replica.executor),
+    )
+    await replica.executor.drain()
+    await world.agents.answer(replica)
+    async with database.sessions() as session:
+        (request,) = (await session.execute(select(RegionReplacement))).scalars().all()
+    assert request.state == ReplacementState.COMPLETE
+    assert heard.id != lost
+
+
+async def test_a_new_region_lost_before_it_is_created_sends_its_replacement_elsewhere(
+    database: Database,
+) -> None:
+    """A second sled is lost while the first replacement waits for its new region there:
+    that wait ends at once (failed), the saga unwinds, and its retry places on a live sled."""
+    world = World.for_saga(database, region_replacement.DEFINITION)
+    await database.add_datasets(5)
+    disk_id = await new_disk(world)
+    replica = world.replica()
+    replacements = Replacements(replica.executor)
+    async with database.sessions.begin() as session:
+        first = await expunge_sled(
+            session, await _lost_sled(world, disk_id), world.clock.now(), replacements
+        )
+    (row,) = first.lost.sagas
+    await replica.executor.run(row.id, row)  # parks on the new region's ensure, unanswered
+    async with database.sessions() as session:
+        (request,) = (await session.execute(select(RegionReplacement))).scalars().all()
+        assert request.new_dataset_id is not None
+        new_sled = (await session.get(Dataset, request.new_dataset_id)).sled_id  # type: ignore[union-attr]
+    async with database.sessions.begin() as session:
+        second = await expunge_sled(session, new_sled, world.clock.now(), replacements)
+    assert (second.lost.requested, len(second.lost.woken)) == (0, 1)
+    sent_before = len(await database.sent())
+    await replica.executor.run(second.lost.woken[0].saga_id)
+    # The unwind asks the lost agent nothing: its region is gone with its dataset.
+    assert len(await database.sent()) == sent_before
+    async with database.sessions() as session:
+        (request,) = (await session.execute(select(RegionReplacement))).scalars().all()
+    assert request.state == ReplacementState.REQUESTED and request.last_failure
+    world.clock.advance(retry_delay(1) + timedelta(seconds=1))
+    assert await replacements.retry(database.sessions, world.clock.now()) == 1
+    await replica.executor.drain()
+    await world.agents.answer(replica)
+    async with database.sessions() as session:
+        (request,) = (await session.execute(select(RegionReplacement))).scalars().all()
+        dataset = await session.get(Dataset, request.new_dataset_id)
+    assert request.state == ReplacementState.COMPLETE and request.attempts == 2
+    assert dataset is not None and dataset.state == DatasetState.ACTIVE

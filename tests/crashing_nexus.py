@@ -18,6 +18,11 @@ saga is left stuck); ``--repeat-actions``/``--repeat-undos``: every action/undo 
 saga runs twice in its transaction, and an action that decides differently the second
 time fails its node (Omicron's saga test triad, ``nexus/saga/faults.py``). These combine.
 
+``--replacement-retry SECONDS``: a region replacement whose saga unwound is tried again
+after SECONDS (every attempt), not ``nexus.replacements``' backoff from 5 s; a triad case
+that fails a replacement on purpose sets it long, so that its replica does not start the
+same failing attempt again under the next case's feet.
+
 Otherwise it is ``nexus run``: the same NEXUS_* settings, start and stop.
 """
 
@@ -28,7 +33,9 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 
+from nexus import replacements
 from nexus.app import NexusApp
 from nexus.main import run_replica
 from nexus.saga.faults import Faults
@@ -105,12 +112,14 @@ def main() -> None:
     parser.add_argument("--fail-undo", metavar="SAGA:NODE", type=saga_node, action="append")
     parser.add_argument("--repeat-actions", action="store_true")
     parser.add_argument("--repeat-undos", action="store_true")
+    parser.add_argument("--replacement-retry", metavar="SECONDS", type=float)
     arguments = parser.parse_args()
     triad = bool(
         arguments.fail_node
         or arguments.fail_undo
         or arguments.repeat_actions
         or arguments.repeat_undos
+        or arguments.replacement_retry is not None
     )
     if triad and (arguments.crash_in_node or arguments.freeze_in_node):
         parser.error("a signal fault and a triad fault do not combine")
@@ -127,6 +136,11 @@ def main() -> None:
         )
     else:
         parser.error("no fault: give a signal (--crash-in-node, --freeze-in-node) or a triad fault")
+    if arguments.replacement_retry is not None:
+        # Read at each call of nexus.replacements.retry_delay.
+        replacements.RETRY_FIRST = replacements.RETRY_MOST = timedelta(
+            seconds=arguments.replacement_retry
+        )
     settings = settings_from("nexus", NexusSettings, {})
     run_replica(NexusApp(settings, faults=faults))
 

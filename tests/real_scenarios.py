@@ -7,12 +7,15 @@ Uuids are read as SQLite stores them (32 hex digits); the agents' keys are uuids
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
-from nexus.sagas import snapshot_create, snapshot_delete
+from nexus.sagas import region_replacement, snapshot_create, snapshot_delete
 from nexus.sagas.disk_create import REPLICAS
+from tests.processes import Crucible
 from tests.real_triad import (
     PROJECT,
     Rack,
@@ -182,4 +185,140 @@ SNAPSHOT_DELETE = RealScenario(
 )
 
 
-SCENARIOS: tuple[RealScenario, ...] = (SNAPSHOT_CREATE, SNAPSHOT_DELETE)
+# region_replacement, started by ``nexusctl sled expunge``. Each case adds a crucible agent
+# on a sled of its own, with more capacity than any before it, so that the case's disk
+# (placed by most free space) has a region there and no other disk does; expunging that
+# sled then files exactly one replacement: of this case's region. The agent is counted
+# lost before the world is taken (Nexus asks a lost agent nothing, and neither do we).
+
+
+@dataclass(frozen=True)
+class Replacing:
+    index: int
+    disk: str = ""
+    agent: Crucible | None = None
+
+    @property
+    def lost(self) -> Crucible:
+        assert self.agent is not None
+        return self.agent
+
+
+async def region_replacement_prepare(rack: Rack, cases: Sequence[str]) -> Mapping[str, Any]:
+    return {case: Replacing(index) for index, case in enumerate(cases)}
+
+
+async def region_replacement_setup(rack: Rack, item: Replacing) -> Replacing:
+    await rack.stop_lost()
+    agent = await rack.add_agent(capacity_bytes=(1 << 40) + ((item.index + 1) << 36))
+    disk = f"rr-{item.index}"
+    await rack.ok("disk", "create", disk, "--size", SIZE, "-p", PROJECT, "--wait")
+    (disk_id,) = rack.query("SELECT id FROM disks WHERE project = ? AND name = ?", PROJECT, disk)[0]
+    on_agent = rack.query(
+        "SELECT id FROM regions WHERE disk_id = ? AND dataset_id = ?", disk_id, agent.agent_id.hex
+    )
+    assert len(on_agent) == 1, f"disk {disk} has no region on the new agent's dataset"
+    rack.lost.add(agent.agent_id)
+    return replace(item, disk=disk, agent=agent)
+
+
+def region_replacement_start(item: Replacing) -> Sequence[str]:
+    return ["sled", "expunge", str(item.lost.sled_id), "--yes"]
+
+
+def replacement_saga(document: Any) -> uuid.UUID:
+    (saga,) = document["replacement_sagas"]
+    return uuid.UUID(saga)
+
+
+def replacement_of(world: World, disk_id: str) -> dict[str, Any]:
+    (request,) = [r for r in world["region_replacement"].values() if r["disk_id"] == disk_id]
+    return dict(request)
+
+
+async def region_replacement_done(rack: Rack, item: Replacing, before: World, after: World) -> None:
+    """The request is complete: the lost region's row is destroyed, a new region is
+    created on a live sled the disk did not use, held by its agent; the lost dataset is
+    expunged, the new one's space reserved. Nothing else changed."""
+    disk = by_name(after, "disks", item.disk)
+    request = replacement_of(after, disk["id"])
+    lost_dataset = item.lost.agent_id.hex
+    assert (request["state"], request["old_dataset_id"]) == ("complete", lost_dataset), request
+    old, new = request["old_region_id"], request["new_region_id"]
+    assert after["regions"][old]["state"] == "destroyed", after["regions"][old]
+    added = after["regions"][new]
+    assert (added["state"], added["disk_id"]) == ("created", disk["id"]), added
+    used = {r["dataset_id"] for k, r in before["regions"].items() if r["disk_id"] == disk["id"]}
+    assert added["dataset_id"] not in used, "the new region is on a sled the disk used"
+    assert after["held:regions"][uuid.UUID(new)][:2] == (
+        uuid.UUID(added["dataset_id"]),
+        "created",
+    )
+    assert after["datasets"][lost_dataset]["state"] == "expunged"
+    assert_changed_only(
+        before,
+        after,
+        {
+            "datasets": {lost_dataset, added["dataset_id"]},
+            "regions": {old, new},
+            "region_replacement": {request["id"]},
+            "held:regions": {uuid.UUID(new)},
+        },
+    )
+
+
+async def region_replacement_unwound(
+    rack: Rack, item: Replacing, before: World, after: World, node: str
+) -> None:
+    """The request is ``requested`` again, operated by no saga, its failure recorded, to
+    be tried again (by the sweeper, after a backoff: ``after_all`` shows it); the new
+    region is gone from its agent and its row, its space given back. What the expunge
+    did stays: the lost dataset is expunged and its region lost, which the doctor
+    accepts while a replacement of it is in flight (a request not complete)."""
+    disk = by_name(after, "disks", item.disk)
+    request = replacement_of(after, disk["id"])
+    lost_dataset = item.lost.agent_id.hex
+    assert (request["state"], request["operating_saga_id"]) == ("requested", None), request
+    if node == "claim":
+        # Failed before it claimed the request: no undo of its runs, and the request is
+        # as the expunge filed it (a claim that fails for real finds it someone else's).
+        assert request["last_failure"] is None, request
+    else:
+        assert node in (request["last_failure"] or ""), request
+    assert after["datasets"][lost_dataset]["state"] == "expunged"
+    assert_changed_only(
+        before,
+        after,
+        {"datasets": {lost_dataset}, "region_replacement": {request["id"]}},
+    )
+    await rack.healthy()
+
+
+async def region_replacement_retried(rack: Rack) -> None:
+    """Every request left ``requested`` by an unwind is tried again by a replica
+    without faults, after its backoff, and completes; then the doctor finds nothing."""
+    await rack.nexus_with(())
+    deadline = time.monotonic() + 120
+    while pending := rack.query(
+        "SELECT id, state FROM region_replacement WHERE state != 'complete'"
+    ):
+        assert time.monotonic() < deadline, f"not complete after 120 s: {pending}"
+        await asyncio.sleep(0.5)
+    await rack.healthy()
+    await rack.stop_lost()
+
+
+REGION_REPLACEMENT = RealScenario(
+    region_replacement.DEFINITION,
+    region_replacement_prepare,
+    region_replacement_start,
+    region_replacement_done,
+    region_replacement_unwound,
+    setup_case=region_replacement_setup,
+    saga_of=replacement_saga,
+    failing_flags=("--replacement-retry", "3600"),
+    after_all=region_replacement_retried,
+)
+
+
+SCENARIOS: tuple[RealScenario, ...] = (SNAPSHOT_CREATE, SNAPSHOT_DELETE, REGION_REPLACEMENT)

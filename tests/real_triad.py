@@ -63,7 +63,7 @@ RESOURCE_TABLES = (
     "vmms",
     "snapshots",
     "region_snapshots",
-    "region_replacements",
+    "region_replacement",
 )
 # Written by every change, heartbeat or announcement; say when, not what.
 VOLATILE_COLUMNS = frozenset({"updated_at", "last_seen_at", "last_heartbeat_at"})
@@ -166,12 +166,34 @@ class Rack:
     def tail(self) -> str:
         return self.nexus.log_text()[-5000:] if self.nexus is not None else ""
 
-    async def add_agent(self) -> Crucible:
-        """One more crucible agent (on a sled of its own), announced to Nexus."""
-        agent = crucible(self.amqp_url, self.workdir, create_delay="fixed:0.05")
+    async def add_agent(self, capacity_bytes: int, timeout: float = 30.0) -> Crucible:
+        """One more crucible agent (on a sled of its own), once Nexus has recorded its
+        dataset (it announces itself as it starts)."""
+        agent = crucible(
+            self.amqp_url,
+            self.workdir,
+            create_delay="fixed:0.05",
+            capacity_bytes=str(capacity_bytes),
+        )
         agent.service.start()
         self.agents.append(agent)
+        deadline = time.monotonic() + timeout
+        while not self.query("SELECT 1 FROM datasets WHERE id = ?", agent.agent_id.hex):
+            assert agent.service.running, agent.service.log_text()
+            assert time.monotonic() < deadline, f"Nexus did not record {agent.agent_id}"
+            await asyncio.sleep(0.1)
         return agent
+
+    async def stop_lost(self) -> None:
+        """Stop the agents of expunged sleds: Nexus asks them nothing any more."""
+        for agent in self.agents:
+            if agent.agent_id in self.lost:
+                await agent.service.stop()
+
+    def query(self, sql: str, *parameters: Any) -> list[tuple[Any, ...]]:
+        """Nexus's SQLite database, as the replica shares it (uuids as 32 hex digits)."""
+        with closing(sqlite3.connect(self.database, timeout=30)) as connection:
+            return connection.execute(sql, parameters).fetchall()
 
     async def ctl(self, *args: str, timeout: float = 120.0) -> Result:
         """``nexusctl ARGS --output json`` as a real process."""
@@ -345,6 +367,11 @@ async def as_before(rack: Rack, item: Any, before: World, after: World, node: st
     await rack.healthy()
 
 
+def saga_of_operation(document: Any) -> uuid.UUID:
+    """The saga a ``nexusctl`` create or delete started (its JSON output)."""
+    return uuid.UUID(document["saga_id"])
+
+
 @dataclass(frozen=True)
 class RealScenario:
     definition: SagaDefinition[Any]
@@ -352,6 +379,15 @@ class RealScenario:
     start: Start
     done: Done
     unwound: Unwound = as_before
+    # Run for each case on the case's Nexus, before the world is taken: what the saga
+    # acts on, when it cannot be made beforehand; returns the case's input.
+    setup_case: Callable[[Rack, Any], Awaitable[Any]] | None = None
+    # The saga the start command started, from its JSON output.
+    saga_of: Callable[[Any], uuid.UUID] = saga_of_operation
+    # Flags for every Nexus that fails this saga on purpose.
+    failing_flags: tuple[str, ...] = ()
+    # After the module's last case of this saga.
+    after_all: Callable[[Rack], Awaitable[None]] | None = None
 
     @property
     def name(self) -> str:
@@ -369,8 +405,10 @@ class RealScenario:
         if case == "actions_twice":
             return ["--repeat-actions"]
         if case == "undos_twice":
-            return ["--fail-node", f"{self.name}:{self.last_node}", "--repeat-undos"]
-        return ["--fail-node", f"{self.name}:{case.removeprefix('fails_at:')}"]
+            failing = ["--fail-node", f"{self.name}:{self.last_node}", "--repeat-undos"]
+        else:
+            failing = ["--fail-node", f"{self.name}:{case.removeprefix('fails_at:')}"]
+        return failing + list(self.failing_flags)
 
     @property
     def last_node(self) -> str:
@@ -393,29 +431,29 @@ async def run_case(rack: Rack, prepared: Prepared, scenario: RealScenario, case:
         await rack.healthy()
     item = prepared.inputs[scenario.name][case]
     await rack.nexus_with(scenario.faults(case))
+    if scenario.setup_case is not None:
+        item = await scenario.setup_case(rack, item)
     before = await rack.world()
     result = await rack.ctl(*scenario.start(item), "--wait")
-    outcome = result.document
-    assert outcome is not None and outcome.get("saga"), result.output
-    saga = outcome["saga"]
-    history = [(e["node"], e["event"]) for e in saga["log"]]
+    assert result.document is not None, result.output
+    saga = await rack.client.saga(scenario.saga_of(result.document))
+    history = [(e.node, e.event) for e in saga.log]
     after = await rack.world()
     if case in ("succeeds", "actions_twice"):
-        assert (result.code, saga["state"]) == (0, "done"), f"{saga['error']}; log: {history}"
+        assert (result.code, saga.state) == (0, "done"), f"{saga.error}; log: {history}"
         await scenario.done(rack, item, before, after)
         await rack.healthy()
     else:
         node = scenario.last_node if case == "undos_twice" else case.removeprefix("fails_at:")
         assert result.code != 0, result.output
-        assert saga["state"] == "undone", f"{saga['state']}: {saga['error']}; log: {history}"
-        assert node in (saga["error"] or ""), saga["error"]
+        assert saga.state == "undone", f"{saga.state}: {saga.error}; log: {history}"
+        assert node in (saga.error or ""), saga.error
         assert [n for n, event in history if event == "failed"] == [node], history
         assert (node, "undo_finished") not in history, "the failed node's own undo is not run"
-        assert saga["waiting_for"] == [], "an unwound saga holds no wait"
-        if case == "undos_twice":
-            starts = [n for n, event in history if event == "undo_started"]
-            assert starts, history
+        assert saga.waiting_for == (), "an unwound saga holds no wait"
         await scenario.unwound(rack, item, before, after, node)
+    if case == scenario.cases()[-1] and scenario.after_all is not None:
+        await scenario.after_all(rack)
     prepared.seconds[scenario.name] = prepared.seconds.get(scenario.name, 0.0) + (
         time.monotonic() - started
     )

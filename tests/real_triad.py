@@ -388,15 +388,25 @@ class RealScenario:
     failing_flags: tuple[str, ...] = ()
     # After the module's last case of this saga.
     after_all: Callable[[Rack], Awaitable[None]] | None = None
+    # Tells two scenarios of one saga apart (``region_replacement[attached]``).
+    variant: str = ""
+    # The nodes a failure is injected at: all (None), or, for a variant that differs
+    # from its saga's main scenario only in some nodes, those (to keep the module short).
+    failing_nodes: tuple[str, ...] | None = None
 
     @property
     def name(self) -> str:
         return self.definition.name
 
+    @property
+    def label(self) -> str:
+        return f"{self.name}[{self.variant}]" if self.variant else self.name
+
     def cases(self) -> list[str]:
         """The plain run, every action twice, a failure at every node of the saga's
         definition (a node added to the saga is covered), the undos twice."""
-        nodes = self.definition.node_names
+        nodes = self.definition.node_names if self.failing_nodes is None else self.failing_nodes
+        assert set(nodes) <= set(self.definition.node_names), nodes
         return ["succeeds", "actions_twice", *(f"fails_at:{n}" for n in nodes), "undos_twice"]
 
     def faults(self, case: str) -> list[str]:
@@ -425,11 +435,11 @@ class Prepared:
 
 async def run_case(rack: Rack, prepared: Prepared, scenario: RealScenario, case: str) -> None:
     started = time.monotonic()
-    if scenario.name not in prepared.inputs:
+    if scenario.label not in prepared.inputs:
         await rack.nexus_with(())
-        prepared.inputs[scenario.name] = await scenario.prepare(rack, scenario.cases())
+        prepared.inputs[scenario.label] = await scenario.prepare(rack, scenario.cases())
         await rack.healthy()
-    item = prepared.inputs[scenario.name][case]
+    item = prepared.inputs[scenario.label][case]
     await rack.nexus_with(scenario.faults(case))
     if scenario.setup_case is not None:
         item = await scenario.setup_case(rack, item)
@@ -454,6 +464,6 @@ async def run_case(rack: Rack, prepared: Prepared, scenario: RealScenario, case:
         await scenario.unwound(rack, item, before, after, node)
     if case == scenario.cases()[-1] and scenario.after_all is not None:
         await scenario.after_all(rack)
-    prepared.seconds[scenario.name] = prepared.seconds.get(scenario.name, 0.0) + (
+    prepared.seconds[scenario.label] = prepared.seconds.get(scenario.label, 0.0) + (
         time.monotonic() - started
     )

@@ -89,7 +89,7 @@ async def until_known(rack: Rack, *, agents: int, sleds: int, timeout: float = 6
 
 @pytest.mark.parametrize(
     ("scenario", "case"),
-    [pytest.param(s, c, id=f"{s.name}-{c}") for s in SCENARIOS for c in s.cases()],
+    [pytest.param(s, c, id=f"{s.label}-{c}") for s in SCENARIOS for c in s.cases()],
 )
 async def test_the_triad_on_real_processes(
     rack: Rack, prepared: Prepared, scenario: RealScenario, case: str

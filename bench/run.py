@@ -94,6 +94,15 @@ class Scale:
     peers_levels: tuple[tuple[int, int], ...] = ((1, 100), (8, 300), (32, 500))
     # The strategies phase's sagas (labels of STRATEGIES).
     strategies: tuple[str, ...] = tuple(STRATEGIES)
+    # The replacement phase (bench/replacement_phase.py): regions on the lost sled (one
+    # per disk), how many of their disks are attached to running instances, how long a
+    # live repair takes, the Omicron model's task periods (start, driver) and how long
+    # either strategy may take in all.
+    replacement_disks: int = 24
+    replacement_attached: int = 8
+    replacement_repair_seconds: float = 5.0
+    replacement_periods: tuple[float, float] = (30.0, 10.0)
+    replacement_timeout_seconds: float = 900.0
 
 
 QUICK = Scale(
@@ -112,6 +121,12 @@ QUICK = Scale(
     peers_levels=((1, 5), (8, 16), (32, 32)),
     # The long poll's stack would cost the quick run ~25 s: the full run has it.
     strategies=("event-driven", "backoff (Omicron)", "fixed 3 s (Nova)"),
+    replacement_disks=6,
+    replacement_attached=2,
+    replacement_repair_seconds=1.0,
+    # Omicron's 30 s / 10 s scaled down tenfold (the phase says so in its output).
+    replacement_periods=(3.0, 1.0),
+    replacement_timeout_seconds=300.0,
 )
 FULL = Scale(
     strategy_disks=20,
@@ -219,6 +234,34 @@ class Stack:
     instance_ready_at: dict[uuid.UUID, datetime] = field(default_factory=dict)
     finished: dict[uuid.UUID, str] = field(default_factory=dict)
     finished_event: asyncio.Event = field(default_factory=asyncio.Event)
+    # Crucible agents planned but not started with the stack (see ``stack``).
+    held_back: list[ChildSpec] = field(default_factory=list)
+
+    async def start_held_back(self, timeout: float = 60) -> list[uuid.UUID]:
+        """Start the held-back crucible agents; return their ids once Nexus has
+        recorded each one's dataset (what placement reads), as the stack's readiness
+        does for the others: while starting, and only then, the database is looked at
+        every 100 ms."""
+        ids = [uuid.UUID(spec.env["CRUCIBLE_AGENT_ID"]) for spec in self.held_back]
+        for spec in self.held_back:
+            await self.supervisor.start(spec)
+        engine = create_engine(self.database_url)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    async with engine.connect() as connection:
+                        known = set(
+                            (
+                                await connection.execute(
+                                    text("SELECT id FROM datasets WHERE state = 'active'")
+                                )
+                            ).scalars()
+                        )
+                    if {str(i) for i in ids} <= {str(k) for k in known}:
+                        return ids
+                    await asyncio.sleep(0.1)
+        finally:
+            await engine.dispose()
 
     def pids(self) -> dict[str, int]:
         return {
@@ -328,7 +371,14 @@ async def stack(
     nexus_env: dict[str, str] | None = None,
     agent_env: dict[str, str] | None = None,
     agent_argv: tuple[str, ...] | None = None,
+    crucible_agents: int = 3,
+    held_back: int = 0,
+    held_back_env: dict[str, str] | None = None,
 ) -> AsyncIterator[Stack]:
+    """A stack of ``replicas`` Nexus replicas, ``crucible_agents`` crucible agents and 2
+    sled agents. The last ``held_back`` crucible agents are not started with it (their
+    settings overridden by ``held_back_env``): :meth:`Stack.start_held_back` starts them,
+    e.g. a spare sled that takes no region until the ones placed before it are lost."""
     amqp_url = servers.vhost()
     database_url = await servers.database(database)
     state_dir = servers.workdir / f"stack-{uuid.uuid4().hex[:6]}"
@@ -338,6 +388,7 @@ async def stack(
         database_url=database_url,
         nexus_replicas=replicas,
         create_delay=create_delay,
+        crucible_agents=crucible_agents,
     )
     layout = plan(config)
     extra_nexus = {
@@ -370,11 +421,21 @@ async def stack(
         )
         for n, s in enumerate(layout.agents)
     ]
+    later_ids = layout.crucible_ids[len(layout.crucible_ids) - held_back :] if held_back else []
+    later = [a for a in agents if a.env.get("CRUCIBLE_AGENT_ID") in {str(i) for i in later_ids}]
+    later = [replace(a, env={**a.env, **(held_back_env or {})}) for a in later]
+    agents = [a for a in agents if a.name not in {b.name for b in later}]
+    layout = replace(
+        layout,
+        agents=agents,
+        crucible_ids=[i for i in layout.crucible_ids if i not in later_ids],
+        metrics_files=[p for p in layout.metrics_files if p.stem not in {b.name for b in later}],
+    )
     supervisor = Supervisor(lambda spec, code: print(f"  ! {spec.name} exited {code}"))
     transport = Transport(amqp_url, name="bench")
     await transport.connect()
     await transport.declare_topology()
-    running = Stack(supervisor, transport, amqp_url, database_url, nexus + agents)
+    running = Stack(supervisor, transport, amqp_url, database_url, nexus + agents, held_back=later)
     # Only the ends of sagas: every other progress notice would load the broker and
     # this process for nothing (unrouted notices are dropped by the exchange).
     await transport.subscribe(
@@ -1263,9 +1324,12 @@ PHASES = (
     "load",
     "peers",
     "longpoll",
+    "replacement",
 )
-# The quick run stays under 3 minutes: the load phase runs when asked for (--only load).
-QUICK_PHASES = tuple(phase for phase in PHASES if phase != "load")
+# The quick run stays under 3 minutes: the load and replacement phases run when asked
+# for (--only load, --only replacement). With the replacement phase (~40 s, two stacks)
+# --quick took 242 s here.
+QUICK_PHASES = tuple(phase for phase in PHASES if phase not in ("load", "replacement"))
 
 
 async def main(
@@ -1328,6 +1392,10 @@ async def main(
             from bench.longpoll_phase import longpoll_phase
 
             results["longpoll"] = await longpoll_phase(servers, scale, seed)
+        if "replacement" in only:
+            from bench.replacement_phase import replacement_phase
+
+            results["replacement"] = await replacement_phase(servers, scale, seed)
     finally:
         rabbitmq.close()
         postgres.close()
@@ -1377,6 +1445,14 @@ def cli(argv: list[str] | None = None) -> int:
         help="peers phase: IN_FLIGHT:DISKS,... (default 1:100,8:300,32:500; quick 1:5,8:16,32:32)",
     )
     parser.add_argument("--throughput-disks", type=int, help="disks per throughput configuration")
+    parser.add_argument(
+        "--replacement-periods",
+        help="replacement phase: the Omicron model's task periods START,DRIVER in seconds "
+        "(default Omicron's 30,10; --quick 3,1)",
+    )
+    parser.add_argument(
+        "--replacement-disks", type=int, help="replacement phase: regions on the lost sled"
+    )
     parser.add_argument("--parked", type=int, help="sagas parked at once in the scale phase")
     parser.add_argument("--parked-delay", type=float, help="region delay (s) of the big scale run")
     args = parser.parse_args(argv)
@@ -1391,6 +1467,15 @@ def cli(argv: list[str] | None = None) -> int:
             throughput_disks=args.throughput_disks or scale.throughput_disks,
             parked=args.parked or scale.parked,
             parked_delay_seconds=args.parked_delay or scale.parked_delay_seconds,
+        )
+    if args.replacement_periods:
+        start, driver = (float(part) for part in args.replacement_periods.split(","))
+        scale = replace(scale, replacement_periods=(start, driver))
+    if args.replacement_disks:
+        scale = replace(
+            scale,
+            replacement_disks=args.replacement_disks,
+            replacement_attached=min(scale.replacement_attached, args.replacement_disks),
         )
     if args.peers_levels:
         levels = tuple(

@@ -14,7 +14,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from nexus.sagas import region_replacement, snapshot_create, snapshot_delete
+from nexus.sagas import (
+    disk_create_from_snapshot,
+    region_replacement,
+    snapshot_create,
+    snapshot_delete,
+)
 from nexus.sagas.disk_create import REPLICAS
 from tests.processes import Crucible
 from tests.real_triad import (
@@ -186,6 +191,62 @@ SNAPSHOT_DELETE = RealScenario(
 )
 
 
+# disk_create_from_snapshot: each case makes a disk of its own from one ready snapshot,
+# taken of a detached disk beforehand.
+
+FS_DISK, FS_SNAPSHOT = "fs-disk", "fs-snap"
+
+
+async def from_snapshot_prepare(rack: Rack, cases: Sequence[str]) -> Mapping[str, Any]:
+    await rack.ok("disk", "create", FS_DISK, "--size", SIZE, "-p", PROJECT, "--wait")
+    await rack.ok("snapshot", "create", FS_SNAPSHOT, "--disk", FS_DISK, "-p", PROJECT, "--wait")
+    return {case: f"fs-{index}" for index, case in enumerate(cases)}
+
+
+def from_snapshot_start(name: str) -> Sequence[str]:
+    return ["disk", "create", name, "--from-snapshot", FS_SNAPSHOT, "-p", PROJECT]
+
+
+async def from_snapshot_done(rack: Rack, name: str, before: World, after: World) -> None:
+    """Detached, with six created regions: three fresh and three read-only clones (each
+    group on three sleds), held by their agents; the space of all six reserved, the
+    snapshot's references given back. Nothing else changed."""
+    disk = by_name(after, "disks", name)
+    snapshot = by_name(after, "snapshots", FS_SNAPSHOT)
+    assert (disk["state"], disk["create_snapshot_id"]) == ("detached", snapshot["id"]), disk
+    made = {k: r for k, r in after["regions"].items() if r["disk_id"] == disk["id"]}
+    assert len(made) == 2 * REPLICAS
+    clones = [r for r in made.values() if r["read_only"]]
+    fresh = [r for r in made.values() if not r["read_only"]]
+    assert len(clones) == len(fresh) == REPLICAS
+    for group in (clones, fresh):
+        assert len({r["dataset_id"] for r in group}) == REPLICAS, group
+    assert {r["state"] for r in made.values()} == {"created"}
+    held = {uuid.UUID(k) for k in made}
+    for region_id in held:
+        assert after["held:regions"][region_id][1] == "created"
+    assert {after["held:regions"][uuid.UUID(r["id"])][2] for r in clones} == {True}
+    assert all(r["volume_references"] == 0 for r in parts(after, snapshot["id"]).values())
+    assert_changed_only(
+        before,
+        after,
+        {
+            "disks": {disk["id"]},
+            "regions": set(made),
+            "held:regions": held,
+            "datasets": {r["dataset_id"] for r in made.values()},
+        },
+    )
+
+
+FROM_SNAPSHOT = RealScenario(
+    disk_create_from_snapshot.DEFINITION,
+    from_snapshot_prepare,
+    from_snapshot_start,
+    from_snapshot_done,
+)
+
+
 # region_replacement, started by ``nexusctl sled expunge``. Each case adds a crucible agent
 # on a sled of its own, with more capacity than any before it, so that the case's disk
 # (placed by most free space) has a region there and no other disk does; expunging that
@@ -349,6 +410,7 @@ ATTACHED_REPLACEMENT = dataclasses.replace(
 SCENARIOS: tuple[RealScenario, ...] = (
     SNAPSHOT_CREATE,
     SNAPSHOT_DELETE,
+    FROM_SNAPSHOT,
     REGION_REPLACEMENT,
     ATTACHED_REPLACEMENT,
 )

@@ -72,6 +72,19 @@ VOLATILE_COLUMNS = frozenset({"updated_at", "last_seen_at", "last_heartbeat_at"}
 World = Mapping[str, Mapping[Any, Any]]
 
 
+def new_agent(amqp_url: str, workdir: Path, capacity_bytes: int = 1 << 40) -> Crucible:
+    """A crucible agent of the rack (not started). A create takes a moment, a clone's
+    copy longer: an unwind then meets a clone still copying, whose delete its agent
+    refuses until the copy ends."""
+    return crucible(
+        amqp_url,
+        workdir,
+        create_delay="fixed:0.05",
+        clone_delay="fixed:0.5",
+        capacity_bytes=str(capacity_bytes),
+    )
+
+
 # A replica stops consuming, finishes the step at hand and exits: seconds at most.
 STOP_SECONDS = 20.0
 
@@ -169,12 +182,7 @@ class Rack:
     async def add_agent(self, capacity_bytes: int, timeout: float = 30.0) -> Crucible:
         """One more crucible agent (on a sled of its own), once Nexus has recorded its
         dataset (it announces itself as it starts)."""
-        agent = crucible(
-            self.amqp_url,
-            self.workdir,
-            create_delay="fixed:0.05",
-            capacity_bytes=str(capacity_bytes),
-        )
+        agent = new_agent(self.amqp_url, self.workdir, capacity_bytes)
         agent.service.start()
         self.agents.append(agent)
         deadline = time.monotonic() + timeout

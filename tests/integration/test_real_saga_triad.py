@@ -20,9 +20,9 @@ import pytest
 
 from nexus.db.migrate import upgrade_async
 from schemas.transport import Transport
-from tests.processes import crucible, sled
+from tests.processes import sled
 from tests.real_scenarios import SCENARIOS
-from tests.real_triad import Prepared, Rack, RealScenario, run_case
+from tests.real_triad import Prepared, Rack, RealScenario, new_agent, run_case
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ async def rack(
     workdir = tmp_path_factory.mktemp("real-triad")
     database = workdir / "nexus.sqlite3"
     await upgrade_async(f"sqlite+aiosqlite:///{database}")
-    agents = [crucible(module_vhost_url, workdir, create_delay="fixed:0.05") for _ in range(AGENTS)]
+    agents = [new_agent(module_vhost_url, workdir) for _ in range(AGENTS)]
     the_sled = sled(module_vhost_url, workdir)
     async with Transport(module_vhost_url, name="test: triad") as transport:
         await transport.declare_topology()

@@ -73,9 +73,11 @@ World = Mapping[str, Mapping[Any, Any]]
 
 
 def new_agent(amqp_url: str, workdir: Path, capacity_bytes: int = 1 << 40) -> Crucible:
-    """A crucible agent of the rack (not started). A create takes a moment, a clone's
-    copy longer: an unwind then meets a clone still copying, whose delete its agent
-    refuses until the copy ends."""
+    """A crucible agent of the rack (not started): a create takes a moment, a clone's
+    copy longer, as at a real agent. A from-snapshot saga failed at a later one of its
+    six parallel nodes then unwinds while the clones sent before it copy: their agents
+    refuse the delete (``being cloned``) and the undo waits and deletes them again (seen
+    in the agents' logs of ``fails_at:clone_1``)."""
     return crucible(
         amqp_url,
         workdir,
@@ -106,6 +108,10 @@ async def py_spy_dump(service: Service) -> str:
     except (OSError, TimeoutError) as error:
         return f"(py-spy failed: {error!r})"
     return out.decode(errors="replace")
+
+
+def tail(service: Service) -> str:
+    return service.log_text()[-5000:]
 
 
 @dataclass(frozen=True)
@@ -158,26 +164,27 @@ class Rack:
         self.nexus.start()
 
     async def stop_nexus(self) -> None:
-        if self.nexus is None:
+        """SIGTERM the replica; it must exit 0 within ``STOP_SECONDS``. Whatever happens,
+        the next case starts a new one (a failure here fails this case only)."""
+        service, self.nexus = self.nexus, None
+        if service is None:
             return
-        if not self.nexus.running:
-            code = await self.nexus.wait_exit()
-            raise AssertionError(f"{self.nexus.name} had exited {code}:\n{self.tail()}")
-        self.nexus.send(signal.SIGTERM)
+        if not service.running:
+            code = await service.wait_exit()
+            raise AssertionError(f"{service.name} had exited {code}:\n{tail(service)}")
+        service.send(signal.SIGTERM)
         try:
-            code = await self.nexus.wait_exit(timeout=STOP_SECONDS)
+            code = await service.wait_exit(timeout=STOP_SECONDS)
         except TimeoutError:
-            stacks = await py_spy_dump(self.nexus)
-            self.nexus.send(signal.SIGKILL)
-            await self.nexus.wait_exit()
+            stacks = await py_spy_dump(service)
+            (self.workdir / f"{service.name.replace(' ', '-')}.stacks").write_text(stacks)
+            service.send(signal.SIGKILL)
+            await service.wait_exit()
             raise AssertionError(
-                f"{self.nexus.name} did not exit within {STOP_SECONDS}s of SIGTERM; its "
-                f"threads then:\n{stacks}\nits log:\n{self.tail()}"
+                f"{service.name} did not exit within {STOP_SECONDS}s of SIGTERM; its "
+                f"threads then:\n{stacks}\nits log:\n{tail(service)}"
             ) from None
-        assert code == 0, f"{self.nexus.name} exited {code}:\n{self.tail()}"
-
-    def tail(self) -> str:
-        return self.nexus.log_text()[-5000:] if self.nexus is not None else ""
+        assert code == 0, f"{service.name} exited {code}:\n{tail(service)}"
 
     async def add_agent(self, capacity_bytes: int, timeout: float = 30.0) -> Crucible:
         """One more crucible agent (on a sled of its own), once Nexus has recorded its

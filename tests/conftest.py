@@ -184,6 +184,16 @@ def vhost_url(request: pytest.FixtureRequest) -> Iterator[str]:
     would be consumed as if they were current. A server given by URL cannot be asked
     for a virtual host, so those tests then use a private node.
     """
+    yield from _new_vhost(request)
+
+
+@pytest.fixture(scope="module")
+def module_vhost_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """``vhost_url`` for a module whose tests share one rack of processes."""
+    yield from _new_vhost(request)
+
+
+def _new_vhost(request: pytest.FixtureRequest) -> Iterator[str]:
     server: RabbitMQServer = request.getfixturevalue("rabbitmq_server")
     name = f"test-{uuid.uuid4().hex[:12]}"
     try:

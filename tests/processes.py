@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,12 +95,15 @@ def nexus(
     crash_in_node: str | None = None,
     freeze_in_node: str | None = None,
     clock_skew: str | None = None,
+    faults: Sequence[str] = (),
     **settings: str,
 ) -> Service:
     """A Nexus replica; with ``crash_in_node``, one that SIGKILLs itself in that node;
     with ``freeze_in_node``, one that SIGSTOPs itself there (the first time), until
-    SIGCONT; with ``clock_skew`` (``+30s``, ``-30s``), one whose clock is off by that
-    much."""
+    SIGCONT; with ``faults`` (``tests.crashing_nexus``'s triad options, such as
+    ``["--fail-node", "snapshot_create:disk_flush"]``), one whose sagas fail or repeat
+    as they say; with ``clock_skew`` (``+30s``, ``-30s``), one whose clock is off by
+    that much."""
     argv = [str(BIN / "nexus"), "run"]
     env = {
         "NEXUS_REPLICA_ID": replica_id,
@@ -114,6 +117,10 @@ def nexus(
             argv = [sys.executable, "-m", "tests.crashing_nexus", flag, node]
             # The tests of this checkout, whichever one the venv was installed from.
             env["PYTHONPATH"] = str(REPO)
+    if faults:
+        assert crash_in_node is None and freeze_in_node is None, "faults do not combine"
+        argv = [sys.executable, "-m", "tests.crashing_nexus", *faults]
+        env["PYTHONPATH"] = str(REPO)
     if clock_skew is not None:
         # Preloaded into the replica itself (the faketime wrapper would stand between the
         # test and the process, and hide how it died).

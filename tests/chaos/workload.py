@@ -162,6 +162,16 @@ class Api:
         request = api.DiskList(source=SOURCE, payload=api.ProjectFilter(project=PROJECT))
         return (await self.listing(request, api.DiskListReply)).payload
 
+    async def snapshots(self) -> tuple[api.SnapshotView, ...]:
+        request = api.SnapshotList(source=SOURCE, payload=api.ProjectFilter(project=PROJECT))
+        return (await self.listing(request, api.SnapshotListReply)).payload
+
+    async def replacements(self) -> tuple[api.ReplacementView, ...]:
+        request = api.RegionReplacementList(
+            source=SOURCE, payload=api.ReplacementFilter(limit=1000)
+        )
+        return (await self.listing(request, api.RegionReplacementListReply)).payload
+
     async def instances(self) -> tuple[api.InstanceView, ...]:
         request = api.InstanceList(source=SOURCE, payload=api.ProjectFilter(project=PROJECT))
         return (await self.listing(request, api.InstanceListReply)).payload
@@ -174,8 +184,16 @@ class Api:
         return (await self.listing(request, api.DoctorReply)).payload
 
 
+# The share of disks snapshotted (each snapshot deleted again at this chance), and of
+# instances whose attached disk is snapshotted while it runs.
+SNAPSHOT_CHANCE = 0.5
+SNAPSHOT_DELETE_CHANCE = 0.7
+ATTACHED_SNAPSHOT_CHANCE = 0.75
+
+
 class Workload:
-    """Disk creates (some deleted again) and instance lifecycles, side by side."""
+    """Disk creates (some snapshotted, some deleted again) and instance lifecycles (the
+    attached disk snapshotted while it runs), side by side."""
 
     def __init__(
         self,
@@ -248,9 +266,52 @@ class Workload:
 
     async def _disk_lifecycle(self, name: str) -> None:
         created = await self.create_disk(name)
-        # Some disks are deleted again, so disk_delete runs under faults too.
-        if created.final == "done" and self._rng.random() < 0.2:
+        if created.final != "done":
+            return
+        # Some disks are snapshotted, and most snapshots deleted again, so that both
+        # snapshot sagas run under faults (and around the sled expunge).
+        kept = False
+        if self._rng.random() < SNAPSHOT_CHANCE:
+            kept = await self.snapshot_and_maybe_delete(f"{name}-s", name, SNAPSHOT_DELETE_CHANCE)
+        # Some disks are deleted again, so disk_delete runs under faults too (a disk
+        # with a snapshot cannot be: its regions hold it).
+        if not kept and self._rng.random() < 0.2:
             await self.delete_disk(name)
+
+    async def snapshot_and_maybe_delete(self, snapshot: str, disk: str, delete: float) -> bool:
+        """Snapshot ``disk``, then delete the snapshot at chance ``delete``; whether a
+        snapshot of it may be left (not deleted, or its delete did not end done)."""
+        taken = await self.create_snapshot(snapshot, disk)
+        if taken.final != "done":
+            # Undone (a clean slate), or it did not end while watched: the latter may
+            # leave a snapshot, which holds the disk.
+            return taken.final != "undone"
+        if self._rng.random() >= delete:
+            return True
+        deleted = await self.delete_snapshot(snapshot)
+        return deleted.final != "done"
+
+    async def create_snapshot(self, name: str, disk: str) -> Operation:
+        request = api.SnapshotCreate(
+            source=SOURCE,
+            payload=api.SnapshotCreateRequest(project=PROJECT, name=name, disk=disk),
+        )
+        return await self.submit("snapshot_create", name, request, self._saga_of_snapshot(name))
+
+    async def delete_snapshot(self, name: str) -> Operation:
+        request = api.SnapshotDelete(
+            source=SOURCE, payload=api.ResourceRef(project=PROJECT, resource=name)
+        )
+        return await self.submit("snapshot_delete", name, request, self._saga_of_snapshot(name))
+
+    def _saga_of_snapshot(self, name: str) -> Callable[[], Awaitable[api.Accepted | None]]:
+        async def recover() -> api.Accepted | None:
+            found = next((s for s in await self._api.snapshots() if s.name == name), None)
+            if found is None or found.saga_id is None:
+                return None
+            return api.Accepted(saga_id=found.saga_id, resource_id=found.id)
+
+        return recover
 
     async def create_disk(self, name: str) -> Operation:
         request = api.DiskCreate(
@@ -298,7 +359,17 @@ class Workload:
         created = await self.submit("instance_create", name, request, self._saga_of_instance(name))
         if created.final != "done" or created.resource_id is None:
             return
-        for _ in range(actions_each):
+        # Its disk snapshotted while it runs (the VMM flushes first), at one of its
+        # power actions.
+        snapshot_at = (
+            self._rng.randrange(actions_each)
+            if self._rng.random() < ATTACHED_SNAPSHOT_CHANCE
+            else None
+        )
+        kept = False
+        for step in range(actions_each):
+            if step == snapshot_at:
+                kept = await self.snapshot_and_maybe_delete(f"{name}-s", f"{name}-boot", 1.0)
             view = await self._api.instance(created.resource_id)
             if view is None:
                 return
@@ -313,7 +384,7 @@ class Workload:
             if view is not None and view.state not in ("stopped", "failed"):
                 await self.act(name, api.InstanceAction.STOP)
             deleted = await self.act(name, api.InstanceAction.DELETE)
-            if deleted.final == "done":
+            if deleted.final == "done" and not kept:
                 await self.delete_disk(f"{name}-boot")
 
     def _next_action(self, state: str) -> api.InstanceAction | None:

@@ -107,6 +107,8 @@ class Verdict:
     replacement_repairs: Counter[str] = field(default_factory=Counter)
     replacement_attempts: list[int] = field(default_factory=list)
     replaced_within_seconds: float | None = None
+    # Snapshots with a part on the lost sled, deleted after the faults.
+    snapshots_written_off: int = 0
     dead_letters: list[str] = field(default_factory=list)
     # Sagas that did not finish as asked, and why: legitimate outcomes under faults,
     # listed so that a run shows what the faults did.
@@ -227,7 +229,18 @@ async def run_chaos(
         chaos_seconds = time.monotonic() - started
         # Once every fault has ended, the rack takes new work again.
         probe = await workload.create_disk("after-the-faults")
+        # Snapshots with a part on the lost sled are deleted: their teardown writes that
+        # part off rather than wait for its agent.
+        lost_datasets = await datasets_of(rack, driver)
+        written_off = [
+            snapshot.name
+            for snapshot in await client.snapshots()
+            if snapshot.state == "ready"
+            and any(part.dataset_id in lost_datasets for part in snapshot.parts)
+        ]
+        await asyncio.gather(*(workload.delete_snapshot(name) for name in written_off))
         verdict = await settle_and_check(rack, client, ledger, driver)
+        verdict.snapshots_written_off = len(written_off)
     # A process that died while the books were checked counts too.
     rack.note_exits()
     duration = time.monotonic() - started
@@ -635,6 +648,8 @@ def figures(
         "replacement_repairs": dict(verdict.replacement_repairs),
         "replacement_attempts": verdict.replacement_attempts,
         "replaced_within_seconds": verdict.replaced_within_seconds,
+        "snapshot_deletes_with_a_lost_part": verdict.snapshots_written_off,
+        "operation_seconds_by_kind": operation_seconds(ledger),
         "sagas_unwound_by_cause": dict(verdict.unwound_by_cause),
         "answers_to_try_again": dict(Counter(code.value for code, _ in ledger.error_answers)),
         "dead_letters": len(verdict.dead_letters),
@@ -643,6 +658,23 @@ def figures(
         "duration_seconds": round(duration, 1),
         "source": SOURCE,
     }
+
+
+def operation_seconds(ledger: Ledger) -> dict[str, dict[str, float]]:
+    """How long each kind of operation took, submitted to its end as the workload saw
+    it (p50 and max)."""
+    spans: dict[str, list[float]] = {}
+    for op in ledger.operations:
+        if op.ended_at is not None:
+            spans.setdefault(op.kind, []).append(op.ended_at - op.submitted_at)
+    result = {}
+    for kind, values in sorted(spans.items()):
+        ordered = sorted(values)
+        result[kind] = {
+            "p50": round(ordered[len(ordered) // 2], 1),
+            "max": round(ordered[-1], 1),
+        }
+    return result
 
 
 def _without_id(letter: str) -> str:

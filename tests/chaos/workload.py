@@ -62,6 +62,9 @@ class Operation:
     final: str | None = None
     attempts: int = 0
     submitted_at: float = field(default_factory=time.monotonic)
+    # When the workload stopped watching it (answered, and its saga ended or the
+    # budget ran out).
+    ended_at: float | None = None
 
 
 @dataclass
@@ -248,6 +251,7 @@ class Workload:
             operation.answer = "no-op"
         if operation.saga_id is not None:
             operation.final = await self._api.saga_end(operation.saga_id, OPERATION_BUDGET)
+        operation.ended_at = time.monotonic()
         return operation
 
     # Disks.

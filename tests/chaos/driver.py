@@ -43,14 +43,18 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 from schemas import api
 from tests.chaos.rack import Rack
-from tests.chaos.workload import SOURCE, Api, Ledger
+from tests.chaos.workload import Ledger
+
+# How the driver expunges a sled, as an operator would: the API's answer.
+ExpungeSled = Callable[[uuid.UUID], Awaitable[api.SledExpunged]]
 
 
 class Fault(StrEnum):
@@ -155,12 +159,12 @@ class FaultDriver:
         rng: random.Random,
         plan: FaultPlan,
         progress: Callable[[], float],
-        client: Api | None = None,
+        expunge_sled: ExpungeSled | None = None,
     ) -> None:
-        """``client``: how the driver, as an operator, expunges a sled (the
+        """``expunge_sled``: how the driver, as an operator, expunges a sled (the
         ``sled-expunge`` fault needs it)."""
         self._rack = rack
-        self._client = client
+        self._expunge_sled = expunge_sled
         self._ledger = ledger
         self._rng = rng
         self._plan = plan
@@ -182,10 +186,10 @@ class FaultDriver:
         # Each failover of a replicated server: (lost at, replaced at), wall clock (to
         # compare with the database's times), and what failed over.
         self.failovers: list[tuple[datetime, datetime, str]] = []
-        # The sled expunge's answer, the lost agent, and when (monotonic) it was sent.
+        # The sled expunge's answer, the lost agent, and when (monotonic) it was answered.
         self.expunged: api.SledExpunged | None = None
         self.expunged_agent: str | None = None
-        self.expunged_at: float | None = None
+        self.expunged_answered_at: float | None = None
 
     @property
     def forced_missing(self) -> list[Fault]:
@@ -358,23 +362,20 @@ class FaultDriver:
 
     async def _expunge(self) -> None:
         """Lose a storage sled for good, then expunge it as an operator would."""
-        assert self._client is not None, "the sled-expunge fault needs an API client"
+        assert self._expunge_sled is not None, "the sled-expunge fault needs the API"
         assert self.expunged is None, "one sled expunge per run"
         victim = self._rng.choice(sorted(self._rack.storage_only()))
         sled_id = self._rack.sled_of(victim)
         began = time.monotonic()
         await self._rack.lose([victim])
-        self.expunged_agent, self.expunged_at = victim, time.monotonic()
-        reply = await self._client.call_until(
-            api.SledExpunge(source=SOURCE, payload=api.SledRef(sled_id=sled_id))
-        )
-        assert isinstance(reply, api.SledExpungeReply), f"sled expunge answered {reply}"
-        self.expunged = reply.payload
+        self.expunged_agent = victim
+        self.expunged = await self._expunge_sled(sled_id)
+        self.expunged_answered_at = time.monotonic()
         self._ledger.fault(
             "sled expunge",
             f"{victim} (sled {sled_id}) SIGKILLed for good, sled expunged: "
-            f"{reply.payload.datasets_expunged} dataset(s), "
-            f"{reply.payload.replacements_requested} region replacement(s) filed",
+            f"{self.expunged.datasets_expunged} dataset(s), "
+            f"{self.expunged.replacements_requested} region replacement(s) filed",
             at=began,
         )
 

@@ -83,6 +83,9 @@ INTERNAL_ERROR = re.compile(r"^(\w+: )?[A-Za-z_.]*(Error|Exception)\(")
 OUT_OF_SPACE = re.compile(
     r"out of space|no space|disk is full|ENOSPC|database or disk is full", re.I
 )
+# A region (or a snapshot's part) on the sled the run expunged: how a disk create or a
+# snapshot create in flight at the expunge may rightly end, undone.
+EXPUNGED = re.compile(r"expunged|lost with its dataset")
 # After a disk was emptied, how long work that was on its way may still find it full.
 FULL_AFTERMATH_SECONDS = 10.0
 # One instance lifecycle per this many disk creates, each with this many power actions.
@@ -212,7 +215,7 @@ async def run_chaos(
             driver_rng,
             plan,
             progress=lambda: workload.disks_submitted / chaos_operations,
-            client=client,
+            expunge_sled=client.expunge_sled,
         )
         workload = Workload(client, ledger, workload_rng, gate=driver.gate)
         stop_faults = asyncio.Event()
@@ -383,6 +386,8 @@ async def settle_and_check(rack: Rack, client: Api, ledger: Ledger, driver: Faul
                 verdict.internal_unwinds.append(f"{saga.name} {saga.id}: {saga.error}")
             elif cause == "out of space":
                 check_out_of_space(ledger, saga, verdict)
+            elif cause == "region lost with the expunged sled":
+                check_lost_with_the_sled(ledger, driver, saga, verdict)
         if saga.state == "unrecoverable":
             verdict.problems.append(f"saga {saga.id} {saga.name} {saga.state}: {saga.error}")
 
@@ -459,6 +464,8 @@ def unwind_cause(saga: api.SagaView) -> str:
         return "internal"
     if OUT_OF_SPACE.search(error):
         return "out of space"
+    if EXPUNGED.search(error):
+        return "region lost with the expunged sled"
     if "deadline passed" in error:
         return "deadline"
     if "insufficient capacity" in error:
@@ -485,6 +492,23 @@ def check_out_of_space(ledger: Ledger, saga: api.SagaView, verdict: Verdict) -> 
         verdict.problems.append(
             f"{operation.kind} {operation.resource} unwound out of space, though it was "
             f"submitted after every full disk was emptied: {saga.error}"
+        )
+
+
+def check_lost_with_the_sled(
+    ledger: Ledger, driver: FaultDriver, saga: api.SagaView, verdict: Verdict
+) -> None:
+    """A disk create may end undone because a region was lost with the expunged sled
+    only if it was submitted before the expunge was answered: placement skips an
+    expunged dataset. (A snapshot create may be refused until the disk's replacement
+    is complete.)"""
+    operation = next((op for op in ledger.operations if op.saga_id == saga.id), None)
+    if operation is None or operation.kind != "disk_create":
+        return
+    if driver.expunged_answered_at is None or operation.submitted_at > driver.expunged_answered_at:
+        verdict.problems.append(
+            f"{operation.kind} {operation.resource} unwound for a region of the expunged "
+            f"sled, though it was submitted after the expunge: {saga.error}"
         )
 
 

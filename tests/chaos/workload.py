@@ -182,6 +182,13 @@ class Api:
     async def instance(self, instance_id: uuid.UUID) -> api.InstanceView | None:
         return next((i for i in await self.instances() if i.id == instance_id), None)
 
+    async def expunge_sled(self, sled_id: uuid.UUID) -> api.SledExpunged:
+        """``nexusctl sled expunge --yes``: re-sent with the same id until answered. A
+        copy answered after the first was (its answer lost) says ``changed`` false and
+        files nothing: the first copy filed the replacements."""
+        request = api.SledExpunge(source=SOURCE, payload=api.SledRef(sled_id=sled_id))
+        return (await self.listing(request, api.SledExpungeReply)).payload
+
     async def doctor(self) -> api.DoctorReport:
         request = api.Doctor(source=SOURCE, payload=api.DoctorRequest(timeout_seconds=10.0))
         return (await self.listing(request, api.DoctorReply)).payload

@@ -432,6 +432,35 @@ async def region_ensure(ctx: Ctx[Params]) -> Wait:
     )
 
 
+# What woke a region's wait, recorded on its row by generation, as the event intake
+# records an event: when a reconcile found it, the event may come long after the saga
+# has gone on (found by the chaos test: a disk ready while its regions' rows still
+# said ``requested``, and a snapshot of it refused); when the event woke it, the intake
+# has recorded it and this changes nothing.
+_RECORD_REGION = (
+    update(regions)
+    .where(regions.c.id == bindparam("b_id"), regions.c.generation < bindparam("b_generation"))
+    .values(
+        state=bindparam("b_state", type_=regions.c.state.type),
+        generation=bindparam("b_generation"),
+        port_number=bindparam("b_port"),
+    )
+)
+
+
+async def record_region(ctx: Ctx[Any], change: RegionChange) -> None:
+    region = change.region
+    await ctx.session.execute(
+        _RECORD_REGION,
+        {
+            "b_id": region.id,
+            "b_state": region.state.value,
+            "b_generation": region.generation,
+            "b_port": region.port_number,
+        },
+    )
+
+
 async def region_ensure_resume(ctx: Ctx[Params], wake: WakeUp) -> Ensured:
     if is_rejection(wake.key):
         rejection = Rejection.model_validate(wake.payload)
@@ -440,6 +469,7 @@ async def region_ensure_resume(ctx: Ctx[Params], wake: WakeUp) -> Ensured:
     region = change.region
     if region.state is not WireRegionState.CREATED:
         raise ActionFailed(f"region {region.id} {region.state.value}: {region.failure}")
+    await record_region(ctx, change)
     return Ensured(region_id=region.id, agent_id=change.agent_id, port_number=region.port_number)
 
 

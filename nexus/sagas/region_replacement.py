@@ -81,7 +81,7 @@ from nexus.saga.definition import (
     no_op,
     sequence,
 )
-from nexus.sagas import region_deletion
+from nexus.sagas import disk_create, region_deletion
 from nexus.sagas.disk_create import (
     DATASET_FRESHNESS,
     DELETE_DEADLINE,
@@ -482,6 +482,7 @@ async def region_ensured(ctx: Ctx[Params], wake: WakeUp) -> Ensured:
     region = change.region
     if region.state is not WireRegionState.CREATED:
         raise ActionFailed(f"region {region.id} {region.state.value}: {region.failure}")
+    await disk_create.record_region(ctx, change)
     return Ensured(region_id=region.id, agent_id=change.agent_id, port_number=region.port_number)
 
 

@@ -316,3 +316,49 @@ async def test_an_ensure_the_agent_never_got_is_sent_again_at_the_deadline(
     for event in await crucible.created_events(again):
         await replica.deliver(event)
     assert (await database.saga(saga_id)).state == SagaState.DONE
+
+
+class AgentThatCreatedThem:
+    """Answers every region query as an agent that created the region: its event is
+    still on its way (say, queued behind a database outage)."""
+
+    async def request(
+        self, message: Envelope, *, routing_key: str, timeout: float, answerer: str | None = None
+    ) -> Envelope:
+        assert isinstance(message, RegionGet) and answerer is not None
+        ensure = next(
+            e for e in await self.crucible.ensures() if e.payload.id == message.payload.id
+        )
+        return RegionInfo(
+            source=answerer,
+            payload=RegionFound(
+                agent_id=agent_of(routing_key),
+                region_id=message.payload.id,
+                region=self.crucible.event(ensure, RegionState.CREATED).payload.region,
+            ),
+        )
+
+    def __init__(self, crucible: FakeCrucible) -> None:
+        self.crucible = crucible
+
+
+async def test_a_region_found_created_by_reconcile_is_recorded_so(database: Database) -> None:
+    """Found by the chaos test (seed 1502): the disk came up ready on the reconcile's
+    finding while its regions' rows still said ``requested`` (the events came later),
+    and a snapshot of it was refused meanwhile ("0 created regions of 3")."""
+    clock = ManualClock()
+    crucible = FakeCrucible.new(database)
+    replica = Replica(
+        database, "a", clock=clock, transport=cast(Transport, AgentThatCreatedThem(crucible))
+    )
+    p = params()
+    saga_id = await replica.executor.start(disk_create.DEFINITION, p)
+    await crucible.ensures()
+    clock.advance(timedelta(seconds=p.region_deadline_seconds + 1))
+    for _ in range(4):  # a sweep takes one expired wait
+        await replica.executor.sweep()
+    assert (await database.saga(saga_id)).state == SagaState.DONE
+    async with database.sessions() as session:
+        rows = (await session.execute(select(Region).where(Region.disk_id == p.disk_id))).all()
+    found = sorted((str(r[0].state.value), r[0].port_number) for r in rows)
+    assert found == [("created", 19000)] * 3

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from schemas.region import Region, RegionSpec, RegionState, reservation_bytes
+from schemas.region import CLONING_REFUSAL, Region, RegionSpec, RegionState, reservation_bytes
 
 # The real agent's downstairs ports: ``portbase`` 19000 (agent/smf/agent.xml) up to
 # ``lowport + 999`` (agent/src/main.rs), both included.
@@ -42,7 +42,7 @@ OUT_OF_SPACE = "out_of_space"
 NO_FREE_PORT = "no_free_port"
 # The codes of a delete refused: the region has snapshots; a clone is being copied.
 HAS_SNAPSHOTS = "has_snapshots"
-CLONING = "unavailable"
+CLONING = CLONING_REFUSAL
 
 
 def out_of_space(why: str) -> str:

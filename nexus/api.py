@@ -53,11 +53,12 @@ from nexus.doctor import run_doctor
 from nexus.liveness import expunge_sled
 from nexus.replacements import Replacements, in_flight_for
 from nexus.replacements import view as replacement_view
-from nexus.saga.definition import SagaDefinition
+from nexus.saga.definition import ActionFailed, SagaDefinition
 from nexus.saga.executor import SagaExecutor
 from nexus.saga.position import Position, WaitingNode
 from nexus.sagas import (
     disk_create,
+    disk_create_from_snapshot,
     disk_delete,
     instance_create,
     instance_delete,
@@ -223,6 +224,9 @@ class Api:
 
     async def disk_create(self, request: api.DiskCreate) -> Envelope:
         body = request.payload
+        if body.snapshot is not None:
+            return await self._disk_from_snapshot(request, body.snapshot)
+        assert body.size_bytes is not None, "the request's model requires it"
         if body.size_bytes % body.block_size:
             raise ApiProblem(
                 api.ErrorCode.INVALID_REQUEST,
@@ -252,6 +256,58 @@ class Api:
             created = await self._executor.create(session, self._disk_create, params, saga_id)
         self._executor.spawn(saga_id, created)
         return self._accepted(request, saga_id, disk_id)
+
+    async def _disk_from_snapshot(self, request: api.DiskCreate, ref: str | uuid.UUID) -> Envelope:
+        """A disk made from a snapshot: refused with the reason, before anything is
+        created, unless the snapshot is ready and the size fits it (Omicron's checks in
+        ``nexus/src/app/disk.rs``); ``disk_create_from_snapshot`` checks again."""
+        body = request.payload
+        definition = disk_create_from_snapshot.DEFINITION
+        disk_id = uuid.uuid4()
+        async with self._sessions.begin() as session:
+            if started := await self._started(session, request, definition, "disk_id"):
+                return started
+            snapshot = await find_snapshot(
+                session, api.ResourceRef(project=body.project, resource=ref)
+            )
+            if snapshot is None:
+                raise not_found("snapshot", f"{ref} in project {body.project}")
+            try:
+                await disk_create_from_snapshot.read_source(session, snapshot.id)
+            except ActionFailed as refused:
+                raise ApiProblem(api.ErrorCode.CONFLICT, str(refused)) from None
+            size_bytes = body.size_bytes or snapshot.size_bytes
+            if "block_size" in body.model_fields_set and body.block_size != snapshot.block_size:
+                raise ApiProblem(
+                    api.ErrorCode.INVALID_REQUEST,
+                    f"block size {body.block_size} is not snapshot {snapshot.name}'s "
+                    f"({snapshot.block_size})",
+                )
+            if size_bytes < snapshot.size_bytes or size_bytes % snapshot.block_size:
+                raise ApiProblem(
+                    api.ErrorCode.INVALID_REQUEST,
+                    f"size {size_bytes} must be a multiple of {snapshot.block_size} and at "
+                    f"least snapshot {snapshot.name}'s size ({snapshot.size_bytes})",
+                )
+            if await self._live_disk(session, body.project, body.name) is not None:
+                raise ApiProblem(
+                    api.ErrorCode.ALREADY_EXISTS,
+                    f"a disk named {body.name!r} already exists in project {body.project!r}",
+                )
+            params = disk_create_from_snapshot.Params(
+                disk_id=disk_id,
+                project=body.project,
+                name=body.name,
+                size_bytes=size_bytes,
+                block_size=snapshot.block_size,
+                snapshot_id=snapshot.id,
+                region_deadline_seconds=self._region_deadline.total_seconds(),
+                region_max_rearms=self._region_max_rearms,
+                delete_deadline_seconds=self._delete_deadline.total_seconds(),
+            )
+            reply = await self._start(request, session, definition, params, disk_id)
+        self._executor.spawn(reply.payload.saga_id)
+        return reply
 
     async def _start(
         self,
@@ -739,6 +795,7 @@ def disk_view(disk: Disk) -> api.DiskView:
         instance_id=disk.attached_instance_id,
         saga_id=disk.saga_id,
         fault_reason=disk.fault_reason if disk.state == DiskState.FAULTED else None,
+        snapshot_id=disk.create_snapshot_id,
         created_at=disk.created_at,
         updated_at=disk.updated_at,
     )

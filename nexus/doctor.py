@@ -10,15 +10,18 @@ Then it decides, with no I/O (:func:`region_findings`), what does not match:
 
 - ``agent_identity``: a dataset or sled whose recorded queue is not its own, or whose
   queue was answered by another agent;
-- ``disk_region_count``: a ready disk without exactly ``REPLICAS`` live regions (any
-  live disk with more), unless a replacement of one of its regions is in flight;
-- ``disk_regions_share_sled``: two live regions of a live disk on one sled;
+- ``disk_region_count``: a ready disk without exactly ``REPLICAS`` live writable regions,
+  and ``REPLICAS`` clones when made from a snapshot, none otherwise (any live disk with
+  more), unless a replacement of one of its regions is in flight;
+- ``disk_regions_share_sled``: two live writable regions, or two clones, of a live disk
+  on one sled (a clone may share a sled with a writable region);
 - ``region_lost_unreplaced``: a live region of a ready disk on an expunged dataset with
   no replacement in flight (``nexus.replacements`` files one with the expunge);
 - ``region_missing``: a ready disk's region that its dataset's agent does not have;
 - ``region_state_mismatch``: a ready disk's region in another state or generation at its
   agent than Nexus records (a deleted disk's: not ``destroyed``, and not live);
-- ``region_spec_mismatch``: a region whose size at its agent is not the one Nexus placed;
+- ``region_spec_mismatch``: a region whose size at its agent is not the one Nexus placed,
+  or a clone its agent does not have as one (read-only, copied from the same source);
 - ``region_wrong_dataset``: a region live at an agent other than the one Nexus placed
   it on;
 - ``orphan_region``: a region live at its agent although its disk is deleted;
@@ -84,6 +87,8 @@ class DiskRecord:
     id: uuid.UUID
     name: str
     state: DiskState
+    # Made from this snapshot: it has clones beside its writable regions.
+    snapshot_id: uuid.UUID | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,9 @@ class RegionRecord:
     block_size: int
     extent_size: int
     extent_count: int
+    # A clone: a read-only copy of the running snapshot at ``source``.
+    read_only: bool = False
+    source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -126,7 +134,7 @@ async def run_doctor(
         datasets = list((await session.execute(select(Dataset))).scalars())
         records = Records(
             disks={
-                disk.id: DiskRecord(disk.id, disk.name, disk.state)
+                disk.id: DiskRecord(disk.id, disk.name, disk.state, disk.create_snapshot_id)
                 for disk in (await session.execute(select(Disk))).scalars()
             },
             regions=[
@@ -139,6 +147,8 @@ async def run_doctor(
                     block_size=region.block_size,
                     extent_size=region.extent_size,
                     extent_count=region.extent_count,
+                    read_only=region.read_only,
+                    source=region.source,
                 )
                 for region in (await session.execute(select(Region))).scalars()
             ],
@@ -250,55 +260,65 @@ def region_findings(
 
 
 def _disks_placed_apart(records: Records) -> list[api.DoctorFinding]:
-    """Each live disk has its number of live regions, each on a sled of its own, none
-    lost (unless a replacement of one is in flight)."""
+    """Each live disk has its number of live writable regions, and of clones, each group
+    on sleds of its own, none lost (unless a replacement of one is in flight)."""
     findings: list[api.DoctorFinding] = []
-    by_disk: dict[uuid.UUID, list[RegionRecord]] = defaultdict(list)
+    by_disk: dict[tuple[uuid.UUID, bool], list[RegionRecord]] = defaultdict(list)
     for record in records.regions:
         if record.state not in GONE_REGION:
-            by_disk[record.disk_id].append(record)
+            by_disk[(record.disk_id, record.read_only)].append(record)
     for disk in records.disks.values():
         if disk.state is DiskState.DELETED:
             continue
-        own = by_disk.get(disk.id, [])
         replacing = disk.id in records.replacing
-        if disk.state in READY_DISK and not replacing:
-            findings += [
-                _finding(
-                    "region_lost_unreplaced",
-                    record.id,
-                    f"region {record.id} of disk {disk.name} is on expunged dataset "
-                    f"{record.dataset_id}, and no replacement of it is in flight",
-                )
-                for record in own
-                if record.dataset_id in records.expunged_datasets
-            ]
-        if not replacing and (
-            len(own) > REPLICAS or (disk.state in READY_DISK and len(own) != REPLICAS)
-        ):
-            findings.append(
-                _finding(
-                    "disk_region_count",
-                    disk.id,
-                    f"disk {disk.name} ({disk.state.value}) has {len(own)} regions, not {REPLICAS}",
-                )
-            )
-        sleds: dict[uuid.UUID, list[uuid.UUID]] = defaultdict(list)
-        for record in own:
-            sled_id = records.sled_of_dataset.get(record.dataset_id)
-            if sled_id is not None:
-                sleds[sled_id].append(record.id)
-        for sled_id, together in sleds.items():
-            if len(together) > 1:
+        for clones in (False, True):
+            own = by_disk.get((disk.id, clones), [])
+            if disk.state in READY_DISK and not replacing:
+                findings += [
+                    _finding(
+                        "region_lost_unreplaced",
+                        record.id,
+                        f"region {record.id} of disk {disk.name} is on expunged dataset "
+                        f"{record.dataset_id}, and no replacement of it is in flight",
+                    )
+                    for record in own
+                    if record.dataset_id in records.expunged_datasets
+                ]
+            expected = REPLICAS if not clones or disk.snapshot_id is not None else 0
+            if not replacing and (
+                len(own) > expected or (disk.state in READY_DISK and len(own) != expected)
+            ):
+                kind = "clones" if clones else "regions"
                 findings.append(
                     _finding(
-                        "disk_regions_share_sled",
+                        "disk_region_count",
                         disk.id,
-                        f"disk {disk.name}: regions {', '.join(map(str, sorted(together)))} "
-                        f"are all on sled {sled_id}",
+                        f"disk {disk.name} ({disk.state.value}) has {len(own)} {kind}, "
+                        f"not {expected}",
                     )
                 )
+            findings += _shared_sleds(records, disk, own)
     return findings
+
+
+def _shared_sleds(
+    records: Records, disk: DiskRecord, own: Sequence[RegionRecord]
+) -> list[api.DoctorFinding]:
+    sleds: dict[uuid.UUID, list[uuid.UUID]] = defaultdict(list)
+    for record in own:
+        sled_id = records.sled_of_dataset.get(record.dataset_id)
+        if sled_id is not None:
+            sleds[sled_id].append(record.id)
+    return [
+        _finding(
+            "disk_regions_share_sled",
+            disk.id,
+            f"disk {disk.name}: regions {', '.join(map(str, sorted(together)))} "
+            f"are all on sled {sled_id}",
+        )
+        for sled_id, together in sleds.items()
+        if len(together) > 1
+    ]
 
 
 def _region_at_its_agent(
@@ -311,16 +331,23 @@ def _region_at_its_agent(
     where = f"region {record.id} of disk {disk.name}"
     findings = []
     if found is not None and (
-        (found.block_size, found.extent_size, found.extent_count)
-        != (record.block_size, record.extent_size, record.extent_count)
+        (found.block_size, found.extent_size, found.extent_count, found.read_only, found.source)
+        != (
+            record.block_size,
+            record.extent_size,
+            record.extent_count,
+            record.read_only,
+            record.source,
+        )
     ):
         findings.append(
             _finding(
                 "region_spec_mismatch",
                 record.id,
                 f"{where}: Nexus placed {record.extent_count} extents of "
-                f"{record.extent_size} blocks of {record.block_size} bytes; its agent "
-                f"has {found.extent_count} of {found.extent_size} of {found.block_size}",
+                f"{record.extent_size} blocks of {record.block_size} bytes"
+                f"{_cloned(record.source)}; its agent has {found.extent_count} of "
+                f"{found.extent_size} of {found.block_size}{_cloned(found.source)}",
             )
         )
     if disk.state in READY_DISK:
@@ -380,6 +407,10 @@ def _regions_held_elsewhere(
                 )
             )
     return findings
+
+
+def _cloned(source: str | None) -> str:
+    return "" if source is None else f", cloned from {source}"
 
 
 def _finding(kind: str, object_id: object, detail: str) -> api.DoctorFinding:

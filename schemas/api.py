@@ -11,7 +11,7 @@ import uuid
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import AwareDatetime, Field
+from pydantic import AwareDatetime, Field, model_validator
 
 from schemas.base import (
     BlockSize,
@@ -47,8 +47,26 @@ class ErrorCode(StrEnum):
 class DiskCreateRequest(Model):
     project: Name
     name: Name
-    size_bytes: int = Field(gt=0, le=MAX_DISK_BYTES)
-    block_size: BlockSize = 512
+    size_bytes: int | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_DISK_BYTES,
+        description="required for a blank disk; from a snapshot, at least the snapshot's "
+        "size, which is the default",
+    )
+    block_size: BlockSize = Field(
+        default=512, description="from a snapshot, the snapshot's (another is refused)"
+    )
+    snapshot: NameOrId | None = Field(
+        default=None,
+        description="the snapshot the disk's data starts as: a name in the project, or an id",
+    )
+
+    @model_validator(mode="after")
+    def _sized(self) -> DiskCreateRequest:
+        if self.size_bytes is None and self.snapshot is None:
+            raise ValueError("size_bytes is required for a disk not made from a snapshot")
+        return self
 
 
 class DiskCreate(Envelope):
@@ -251,6 +269,7 @@ class DiskView(Model):
     fault_reason: str | None = Field(
         default=None, max_length=2000, description="why it is faulted, while it is"
     )
+    snapshot_id: uuid.UUID | None = Field(default=None, description="the snapshot it was made from")
     created_at: AwareDatetime
     updated_at: AwareDatetime
 

@@ -32,6 +32,12 @@ class RegionState(StrEnum):
     FAILED = "failed"
 
 
+# The code of a delete refused because the region is a clone still being copied (the
+# real agent answers 503 for a region ``Creating``): Nexus deletes it again once it is
+# created or failed.
+CLONING_REFUSAL = "unavailable"
+
+
 def reservation_bytes(size_bytes: int) -> int:
     """What a region of ``size_bytes`` takes from its dataset: 1.25 times its size, for
     metadata and snapshots (``RESERVATION_FACTOR`` in the real crucible agent's

@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from nexus.db.models import Dataset, Disk, Region, RegionReplacement
+from nexus.db.models import Dataset, Disk, Region, RegionReplacement, RegionSnapshot
 from nexus.db.states import (
     AgentSnapshotState,
     DatasetState,
@@ -26,6 +26,7 @@ from nexus.db.states import (
 from nexus.replacements import file_request
 from nexus.sagas import (
     disk_create,
+    disk_create_from_snapshot,
     disk_delete,
     instance_create,
     instance_delete,
@@ -85,6 +86,95 @@ async def disk_create_done(world: World, p: disk_create.Params, before: Snapshot
 
 
 DISK_CREATE = Scenario(disk_create.DEFINITION, disk_create_prepare, disk_create_done)
+
+
+# disk_create_from_snapshot
+
+
+async def ready_snapshot(world: World) -> uuid.UUID:
+    """A ready snapshot of a new disk, made by ``snapshot_create``."""
+    return await new_snapshot(world, await new_disk(world))
+
+
+async def snapshot_references(world: World, snapshot_id: uuid.UUID) -> list[int]:
+    async with world.database.sessions() as session:
+        return list(
+            (
+                await session.execute(
+                    select(RegionSnapshot.volume_references).where(
+                        RegionSnapshot.snapshot_id == snapshot_id
+                    )
+                )
+            ).scalars()
+        )
+
+
+async def from_snapshot_prepare(world: World) -> disk_create_from_snapshot.Params:
+    await world.database.add_datasets(4)
+    snapshot_id = await ready_snapshot(world)
+    disk_id = uuid.uuid4()
+    return disk_create_from_snapshot.Params(
+        disk_id=disk_id,
+        project="triad",
+        name=f"disk-{disk_id.hex[:8]}",
+        size_bytes=DISK_BYTES,
+        block_size=BLOCK_SIZE,
+        snapshot_id=snapshot_id,
+    )
+
+
+async def from_snapshot_done(
+    world: World, p: disk_create_from_snapshot.Params, before: Snapshot
+) -> None:
+    """Ready, with three fresh regions and three read-only clones, one of each running
+    snapshot, each group on three sleds; every region created at its agent and holding
+    its space; the snapshot's references given back."""
+    after = await world.snapshot()
+    assert after.row("disks", p.disk_id)["state"] == DiskState.DETACHED
+    assert after.row("disks", p.disk_id)["create_snapshot_id"] == p.snapshot_id
+    regions = [r for r in after.rows["regions"].values() if r["disk_id"] == p.disk_id]
+    assert [r["state"] for r in regions] == [RegionState.CREATED] * 6
+    assert {after.held["regions"][r["id"]] for r in regions} == {"created"}
+    sled_of = {d["id"]: d["sled_id"] for d in after.rows["datasets"].values()}
+    async with world.database.sessions() as session:
+        addresses = set(
+            (
+                await session.execute(
+                    select(RegionSnapshot.snapshot_addr).where(
+                        RegionSnapshot.snapshot_id == p.snapshot_id
+                    )
+                )
+            ).scalars()
+        )
+    for read_only in (False, True):
+        group = [r for r in regions if r["read_only"] is read_only]
+        assert len({sled_of[r["dataset_id"]] for r in group}) == 3
+        assert {r["source"] for r in group} == (addresses if read_only else {None})
+        for region in group:
+            ensure, _ = world.agents.regions[region["id"]]
+            assert ensure.payload.source == region["source"]
+    used = sum(
+        before.row("datasets", dataset_id)["free_bytes"] - dataset["free_bytes"]
+        for dataset_id, dataset in after.rows["datasets"].items()
+    )
+    assert used == reservation_bytes(REGION_BYTES) * 6
+    assert await snapshot_references(world, p.snapshot_id) == [0, 0, 0]
+
+
+async def from_snapshot_unwound(
+    world: World, p: disk_create_from_snapshot.Params, before: Snapshot, failed_node: str
+) -> None:
+    """As before, the snapshot's references too."""
+    await as_before(world, p, before, failed_node)
+    assert await snapshot_references(world, p.snapshot_id) == [0, 0, 0]
+
+
+DISK_CREATE_FROM_SNAPSHOT = Scenario(
+    disk_create_from_snapshot.DEFINITION,
+    from_snapshot_prepare,
+    from_snapshot_done,
+    from_snapshot_unwound,
+)
 
 
 # disk_delete
@@ -524,6 +614,7 @@ REGION_REPLACEMENT_DETACHED = Scenario(
 
 SCENARIOS: tuple[Scenario[Any], ...] = (
     DISK_CREATE,
+    DISK_CREATE_FROM_SNAPSHOT,
     DISK_DELETE,
     INSTANCE_CREATE,
     INSTANCE_START,

@@ -35,9 +35,31 @@ DiskArgument = Annotated[str, typer.Argument(help="The disk's name or id.", show
 def create(
     name: Annotated[str, typer.Argument(help="Name, unique in the project.", show_default=False)],
     size: Annotated[
-        str, typer.Option("--size", "-s", help="Size: 10GiB, 512MiB, or bytes.", show_default=False)
-    ],
-    block_size: Annotated[int, typer.Option(help="Bytes per block: 512, 2048 or 4096.")] = 512,
+        str | None,
+        typer.Option(
+            "--size",
+            "-s",
+            help="Size: 10GiB, 512MiB, or bytes. From a snapshot: at least its size, "
+            "which is the default.",
+            show_default=False,
+        ),
+    ] = None,
+    block_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Bytes per block: 512, 2048 or 4096 (default 512; from a snapshot, its own).",
+            show_default=False,
+        ),
+    ] = None,
+    from_snapshot: Annotated[
+        str | None,
+        typer.Option(
+            "--from-snapshot",
+            help="Start as this snapshot's data (its name in the project, or its id): "
+            "three regions and three read-only clones of the snapshot.",
+            show_default=False,
+        ),
+    ] = None,
     project: ProjectOption = DEFAULT_PROJECT,
     wait: WaitOption = False,
     wait_timeout: WaitTimeoutOption = 300.0,
@@ -45,9 +67,12 @@ def create(
     amqp_url: AmqpUrlOption = DEFAULT_AMQP_URL,
     timeout: TimeoutOption = 10.0,
 ) -> None:
-    """Create a disk: three regions on three sleds. With --wait, watch it become ready."""
+    """Create a disk: three regions on three sleds, and with --from-snapshot three
+    clones of the snapshot beside them. With --wait, watch it become ready."""
+    if size is None and from_snapshot is None:
+        fail("--size is required for a disk not made from a snapshot")
     try:
-        size_bytes = parse_size(size)
+        size_bytes = None if size is None else parse_size(size)
     except ValueError as error:
         fail(str(error))
     payload = validated(
@@ -55,7 +80,8 @@ def create(
         project=project_name(project),
         name=resource_name(name, "disk"),
         size_bytes=size_bytes,
-        block_size=block_size,
+        **({} if block_size is None else {"block_size": block_size}),
+        **({} if from_snapshot is None else {"snapshot": name_or_id(from_snapshot)}),
     )
 
     async def body() -> Outcome:
@@ -69,9 +95,9 @@ def create(
             )
 
     outcome = run(body())
-    report(
-        outcome, output, f"disk {name} ({format_size(size_bytes)}) is ready: {outcome.resource_id}"
-    )
+    made = f"disk {name}" + ("" if size_bytes is None else f" ({format_size(size_bytes)})")
+    source = "" if from_snapshot is None else f" from snapshot {from_snapshot}"
+    report(outcome, output, f"{made}{source} is ready: {outcome.resource_id}")
 
 
 @app.command("list")
@@ -143,6 +169,7 @@ def show_disk(
         ("instance", str(view.instance_id or "")),
         ("saga", str(view.saga_id or "")),
         *((("fault", view.fault_reason),) if view.fault_reason else ()),
+        *((("snapshot", str(view.snapshot_id)),) if view.snapshot_id else ()),
         ("created", view.created_at.isoformat()),
         ("updated", view.updated_at.isoformat()),
     ):

@@ -27,6 +27,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -179,6 +180,9 @@ class Disk(Base):
     )
     # The saga now working on the disk (create, delete, attach), if any.
     saga_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("sagas.id", ondelete="SET NULL"))
+    # The snapshot it was made from, if any (Omicron's ``create_snapshot_id``). No
+    # foreign key: it names where the disk came from, whatever became of the snapshot.
+    create_snapshot_id: Mapped[uuid.UUID | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -197,6 +201,10 @@ class Region(Base):
     generation: Mapped[int] = mapped_column(BigInteger, default=1)
     # Known once the agent reports the region created.
     port_number: Mapped[int | None] = mapped_column(Integer)
+    # A clone: a read-only copy of the running snapshot at ``source`` (``host:port``),
+    # as the crucible agent records it.
+    read_only: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    source: Mapped[str | None] = mapped_column(String(255))
 
 
 class Snapshot(Base):

@@ -196,6 +196,11 @@ class Ctx(Generic[P]):
         is counted."""
         return self._command_id(suffix, self.resends + 1)
 
+    def command_ids_so_far(self, suffix: str = "") -> tuple[uuid.UUID, ...]:
+        """Every id ``command_id`` has given so far, the first one first: an answer to
+        a command sent before a re-send (a refusal) still names the id it was sent with."""
+        return tuple(self._command_id(suffix, attempt) for attempt in range(self.resends + 1))
+
     def _command_id(self, suffix: str, attempt: int) -> uuid.UUID:
         return command_id(self.saga_id, f"{self.node}{':' + suffix if suffix else ''}", attempt)
 

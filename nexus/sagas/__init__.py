@@ -7,6 +7,7 @@ from typing import Any
 from nexus.saga.definition import SagaDefinition
 from nexus.sagas import (
     disk_create,
+    disk_create_from_snapshot,
     disk_delete,
     instance_create,
     instance_delete,
@@ -19,6 +20,7 @@ from nexus.sagas import (
 
 ALL_SAGAS: tuple[SagaDefinition[Any], ...] = (
     disk_create.DEFINITION,
+    disk_create_from_snapshot.DEFINITION,
     disk_delete.DEFINITION,
     instance_create.DEFINITION,
     instance_start.DEFINITION,

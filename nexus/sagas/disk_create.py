@@ -135,6 +135,12 @@ async def ids(ctx: Ctx[Params]) -> Ids:
 
 
 async def disk_record(ctx: Ctx[Params]) -> None:
+    await record_disk(ctx)
+
+
+async def record_disk(ctx: Ctx[Any], *, create_snapshot_id: uuid.UUID | None = None) -> None:
+    """The disk's row, ``creating``, and its announcement (``disk_record`` of both
+    disk-create sagas)."""
     p = ctx.params
     # Idempotent: a node that runs again finds its row (one statement either way).
     await ctx.session.execute(
@@ -147,6 +153,7 @@ async def disk_record(ctx: Ctx[Params]) -> None:
             block_size=p.block_size,
             state=DiskState.CREATING,
             saga_id=ctx.saga_id,
+            create_snapshot_id=create_snapshot_id,
             created_at=ctx.now,
             updated_at=ctx.now,
         )
@@ -170,8 +177,8 @@ def region_geometry(size_bytes: int, block_size: int) -> tuple[int, int]:
 
 
 # Built once: every disk runs them (building a statement costs more than running it).
-_CANDIDATES = (
-    select(datasets.c.id, datasets.c.sled_id, datasets.c.queue_name)
+CANDIDATES = (
+    select(datasets.c.id, datasets.c.sled_id, datasets.c.queue_name, datasets.c.free_bytes)
     .where(
         datasets.c.free_bytes >= bindparam("b_bytes"),
         datasets.c.last_seen_at >= bindparam("b_seen"),
@@ -184,12 +191,12 @@ _PLACED = (
     .join(datasets, datasets.c.id == regions.c.dataset_id)
     .where(regions.c.disk_id == bindparam("b_disk_id"))
 )
-_RESERVE = (
+RESERVE = (
     update(datasets)
     .where(datasets.c.id == bindparam("b_id"), datasets.c.free_bytes >= bindparam("b_bytes"))
     .values(free_bytes=datasets.c.free_bytes - bindparam("b_bytes"))
 )
-_INSERT_REGIONS = insert(regions)
+INSERT_REGIONS = insert(regions)
 _DELETE_REGIONS = (
     delete(regions)
     .where(regions.c.disk_id == bindparam("b_disk_id"))
@@ -230,7 +237,7 @@ async def regions_place(ctx: Ctx[Params]) -> Placed:
             extent_count=extent_count,
         )
     rows = await ctx.session.execute(
-        _CANDIDATES, {"b_bytes": region_bytes, "b_seen": ctx.now - DATASET_FRESHNESS}
+        CANDIDATES, {"b_bytes": region_bytes, "b_seen": ctx.now - DATASET_FRESHNESS}
     )
     chosen: list[Any] = []
     for dataset in rows:
@@ -251,14 +258,14 @@ async def regions_place(ctx: Ctx[Params]) -> Placed:
     # locked in id order by every saga, so two placements cannot deadlock.
     for placement in sorted(placements, key=lambda p: p.dataset_id):
         reserved = await ctx.session.execute(
-            _RESERVE, {"b_id": placement.dataset_id, "b_bytes": region_bytes}
+            RESERVE, {"b_id": placement.dataset_id, "b_bytes": region_bytes}
         )
         if not reserved.rowcount:  # type: ignore[attr-defined]
             raise ActionFailed(
                 f"insufficient capacity: dataset {placement.dataset_id} filled up meanwhile"
             )
     await ctx.session.execute(
-        _INSERT_REGIONS,
+        INSERT_REGIONS,
         [
             {
                 "id": placement.region_id,
@@ -298,7 +305,7 @@ _REGION_ROWS = (
     .where(regions.c.disk_id == bindparam("b_disk_id"))
 )
 # A confirmation the event intake has not recorded (reconcile found it): by generation.
-_DESTROYED = (
+RECORD_DESTROYED = (
     update(regions)
     .where(
         regions.c.id == bindparam("b_id"),
@@ -313,12 +320,12 @@ async def regions_cleanup_undo(ctx: Ctx[Params]) -> Wait | None:
     """Ask every agent whose region is not yet confirmed destroyed to delete it, whether
     or not its ensure finished; then wait for the confirmations. Run again by reconcile
     (a delete lost, a failed destroy), it sends the deletes again under new ids."""
-    left = await _undestroyed(ctx)
+    left = await undestroyed(ctx)
     if ctx.resends and left:
         region_deletion.check_resend(ctx, left[0][0].region_id, "sent again by reconcile")
     for placement, _ in left:
         await region_deletion.send_delete(ctx, placement.region_id, placement.queue)
-    return _destroyed_wait(ctx, left)
+    return next_destroyed_wait(ctx, left)
 
 
 async def regions_cleanup_undo_resume(ctx: Ctx[Params], wake: WakeUp) -> Wait | None:
@@ -328,8 +335,8 @@ async def regions_cleanup_undo_resume(ctx: Ctx[Params], wake: WakeUp) -> Wait | 
     change = region_deletion.woken_by(wake)
     if change is None:
         # The agent never had the region: nothing to delete, nothing to wait for.
-        region_id = _rejected_region(ctx, wake, placements)
-        known = {placement.region_id: gen for placement, gen in await _undestroyed(ctx)}
+        region_id = rejected_region(ctx, wake, placements)
+        known = {placement.region_id: gen for placement, gen in await undestroyed(ctx)}
         generation = known.get(region_id, 0)
     else:
         region_id, generation = change.region.id, change.region.generation
@@ -343,8 +350,8 @@ async def regions_cleanup_undo_resume(ctx: Ctx[Params], wake: WakeUp) -> Wait | 
             return region_deletion.destroyed_wait(
                 region_id, again, _delete_deadline(ctx), generation, resent=True
             )
-    await ctx.session.execute(_DESTROYED, {"b_id": region_id, "b_generation": generation})
-    return _destroyed_wait(ctx, await _undestroyed(ctx))
+    await ctx.session.execute(RECORD_DESTROYED, {"b_id": region_id, "b_generation": generation})
+    return next_destroyed_wait(ctx, await undestroyed(ctx))
 
 
 async def regions_cleanup_undo_reconcile(ctx: Ctx[Params], keys: Sequence[str]) -> Reconciled:
@@ -357,7 +364,7 @@ async def regions_cleanup_undo_reconcile(ctx: Ctx[Params], keys: Sequence[str]) 
     )
 
 
-async def _undestroyed(ctx: Ctx[Params]) -> list[tuple[Placement, int]]:
+async def undestroyed(ctx: Ctx[Any]) -> list[tuple[Placement, int]]:
     """The placed regions whose agent has not confirmed them destroyed, in placement
     order, each with the generation Nexus knows of it. A region on an expunged dataset is
     gone with it (as Omicron counts it): no lost agent is asked or waited for."""
@@ -373,7 +380,7 @@ async def _undestroyed(ctx: Ctx[Params]) -> list[tuple[Placement, int]]:
     ]
 
 
-def _destroyed_wait(ctx: Ctx[Params], left: list[tuple[Placement, int]]) -> Wait | None:
+def next_destroyed_wait(ctx: Ctx[Any], left: list[tuple[Placement, int]]) -> Wait | None:
     """Wait on the first region left, one at a time: the deletes are all out, so the
     others' confirmations are usually in by then and resume at once."""
     if not left:
@@ -387,7 +394,7 @@ def _destroyed_wait(ctx: Ctx[Params], left: list[tuple[Placement, int]]) -> Wait
     )
 
 
-def _rejected_region(ctx: Ctx[Params], wake: WakeUp, placements: list[Placement]) -> uuid.UUID:
+def rejected_region(ctx: Ctx[Any], wake: WakeUp, placements: list[Placement]) -> uuid.UUID:
     """The region whose delete (under any of its ids so far) the agent refused."""
     refused = Rejection.model_validate(wake.payload).command_id
     for placement in placements:
@@ -397,7 +404,7 @@ def _rejected_region(ctx: Ctx[Params], wake: WakeUp, placements: list[Placement]
     raise ActionFailed(f"a refusal of command {refused}, which this undo did not send")
 
 
-def _delete_deadline(ctx: Ctx[Params]) -> timedelta:
+def _delete_deadline(ctx: Ctx[Any]) -> timedelta:
     return timedelta(seconds=ctx.params.delete_deadline_seconds)
 
 
@@ -419,6 +426,12 @@ async def region_ensure(ctx: Ctx[Params]) -> Wait:
         extent_count=placed.extent_count,
         encrypted=True,
     )
+    return await send_ensure(ctx, placement, spec)
+
+
+async def send_ensure(ctx: Ctx[Any], placement: Placement, spec: RegionSpec) -> Wait:
+    """Ask the placement's agent for the region and wait for it created (or failed, or
+    the command refused)."""
     command = RegionEnsure(id=ctx.command_id(), payload=spec, **ctx.envelope())
     await ctx.send(command, placement.queue)
     return Wait(
@@ -475,7 +488,11 @@ async def region_ensure_resume(ctx: Ctx[Params], wake: WakeUp) -> Ensured:
 
 async def region_ensure_reconcile(ctx: Ctx[Params], keys: Any) -> Reconciled:
     """The deadline passed with no notification: ask the agent once."""
-    placement = _placement(ctx)
+    return await reconcile_ensure(ctx, _placement(ctx))
+
+
+async def reconcile_ensure(ctx: Ctx[Any], placement: Placement) -> Reconciled:
+    """A region's ensure had no answer by its deadline: what its agent says of it."""
     if ctx.transport is None:
         return Reconciled.rearm("no broker connection to ask the agent")
     # Only the agent of the dataset Nexus placed the region on may answer.

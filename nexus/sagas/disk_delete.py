@@ -4,8 +4,10 @@ Nodes, in order:
 
     disk_mark_deleting   detached → deleting (an attached disk is refused, and so is
                          one with snapshots: its regions hold them)
-    region_0..2          ask the region's agent to delete it; wait for ``destroyed``
-                         (a failed destroy is asked again, ``nexus/sagas/region_deletion.py``)
+    region_0..5          ask the region's agent to delete it; wait for ``destroyed``
+                         (a failed destroy is asked again, ``nexus/sagas/region_deletion.py``);
+                         a disk has 3 regions, or 6 when made from a snapshot (3 of them
+                         clones): the nodes past its last region do nothing
     disk_mark_deleted    the disk row stays, ``deleted``; the datasets get their space back
 
 Deleting cannot be undone: a region asked to delete is gone. A failure after the first
@@ -41,6 +43,9 @@ from nexus.sagas.disk_create import DELETE_DEADLINE, REPLICAS, announce_disk, di
 from schemas.progress import DiskState as WireDiskState
 from schemas.region import RegionState as WireRegionState
 from schemas.region import reservation_bytes
+
+# The most regions a disk has: three, and three clones when made from a snapshot.
+MAX_REGIONS = 2 * REPLICAS
 
 
 class Params(BaseModel):
@@ -117,7 +122,7 @@ def snapshots_block(disk: str, names: list[str]) -> str:
     return f"disk {disk} has {len(names)} snapshot(s) ({shown}): delete them first"
 
 
-# region_0..2
+# region_0..5
 
 
 def _region(ctx: Ctx[Params]) -> DiskRegion | None:
@@ -221,11 +226,12 @@ async def disk_mark_deleting_undo(ctx: Ctx[Params]) -> None:
 
 DEFINITION: SagaDefinition[Params] = SagaDefinition(
     name="disk_delete",
-    version=1,
+    # 2: six region nodes (a disk made from a snapshot has six regions).
+    version=2,
     params=Params,
     stages=(
         *sequence(Node("disk_mark_deleting", disk_mark_deleting, undo=disk_mark_deleting_undo)),
-        *parallel(*(_region_node(index) for index in range(REPLICAS))),
+        *parallel(*(_region_node(index) for index in range(MAX_REGIONS))),
         *sequence(Node("disk_mark_deleted", disk_mark_deleted)),
     ),
     on_stuck=disk_fault,

@@ -89,10 +89,13 @@ async def snapshot_mark_deleting(ctx: Ctx[Params]) -> Marked:
             .order_by(RegionSnapshot.region_id)
         )
     ).all()
-    readers = sum(part.volume_references for part, _, _ in rows)
+    # Each disk being made from it holds a reference on every part while its clones copy
+    # (nexus/sagas/disk_create_from_snapshot.py), and gives them back once it is ready.
+    readers = max((part.volume_references for part, _, _ in rows), default=0)
     if readers:
         raise ActionFailed(
-            f"snapshot {snapshot.name} is read by {readers} disk(s) made from it: delete them first"
+            f"snapshot {snapshot.name} is being copied by {readers} disk(s) being made from "
+            "it: delete it once they are ready"
         )
     # ``saga_id`` stays the create's: an undo could not tell what to put back.
     snapshot.state = SnapshotState.DELETING

@@ -49,6 +49,7 @@ from schemas.identity import (
     sled_user,
 )
 from schemas.instance import (
+    DiskFlushed,
     Repair,
     RepairChange,
     RepairChanged,
@@ -57,6 +58,7 @@ from schemas.instance import (
     RepairRef,
     RepairState,
     VmmChange,
+    VmmDiskFlushed,
     VmmEnsure,
     VmmFound,
     VmmGet,
@@ -201,7 +203,9 @@ class PlayedCrucible(PlayedAgent):
                     **spec.model_dump(), port_number=0, state=RegionState.REQUESTED, generation=1
                 ),
             )
-        if isinstance(message, RegionGet | RegionList) and not self.hold(message):
+        if isinstance(message, RegionGet | RegionList | RegionSnapshotList) and not self.hold(
+            message
+        ):
             await self.answer(delivery)
         else:
             await self.received.put(delivery)
@@ -355,8 +359,10 @@ class Stack:
             amqp_url=provisioned.url(server_url, NEXUS_USER),
             workdir=workdir,
             sweep_seconds="0.2",
-            # The played sleds do not beat: they must not be taken for gone meanwhile.
+            # The played sleds do not beat: they must not be taken for gone (nor, a
+            # minute on, expunged) meanwhile.
             sled_timeout_seconds="3600",
+            sled_expunge_seconds="7200",
         )
         self.crucibles = [
             PlayedCrucible(self.transport(crucible_user(agent)), agent_id=agent)
@@ -775,6 +781,7 @@ async def region_snapshots_info_to_a_query(stack: Stack) -> None:
     The requester takes only the answer of the agent whose queue it asked."""
     owner, forger, _ = stack.crucibles
     region_id = uuid.uuid4()
+    owner.hold = lambda message: isinstance(message, RegionSnapshotList)
     asked = asyncio.create_task(
         stack.cli.request(
             RegionSnapshotList(source=CLI_SOURCE, payload=RegionRef(id=region_id)),
@@ -799,6 +806,7 @@ async def region_snapshots_info_to_a_query(stack: Stack) -> None:
     )
     await owner.answer(request)
     answer = await asked
+    owner.hold = lambda _: False
     assert isinstance(answer, RegionSnapshotsInfo), answer
     assert (answer.source, answer.payload.region_state, answer.payload.snapshots) == (
         owner.source,
@@ -1024,6 +1032,21 @@ async def repair_event(stack: Stack) -> None:
     )
 
 
+async def disk_flushed_event(stack: Stack) -> None:
+    """The other sled reports, in its own name, a flush by a VMM Nexus placed on the
+    first sled (it would wake a snapshot_create parked on that flush)."""
+    instance = await stack.instance_in_flight()
+    await stack.finish_instance(instance)
+    forger = instance.other
+    flushed = DiskFlushed(
+        sled_id=forger.sled_id,
+        vmm_id=instance.vmm_id,
+        disk_id=uuid.uuid4(),
+        snapshot_id=uuid.uuid4(),
+    )
+    await stack.forge(forger, VmmDiskFlushed(source=forger.source, payload=flushed))
+
+
 async def repair_info_to_a_query(stack: Stack) -> None:
     """Nexus's reconcile asks a VMM's sled how its repair goes; the other sled answers
     first that it finished. The requester takes only the answer of the sled it asked."""
@@ -1079,6 +1102,7 @@ CASES = [
     Case(RunningSnapshotStateChanged.TYPE, "of-another-agents-region", running_snapshot_event),
     Case(RegionSnapshotsInfo.TYPE, "reply-to-a-query", region_snapshots_info_to_a_query),
     Case(RepairChanged.TYPE, "in-another-sleds-vmm", repair_event),
+    Case(VmmDiskFlushed.TYPE, "in-another-sleds-vmm", disk_flushed_event),
     Case(RepairInfo.TYPE, "reply-to-a-query", repair_info_to_a_query),
 ]
 

@@ -342,7 +342,7 @@ async def regions_cleanup_undo_resume(ctx: Ctx[Params], wake: WakeUp) -> Wait | 
         region_id, generation = change.region.id, change.region.generation
         # A failed destroy is sent again, unless the region's dataset was expunged
         # meanwhile (not among those left): its agent is gone, and so is the region.
-        left = {placement.region_id for placement, _ in await _undestroyed(ctx)}
+        left = {placement.region_id for placement, _ in await undestroyed(ctx)}
         if change.region.state is WireRegionState.FAILED and region_id in left:
             region_deletion.check_resend(ctx, region_id, change.region.failure or "destroy failed")
             placement = next(p for p in placements if p.region_id == region_id)

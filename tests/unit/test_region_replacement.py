@@ -204,10 +204,10 @@ async def test_a_create_unwinding_towards_a_lost_agent_ends_when_its_sled_is_exp
         await replica.deliver(world.agents.crucible.event(command, WireRegionState.CREATED))
     await replica.deliver(world.agents.crucible.event(failing, WireRegionState.FAILED))
     # The agents answer the deletes, but the lost region's agent has died.
-    for command in await world.agents.crucible.deletes():
-        world.agents.taken.add(command.id)
-        if command.payload.id != lost_region.payload.id:
-            await replica.deliver(world.agents.crucible.deleted(lost_region_or(ensures, command)))
+    for delete in await world.agents.crucible.deletes():
+        world.agents.taken.add(delete.id)
+        if delete.payload.id != lost_region.payload.id:
+            await replica.deliver(world.agents.crucible.deleted(ensure_of(ensures, delete)))
     saga = await database.saga(saga_id)
     assert saga.state == SagaState.WAITING, "the unwind waits for the dead agent's region"
 
@@ -231,7 +231,7 @@ async def test_a_create_unwinding_towards_a_lost_agent_ends_when_its_sled_is_exp
         assert not (await session.execute(select(RegionReplacement))).scalars().all()
 
 
-def lost_region_or(ensures: list[RegionEnsure], delete: RegionDelete) -> RegionEnsure:
+def ensure_of(ensures: list[RegionEnsure], delete: RegionDelete) -> RegionEnsure:
     """The ensure of the region a delete names."""
     return next(c for c in ensures if c.payload.id == delete.payload.id)
 

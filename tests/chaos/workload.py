@@ -199,6 +199,10 @@ class Api:
 SNAPSHOT_CHANCE = 0.5
 SNAPSHOT_DELETE_CHANCE = 0.7
 ATTACHED_SNAPSHOT_CHANCE = 0.75
+# The share of snapshots a disk is made from (``disk create --from-snapshot``), and of
+# those disks deleted again.
+FROM_SNAPSHOT_CHANCE = 0.5
+FROM_SNAPSHOT_DELETE_CHANCE = 0.5
 
 
 class Workload:
@@ -211,13 +215,18 @@ class Workload:
         ledger: Ledger,
         rng: random.Random,
         gate: Callable[[], Awaitable[None]] | None = None,
+        may_clone: Callable[[], bool] = lambda: True,
     ) -> None:
         """``gate``: awaited before each disk create of ``disk_creates`` (the fault
-        driver holds the workload there until a fault that is due has begun)."""
+        driver holds the workload there until a fault that is due has begun).
+        ``may_clone``: whether a disk may now be made from a snapshot taken from here on
+        (the chaos test's: once its sled expunge is over, as region replacement does
+        not replace a clone)."""
         self._api = client
         self._ledger = ledger
         self._rng = rng
         self._gate = gate
+        self._may_clone = may_clone
         self.disks_submitted = 0
 
     async def submit(
@@ -283,20 +292,29 @@ class Workload:
         # snapshot sagas run under faults (and around the sled expunge).
         kept = False
         if self._rng.random() < SNAPSHOT_CHANCE:
-            kept = await self.snapshot_and_maybe_delete(f"{name}-s", name, SNAPSHOT_DELETE_CHANCE)
+            kept = await self.snapshot_and_maybe_delete(
+                f"{name}-s", name, SNAPSHOT_DELETE_CHANCE, clone=self._may_clone()
+            )
         # Some disks are deleted again, so disk_delete runs under faults too (a disk
         # with a snapshot cannot be: its regions hold it).
         if not kept and self._rng.random() < 0.2:
             await self.delete_disk(name)
 
-    async def snapshot_and_maybe_delete(self, snapshot: str, disk: str, delete: float) -> bool:
-        """Snapshot ``disk``, then delete the snapshot at chance ``delete``; whether a
+    async def snapshot_and_maybe_delete(
+        self, snapshot: str, disk: str, delete: float, *, clone: bool = False
+    ) -> bool:
+        """Snapshot ``disk`` (with ``clone``, maybe make a disk from the snapshot, and
+        maybe delete that), then delete the snapshot at chance ``delete``; whether a
         snapshot of it may be left (not deleted, or its delete did not end done)."""
         taken = await self.create_snapshot(snapshot, disk)
         if taken.final != "done":
             # Undone (a clean slate), or it did not end while watched: the latter may
             # leave a snapshot, which holds the disk.
             return taken.final != "undone"
+        if clone and self._rng.random() < FROM_SNAPSHOT_CHANCE:
+            made = await self.create_disk_from(f"{disk}-c", snapshot)
+            if made.final == "done" and self._rng.random() < FROM_SNAPSHOT_DELETE_CHANCE:
+                await self.delete_disk(f"{disk}-c")
         if self._rng.random() >= delete:
             return True
         deleted = await self.delete_snapshot(snapshot)
@@ -330,6 +348,15 @@ class Workload:
             payload=api.DiskCreateRequest(project=PROJECT, name=name, size_bytes=1 << 30),
         )
         return await self.submit("disk_create", name, request)
+
+    async def create_disk_from(self, name: str, snapshot: str) -> Operation:
+        """``nexusctl disk create NAME --from-snapshot SNAPSHOT``: 3 clones and 3 fresh
+        regions (``disk_create_from_snapshot``)."""
+        request = api.DiskCreate(
+            source=SOURCE,
+            payload=api.DiskCreateRequest(project=PROJECT, name=name, snapshot=snapshot),
+        )
+        return await self.submit("disk_create_from_snapshot", name, request)
 
     async def delete_disk(self, name: str) -> Operation:
         request = api.DiskDelete(

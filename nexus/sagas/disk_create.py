@@ -191,9 +191,18 @@ _PLACED = (
     .join(datasets, datasets.c.id == regions.c.dataset_id)
     .where(regions.c.disk_id == bindparam("b_disk_id"))
 )
+# Only on a dataset still active: a placement that read it active may reserve after a
+# concurrent expunge committed (the UPDATE waits for the expunge's row lock, then
+# PostgreSQL checks this WHERE on the row as the expunge left it). Without the state
+# here the region went to the expunged dataset after the expunge had listed its
+# regions, and its create waited for the lost agent for ever (found by the chaos test).
 RESERVE = (
     update(datasets)
-    .where(datasets.c.id == bindparam("b_id"), datasets.c.free_bytes >= bindparam("b_bytes"))
+    .where(
+        datasets.c.id == bindparam("b_id"),
+        datasets.c.free_bytes >= bindparam("b_bytes"),
+        datasets.c.state == DatasetState.ACTIVE.value,
+    )
     .values(free_bytes=datasets.c.free_bytes - bindparam("b_bytes"))
 )
 INSERT_REGIONS = insert(regions)
@@ -262,7 +271,8 @@ async def regions_place(ctx: Ctx[Params]) -> Placed:
         )
         if not reserved.rowcount:  # type: ignore[attr-defined]
             raise ActionFailed(
-                f"insufficient capacity: dataset {placement.dataset_id} filled up meanwhile"
+                f"insufficient capacity: dataset {placement.dataset_id} filled up or was "
+                "expunged meanwhile"
             )
     await ctx.session.execute(
         INSERT_REGIONS,

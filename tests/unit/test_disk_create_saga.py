@@ -21,7 +21,7 @@ from nexus.db.states import DatasetState, DiskState, SagaLogEvent, SagaState
 from nexus.liveness import expunge_sled
 from nexus.saga.clock import ManualClock
 from nexus.saga.faults import Faults
-from nexus.sagas import disk_create, region_deletion
+from nexus.sagas import disk_create, region_deletion, region_replacement
 from schemas.base import Envelope
 from schemas.identity import queue_agent
 from schemas.region import RegionFound, RegionGet, RegionInfo, RegionState, reservation_bytes
@@ -362,3 +362,21 @@ async def test_a_region_found_created_by_reconcile_is_recorded_so(database: Data
         rows = (await session.execute(select(Region).where(Region.disk_id == p.disk_id))).all()
     found = sorted((str(r[0].state.value), r[0].port_number) for r in rows)
     assert found == [("created", 19000)] * 3
+
+
+async def test_no_space_is_reserved_on_a_dataset_expunged_after_it_was_chosen(
+    database: Database,
+) -> None:
+    """Found by the chaos test (seed 1503): a placement read a dataset active, an
+    operator's expunge of its sled committed, and the placement's reservation (which
+    waited for the expunge's row lock) still took space there; the expunge had listed
+    the dataset's regions before this one existed, so nothing ended the create's wait
+    for the lost agent. The reservation itself now refuses an expunged dataset (PostgreSQL
+    checks its WHERE again on the row the expunge left), and the placement unwinds."""
+    (dataset, *_) = await database.add_datasets(3)
+    async with database.sessions.begin() as session:
+        await expunge_sled(session, dataset.sled_id, ManualClock().now())
+    for reserve in (disk_create.RESERVE, region_replacement.RESERVE):
+        async with database.sessions.begin() as session:
+            reserved = await session.execute(reserve, {"b_id": dataset.id, "b_bytes": 1})
+            assert reserved.rowcount == 0  # type: ignore[attr-defined]

@@ -201,7 +201,7 @@ SNAPSHOT_DELETE_CHANCE = 0.7
 ATTACHED_SNAPSHOT_CHANCE = 0.75
 # The share of snapshots a disk is made from (``disk create --from-snapshot``), and of
 # those disks deleted again.
-FROM_SNAPSHOT_CHANCE = 0.5
+FROM_SNAPSHOT_CHANCE = 0.8
 FROM_SNAPSHOT_DELETE_CHANCE = 0.5
 
 

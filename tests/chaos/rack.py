@@ -1,14 +1,16 @@
 """The whole rack as real processes for chaos tests, and the faults done to it.
 
 The same processes as ``nexusctl dev run-all`` (``nexus.devstack.stack.plan``: 2 Nexus, 3
-crucible agents on distinct sleds, 2 sled agents) on PostgreSQL, each with its own
+crucible agents on distinct sleds, or as many as ``RackSettings.crucible_agents`` says,
+2 sled agents) on PostgreSQL, each with its own
 least-privilege broker user in a vhost of its own, provisioned by an administrator
 before anything starts (``nexus.devstack.access``), as in production, on a PostgreSQL
 cluster of the rack's own. Processes are SIGKILLed and started again, a replica is
 frozen (SIGSTOP) and continued, or started again with its clock skewed (libfaketime);
 the RabbitMQ node is stopped and started keeping its data; PostgreSQL is stopped
 (immediate) or SIGKILLed and started again; a crucible agent's data directory, a small
-tmpfs, is filled and emptied.
+tmpfs, is filled and emptied; a sled is lost for good (``Rack.lose``: its agent
+SIGKILLed, never started again, and left out of every fault after).
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ agent does not have changes nothing and sends no event; the deadline's reconcile
 the agent, and a "not there" ends that wait.
 
 A part on an expunged dataset is written off, as Omicron counts a region on an expunged
-disk gone: its agent is not asked or waited for (found by the chaos test, where a
-teardown waited for ever on a SIGKILLed agent whose sled had been expunged).
+disk gone: its agent is not asked or waited for (seen while adding a sled expunge to
+the chaos test: a teardown would wait for ever on the SIGKILLed agent of an expunged
+sled, its reconcile unanswered at every deadline).
 
 :func:`decide_teardown` decides (no I/O); :func:`teardown_step` applies its decision.
 """

@@ -15,6 +15,8 @@ on those datasets that is not destroyed, by its disk's state:
 - a disk being created: its waits on that region end at once, with ``failed`` filed
   for a region not yet created (``disk_create`` unwinds; its cleanup asks no lost
   agent), and ``disk_finalize`` refuses a disk with a region on an expunged dataset;
+  a region already created is recorded ``destroyed``, filed as below, for an unwind
+  that already waits for its delete (the chaos test found one waiting for ever);
 - a disk being deleted: the region is recorded ``destroyed`` and that is filed for the
   delete's wait (its agent is gone: Omicron treats the region as gone).
 
@@ -144,7 +146,10 @@ class Replacements:
             elif disk_state == DiskState.CREATING and region.state == RegionState.REQUESTED:
                 woke = await _file(session, region, WireRegionState.FAILED, now)
                 lost.woken += [woke] if woke is not None else []
-            elif disk_state == DiskState.DELETING:
+            elif disk_state in (DiskState.CREATING, DiskState.DELETING):
+                # A disk being deleted, or a create whose region was made (it cannot
+                # finish now, and its unwind may already wait for that region's
+                # destroyed): the region is gone with its agent.
                 woke = await _file(session, region, WireRegionState.DESTROYED, now)
                 lost.woken += [woke] if woke is not None else []
                 region.state = RegionState.DESTROYED

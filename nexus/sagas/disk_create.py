@@ -191,9 +191,18 @@ _PLACED = (
     .join(datasets, datasets.c.id == regions.c.dataset_id)
     .where(regions.c.disk_id == bindparam("b_disk_id"))
 )
+# Only on a dataset still active: a placement that read it active may reserve after a
+# concurrent expunge committed (the UPDATE waits for the expunge's row lock, then
+# PostgreSQL checks this WHERE on the row as the expunge left it). Without the state
+# here the region went to the expunged dataset after the expunge had listed its
+# regions, and its create waited for the lost agent for ever (found by the chaos test).
 RESERVE = (
     update(datasets)
-    .where(datasets.c.id == bindparam("b_id"), datasets.c.free_bytes >= bindparam("b_bytes"))
+    .where(
+        datasets.c.id == bindparam("b_id"),
+        datasets.c.free_bytes >= bindparam("b_bytes"),
+        datasets.c.state == DatasetState.ACTIVE.value,
+    )
     .values(free_bytes=datasets.c.free_bytes - bindparam("b_bytes"))
 )
 INSERT_REGIONS = insert(regions)
@@ -262,7 +271,8 @@ async def regions_place(ctx: Ctx[Params]) -> Placed:
         )
         if not reserved.rowcount:  # type: ignore[attr-defined]
             raise ActionFailed(
-                f"insufficient capacity: dataset {placement.dataset_id} filled up meanwhile"
+                f"insufficient capacity: dataset {placement.dataset_id} filled up or was "
+                "expunged meanwhile"
             )
     await ctx.session.execute(
         INSERT_REGIONS,
@@ -340,7 +350,10 @@ async def regions_cleanup_undo_resume(ctx: Ctx[Params], wake: WakeUp) -> Wait | 
         generation = known.get(region_id, 0)
     else:
         region_id, generation = change.region.id, change.region.generation
-        if change.region.state is WireRegionState.FAILED:
+        # A failed destroy is sent again, unless the region's dataset was expunged
+        # meanwhile (not among those left): its agent is gone, and so is the region.
+        left = {placement.region_id for placement, _ in await undestroyed(ctx)}
+        if change.region.state is WireRegionState.FAILED and region_id in left:
             region_deletion.check_resend(ctx, region_id, change.region.failure or "destroy failed")
             placement = next(p for p in placements if p.region_id == region_id)
             again = await region_deletion.send_delete(ctx, region_id, placement.queue, again=True)
@@ -442,6 +455,35 @@ async def send_ensure(ctx: Ctx[Any], placement: Placement, spec: RegionSpec) -> 
     )
 
 
+# What woke a region's wait, recorded on its row by generation, as the event intake
+# records an event: when a reconcile found it, the event may come long after the saga
+# has gone on (found by the chaos test: a disk ready while its regions' rows still
+# said ``requested``, and a snapshot of it refused); when the event woke it, the intake
+# has recorded it and this changes nothing.
+_RECORD_REGION = (
+    update(regions)
+    .where(regions.c.id == bindparam("b_id"), regions.c.generation < bindparam("b_generation"))
+    .values(
+        state=bindparam("b_state", type_=regions.c.state.type),
+        generation=bindparam("b_generation"),
+        port_number=bindparam("b_port"),
+    )
+)
+
+
+async def record_region(ctx: Ctx[Any], change: RegionChange) -> None:
+    region = change.region
+    await ctx.session.execute(
+        _RECORD_REGION,
+        {
+            "b_id": region.id,
+            "b_state": region.state.value,
+            "b_generation": region.generation,
+            "b_port": region.port_number,
+        },
+    )
+
+
 async def region_ensure_resume(ctx: Ctx[Params], wake: WakeUp) -> Ensured:
     if is_rejection(wake.key):
         rejection = Rejection.model_validate(wake.payload)
@@ -450,6 +492,7 @@ async def region_ensure_resume(ctx: Ctx[Params], wake: WakeUp) -> Ensured:
     region = change.region
     if region.state is not WireRegionState.CREATED:
         raise ActionFailed(f"region {region.id} {region.state.value}: {region.failure}")
+    await record_region(ctx, change)
     return Ensured(region_id=region.id, agent_id=change.agent_id, port_number=region.port_number)
 
 

@@ -298,7 +298,9 @@ async def regions_place(ctx: Ctx[Params]) -> Placed:
             disk_create.RESERVE, {"b_id": dataset_id, "b_bytes": need[dataset_id]}
         )
         if not reserved.rowcount:  # type: ignore[attr-defined]
-            raise ActionFailed(f"insufficient capacity: dataset {dataset_id} filled up meanwhile")
+            raise ActionFailed(
+                f"insufficient capacity: dataset {dataset_id} filled up or was expunged meanwhile"
+            )
     await ctx.session.execute(
         disk_create.INSERT_REGIONS,
         [

@@ -81,7 +81,7 @@ from nexus.saga.definition import (
     no_op,
     sequence,
 )
-from nexus.sagas import region_deletion
+from nexus.sagas import disk_create, region_deletion
 from nexus.sagas.disk_create import (
     DATASET_FRESHNESS,
     DELETE_DEADLINE,
@@ -265,9 +265,15 @@ _CANDIDATES = (
     )
     .order_by(datasets.c.free_bytes.desc(), datasets.c.id)
 )
-_RESERVE = (
+# Only on a dataset still active, as disk_create.RESERVE (an expunge may commit between
+# the candidates' read and this).
+RESERVE = (
     update(datasets)
-    .where(datasets.c.id == bindparam("b_id"), datasets.c.free_bytes >= bindparam("b_bytes"))
+    .where(
+        datasets.c.id == bindparam("b_id"),
+        datasets.c.free_bytes >= bindparam("b_bytes"),
+        datasets.c.state == DatasetState.ACTIVE.value,
+    )
     .values(free_bytes=datasets.c.free_bytes - bindparam("b_bytes"))
 )
 _GIVE_BACK = (
@@ -318,9 +324,11 @@ async def region_alloc(ctx: Ctx[Params]) -> Allocated:
             f"insufficient capacity: no live dataset with {size} bytes free on a sled "
             f"disk {ctx.params.disk_id} does not use"
         )
-    reserved = await ctx.session.execute(_RESERVE, {"b_id": chosen.id, "b_bytes": size})
+    reserved = await ctx.session.execute(RESERVE, {"b_id": chosen.id, "b_bytes": size})
     if not reserved.rowcount:  # type: ignore[attr-defined]
-        raise ActionFailed(f"insufficient capacity: dataset {chosen.id} filled up meanwhile")
+        raise ActionFailed(
+            f"insufficient capacity: dataset {chosen.id} filled up or was expunged meanwhile"
+        )
     ctx.session.add(
         Region(
             id=new_id,
@@ -482,6 +490,7 @@ async def region_ensured(ctx: Ctx[Params], wake: WakeUp) -> Ensured:
     region = change.region
     if region.state is not WireRegionState.CREATED:
         raise ActionFailed(f"region {region.id} {region.state.value}: {region.failure}")
+    await disk_create.record_region(ctx, change)
     return Ensured(region_id=region.id, agent_id=change.agent_id, port_number=region.port_number)
 
 

@@ -54,6 +54,7 @@ from nexus.db.models import (
 )
 from nexus.db.states import (
     ENDED_VMM_STATES,
+    DatasetState,
     DiskState,
     RegionState,
     SnapshotState,
@@ -76,6 +77,7 @@ from nexus.sagas.snapshot_parts import (
     Teardowns,
     agent_name,
     ask_agent,
+    expunged_datasets,
     record_running,
     record_snapshot,
     ref,
@@ -202,6 +204,17 @@ async def snapshot_record(ctx: Ctx[Params]) -> Recorded:
         )
     ).all()
     live = [row for row in rows if row[0].state == RegionState.CREATED]
+    lost = await ctx.session.scalar(
+        select(Dataset.id).where(
+            Dataset.id.in_({row[0].dataset_id for row in live}),
+            Dataset.state == DatasetState.EXPUNGED,
+        )
+    )
+    if lost is not None:
+        raise ActionFailed(
+            f"disk {disk.name} has a region on expunged dataset {lost}, being replaced: "
+            "snapshot it once the replacement is complete"
+        )
     if len(live) != REPLICAS:
         raise ActionFailed(
             f"disk {disk.name} has {len(live)} created regions of {REPLICAS}: cannot snapshot it"
@@ -422,6 +435,8 @@ async def snapshot_take_resume(ctx: Ctx[Params], wake: WakeUp) -> Taken:
 
 async def snapshot_take_reconcile(ctx: Ctx[Params], keys: Sequence[str]) -> Reconciled:
     part = _part(ctx)
+    if await expunged_datasets(ctx, [part]):
+        return Reconciled.fail(f"region {part.region_id}'s dataset was expunged")
     info = await ask_agent(ctx, ctx.params.snapshot_id, part)
     if isinstance(info, str):
         return Reconciled.unanswered(info)
@@ -506,6 +521,8 @@ async def running_start_resume(ctx: Ctx[Params], wake: WakeUp) -> Running:
 
 async def running_start_reconcile(ctx: Ctx[Params], keys: Sequence[str]) -> Reconciled:
     part = _part(ctx)
+    if await expunged_datasets(ctx, [part]):
+        return Reconciled.fail(f"region {part.region_id}'s dataset was expunged")
     info = await ask_agent(ctx, ctx.params.snapshot_id, part)
     if isinstance(info, str):
         return Reconciled.unanswered(info)

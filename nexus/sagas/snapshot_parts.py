@@ -18,6 +18,11 @@ run or take would then leave something behind. A stop or a delete of something t
 agent does not have changes nothing and sends no event; the deadline's reconcile asks
 the agent, and a "not there" ends that wait.
 
+A part on an expunged dataset is written off, as Omicron counts a region on an expunged
+disk gone: its agent is not asked or waited for (seen while adding a sled expunge to
+the chaos test: a teardown would wait for ever on the SIGKILLed agent of an expunged
+sled, its reconcile unanswered at every deadline).
+
 :func:`decide_teardown` decides (no I/O); :func:`teardown_step` applies its decision.
 """
 
@@ -33,8 +38,8 @@ from typing import Any, cast
 from pydantic import BaseModel
 from sqlalchemy import Table, select, update
 
-from nexus.db.models import RegionSnapshot
-from nexus.db.states import AgentSnapshotState, RegionState
+from nexus.db.models import Dataset, RegionSnapshot
+from nexus.db.states import AgentSnapshotState, DatasetState, RegionState
 from nexus.saga.definition import ActionFailed, Ctx, Reconciled, Wait, WakeUp
 from nexus.waitkeys import is_rejection, rejection_key, running_snapshot_key, snapshot_key
 from schemas.base import command_id
@@ -231,6 +236,7 @@ async def teardown_step(ctx: Ctx[Any], t: Teardowns) -> Wait | None:
         raise ActionFailed(
             f"snapshot {t.snapshot_id}: its parts are not torn down after {ctx.resends} re-sends"
         )
+    await write_off_lost(ctx, t.snapshot_id, t.parts)
     decided = decide_teardown(
         await part_states(ctx, t.snapshot_id, t.parts), running=t.running, snapshots=t.snapshots
     )
@@ -352,8 +358,35 @@ def _commanded_region(ctx: Ctx[Any], t: Teardowns, refused: uuid.UUID) -> uuid.U
     raise ActionFailed(f"a refusal of command {refused}, which this teardown did not wait for")
 
 
+async def expunged_datasets(ctx: Ctx[Any], parts: Sequence[Part]) -> set[uuid.UUID]:
+    """The datasets of ``parts`` that are expunged: their agents are written off."""
+    found = await ctx.session.scalars(
+        select(Dataset.id).where(
+            Dataset.id.in_({part.dataset_id for part in parts}),
+            Dataset.state == DatasetState.EXPUNGED,
+        )
+    )
+    return set(found)
+
+
+async def write_off_lost(ctx: Ctx[Any], snapshot_id: uuid.UUID, parts: Sequence[Part]) -> None:
+    """Record every part on an expunged dataset gone: its snapshot and any running
+    snapshot ``destroyed`` (nothing was ever asked of a running snapshot still None)."""
+    lost = await expunged_datasets(ctx, parts)
+    for part in parts:
+        if part.dataset_id not in lost:
+            continue
+        await _gone(ctx, snapshot_id, part.region_id, running=True, asked_only=True)
+        await _gone(ctx, snapshot_id, part.region_id, running=False)
+
+
 async def _gone(
-    ctx: Ctx[Any], snapshot_id: uuid.UUID, region_id: uuid.UUID, *, running: bool
+    ctx: Ctx[Any],
+    snapshot_id: uuid.UUID,
+    region_id: uuid.UUID,
+    *,
+    running: bool,
+    asked_only: bool = False,
 ) -> None:
     """The agent has no such running snapshot (or snapshot): recorded ``destroyed``."""
     values: dict[str, Any] = (
@@ -361,14 +394,13 @@ async def _gone(
         if running
         else {"snapshot_state": AgentSnapshotState.DESTROYED.value}
     )
-    await ctx.session.execute(
-        update(region_snapshots)
-        .where(
-            region_snapshots.c.snapshot_id == snapshot_id,
-            region_snapshots.c.region_id == region_id,
-        )
-        .values(**values)
+    query = update(region_snapshots).where(
+        region_snapshots.c.snapshot_id == snapshot_id,
+        region_snapshots.c.region_id == region_id,
     )
+    if asked_only:
+        query = query.where(region_snapshots.c.running_state.is_not(None))
+    await ctx.session.execute(query.values(**values))
 
 
 async def record_snapshot(
@@ -433,6 +465,12 @@ async def teardown_reconcile(ctx: Ctx[Any], t: Teardowns, keys: Sequence[str]) -
     """A teardown's wait passed its deadline: ask the part's agent what it has."""
     kind, region, _, state = _parse(keys[0])
     part = t.part(region)
+    if await expunged_datasets(ctx, [part]):
+        # Its agent is written off: the part is gone (the next step records it so).
+        stop = kind == "running_snapshot"
+        return _absent(
+            ctx, t, part, RunningSnapshotStop.TYPE if stop else RegionSnapshotDelete.TYPE
+        )
     info = await ask_agent(ctx, t.snapshot_id, part)
     if isinstance(info, str):
         return Reconciled.unanswered(info)

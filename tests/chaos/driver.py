@@ -17,6 +17,13 @@ and drawn now and then besides:
   or behind (libfaketime), which it keeps for the rest of the run.
 - ``disk-full``: a crucible agent's data directory (a small tmpfs) filled with a filler
   file, emptied again 4 to 10 s later while the driver carries on.
+- ``sled-expunge``: a sled lost for good (forced only; once, at a seeded point in
+  ``expunge_window``, when some disks are ready and others in flight): a crucible agent
+  on a sled without a sled agent SIGKILLed and never started again, then the sled
+  expunged through the API as an operator would (``nexusctl sled expunge``), which files
+  a replacement of each of its regions. The rack has a fourth crucible agent, so that
+  every lost region has a sled its disk does not use. No fault is done to the lost
+  agent after (the rack leaves it out); the others' carry on.
 
 The node-loss run (``tests/chaos/test_node_loss.py``) has its own, on a rack whose
 servers are replicated, and no SIGKILLs of services between them:
@@ -36,13 +43,18 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
+from schemas import api
 from tests.chaos.rack import Rack
 from tests.chaos.workload import Ledger
+
+# How the driver expunges a sled, as an operator would: the API's answer.
+ExpungeSled = Callable[[uuid.UUID], Awaitable[api.SledExpunged]]
 
 
 class Fault(StrEnum):
@@ -57,6 +69,7 @@ class Fault(StrEnum):
     # ... and whose broker is a 3-node cluster.
     BROKER_NODE_KILL = "broker-node-kill"
     BROKER_NODE_STOP = "broker-node-stop"
+    SLED_EXPUNGE = "sled-expunge"
 
 
 POSTGRES_FAULTS = frozenset({Fault.POSTGRES_STOP, Fault.POSTGRES_KILL})
@@ -69,6 +82,7 @@ CLASSIC_FAULTS = frozenset(
         Fault.FREEZE,
         Fault.CLOCK_SKEW,
         Fault.DISK_FULL,
+        Fault.SLED_EXPUNGE,
     }
 )
 
@@ -111,6 +125,9 @@ class FaultPlan:
     db_node_down_seconds: tuple[float, float] = (5.0, 15.0)
     broker_node_down_seconds: tuple[float, float] = (3.0, 10.0)
     forced_window: tuple[float, float] = (0.1, 0.8)
+    # The expunge's point: late enough that disks are ready (and snapshotted), early
+    # enough that operations are in flight around it and after it.
+    expunge_window: tuple[float, float] = (0.3, 0.6)
     # At a tick with nothing forced due, the chance of each fault other than a SIGKILL
     # (of those in ``forced``; the RabbitMQ restart happens once).
     chances: Mapping[Fault, float] = field(
@@ -142,8 +159,12 @@ class FaultDriver:
         rng: random.Random,
         plan: FaultPlan,
         progress: Callable[[], float],
+        expunge_sled: ExpungeSled | None = None,
     ) -> None:
+        """``expunge_sled``: how the driver, as an operator, expunges a sled (the
+        ``sled-expunge`` fault needs it)."""
         self._rack = rack
+        self._expunge_sled = expunge_sled
         self._ledger = ledger
         self._rng = rng
         self._plan = plan
@@ -151,7 +172,9 @@ class FaultDriver:
         # Drawn for every classic fault, forced or not, so that one seed gives one
         # schedule (and the faults of other runs leave the classic schedule as it was).
         self._forced_at = {
-            fault: rng.uniform(*plan.forced_window)
+            fault: rng.uniform(
+                *(plan.expunge_window if fault is Fault.SLED_EXPUNGE else plan.forced_window)
+            )
             for fault in Fault
             if fault in CLASSIC_FAULTS or fault in plan.forced
         }
@@ -163,6 +186,10 @@ class FaultDriver:
         # Each failover of a replicated server: (lost at, replaced at), wall clock (to
         # compare with the database's times), and what failed over.
         self.failovers: list[tuple[datetime, datetime, str]] = []
+        # The sled expunge's answer, the lost agent, and when (monotonic) it was answered.
+        self.expunged: api.SledExpunged | None = None
+        self.expunged_agent: str | None = None
+        self.expunged_answered_at: float | None = None
 
     @property
     def forced_missing(self) -> list[Fault]:
@@ -244,6 +271,8 @@ class FaultDriver:
                 await self._skew()
             case Fault.DISK_FULL:
                 await self._fill()
+            case Fault.SLED_EXPUNGE:
+                await self._expunge()
 
     async def _kill_and_restart(self) -> None:
         count = 2 if self._rng.random() < self._plan.double_fault_chance else 1
@@ -331,8 +360,31 @@ class FaultDriver:
         self._ledger.fault("clock skew nexus", f"{victim} SIGKILLed, started with FAKETIME={skew}")
         await self._rack.restart_skewed(victim, skew)
 
+    async def _expunge(self) -> None:
+        """Lose a storage sled for good, then expunge it as an operator would."""
+        assert self._expunge_sled is not None, "the sled-expunge fault needs the API"
+        assert self.expunged is None, "one sled expunge per run"
+        victim = self._rng.choice(sorted(self._rack.storage_only()))
+        sled_id = self._rack.sled_of(victim)
+        began = time.monotonic()
+        await self._rack.lose([victim])
+        self.expunged_agent = victim
+        self.expunged = await self._expunge_sled(sled_id)
+        self.expunged_answered_at = time.monotonic()
+        self._ledger.fault(
+            "sled expunge",
+            f"{victim} (sled {sled_id}) SIGKILLed for good, sled expunged: "
+            f"{self.expunged.datasets_expunged} dataset(s), "
+            f"{self.expunged.replacements_requested} region replacement(s) filed",
+            at=began,
+        )
+
     async def _fill(self) -> None:
-        candidates = [name for name, disk in self._rack.disks.items() if not disk.full]
+        candidates = [
+            name
+            for name, disk in self._rack.disks.items()
+            if not disk.full and name not in self._rack.lost
+        ]
         if not candidates:
             await self._kill_and_restart()
             return

@@ -1,14 +1,16 @@
 """The whole rack as real processes for chaos tests, and the faults done to it.
 
 The same processes as ``nexusctl dev run-all`` (``nexus.devstack.stack.plan``: 2 Nexus, 3
-crucible agents on distinct sleds, 2 sled agents) on PostgreSQL, each with its own
+crucible agents on distinct sleds, or as many as ``RackSettings.crucible_agents`` says,
+2 sled agents) on PostgreSQL, each with its own
 least-privilege broker user in a vhost of its own, provisioned by an administrator
 before anything starts (``nexus.devstack.access``), as in production, on a PostgreSQL
 cluster of the rack's own. Processes are SIGKILLed and started again, a replica is
 frozen (SIGSTOP) and continued, or started again with its clock skewed (libfaketime);
 the RabbitMQ node is stopped and started keeping its data; PostgreSQL is stopped
 (immediate) or SIGKILLed and started again; a crucible agent's data directory, a small
-tmpfs, is filled and emptied.
+tmpfs, is filled and emptied; a sled is lost for good (``Rack.lose``: its agent
+SIGKILLed, never started again, and left out of every fault after).
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ class RackSettings:
     # fills; room for the state database and the (sparse) regions of a long run.
     agent_disk_bytes: int = 32 << 20
     nexus_replicas: int = 2
+    # One more than a disk's 3 regions lets a lost sled's every region be rebuilt on a
+    # sled its disk does not use (the chaos run expunges one); 3 for the node-loss run.
+    crucible_agents: int = 3
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,9 @@ class Rack:
     # the replica gets it.
     skews: dict[str, str] = field(default_factory=dict)
     frozen: set[str] = field(default_factory=set)
+    # Services of a sled that was lost for good (expunged): SIGKILLed once and never
+    # started again; no fault is done to them after (``of_kind`` leaves them out).
+    lost: set[str] = field(default_factory=set)
 
     @property
     def operator_url(self) -> str:
@@ -121,10 +129,31 @@ class Rack:
         return [name for name in self.services if name not in self.stack.replica_ids]
 
     def of_kind(self, kind: str) -> list[str]:
-        """The services of one kind: ``nexus``, ``crucible`` or ``sled``."""
+        """The live services of one kind: ``nexus``, ``crucible`` or ``sled``."""
         if kind == "nexus":
             return self.nexus_names
-        return [name for name in self.agent_names if name.startswith(f"{kind}-")]
+        return [
+            name
+            for name in self.agent_names
+            if name.startswith(f"{kind}-") and name not in self.lost
+        ]
+
+    def sled_of(self, name: str) -> uuid.UUID:
+        """The sled an agent runs on."""
+        env = self.services[name].env
+        return uuid.UUID(env.get("CRUCIBLE_SLED_ID") or env["SLED_SLED_ID"])
+
+    def storage_only(self) -> list[str]:
+        """The crucible agents on sleds that run no sled agent (no VMM is lost with
+        them), still live."""
+        vmm_sleds = {self.sled_of(name) for name in self.of_kind("sled")}
+        return [name for name in self.of_kind("crucible") if self.sled_of(name) not in vmm_sleds]
+
+    async def lose(self, names: list[str]) -> None:
+        """A sled lost for good: its services SIGKILLed and never started again."""
+        self.lost.update(names)
+        for name in names:
+            await self.kill(name)
 
     def start(self, name: str) -> None:
         skew = self.skews.get(name)
@@ -133,7 +162,7 @@ class Rack:
 
     def start_all(self) -> None:
         for name, service in self.services.items():
-            if not service.running:
+            if not service.running and name not in self.lost:
                 self.start(name)
 
     def note_exits(self) -> None:
@@ -156,7 +185,7 @@ class Rack:
         service.process = None
 
     def restart(self, name: str) -> None:
-        if not self.services[name].running:
+        if not self.services[name].running and name not in self.lost:
             self.start(name)
 
     async def restart_skewed(self, name: str, skew: str) -> None:
@@ -370,6 +399,7 @@ def build_rack(
         database_url=database_url,
         create_delay=settings.create_delay,
         nexus_replicas=settings.nexus_replicas,
+        crucible_agents=settings.crucible_agents,
     )
     stack = plan(config)
     access = Access.generate(vhost, crucible_agents=stack.crucible_ids, sleds=stack.sled_ids)

@@ -3,12 +3,15 @@ RabbitMQ restarts, PostgreSQL is stopped and killed, a replica is frozen past it
 or runs with its clock 30 s off, and a crucible agent's disk fills up.
 
 On a PostgreSQL cluster of its own, 2 Nexus replicas (2 s leases, 0.2 s sweeps, so
-adoption is quick; 5 s region deadlines, so a database outage outlasts one), 3 crucible
-agents (each on a small tmpfs) and 2 sled agents, each a real process with its own broker
-user: disk creates (some deleted again) and instance lifecycles (create with a disk
-attached, stop, start, reboot, delete, then the disk deleted) run while a driver
-(``tests/chaos/driver.py``) does its faults. Then the faults stop, every saga must end,
-and the books must balance:
+adoption is quick; 5 s region deadlines, so a database outage outlasts one), 4 crucible
+agents (each on a small tmpfs, each on a sled of its own) and 2 sled agents, each a real
+process with its own broker user: disk creates (some snapshotted, most snapshots deleted
+again, some disks deleted) and instance lifecycles (create with a disk attached, stop,
+start, reboot, the attached disk snapshotted and the snapshot deleted, delete, then the
+disk deleted) run while a driver (``tests/chaos/driver.py``) does its faults, one of
+which is a sled lost for good and expunged (its agent SIGKILLed and never started again)
+while disks are ready and operations in flight. Then the faults stop, every saga must
+end, and the books must balance:
 
 - every disk and instance is in a terminal state, and ``doctor`` finds Nexus's records
   and the agents' in agreement (no orphan region, no missing one, no instance astray);
@@ -16,6 +19,10 @@ and the books must balance:
   and none unwound for want of space unless an agent's disk was full meanwhile;
 - no request was answered with Nexus's own error (a database that is down makes a
   request wait; it is not the operator's problem);
+- every region replacement the expunge filed is ``complete``; every ready disk has 3
+  ``created`` regions on 3 distinct live sleds, none on the lost sled's dataset;
+- no snapshot is left ``creating`` or ``deleting`` (and ``doctor``, whose findings
+  include the snapshots' parts at their agents, exits 0);
 - a disk create after the faults succeeds (the rack recovered);
 - the dead-letter queue holds nothing (every producer here is a valid one);
 - no process exited by itself;
@@ -33,6 +40,7 @@ import random
 import re
 import shutil
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -40,13 +48,15 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from nexus.db.engine import create_engine
 from nexus.db.migrate import upgrade_async
+from nexus.db.models import Dataset, Disk, Region
+from nexus.db.states import DatasetState, DiskState
 from schemas import api
 from schemas.transport import Transport
-from tests.chaos.driver import FaultDriver, FaultPlan, describe, parse_forced
+from tests.chaos.driver import Fault, FaultDriver, FaultPlan, describe, parse_forced
 from tests.chaos.machine import MountFailed
 from tests.chaos.rack import Rack, RackSettings, build_rack, unprovision
 from tests.chaos.workload import ENDED, SOURCE, Api, Ledger, Unanswered, Workload
@@ -57,6 +67,14 @@ pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 
 TERMINAL_DISK = frozenset({"detached", "attached", "faulted"})
 TERMINAL_INSTANCE = frozenset({"running", "stopped", "failed"})
+# A snapshot's states in which no saga works on it.
+SETTLED_SNAPSHOT = frozenset({"ready", "faulted", "destroyed"})
+REPLACEMENT_DONE = "complete"
+# Regions that are a disk's (not being written off or gone).
+DEAD_REGION = frozenset({"destroyed", "tombstoned"})
+# Four crucible agents, each on its own sled: one more than a disk's regions, so that
+# every region of the sled the run expunges has a sled its disk does not use.
+CRUCIBLE_AGENTS = 4
 SETTLE_SECONDS = 150.0
 # "node: DBAPIError('...')": a saga's error that is an exception's repr, not a node's refusal.
 INTERNAL_ERROR = re.compile(r"^(\w+: )?[A-Za-z_.]*(Error|Exception)\(")
@@ -65,6 +83,9 @@ INTERNAL_ERROR = re.compile(r"^(\w+: )?[A-Za-z_.]*(Error|Exception)\(")
 OUT_OF_SPACE = re.compile(
     r"out of space|no space|disk is full|ENOSPC|database or disk is full", re.I
 )
+# A region (or a snapshot's part) on the sled the run expunged: how a disk create or a
+# snapshot create in flight at the expunge may rightly end, undone.
+EXPUNGED = re.compile(r"expunged|lost with its dataset")
 # After a disk was emptied, how long work that was on its way may still find it full.
 FULL_AFTERMATH_SECONDS = 10.0
 # One instance lifecycle per this many disk creates, each with this many power actions.
@@ -82,6 +103,15 @@ class Verdict:
     saga_states: Counter[str] = field(default_factory=Counter)
     disk_states: Counter[str] = field(default_factory=Counter)
     instance_states: Counter[str] = field(default_factory=Counter)
+    snapshot_states: Counter[str] = field(default_factory=Counter)
+    # The replacements of the expunged sled's regions, by state; seconds from the
+    # expunge until the last was complete; attempts (sagas) they took.
+    replacement_states: Counter[str] = field(default_factory=Counter)
+    replacement_repairs: Counter[str] = field(default_factory=Counter)
+    replacement_attempts: list[int] = field(default_factory=list)
+    replaced_within_seconds: float | None = None
+    # Snapshots with a part on the lost sled, deleted after the faults.
+    snapshots_written_off: int = 0
     dead_letters: list[str] = field(default_factory=list)
     # Sagas that did not finish as asked, and why: legitimate outcomes under faults,
     # listed so that a run shows what the faults did.
@@ -116,7 +146,7 @@ async def rack(
         database_url,
         tmp_path / "rack",
         chaos_seed,
-        RackSettings(),
+        RackSettings(crucible_agents=CRUCIBLE_AGENTS),
     )
     try:
         try:
@@ -185,8 +215,19 @@ async def run_chaos(
             driver_rng,
             plan,
             progress=lambda: workload.disks_submitted / chaos_operations,
+            expunge_sled=client.expunge_sled,
         )
-        workload = Workload(client, ledger, workload_rng, gate=driver.gate)
+        workload = Workload(
+            client,
+            ledger,
+            workload_rng,
+            gate=driver.gate,
+            # Disks from snapshots only once the expunge is over: region replacement
+            # does not replace a clone (a known gap, RELIABILITY.md).
+            may_clone=lambda: (
+                Fault.SLED_EXPUNGE not in plan.forced or driver.expunged_answered_at is not None
+            ),
+        )
         stop_faults = asyncio.Event()
         faults = asyncio.create_task(driver.run(stop_faults))
         try:
@@ -201,7 +242,18 @@ async def run_chaos(
         chaos_seconds = time.monotonic() - started
         # Once every fault has ended, the rack takes new work again.
         probe = await workload.create_disk("after-the-faults")
-        verdict = await settle_and_check(rack, client, ledger)
+        # Snapshots with a part on the lost sled are deleted: their teardown writes that
+        # part off rather than wait for its agent.
+        lost_datasets = await datasets_of(rack, driver)
+        written_off = [
+            snapshot.name
+            for snapshot in await client.snapshots()
+            if snapshot.state == "ready"
+            and any(part.dataset_id in lost_datasets for part in snapshot.parts)
+        ]
+        await asyncio.gather(*(workload.delete_snapshot(name) for name in written_off))
+        verdict = await settle_and_check(rack, client, ledger, driver)
+        verdict.snapshots_written_off = len(written_off)
     # A process that died while the books were checked counts too.
     rack.note_exits()
     duration = time.monotonic() - started
@@ -214,6 +266,8 @@ async def run_chaos(
         "region_deadline_seconds": rack.settings.region_deadline_seconds,
         "lease_seconds": rack.settings.lease_seconds,
         "nexus_replicas": rack.settings.nexus_replicas,
+        "crucible_agents": rack.settings.crucible_agents,
+        "expunged": driver.expunged_agent,
         "postgres_outages_seconds": [round(outage, 1) for outage in driver.postgres_outages],
         "disk_full_seconds": [round(end - begin, 1) for _, begin, end in ledger.full_windows],
     }
@@ -303,14 +357,27 @@ def _percentiles(values: list[float]) -> dict[str, float] | None:
     return {"n": len(ordered), "p50": at(0.5), "p99": at(0.99), "max": round(ordered[-1], 1)}
 
 
-async def settle_and_check(rack: Rack, client: Api, ledger: Ledger) -> Verdict:
-    """Wait (bounded) for every saga to end and the agents to answer; then audit."""
+async def settle_and_check(rack: Rack, client: Api, ledger: Ledger, driver: FaultDriver) -> Verdict:
+    """Wait (bounded) for every saga to end, every replacement of the expunged sled's
+    regions to be complete (a request whose saga unwound waits for its retry with no
+    saga running), and the agents to answer; then audit."""
     verdict = Verdict()
     deadline = time.monotonic() + SETTLE_SECONDS
-    sagas = await client.sagas()
-    while any(s.state not in ENDED for s in sagas) and time.monotonic() < deadline:
-        await asyncio.sleep(0.5)
+    lost_datasets = await datasets_of(rack, driver)
+
+    async def unsettled() -> tuple[tuple[api.SagaView, ...], list[api.ReplacementView]]:
         sagas = await client.sagas()
+        ours = [r for r in await client.replacements() if r.old_dataset_id in lost_datasets]
+        return sagas, ours
+
+    sagas, replacements = await unsettled()
+    while (
+        any(s.state not in ENDED for s in sagas)
+        or any(r.state != REPLACEMENT_DONE for r in replacements)
+    ) and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        sagas, replacements = await unsettled()
+    check_replacements(driver, lost_datasets, replacements, verdict)
     verdict.saga_states = Counter(s.state for s in sagas)
     for saga in sagas:
         if saga.state not in ENDED:
@@ -329,6 +396,8 @@ async def settle_and_check(rack: Rack, client: Api, ledger: Ledger) -> Verdict:
                 verdict.internal_unwinds.append(f"{saga.name} {saga.id}: {saga.error}")
             elif cause == "out of space":
                 check_out_of_space(ledger, saga, verdict)
+            elif cause == "region lost with the expunged sled":
+                check_lost_with_the_sled(ledger, driver, saga, verdict)
         if saga.state == "unrecoverable":
             verdict.problems.append(f"saga {saga.id} {saga.name} {saga.state}: {saga.error}")
 
@@ -355,7 +424,14 @@ async def settle_and_check(rack: Rack, client: Api, ledger: Ledger) -> Verdict:
     for instance in instances:
         if instance.state not in TERMINAL_INSTANCE:
             verdict.lose(f"instance {instance.name}", f"left {instance.state}")
-    check_outcomes(ledger, disks, instances, verdict)
+    snapshots = await client.snapshots()
+    verdict.snapshot_states = Counter(s.state for s in snapshots)
+    for snapshot in snapshots:
+        if snapshot.state not in SETTLED_SNAPSHOT:
+            verdict.lose(f"snapshot {snapshot.name}", f"left {snapshot.state}")
+    check_outcomes(ledger, disks, instances, snapshots, verdict)
+    if driver.expunged_agent is not None:
+        await check_regions(rack, lost_datasets, verdict)
 
     report = await doctor_when_all_answer(client, deadline)
     if report.unreachable_agents:
@@ -398,6 +474,8 @@ def unwind_cause(saga: api.SagaView) -> str:
         return "internal"
     if OUT_OF_SPACE.search(error):
         return "out of space"
+    if EXPUNGED.search(error):
+        return "region lost with the expunged sled"
     if "deadline passed" in error:
         return "deadline"
     if "insufficient capacity" in error:
@@ -427,31 +505,153 @@ def check_out_of_space(ledger: Ledger, saga: api.SagaView, verdict: Verdict) -> 
         )
 
 
+def check_lost_with_the_sled(
+    ledger: Ledger, driver: FaultDriver, saga: api.SagaView, verdict: Verdict
+) -> None:
+    """A disk create may end undone because a region was lost with the expunged sled
+    only if it was submitted before the expunge was answered: placement skips an
+    expunged dataset. (A snapshot create may be refused until the disk's replacement
+    is complete.)"""
+    operation = next((op for op in ledger.operations if op.saga_id == saga.id), None)
+    if operation is None or not operation.kind.startswith("disk_create"):
+        return
+    if driver.expunged_answered_at is None or operation.submitted_at > driver.expunged_answered_at:
+        verdict.problems.append(
+            f"{operation.kind} {operation.resource} unwound for a region of the expunged "
+            f"sled, though it was submitted after the expunge: {saga.error}"
+        )
+
+
 def check_outcomes(
     ledger: Ledger,
     disks: tuple[api.DiskView, ...],
     instances: tuple[api.InstanceView, ...],
+    snapshots: tuple[api.SnapshotView, ...],
     verdict: Verdict,
 ) -> None:
     """Each operation's end state is the resource's: a created resource exists unless
     the workload deleted it, an undone one does not."""
-    live_disks = {d.name for d in disks}
-    live_instances = {i.name for i in instances}
+    live = {
+        "disk": {d.name for d in disks},
+        "instance": {i.name for i in instances},
+        "snapshot": {s.name for s in snapshots},
+    }
     deleted = {
         (op.kind.split("_")[0], op.resource)
         for op in ledger.operations
-        if op.kind in ("disk_delete", "instance_delete") and op.final == "done"
+        if op.kind in ("disk_delete", "instance_delete", "snapshot_delete") and op.final == "done"
     }
     for op in ledger.operations:
-        if op.kind not in ("disk_create", "instance_create"):
+        if op.kind not in (
+            "disk_create",
+            "disk_create_from_snapshot",
+            "instance_create",
+            "snapshot_create",
+        ):
             continue
         kind = op.kind.split("_")[0]
-        live = op.resource in (live_disks if kind == "disk" else live_instances)
+        is_live = op.resource in live[kind]
         name = f"{op.kind} {op.resource}"
-        if op.final == "done" and not live and (kind, op.resource) not in deleted:
+        if op.final == "done" and not is_live and (kind, op.resource) not in deleted:
             verdict.lose(name, "saga done, but the resource is gone")
-        if op.final == "undone" and live:
+        if op.final == "undone" and is_live:
             verdict.lose(name, "saga undone, but the resource is live")
+
+
+async def datasets_of(rack: Rack, driver: FaultDriver) -> set[uuid.UUID]:
+    """The datasets of the sled the run expunged (none if it expunged none)."""
+    if driver.expunged_agent is None:
+        return set()
+    sled_id = rack.sled_of(driver.expunged_agent)
+    engine = create_engine(rack.database_url)
+    try:
+        async with engine.connect() as connection:
+            rows = await connection.execute(select(Dataset.id).where(Dataset.sled_id == sled_id))
+            return set(rows.scalars())
+    finally:
+        await engine.dispose()
+
+
+def check_replacements(
+    driver: FaultDriver,
+    lost_datasets: set[uuid.UUID],
+    replacements: list[api.ReplacementView],
+    verdict: Verdict,
+) -> None:
+    """The expunge happened, filed a replacement (the lost sled held regions of ready
+    disks) and every one of them ended ``complete``, each on a live dataset."""
+    if driver.expunged_agent is None:
+        return
+    if not lost_datasets:
+        verdict.problems.append(f"the expunged {driver.expunged_agent} had no dataset in Nexus")
+    if not replacements:
+        verdict.problems.append(
+            f"the expunge of {driver.expunged_agent}'s sled filed no region replacement"
+        )
+    verdict.replacement_states = Counter(r.state for r in replacements)
+    verdict.replacement_repairs = Counter(r.repair_mode or "none" for r in replacements)
+    verdict.replacement_attempts = sorted(r.attempts for r in replacements)
+    for request in replacements:
+        if request.state != REPLACEMENT_DONE:
+            verdict.lose(
+                f"region replacement {request.id}",
+                f"left {request.state} (waiting for {request.waiting_for}; attempts "
+                f"{request.attempts}; last failure {request.last_failure})",
+            )
+        elif request.new_dataset_id in lost_datasets or request.new_dataset_id is None:
+            verdict.problems.append(
+                f"region replacement {request.id} complete onto {request.new_dataset_id}"
+            )
+    done = [r.since for r in replacements if r.state == REPLACEMENT_DONE]
+    if done and len(done) == len(replacements):
+        filed = min(r.request_time for r in replacements)
+        verdict.replaced_within_seconds = round((max(done) - filed).total_seconds(), 1)
+
+
+async def check_regions(rack: Rack, lost_datasets: set[uuid.UUID], verdict: Verdict) -> None:
+    """Every ready disk: 3 ``created`` writable regions on 3 distinct live sleds, and a
+    disk made from a snapshot 3 ``created`` clones on 3 distinct live sleds besides, none
+    on the lost sled's datasets (the volume's targets are its regions' addresses)."""
+    engine = create_engine(rack.database_url)
+    try:
+        async with engine.connect() as connection:
+            disks = (
+                await connection.execute(
+                    select(Disk.id, Disk.name, Disk.create_snapshot_id).where(
+                        Disk.state.in_((DiskState.DETACHED, DiskState.ATTACHED))
+                    )
+                )
+            ).all()
+            regions = (
+                await connection.execute(
+                    select(Region.disk_id, Region.dataset_id, Region.state, Region.read_only)
+                )
+            ).all()
+            datasets = (
+                await connection.execute(select(Dataset.id, Dataset.sled_id, Dataset.state))
+            ).all()
+    finally:
+        await engine.dispose()
+    sled_of = {d.id: d.sled_id for d in datasets}
+    expunged = {d.id for d in datasets if d.state == DatasetState.EXPUNGED}
+    if not lost_datasets <= expunged:
+        verdict.problems.append(f"the lost datasets {lost_datasets - expunged} not expunged")
+    for disk_id, name, from_snapshot in disks:
+        for clones in (False, True):
+            what = "clones" if clones else "regions"
+            expected = 3 if not clones or from_snapshot is not None else 0
+            own = [
+                r
+                for r in regions
+                if r.disk_id == disk_id and r.read_only == clones and r.state not in DEAD_REGION
+            ]
+            where = sorted(str(r.dataset_id)[:8] for r in own)
+            if [r.state for r in own] != ["created"] * expected:
+                verdict.lose(f"disk {name}", f"ready with {what} {[r.state for r in own]}")
+            elif len({sled_of[r.dataset_id] for r in own}) != expected:
+                verdict.lose(f"disk {name}", f"{what} on fewer than {expected} sleds: {where}")
+            elif any(r.dataset_id in expunged for r in own):
+                verdict.lose(f"disk {name}", f"{what} on an expunged dataset: {where}")
 
 
 async def doctor_when_all_answer(client: Api, deadline: float) -> api.DoctorReport:
@@ -492,6 +692,13 @@ def figures(
         "saga_states": dict(verdict.saga_states),
         "disk_states": dict(verdict.disk_states),
         "instance_states": dict(verdict.instance_states),
+        "snapshot_states": dict(verdict.snapshot_states),
+        "replacements": dict(verdict.replacement_states),
+        "replacement_repairs": dict(verdict.replacement_repairs),
+        "replacement_attempts": verdict.replacement_attempts,
+        "replaced_within_seconds": verdict.replaced_within_seconds,
+        "snapshot_deletes_with_a_lost_part": verdict.snapshots_written_off,
+        "operation_seconds_by_kind": operation_seconds(ledger),
         "sagas_unwound_by_cause": dict(verdict.unwound_by_cause),
         "answers_to_try_again": dict(Counter(code.value for code, _ in ledger.error_answers)),
         "dead_letters": len(verdict.dead_letters),
@@ -500,6 +707,23 @@ def figures(
         "duration_seconds": round(duration, 1),
         "source": SOURCE,
     }
+
+
+def operation_seconds(ledger: Ledger) -> dict[str, dict[str, float]]:
+    """How long each kind of operation took, submitted to its end as the workload saw
+    it (p50 and max)."""
+    spans: dict[str, list[float]] = {}
+    for op in ledger.operations:
+        if op.ended_at is not None:
+            spans.setdefault(op.kind, []).append(op.ended_at - op.submitted_at)
+    result = {}
+    for kind, values in sorted(spans.items()):
+        ordered = sorted(values)
+        result[kind] = {
+            "p50": round(ordered[len(ordered) // 2], 1),
+            "max": round(ordered[-1], 1),
+        }
+    return result
 
 
 def _without_id(letter: str) -> str:

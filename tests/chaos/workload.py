@@ -62,6 +62,9 @@ class Operation:
     final: str | None = None
     attempts: int = 0
     submitted_at: float = field(default_factory=time.monotonic)
+    # When the workload stopped watching it (answered, and its saga ended or the
+    # budget ran out).
+    ended_at: float | None = None
 
 
 @dataclass
@@ -162,6 +165,16 @@ class Api:
         request = api.DiskList(source=SOURCE, payload=api.ProjectFilter(project=PROJECT))
         return (await self.listing(request, api.DiskListReply)).payload
 
+    async def snapshots(self) -> tuple[api.SnapshotView, ...]:
+        request = api.SnapshotList(source=SOURCE, payload=api.ProjectFilter(project=PROJECT))
+        return (await self.listing(request, api.SnapshotListReply)).payload
+
+    async def replacements(self) -> tuple[api.ReplacementView, ...]:
+        request = api.RegionReplacementList(
+            source=SOURCE, payload=api.ReplacementFilter(limit=1000)
+        )
+        return (await self.listing(request, api.RegionReplacementListReply)).payload
+
     async def instances(self) -> tuple[api.InstanceView, ...]:
         request = api.InstanceList(source=SOURCE, payload=api.ProjectFilter(project=PROJECT))
         return (await self.listing(request, api.InstanceListReply)).payload
@@ -169,13 +182,32 @@ class Api:
     async def instance(self, instance_id: uuid.UUID) -> api.InstanceView | None:
         return next((i for i in await self.instances() if i.id == instance_id), None)
 
+    async def expunge_sled(self, sled_id: uuid.UUID) -> api.SledExpunged:
+        """``nexusctl sled expunge --yes``: re-sent with the same id until answered. A
+        copy answered after the first was (its answer lost) says ``changed`` false and
+        files nothing: the first copy filed the replacements."""
+        request = api.SledExpunge(source=SOURCE, payload=api.SledRef(sled_id=sled_id))
+        return (await self.listing(request, api.SledExpungeReply)).payload
+
     async def doctor(self) -> api.DoctorReport:
         request = api.Doctor(source=SOURCE, payload=api.DoctorRequest(timeout_seconds=10.0))
         return (await self.listing(request, api.DoctorReply)).payload
 
 
+# The share of disks snapshotted (each snapshot deleted again at this chance), and of
+# instances whose attached disk is snapshotted while it runs.
+SNAPSHOT_CHANCE = 0.5
+SNAPSHOT_DELETE_CHANCE = 0.7
+ATTACHED_SNAPSHOT_CHANCE = 0.75
+# The share of snapshots a disk is made from (``disk create --from-snapshot``), and of
+# those disks deleted again.
+FROM_SNAPSHOT_CHANCE = 0.8
+FROM_SNAPSHOT_DELETE_CHANCE = 0.5
+
+
 class Workload:
-    """Disk creates (some deleted again) and instance lifecycles, side by side."""
+    """Disk creates (some snapshotted, some deleted again) and instance lifecycles (the
+    attached disk snapshotted while it runs), side by side."""
 
     def __init__(
         self,
@@ -183,13 +215,18 @@ class Workload:
         ledger: Ledger,
         rng: random.Random,
         gate: Callable[[], Awaitable[None]] | None = None,
+        may_clone: Callable[[], bool] = lambda: True,
     ) -> None:
         """``gate``: awaited before each disk create of ``disk_creates`` (the fault
-        driver holds the workload there until a fault that is due has begun)."""
+        driver holds the workload there until a fault that is due has begun).
+        ``may_clone``: whether a disk may now be made from a snapshot taken from here on
+        (the chaos test's: once its sled expunge is over, as region replacement does
+        not replace a clone)."""
         self._api = client
         self._ledger = ledger
         self._rng = rng
         self._gate = gate
+        self._may_clone = may_clone
         self.disks_submitted = 0
 
     async def submit(
@@ -230,6 +267,7 @@ class Workload:
             operation.answer = "no-op"
         if operation.saga_id is not None:
             operation.final = await self._api.saga_end(operation.saga_id, OPERATION_BUDGET)
+        operation.ended_at = time.monotonic()
         return operation
 
     # Disks.
@@ -248,9 +286,61 @@ class Workload:
 
     async def _disk_lifecycle(self, name: str) -> None:
         created = await self.create_disk(name)
-        # Some disks are deleted again, so disk_delete runs under faults too.
-        if created.final == "done" and self._rng.random() < 0.2:
+        if created.final != "done":
+            return
+        # Some disks are snapshotted, and most snapshots deleted again, so that both
+        # snapshot sagas run under faults (and around the sled expunge).
+        kept = False
+        if self._rng.random() < SNAPSHOT_CHANCE:
+            kept = await self.snapshot_and_maybe_delete(
+                f"{name}-s", name, SNAPSHOT_DELETE_CHANCE, clone=self._may_clone()
+            )
+        # Some disks are deleted again, so disk_delete runs under faults too (a disk
+        # with a snapshot cannot be: its regions hold it).
+        if not kept and self._rng.random() < 0.2:
             await self.delete_disk(name)
+
+    async def snapshot_and_maybe_delete(
+        self, snapshot: str, disk: str, delete: float, *, clone: bool = False
+    ) -> bool:
+        """Snapshot ``disk`` (with ``clone``, maybe make a disk from the snapshot, and
+        maybe delete that), then delete the snapshot at chance ``delete``; whether a
+        snapshot of it may be left (not deleted, or its delete did not end done)."""
+        taken = await self.create_snapshot(snapshot, disk)
+        if taken.final != "done":
+            # Undone (a clean slate), or it did not end while watched: the latter may
+            # leave a snapshot, which holds the disk.
+            return taken.final != "undone"
+        if clone and self._rng.random() < FROM_SNAPSHOT_CHANCE:
+            made = await self.create_disk_from(f"{disk}-c", snapshot)
+            if made.final == "done" and self._rng.random() < FROM_SNAPSHOT_DELETE_CHANCE:
+                await self.delete_disk(f"{disk}-c")
+        if self._rng.random() >= delete:
+            return True
+        deleted = await self.delete_snapshot(snapshot)
+        return deleted.final != "done"
+
+    async def create_snapshot(self, name: str, disk: str) -> Operation:
+        request = api.SnapshotCreate(
+            source=SOURCE,
+            payload=api.SnapshotCreateRequest(project=PROJECT, name=name, disk=disk),
+        )
+        return await self.submit("snapshot_create", name, request, self._saga_of_snapshot(name))
+
+    async def delete_snapshot(self, name: str) -> Operation:
+        request = api.SnapshotDelete(
+            source=SOURCE, payload=api.ResourceRef(project=PROJECT, resource=name)
+        )
+        return await self.submit("snapshot_delete", name, request, self._saga_of_snapshot(name))
+
+    def _saga_of_snapshot(self, name: str) -> Callable[[], Awaitable[api.Accepted | None]]:
+        async def recover() -> api.Accepted | None:
+            found = next((s for s in await self._api.snapshots() if s.name == name), None)
+            if found is None or found.saga_id is None:
+                return None
+            return api.Accepted(saga_id=found.saga_id, resource_id=found.id)
+
+        return recover
 
     async def create_disk(self, name: str) -> Operation:
         request = api.DiskCreate(
@@ -258,6 +348,15 @@ class Workload:
             payload=api.DiskCreateRequest(project=PROJECT, name=name, size_bytes=1 << 30),
         )
         return await self.submit("disk_create", name, request)
+
+    async def create_disk_from(self, name: str, snapshot: str) -> Operation:
+        """``nexusctl disk create NAME --from-snapshot SNAPSHOT``: 3 clones and 3 fresh
+        regions (``disk_create_from_snapshot``)."""
+        request = api.DiskCreate(
+            source=SOURCE,
+            payload=api.DiskCreateRequest(project=PROJECT, name=name, snapshot=snapshot),
+        )
+        return await self.submit("disk_create_from_snapshot", name, request)
 
     async def delete_disk(self, name: str) -> Operation:
         request = api.DiskDelete(
@@ -298,7 +397,17 @@ class Workload:
         created = await self.submit("instance_create", name, request, self._saga_of_instance(name))
         if created.final != "done" or created.resource_id is None:
             return
-        for _ in range(actions_each):
+        # Its disk snapshotted while it runs (the VMM flushes first), at one of its
+        # power actions.
+        snapshot_at = (
+            self._rng.randrange(actions_each)
+            if self._rng.random() < ATTACHED_SNAPSHOT_CHANCE
+            else None
+        )
+        kept = False
+        for step in range(actions_each):
+            if step == snapshot_at:
+                kept = await self.snapshot_and_maybe_delete(f"{name}-s", f"{name}-boot", 1.0)
             view = await self._api.instance(created.resource_id)
             if view is None:
                 return
@@ -313,7 +422,7 @@ class Workload:
             if view is not None and view.state not in ("stopped", "failed"):
                 await self.act(name, api.InstanceAction.STOP)
             deleted = await self.act(name, api.InstanceAction.DELETE)
-            if deleted.final == "done":
+            if deleted.final == "done" and not kept:
                 await self.delete_disk(f"{name}-boot")
 
     def _next_action(self, state: str) -> api.InstanceAction | None:

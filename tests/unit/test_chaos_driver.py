@@ -8,11 +8,13 @@ import asyncio
 import dataclasses
 import itertools
 import random
+import uuid
 from dataclasses import dataclass, field
 from typing import cast
 
 import pytest
 
+from schemas import api
 from tests.chaos.driver import CLASSIC_FAULTS, Fault, FaultDriver, FaultPlan, parse_forced
 from tests.chaos.rack import Rack, RackSettings
 from tests.chaos.workload import Ledger
@@ -50,6 +52,7 @@ class FakeRack:
         default_factory=lambda: {f"crucible-{n}": FakeDisk() for n in (1, 2, 3)}
     )
     done: list[tuple[str, object]] = field(default_factory=list)
+    lost: set[str] = field(default_factory=set)
 
     @property
     def nexus_names(self) -> list[str]:
@@ -59,8 +62,17 @@ class FakeRack:
         if kind == "nexus":
             return self.nexus_names
         if kind == "crucible":
-            return list(self.disks)
+            return [name for name in self.disks if name not in self.lost]
         return ["sled-1", "sled-2"]
+
+    def storage_only(self) -> list[str]:
+        return [name for name in self.of_kind("crucible") if name != "crucible-1"]
+
+    def sled_of(self, name: str) -> uuid.UUID:
+        return uuid.uuid5(uuid.NAMESPACE_OID, name)
+
+    async def lose(self, names: list[str]) -> None:
+        self.lost.update(names)
 
     async def kill(self, name: str) -> None:
         self.done.append(("kill", name))
@@ -101,8 +113,24 @@ class FakeRack:
 
 
 def driver(rack: FakeRack, plan: FaultPlan, seed: int = 7, progress: float = 1.0) -> FaultDriver:
+    async def expunge_sled(sled_id: uuid.UUID) -> api.SledExpunged:
+        lost = next(name for name in rack.lost if rack.sled_of(name) == sled_id)
+        rack.done.append(("expunge", lost))
+        return api.SledExpunged(
+            sled=api.SledView(id=sled_id),
+            changed=True,
+            datasets_expunged=1,
+            vmms_failed=0,
+            replacements_requested=2,
+        )
+
     return FaultDriver(
-        cast(Rack, rack), Ledger(), random.Random(seed), plan, progress=lambda: progress
+        cast(Rack, rack),
+        Ledger(),
+        random.Random(seed),
+        plan,
+        progress=lambda: progress,
+        expunge_sled=expunge_sled,
     )
 
 
@@ -124,7 +152,15 @@ async def test_every_fault_happens_and_a_database_outage_outlasts_the_deadline()
     faults = driver(rack, quick())
     await run_ticks(faults, 0.2)
     assert faults.forced_missing == []
-    assert {"rabbitmq", "postgres stop", "postgres kill", "freeze", "skew", "fill"} <= kinds(rack)
+    assert {
+        "rabbitmq",
+        "postgres stop",
+        "postgres kill",
+        "freeze",
+        "skew",
+        "fill",
+        "expunge",
+    } <= kinds(rack)
     deadline = rack.settings.region_deadline_seconds
     assert any(outage > deadline for outage in faults.postgres_outages)
     lease = rack.settings.lease_seconds
@@ -138,7 +174,15 @@ async def test_finish_does_the_faults_the_workload_did_not_reach() -> None:
     faults = driver(rack, quick(), progress=0.0)
     await faults.finish()
     assert faults.forced_missing == []
-    assert {"rabbitmq", "postgres stop", "postgres kill", "freeze", "skew", "fill"} == kinds(rack)
+    assert {
+        "rabbitmq",
+        "postgres stop",
+        "postgres kill",
+        "freeze",
+        "skew",
+        "fill",
+        "expunge",
+    } == kinds(rack)
 
 
 async def test_only_the_plans_faults_are_drawn() -> None:
@@ -204,3 +248,20 @@ async def test_a_driver_that_stopped_holds_nobody() -> None:
     stop.set()
     await faults.run(stop)
     await asyncio.wait_for(faults.gate(), 1.0)
+
+
+async def test_one_storage_sled_is_expunged_and_its_agent_left_alone_after() -> None:
+    """The expunge loses a crucible agent of a sled without a sled agent, once; no
+    SIGKILL or full disk comes to it after."""
+    rack = FakeRack()
+    always = {Fault.DISK_FULL: 0.5}
+    faults = driver(rack, quick(chances=always), progress=1.0)
+    await run_ticks(faults, 0.3)
+    expunges = [what for kind, what in rack.done if kind == "expunge"]
+    assert len(expunges) == 1 and expunges[0] in rack.storage_only() + list(rack.lost)
+    (lost,) = rack.lost
+    assert expunges == [lost] and lost != "crucible-1"
+    after = rack.done[rack.done.index(("expunge", lost)) + 1 :]
+    assert after, "faults went on after the expunge"
+    assert lost not in {what for _, what in after}
+    assert faults.expunged is not None and faults.expunged_agent == lost

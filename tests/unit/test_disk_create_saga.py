@@ -21,7 +21,7 @@ from nexus.db.states import DatasetState, DiskState, SagaLogEvent, SagaState
 from nexus.liveness import expunge_sled
 from nexus.saga.clock import ManualClock
 from nexus.saga.faults import Faults
-from nexus.sagas import disk_create, region_deletion
+from nexus.sagas import disk_create, region_deletion, region_replacement
 from schemas.base import Envelope
 from schemas.identity import queue_agent
 from schemas.region import RegionFound, RegionGet, RegionInfo, RegionState, reservation_bytes
@@ -316,3 +316,67 @@ async def test_an_ensure_the_agent_never_got_is_sent_again_at_the_deadline(
     for event in await crucible.created_events(again):
         await replica.deliver(event)
     assert (await database.saga(saga_id)).state == SagaState.DONE
+
+
+class AgentThatCreatedThem:
+    """Answers every region query as an agent that created the region: its event is
+    still on its way (say, queued behind a database outage)."""
+
+    async def request(
+        self, message: Envelope, *, routing_key: str, timeout: float, answerer: str | None = None
+    ) -> Envelope:
+        assert isinstance(message, RegionGet) and answerer is not None
+        ensure = next(
+            e for e in await self.crucible.ensures() if e.payload.id == message.payload.id
+        )
+        return RegionInfo(
+            source=answerer,
+            payload=RegionFound(
+                agent_id=agent_of(routing_key),
+                region_id=message.payload.id,
+                region=self.crucible.event(ensure, RegionState.CREATED).payload.region,
+            ),
+        )
+
+    def __init__(self, crucible: FakeCrucible) -> None:
+        self.crucible = crucible
+
+
+async def test_a_region_found_created_by_reconcile_is_recorded_so(database: Database) -> None:
+    """Found by the chaos test (seed 1502): the disk came up ready on the reconcile's
+    finding while its regions' rows still said ``requested`` (the events came later),
+    and a snapshot of it was refused meanwhile ("0 created regions of 3")."""
+    clock = ManualClock()
+    crucible = FakeCrucible.new(database)
+    replica = Replica(
+        database, "a", clock=clock, transport=cast(Transport, AgentThatCreatedThem(crucible))
+    )
+    p = params()
+    saga_id = await replica.executor.start(disk_create.DEFINITION, p)
+    await crucible.ensures()
+    clock.advance(timedelta(seconds=p.region_deadline_seconds + 1))
+    for _ in range(4):  # a sweep takes one expired wait
+        await replica.executor.sweep()
+    assert (await database.saga(saga_id)).state == SagaState.DONE
+    async with database.sessions() as session:
+        rows = (await session.execute(select(Region).where(Region.disk_id == p.disk_id))).all()
+    found = sorted((str(r[0].state.value), r[0].port_number) for r in rows)
+    assert found == [("created", 19000)] * 3
+
+
+async def test_no_space_is_reserved_on_a_dataset_expunged_after_it_was_chosen(
+    database: Database,
+) -> None:
+    """Found by the chaos test (seed 1503): a placement read a dataset active, an
+    operator's expunge of its sled committed, and the placement's reservation (which
+    waited for the expunge's row lock) still took space there; the expunge had listed
+    the dataset's regions before this one existed, so nothing ended the create's wait
+    for the lost agent. The reservation itself now refuses an expunged dataset (PostgreSQL
+    checks its WHERE again on the row the expunge left), and the placement unwinds."""
+    (dataset, *_) = await database.add_datasets(3)
+    async with database.sessions.begin() as session:
+        await expunge_sled(session, dataset.sled_id, ManualClock().now())
+    for reserve in (disk_create.RESERVE, region_replacement.RESERVE):
+        async with database.sessions.begin() as session:
+            reserved = await session.execute(reserve, {"b_id": dataset.id, "b_bytes": 1})
+            assert reserved.rowcount == 0  # type: ignore[attr-defined]

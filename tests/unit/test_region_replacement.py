@@ -25,6 +25,8 @@ from nexus.liveness import expunge_lost_sleds, expunge_sled
 from nexus.replacement_ids import saga_id_for
 from nexus.replacements import Replacements, in_flight_for, retry_delay
 from nexus.sagas import disk_create, region_replacement
+from schemas.region import RegionDelete, RegionEnsure
+from schemas.region import RegionState as WireRegionState
 from tests import saga_triad
 from tests.saga_scenarios import (
     REGION_REPLACEMENT_DETACHED,
@@ -172,6 +174,66 @@ async def test_a_disk_being_created_when_its_dataset_is_lost_unwinds(database: D
     async with database.sessions() as session:
         assert await session.get(Disk, p.disk_id) is None
         assert not (await session.execute(select(RegionReplacement))).scalars().all()
+
+
+@pytest.mark.parametrize("confirmed", [True, False], ids=["created", "never-confirmed"])
+async def test_a_create_unwinding_towards_a_lost_agent_ends_when_its_sled_is_expunged(
+    database: Database, confirmed: bool
+) -> None:
+    """Found by the chaos test (seed 1501): a create unwound (another region out of space)
+    while one region was created on an agent that died before it took the delete. The
+    unwind waited for that region's ``destroyed``, which no one would send, and its
+    reconcile asked the dead agent for ever, even after its sled was expunged. The
+    expunge files ``destroyed`` for it (the agent is gone, as Omicron counts it), and the
+    unwind ends. Also when the agent died before it confirmed the region: the expunge
+    files ``failed`` for it, which the unwind must not take for a failed destroy to send
+    again to the lost agent."""
+    world = World.for_saga(database, disk_create.DEFINITION)
+    await database.add_datasets(4)
+    replica = world.replica()
+    p = disk_params()
+    saga_id = await replica.executor.start(disk_create.DEFINITION, p)
+    ensures = sorted(await world.agents.crucible.ensures(), key=lambda c: c.payload.id)
+    lost_region, failing = ensures[0], ensures[1]
+    # Every region is created but one, which fails (out of space): the create unwinds.
+    for command in ensures:
+        world.agents.taken.add(command.id)
+        if command is failing or (command is lost_region and not confirmed):
+            continue
+        world.agents.regions[command.payload.id] = (command, WireRegionState.CREATED)
+        await replica.deliver(world.agents.crucible.event(command, WireRegionState.CREATED))
+    await replica.deliver(world.agents.crucible.event(failing, WireRegionState.FAILED))
+    # The agents answer the deletes, but the lost region's agent has died.
+    for delete in await world.agents.crucible.deletes():
+        world.agents.taken.add(delete.id)
+        if delete.payload.id != lost_region.payload.id:
+            await replica.deliver(world.agents.crucible.deleted(ensure_of(ensures, delete)))
+    saga = await database.saga(saga_id)
+    assert saga.state == SagaState.WAITING, "the unwind waits for the dead agent's region"
+
+    async with database.sessions() as session:
+        sled_id = await session.scalar(
+            select(Dataset.sled_id)
+            .join(Region, Region.dataset_id == Dataset.id)
+            .where(Region.id == lost_region.payload.id)
+        )
+    assert sled_id is not None
+    async with database.sessions.begin() as session:
+        expunged = await expunge_sled(
+            session, sled_id, world.clock.now(), Replacements(replica.executor)
+        )
+    assert [w.saga_id for w in expunged.lost.woken] == [saga_id]
+    await replica.executor.run(saga_id)
+    saga = await database.saga(saga_id)
+    assert saga.state == SagaState.UNDONE, saga.error
+    async with database.sessions() as session:
+        assert await session.get(Disk, p.disk_id) is None
+        assert not (await session.execute(select(RegionReplacement))).scalars().all()
+
+
+def ensure_of(ensures: list[RegionEnsure], delete: RegionDelete) -> RegionEnsure:
+    """The ensure of the region a delete names."""
+    return next(c for c in ensures if c.payload.id == delete.payload.id)
 
 
 async def test_a_request_whose_saga_unwound_is_tried_again_after_its_backoff(

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import select
 
-from nexus.db.models import RegionSnapshot, Snapshot
+from nexus.db.models import Dataset, Region, RegionSnapshot, Snapshot
 from nexus.db.states import AgentSnapshotState, DiskState, RegionState, SagaState, SnapshotState
+from nexus.liveness import expunge_sled
 from nexus.sagas import disk_delete, snapshot_create, snapshot_delete
+from nexus.sagas.disk_create import REPLICAS
 from nexus.sagas.snapshot_parts import Awaiting, PartState, decide_teardown
 from schemas.base import Envelope
 from schemas.snapshot import (
@@ -25,6 +28,7 @@ from schemas.snapshot import (
     RunningSnapshotRun,
     RunningSnapshotStop,
 )
+from schemas.topology import crucible_queue
 from tests.saga_scenarios import new_disk, new_snapshot, snapshot_params
 from tests.saga_support import Agents, Database, Replica
 from tests.saga_triad import World, assert_saga
@@ -250,3 +254,118 @@ async def test_a_deleting_disk_cannot_be_snapshotted(database: Database) -> None
     saga_id = await world.run(snapshot_create.DEFINITION, snapshot_params(disk_id))
     saga = await assert_saga(database, saga_id, SagaState.UNDONE)
     assert f"is {DiskState.DELETED.value}: only a detached or attached disk" in (saga.error or "")
+
+
+# A part on an expunged dataset: its agent is written off (found by the chaos test).
+
+
+async def answer_but(agents: Agents, replica: Replica, lost_queue: str) -> None:
+    """Carry out every command but those to ``lost_queue``: an agent that died."""
+    while pending := [
+        (queue, message)
+        for queue, message in await agents.database.sent()
+        if message.IS_COMMAND and message.id not in agents.taken and queue != lost_queue
+    ]:
+        for queue, command in pending:
+            agents.taken.add(command.id)
+            for event in agents._carry_out(queue, command):
+                await replica.deliver(event)
+
+
+async def expunge_dataset(world: World, dataset_id: uuid.UUID) -> None:
+    """Expunge the dataset's sled (its regions' replacements are not the test's)."""
+    async with world.database.sessions.begin() as session:
+        dataset = await session.get(Dataset, dataset_id)
+        assert dataset is not None
+        await expunge_sled(session, dataset.sled_id, world.clock.now())
+
+
+async def past_deadlines(world: World, replica: Replica, seconds: float) -> None:
+    world.clock.advance(timedelta(seconds=seconds + 1))
+    for _ in range(REPLICAS + 1):  # a sweep takes one expired wait
+        await replica.executor.sweep()
+
+
+async def commands_to(database: Database, queue: str) -> list[Envelope]:
+    return [m for q, m in await database.sent() if q == queue and m.IS_COMMAND]
+
+
+@pytest.mark.parametrize("when", ["before", "while-waiting"])
+async def test_a_delete_writes_off_a_part_on_an_expunged_dataset(
+    database: Database, when: str
+) -> None:
+    """A snapshot with a part on a sled that was lost: expunged before the delete (its
+    agent is never asked), or while the delete waits for that agent's stop (at the
+    deadline the part is written off rather than the dead agent asked for ever)."""
+    world = World.for_saga(database, snapshot_delete.DEFINITION)
+    await database.add_datasets(4)
+    p = snapshot_params(await new_disk(world))
+    await world.run_to_done(snapshot_create.DEFINITION, p)
+    lost = (await parts(database, p.snapshot_id))[0]
+    lost_queue = crucible_queue(lost.dataset_id)
+    asked_before = len(await commands_to(database, lost_queue))
+    replica = world.replica()
+    if when == "before":
+        await expunge_dataset(world, lost.dataset_id)
+    saga_id = await replica.executor.start(
+        snapshot_delete.DEFINITION, snapshot_delete.Params(snapshot_id=p.snapshot_id)
+    )
+    await answer_but(world.agents, replica, lost_queue)
+    if when == "while-waiting":
+        assert (await database.saga(saga_id)).state == SagaState.WAITING
+        await expunge_dataset(world, lost.dataset_id)
+        deadline = snapshot_delete.Params(snapshot_id=p.snapshot_id).delete_deadline_seconds
+        await past_deadlines(world, replica, deadline)
+        await answer_but(world.agents, replica, lost_queue)
+    else:
+        assert len(await commands_to(database, lost_queue)) == asked_before
+    await assert_saga(database, saga_id, SagaState.DONE)
+    row = await snapshot_row(database, p.snapshot_id)
+    assert row is not None and row.state == SnapshotState.DESTROYED
+    assert await parts(database, p.snapshot_id) == []
+    # The live agents hold nothing of it.
+    assert {region for region, _ in world.agents.held()["snapshots"]} <= {lost.region_id}
+
+
+async def test_a_disk_with_a_region_on_an_expunged_dataset_is_not_snapshotted(
+    database: Database,
+) -> None:
+    world = World.for_saga(database, snapshot_create.DEFINITION)
+    await database.add_datasets(4)
+    disk_id = await new_disk(world)
+    async with database.sessions() as session:
+        dataset_id = await session.scalar(
+            select(Region.dataset_id).where(Region.disk_id == disk_id).limit(1)
+        )
+    assert dataset_id is not None
+    await expunge_dataset(world, dataset_id)
+    saga_id = await world.run(snapshot_create.DEFINITION, snapshot_params(disk_id))
+    saga = await assert_saga(database, saga_id, SagaState.UNDONE)
+    assert f"on expunged dataset {dataset_id}, being replaced" in (saga.error or "")
+    assert not [m for m in await database.outbox() if isinstance(m, RegionSnapshotCreate)]
+
+
+async def test_a_create_waiting_on_a_lost_agent_unwinds_at_its_deadline(
+    database: Database,
+) -> None:
+    """The take of one part went to an agent that died, and its sled was expunged: at the
+    deadline the node fails (the agent is not asked), and the unwind tears down the other
+    parts and writes that one off."""
+    world = World.for_saga(database, snapshot_create.DEFINITION)
+    await database.add_datasets(4)
+    p = snapshot_params(await new_disk(world))
+    replica = world.replica()
+    saga_id = await replica.executor.start(snapshot_create.DEFINITION, p)
+    lost_queue = next(q for q, m in await database.sent() if isinstance(m, RegionSnapshotCreate))
+    await answer_but(world.agents, replica, lost_queue)
+    assert (await database.saga(saga_id)).state == SagaState.WAITING
+    lost = await parts(database, p.snapshot_id)
+    lost_dataset = next(r.dataset_id for r in lost if crucible_queue(r.dataset_id) == lost_queue)
+    await expunge_dataset(world, lost_dataset)
+    await past_deadlines(world, replica, p.part_deadline_seconds)
+    await answer_but(world.agents, replica, lost_queue)
+    saga = await assert_saga(database, saga_id, SagaState.UNDONE)
+    assert "dataset was expunged" in (saga.error or "")
+    assert await parts(database, p.snapshot_id) == []
+    assert await snapshot_row(database, p.snapshot_id) is None
+    assert world.agents.held()["snapshots"] == {} == world.agents.held()["running_snapshots"]

@@ -140,6 +140,9 @@ class Allocated(BaseModel):
     dataset_id: uuid.UUID
     sled_id: uuid.UUID
     queue: str
+    # A lost clone's replacement is a clone too: read-only, copied from ``source`` (a
+    # surviving clone of the same disk, ``host:port``).
+    source: str | None = None
 
 
 class Ensured(BaseModel):
@@ -290,7 +293,7 @@ async def region_alloc(ctx: Ctx[Params]) -> Allocated:
     new_id = claimed.new_region_id
     existing = (
         await ctx.session.execute(
-            select(Region.dataset_id, Dataset.sled_id, Dataset.queue_name)
+            select(Region.dataset_id, Region.source, Dataset.sled_id, Dataset.queue_name)
             .join(Dataset, Dataset.id == Region.dataset_id)
             .where(Region.id == new_id)
         )
@@ -298,22 +301,38 @@ async def region_alloc(ctx: Ctx[Params]) -> Allocated:
     if existing is not None:
         # Run again: the region is where the first run put it.
         return Allocated(
-            dataset_id=existing.dataset_id, sled_id=existing.sled_id, queue=existing.queue_name
+            dataset_id=existing.dataset_id,
+            sled_id=existing.sled_id,
+            queue=existing.queue_name,
+            source=existing.source,
         )
     # The disk's row is locked: two replacements of one disk place one after the other,
     # so they cannot both pick the same sled.
     await ctx.session.execute(
         select(Disk.id).where(Disk.id == ctx.params.disk_id).with_for_update()
     )
+    # A disk made from a snapshot has two groups of regions, each on sleds of its own:
+    # three writable ones and three read-only clones (disk_create_from_snapshot). The
+    # replacement joins the lost region's group, apart from that group only.
+    read_only = bool(
+        await ctx.session.scalar(
+            select(Region.read_only).where(Region.id == ctx.params.old_region_id)
+        )
+    )
     used = set(
         (
             await ctx.session.execute(
                 select(Dataset.sled_id)
                 .join(Region, Region.dataset_id == Dataset.id)
-                .where(Region.disk_id == ctx.params.disk_id, Region.state != RegionState.DESTROYED)
+                .where(
+                    Region.disk_id == ctx.params.disk_id,
+                    Region.state != RegionState.DESTROYED,
+                    Region.read_only == read_only,
+                )
             )
         ).scalars()
     )
+    source = await _clone_source(ctx) if read_only else None
     size = reservation_bytes(claimed.block_size * claimed.extent_size * claimed.extent_count)
     rows = await ctx.session.execute(
         _CANDIDATES, {"b_bytes": size, "b_seen": ctx.now - DATASET_FRESHNESS}
@@ -339,6 +358,8 @@ async def region_alloc(ctx: Ctx[Params]) -> Allocated:
             extent_count=claimed.extent_count,
             state=RegionState.REQUESTED,
             generation=0,
+            read_only=read_only,
+            source=source,
         )
     )
     await set_phase(
@@ -349,7 +370,39 @@ async def region_alloc(ctx: Ctx[Params]) -> Allocated:
         new_region_id=new_id,
         new_dataset_id=chosen.id,
     )
-    return Allocated(dataset_id=chosen.id, sled_id=chosen.sled_id, queue=chosen.queue_name)
+    return Allocated(
+        dataset_id=chosen.id, sled_id=chosen.sled_id, queue=chosen.queue_name, source=source
+    )
+
+
+async def _clone_source(ctx: Ctx[Params]) -> str:
+    """Where a lost clone's replacement copies from: another clone of the disk, created,
+    on a live dataset (each clone is a whole read-only copy of the snapshot, served by its
+    agent as a read-only downstairs). Not the snapshot's running snapshots: the snapshot
+    may be deleted once the disk is ready, and a disk no longer reads from it then."""
+    row = (
+        await ctx.session.execute(
+            select(Region.port_number, Region.dataset_id, Sled.hostname)
+            .join(Dataset, Dataset.id == Region.dataset_id)
+            .join(Sled, Sled.id == Dataset.sled_id, isouter=True)
+            .where(
+                Region.disk_id == ctx.params.disk_id,
+                Region.read_only.is_(True),
+                Region.id != ctx.params.old_region_id,
+                Region.state == RegionState.CREATED,
+                Region.port_number.is_not(None),
+                Dataset.state == DatasetState.ACTIVE,
+            )
+            .order_by(Region.id)
+            .limit(1)
+        )
+    ).first()
+    if row is None:
+        raise ActionFailed(
+            f"no live clone of disk {ctx.params.disk_id} to copy the lost clone "
+            f"{ctx.params.old_region_id} from"
+        )
+    return f"{row.hostname or row.dataset_id}:{row.port_number}"
 
 
 async def region_alloc_undo(ctx: Ctx[Params]) -> None:
@@ -441,6 +494,7 @@ async def region_ensure(ctx: Ctx[Params]) -> Wait:
         extent_size=claimed.extent_size,
         extent_count=claimed.extent_count,
         encrypted=True,
+        source=allocated.source,
     )
     command = RegionEnsure(id=ctx.command_id(), payload=spec, **ctx.envelope())
     await ctx.send(command, allocated.queue)

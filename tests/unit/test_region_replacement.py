@@ -9,7 +9,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from nexus.db.models import Dataset, Disk, Region, RegionReplacement, Saga, Sled
 from nexus.db.states import (
@@ -23,18 +23,19 @@ from nexus.db.states import (
 from nexus.doctor import DiskRecord, Records, RegionRecord, region_findings
 from nexus.liveness import expunge_lost_sleds, expunge_sled
 from nexus.replacement_ids import saga_id_for
-from nexus.replacements import Replacements, in_flight_for, retry_delay
-from nexus.sagas import disk_create, region_replacement
+from nexus.replacements import Replacements, file_request, in_flight_for, retry_delay
+from nexus.sagas import ALL_SAGAS, disk_create, disk_create_from_snapshot, region_replacement
 from schemas.region import RegionDelete, RegionEnsure
 from schemas.region import RegionState as WireRegionState
 from tests import saga_triad
 from tests.saga_scenarios import (
     REGION_REPLACEMENT_DETACHED,
     disk_params,
+    from_snapshot_prepare,
     new_disk,
     running_instance,
 )
-from tests.saga_support import Database, add_sleds
+from tests.saga_support import Agents, Database, add_sleds
 from tests.saga_triad import World
 
 NODES = region_replacement.DEFINITION.node_names
@@ -401,3 +402,52 @@ async def test_a_new_region_lost_before_it_is_created_sends_its_replacement_else
         dataset = await session.get(Dataset, request.new_dataset_id)
     assert request.state == ReplacementState.COMPLETE and request.attempts == 2
     assert dataset is not None and dataset.state == DatasetState.ACTIVE
+
+
+async def test_a_lost_clone_is_replaced_by_a_clone_of_a_surviving_one(
+    database: Database,
+) -> None:
+    """A disk made from a snapshot has three writable regions and three clones, each
+    group on sleds of its own. A lost clone's replacement is a clone (read-only, copied
+    from a surviving clone of the disk), placed apart from the other clones only; before,
+    it was a writable region, or none when the disk's six regions spanned every sled
+    (found by the chaos test, seed 1504)."""
+    world = World(database, Agents.new(database), ALL_SAGAS)
+    p = await from_snapshot_prepare(world)
+    await world.run_to_done(disk_create_from_snapshot.DEFINITION, p)
+    async with database.sessions.begin() as session:
+        clones = list(
+            (
+                await session.execute(
+                    select(Region)
+                    .where(Region.disk_id == p.disk_id, Region.read_only.is_(True))
+                    .order_by(Region.id)
+                )
+            ).scalars()
+        )
+        lost = clones[0]
+        await session.execute(
+            update(Dataset).where(Dataset.id == lost.dataset_id).values(state=DatasetState.EXPUNGED)
+        )
+        request_id = await file_request(session, lost, world.clock.now())
+    assert request_id is not None
+    await world.run_to_done(
+        region_replacement.DEFINITION,
+        region_replacement.Params(request_id=request_id, disk_id=p.disk_id, old_region_id=lost.id),
+    )
+    async with database.sessions() as session:
+        request = await session.get(RegionReplacement, request_id)
+        assert request is not None and request.state is ReplacementState.COMPLETE
+        new = await session.get(Region, request.new_region_id)
+        assert new is not None
+        sled_of = dict((await session.execute(select(Dataset.id, Dataset.sled_id))).all())
+        hostname = dict((await session.execute(select(Sled.id, Sled.hostname))).all())
+        survivors = clones[1:]
+    assert new.read_only and new.state is RegionState.CREATED
+    addresses = {
+        f"{hostname.get(sled_of[c.dataset_id]) or c.dataset_id}:{c.port_number}" for c in survivors
+    }
+    assert new.source in addresses
+    assert sled_of[new.dataset_id] not in {sled_of[c.dataset_id] for c in survivors}
+    ensure = next(e for e in await world.agents.crucible.ensures() if e.payload.id == new.id)
+    assert ensure.payload.source == new.source

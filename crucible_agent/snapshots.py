@@ -5,7 +5,13 @@ Oxide's crucible repository; docs/omicron.md, "Snapshots"):
 
 - A snapshot can be taken only of a ``created`` region; the real agent lists no
   snapshots for a region in any other state (``get_snapshots_for_region``). Taking one
-  that exists changes nothing; taking one again after it was deleted takes it anew.
+  that exists changes nothing. Taking one again after it was deleted is refused
+  (``snapshot_deleted``): unlike ``zfs snapshot``, which would take the name anew. Nexus
+  names each snapshot by a new id and takes it once, so a take of a deleted name is a
+  stale command (a re-send that crossed the delete, delivered late after a broker
+  restart: the chaos test, seed 1504), and taking it would leave a snapshot no record
+  accounts for, which keeps its region from being deleted. (The real agent takes no
+  snapshots at all: Propolis or the Pantry does, through the upstairs.)
 - A snapshot cannot be deleted while a running snapshot of it is anything but
   ``destroyed`` (``delete_snapshot``: "read-only downstairs running for region …").
   Deleting one that does not exist changes nothing.
@@ -39,6 +45,7 @@ WORK_ORDER = (RegionState.TOMBSTONED, RegionState.REQUESTED)
 # Codes of the refusals (``command.rejected``).
 REGION_NOT_CREATED = "region_not_created"
 SNAPSHOT_IN_USE = "snapshot_in_use"
+SNAPSHOT_DELETED = "snapshot_deleted"
 RUNNING_SNAPSHOT_FAILED = "running_snapshot_failed"
 
 
@@ -88,6 +95,12 @@ def create(
         return NotFound(f"region {ref.region_id} not found")
     if exists(existing):
         return Unchanged()
+    if existing is not None:
+        return Refused(
+            SNAPSHOT_DELETED,
+            f"snapshot {ref.name} of region {ref.region_id} was deleted: a deleted snapshot "
+            "is not taken again (a late or repeated take)",
+        )
     if region.state is not RegionState.CREATED:
         return Refused(
             REGION_NOT_CREATED,

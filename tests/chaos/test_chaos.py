@@ -56,7 +56,7 @@ from nexus.db.models import Dataset, Disk, Region
 from nexus.db.states import DatasetState, DiskState
 from schemas import api
 from schemas.transport import Transport
-from tests.chaos.driver import Fault, FaultDriver, FaultPlan, describe, parse_forced
+from tests.chaos.driver import FaultDriver, FaultPlan, describe, parse_forced
 from tests.chaos.machine import MountFailed
 from tests.chaos.rack import Rack, RackSettings, build_rack, unprovision
 from tests.chaos.workload import ENDED, SOURCE, Api, Ledger, Unanswered, Workload
@@ -222,11 +222,9 @@ async def run_chaos(
             ledger,
             workload_rng,
             gate=driver.gate,
-            # Disks from snapshots only once the expunge is over: region replacement
-            # does not replace a clone (a known gap, RELIABILITY.md).
-            may_clone=lambda: (
-                Fault.SLED_EXPUNGE not in plan.forced or driver.expunged_answered_at is not None
-            ),
+            # Disks from snapshots before the expunge too: a lost clone is replaced by a
+            # clone (seed 1504 found it was not, RELIABILITY.md).
+            may_clone=lambda: True,
         )
         stop_faults = asyncio.Event()
         faults = asyncio.create_task(driver.run(stop_faults))

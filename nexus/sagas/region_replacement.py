@@ -89,7 +89,7 @@ from nexus.sagas.disk_create import (
 )
 from nexus.waitkeys import is_rejection, region_key, rejection_key, repair_key
 from schemas.common import Rejection
-from schemas.identity import crucible_source, sled_source
+from schemas.identity import sled_source
 from schemas.instance import (
     RepairChange,
     RepairInfo,
@@ -102,9 +102,6 @@ from schemas.instance import (
 from schemas.region import (
     RegionChange,
     RegionEnsure,
-    RegionGet,
-    RegionInfo,
-    RegionRef,
     RegionSpec,
     reservation_bytes,
 )
@@ -510,30 +507,15 @@ async def region_ensure(ctx: Ctx[Params]) -> Wait:
 
 
 async def region_ensure_reconcile(ctx: Ctx[Params], keys: Sequence[str]) -> Reconciled:
-    """The deadline passed with no news of the new region: ask its agent once."""
-    new_id = ctx.output("claim", Claimed).new_region_id
+    """The deadline passed with no news of the new region: ask its agent once, as
+    ``disk_create`` asks about a region it placed."""
     allocated = ctx.output("region_alloc", Allocated)
-    if ctx.transport is None:
-        return Reconciled.unanswered("no broker connection to ask the agent")
-    reply = await ctx.transport.request(
-        RegionGet(payload=RegionRef(id=new_id), **ctx.envelope()),
-        routing_key=allocated.queue,
-        timeout=10,
-        answerer=crucible_source(allocated.dataset_id),
+    placement = disk_create.Placement(
+        dataset_id=allocated.dataset_id,
+        queue=allocated.queue,
+        region_id=ctx.output("claim", Claimed).new_region_id,
     )
-    if not isinstance(reply, RegionInfo):
-        return Reconciled.unanswered(f"unexpected reply {reply.TYPE}")
-    region = reply.payload.region
-    if region is None:
-        return Reconciled.resend(f"agent {allocated.dataset_id} has no region {new_id}")
-    if region.id != new_id:
-        return Reconciled.rearm(f"agent {allocated.dataset_id} answered about something else")
-    change = RegionChange(agent_id=reply.payload.agent_id, region=region).model_dump(mode="json")
-    if region.state is WireRegionState.CREATED:
-        return Reconciled.resume(region_key(region.id, region.state), change, region.generation)
-    if region.state is WireRegionState.REQUESTED:
-        return Reconciled.rearm(f"region {region.id} is still being created")
-    return Reconciled.fail(f"region {region.id} is {region.state.value}")
+    return await disk_create.reconcile_ensure(ctx, placement)
 
 
 async def region_ensured(ctx: Ctx[Params], wake: WakeUp) -> Ensured:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
+from typing import cast
 
 import pytest
 from sqlalchemy import select, update
@@ -27,16 +28,19 @@ from nexus.replacements import Replacements, file_request, in_flight_for, retry_
 from nexus.sagas import ALL_SAGAS, disk_create, disk_create_from_snapshot, region_replacement
 from schemas.region import RegionDelete, RegionEnsure
 from schemas.region import RegionState as WireRegionState
+from schemas.transport import Transport
 from tests import saga_triad
 from tests.saga_scenarios import (
     REGION_REPLACEMENT_DETACHED,
     disk_params,
     from_snapshot_prepare,
     new_disk,
+    replacement_prepare_detached,
     running_instance,
 )
-from tests.saga_support import Agents, Database, add_sleds
+from tests.saga_support import Agents, Database, Replica, add_sleds
 from tests.saga_triad import World
+from tests.unit.test_disk_create_saga import AgentThatNeverHeard
 
 NODES = region_replacement.DEFINITION.node_names
 
@@ -451,3 +455,40 @@ async def test_a_lost_clone_is_replaced_by_a_clone_of_a_surviving_one(
     assert sled_of[new.dataset_id] not in {sled_of[c.dataset_id] for c in survivors}
     ensure = next(e for e in await world.agents.crucible.ensures() if e.payload.id == new.id)
     assert ensure.payload.source == new.source
+
+
+async def test_a_new_region_the_agent_never_got_is_sent_again_at_the_deadline(
+    database: Database,
+) -> None:
+    """The replacement's ensure parks on the agent's event; at its deadline the agent
+    is asked once (the same reconcile as disk_create's) and, having no such region,
+    gets the same ensure again under a new id; its events then finish the request."""
+    world = World.for_saga(database, region_replacement.DEFINITION)
+    p = await replacement_prepare_detached(world)
+    agent = AgentThatNeverHeard()
+    replica = Replica(
+        database,
+        "deadline",
+        clock=world.clock,
+        definitions=world.definitions,
+        transport=cast(Transport, agent),
+    )
+    saga_id = await replica.executor.start(region_replacement.DEFINITION, p)
+    first = [e for e in await world.agents.crucible.ensures() if e.payload.id != p.old_region_id]
+    async with database.sessions() as session:
+        request = await session.get(RegionReplacement, p.request_id)
+        assert request is not None and request.new_region_id is not None
+        new_id = request.new_region_id
+    sent = [e for e in first if e.payload.id == new_id]
+    assert len(sent) == 1
+    assert (await database.saga(saga_id)).state == SagaState.WAITING
+
+    world.clock.advance(timedelta(seconds=p.region_deadline_seconds + 1))
+    await replica.executor.sweep()
+
+    assert agent.asked == 1
+    again = [e for e in await world.agents.crucible.ensures() if e.payload.id == new_id]
+    assert len(again) == 2, "the ensure sent again"
+    assert again[1].payload == again[0].payload and again[1].id != again[0].id
+    await world.agents.answer(replica)
+    assert (await database.saga(saga_id)).state == SagaState.DONE

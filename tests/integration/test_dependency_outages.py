@@ -245,7 +245,10 @@ async def test_disk_creates_survive_a_postgresql_outage_and_nothing_is_dead_lett
         for event in seen.of(RegionStateChanged)
         if outage_began <= event.occurred_at <= outage_ended
     ]
-    assert len(in_flight) >= 6, (
+    # A precondition, not the behaviour: the outage must catch some notifications in
+    # flight (18 regions, one worker per agent, 2-6 s each: 5 to 9 a run; CI once saw 5
+    # against the old bound of 6 once the agent's workers got faster).
+    assert len(in_flight) >= 3, (
         f"the outage must catch region notifications in flight: {len(in_flight)} did"
     )
     assert recovered_in < RECOVERY_SECONDS
